@@ -1,0 +1,3 @@
+"""Tessera: a gRPC federation node daemon."""
+
+__version__ = "0.1.0"

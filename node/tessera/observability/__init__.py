@@ -1,0 +1,32 @@
+"""Prometheus metrics with an injected registry, so tests read exact values."""
+
+from __future__ import annotations
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """The node's metrics, registered in one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.handled = Counter(
+            "grpc_server_handled_total", "RPCs completed on the server, by status code.",
+            ["grpc_service", "grpc_method", "grpc_code"], registry=self.registry,
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds", "Time to answer an RPC.",
+            ["grpc_service", "grpc_method"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.cert_expiry = Gauge(
+            "tessera_certificate_expiry_timestamp_seconds",
+            "Unix time at which the node's serving certificate expires.",
+            registry=self.registry,
+        )
+
+    def rpc_done(self, service: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Record one finished RPC."""
+        self.handled.labels(service, method, code.name).inc()
+        self.handling.labels(service, method).observe(seconds)

@@ -1,0 +1,86 @@
+"""What a running node holds: configuration, connections, credentials, paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tessera.config import Config
+from tessera.pagination import PageTokens
+from tessera.pki import CredentialFiles, ReloadableServerCredentials, SpiffeId
+from tessera.store import Pool, ResourceStore
+
+
+@dataclass(frozen=True)
+class NodePaths:
+    """Files under the data directory."""
+
+    data_dir: Path
+
+    @property
+    def pki(self) -> Path:
+        """Certificates and keys."""
+        return self.data_dir / "pki"
+
+    @property
+    def dev_ca(self) -> Path:
+        """The development CA's root."""
+        return self.pki / "dev-ca"
+
+    @property
+    def server(self) -> CredentialFiles:
+        """The node's own certificate (server and outbound client)."""
+        return CredentialFiles(self.pki / "node.crt", self.pki / "node.key", self.pki / "ca.crt")
+
+    @property
+    def admin(self) -> CredentialFiles:
+        """A local admin client certificate, for grpcurl and the CLI."""
+        return CredentialFiles(self.pki / "admin.crt", self.pki / "admin.key", self.pki / "ca.crt")
+
+    @property
+    def client(self) -> CredentialFiles:
+        """A local (non-admin) client certificate, for tools."""
+        return CredentialFiles(self.pki / "client.crt", self.pki / "client.key",
+                               self.pki / "ca.crt")
+
+    @property
+    def pgdata(self) -> Path:
+        """Embedded PostgreSQL data."""
+        return self.data_dir / "postgres"
+
+    @property
+    def valkey(self) -> Path:
+        """Embedded Valkey data."""
+        return self.data_dir / "valkey"
+
+    @property
+    def secrets(self) -> Path:
+        """Node secrets (page-token key)."""
+        return self.data_dir / "secrets"
+
+    @property
+    def state_file(self) -> Path:
+        """Written once the node is ready: its address and the files to call it with."""
+        return self.data_dir / "node.json"
+
+
+@dataclass
+class Runtime:
+    """The live state servicers work with."""
+
+    cfg: Config
+    paths: NodePaths
+    identity: SpiffeId
+    pool: Pool
+    store: ResourceStore
+    tokens: PageTokens
+    valkey: Any
+    credentials: ReloadableServerCredentials
+    kinds: frozenset[str]
+    started_at: datetime
+    schema_version: int
+    issuer_kind: str
+    listen_address: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)

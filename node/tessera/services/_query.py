@@ -1,0 +1,144 @@
+"""QueryService: thin servicer over the resource store."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Any
+
+import grpc
+
+from tessera import __version__
+from tessera.auth import current_caller
+from tessera.errors import FieldViolation, InvalidArgument, Unimplemented
+from tessera.pagination import PageTokenError, query_hash
+from tessera.runtime import Runtime
+from tessera.services._convert import identity_to_pb, resource_to_pb, value_to_python
+from tessera.services._validate import ID_RE, WORKSPACE_RE, Checker
+from tessera.store import ListQuery, ResourceKey
+from tessera_client.pb import query_pb2, query_pb2_grpc, resources_pb2
+
+_METRICS = {"cosine": query_pb2.METRIC_COSINE, "l2": query_pb2.METRIC_L2,
+            "inner_product": query_pb2.METRIC_INNER_PRODUCT}
+
+
+def check_local_sources(c: Checker, field: str, sources: resources_pb2.Sources) -> None:
+    """Fan-out to peers is not built yet: say so rather than answer from local data."""
+    scope = sources.scope
+    if scope in (resources_pb2.Sources.SCOPE_UNSPECIFIED, resources_pb2.Sources.SCOPE_LOCAL):
+        if sources.peers:
+            c.fail(f"{field}.peers", "peers may only be named with scope SCOPE_PEERS")
+        return
+    c.done()
+    raise Unimplemented(
+        "federated fan-out (sources ALL or PEERS) is not implemented yet; use SCOPE_LOCAL"
+    )
+
+
+def check_key(c: Checker, field: str, workspace: str, kind: str, id_: str,
+              kinds: frozenset[str]) -> None:
+    """Validate the three parts of a resource key."""
+    c.pattern(f"{field}.workspace", workspace, WORKSPACE_RE, "1-128 characters of [A-Za-z0-9._-]")
+    c.kind(f"{field}.kind", kind, kinds)
+    c.pattern(f"{field}.id", id_, ID_RE, "1-200 characters of [A-Za-z0-9._:-]")
+
+
+class QueryServicer(query_pb2_grpc.QueryServiceServicer):
+    """Reads resources."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def GetResource(
+        self, request: query_pb2.GetResourceRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.GetResourceResponse:
+        c = Checker()
+        if not request.HasField("key"):
+            c.fail("key", "is required")
+        else:
+            k = request.key
+            check_key(c, "key", k.workspace, k.kind, k.id, self.rt.kinds)
+        check_local_sources(c, "sources", request.sources)
+        c.done()
+        k = request.key
+        resource = await self.rt.store.get(ResourceKey(k.workspace, k.kind, k.id))
+        return query_pb2.GetResourceResponse(resource=resource_to_pb(resource))
+
+    async def ListResources(
+        self, request: query_pb2.ListResourcesRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.ListResourcesResponse:
+        c = Checker()
+        c.pattern("workspace", request.workspace, WORKSPACE_RE,
+                  "1-128 characters of [A-Za-z0-9._-]", required=False)
+        c.kind("kind", request.kind, self.rt.kinds, required=False)
+        c.max_len("team", request.team, 200)
+        c.max_len("owner", request.owner, 200)
+        page_size = c.page_size("page_size", request.page_size)
+        attributes: dict[str, Any] = {}
+        for i, f in enumerate(request.attribute_filters):
+            if not f.key or len(f.key) > 128:
+                c.fail(f"attribute_filters[{i}].key", "must be 1-128 characters")
+            elif f.key in attributes:
+                c.fail(f"attribute_filters[{i}].key", f"{f.key!r} is filtered twice")
+            elif not f.HasField("value"):
+                c.fail(f"attribute_filters[{i}].value", "is required")
+            else:
+                attributes[f.key] = value_to_python(f.value)
+        check_local_sources(c, "sources", request.sources)
+        c.done()
+        order = "updated_desc" if request.order == query_pb2.LIST_ORDER_UPDATE_TIME_DESC else "key"
+        updated_since = (
+            request.updated_since.ToDatetime(tzinfo=UTC)
+            if request.HasField("updated_since") else None
+        )
+        normalised = {
+            "workspace": request.workspace, "kind": request.kind, "team": request.team,
+            "owner": request.owner, "attributes": attributes, "order": order,
+            "updated_since": updated_since.isoformat() if updated_since else None,
+        }
+        qhash = query_hash(normalised)
+        caller = current_caller().uri
+        after = None
+        if request.page_token:
+            try:
+                after = self.rt.tokens.decode(request.page_token, query=qhash, caller=caller)
+            except PageTokenError as exc:
+                raise InvalidArgument([FieldViolation("page_token", str(exc))]) from None
+        rows = await self.rt.store.list(ListQuery(
+            workspace=request.workspace, kind=request.kind, team=request.team,
+            owner=request.owner, attributes=attributes, updated_since=updated_since,
+            order=order, limit=page_size + 1, after=after,
+        ))
+        next_token = ""
+        if len(rows) > page_size:
+            rows = rows[:page_size]
+            last = rows[-1]
+            position: list[Any] = [last.workspace, last.kind, last.id]
+            if order == "updated_desc":
+                assert last.updated_at is not None
+                position.insert(0, last.updated_at.isoformat())
+            next_token = self.rt.tokens.encode(query=qhash, caller=caller, position=position)
+        return query_pb2.ListResourcesResponse(
+            resources=[resource_to_pb(r) for r in rows], next_page_token=next_token
+        )
+
+    async def SearchResources(
+        self, request: query_pb2.SearchResourcesRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.SearchResourcesResponse:
+        raise Unimplemented("SearchResources (pgvector k-NN search) is not implemented yet")
+
+    async def Describe(
+        self, request: query_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.DescribeResponse:
+        caller = current_caller()
+        return query_pb2.DescribeResponse(
+            node=identity_to_pb(self.rt.identity),
+            caller=identity_to_pb(caller.identity),
+            version=__version__,
+            embedding_dimension=self.rt.cfg.store.embedding_dimension,
+            metric=_METRICS[self.rt.cfg.store.metric],
+            embedding_model=self.rt.cfg.store.embedding_model,
+            kinds=sorted(self.rt.kinds),
+            all_kinds=True,
+            all_workspaces=True,
+        )
+

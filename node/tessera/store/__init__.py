@@ -1,0 +1,35 @@
+"""PostgreSQL + pgvector storage: pool, migrations, resources, events, operations."""
+
+from tessera.store._db import migrate, migrations, open_pool, redact_dsn, schema_version
+from tessera.store._resources import (
+    EVENTS_CHANNEL,
+    ListQuery,
+    Operation,
+    Pool,
+    Resource,
+    ResourceKey,
+    ResourceStore,
+    append_event,
+    etag_of,
+    vector_literal,
+    version_of_etag,
+)
+
+__all__ = [
+    "EVENTS_CHANNEL",
+    "ListQuery",
+    "Operation",
+    "Pool",
+    "Resource",
+    "ResourceKey",
+    "ResourceStore",
+    "append_event",
+    "etag_of",
+    "migrate",
+    "migrations",
+    "open_pool",
+    "redact_dsn",
+    "schema_version",
+    "vector_literal",
+    "version_of_etag",
+]

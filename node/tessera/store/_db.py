@@ -1,0 +1,134 @@
+"""Connection pool and versioned migrations."""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources as pkg_resources
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from tessera.config import StoreConfig
+from tessera.errors import ConfigError, Unavailable
+
+log = logging.getLogger(__name__)
+
+_OPCLASS = {"cosine": "vector_cosine_ops", "l2": "vector_l2_ops", "inner_product": "vector_ip_ops"}
+_MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# Serialises migrations across replicas that start at once.
+_MIGRATION_LOCK = 0x7E55E7A0
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password removed, for messages and `doctor`."""
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            user, _, password = userinfo.partition(":")
+            netloc = f"{user}:***@{host}" if password else f"{user}@{host}"
+        query = re.sub(r"(password=)[^&]*", r"\1***", parts.query)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", dsn)
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every bundled migration, in order."""
+    found = []
+    folder = pkg_resources.files("tessera.store") / "migrations"
+    for entry in folder.iterdir():
+        m = _MIGRATION_RE.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+async def open_pool(cfg: StoreConfig, dsn: str) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+    """Open the pool and check one connection works; raises Unavailable with a safe message."""
+    timeout_ms = int(cfg.statement_timeout_s * 1000)
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+        dsn,
+        min_size=cfg.pool_min,
+        max_size=cfg.pool_max,
+        kwargs={
+            "row_factory": dict_row,
+            "options": f"-c statement_timeout={timeout_ms}",
+            "autocommit": True,
+        },
+        open=False,
+        timeout=10.0,
+        name="tessera",
+    )
+    try:
+        await pool.open(wait=True, timeout=15.0)
+    except Exception as exc:
+        await pool.close()
+        raise Unavailable(
+            f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {type(exc).__name__}; "
+            "check store.dsn and that the server is up"
+        ) from None
+    return pool
+
+
+async def migrate(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], cfg: StoreConfig
+) -> int:
+    """Apply pending migrations; returns the schema version. Idempotent and replica-safe."""
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur = await conn.execute("SELECT coalesce(max(version), 0) AS v FROM schema_migrations")
+        row = await cur.fetchone()
+        current = int(row["v"]) if row else 0
+        params = {"dimension": cfg.embedding_dimension, "opclass": _OPCLASS[cfg.metric]}
+        for version, name, text in migrations():
+            if version <= current:
+                continue
+            log.info("applying migration %s", name)
+            await conn.execute(text.format(**params).encode())
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
+            )
+            current = version
+        await _check_meta(conn, "embedding_dimension", str(cfg.embedding_dimension),
+                          "store.embedding_dimension")
+        await _check_meta(conn, "metric", cfg.metric, "store.metric")
+    return current
+
+
+async def _check_meta(conn: psycopg.AsyncConnection[Any], key: str, want: str, setting: str) -> None:
+    """Record a schema-shaping setting once; refuse a later start that disagrees."""
+    cur = await conn.execute(
+        "INSERT INTO node_meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING"
+        " RETURNING value",
+        (key, want),
+    )
+    if await cur.fetchone() is not None:
+        return
+    cur = await conn.execute("SELECT value FROM node_meta WHERE key = %s", (key,))
+    row = await cur.fetchone()
+    have = row["value"] if row else want
+    if have != want:
+        raise ConfigError(
+            f"{setting}: the database was created with {have}, the configuration says {want}; "
+            f"set {setting} = {have} (changing it needs a new database)"
+        )
+
+
+async def schema_version(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> int:
+    """The applied schema version (0 when none)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT coalesce(max(version), 0) AS v FROM schema_migrations"
+        )
+        row = await cur.fetchone()
+    return int(row["v"]) if row else 0
