@@ -14,13 +14,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from tessera import errors
 from tessera.pki import IdentityKind, PeerCertificate, SpiffeId, identity_from_pem
-from tessera.status import grpc_status, internal_status
+from tessera.status import grpc_status, internal_status, status_code_of
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,13 @@ class Caller:
     serial: int
     fingerprint_sha256: str
     request_id: str
+    #: Full gRPC service and method name of the call.
+    service: str = ""
+    method: str = ""
+    #: Peer name, when the caller is a peer node (set by the admission hook).
+    peer: str = ""
+    #: The grant that applies to this call, when the caller is a peer (set by admission).
+    grant: Any = None
 
     @property
     def uri(self) -> str:
@@ -116,8 +123,61 @@ def authenticate(
     return peer
 
 
+class Admission(Protocol):
+    """Decides whether an authenticated caller may make this call (peers, grants)."""
+
+    async def admit(self, caller: Caller, access: Access) -> Caller:
+        """Return the caller, enriched (peer, grant), or raise PermissionDenied."""
+        ...
+
+
+class Limiter(Protocol):
+    """Rate limiting of admitted calls."""
+
+    async def check(self, caller: Caller) -> None:
+        """Raise ResourceExhausted when the caller is over its limit."""
+        ...
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """What happened to one call, for the audit log and metrics."""
+
+    caller: Caller | None
+    service: str
+    method: str
+    code: grpc.StatusCode
+    reason: str
+    request: Any
+    response_bytes: int
+    latency_s: float
+    trace_id: str
+
+
+class Auditor(Protocol):
+    """Records every call durably before it is answered."""
+
+    async def record(self, outcome: CallOutcome) -> None:
+        """Return once the record is durable."""
+        ...
+
+
+class KindAdmission:
+    """The default admission: identity kinds only (admins for Admin, locals for the rest)."""
+
+    async def admit(self, caller: Caller, access: Access) -> Caller:
+        """Apply `authorize` to the caller's identity."""
+        authorize(access, caller.identity)
+        return caller
+
+
 class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Wraps every handler: authenticate, authorise, then map errors to status codes."""
+    """Wraps every handler: authenticate, admit, rate-limit, audit, map errors to status.
+
+    The order is fixed here, once, for every method: identity -> admission (peer state,
+    grant) -> rate limit -> handler; the auditor sees every outcome, denials included,
+    and the call is answered only after its record is durable.
+    """
 
     def __init__(
         self,
@@ -125,10 +185,16 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         *,
         denied_serials: Container[int] = frozenset(),
         on_done: Callable[[str, str, grpc.StatusCode, float], None] | None = None,
+        admission: Admission | None = None,
+        limiter: Limiter | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         self.trust_domain = trust_domain
         self.denied_serials = denied_serials
         self.on_done = on_done
+        self.admission: Admission = admission or KindAdmission()
+        self.limiter = limiter
+        self.auditor = auditor
 
     async def intercept_service(
         self,
@@ -154,57 +220,90 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return handler  # client- and bidi-streaming methods are not part of the API
 
-    def _enter(self, context: grpc.aio.ServicerContext, access: Access) -> Caller:
+    async def _enter(self, context: grpc.aio.ServicerContext, access: Access, service: str,
+                     method: str) -> Caller:
         peer = authenticate(context.auth_context(), self.trust_domain, self.denied_serials)
-        authorize(access, peer.identity)
-        caller = Caller(peer.identity, peer.serial, peer.fingerprint_sha256, uuid.uuid4().hex[:16])
+        caller = Caller(peer.identity, peer.serial, peer.fingerprint_sha256,
+                        uuid.uuid4().hex[:16], service, method)
         _CALLER.set(caller)
+        if access is not Access.ANY_AUTHENTICATED:
+            caller = await self.admission.admit(caller, access)
+            _CALLER.set(caller)
+            if self.limiter is not None:
+                await self.limiter.check(caller)
         return caller
 
-    async def _fail(
-        self, context: grpc.aio.ServicerContext, exc: BaseException, service: str, method: str
+    async def _finish(
+        self, context: grpc.aio.ServicerContext, service: str, method: str, request: Any,
+        started: float, exc: BaseException | None, response: Any = None,
+        response_bytes: int = 0,
     ) -> None:
+        """Audit and count the outcome, then abort with the mapped status on error."""
+        status: grpc.Status | None = None
+        code, reason = grpc.StatusCode.OK, ""
         if isinstance(exc, errors.TesseraError):
-            await context.abort_with_status(grpc_status(exc))
-        request_id = uuid.uuid4().hex[:16]
-        log.error("unhandled error in %s/%s (request id %s)", service, method, request_id,
-                  exc_info=exc)
-        await context.abort_with_status(internal_status(request_id))
-
-    def _done(self, service: str, method: str, context: grpc.aio.ServicerContext,
-              started: float) -> None:
+            status, code, reason = grpc_status(exc), status_code_of(exc), exc.reason
+        elif exc is not None:
+            request_id = uuid.uuid4().hex[:16]
+            log.error("unhandled error in %s/%s (request id %s)", service, method, request_id,
+                      exc_info=exc)
+            status, code, reason = internal_status(request_id), grpc.StatusCode.INTERNAL, "INTERNAL"
+        if response is not None and not response_bytes:
+            response_bytes = response.ByteSize()
+        elapsed = time.perf_counter() - started
+        if self.auditor is not None and service not in OPEN_SERVICES:
+            await self.auditor.record(CallOutcome(
+                caller=_CALLER.get(None), service=service, method=method, code=code,
+                reason=reason, request=request, response_bytes=response_bytes,
+                latency_s=elapsed, trace_id=_trace_id(context),
+            ))
         if self.on_done is not None:
-            code = context.code() if hasattr(context, "code") else None
-            self.on_done(service, method, code or grpc.StatusCode.OK,
-                         time.perf_counter() - started)
+            self.on_done(service, method, code, elapsed)
+        if status is not None:
+            await context.abort_with_status(status)
 
     def _unary(self, behavior: Any, access: Access, service: str, method: str) -> Any:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             try:
-                self._enter(context, access)
-                return await behavior(request, context)
+                await self._enter(context, access, service, method)
+                response = await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await self._fail(context, exc, service, method)
-            finally:
-                self._done(service, method, context, started)
+                await self._finish(context, service, method, request, started, exc)
+                raise  # unreachable: _finish aborted the call
+            await self._finish(context, service, method, request, started, None, response)
+            return response
 
         return wrapped
 
     def _stream(self, behavior: Any, access: Access, service: str, method: str) -> Any:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
+            sent = 0
             try:
-                self._enter(context, access)
+                await self._enter(context, access, service, method)
                 async for item in behavior(request, context):
+                    sent += item.ByteSize()
                     yield item
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await self._fail(context, exc, service, method)
-            finally:
-                self._done(service, method, context, started)
+                await self._finish(context, service, method, request, started, exc,
+                                   response_bytes=sent)
+                raise  # unreachable: _finish aborted the call
+            await self._finish(context, service, method, request, started, None,
+                               response_bytes=sent)
 
         return wrapped
+
+
+def _trace_id(context: grpc.aio.ServicerContext) -> str:
+    """The trace id of a W3C traceparent header, if the caller sent one."""
+    for k, v in context.invocation_metadata() or ():
+        if k == "traceparent" and isinstance(v, str):
+            parts = v.split("-")
+            if len(parts) == 4 and len(parts[1]) == 32:
+                return parts[1]
+    return ""

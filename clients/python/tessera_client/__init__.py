@@ -1,0 +1,5 @@
+"""Python client for Tessera nodes (sync and asyncio). Generated stubs live in `tessera_client.pb`."""
+
+from tessera_client._channel import AsyncClient, Client, Credentials
+
+__all__ = ["AsyncClient", "Client", "Credentials"]

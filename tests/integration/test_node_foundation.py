@@ -1,0 +1,373 @@
+"""The foundation slice against real node processes, PostgreSQL + pgvector and Valkey."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tessera_client import AsyncClient, Credentials
+from tessera_client.pb import (
+    admin_pb2,
+    command_pb2,
+    query_pb2,
+    resources_pb2,
+)
+
+from tests.fixtures.nodes import TEST_DIMENSION, NodeFactory, NodeProcess
+
+
+def put(ws: str, kind: str, rid: str, key: str, **fields: object) -> command_pb2.ExecuteRequest:
+    """An Execute request that puts one resource."""
+    resource = resources_pb2.Resource(workspace=ws, kind=kind, id=rid, **fields)  # type: ignore[arg-type]
+    return command_pb2.ExecuteRequest(
+        idempotency_key=key, put_resource=command_pb2.PutResourceCommand(resource=resource)
+    )
+
+
+def key(ws: str, kind: str, rid: str) -> resources_pb2.ResourceKey:
+    return resources_pb2.ResourceKey(workspace=ws, kind=kind, id=rid)
+
+
+def bad_request_fields(err: grpc.aio.AioRpcError) -> list[str]:
+    """Field names in the BadRequest detail of an error."""
+    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert raw is not None, "no google.rpc.Status details"
+    status = status_pb2.Status.FromString(raw)
+    fields = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            br = error_details_pb2.BadRequest()
+            detail.Unpack(br)
+            fields += [v.field for v in br.field_violations]
+    return fields
+
+
+def error_reason(err: grpc.aio.AioRpcError) -> str:
+    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert raw is not None
+    status = status_pb2.Status.FromString(raw)
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""
+
+
+@pytest.fixture
+def node(node_factory: NodeFactory) -> NodeProcess:
+    return node_factory()
+
+
+async def test_put_get_list_delete_through_generated_stubs(node: NodeProcess) -> None:
+    emb = [0.5, -0.25, 1.0, 0.0]
+    async with node.client() as c:
+        op = await c.command.Execute(put("acme", "task", "t1", "k-put", title="Write tests",
+                                         body="real components", embedding=emb, owner="ann",
+                                         team="core"))
+        assert op.done and op.state == command_pb2.OPERATION_STATE_SUCCEEDED
+        assert op.result.resource.version == 1 and op.result.resource.etag == "v1"
+
+        got = (await c.query.GetResource(query_pb2.GetResourceRequest(
+            key=key("acme", "task", "t1")))).resource
+        assert (got.title, got.body, got.owner, got.team) == (
+            "Write tests", "real components", "ann", "core")
+        assert list(got.embedding) == pytest.approx(emb)
+        assert got.source == "local"
+
+        listed = await c.query.ListResources(query_pb2.ListResourcesRequest(
+            workspace="acme", kind="task"))
+        assert [r.id for r in listed.resources] == ["t1"]
+
+        op = await c.command.Execute(command_pb2.ExecuteRequest(
+            idempotency_key="k-del",
+            delete_resource=command_pb2.DeleteResourceCommand(key=key("acme", "task", "t1"))))
+        assert op.state == command_pb2.OPERATION_STATE_SUCCEEDED
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.query.GetResource(query_pb2.GetResourceRequest(key=key("acme", "task", "t1")))
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_idempotent_replay_returns_same_operation_and_applies_once(
+    node: NodeProcess,
+) -> None:
+    async with node.client() as c:
+        first = await c.command.Execute(put("acme", "note", "n1", "same-key", title="once"))
+        again = await c.command.Execute(put("acme", "note", "n1", "same-key", title="once"))
+        assert again.name == first.name
+        got = await c.query.GetResource(query_pb2.GetResourceRequest(key=key("acme", "note", "n1")))
+        assert got.resource.version == 1, "a replay must not apply the command again"
+
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.command.Execute(put("acme", "note", "n1", "same-key", title="different"))
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_reason(exc.value) == "IDEMPOTENCY_KEY_REUSED"
+
+        fetched = await c.command.GetOperation(command_pb2.GetOperationRequest(name=first.name))
+        assert fetched.name == first.name and fetched.done
+
+
+async def test_etag_guards_concurrent_updates(node: NodeProcess) -> None:
+    async with node.client() as c:
+        await c.command.Execute(put("acme", "task", "e1", "e-1", title="v1"))
+        req = put("acme", "task", "e1", "e-2", title="v2")
+        req.put_resource.expected_etag = "v1"
+        op = await c.command.Execute(req)
+        assert op.result.resource.version == 2
+        stale = put("acme", "task", "e1", "e-3", title="lost update")
+        stale.put_resource.expected_etag = "v1"
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.command.Execute(stale)
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_reason(exc.value) == "ETAG_MISMATCH"
+
+
+async def test_every_write_appends_its_event_in_the_same_transaction(
+    node: NodeProcess,
+) -> None:
+    async with node.client() as c:
+        ops = [await c.command.Execute(put("w", "task", f"ev{i}", f"ev-{i}")) for i in range(3)]
+        ops.append(await c.command.Execute(command_pb2.ExecuteRequest(
+            idempotency_key="ev-del",
+            delete_resource=command_pb2.DeleteResourceCommand(key=key("w", "task", "ev0")))))
+    with psycopg.connect(node.env["TESSERA_STORE_DSN"]) as conn:
+        rows = conn.execute("SELECT sequence, type, resource_id FROM events ORDER BY sequence").fetchall()
+    assert [(r[1], r[2]) for r in rows] == [
+        ("task.put", "ev0"), ("task.put", "ev1"), ("task.put", "ev2"), ("task.delete", "ev0")]
+    assert [op.event_sequence for op in ops] == [r[0] for r in rows]
+
+
+async def test_list_pages_are_stable_and_complete(node: NodeProcess) -> None:
+    async with node.client() as c:
+        for i in range(23):
+            await c.command.Execute(put("pg", "memory", f"m{i:02d}", f"p-{i}"))
+        await c.command.Execute(put("other", "memory", "x", "p-other"))
+        seen: list[str] = []
+        token = ""
+        pages = 0
+        while True:
+            resp = await c.query.ListResources(query_pb2.ListResourcesRequest(
+                workspace="pg", page_size=10, page_token=token))
+            seen += [r.id for r in resp.resources]
+            pages += 1
+            token = resp.next_page_token
+            if not token:
+                break
+        assert pages == 3
+        assert seen == [f"m{i:02d}" for i in range(23)]
+
+
+async def test_page_token_cannot_be_replayed_with_other_filters_or_forged(
+    node: NodeProcess,
+) -> None:
+    async with node.client() as c:
+        for i in range(3):
+            await c.command.Execute(put("tok", "task", f"t{i}", f"tok-{i}"))
+        resp = await c.query.ListResources(query_pb2.ListResourcesRequest(
+            workspace="tok", page_size=1))
+        token = resp.next_page_token
+        assert token
+        for bad in (
+            query_pb2.ListResourcesRequest(workspace="other", page_size=1, page_token=token),
+            query_pb2.ListResourcesRequest(workspace="tok", page_size=1, page_token=token + "x"),
+            query_pb2.ListResourcesRequest(workspace="tok", page_size=1, page_token="garbage"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await c.query.ListResources(bad)
+            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert bad_request_fields(exc.value) == ["page_token"]
+    # Another caller (the admin identity) cannot use the client's token either.
+    async with node.client("admin") as admin:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await admin.query.ListResources(query_pb2.ListResourcesRequest(
+                workspace="tok", page_size=1, page_token=token))
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+BAD_INPUTS = [
+    ("GetResource", query_pb2.GetResourceRequest(), ["key"]),
+    ("GetResource", query_pb2.GetResourceRequest(key=key("", "task", "x")), ["key.workspace"]),
+    ("GetResource", query_pb2.GetResourceRequest(key=key("w", "spaceship", "x")), ["key.kind"]),
+    ("GetResource", query_pb2.GetResourceRequest(key=key("w", "task", "bad id!")), ["key.id"]),
+    ("ListResources", query_pb2.ListResourcesRequest(page_size=-1), ["page_size"]),
+    ("ListResources", query_pb2.ListResourcesRequest(page_size=5000), ["page_size"]),
+    ("ListResources", query_pb2.ListResourcesRequest(kind="nope"), ["kind"]),
+    ("ListResources", query_pb2.ListResourcesRequest(page_token="!!"), ["page_token"]),
+    ("Execute", command_pb2.ExecuteRequest(idempotency_key="k"), ["command"]),
+    ("Execute", put("w", "task", "x", ""), ["idempotency_key"]),
+    ("Execute", put("w", "task", "x", "k", title="t" * 1001), ["put_resource.resource.title"]),
+    ("Execute", put("w", "task", "x", "k", body="b" * ((1 << 20) + 1)),
+     ["put_resource.resource.body"]),
+    ("Execute", put("w", "task", "x", "k", embedding=[1.0] * (TEST_DIMENSION + 1)),
+     ["put_resource.resource.embedding"]),
+    ("Execute", put("w", "task", "x", "k", embedding=[math.nan] * TEST_DIMENSION),
+     ["put_resource.resource.embedding"]),
+    ("Execute", put("w", "kind-unknown", "x", "k"), ["put_resource.resource.kind"]),
+    ("GetOperation", command_pb2.GetOperationRequest(), ["name"]),
+]
+
+
+@pytest.mark.parametrize(("method", "request_msg", "fields"), BAD_INPUTS,
+                         ids=[f"{m}-{'+'.join(f)}" for m, _, f in BAD_INPUTS])
+async def test_bad_input_answers_invalid_argument_naming_the_field(
+    node: NodeProcess, method: str, request_msg: object, fields: list[str]
+) -> None:
+    async with node.client() as c:
+        stub = c.command if method in ("Execute", "GetOperation") else c.query
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await getattr(stub, method)(request_msg)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_fields(exc.value) == fields
+        assert "Traceback" not in (exc.value.details() or "")
+
+
+async def test_admin_rpcs_need_an_admin_identity(node: NodeProcess) -> None:
+    async with node.client("client") as c:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest())
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_reason(exc.value) == "ADMIN_REQUIRED"
+    async with node.client("admin") as a:
+        info = await a.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest())
+        assert info.identity.uri == "spiffe://tessera.local/node/tessera"
+        assert info.embedding_dimension == TEST_DIMENSION and info.schema_version >= 1
+
+
+async def test_unbuilt_rpcs_answer_unimplemented_and_say_so(node: NodeProcess) -> None:
+    async with node.client() as c:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.query.SearchResources(query_pb2.SearchResourcesRequest(k=1))
+        assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "not implemented yet" in (exc.value.details() or "")
+        req = query_pb2.GetResourceRequest(
+            key=key("w", "task", "x"),
+            sources=resources_pb2.Sources(scope=resources_pb2.Sources.SCOPE_ALL))
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.query.GetResource(req)
+        assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def _issue_from_dev_ca(node: NodeProcess, uris: list[str], tmp: Path) -> Credentials:
+    """A client certificate from the node's own dev CA, with the given URI SANs."""
+    ca_key = serialization.load_pem_private_key(
+        (node.pki / "dev-ca" / "root.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert = x509.load_pem_x509_certificate((node.pki / "dev-ca" / "root.crt").read_bytes())
+    key_ = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd")]))
+        .issuer_name(ca_cert.subject).public_key(key_.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=1))
+    )
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+    sans.append(x509.DNSName("odd.example"))
+    cert = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False).sign(
+        ca_key, hashes.SHA256())
+    return Credentials(
+        ca_cert.public_bytes(serialization.Encoding.PEM),
+        cert.public_bytes(serialization.Encoding.PEM),
+        key_.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                           serialization.NoEncryption()),
+    )
+
+
+@pytest.mark.parametrize("uris", [
+    [],
+    ["spiffe://tessera.local/client/a", "spiffe://tessera.local/client/b"],
+    ["https://tessera.local/client/a"],
+    ["spiffe://tessera.local/robot/a"],
+    ["spiffe://elsewhere.example/client/a"],
+], ids=["no-uri-san", "two-uri-sans", "not-spiffe", "unknown-kind", "foreign-trust-domain"])
+async def test_certificate_without_exactly_one_valid_identity_is_unauthenticated(
+    node: NodeProcess, uris: list[str], tmp_path: Path
+) -> None:
+    creds = _issue_from_dev_ca(node, uris, tmp_path)
+    async with AsyncClient(node.address, creds) as c:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.query.Describe(query_pb2.DescribeRequest())
+        assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_sigterm_turns_health_not_serving_and_exits_cleanly(node: NodeProcess) -> None:
+    async with node.client() as c:
+        health = health_pb2_grpc.HealthStub(c.channel)
+        resp = await health.Check(health_pb2.HealthCheckRequest(service="tessera.v1.QueryService"))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    assert node.stop() == 0
+    assert "tessera: stopped" in node.log()
+
+
+async def test_embedded_default_keeps_data_and_certificates_across_restarts(
+    node_factory: NodeFactory,
+) -> None:
+    node = node_factory(embedded=True)
+    cert_before = (node.pki / "node.crt").read_bytes()
+    admin_before = (node.pki / "admin.crt").read_bytes()
+    for path in ("node.key", "admin.key", "client.key", "dev-ca/root.key"):
+        assert (node.pki / path).stat().st_mode & 0o777 == 0o600, path
+    async with node.client() as c:
+        await c.command.Execute(put("home", "note", "keep", "keep-1", title="still here"))
+    node.restart()
+    assert (node.pki / "node.crt").read_bytes() == cert_before
+    assert (node.pki / "admin.crt").read_bytes() == admin_before
+    async with node.client() as c:
+        got = await c.query.GetResource(query_pb2.GetResourceRequest(
+            key=key("home", "note", "keep")))
+        assert got.resource.title == "still here"
+    assert node.stop() == 0
+
+
+def _tessera(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tessera.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_wrong_setting_stops_the_start_with_one_line_naming_it(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "TESSERA_STORE_METRIC": "manhattan"}
+    res = _tessera("serve", "--data-dir", str(tmp_path / "d"), env=env)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "store.metric" in lines[0], res.stderr
+
+
+async def test_doctor_reports_green_for_a_running_node_without_credentials(
+    node: NodeProcess,
+) -> None:
+    res = _tessera("doctor", "--json", "--data-dir", str(node.data_dir), env=node.env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    statuses = {c["name"]: c["status"] for c in report["checks"]}
+    assert statuses["postgresql"] == statuses["pgvector"] == statuses["valkey"] == "green"
+    assert statuses["certificate"] == "green"
+
+
+def test_doctor_is_red_and_redacts_the_password_when_postgres_is_unreachable(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    env = {**os.environ, "TESSERA_STORE_DSN": "postgresql://tess:s3cr3t-pw@127.0.0.1:1/db",
+           "TESSERA_VALKEY_URL": "redis://:vk-s3cr3t@127.0.0.1:1/0"}
+    res = _tessera("doctor", "--json", "--data-dir", str(tmp_path), env=env)
+    assert res.returncode == 1
+    report = json.loads(res.stdout)
+    assert report["status"] == "red"
+    assert "s3cr3t" not in res.stdout + res.stderr
