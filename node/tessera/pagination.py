@@ -49,7 +49,9 @@ class PageTokens:
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self.secret, body, hashlib.sha256).digest()[:16]
 
-    def encode(self, *, query: str, caller: str, position: list[Any], now: float | None = None) -> str:
+    def encode(
+        self, *, query: str, caller: str, position: list[Any], now: float | None = None
+    ) -> str:
         """A token resuming after `position` for this query and caller."""
         issued = int(time.time() if now is None else now)
         body = json.dumps(

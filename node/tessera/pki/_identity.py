@@ -45,7 +45,9 @@ class SpiffeId:
         """Parse a URI; raises ValueError when it is not a Tessera identity."""
         m = _SPIFFE_RE.match(uri)
         if m is None:
-            raise ValueError(f"not a spiffe://<trust-domain>/<node|client|admin>/<name> URI: {uri!r}")
+            raise ValueError(
+                f"not a spiffe://<trust-domain>/<node|client|admin>/<name> URI: {uri!r}"
+            )
         return cls(m["domain"], IdentityKind(m["kind"]), m["name"])
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -85,7 +85,9 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 attributes[f.key] = value_to_python(f.value)
         check_local_sources(c, "sources", request.sources)
         c.done()
-        order = "updated_desc" if request.order == query_pb2.LIST_ORDER_UPDATE_TIME_DESC else "key"
+        order: Literal["key", "updated_desc"] = (
+            "updated_desc" if request.order == query_pb2.LIST_ORDER_UPDATE_TIME_DESC else "key"
+        )
         updated_since = (
             request.updated_since.ToDatetime(tzinfo=UTC)
             if request.HasField("updated_since") else None

@@ -48,7 +48,9 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def open_pool(cfg: StoreConfig, dsn: str) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+async def open_pool(
+    cfg: StoreConfig, dsn: str
+) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
     """Open the pool and check one connection works; raises Unavailable with a safe message."""
     timeout_ms = int(cfg.statement_timeout_s * 1000)
     pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
@@ -105,7 +107,9 @@ async def migrate(
     return current
 
 
-async def _check_meta(conn: psycopg.AsyncConnection[Any], key: str, want: str, setting: str) -> None:
+async def _check_meta(
+    conn: psycopg.AsyncConnection[Any], key: str, want: str, setting: str
+) -> None:
     """Record a schema-shaping setting once; refuse a later start that disagrees."""
     cur = await conn.execute(
         "INSERT INTO node_meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import uuid
@@ -194,7 +195,9 @@ class ResourceStore:
         else:
             order = sql.SQL("updated_at DESC, workspace DESC, kind DESC, id DESC")
             if q.after is not None:
-                where.append(sql.SQL("(updated_at, workspace, kind, id) < (%s::timestamptz, %s, %s, %s)"))
+                where.append(sql.SQL(
+                    "(updated_at, workspace, kind, id) < (%s::timestamptz, %s, %s, %s)"
+                ))
                 params.extend(q.after)
         query = sql.SQL("SELECT {cols} FROM resources {where} ORDER BY {order} LIMIT %s").format(
             cols=_COLUMNS,
@@ -392,7 +395,7 @@ class ResourceStore:
 
     async def list_operations(
         self, caller: str, *, limit: int, after: Sequence[Any] | None
-    ) -> list[Operation]:
+    ) -> builtins.list[Operation]:
         """The caller's operations, newest first."""
         params: list[Any] = [caller]
         where = "caller = %s"
