@@ -10,6 +10,7 @@ import pytest
 from google.rpc import code_pb2, error_details_pb2
 from hypothesis import given
 from hypothesis import strategies as st
+
 from tessera import config, errors
 from tessera.auth import Access, authorize, required_access
 from tessera.pagination import TOKEN_TTL_S, PageTokenError, PageTokens, query_hash
