@@ -23,6 +23,7 @@ from tessera_client import AsyncClient, Credentials
 from tessera_client.pb import (
     admin_pb2,
     command_pb2,
+    events_pb2,
     query_pb2,
     resources_pb2,
 )
@@ -251,7 +252,7 @@ async def test_admin_rpcs_need_an_admin_identity(node: NodeProcess) -> None:
 async def test_unbuilt_rpcs_answer_unimplemented_and_say_so(node: NodeProcess) -> None:
     async with node.client() as c:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await c.query.SearchResources(query_pb2.SearchResourcesRequest(k=1))
+            await c.events.Publish(events_pb2.PublishRequest(type="task.done"))
         assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "not implemented yet" in (exc.value.details() or "")
         req = query_pb2.GetResourceRequest(

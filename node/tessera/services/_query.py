@@ -9,10 +9,11 @@ import grpc
 
 from tessera import __version__
 from tessera.auth import current_caller
-from tessera.errors import FieldViolation, InvalidArgument, Unimplemented
+from tessera.errors import FieldViolation, InvalidArgument, PermissionDenied, Unimplemented
 from tessera.pagination import PageTokenError, query_hash
 from tessera.runtime import Runtime
 from tessera.services._convert import identity_to_pb, resource_to_pb, value_to_python
+from tessera.services._search import search_resources
 from tessera.services._validate import ID_RE, WORKSPACE_RE, Checker
 from tessera.store import ListQuery, ResourceKey
 from tessera_client.pb import query_pb2, query_pb2_grpc, resources_pb2
@@ -126,7 +127,13 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     async def SearchResources(
         self, request: query_pb2.SearchResourcesRequest, context: grpc.aio.ServicerContext
     ) -> query_pb2.SearchResourcesResponse:
-        raise Unimplemented("SearchResources (pgvector k-NN search) is not implemented yet")
+        c = Checker()
+        check_local_sources(c, "sources", request.sources)
+        c.done()
+        if not current_caller().is_local:
+            raise PermissionDenied("search is not available to peers yet",
+                                   reason="SEARCH_NOT_GRANTED")
+        return await search_resources(self.rt, request)
 
     async def Describe(
         self, request: query_pb2.DescribeRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,146 @@
+"""k-NN search over pgvector embeddings, optionally fused with full-text ranks (RRF)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, cast
+
+from psycopg import sql
+
+from tessera.store._predicate import Predicate
+from tessera.store._resources import _COLUMNS, Pool, Resource, _row_to_resource, vector_literal
+
+Metric = Literal["cosine", "l2", "inner_product"]
+#: pgvector distance operator per metric; the HNSW index is built for exactly one of them.
+_OPERATOR = {"cosine": "<=>", "l2": "<->", "inner_product": "<#>"}
+#: Reciprocal rank fusion constant (Cormack et al.); 60 is the customary value.
+RRF_K = 60
+#: Each ranked list feeds this many times k candidates into the fusion.
+CANDIDATES_PER_K = 4
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """A validated search."""
+
+    k: int
+    embedding: Sequence[float] | None = None
+    text: str = ""
+    workspace: str = ""
+    kind: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+    updated_since: datetime | None = None
+    min_score: float | None = None
+
+
+def score_expression(metric: Metric) -> str:
+    """SQL turning the metric's distance into a score where higher is better."""
+    if metric == "cosine":
+        return "1 - (embedding <=> %s::vector)"
+    if metric == "l2":
+        return "-(embedding <-> %s::vector)"
+    return "-(embedding <#> %s::vector)"  # <#> is the negative inner product
+
+
+def ef_search_for(k: int) -> int:
+    """HNSW candidate list size for k: enough for recall, never below pgvector's default."""
+    return max(40, 2 * k)
+
+
+def _filters(q: SearchQuery, scope: Predicate | None) -> tuple[sql.Composable, list[Any]]:
+    parts: list[sql.Composable] = []
+    params: list[Any] = []
+    for column, value in (("workspace", q.workspace), ("kind", q.kind)):
+        if value:
+            parts.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+            params.append(value)
+    if q.attributes:
+        parts.append(sql.SQL("attributes @> %s::jsonb"))
+        params.append(json.dumps(q.attributes))
+    if q.updated_since is not None:
+        parts.append(sql.SQL("updated_at >= %s"))
+        params.append(q.updated_since)
+    if scope is not None:
+        parts.append(scope.condition)
+        params.extend(scope.params)
+    if not parts:
+        return sql.SQL("TRUE"), params
+    return sql.SQL(" AND ").join(parts), params
+
+
+def _vector_hits(q: SearchQuery, metric: Metric, where: sql.Composable, wparams: list[Any],
+                 limit: int, cols: sql.Composable) -> tuple[sql.Composable, list[Any]]:
+    """Nearest rows by the index's own operator, so the HNSW index serves the ORDER BY."""
+    assert q.embedding is not None
+    vec = vector_literal(q.embedding)
+    score = sql.SQL(score_expression(metric))
+    query = sql.SQL(
+        "SELECT {cols}, {score} AS score FROM resources WHERE embedding IS NOT NULL AND {where}"
+        " ORDER BY embedding {op} %s::vector LIMIT %s"
+    ).format(cols=cols, score=score, where=where, op=sql.SQL(_OPERATOR[metric]))
+    return query, [vec, *wparams, vec, limit]
+
+
+def _text_hits(q: SearchQuery, where: sql.Composable, wparams: list[Any], limit: int,
+               cols: sql.Composable) -> tuple[sql.Composable, list[Any]]:
+    """Rows matching the text, best full-text rank first."""
+    query = sql.SQL(
+        "SELECT {cols}, ts_rank_cd(fts, tq)::float8 AS score"
+        " FROM resources, websearch_to_tsquery('simple', %s) AS tq"
+        " WHERE fts @@ tq AND {where} ORDER BY score DESC, workspace, kind, id LIMIT %s"
+    ).format(cols=cols, where=where)
+    return query, [q.text, *wparams, limit]
+
+
+async def search(
+    pool: Pool, q: SearchQuery, *, metric: Metric, scope: Predicate | None = None
+) -> list[tuple[Resource, float]]:
+    """Best-first hits; filters and scope are applied inside the index scan."""
+    where, wparams = _filters(q, scope)
+    keys = sql.SQL("workspace, kind, id")
+    query: sql.Composable
+    if q.embedding is not None and not q.text:
+        inner, params = _vector_hits(q, metric, where, wparams, q.k, _COLUMNS)
+        # Iterative scans (relaxed order) keep filtered searches returning k rows; the
+        # outer ORDER BY restores exact order among the rows found.
+        query = sql.SQL("SELECT * FROM ({}) AS hits ORDER BY score DESC, workspace, kind, id"
+                        ).format(inner)
+    elif q.text and q.embedding is None:
+        query, params = _text_hits(q, where, wparams, q.k, _COLUMNS)
+    else:
+        cand = q.k * CANDIDATES_PER_K
+        vq, vparams = _vector_hits(q, metric, where, wparams, cand, keys)
+        tq, tparams = _text_hits(q, where, wparams, cand, keys)
+        # Reciprocal rank fusion: 1/(RRF_K + rank) summed over both lists. Ties (first in
+        # one list only) go to the better text rank, so an exact text match leads.
+        query = sql.SQL(
+            "WITH v AS (SELECT workspace, kind, id,"
+            "   row_number() OVER (ORDER BY score DESC, workspace, kind, id) AS rank"
+            "   FROM ({vq}) x),"
+            " t AS (SELECT workspace, kind, id,"
+            "   row_number() OVER (ORDER BY score DESC, workspace, kind, id) AS rank"
+            "   FROM ({tq}) y),"
+            " fused AS (SELECT workspace, kind, id,"
+            "   (coalesce(1.0 / ({rrf} + v.rank), 0) + coalesce(1.0 / ({rrf} + t.rank), 0))::float8"
+            "   AS fscore, t.rank AS trank FROM v FULL OUTER JOIN t USING (workspace, kind, id))"
+            " SELECT {cols}, fused.fscore AS score"
+            " FROM fused JOIN resources USING (workspace, kind, id)"
+            " ORDER BY fused.fscore DESC, fused.trank NULLS LAST, workspace, kind, id LIMIT %s"
+        ).format(vq=vq, tq=tq, rrf=sql.Literal(RRF_K), cols=_COLUMNS)
+        params = [*vparams, *tparams, q.k]
+    async with pool.connection() as conn, conn.transaction():
+        if q.embedding is not None:
+            await conn.execute(
+                "SELECT set_config('hnsw.ef_search', %s, true),"
+                " set_config('hnsw.iterative_scan', 'relaxed_order', true)",
+                (str(ef_search_for(q.k)),),
+            )
+        cur = await conn.execute(cast(sql.Composed, query), params)
+        rows = await cur.fetchall()
+    hits = [(_row_to_resource(r), float(r["score"])) for r in rows]
+    if q.min_score is not None:
+        hits = [h for h in hits if h[1] >= q.min_score]
+    return hits

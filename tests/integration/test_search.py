@@ -1,0 +1,126 @@
+"""SearchResources against real PostgreSQL + pgvector through a real node."""
+
+from __future__ import annotations
+
+import random
+
+import grpc
+import psycopg
+import pytest
+
+from tessera_client.pb import command_pb2, query_pb2, resources_pb2
+from tests.fixtures.nodes import TEST_DIMENSION, NodeFactory, NodeProcess
+
+
+def _unit(rng: random.Random) -> list[float]:
+    v = [rng.gauss(0, 1) for _ in range(TEST_DIMENSION)]
+    n = sum(x * x for x in v) ** 0.5
+    return [x / n for x in v]
+
+
+async def _seed(node: NodeProcess, n: int, seed: int = 7) -> dict[str, tuple[str, list[float]]]:
+    rng = random.Random(seed)
+    rows: dict[str, tuple[str, list[float]]] = {}
+    async with node.client() as c:
+        for i in range(n):
+            ws = "even" if i % 2 == 0 else "odd"
+            emb = _unit(rng)
+            rid = f"r{i:03d}"
+            rows[rid] = (ws, emb)
+            await c.command.Execute(command_pb2.ExecuteRequest(
+                idempotency_key=f"seed-{i}",
+                put_resource=command_pb2.PutResourceCommand(resource=resources_pb2.Resource(
+                    workspace=ws, kind="memory", id=rid, title=f"memory number {i}",
+                    body="alpha beta" if i % 3 else "gamma delta", embedding=emb,
+                    attributes={"bucket": i % 4}))))
+    return rows
+
+
+@pytest.fixture
+async def seeded(
+    node_factory: NodeFactory,
+) -> tuple[NodeProcess, dict[str, tuple[str, list[float]]]]:
+    node = node_factory()
+    return node, await _seed(node, 120)
+
+
+def _exact(dsn: str, query: list[float], k: int, where: str = "TRUE") -> list[str]:
+    """The exact answer by sequential scan (index scans disabled)."""
+    vec = "[" + ",".join(map(repr, query)) + "]"
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET enable_indexscan = off")
+        conn.execute("SET enable_bitmapscan = off")
+        rows = conn.execute(
+            f"SELECT id FROM resources WHERE {where}"  # noqa: S608 - test-controlled text
+            " ORDER BY embedding <=> %s::vector, id LIMIT %s",
+            (vec, k)).fetchall()
+    return [r[0] for r in rows]
+
+
+async def test_knn_results_equal_exact_search_on_small_data(seeded: tuple) -> None:
+    node, _ = seeded
+    rng = random.Random(99)
+    async with node.client() as c:
+        for _ in range(10):
+            q = _unit(rng)
+            resp = await c.query.SearchResources(query_pb2.SearchResourcesRequest(
+                embedding=q, k=10))
+            exact = _exact(node.env["TESSERA_STORE_DSN"], q, 10)
+            assert [h.resource.id for h in resp.hits] == exact
+            scores = [h.score for h in resp.hits]
+            assert scores == sorted(scores, reverse=True)
+            assert all(-1.0001 <= s <= 1.0001 for s in scores)
+
+
+async def test_filtered_search_still_returns_k_rows(seeded: tuple) -> None:
+    node, _ = seeded
+    rng = random.Random(5)
+    async with node.client() as c:
+        q = _unit(rng)
+        resp = await c.query.SearchResources(query_pb2.SearchResourcesRequest(
+            embedding=q, k=25, workspace="odd",
+            attribute_filters=[query_pb2.AttributeFilter(key="bucket", value={"number_value": 1})]))
+    ids = [h.resource.id for h in resp.hits]
+    expected = _exact(node.env["TESSERA_STORE_DSN"], q, 25,
+                      "workspace = 'odd' AND attributes @> '{\"bucket\": 1}'")
+    assert len(expected) == 25  # 30 rows match: 25 must come back
+    assert ids == expected
+
+
+async def test_hybrid_ranking_puts_an_exact_text_match_first(seeded: tuple) -> None:
+    node, _ = seeded
+    async with node.client() as c:
+        await c.command.Execute(command_pb2.ExecuteRequest(
+            idempotency_key="needle", put_resource=command_pb2.PutResourceCommand(
+                resource=resources_pb2.Resource(
+                    workspace="even", kind="note", id="needle", title="zebra crossing manual",
+                    embedding=[0.0, 0.0, 0.0, 1.0]))))
+        far = [0.0, 0.0, 0.0, -1.0]  # the needle is the farthest vector from the query
+        resp = await c.query.SearchResources(query_pb2.SearchResourcesRequest(
+            embedding=far, text="zebra crossing", k=5))
+        assert resp.hits[0].resource.id == "needle"
+        text_only = await c.query.SearchResources(query_pb2.SearchResourcesRequest(
+            text="zebra", k=5))
+        assert [h.resource.id for h in text_only.hits] == ["needle"]
+
+
+@pytest.mark.parametrize(("req", "field"), [
+    (query_pb2.SearchResourcesRequest(embedding=[1.0] * TEST_DIMENSION, k=0), "k"),
+    (query_pb2.SearchResourcesRequest(embedding=[1.0] * TEST_DIMENSION, k=201), "k"),
+    (query_pb2.SearchResourcesRequest(embedding=[1.0] * (TEST_DIMENSION - 1), k=3), "embedding"),
+    (query_pb2.SearchResourcesRequest(embedding=[float("nan")] * TEST_DIMENSION, k=3), "embedding"),
+    (query_pb2.SearchResourcesRequest(embedding=[float("inf")] * TEST_DIMENSION, k=3), "embedding"),
+    (query_pb2.SearchResourcesRequest(k=3), "embedding"),
+    (query_pb2.SearchResourcesRequest(embedding=[1.0] * TEST_DIMENSION, k=3, kind="ghost"), "kind"),
+])
+async def test_bad_search_input_is_invalid_argument_naming_the_field(
+    node_factory: NodeFactory, req: query_pb2.SearchResourcesRequest, field: str
+) -> None:
+    from tests.integration.test_node_foundation import bad_request_fields
+
+    node = node_factory()
+    async with node.client() as c:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.query.SearchResources(req)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in bad_request_fields(exc.value)
