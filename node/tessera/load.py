@@ -1,0 +1,228 @@
+"""`tessera load`: import resources from a JSONL file into a running node.
+
+Each line is one JSON object with `workspace`, `kind`, `id` and optionally `title`, `body`,
+`attributes`, `embedding`, `owner`, `team`. Lines go through `CommandService.Execute`
+(so validation, scope and audit are the node's own), many in flight at once. Every put
+carries an idempotency key derived from the line, and progress is checkpointed next to
+the file, so an interrupted load resumes where it stopped and never applies a line twice.
+Bad lines are reported by number and skipped; the rest still load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+
+from tessera_client import AsyncClient, Credentials
+from tessera_client.pb import command_pb2, resources_pb2
+
+_FIELDS = {"workspace", "kind", "id", "title", "body", "attributes", "embedding", "owner", "team"}
+
+
+@dataclass
+class LoadReport:
+    """What a load did."""
+
+    total_lines: int = 0
+    loaded: int = 0
+    skipped_before: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+def parse_line(text: str) -> command_pb2.ExecuteRequest:
+    """One JSONL line as an Execute request; ValueError says what is wrong."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    unknown = set(obj) - _FIELDS
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
+    for name in ("workspace", "kind", "id"):
+        if not isinstance(obj.get(name), str) or not obj[name]:
+            raise ValueError(f"{name} is required and must be a string")
+    if "attributes" in obj and not isinstance(obj["attributes"], dict):
+        raise ValueError("attributes must be a JSON object")
+    emb = obj.get("embedding", [])
+    if not isinstance(emb, list) or not all(isinstance(x, int | float) for x in emb):
+        raise ValueError("embedding must be a list of numbers")
+    resource = resources_pb2.Resource(
+        workspace=obj["workspace"], kind=obj["kind"], id=obj["id"],
+        title=str(obj.get("title", "")), body=str(obj.get("body", "")),
+        owner=str(obj.get("owner", "")), team=str(obj.get("team", "")), embedding=emb,
+    )
+    if obj.get("attributes"):
+        resource.attributes.update(obj["attributes"])
+    key = "load-" + hashlib.sha256(text.strip().encode()).hexdigest()[:40]
+    return command_pb2.ExecuteRequest(
+        idempotency_key=key, put_resource=command_pb2.PutResourceCommand(resource=resource)
+    )
+
+
+def _lines(path: Path, start: int) -> Iterator[tuple[int, str]]:
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for number, text in enumerate(fh, start=1):
+            if number > start and text.strip():
+                yield number, text
+
+
+class _Progress:
+    """A one-line progress bar on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, total: int, out: TextIO) -> None:
+        self.total, self.out, self.started = total, out, time.monotonic()
+        self.tty = out.isatty()
+        self.last = 0.0
+
+    def update(self, done: int, bad: int, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-9)
+        rate = done / elapsed
+        frac = done / self.total if self.total else 1.0
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        bar = "#" * int(frac * 30)
+        line = (f"[{bar:<30}] {done:,}/{self.total:,} lines  {rate:,.0f}/s  "
+                f"bad {bad}  ETA {eta:,.0f}s")
+        self.out.write(("\r" + line) if self.tty else line + "\n")
+        if final and self.tty:
+            self.out.write("\n")
+        self.out.flush()
+
+
+async def load_file(
+    path: Path,
+    address: str,
+    creds: Credentials,
+    *,
+    concurrency: int = 16,
+    batch_size: int = 500,
+    restart: bool = False,
+    progress: TextIO = sys.stderr,
+) -> LoadReport:
+    """Load `path` into the node at `address`; resumes from the checkpoint unless `restart`."""
+    checkpoint = path.with_name(path.name + ".tessera-load.json")
+    start = 0
+    if checkpoint.exists() and not restart:
+        start = int(json.loads(checkpoint.read_text()).get("lines_done", 0))
+    with path.open("rb") as fh:
+        total = sum(1 for line in fh if line.strip())
+    report = LoadReport(total_lines=total)
+    with path.open("rb") as fh:
+        report.skipped_before = sum(
+            1 for i, line in enumerate(fh, 1) if i <= start and line.strip()
+        )
+    bar = _Progress(total, progress)
+    started = time.monotonic()
+    async with AsyncClient(address, creds) as client:
+        batch: list[tuple[int, str]] = []
+
+        async def send(number: int, text: str, sem: asyncio.Semaphore) -> None:
+            async with sem:
+                try:
+                    request = parse_line(text)
+                except ValueError as exc:
+                    report.bad.append((number, str(exc)))
+                    return
+                try:
+                    await client.command.Execute(request, timeout=30)
+                    report.loaded += 1
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                      grpc.StatusCode.FAILED_PRECONDITION):
+                        report.bad.append((number, f"{exc.code().name}: {exc.details()}"))
+                        return
+                    raise
+
+        async def flush() -> None:
+            sem = asyncio.Semaphore(concurrency)
+            await asyncio.gather(*(send(n, t, sem) for n, t in batch))
+            # Every line up to the batch's last has now been applied or reported.
+            checkpoint.write_text(json.dumps({"lines_done": batch[-1][0]}))
+            batch.clear()
+            bar.update(report.skipped_before + report.loaded + len(report.bad), len(report.bad))
+
+        for number, text in _lines(path, start):
+            batch.append((number, text))
+            if len(batch) >= batch_size:
+                await flush()
+        if batch:
+            await flush()
+    bar.update(report.skipped_before + report.loaded + len(report.bad), len(report.bad),
+               final=True)
+    report.elapsed_s = time.monotonic() - started
+    checkpoint.unlink(missing_ok=True)
+    report.bad.sort()
+    return report
+
+
+def summary(report: LoadReport) -> str:
+    """A human summary of a load."""
+    lines = [
+        f"loaded {report.loaded:,} resources in {report.elapsed_s:.1f}s "
+        f"({report.loaded / max(report.elapsed_s, 1e-9):,.0f}/s); "
+        f"{report.skipped_before:,} lines were already loaded; {len(report.bad)} bad lines skipped"
+    ]
+    for number, why in report.bad[:20]:
+        lines.append(f"  line {number}: {why}")
+    if len(report.bad) > 20:
+        lines.append(f"  ... and {len(report.bad) - 20} more")
+    return "\n".join(lines)
+
+
+
+def cmd_load(args: argparse.Namespace, data_dir: Path) -> int:
+    """The `tessera load` command."""
+    state_file = data_dir / "node.json"
+    state: dict[str, str] = {}
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+    address = args.address or state.get("address")
+    ca = args.ca or state.get("ca")
+    cert = args.cert or state.get("client_cert")
+    key = args.key or state.get("client_key")
+    if not (address and ca and cert and key):
+        print(f"tessera load: no running node found in {data_dir} (node.json); "
+              "give --address, --ca, --cert and --key", file=sys.stderr)
+        return 2
+    if not args.file.is_file():
+        print(f"tessera load: {args.file} does not exist", file=sys.stderr)
+        return 2
+    report = asyncio.run(load_file(
+        args.file, address, Credentials.from_files(ca, cert, key),
+        concurrency=args.concurrency, batch_size=args.batch_size, restart=args.restart,
+    ))
+    print(summary(report))
+    return 1 if report.bad else 0
+
+
+def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None],
+               data_dir_of: Callable[[argparse.Namespace], Path]) -> None:
+    """Register `tessera load`."""
+    p = sub.add_parser("load", help="import resources from a JSONL file into a running node")
+    common(p)
+    p.add_argument("file", type=Path, help="JSONL file, one resource per line")
+    p.add_argument("--address", help="node host:port (default: from the data dir's node.json)")
+    p.add_argument("--ca", help="trusted roots PEM (default: the node's)")
+    p.add_argument("--cert", help="client certificate PEM (default: the local client's)")
+    p.add_argument("--key", help="client key PEM")
+    p.add_argument("--concurrency", type=int, default=16, help="puts in flight (default 16)")
+    p.add_argument("--batch-size", type=int, default=500,
+                   help="lines per checkpoint (default 500)")
+    p.add_argument("--restart", action="store_true", help="ignore the checkpoint, start over")
+    p.set_defaults(func=lambda args: cmd_load(args, data_dir_of(args)))
