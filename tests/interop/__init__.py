@@ -1,0 +1,1 @@
+"""Interop tests: third-party gRPC tools and stacks against a real node process."""
