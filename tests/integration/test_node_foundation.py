@@ -263,7 +263,8 @@ async def test_unbuilt_rpcs_answer_unimplemented_and_say_so(node: NodeProcess) -
         assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def _issue_from_dev_ca(node: NodeProcess, uris: list[str], tmp: Path) -> Credentials:
+def _issue_from_dev_ca(node: NodeProcess, uris: list[str], tmp: Path,
+                       lifetime: dt.timedelta = dt.timedelta(hours=1)) -> Credentials:
     """A client certificate from the node's own dev CA, with the given URI SANs."""
     ca_key = serialization.load_pem_private_key(
         (node.pki / "dev-ca" / "root.key").read_bytes(), password=None)
@@ -277,7 +278,7 @@ def _issue_from_dev_ca(node: NodeProcess, uris: list[str], tmp: Path) -> Credent
         .issuer_name(ca_cert.subject).public_key(key_.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
+        .not_valid_after(now + lifetime)
     )
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     sans.append(x509.DNSName("odd.example"))
@@ -375,3 +376,35 @@ def test_doctor_is_red_and_redacts_the_password_when_postgres_is_unreachable(
     report = json.loads(res.stdout)
     assert report["status"] == "red"
     assert "s3cr3t" not in res.stdout + res.stderr
+
+
+async def test_a_certificate_that_expires_on_an_open_connection_is_refused(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    import asyncio
+
+    creds = _issue_from_dev_ca(node, ["spiffe://tessera.local/client/brief"], tmp_path,
+                               lifetime=dt.timedelta(seconds=3))
+    async with AsyncClient(node.address, creds) as c:
+        await c.query.Describe(query_pb2.DescribeRequest())
+        await asyncio.sleep(4)
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.query.Describe(query_pb2.DescribeRequest())
+        assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_reason(exc.value) == "CERT_EXPIRED"
+
+
+async def test_reflection_refuses_a_foreign_trust_domain_too(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    creds = _issue_from_dev_ca(node, ["spiffe://elsewhere.example/client/a"], tmp_path)
+    async with AsyncClient(node.address, creds) as c:
+        stub = reflection_pb2_grpc.ServerReflectionStub(c.channel)
+        call = stub.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(list_services="")]))
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            async for _ in call:
+                pass
+        assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import grpc
@@ -85,8 +86,9 @@ def required_access(service: str, method: str) -> Access:
         return Access.ANY_AUTHENTICATED
     if service == ADMIN_SERVICE:
         return Access.ADMIN
-    # Peers (kind "node") reach Query/Command/Event only through a grant; grants come with
-    # the trust-boundary work, so until then only local identities are let in (default deny).
+    # Peers (kind "node") reach Query/Command only through a grant: the node's admission
+    # (tessera.grants.GrantAdmission) lets them in by peer state, method and grant, and the
+    # default KindAdmission lets no peer in at all (default deny).
     return Access.LOCAL
 
 
@@ -120,6 +122,13 @@ def authenticate(
         )
     if peer.serial in denied_serials:
         raise errors.Unauthenticated("the client certificate is revoked", reason="CERT_REVOKED")
+    # TLS checked validity at the handshake only; an HTTP/2 connection can outlive that.
+    now = datetime.now(UTC)
+    if now >= peer.not_after:
+        raise errors.Unauthenticated("the client certificate has expired", reason="CERT_EXPIRED")
+    if now < peer.not_before:
+        raise errors.Unauthenticated("the client certificate is not valid yet",
+                                     reason="CERT_NOT_YET_VALID")
     return peer
 
 
@@ -218,7 +227,19 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler  # client- and bidi-streaming methods are not part of the API
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._client_stream(handler.stream_unary, access, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._bidi(handler.stream_stream, access, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
     async def _enter(self, context: grpc.aio.ServicerContext, access: Access, service: str,
                      method: str) -> Caller:
@@ -252,11 +273,15 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             response_bytes = response.ByteSize()
         elapsed = time.perf_counter() - started
         if self.auditor is not None and service not in OPEN_SERVICES:
-            await self.auditor.record(CallOutcome(
-                caller=_CALLER.get(None), service=service, method=method, code=code,
-                reason=reason, request=request, response_bytes=response_bytes,
-                latency_s=elapsed, trace_id=_trace_id(context),
-            ))
+            try:
+                await self.auditor.record(CallOutcome(
+                    caller=_CALLER.get(None), service=service, method=method, code=code,
+                    reason=reason, request=request, response_bytes=response_bytes,
+                    latency_s=elapsed, trace_id=_trace_id(context),
+                ))
+            except errors.TesseraError as audit_exc:
+                # No call is answered unaudited: the caller gets the audit failure instead.
+                status, code = grpc_status(audit_exc), status_code_of(audit_exc)
         if self.on_done is not None:
             self.on_done(service, method, code, elapsed)
         if status is not None:
@@ -294,6 +319,44 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                                    response_bytes=sent)
                 raise  # unreachable: _finish aborted the call
             await self._finish(context, service, method, request, started, None,
+                               response_bytes=sent)
+
+        return wrapped
+
+
+    def _client_stream(self, behavior: Any, access: Access, service: str, method: str) -> Any:
+        async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                await self._enter(context, access, service, method)
+                response = await behavior(requests, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await self._finish(context, service, method, None, started, exc)
+                raise  # unreachable: _finish aborted the call
+            await self._finish(context, service, method, None, started, None, response)
+            return response
+
+        return wrapped
+
+    def _bidi(self, behavior: Any, access: Access, service: str, method: str) -> Any:
+        # Server reflection is bidi: it too must see only authenticated, unrevoked callers.
+        async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            sent = 0
+            try:
+                await self._enter(context, access, service, method)
+                async for item in behavior(requests, context):
+                    sent += item.ByteSize()
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await self._finish(context, service, method, None, started, exc,
+                                   response_bytes=sent)
+                raise  # unreachable: _finish aborted the call
+            await self._finish(context, service, method, None, started, None,
                                response_bytes=sent)
 
         return wrapped

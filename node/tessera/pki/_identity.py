@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 
 from cryptography import x509
@@ -13,7 +14,9 @@ from tessera.errors import Unauthenticated
 
 _DOMAIN = r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?"
 _NAME = r"[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?"
-_SPIFFE_RE = re.compile(rf"^spiffe://(?P<domain>{_DOMAIN})/(?P<kind>node|client|admin)/(?P<name>{_NAME})$")
+_SPIFFE_RE = re.compile(
+    rf"spiffe://(?P<domain>{_DOMAIN})/(?P<kind>node|client|admin)/(?P<name>{_NAME})"
+)
 
 
 class IdentityKind(enum.StrEnum):
@@ -43,7 +46,8 @@ class SpiffeId:
     @classmethod
     def parse(cls, uri: str) -> SpiffeId:
         """Parse a URI; raises ValueError when it is not a Tessera identity."""
-        m = _SPIFFE_RE.match(uri)
+        # fullmatch: "$" would also accept a trailing newline.
+        m = _SPIFFE_RE.fullmatch(uri)
         if m is None:
             raise ValueError(
                 f"not a spiffe://<trust-domain>/<node|client|admin>/<name> URI: {uri!r}"
@@ -58,6 +62,9 @@ class PeerCertificate:
     identity: SpiffeId
     serial: int
     fingerprint_sha256: str
+    #: Validity window; checked on every call because a connection outlives its handshake.
+    not_before: datetime
+    not_after: datetime
 
 
 @lru_cache(maxsize=4096)
@@ -90,4 +97,5 @@ def identity_from_pem(pem: bytes) -> PeerCertificate:
         ) from None
     from cryptography.hazmat.primitives import hashes
 
-    return PeerCertificate(identity, cert.serial_number, cert.fingerprint(hashes.SHA256()).hex())
+    return PeerCertificate(identity, cert.serial_number, cert.fingerprint(hashes.SHA256()).hex(),
+                           cert.not_valid_before_utc, cert.not_valid_after_utc)
