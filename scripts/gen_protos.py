@@ -59,8 +59,8 @@ def generate(out: Path) -> None:
             f"--grpc_python_out={tmp}",
             f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
             f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
-            f"--mypy_out={tmp}",
-            f"--mypy_grpc_out={tmp}",
+            f"--mypy_out=quiet:{tmp}",
+            f"--mypy_grpc_out=quiet:{tmp}",
             *(str(p.relative_to(PROTO_ROOT)) for p in protos),
         ]
         subprocess.run(cmd, check=True)

@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.fixtures.valkey",
     "tests.fixtures.stepca",
     "tests.fixtures.nodes",
+    "tests.fixtures.peers",
 ]
 
 _skipped: list[str] = []

@@ -83,6 +83,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """Check dependencies; exit 1 on any red."""
     cfg = _load(args)
     checks = asyncio.run(_doctor(cfg))
+    from tessera.ratelimit._cli import node_checks
+
+    checks += node_checks(cfg)  # the running node's limiter: Valkey or its local fallback
     overall = doctor.worst(checks)
     if args.json:
         print(json.dumps({
@@ -167,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     from tessera.certs_cli import add_parsers as add_certificate_parsers
 
     add_certificate_parsers(sub, common, _load)
+    from tessera.load import add_parser as add_load_parser
+
+    add_load_parser(sub, common, lambda args: _load(args).node.data_dir)
+    from tessera.audit._cli import add_commands as add_audit_commands
+
+    add_audit_commands(sub, common, _load, _embedded_dsn)
+    from tessera.ratelimit._cli import add_commands as add_ratelimit_commands
+
+    add_ratelimit_commands(sub, common, _load)
+    from tessera.peering._cli import add_commands as add_peering_commands
+
+    add_peering_commands(sub, common, _load)
     return parser
 
 

@@ -40,6 +40,9 @@ class NodeConfig:
     listen_address: str = "127.0.0.1:50051"
     #: host:port peers should call; defaults to the listen address.
     advertised_address: str = ""
+    #: host:port of the enrolment listener (server-only TLS, EnrollPeer only); empty means
+    #: the listen address's host on a free port.
+    enroll_listen_address: str = ""
     #: Seconds in-flight calls get to finish on SIGTERM.
     shutdown_grace_s: float = 10.0
 
@@ -64,11 +67,19 @@ class StoreConfig:
     statement_timeout_s: float = 10.0
     #: Comma-separated resource kinds this node stores; others are refused.
     kinds: str = "task,note,memory,document,credential"
+    #: Comma-separated kinds no grant can share, whatever it names (refused at creation
+    #: and withheld at read time).
+    never_shared_kinds: str = "credential"
 
     @property
     def kind_set(self) -> frozenset[str]:
         """The kinds as a set."""
         return frozenset(k.strip() for k in self.kinds.split(",") if k.strip())
+
+    @property
+    def never_shared_set(self) -> frozenset[str]:
+        """The never-shareable kinds as a set."""
+        return frozenset(k.strip() for k in self.never_shared_kinds.split(",") if k.strip())
 
 
 @dataclass(frozen=True)
@@ -132,11 +143,62 @@ class CaConfig:
 
 
 @dataclass(frozen=True)
+class RateLimitConfig:
+    """Rate limiting of admitted calls (GCRA in Valkey, per grant and method class).
+
+    Limits are `<class>=<rate_per_s>/<burst>` items, comma-separated, over the classes
+    read, search, command, event and admin; a rate of 0 means unlimited. Classes not
+    named keep the built-in defaults (`tessera.ratelimit.DEFAULT_LOCAL` / `DEFAULT_PEER`).
+    """
+
+    #: Whether calls are limited at all.
+    enabled: bool = True
+    #: Limits of local identities (tools, admins), e.g. "read=1000/2000, admin=0".
+    local_limits: str = ""
+    #: Limits of peers whose grant carries no rate of its own.
+    peer_limits: str = ""
+    #: When Valkey does not answer: "local" (per-replica limiter) or "closed" (refuse).
+    on_valkey_failure: str = "local"
+    #: Milliseconds one decision may wait for Valkey before the fallback takes over.
+    decision_timeout_ms: int = 50
+    #: Longest pause, in seconds, between probes of a Valkey that stopped answering.
+    probe_max_interval_s: float = 5.0
+    #: Seconds of rejections the admin view counts as recent.
+    recent_window_s: int = 900
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus metrics endpoint."""
 
     #: host:port for the HTTP metrics endpoint; empty disables it.
     listen_address: str = ""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Calling peers when a query fans out (`sources` ALL or PEERS)."""
+
+    #: Milliseconds each peer gets to answer before it counts as offline.
+    peer_timeout_ms: int = 2000
+    #: Seconds a peer's list/get answer stays in the offline cache.
+    cache_ttl_s: int = 30
+    #: Consecutive transport failures that open a peer's circuit breaker.
+    breaker_failures: int = 3
+    #: Seconds an open breaker fails fast before letting one probe through.
+    breaker_cooldown_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit log (always on in production)."""
+
+    #: For benchmarking only: false answers calls without writing their audit rows.
+    enabled: bool = True
+    #: Milliseconds a batch waits for more rows while calls finish concurrently (never for
+    #: a lone call): fewer commits, less CPU per call, for a little latency. 0 commits as
+    #: soon as the previous batch has.
+    batch_delay_ms: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +211,9 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ca: CaConfig = field(default_factory=CaConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     @property
     def tier(self) -> str:
@@ -165,6 +230,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "tls": TlsConfig,
     "metrics": MetricsConfig,
     "ca": CaConfig,
+    "ratelimit": RateLimitConfig,
+    "audit": AuditConfig,
+    "federation": FederationConfig,
 }
 
 
@@ -181,6 +249,14 @@ def _coerce(setting: str, kind: Any, raw: Any) -> Any:
             return float(raw)
         if kind in (Path, "Path"):
             return Path(str(raw)).expanduser()
+        if kind in (bool, "bool"):
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
         if kind in (str, "str"):
             if not isinstance(raw, str):
                 raise ValueError
@@ -264,6 +340,8 @@ def validate(cfg: Config) -> None:
     _check_hostport("node.listen_address", n.listen_address)
     if n.advertised_address:
         _check_hostport("node.advertised_address", n.advertised_address)
+    if n.enroll_listen_address:
+        _check_hostport("node.enroll_listen_address", n.enroll_listen_address)
     if not 1 <= s.embedding_dimension <= 16000:
         raise ConfigError("store.embedding_dimension: must be between 1 and 16000")
     if s.metric not in METRICS:
@@ -295,6 +373,36 @@ def validate(cfg: Config) -> None:
     if cfg.metrics.listen_address:
         _check_hostport("metrics.listen_address", cfg.metrics.listen_address)
     _validate_ca(cfg)
+    f = cfg.federation
+    if f.peer_timeout_ms <= 0 or f.cache_ttl_s <= 0 or f.breaker_failures <= 0 \
+            or f.breaker_cooldown_s <= 0:
+        raise ConfigError("federation: peer_timeout_ms, cache_ttl_s, breaker_failures and "
+                          "breaker_cooldown_s must all be positive")
+    _validate_ratelimit(cfg)
+    if not 0 <= cfg.audit.batch_delay_ms <= 100:
+        raise ConfigError("audit.batch_delay_ms: must be between 0 and 100")
+
+
+def _validate_ratelimit(cfg: Config) -> None:
+    """The [ratelimit] section."""
+    from tessera.ratelimit import parse_limits
+
+    r = cfg.ratelimit
+    for setting, text in (("ratelimit.local_limits", r.local_limits),
+                          ("ratelimit.peer_limits", r.peer_limits)):
+        try:
+            parse_limits(setting, text)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if r.on_valkey_failure not in ("local", "closed"):
+        raise ConfigError(f"ratelimit.on_valkey_failure: {r.on_valkey_failure!r} must be "
+                          "'local' or 'closed'")
+    if not 1 <= r.decision_timeout_ms <= 10_000:
+        raise ConfigError("ratelimit.decision_timeout_ms: must be between 1 and 10000")
+    if r.probe_max_interval_s <= 0:
+        raise ConfigError("ratelimit.probe_max_interval_s: must be positive")
+    if r.recent_window_s < 60:
+        raise ConfigError("ratelimit.recent_window_s: must be at least 60")
 
 
 def _validate_ca(cfg: Config) -> None:

@@ -7,12 +7,15 @@ import datetime as dt
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from cryptography import x509
 
 from tessera.store import redact_dsn
+
+if TYPE_CHECKING:
+    from tessera.pki._renewal import CertificateStatus
 
 
 class Level(enum.StrEnum):
@@ -119,9 +122,39 @@ def check_certificate(name: str, cert_path: Path, key_path: Path,
     if left <= dt.timedelta(0):
         return Check(name, Level.RED, f"expired {-days} days ago; renew it "
                      "(`tessera certs renew`) or restart the node to re-issue", details)
-    if left < CERT_WARN:
-        return Check(name, Level.YELLOW, f"expires in {days} days; renewal is due", details)
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    # Short-lived (step-ca) certificates are renewed at 2/3 of their life: warn once a
+    # quarter of the lifetime is all that is left, i.e. renewal is overdue.
+    if left < min(CERT_WARN, lifetime / 4):
+        return Check(name, Level.YELLOW, f"expires in {days} days ({int(left.total_seconds())} s);"
+                     " renewal is due", details)
+    if left < dt.timedelta(days=1):
+        return Check(name, Level.GREEN, f"valid for {int(left.total_seconds())} more seconds",
+                     details)
     return Check(name, Level.GREEN, f"valid for {days} more days", details)
+
+
+def check_renewal(name: str, status: CertificateStatus,
+                  *, now: dt.datetime | None = None) -> Check:
+    """The renewal state a running node reports: degraded is yellow, expired red."""
+    now = now or dt.datetime.now(dt.UTC)
+    details: dict[str, Any] = {
+        "state": status.state.value, "serial": format(status.serial, "x"),
+        "renew_at": status.renew_at.isoformat(), "not_after": status.not_after.isoformat(),
+        "issuer": status.issuer, "renewals": status.renewals, "failures": status.failures,
+    }
+    if status.last_error:
+        details["last_error"] = status.last_error
+    if status.state.value == "expired" or status.not_after <= now:
+        return Check(name, Level.RED, f"{status.name} certificate expired and renewal fails "
+                     f"({status.last_error or 'no attempt yet'}); check the CA", details)
+    if status.state.value == "degraded":
+        left = int((status.not_after - now).total_seconds())
+        return Check(name, Level.YELLOW, f"renewal of the {status.name} certificate failing "
+                     f"{status.failures}x, retrying; expires in {left} s "
+                     f"({status.last_error})", details)
+    return Check(name, Level.GREEN, f"{status.issuer} renews it at "
+                 f"{status.renew_at.isoformat(timespec='seconds')}", details)
 
 
 def worst(checks: list[Check]) -> Level:

@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tessera.config import Config
 from tessera.pagination import PageTokens
 from tessera.pki import CredentialFiles, ReloadableServerCredentials, SpiffeId
+from tessera.pki._node import NodeCertificates
 from tessera.store import Pool, ResourceStore
+
+if TYPE_CHECKING:  # federation imports peering, which imports this module
+    from tessera.federation import Federation
 
 
 @dataclass(frozen=True)
@@ -84,3 +88,7 @@ class Runtime:
     issuer_kind: str
     listen_address: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+    #: Issuer, renewal state and deny list (None only in tests that build a Runtime).
+    certificates: NodeCertificates | None = None
+    #: Calls to peers for fanned-out queries (None only in tests that build a Runtime).
+    federation: Federation | None = None

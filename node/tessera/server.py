@@ -15,19 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives import serialization
 import redis.asyncio as redis
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from tessera import store
+from tessera.audit import AuditWriter
 from tessera.auth import CallPath
 from tessera.config import Config
 from tessera.embedded import EmbeddedPostgres, EmbeddedValkey
 from tessera.errors import ConfigError, Unauthenticated
+from tessera.federation import Federation
+from tessera.grants import GrantAdmission
 from tessera.observability import Metrics
 from tessera.pagination import PageTokens
+from tessera.peering import attach as attach_peering
+from tessera.peering import start_enrolment
 from tessera.pki import (
     CredentialFiles,
     DevCA,
@@ -40,10 +45,21 @@ from tessera.pki import (
     write_atomic,
 )
 from tessera.pki._identity import IdentityKind
+from tessera.pki._issuer import Issuer
+from tessera.pki._node import NodeCertificates, NodeFiles, ensure_enrolled, make_stepca_issuer
+from tessera.ratelimit import RateLimiter
 from tessera.runtime import NodePaths, Runtime
 from tessera.services import AdminServicer, CommandServicer, EventServicer, QueryServicer
-from tessera_client.pb import admin_pb2, command_pb2, events_pb2, query_pb2
-from tessera_client.pb import admin_pb2_grpc, command_pb2_grpc, events_pb2_grpc, query_pb2_grpc
+from tessera_client.pb import (
+    admin_pb2,
+    admin_pb2_grpc,
+    command_pb2,
+    command_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +116,8 @@ class Node:
     port: int
     metrics: Metrics
     embedded: list[Any] = field(default_factory=list)
+    #: Renewal tasks, deny list and issuer; stopped with the node.
+    certificates: NodeCertificates | None = None
 
     @property
     def address(self) -> str:
@@ -120,7 +138,20 @@ class Node:
         grace = self.runtime.cfg.node.shutdown_grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        enroll_server = self.runtime.extras.get("enroll_server")
+        if enroll_server is not None:
+            await enroll_server.stop(grace)
+        auditor = self.runtime.extras.get("auditor")
+        if auditor is not None:
+            await auditor.close()  # the finished calls' rows are committed before the pool closes
+        if self.certificates is not None:
+            await self.certificates.stop()
         await self.runtime.pool.close()
+        limiter = self.runtime.extras.get("ratelimiter")
+        if limiter is not None:
+            await limiter.close()
+        if self.runtime.federation is not None:
+            await self.runtime.federation.close()
         await self.runtime.valkey.aclose()
         for svc in reversed(self.embedded):
             await asyncio.to_thread(svc.stop)
@@ -132,6 +163,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
     paths = NodePaths(cfg.node.data_dir)
     _prepare_data_dir(paths)
     embedded: list[Any] = []
+    certs: NodeCertificates | None = None
     try:
         dsn = cfg.store.dsn
         if not dsn:
@@ -149,12 +181,27 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
                 Path(cfg.tls.cert_file), Path(cfg.tls.key_file), Path(cfg.tls.ca_file)
             )
             issuer_kind = "external"
+            issuer: Issuer | None = None
+        elif cfg.ca.url:
+            # step-ca: enrol into data_dir/pki unless the certificates there are valid.
+            issuer = await make_stepca_issuer(cfg)
+            try:
+                await ensure_enrolled(cfg, _node_files(paths), issuer)
+            except BaseException:
+                await issuer.aclose()
+                raise
+            server_files = paths.server
+            issuer_kind = issuer.kind
         else:
             ca = await asyncio.to_thread(provision_dev_certificates, cfg, paths)
             server_files = paths.server
             issuer_kind = ca.kind
+            issuer = ca
+        certs = NodeCertificates.create(cfg, _node_files(paths), issuer, server_files)
         material = TlsMaterial.read(server_files.cert, server_files.key, server_files.ca)
         identity = _identity_of(material, cfg)
+        # Before anything else opens: a configured CRL that cannot be loaded stops the start.
+        await certs.load_crl(material.roots_pem)
 
         pool = await store.open_pool(cfg.store, dsn)
         try:
@@ -169,18 +216,44 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
         metrics = metrics or Metrics()
         metrics.cert_expiry.set(material.leaf().not_valid_after_utc.timestamp())
         credentials = ReloadableServerCredentials(material)
+        await certs.start(credentials, metrics)
+        # Replicas sharing the database refuse each other's revoked serials.
+        await certs.share_revocations(pool, dsn)
         rt = Runtime(
             cfg=cfg, paths=paths, identity=identity, pool=pool,
             store=store.ResourceStore(pool), tokens=PageTokens(_page_token_secret(paths)),
             valkey=valkey, credentials=credentials, kinds=cfg.store.kind_set,
             started_at=dt.datetime.now(dt.UTC), schema_version=version,
-            issuer_kind=issuer_kind,
+            issuer_kind=issuer_kind, certificates=certs,
             extras={"dsn": dsn, "valkey_url": valkey_url, "server_files": server_files},
+            federation=Federation(
+                paths.data_dir, valkey, timeout_s=cfg.federation.peer_timeout_ms / 1000,
+                cache_ttl_s=cfg.federation.cache_ttl_s,
+                breaker_failures=cfg.federation.breaker_failures,
+                breaker_cooldown_s=cfg.federation.breaker_cooldown_s,
+            ),
         )
+        # Keyed by the node's identity, not the process: replicas share every limit.
+        limiter = RateLimiter(cfg.ratelimit, valkey, key_prefix=f"tessera:rl:{identity.uri}",
+                              metrics=metrics)
+        rt.extras["ratelimiter"] = limiter
+        await limiter.start()
+        # Always on outside benchmarks: each call waits until its audit row is durable.
+        auditor = AuditWriter(pool, registry=metrics.registry,
+                              batch_delay_s=cfg.audit.batch_delay_ms / 1000) \
+            if cfg.audit.enabled else None
+        rt.extras["auditor"] = auditor
         server = grpc.aio.server(
-            interceptors=[CallPath(cfg.node.trust_domain, on_done=metrics.rpc_done)],
+            interceptors=[CallPath(cfg.node.trust_domain, denied_serials=certs.deny_list,
+                                   admission=GrantAdmission(attach_peering(rt)),
+                                   on_done=metrics.rpc_done, limiter=limiter,
+                                   auditor=auditor)],
             options=[("grpc.so_reuseport", 0),
-                     ("grpc.max_receive_message_length", 4 << 20)],
+                     ("grpc.max_receive_message_length", 4 << 20),
+                     # Connections re-handshake hourly, so rotated roots and CRL-era
+                     # changes reach long-lived clients too; calls get 5 min to finish.
+                     ("grpc.max_connection_age_ms", 3_600_000),
+                     ("grpc.max_connection_age_grace_ms", 300_000)],
         )
         query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(rt), server)
         command_pb2_grpc.add_CommandServiceServicer_to_server(CommandServicer(rt), server)
@@ -200,20 +273,29 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
                 f"node.listen_address: cannot bind {cfg.node.listen_address} ({exc}); "
                 "choose a free port"
             ) from None
+        if auditor is not None:
+            auditor.start()
         await server.start()
         rt.listen_address = f"{cfg.node.listen_address.rpartition(':')[0]}:{port}"
+        await start_enrolment(rt)  # server-only TLS, EnrollPeer only
         for name in [*SERVICE_NAMES, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        node = Node(rt, server, health_servicer, port, metrics, embedded)
+        node = Node(rt, server, health_servicer, port, metrics, embedded, certs)
         if cfg.metrics.listen_address:
             mhost, _, mport = cfg.metrics.listen_address.rpartition(":")
             start_http_server(int(mport), addr=mhost, registry=metrics.registry)
         _write_state(node)
         return node
     except BaseException:
+        if certs is not None:
+            await certs.stop()
         for svc in reversed(embedded):
             await asyncio.to_thread(svc.stop)
         raise
+
+
+def _node_files(paths: NodePaths) -> NodeFiles:
+    return NodeFiles(paths.pki, paths.server, paths.admin, paths.client)
 
 
 def _identity_of(material: TlsMaterial, cfg: Config) -> SpiffeId:
@@ -237,6 +319,7 @@ def _write_state(node: Node) -> None:
         "ca": str(f.ca), "admin_cert": str(f.cert), "admin_key": str(f.key),
         "client_cert": str(node.runtime.paths.client.cert),
         "client_key": str(node.runtime.paths.client.key),
+        "enroll_address": node.runtime.extras.get("enroll_address", ""),
     }
     write_atomic(node.runtime.paths.state_file, json.dumps(state, indent=2).encode())
 

@@ -65,7 +65,13 @@ def to_status(exc: errors.TesseraError) -> status_pb2.Status:
 
 def grpc_status(exc: errors.TesseraError) -> grpc.Status:
     """The grpc.Status to abort a call with."""
-    return rpc_status.to_status(to_status(exc))
+    status = rpc_status.to_status(to_status(exc))
+    if isinstance(exc, errors.ResourceExhausted):
+        # For clients that do not decode google.rpc details: seconds, rounded up to the ms.
+        wait = f"{math.ceil(exc.retry_after_s * 1000) / 1000:.3f}"
+        status = status._replace(
+            trailing_metadata=(*status.trailing_metadata, ("retry-after", wait)))
+    return status
 
 
 def internal_status(request_id: str) -> grpc.Status:

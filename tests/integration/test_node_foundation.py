@@ -255,12 +255,11 @@ async def test_unbuilt_rpcs_answer_unimplemented_and_say_so(node: NodeProcess) -
             await c.events.Publish(events_pb2.PublishRequest(type="task.done"))
         assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "not implemented yet" in (exc.value.details() or "")
-        req = query_pb2.GetResourceRequest(
-            key=key("w", "task", "x"),
-            sources=resources_pb2.Sources(scope=resources_pb2.Sources.SCOPE_ALL))
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await c.query.GetResource(req)
+            await c.command.Execute(command_pb2.ExecuteRequest(
+                idempotency_key="p1", plugin=command_pb2.PluginCommand(type="task.assign")))
         assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "task.assign" in (exc.value.details() or "")
 
 
 def _issue_from_dev_ca(node: NodeProcess, uris: list[str], tmp: Path,

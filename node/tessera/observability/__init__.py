@@ -25,6 +25,32 @@ class Metrics:
             "Unix time at which the node's serving certificate expires.",
             registry=self.registry,
         )
+        self.cert_renewals = Counter(
+            "tessera_certificate_renewals_total",
+            "Certificate renewals and re-enrolments, by identity and result (ok, failed).",
+            ["identity", "result"], registry=self.registry,
+        )
+        self.cert_state = Gauge(
+            "tessera_certificate_state",
+            "1 for the current renewal state of each managed certificate, else 0.",
+            ["identity", "state"], registry=self.registry,
+        )
+        self.denied_serials = Gauge(
+            "tessera_denied_serials",
+            "Certificate serials the node refuses, by source (deny_list, crl).",
+            ["source"], registry=self.registry,
+        )
+        self.ratelimit_backend = Gauge(
+            "tessera_ratelimit_backend",
+            "1 for the backend deciding rate limits now (valkey, local), else 0.",
+            ["backend"], registry=self.registry,
+        )
+        self.ratelimit_decisions = Counter(
+            "tessera_ratelimit_decisions_total",
+            "Rate-limit decisions by grant ('local' for local identities), method class and "
+            "decision (allowed, rejected).",
+            ["grant", "method_class", "decision"], registry=self.registry,
+        )
 
     def rpc_done(self, service: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """Record one finished RPC."""

@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -115,6 +116,13 @@ class DevCA:
         if not isinstance(pub, ec.EllipticCurvePublicKey):
             raise ValueError("only EC keys are accepted")
         now = _now()
+        # Only a certificate naming a host (DNS or IP SAN) may serve; identities without
+        # one (admins, clients, peers) get clientAuth alone, so none can pose as a server.
+        host_named = bool(san.get_values_for_type(x509.DNSName)
+                          or san.get_values_for_type(x509.IPAddress))
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        if host_named:
+            usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
         cert = (
             x509.CertificateBuilder()
             .subject_name(csr.subject)
@@ -124,13 +132,8 @@ class DevCA:
             .not_valid_before(now - timedelta(minutes=1))
             .not_valid_after(now + ttl)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(san, critical=False)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
+            .add_extension(san, critical=len(csr.subject) == 0)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
                 critical=False,
@@ -186,15 +189,24 @@ class DevCA:
 
 
 def needs_reissue(cert_path: Path, key_path: Path, *, ca_roots_pem: bytes) -> bool:
-    """True when the files are missing, from another root, or past 2/3 of their lifetime."""
+    """True when the files are missing, do not match, are not signed by the root, or are
+    past 2/3 of their lifetime."""
     if not cert_path.exists() or not key_path.exists():
         return True
     try:
         leaf = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
         root = x509.load_pem_x509_certificate(ca_roots_pem)
-    except ValueError:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError):
         return True
-    if leaf.issuer != root.subject:
+    # A root re-created with the same name has the same subject: only the signature
+    # tells whether this root issued the leaf.
+    try:
+        leaf.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        return True
+    # After a crash between writing the key and the chain they may not belong together.
+    if leaf.public_key() != key.public_key():
         return True
     lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
     return _now() >= leaf.not_valid_before_utc + lifetime * 2 / 3

@@ -9,9 +9,13 @@ import grpc
 from cryptography import x509
 
 from tessera import __version__, doctor
-from tessera.errors import Unimplemented
+from tessera.errors import FailedPrecondition, TesseraError, Unavailable, Unimplemented
+from tessera.pki._renewal import CertificateStatus, CertState
 from tessera.runtime import Runtime
+from tessera.services._audit import AuditAdmin
 from tessera.services._convert import dict_to_struct, identity_to_pb, timestamp
+from tessera.services._peers_admin import PeerGrantAdmin
+from tessera.services._ratelimit import rate_limit_status
 from tessera_client.pb import admin_pb2, admin_pb2_grpc
 
 _LEVELS = {
@@ -27,6 +31,12 @@ async def run_checks(rt: Runtime) -> list[doctor.Check]:
     checks.append(await doctor.check_valkey(rt.extras["valkey_url"]))
     files = rt.extras["server_files"]
     checks.append(doctor.check_certificate("certificate", files.cert, files.key))
+    limiter = rt.extras.get("ratelimiter")
+    if limiter is not None:
+        checks.append(limiter.doctor_check())
+    status = rt.certificates.server_status() if rt.certificates is not None else None
+    if status is not None:
+        checks.append(doctor.check_renewal("certificate-renewal", status))
     return checks
 
 
@@ -37,26 +47,18 @@ def _later(feature: str) -> Any:
     return method
 
 
-class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+class AdminServicer(AuditAdmin, PeerGrantAdmin, admin_pb2_grpc.AdminServiceServicer):
     """Administers the node."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    InvitePeer = _later("peering (InvitePeer)")
-    EnrollPeer = _later("peering (EnrollPeer)")
-    ListPeers = _later("peer management (ListPeers)")
-    GetPeer = _later("peer management (GetPeer)")
-    SuspendPeer = _later("peer management (SuspendPeer)")
-    RevokePeer = _later("peer management (RevokePeer)")
-    CreateGrant = _later("grants (CreateGrant)")
-    ListGrants = _later("grants (ListGrants)")
-    GetGrant = _later("grants (GetGrant)")
-    RevokeGrant = _later("grants (RevokeGrant)")
-    ListAuditRecords = _later("the audit log (ListAuditRecords)")
-    VerifyAudit = _later("the audit log (VerifyAudit)")
-    RotateCertificate = _later("certificate rotation (RotateCertificate)")
     Reload = _later("Reload")
+
+    async def GetRateLimitStatus(
+        self, request: admin_pb2.GetRateLimitStatusRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RateLimitStatus:
+        return await rate_limit_status(self.rt, request.subject)
 
     async def GetNodeInfo(
         self, request: admin_pb2.GetNodeInfoRequest, context: grpc.aio.ServicerContext
@@ -81,17 +83,60 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetCertificateStatus(
         self, request: admin_pb2.GetCertificateStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CertificateStatus:
-        leaf = self.rt.credentials.material.leaf()
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        sans = [str(v.value) for v in san]
-        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
-        expired = leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC)
-        return admin_pb2.CertificateStatus(
-            serial=format(leaf.serial_number, "x"), sans=sans,
-            not_before=timestamp(leaf.not_valid_before_utc),
-            not_after=timestamp(leaf.not_valid_after_utc),
-            renew_time=timestamp(leaf.not_valid_before_utc + lifetime * 2 / 3),
-            state=admin_pb2.CertificateStatus.STATE_EXPIRED if expired
-            else admin_pb2.CertificateStatus.STATE_HEALTHY,
-            issuer=self.rt.issuer_kind,
-        )
+        certs = self.rt.certificates
+        status = certs.server_status() if certs is not None else None
+        if status is None:
+            return _static_status(self.rt)
+        return certificate_status_to_pb(status)
+
+    async def RotateCertificate(
+        self, request: admin_pb2.RotateCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CertificateStatus:
+        certs = self.rt.certificates
+        if certs is None or certs.server_status() is None:
+            raise FailedPrecondition(
+                "the node serves fixed certificate files (tls.cert_file); replace them and "
+                "restart, or configure ca.url", reason="NO_ISSUER")
+        try:
+            status = await certs.rotate()
+        except TesseraError as exc:
+            # Recorded as DEGRADED already; the caller gets the (secret-free) reason.
+            raise Unavailable(f"certificate rotation failed: {exc.message}",
+                              reason="ROTATION_FAILED") from None
+        assert status is not None
+        return certificate_status_to_pb(status)
+
+
+_STATES = {
+    CertState.HEALTHY: admin_pb2.CertificateStatus.STATE_HEALTHY,
+    CertState.DEGRADED: admin_pb2.CertificateStatus.STATE_DEGRADED,
+    CertState.EXPIRED: admin_pb2.CertificateStatus.STATE_EXPIRED,
+}
+
+
+def certificate_status_to_pb(status: CertificateStatus) -> admin_pb2.CertificateStatus:
+    """Domain status to protobuf."""
+    return admin_pb2.CertificateStatus(
+        serial=format(status.serial, "x"), sans=list(status.sans),
+        not_before=timestamp(status.not_before), not_after=timestamp(status.not_after),
+        renew_time=timestamp(status.renew_at), state=_STATES[status.state],
+        issuer=status.issuer, last_error=status.last_error,
+    )
+
+
+def _static_status(rt: Runtime) -> admin_pb2.CertificateStatus:
+    """Status of fixed certificate files that nothing renews."""
+    leaf = rt.credentials.material.leaf()
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    sans = [str(v.value) for v in san]
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    expired = leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC)
+    return admin_pb2.CertificateStatus(
+        serial=format(leaf.serial_number, "x"), sans=sans,
+        not_before=timestamp(leaf.not_valid_before_utc),
+        not_after=timestamp(leaf.not_valid_after_utc),
+        renew_time=timestamp(leaf.not_valid_before_utc + lifetime * 2 / 3),
+        state=admin_pb2.CertificateStatus.STATE_EXPIRED if expired
+        else admin_pb2.CertificateStatus.STATE_HEALTHY,
+        issuer=rt.issuer_kind,
+    )

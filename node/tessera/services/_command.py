@@ -9,6 +9,7 @@ import grpc
 
 from tessera.auth import current_caller
 from tessera.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unimplemented
+from tessera.grants import DELETE, PUT, peer_scope
 from tessera.pagination import PageTokenError, query_hash
 from tessera.runtime import Runtime
 from tessera.services._convert import operation_to_pb, resource_from_pb
@@ -55,10 +56,16 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
                   "1-128 printable ASCII characters without spaces")
         which = request.WhichOneof("command")
         caller = current_caller().uri
+        # Peers write only what their grant names: command type first, then the key's
+        # kind and workspace, then (in the store) the existing row's team and owner.
+        scope = peer_scope(current_caller(), self.rt.cfg.store.never_shared_set)
+        predicate = scope.predicate() if scope else None
         if which is None:
             c.fail("command", "one of put_resource, delete_resource or plugin is required")
             c.done()
         if which == "plugin":
+            if scope is not None:
+                scope.check_command(request.plugin.type)
             c.done()
             raise Unimplemented(
                 f"no handler is registered for plugin command type {request.plugin.type!r}"
@@ -69,6 +76,10 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
                 c.fail("put_resource.resource", "is required")
                 c.done()
             r = cmd.resource
+            if scope is not None:
+                scope.check_command(PUT)
+                scope.check_write(workspace=r.workspace, kind=r.kind, team=r.team,
+                                  owner=r.owner)
             check_key(c, "put_resource.resource", r.workspace, r.kind, r.id, self.rt.kinds)
             c.max_len("put_resource.resource.title", r.title, MAX_TITLE)
             c.max_len("put_resource.resource.body", r.body.encode(), MAX_BODY)
@@ -85,10 +96,13 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
             op = await self.rt.store.execute_put(
                 caller=caller, idempotency_key=request.idempotency_key,
                 resource=resource_from_pb(r), expected_version=expected,
-                create_only=cmd.create_only,
+                create_only=cmd.create_only, scope=predicate,
             )
             return operation_to_pb(op)
         cmd_d = request.delete_resource
+        if scope is not None:
+            scope.check_command(DELETE)
+            scope.check_read(workspace=cmd_d.key.workspace, kind=cmd_d.key.kind)
         if not cmd_d.HasField("key"):
             c.fail("delete_resource.key", "is required")
         else:
@@ -100,7 +114,7 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
         op = await self.rt.store.execute_delete(
             caller=caller, idempotency_key=request.idempotency_key,
             key=ResourceKey(k.workspace, k.kind, k.id), expected_version=expected,
-            allow_missing=cmd_d.allow_missing,
+            allow_missing=cmd_d.allow_missing, scope=predicate,
         )
         return operation_to_pb(op)
 

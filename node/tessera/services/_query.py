@@ -9,10 +9,18 @@ import grpc
 
 from tessera import __version__
 from tessera.auth import current_caller
-from tessera.errors import FieldViolation, InvalidArgument, PermissionDenied, Unimplemented
+from tessera.errors import FieldViolation, InvalidArgument, Unavailable
+from tessera.federation import Federation
+from tessera.grants import Scope, peer_scope
 from tessera.pagination import PageTokenError, query_hash
 from tessera.runtime import Runtime
-from tessera.services._convert import identity_to_pb, resource_to_pb, value_to_python
+from tessera.services._convert import (
+    dict_to_struct,
+    identity_to_pb,
+    resource_to_pb,
+    value_to_python,
+)
+from tessera.services._fanout import fan_get, fan_list, fan_search
 from tessera.services._search import search_resources
 from tessera.services._validate import ID_RE, WORKSPACE_RE, Checker
 from tessera.store import ListQuery, ResourceKey
@@ -23,16 +31,27 @@ _METRICS = {"cosine": query_pb2.METRIC_COSINE, "l2": query_pb2.METRIC_L2,
 
 
 def check_local_sources(c: Checker, field: str, sources: resources_pb2.Sources) -> None:
-    """Fan-out to peers is not built yet: say so rather than answer from local data."""
-    scope = sources.scope
-    if scope in (resources_pb2.Sources.SCOPE_UNSPECIFIED, resources_pb2.Sources.SCOPE_LOCAL):
-        if sources.peers:
-            c.fail(f"{field}.peers", "peers may only be named with scope SCOPE_PEERS")
-        return
-    c.done()
-    raise Unimplemented(
-        "federated fan-out (sources ALL or PEERS) is not implemented yet; use SCOPE_LOCAL"
-    )
+    """A local-only `sources` must not name peers (fan-out validates its own)."""
+    if is_local(sources) and sources.peers:
+        c.fail(f"{field}.peers", "peers may only be named with scope SCOPE_PEERS")
+
+
+def is_local(sources: resources_pb2.Sources) -> bool:
+    """True when a request reads this node's own data only."""
+    return sources.scope in (resources_pb2.Sources.SCOPE_UNSPECIFIED,
+                             resources_pb2.Sources.SCOPE_LOCAL)
+
+
+def check_peer_read(scope: Scope | None, sources: resources_pb2.Sources, *, workspace: str,
+                    kind: str) -> None:
+    """Grant checks on what a peer's read request names, before any other validation.
+
+    They run first so a peer learns nothing about kinds outside its grant (the validator
+    lists the node's kinds), and they depend only on the request, never on stored rows.
+    """
+    if scope is not None:
+        scope.check_sources(local=is_local(sources))
+        scope.check_read(workspace=workspace, kind=kind)
 
 
 def check_key(c: Checker, field: str, workspace: str, kind: str, id_: str,
@@ -49,9 +68,21 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
+    def _federation(self) -> Federation:
+        if self.rt.federation is None:  # pragma: no cover - start_node always sets it
+            raise Unavailable("federation is not configured on this node")
+        return self.rt.federation
+
+    def _scope(self) -> Scope | None:
+        """The caller's grant scope; None for local identities."""
+        return peer_scope(current_caller(), self.rt.cfg.store.never_shared_set)
+
     async def GetResource(
         self, request: query_pb2.GetResourceRequest, context: grpc.aio.ServicerContext
     ) -> query_pb2.GetResourceResponse:
+        scope = self._scope()
+        check_peer_read(scope, request.sources, workspace=request.key.workspace,
+                        kind=request.key.kind)
         c = Checker()
         if not request.HasField("key"):
             c.fail("key", "is required")
@@ -60,13 +91,20 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             check_key(c, "key", k.workspace, k.kind, k.id, self.rt.kinds)
         check_local_sources(c, "sources", request.sources)
         c.done()
+        if not is_local(request.sources):
+            return await fan_get(self._federation(), request,
+                                 lambda r: self.GetResource(r, context))
         k = request.key
-        resource = await self.rt.store.get(ResourceKey(k.workspace, k.kind, k.id))
+        # Rows outside the scope are not fetched: they answer NOT_FOUND like absent ones.
+        resource = await self.rt.store.get(ResourceKey(k.workspace, k.kind, k.id),
+                                           scope.predicate() if scope else None)
         return query_pb2.GetResourceResponse(resource=resource_to_pb(resource))
 
     async def ListResources(
         self, request: query_pb2.ListResourcesRequest, context: grpc.aio.ServicerContext
     ) -> query_pb2.ListResourcesResponse:
+        scope = self._scope()
+        check_peer_read(scope, request.sources, workspace=request.workspace, kind=request.kind)
         c = Checker()
         c.pattern("workspace", request.workspace, WORKSPACE_RE,
                   "1-128 characters of [A-Za-z0-9._-]", required=False)
@@ -85,7 +123,17 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             else:
                 attributes[f.key] = value_to_python(f.value)
         check_local_sources(c, "sources", request.sources)
+        if request.HasField("start_after"):
+            sa = request.start_after
+            check_key(c, "start_after", sa.workspace, sa.kind, sa.id, self.rt.kinds)
+            if request.page_token:
+                c.fail("start_after", "cannot be combined with page_token")
+            if request.order == query_pb2.LIST_ORDER_UPDATE_TIME_DESC:
+                c.fail("start_after", "needs order LIST_ORDER_KEY_ASC")
         c.done()
+        if not is_local(request.sources):
+            return await fan_list(self._federation(), self.rt.tokens, current_caller().uri,
+                                  request, page_size, lambda r: self.ListResources(r, context))
         order: Literal["key", "updated_desc"] = (
             "updated_desc" if request.order == query_pb2.LIST_ORDER_UPDATE_TIME_DESC else "key"
         )
@@ -100,7 +148,13 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         }
         qhash = query_hash(normalised)
         caller = current_caller().uri
-        after = None
+        if scope is not None:
+            page_size = scope.page_size(page_size)
+            caller = scope.page_token_subject(caller)
+        after: list[Any] | None = None
+        if request.HasField("start_after"):
+            sa = request.start_after
+            after = [sa.workspace, sa.kind, sa.id]
         if request.page_token:
             try:
                 after = self.rt.tokens.decode(request.page_token, query=qhash, caller=caller)
@@ -110,7 +164,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             workspace=request.workspace, kind=request.kind, team=request.team,
             owner=request.owner, attributes=attributes, updated_since=updated_since,
             order=order, limit=page_size + 1, after=after,
-        ))
+        ), scope.predicate() if scope else None)
         next_token = ""
         if len(rows) > page_size:
             rows = rows[:page_size]
@@ -127,18 +181,42 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     async def SearchResources(
         self, request: query_pb2.SearchResourcesRequest, context: grpc.aio.ServicerContext
     ) -> query_pb2.SearchResourcesResponse:
+        scope = self._scope()
+        check_peer_read(scope, request.sources, workspace=request.workspace, kind=request.kind)
         c = Checker()
         check_local_sources(c, "sources", request.sources)
         c.done()
-        if not current_caller().is_local:
-            raise PermissionDenied("search is not available to peers yet",
-                                   reason="SEARCH_NOT_GRANTED")
-        return await search_resources(self.rt, request)
+        if not is_local(request.sources):
+            return await fan_search(self._federation(), request,
+                                    lambda r: self.SearchResources(r, context))
+        if scope is None:
+            return await search_resources(self.rt, request)
+        # A peer's search runs inside its grant, in the same SQL, and within its row cap.
+        return await search_resources(self.rt, request, scope.predicate(),
+                                      max_k=scope.page_size(request.k or 1))
 
     async def Describe(
         self, request: query_pb2.DescribeRequest, context: grpc.aio.ServicerContext
     ) -> query_pb2.DescribeResponse:
         caller = current_caller()
+        scope = self._scope()
+        if scope is not None:
+            # Exactly what the grant lets this peer read, nothing about the rest.
+            return query_pb2.DescribeResponse(
+                node=identity_to_pb(self.rt.identity), caller=identity_to_pb(caller.identity),
+                version=__version__,
+                embedding_dimension=self.rt.cfg.store.embedding_dimension,
+                metric=_METRICS[self.rt.cfg.store.metric],
+                embedding_model=self.rt.cfg.store.embedding_model,
+                kinds=sorted(scope.kinds & self.rt.kinds),
+                workspaces=sorted(scope.workspaces or ()), all_kinds=False,
+                all_workspaces=scope.workspaces is None,
+                info=dict_to_struct({
+                    "grant": scope.grant, "teams": sorted(scope.teams),
+                    "row_cap": scope.row_cap, "command_types": sorted(scope.command_types),
+                    "personal_data_withheld": scope.withholds_personal,
+                }),
+            )
         return query_pb2.DescribeResponse(
             node=identity_to_pb(self.rt.identity),
             caller=identity_to_pb(caller.identity),

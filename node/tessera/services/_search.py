@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import UTC
 from typing import Any, cast
@@ -54,10 +55,13 @@ def validate_search(rt: Runtime, request: query_pb2.SearchResourcesRequest) -> S
 
 
 async def search_resources(
-    rt: Runtime, request: query_pb2.SearchResourcesRequest, scope: Predicate | None = None
+    rt: Runtime, request: query_pb2.SearchResourcesRequest, scope: Predicate | None = None,
+    *, max_k: int = MAX_K,
 ) -> query_pb2.SearchResourcesResponse:
-    """Run a validated search inside `scope` (None: all local data)."""
+    """Run a validated search inside `scope` (None: all local data), at most `max_k` hits."""
     q = validate_search(rt, request)
+    if q.k > max_k:
+        q = dataclasses.replace(q, k=max_k)
     hits = await search(rt.pool, q, metric=cast(Metric, rt.cfg.store.metric), scope=scope)
     return query_pb2.SearchResourcesResponse(hits=[
         query_pb2.SearchHit(resource=resource_to_pb(r), score=score) for r, score in hits

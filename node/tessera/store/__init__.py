@@ -1,6 +1,7 @@
 """PostgreSQL + pgvector storage: pool, migrations, resources, events, operations."""
 
 from tessera.store._db import migrate, migrations, open_pool, redact_dsn, schema_version
+from tessera.store._predicate import NOTHING, Predicate
 from tessera.store._resources import (
     EVENTS_CHANNEL,
     ListQuery,
@@ -17,9 +18,11 @@ from tessera.store._resources import (
 
 __all__ = [
     "EVENTS_CHANNEL",
+    "NOTHING",
     "ListQuery",
     "Operation",
     "Pool",
+    "Predicate",
     "Resource",
     "ResourceKey",
     "ResourceStore",

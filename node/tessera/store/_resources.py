@@ -15,7 +15,8 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from tessera.errors import FailedPrecondition, NotFound
+from tessera.errors import FailedPrecondition, NotFound, PermissionDenied
+from tessera.store._predicate import Predicate
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
 # Transaction-level lock taken by every event append: sequence order = commit order.
@@ -130,6 +131,29 @@ _COLUMNS = sql.SQL(
 )
 
 
+def _scoped(
+    where: sql.Composable, params: Sequence[Any], scope: Predicate | None
+) -> tuple[sql.Composable, tuple[Any, ...]]:
+    """`where AND scope`, with the parameters in order."""
+    if scope is None:
+        return where, tuple(params)
+    return where + sql.SQL(" AND ") + scope.condition, (*params, *scope.params)
+
+
+def _existing_row_inside(scope: Predicate | None) -> sql.Composable:
+    """The scope, evaluated on the existing row of an ON CONFLICT DO UPDATE.
+
+    There both `resources` and `EXCLUDED` are visible, so the scope's unqualified column
+    names are bound to the existing row through a one-row derived table.
+    """
+    if scope is None:
+        return sql.SQL("TRUE")
+    return sql.SQL(
+        "(SELECT {} FROM (VALUES (resources.workspace, resources.kind, resources.team,"
+        " resources.owner)) AS existing(workspace, kind, team, owner))"
+    ).format(scope.condition)
+
+
 def _row_to_resource(row: dict[str, Any]) -> Resource:
     emb = row["embedding"]
     return Resource(
@@ -159,23 +183,27 @@ class ResourceStore:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
 
-    async def get(self, key: ResourceKey) -> Resource:
-        """One resource; NotFound if absent."""
+    async def get(self, key: ResourceKey, scope: Predicate | None = None) -> Resource:
+        """One resource; NotFound if absent or outside `scope` (indistinguishably)."""
+        where, params = _scoped(
+            sql.SQL("workspace = %s AND kind = %s AND id = %s"),
+            (key.workspace, key.kind, key.id), scope)
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                sql.SQL("SELECT {} FROM resources WHERE workspace = %s AND kind = %s AND id = %s")
-                .format(_COLUMNS),
-                (key.workspace, key.kind, key.id),
+                sql.SQL("SELECT {} FROM resources WHERE {}").format(_COLUMNS, where), params
             )
             row = await cur.fetchone()
         if row is None:
             raise NotFound(f"resource {key.workspace}/{key.kind}/{key.id} does not exist")
         return _row_to_resource(row)
 
-    async def list(self, q: ListQuery) -> list[Resource]:
-        """Up to q.limit resources after q.after, in the query's order."""
+    async def list(self, q: ListQuery, scope: Predicate | None = None) -> list[Resource]:
+        """Up to q.limit resources after q.after, in the query's order, inside `scope`."""
         where: list[sql.Composable] = []
         params: list[Any] = []
+        if scope is not None:
+            where.append(scope.condition)
+            params.extend(scope.params)
         for column, value in (("workspace", q.workspace), ("kind", q.kind), ("team", q.team),
                               ("owner", q.owner)):
             if value:
@@ -236,13 +264,17 @@ class ResourceStore:
         resource: Resource,
         expected_version: int | None,
         create_only: bool,
+        scope: Predicate | None = None,
     ) -> Operation:
-        """Create or replace a resource, once per idempotency key."""
+        """Create or replace a resource, once per idempotency key.
+
+        With `scope`, an existing row is replaced only if it is inside the scope too.
+        """
         payload = {"put": resource.as_json(), "embedding": resource.embedding,
                    "expected": expected_version, "create_only": create_only}
         return await self._execute(
             caller, idempotency_key, "resource.put", request_hash(payload),
-            lambda conn: self._put(conn, resource, expected_version, create_only),
+            lambda conn: self._put(conn, resource, expected_version, create_only, scope),
         )
 
     async def execute_delete(
@@ -253,13 +285,14 @@ class ResourceStore:
         key: ResourceKey,
         expected_version: int | None,
         allow_missing: bool,
+        scope: Predicate | None = None,
     ) -> Operation:
-        """Delete a resource, once per idempotency key."""
+        """Delete a resource, once per idempotency key; rows outside `scope` look absent."""
         payload = {"delete": [key.workspace, key.kind, key.id], "expected": expected_version,
                    "allow_missing": allow_missing}
         return await self._execute(
             caller, idempotency_key, "resource.delete", request_hash(payload),
-            lambda conn: self._delete(conn, key, expected_version, allow_missing),
+            lambda conn: self._delete(conn, key, expected_version, allow_missing, scope),
         )
 
     async def _execute(
@@ -300,7 +333,7 @@ class ResourceStore:
 
     async def _put(
         self, conn: psycopg.AsyncConnection[Any], r: Resource, expected: int | None,
-        create_only: bool,
+        create_only: bool, scope: Predicate | None = None,
     ) -> tuple[Resource, bool, str]:
         values = (r.workspace, r.kind, r.id, r.title, r.body, json.dumps(r.attributes),
                   vector_literal(r.embedding) if r.embedding else None, r.owner, r.team)
@@ -324,9 +357,10 @@ class ResourceStore:
                     "UPDATE resources SET title = %s, body = %s, attributes = %s::jsonb,"
                     " embedding = %s::vector, owner = %s, team = %s, version = version + 1,"
                     " updated_at = now() WHERE workspace = %s AND kind = %s AND id = %s"
-                    " AND version = %s RETURNING {}"
-                ).format(_COLUMNS),
-                (*values[3:], r.workspace, r.kind, r.id, expected),
+                    " AND version = %s AND {} RETURNING {}"
+                ).format(scope.condition if scope else sql.SQL("TRUE"), _COLUMNS),
+                (*values[3:], r.workspace, r.kind, r.id, expected,
+                 *(scope.params if scope else ())),
             )
             row = await cur.fetchone()
             if row is None:
@@ -342,31 +376,42 @@ class ResourceStore:
                     " body = EXCLUDED.body, attributes = EXCLUDED.attributes,"
                     " embedding = EXCLUDED.embedding, owner = EXCLUDED.owner,"
                     " team = EXCLUDED.team, version = resources.version + 1, updated_at = now()"
-                    " RETURNING {}"
-                ).format(_COLUMNS),
-                values,
+                    " WHERE {} RETURNING {}"
+                ).format(_existing_row_inside(scope), _COLUMNS),
+                (*values, *(scope.params if scope else ())),
             )
             row = await cur.fetchone()
+            if row is None:
+                # Only a scoped write skips the update: the row exists outside the scope.
+                # The key is in a granted kind and workspace, so this tells the caller no
+                # more than that the key is taken.
+                raise PermissionDenied(
+                    f"resource {r.workspace}/{r.kind}/{r.id} exists outside the grant's scope",
+                    reason="RESOURCE_OUT_OF_SCOPE",
+                )
         assert row is not None
         return _row_to_resource(row), False, f"{r.kind}.put"
 
     async def _delete(
         self, conn: psycopg.AsyncConnection[Any], key: ResourceKey, expected: int | None,
-        allow_missing: bool,
+        allow_missing: bool, scope: Predicate | None = None,
     ) -> tuple[Resource | None, bool, str | None]:
+        where, params = _scoped(
+            sql.SQL("workspace = %s AND kind = %s AND id = %s"),
+            (key.workspace, key.kind, key.id), scope)
         cur = await conn.execute(
             sql.SQL(
-                "DELETE FROM resources WHERE workspace = %s AND kind = %s AND id = %s"
-                " AND (%s::bigint IS NULL OR version = %s::bigint) RETURNING {}"
-            ).format(_COLUMNS),
-            (key.workspace, key.kind, key.id, expected, expected),
+                "DELETE FROM resources WHERE {} AND (%s::bigint IS NULL OR version = %s::bigint)"
+                " RETURNING {}"
+            ).format(where, _COLUMNS),
+            (*params, expected, expected),
         )
         row = await cur.fetchone()
         if row is not None:
             return _row_to_resource(row), False, f"{key.kind}.delete"
+        # Rows outside the scope answer exactly as missing ones do.
         cur = await conn.execute(
-            "SELECT version FROM resources WHERE workspace = %s AND kind = %s AND id = %s",
-            (key.workspace, key.kind, key.id),
+            sql.SQL("SELECT version FROM resources WHERE {}").format(where), params
         )
         if await cur.fetchone() is not None:
             raise FailedPrecondition(

@@ -1205,3 +1205,109 @@ class ReloadResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReloadResponse: _TypeAlias = ReloadResponse  # noqa: Y015
+
+@_typing.final
+class GetRateLimitStatusRequest(_message.Message):
+    """Request of GetRateLimitStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    """Grant name ("grants/<uuid>") for a peer, or the identity URI of a local caller."""
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRateLimitStatusRequest: _TypeAlias = GetRateLimitStatusRequest  # noqa: Y015
+
+@_typing.final
+class MethodClassRateLimit(_message.Message):
+    """The limit of one method class for a subject, and how often it was hit recently."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_CLASS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    RECENT_REJECTIONS_FIELD_NUMBER: _builtins.int
+    LAST_REJECTION_TIME_FIELD_NUMBER: _builtins.int
+    method_class: _builtins.str
+    """Method class: "read", "search", "command", "event" or "admin"."""
+    source: _builtins.str
+    """Where the limit comes from: "grant", "default_local" or "default_peer"."""
+    recent_rejections: _builtins.int
+    """Calls refused within the recent window."""
+    @_builtins.property
+    def limit(self) -> Global___RateLimit:
+        """Effective limit; rate_per_s 0 means unlimited."""
+
+    @_builtins.property
+    def last_rejection_time(self) -> _timestamp_pb2.Timestamp:
+        """When a call was last refused, if within the recent window."""
+
+    def __init__(
+        self,
+        *,
+        method_class: _builtins.str = ...,
+        limit: Global___RateLimit | None = ...,
+        source: _builtins.str = ...,
+        recent_rejections: _builtins.int = ...,
+        last_rejection_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_rejection_time", b"last_rejection_time", "limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_rejection_time", b"last_rejection_time", "limit", b"limit", "method_class", b"method_class", "recent_rejections", b"recent_rejections", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MethodClassRateLimit: _TypeAlias = MethodClassRateLimit  # noqa: Y015
+
+@_typing.final
+class RateLimitStatus(_message.Message):
+    """Rate limits of one grant or local identity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    RECENT_WINDOW_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    """The subject asked about."""
+    enabled: _builtins.bool
+    """False when rate limiting is disabled on this node."""
+    backend: _builtins.str
+    """What decides now: "valkey" (shared by replicas), "local" (this replica) or "closed"."""
+    @_builtins.property
+    def recent_window(self) -> _duration_pb2.Duration:
+        """How far back rejections count as recent (minute granularity)."""
+
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___MethodClassRateLimit]:
+        """One entry per method class."""
+
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+        enabled: _builtins.bool = ...,
+        backend: _builtins.str = ...,
+        recent_window: _duration_pb2.Duration | None = ...,
+        limits: _abc.Iterable[Global___MethodClassRateLimit] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recent_window", b"recent_window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "enabled", b"enabled", "limits", b"limits", "recent_window", b"recent_window", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimitStatus: _TypeAlias = RateLimitStatus  # noqa: Y015

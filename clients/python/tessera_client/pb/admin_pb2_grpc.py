@@ -121,6 +121,11 @@ class AdminServiceStub:
                 request_serializer=tessera_dot_v1_dot_admin__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_admin__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.GetRateLimitStatus = channel.unary_unary(
+                '/tessera.v1.AdminService/GetRateLimitStatus',
+                request_serializer=tessera_dot_v1_dot_admin__pb2.GetRateLimitStatusRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_admin__pb2.RateLimitStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -247,6 +252,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRateLimitStatus(self, request, context):
+        """Shows the effective rate limits of a grant or local identity and its recent rejections.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -334,6 +346,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=tessera_dot_v1_dot_admin__pb2.ReloadRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_admin__pb2.ReloadResponse.SerializeToString,
+            ),
+            'GetRateLimitStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRateLimitStatus,
+                    request_deserializer=tessera_dot_v1_dot_admin__pb2.GetRateLimitStatusRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_admin__pb2.RateLimitStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -796,6 +813,33 @@ class AdminService:
             '/tessera.v1.AdminService/Reload',
             tessera_dot_v1_dot_admin__pb2.ReloadRequest.SerializeToString,
             tessera_dot_v1_dot_admin__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRateLimitStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.AdminService/GetRateLimitStatus',
+            tessera_dot_v1_dot_admin__pb2.GetRateLimitStatusRequest.SerializeToString,
+            tessera_dot_v1_dot_admin__pb2.RateLimitStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,8 @@ class AdminServiceStub:
     """Runs the node's health checks."""
     Reload: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReloadRequest, _admin_pb2.ReloadResponse]
     """Reloads configuration that can change without a restart (grants cache, CRL, limits)."""
+    GetRateLimitStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetRateLimitStatusRequest, _admin_pb2.RateLimitStatus]
+    """Shows the effective rate limits of a grant or local identity and its recent rejections."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -112,6 +114,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Runs the node's health checks."""
     Reload: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReloadRequest, _admin_pb2.ReloadResponse]  # type: ignore[assignment]
     """Reloads configuration that can change without a restart (grants cache, CRL, limits)."""
+    GetRateLimitStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetRateLimitStatusRequest, _admin_pb2.RateLimitStatus]  # type: ignore[assignment]
+    """Shows the effective rate limits of a grant or local identity and its recent rejections."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Peers, grants, audit, certificates and the node itself."""
@@ -253,5 +257,13 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ReloadResponse, _abc.Awaitable[_admin_pb2.ReloadResponse]]:
         """Reloads configuration that can change without a restart (grants cache, CRL, limits)."""
+
+    @_abc_1.abstractmethod
+    def GetRateLimitStatus(
+        self,
+        request: _admin_pb2.GetRateLimitStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RateLimitStatus, _abc.Awaitable[_admin_pb2.RateLimitStatus]]:
+        """Shows the effective rate limits of a grant or local identity and its recent rejections."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -179,6 +179,7 @@ class ListResourcesRequest(_message.Message):
     SOURCES_FIELD_NUMBER: _builtins.int
     TEAM_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    START_AFTER_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     """Only this workspace; empty for every workspace the caller may see."""
     kind: _builtins.str
@@ -205,6 +206,13 @@ class ListResourcesRequest(_message.Message):
     def sources(self) -> _resources_pb2.Sources:
         """Where to read from; default local."""
 
+    @_builtins.property
+    def start_after(self) -> _resources_pb2.ResourceKey:
+        """Only rows whose key sorts after this one, with order LIST_ORDER_KEY_ASC. Used by a node
+        paging through a fanned-out list (it cannot mint its peers' page tokens); cannot be
+        combined with page_token.
+        """
+
     def __init__(
         self,
         *,
@@ -218,10 +226,11 @@ class ListResourcesRequest(_message.Message):
         sources: _resources_pb2.Sources | None = ...,
         team: _builtins.str = ...,
         owner: _builtins.str = ...,
+        start_after: _resources_pb2.ResourceKey | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sources", b"sources", "updated_since", b"updated_since"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sources", b"sources", "start_after", b"start_after", "updated_since", b"updated_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_filters", b"attribute_filters", "kind", b"kind", "order", b"order", "owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "sources", b"sources", "team", b"team", "updated_since", b"updated_since", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_filters", b"attribute_filters", "kind", b"kind", "order", b"order", "owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "sources", b"sources", "start_after", b"start_after", "team", b"team", "updated_since", b"updated_since", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

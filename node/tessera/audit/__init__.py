@@ -1,0 +1,50 @@
+"""The audit log: one hash-chained row per call, durable before the call is answered.
+
+`AuditWriter` is the call path's `Auditor`; `_chain` holds the pure record encoding and
+chain checks; `_store` the tables; `_prune` export and retention.
+"""
+
+from tessera.audit._chain import (
+    GENESIS,
+    AuditEntry,
+    AuditRow,
+    ChainVerifier,
+    Outcome,
+    Verdict,
+    canonical,
+    chain_hash,
+    extend,
+    kind_of,
+    outcome_of,
+    payload,
+    query_hash,
+    verify,
+)
+from tessera.audit._prune import PruneResult, parse_age, prune
+from tessera.audit._store import AuditFilter, list_rows, verify_log
+from tessera.audit._writer import AuditWriter, entry_of
+
+__all__ = [
+    "GENESIS",
+    "AuditEntry",
+    "AuditFilter",
+    "AuditRow",
+    "AuditWriter",
+    "ChainVerifier",
+    "Outcome",
+    "PruneResult",
+    "Verdict",
+    "canonical",
+    "chain_hash",
+    "entry_of",
+    "extend",
+    "kind_of",
+    "list_rows",
+    "outcome_of",
+    "parse_age",
+    "payload",
+    "prune",
+    "query_hash",
+    "verify",
+    "verify_log",
+]

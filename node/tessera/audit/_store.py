@@ -1,0 +1,91 @@
+"""The audit tables in PostgreSQL: append a batch, list, verify."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from tessera.audit._chain import AuditRow, ChainVerifier, Verdict, entry_from_row
+from tessera.store import Pool
+
+#: Rows fetched per round trip while verifying.
+_VERIFY_FETCH = 2000
+
+
+async def append(conn: psycopg.AsyncConnection[Any], payloads: Sequence[bytes]) -> int:
+    """Chain and insert one batch of payloads; returns the last sequence once committed.
+
+    The pool's connections are in autocommit mode, so the one statement is its own
+    transaction and has committed (synchronously, see migration 0003) when it returns.
+    """
+    # Binary parameters: the payloads travel as raw bytes, not hex text.
+    cur = await conn.execute("SELECT tessera_audit_append(%b::bytea[]) AS last",
+                             (list(payloads),), binary=True)
+    row = await cur.fetchone()
+    if not conn.autocommit:
+        await conn.commit()
+    return int(row["last"]) if row else 0
+
+
+def row_of(record: dict[str, Any]) -> AuditRow:
+    """An AuditRow from an audit_log row."""
+    return AuditRow(int(record["sequence"]), entry_from_row(record), bytes(record["hash"]))
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """What ListAuditRecords selects."""
+
+    peer: str = ""
+    grant: str = ""
+    outcome: str = ""
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+
+
+async def list_rows(pool: Pool, f: AuditFilter, *, after: int, limit: int) -> list[AuditRow]:
+    """Rows matching `f` with sequence > `after`, oldest first."""
+    where: list[sql.Composable] = [sql.SQL("sequence > %s")]
+    params: list[Any] = [after]
+    for column, value in (("peer", f.peer), ("grant_name", f.grant), ("outcome", f.outcome)):
+        if value:
+            where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+            params.append(value)
+    if f.start is not None:
+        where.append(sql.SQL("time >= %s"))
+        params.append(f.start)
+    if f.end is not None:
+        where.append(sql.SQL("time < %s"))
+        params.append(f.end)
+    query = sql.SQL("SELECT * FROM audit_log WHERE {} ORDER BY sequence LIMIT %s").format(
+        sql.SQL(" AND ").join(where))
+    params.append(limit)
+    async with pool.connection() as conn:
+        cur = await conn.execute(query, params)
+        return [row_of(r) for r in await cur.fetchall()]
+
+
+async def verify_log(pool: Pool) -> Verdict:
+    """Check the whole chain from the prune anchor to the head, in one snapshot."""
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        cur = await conn.execute("SELECT sequence, hash FROM audit_anchor WHERE id = 1")
+        anchor = await cur.fetchone()
+        cur = await conn.execute("SELECT sequence, hash FROM audit_head WHERE id = 1")
+        head = await cur.fetchone()
+        if anchor is None or head is None:
+            return Verdict(False, 0, 0, "the audit chain's anchor or head row is missing")
+        v = ChainVerifier(int(anchor["sequence"]), bytes(anchor["hash"]))
+        async with conn.cursor(name="tessera_audit_verify") as rows:
+            rows.itersize = _VERIFY_FETCH
+            await rows.execute("SELECT * FROM audit_log WHERE sequence > %s ORDER BY sequence",
+                               (int(anchor["sequence"]),))
+            async for record in rows:
+                if not v.feed(row_of(record)):
+                    break
+        return v.finish(int(head["sequence"]), bytes(head["hash"]))

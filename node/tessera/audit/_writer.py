@@ -1,0 +1,169 @@
+"""The group-committing audit writer: no call is answered before its row is durable."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+
+import psycopg
+import psycopg_pool
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from tessera.audit._chain import AuditEntry, kind_of, outcome_of, payload, query_hash
+from tessera.audit._store import append
+from tessera.auth import CallOutcome
+from tessera.errors import Unavailable
+from tessera.store import Pool
+
+log = logging.getLogger(__name__)
+
+#: Most rows committed in one transaction.
+MAX_BATCH = 512
+#: Seconds a batch waits for a pooled connection before its calls fail UNAVAILABLE.
+CONNECTION_TIMEOUT_S = 5.0
+
+
+def entry_of(outcome: CallOutcome, now: dt.datetime | None = None) -> AuditEntry:
+    """The audit fields of one finished call."""
+    caller = outcome.caller
+    grant = getattr(caller, "grant", None)
+    grant_name = grant if isinstance(grant, str) else str(getattr(grant, "name", "") or "")
+    return AuditEntry(
+        time=(now or dt.datetime.now(dt.UTC)),
+        identity=caller.uri if caller is not None else "",
+        peer=caller.peer if caller is not None else "",
+        grant=grant_name,
+        service=outcome.service,
+        method=outcome.method,
+        kind=_clean(kind_of(outcome.request)),
+        query_hash=query_hash(outcome.request),
+        outcome=outcome_of(outcome.code).value,
+        status_code=outcome.code.name,
+        bytes_out=int(outcome.response_bytes),
+        latency_us=round(outcome.latency_s * 1_000_000),
+        trace_id=_clean(outcome.trace_id),
+        reason=outcome.reason,
+    )
+
+
+def _clean(text: str, limit: int = 128) -> str:
+    """Caller-chosen text made storable: PostgreSQL refuses NUL, and a row stays small."""
+    if len(text) > limit:
+        text = text[:limit]
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+class _Metrics:
+    """The writer's metrics, in the node's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lag = Histogram(
+            "tessera_audit_lag_seconds",
+            "Time from a call's end until its audit row has committed.",
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
+        self.batch = Histogram(
+            "tessera_audit_batch_rows", "Audit rows committed per transaction.",
+            registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
+        self.failures = Counter(
+            "tessera_audit_write_failures_total",
+            "Audit batches that could not be written (their calls answered UNAVAILABLE).",
+            registry=registry,
+        )
+
+
+class AuditWriter:
+    """An `Auditor`: `record()` queues the row and returns after its batch has committed.
+
+    One task drains the queue, one transaction per batch. A batch is whatever queued while
+    the previous one was committing (plus `batch_delay_s` when calls are finishing
+    concurrently), so a lone call pays one commit and a busy node shares each commit among
+    many calls.
+    """
+
+    def __init__(self, pool: Pool, *, registry: CollectorRegistry | None = None,
+                 max_batch: int = MAX_BATCH, batch_delay_s: float = 0.0) -> None:
+        self._pool = pool
+        self._max_batch = max_batch
+        self._batch_delay_s = batch_delay_s
+        self._last_batch = 0
+        self._queue: list[tuple[bytes, float, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._metrics = _Metrics(registry) if registry is not None else None
+
+    def start(self) -> None:
+        """Start the writer task."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="tessera-audit-writer")
+
+    async def record(self, outcome: CallOutcome) -> None:
+        """Queue the call's row; return once it is durable, else raise Unavailable."""
+        if self._closing or self._task is None or self._task.done():
+            raise Unavailable("the audit log is not accepting records (the node is stopping); "
+                              "retry on another replica")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((payload(entry_of(outcome)), time.perf_counter(), fut))
+        self._wake.set()
+        # If the call is cancelled while it waits, its row stays queued and is written all
+        # the same; only the (cancelled) future is skipped.
+        await fut
+
+    async def close(self) -> None:
+        """Write what is queued, then stop; later records fail UNAVAILABLE."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                if self._batch_delay_s and self._last_batch > 1 and \
+                        len(self._queue) < self._max_batch:
+                    # Calls are finishing concurrently: let more join this commit. A lone
+                    # call (the last batch held one row) never waits.
+                    await asyncio.sleep(self._batch_delay_s)
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._commit(batch)
+            if self._closing:
+                return
+
+    async def _commit(self, batch: list[tuple[bytes, float, asyncio.Future[None]]]) -> None:
+        error: BaseException | None = None
+        try:
+            async with self._pool.connection(timeout=CONNECTION_TIMEOUT_S) as conn:
+                await append(conn, [p for p, _, _ in batch])
+        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+            log.error("audit batch of %d rows not written: %s", len(batch), type(exc).__name__)
+            error = exc
+        except Exception as exc:  # never let the writer task die with calls waiting
+            log.exception("audit batch of %d rows not written", len(batch))
+            error = exc
+        done = time.perf_counter()
+        m = self._metrics
+        if error is not None:
+            if m is not None:
+                m.failures.inc()
+            failure = Unavailable("the audit log could not be written, so the call was not "
+                                  "answered; retry")
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(failure)
+            return
+        self._last_batch = len(batch)
+        if m is not None:
+            m.batch.observe(len(batch))
+        for _, queued, fut in batch:
+            if m is not None:
+                m.lag.observe(done - queued)
+            if not fut.done():
+                fut.set_result(None)

@@ -1,0 +1,197 @@
+"""Calling peers for a fanned-out query: deadlines, circuit breakers, the offline cache.
+
+Each peer gets its own deadline and breaker. Answers of `get` and `list` are cached in
+Valkey on this (calling) node, keyed by the peer, the identity and certificate this node
+holds on it (which stand for the grant it was given), the verb, the kind and a hash of
+the request. The cache is a fallback, never a shortcut: a reachable peer is always
+asked, so a grant revoked on the peer takes effect on the very next call and is never
+answered from cache. A peer that refuses (grant revoked, peer revoked) has its cache
+flushed at once; so does a peer whose client certificate was rotated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from tessera.errors import TesseraError
+from tessera.federation._breaker import CircuitBreaker
+from tessera.peering._join import OutboundPeer, load_outbound, peers_dir
+from tessera_client import AsyncClient
+from tessera_client.pb import resources_pb2
+
+log = logging.getLogger(__name__)
+State = resources_pb2.SourceStatus
+_CACHE_PREFIX = "tessera:fcache:"
+_OFFLINE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_DENIED_CODES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                 grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def _cert_stamp(peer: OutboundPeer) -> tuple[int, int]:
+    """Changes when the client certificate the peer gave us is rotated."""
+    st = peer.cert.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+@dataclass
+class SourceAnswer:
+    """One source's answer to a fanned-out call."""
+
+    source: str
+    state: int
+    message: str = ""
+    response: Any = None
+
+    @property
+    def cached(self) -> bool:
+        """True when the rows came from the cache."""
+        return self.state == State.STATE_CACHED
+
+
+def load_peers(data_dir: Path) -> dict[str, OutboundPeer]:
+    """Every peer recorded by `tessera peers join` under data_dir/peers/."""
+    peers: dict[str, OutboundPeer] = {}
+    for record in sorted(peers_dir(data_dir).glob("*/peer.json")):
+        try:
+            peer = load_outbound(data_dir, record.parent.name)
+        except (OSError, ValueError, KeyError, TesseraError) as exc:
+            log.warning("ignoring unreadable peer record %s: %s", record, type(exc).__name__)
+            continue
+        peers[peer.name] = peer
+    return peers
+
+
+class Federation:
+    """Fans calls out to peers."""
+
+    def __init__(self, data_dir: Path, valkey: Any, *, timeout_s: float = 2.0,
+                 cache_ttl_s: int = 30, breaker_failures: int = 3,
+                 breaker_cooldown_s: float = 10.0) -> None:
+        self.data_dir = data_dir
+        self.valkey = valkey
+        self.timeout_s = timeout_s
+        self.cache_ttl_s = cache_ttl_s
+        self.breaker_failures = breaker_failures
+        self.breaker_cooldown_s = breaker_cooldown_s
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self._clients: dict[str, tuple[tuple[int, int], AsyncClient]] = {}
+
+    def peers(self) -> dict[str, OutboundPeer]:
+        """The peers this node can call (re-read each time: joins happen while running)."""
+        return load_peers(self.data_dir)
+
+    async def _client(self, peer: OutboundPeer) -> AsyncClient:
+        stamp = _cert_stamp(peer)
+        held = self._clients.get(peer.name)
+        if held is not None and held[0] == stamp:
+            return held[1]
+        if held is not None:
+            # grpcio channels cannot reload certificates: a rotation means a new channel,
+            # and whatever was cached under the old certificate goes too.
+            await held[1].close()
+            await self.flush(peer.name)
+        client = AsyncClient(peer.address, peer.credentials())
+        self._clients[peer.name] = (stamp, client)
+        return client
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for _, client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+    def _cache_key(self, peer: OutboundPeer, verb: str, kind: str, request: Message) -> str:
+        digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+        grant = hashlib.sha256(f"{peer.as_identity}|{_cert_stamp(peer)}".encode()).hexdigest()
+        return f"{_CACHE_PREFIX}{peer.name}:{grant[:16]}:{verb}:{kind or '*'}:{digest}"
+
+    async def flush(self, peer: str) -> None:
+        """Drop every cached answer of one peer."""
+        try:
+            async for key in self.valkey.scan_iter(match=f"{_CACHE_PREFIX}{peer}:*", count=500):
+                await self.valkey.unlink(key)
+        except Exception as exc:  # Valkey down: entries expire by TTL anyway
+            log.warning("could not flush the cache of peer %s: %s", peer, type(exc).__name__)
+
+    async def _cache_get(self, key: str, response_type: type[Message]) -> Message | None:
+        try:
+            raw = await self.valkey.get(key)
+        except Exception:
+            return None
+        return response_type.FromString(raw) if raw else None
+
+    async def _cache_put(self, key: str, response: Message) -> None:
+        try:
+            await self.valkey.set(key, response.SerializeToString(), ex=self.cache_ttl_s)
+        except Exception as exc:
+            log.debug("cache write failed: %s", type(exc).__name__)
+
+    async def call(self, names: Sequence[str], method: str, request: Message,
+                   response_type: type[Message], *, verb: str, kind: str,
+                   cacheable: bool) -> list[SourceAnswer]:
+        """Call `QueryService.<method>` on each named peer in parallel."""
+        known = self.peers()
+        answers = await asyncio.gather(*(
+            self._one(known[n], method, request, response_type, verb=verb, kind=kind,
+                      cacheable=cacheable) if n in known
+            else _unknown(n)
+            for n in names
+        ))
+        return list(answers)
+
+    async def _one(self, peer: OutboundPeer, method: str, request: Message,
+                   response_type: type[Message], *, verb: str, kind: str,
+                   cacheable: bool) -> SourceAnswer:
+        breaker = self.breakers.setdefault(
+            peer.name, CircuitBreaker(self.breaker_failures, self.breaker_cooldown_s))
+        key = self._cache_key(peer, verb, kind, request) if cacheable else ""
+        if not breaker.allow(time.monotonic()):
+            return await self._offline(peer.name, key, response_type,
+                                       "peer offline: circuit open, failing fast")
+        try:
+            client = await self._client(peer)
+            response = await getattr(client.query, method)(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code in _OFFLINE_CODES:
+                breaker.failure(time.monotonic())
+                return await self._offline(peer.name, key, response_type,
+                                           f"peer offline: {code.name}")
+            breaker.success()  # it answered: the transport is fine
+            if code in _DENIED_CODES:
+                await self.flush(peer.name)
+                return SourceAnswer(peer.name, State.STATE_DENIED,
+                                    f"{code.name}: {exc.details()}")
+            if code == grpc.StatusCode.NOT_FOUND:
+                return SourceAnswer(peer.name, State.STATE_OK, "not found", None)
+            return SourceAnswer(peer.name, State.STATE_DENIED, f"{code.name}: {exc.details()}")
+        except OSError as exc:  # unreadable credentials
+            return SourceAnswer(peer.name, State.STATE_OFFLINE,
+                                f"peer credentials unusable: {type(exc).__name__}")
+        breaker.success()
+        if cacheable:
+            await self._cache_put(key, response)
+        return SourceAnswer(peer.name, State.STATE_OK, "", response)
+
+    async def _offline(self, name: str, key: str, response_type: type[Message],
+                       why: str) -> SourceAnswer:
+        if key:
+            cached = await self._cache_get(key, response_type)
+            if cached is not None:
+                return SourceAnswer(name, State.STATE_CACHED, f"{why}; served from cache",
+                                    cached)
+        return SourceAnswer(name, State.STATE_OFFLINE, why)
+
+
+async def _unknown(name: str) -> SourceAnswer:
+    return SourceAnswer(name, State.STATE_OFFLINE, f"no peer named {name!r} has been joined")

@@ -1,0 +1,307 @@
+"""Background renewal of the node's certificates, with either issuer.
+
+Each `ManagedCertificate` renews its files at about `renew_fraction` of the lifetime
+(a little earlier, by a random jitter, so replicas do not renew in lockstep). A failed
+renewal is retried with capped exponential backoff; meanwhile the state is DEGRADED,
+a metric counts the failure, a warning is logged and `doctor` shows it. A certificate
+that expired is re-enrolled with the provisioner when the issuer can sign. Expiry is
+never silent: the state becomes EXPIRED and every attempt logs an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import enum
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tessera.errors import TesseraError
+from tessera.observability import Metrics
+from tessera.pki._devca import CredentialFiles
+from tessera.pki._enrol import split_sans
+from tessera.pki._files import write_atomic, write_atomic_pair
+from tessera.pki._identity import SpiffeId
+from tessera.pki._issuer import IssuedCertificate, Issuer
+from tessera.pki._stepca import make_csr, redact
+from tessera.pki._tls import TlsMaterial
+
+log = logging.getLogger(__name__)
+
+_RANDOM = secrets.SystemRandom()
+#: Largest share of the lifetime by which a renewal is brought forward at random.
+JITTER_FRACTION = 0.05
+
+
+class CertState(enum.StrEnum):
+    """Renewal state of one certificate."""
+
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class CertificateStatus:
+    """What `certs status`, doctor and GetCertificateStatus show about one certificate."""
+
+    name: str
+    identity: str
+    serial: int
+    sans: tuple[str, ...]
+    not_before: dt.datetime
+    not_after: dt.datetime
+    renew_at: dt.datetime
+    state: CertState
+    issuer: str
+    last_error: str
+    renewals: int
+    failures: int
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (serial in hex, times in ISO 8601)."""
+        out = asdict(self)
+        out["serial"] = format(self.serial, "x")
+        out["sans"] = list(self.sans)
+        for k in ("not_before", "not_after", "renew_at"):
+            out[k] = getattr(self, k).isoformat()
+        out["state"] = self.state.value
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CertificateStatus:
+        """Inverse of `to_json`."""
+        return cls(
+            name=str(data["name"]), identity=str(data["identity"]),
+            serial=int(str(data["serial"]), 16), sans=tuple(data["sans"]),
+            not_before=dt.datetime.fromisoformat(data["not_before"]),
+            not_after=dt.datetime.fromisoformat(data["not_after"]),
+            renew_at=dt.datetime.fromisoformat(data["renew_at"]),
+            state=CertState(data["state"]), issuer=str(data["issuer"]),
+            last_error=str(data["last_error"]), renewals=int(data["renewals"]),
+            failures=int(data["failures"]),
+        )
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line, secret-free description of a renewal failure."""
+    if isinstance(exc, TesseraError):
+        return f"{type(exc).__name__}: {redact(exc.message)}"
+    return f"{type(exc).__name__}: {redact(str(exc))}"
+
+
+def sans_of(leaf: x509.Certificate) -> tuple[str, ...]:
+    """All SANs of a certificate as strings."""
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(str(v.value) for v in san)
+
+
+def check_issued(leaf: x509.Certificate, key_pem: bytes, sans: tuple[str, ...]) -> None:
+    """Raise ValueError unless `leaf` is for the key in `key_pem` and carries `sans`."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if leaf.public_key() != key.public_key():
+        raise ValueError("the issued certificate is not for our key; keeping the current one")
+    if sorted(sans_of(leaf)) != sorted(sans):
+        raise ValueError(f"the issued certificate names SANs {sorted(sans_of(leaf))}, "
+                         f"not {sorted(sans)}; keeping the current one")
+
+
+def status_file(files: CredentialFiles) -> Path:
+    """Where a managed certificate's renewal state is written (next to the certificate)."""
+    return files.cert.with_suffix(".renewal.json")
+
+
+def read_status(files: CredentialFiles) -> CertificateStatus | None:
+    """The renewal state a running node last wrote for these files, if any."""
+    try:
+        return CertificateStatus.from_json(json.loads(status_file(files).read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class ManagedCertificate:
+    """One certificate kept fresh in its files; `on_renewed` gets the new material."""
+
+    def __init__(
+        self,
+        name: str,
+        files: CredentialFiles,
+        issuer: Issuer,
+        *,
+        renew_fraction: float = 2 / 3,
+        metrics: Metrics | None = None,
+        on_renewed: Callable[[TlsMaterial], None] | None = None,
+        can_reenrol: bool = False,
+    ) -> None:
+        self.name = name
+        self.files = files
+        self.issuer = issuer
+        self.renew_fraction = renew_fraction
+        self.metrics = metrics
+        self.on_renewed = on_renewed
+        self.can_reenrol = can_reenrol
+        self.last_error = ""
+        self.renewals = 0
+        self.failures = 0
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._leaf = self._read_leaf()
+        self._renew_at = self._schedule(self._leaf)
+        self._set_state(self._initial_state())
+
+    # ------------------------------------------------------------------ state
+
+    def _read_leaf(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificates(self.files.cert.read_bytes())[0]
+
+    def _schedule(self, leaf: x509.Certificate) -> dt.datetime:
+        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+        jitter = lifetime * _RANDOM.uniform(0, JITTER_FRACTION)
+        return leaf.not_valid_before_utc + lifetime * self.renew_fraction - jitter
+
+    def _initial_state(self) -> CertState:
+        if self._leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC):
+            return CertState.EXPIRED
+        return CertState.HEALTHY
+
+    def _set_state(self, state: CertState) -> None:
+        self.state = state
+        if self.metrics is not None:
+            for s in CertState:
+                self.metrics.cert_state.labels(self.name, s.value).set(1 if s is state else 0)
+        self._persist()
+
+    def status(self) -> CertificateStatus:
+        """The current status."""
+        leaf = self._leaf
+        state = self.state
+        if leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC):
+            state = CertState.EXPIRED
+        uris = [s for s in sans_of(leaf) if s.startswith("spiffe://")]
+        return CertificateStatus(
+            name=self.name, identity=uris[0] if uris else "", serial=leaf.serial_number,
+            sans=sans_of(leaf), not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc, renew_at=self._renew_at, state=state,
+            issuer=self.issuer.kind, last_error=self.last_error, renewals=self.renewals,
+            failures=self.failures,
+        )
+
+    def _persist(self) -> None:
+        try:
+            write_atomic(status_file(self.files),
+                         json.dumps(self.status().to_json(), indent=2).encode())
+        except OSError as exc:
+            log.warning("could not write %s (%s)", status_file(self.files), type(exc).__name__)
+
+    # --------------------------------------------------------------- renewal
+
+    async def renew_now(self) -> CertificateStatus:
+        """Renew (or, if expired, re-enrol) once; raise on failure after recording it."""
+        async with self._lock:
+            try:
+                await self._renew()
+            except Exception as exc:
+                self._failed(exc)
+                raise
+            self._wake.set()
+            return self.status()
+
+    async def _renew(self) -> None:
+        chain_pem = self.files.cert.read_bytes()
+        key_pem = self.files.key.read_bytes()
+        leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+        expired = leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC)
+        reenrol = expired and self.can_reenrol
+        if reenrol:
+            # An expired certificate cannot prove itself over mTLS: enrol anew.
+            key_pem, issued = await self._reenrol(leaf)
+            how = "re-enrolled"
+        else:
+            issued = await self.issuer.renew(chain_pem, key_pem)
+            how = "renewed"
+        new_leaf = x509.load_pem_x509_certificates(issued.chain_pem)[0]
+        # Nothing is written unless the new certificate fits: a pair that does not match
+        # (or names other SANs) would break the next handshake or change our identity.
+        check_issued(new_leaf, key_pem, sans_of(leaf))
+        if reenrol:
+            write_atomic_pair(self.files.cert, issued.chain_pem, self.files.key, key_pem)
+        else:
+            write_atomic(self.files.cert, issued.chain_pem)
+        write_atomic(self.files.ca, self.issuer.roots_pem())
+        self._leaf = new_leaf
+        self._renew_at = self._schedule(new_leaf)
+        self.renewals += 1
+        self.failures = 0
+        self.last_error = ""
+        if self.metrics is not None:
+            self.metrics.cert_renewals.labels(self.name, "ok").inc()
+        if self.on_renewed is not None:
+            self.on_renewed(TlsMaterial(issued.chain_pem, key_pem, self.issuer.roots_pem()))
+        log.info("certificate %s %s: serial %x, valid until %s, next renewal at %s",
+                 self.name, how, new_leaf.serial_number,
+                 new_leaf.not_valid_after_utc.isoformat(), self._renew_at.isoformat())
+        self._set_state(CertState.HEALTHY)
+
+    async def _reenrol(self, leaf: x509.Certificate) -> tuple[bytes, IssuedCertificate]:
+        sans = sans_of(leaf)
+        uris = [s for s in sans if s.startswith("spiffe://")]
+        ident = SpiffeId.parse(uris[0])
+        dns, ips = split_sans(s for s in sans if s != ident.uri)
+        request = make_csr(ident.trust_domain, ident.kind.value, ident.name,
+                           dns_names=dns, ip_addresses=ips)
+        return request.key_pem, await self.issuer.sign(request.csr_pem)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        self.last_error = describe_error(exc)
+        if self.metrics is not None:
+            self.metrics.cert_renewals.labels(self.name, "failed").inc()
+        left = self._leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)
+        if left <= dt.timedelta(0):
+            log.error("certificate %s EXPIRED %s ago and could not be renewed (%s)",
+                      self.name, -left, self.last_error)
+            self._set_state(CertState.EXPIRED)
+        else:
+            log.warning("certificate %s renewal failed (%s); it expires in %s",
+                        self.name, self.last_error, left)
+            self._set_state(CertState.DEGRADED)
+
+    def _backoff_s(self) -> float:
+        lifetime = self._leaf.not_valid_after_utc - self._leaf.not_valid_before_utc
+        # Short-lived certificates need quick retries; long-lived ones need no storm.
+        cap = max(1.0, min(300.0, lifetime.total_seconds() / 20))
+        base: float = min(cap, 0.5 * 2 ** min(self.failures, 20))
+        return base * _RANDOM.uniform(0.8, 1.0)
+
+    async def run(self) -> None:
+        """Renew on schedule until cancelled."""
+        while True:
+            if self.failures:
+                delay = self._backoff_s()
+            else:
+                delay = (self._renew_at - dt.datetime.now(dt.UTC)).total_seconds()
+            if delay > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                    continue  # renewed on demand (RotateCertificate): reschedule
+                except TimeoutError:
+                    pass
+            try:
+                await self.renew_now()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: S110 - recorded, logged and counted in _failed
+                pass
+            self._wake.clear()

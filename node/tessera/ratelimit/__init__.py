@@ -1,0 +1,41 @@
+"""Rate limiting: GCRA per grant (or local identity) and method class, decided in Valkey.
+
+`RateLimiter` is the call path's `Limiter`; `gcra` is the pure arithmetic it and the Lua
+script share.
+"""
+
+from tessera.ratelimit._gcra import Decision, Limit, gcra
+from tessera.ratelimit._limiter import (
+    DEFAULT_LOCAL,
+    DEFAULT_PEER,
+    ClassStatus,
+    LimitStatus,
+    LocalGcra,
+    RateLimiter,
+)
+from tessera.ratelimit._policy import (
+    METHOD_CLASSES,
+    effective_limit,
+    grant_limit,
+    method_class,
+    parse_limits,
+    subject_of,
+)
+
+__all__ = [
+    "DEFAULT_LOCAL",
+    "DEFAULT_PEER",
+    "METHOD_CLASSES",
+    "ClassStatus",
+    "Decision",
+    "Limit",
+    "LimitStatus",
+    "LocalGcra",
+    "RateLimiter",
+    "effective_limit",
+    "gcra",
+    "grant_limit",
+    "method_class",
+    "parse_limits",
+    "subject_of",
+]

@@ -1,0 +1,414 @@
+"""Rate limiting against real Valkey and real node processes: exact, shared, resilient."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as redis
+from google.rpc import error_details_pb2, status_pb2
+
+from tessera.ratelimit import Limit, gcra
+from tessera.ratelimit import _script as script
+from tessera_client import AsyncClient
+from tessera_client.pb import admin_pb2, query_pb2
+from tests.fixtures.nodes import NodeFactory, NodeProcess
+from tests.fixtures.peers import Peering
+from tests.fixtures.valkey import ValkeyProcess, free_port
+
+RATE, BURST, WINDOW_S, CLIENTS = 50, 10, 4.5, 8
+
+
+def unique_name(prefix: str) -> str:
+    """A node name no other test uses, so limits in the shared Valkey never collide."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def limited_env(limits: str, **extra: str) -> dict[str, str]:
+    return {"TESSERA_RATELIMIT_LOCAL_LIMITS": limits, **extra}
+
+
+def local_uri(node: NodeProcess) -> str:
+    return "spiffe://tessera.local/client/local"
+
+
+def details(err: grpc.aio.AioRpcError) -> tuple[float, list[str]]:
+    """RetryInfo delay (s) and QuotaFailure subjects of a RESOURCE_EXHAUSTED answer."""
+    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert raw is not None, "no google.rpc.Status details"
+    status = status_pb2.Status.FromString(raw)
+    delay, subjects = -1.0, []
+    for d in status.details:
+        if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            d.Unpack(info)
+            delay = info.retry_delay.ToTimedelta().total_seconds()
+        elif d.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            qf = error_details_pb2.QuotaFailure()
+            d.Unpack(qf)
+            subjects += [v.subject for v in qf.violations]
+    return delay, subjects
+
+
+@dataclass
+class Tally:
+    admitted: int = 0
+    refused: int = 0
+    #: Send and answer times of every admitted call.
+    admitted_at: list[tuple[float, float]] = field(default_factory=list)
+
+
+async def warm_up(nodes: list[NodeProcess]) -> None:
+    """Exercise each node's call path (pools, first-call costs) as another subject."""
+    for node in nodes:
+        async with node.client("admin") as admin:
+            await asyncio.gather(*(admin.query.Describe(query_pb2.DescribeRequest())
+                                   for _ in range(CLIENTS // len(nodes))))
+
+
+async def hammer(nodes: list[NodeProcess], seconds: float) -> Tally:
+    """CLIENTS concurrent clients call Describe back to back; count what they get."""
+    await warm_up(nodes)
+    clients = [nodes[i % len(nodes)].client() for i in range(CLIENTS)]
+    # Handshakes happen before the clock starts, so the window holds only decisions.
+    for c in clients:
+        await asyncio.wait_for(c.channel.channel_ready(), 10)
+    tally = Tally()
+    others: list[str] = []
+    deadline = time.monotonic() + seconds
+
+    async def one(c: AsyncClient) -> None:
+        while time.monotonic() < deadline:
+            sent = time.monotonic()
+            try:
+                await c.query.Describe(query_pb2.DescribeRequest(), timeout=10)
+            except grpc.aio.AioRpcError as err:
+                if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    tally.refused += 1
+                else:
+                    others.append(f"{err.code().name}: {err.details()}")
+                continue
+            tally.admitted += 1
+            tally.admitted_at.append((sent, time.monotonic()))
+
+    try:
+        await asyncio.gather(*(one(c) for c in clients))
+    finally:
+        for c in clients:
+            await c.close()
+    assert not others, others[:5]
+    return tally
+
+
+def assert_exact(t: Tally) -> None:
+    """Admitted calls are burst + rate × the window they were admitted in, within 2%.
+
+    Each decision happened between a call's send and its answer; the middle of that span
+    estimates it, and the first and last admitted decisions bound the window.
+    """
+    assert t.refused > 0, "the clients never hit the limit; the test proves nothing"
+    middles = sorted((s + a) / 2 for s, a in t.admitted_at)
+    elapsed = middles[-1] - middles[0]
+    expected = BURST + RATE * elapsed
+    assert abs(t.admitted - expected) <= 0.02 * expected, (
+        f"admitted {t.admitted}, expected {expected:.1f} over {elapsed:.3f} s "
+        f"({t.refused} refused)")
+
+
+# -- the script itself -------------------------------------------------------------------
+
+
+async def test_lua_script_and_python_gcra_agree_on_a_sequence_of_timestamps(
+        valkey_url: str) -> None:
+    vk = redis.Redis.from_url(valkey_url)
+    try:
+        rng = random.Random(6)
+        for rate, burst in ((50, 10), (3, 1), (1000, 1), (7.5, 4)):
+            limit = Limit(rate, burst)
+            tat_key, rej = script.keys_for("test:rl:agree", uuid.uuid4().hex, "read")
+            tat: int | None = None
+            now = 1_700_000_000_000_000
+            for _ in range(400):
+                now += rng.choice((0, 0, 1, 999, limit.interval_us // 3, limit.interval_us,
+                                   limit.interval_us * 2, 5_000_000))
+                py = gcra(tat, now, limit.interval_us, limit.tolerance_us)
+                lua = await script.run(vk, tat_key, rej, "read", limit.interval_us,
+                                       limit.tolerance_us, 120, now_us=now)
+                assert (lua.allowed, lua.retry_after_us, lua.now_us) == (
+                    py.allowed, py.retry_after_us, now), (rate, burst, now)
+                if py.allowed:
+                    tat = py.tat_us
+    finally:
+        await vk.aclose()
+
+
+async def test_script_reloads_itself_after_the_server_forgets_it(valkey_url: str) -> None:
+    vk = redis.Redis.from_url(valkey_url)
+    try:
+        await vk.script_flush()
+        tat_key, rej = script.keys_for("test:rl:reload", uuid.uuid4().hex, "read")
+        r = await script.run(vk, tat_key, rej, "read", 1_000_000, 1_000_000, 120)
+        sec, usec = await vk.time()
+        assert r.allowed and abs(r.now_us - (sec * 1_000_000 + usec)) < 5_000_000
+        assert (await vk.script_exists(script.SHA1)) == [True]
+    finally:
+        await vk.aclose()
+
+
+async def test_batched_decisions_are_exact_and_survive_a_forgotten_script(
+        valkey_url: str) -> None:
+    vk = redis.Redis.from_url(valkey_url)
+    batcher = script.Batcher(vk, stall_s=0.05)
+    try:
+        limit = Limit(1, 10)
+        args = (*script.keys_for("test:rl:batch", uuid.uuid4().hex, "read"), "read",
+                limit.interval_us, limit.tolerance_us, 120)
+        await vk.script_flush()
+        results = await asyncio.gather(*(batcher.decide(args) for _ in range(50)))
+        assert sum(r.allowed for r in results) == 10
+        refused = [r.retry_after_us for r in results if not r.allowed]
+        assert len(refused) == 40 and all(0 < us <= 1_000_000 for us in refused)
+    finally:
+        await batcher.close()
+        await vk.aclose()
+
+
+# -- exactness across concurrent clients and replicas -----------------------------------
+
+
+async def test_eight_clients_on_one_replica_get_burst_plus_rate_within_two_percent(
+        node_factory: NodeFactory) -> None:
+    node = node_factory(name=unique_name("rl-one"),
+                        env=limited_env(f"read={RATE}/{BURST}"))
+    assert_exact(await hammer([node], WINDOW_S))
+
+
+async def test_two_replicas_on_one_database_enforce_one_shared_limit(
+        node_factory: NodeFactory, pg_dsn: str) -> None:
+    name = unique_name("rl-two")
+    env = limited_env(f"read={RATE}/{BURST}", TESSERA_STORE_DSN=pg_dsn)
+    a = node_factory(name=name, env=env)
+    b = node_factory(name=name, env=env)
+    assert a.address != b.address
+    assert_exact(await hammer([a, b], WINDOW_S))
+
+
+# -- what a refused caller sees ----------------------------------------------------------
+
+
+async def test_refusal_carries_retry_info_and_waiting_that_long_lets_the_call_through(
+        node_factory: NodeFactory) -> None:
+    node = node_factory(name=unique_name("rl-retry"), env=limited_env("read=4/1"))
+    async with node.client() as c:
+        await c.query.Describe(query_pb2.DescribeRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.query.Describe(query_pb2.DescribeRequest())
+        err = exc.value
+        assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        delay, subjects = details(err)
+        assert 0 < delay <= 0.25
+        assert subjects == [f"read:{local_uri(node)}"]
+        header = dict(err.trailing_metadata() or ()).get("retry-after")
+        assert header is not None and abs(float(header) - delay) < 0.002
+        await asyncio.sleep(delay)
+        await c.query.Describe(query_pb2.DescribeRequest())
+
+
+async def test_admin_view_shows_effective_limits_and_recent_rejections(
+        node_factory: NodeFactory) -> None:
+    node = node_factory(name=unique_name("rl-view"),
+                        env=limited_env("read=2/2, search=1/1"))
+    refused = 0
+    async with node.client() as c:
+        for _ in range(6):
+            try:
+                await c.query.Describe(query_pb2.DescribeRequest())
+            except grpc.aio.AioRpcError as err:
+                assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                refused += 1
+    assert refused >= 2
+    async with node.client("admin") as admin:
+        st = await admin.admin.GetRateLimitStatus(
+            admin_pb2.GetRateLimitStatusRequest(subject=local_uri(node)))
+        # The admin's own calls are not limited, and never counted against the client.
+        for _ in range(20):
+            await admin.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest())
+        await admin.admin.InvitePeer(admin_pb2.InvitePeerRequest(name="partner"))
+        created = await admin.admin.CreateGrant(admin_pb2.CreateGrantRequest(
+            grant=admin_pb2.Grant(peer="partner", kinds=["task"], workspaces=["*"],
+                                  rate_limit=admin_pb2.RateLimit(rate_per_s=7, burst=3))))
+        grant = await admin.admin.GetRateLimitStatus(
+            admin_pb2.GetRateLimitStatusRequest(subject=created.name))
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await admin.admin.GetRateLimitStatus(admin_pb2.GetRateLimitStatusRequest(
+                subject="grants/00000000-0000-4000-8000-000000000000"))
+        assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
+    by_class = {lim.method_class: lim for lim in st.limits}
+    assert st.enabled and st.backend == "valkey"
+    assert (by_class["read"].limit.rate_per_s, by_class["read"].limit.burst) == (2, 2)
+    assert by_class["read"].source == "default_local"
+    assert by_class["read"].recent_rejections == refused
+    assert by_class["read"].HasField("last_rejection_time")
+    assert (by_class["search"].limit.rate_per_s, by_class["search"].recent_rejections) == (1, 0)
+    assert by_class["admin"].limit.rate_per_s == 0  # unlimited
+    by_class = {lim.method_class: lim for lim in grant.limits}
+    assert (by_class["search"].source, by_class["search"].limit.rate_per_s,
+            by_class["search"].limit.burst) == ("grant", 7, 3)
+    assert by_class["event"].source == "grant"
+
+    res = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tessera.cli", "ratelimit", "show", local_uri(node),
+         "--data-dir", str(node.data_dir), "--json"],
+        capture_output=True, text=True, env=node.env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    shown = json.loads(res.stdout)
+    read = next(x for x in shown["limits"] if x["methodClass"] == "read")
+    assert int(read["recentRejections"]) == refused and read["limit"]["ratePerS"] == 2
+
+
+# -- Valkey failure ----------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The node's /metrics as {sample line without value: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def backends(port: int) -> dict[str, float]:
+    """tessera_ratelimit_backend by backend label."""
+    metrics = await asyncio.to_thread(scrape, port)
+    return {b: metrics[f'tessera_ratelimit_backend{{backend="{b}"}}'] for b in ("valkey", "local")}
+
+
+async def ratelimit_check(node: NodeProcess) -> admin_pb2.DoctorCheck:
+    async with node.client("admin") as admin:
+        resp: admin_pb2.DoctorResponse = await admin.admin.Doctor(admin_pb2.DoctorRequest())
+    return next(c for c in resp.checks if c.name == "ratelimit")
+
+
+async def test_valkey_dying_mid_run_fails_no_call_and_the_node_returns_to_it(
+        node_factory: NodeFactory, valkey_server: ValkeyProcess | str, valkey_url: str) -> None:
+    if not isinstance(valkey_server, ValkeyProcess):
+        pytest.fail("this test kills Valkey: run it with the fixture's own server, "
+                    "not TESSERA_TEST_VALKEY_URL")
+    mport = free_port()
+    node = node_factory(name=unique_name("rl-fail"), env=limited_env(
+        "read=400/400", TESSERA_METRICS_LISTEN_ADDRESS=f"127.0.0.1:{mport}",
+        TESSERA_RATELIMIT_PROBE_MAX_INTERVAL_S="0.5"))
+    assert await backends(mport) == {"valkey": 1, "local": 0}
+    failures: list[str] = []
+    calls = 0
+    stop = asyncio.Event()
+
+    async def steady(c: object) -> None:
+        # Well under the limit: every call must succeed, whatever happens to Valkey.
+        nonlocal calls
+        assert hasattr(c, "query")
+        while not stop.is_set():
+            try:
+                await c.query.Describe(query_pb2.DescribeRequest(), timeout=5)
+                calls += 1
+            except grpc.aio.AioRpcError as err:
+                failures.append(f"{err.code().name}: {err.details()}")
+            await asyncio.sleep(0.05)
+
+    clients = [node.client() for _ in range(4)]
+    tasks = [asyncio.create_task(steady(c)) for c in clients]
+    try:
+        await asyncio.sleep(0.5)
+        valkey_server.kill()
+        await asyncio.sleep(1.5)
+        during = calls
+        assert await backends(mport) == {"valkey": 0, "local": 1}
+        check = await ratelimit_check(node)
+        assert check.status == admin_pb2.DoctorCheck.STATUS_YELLOW and "local" in check.message
+        res = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "tessera.cli", "doctor", "--json", "--data-dir",
+            str(node.data_dir)], capture_output=True, text=True, env=node.env, timeout=60)
+        cli = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+        assert cli["ratelimit"]["status"] == "yellow", res.stdout
+        assert cli["valkey"]["status"] == "red"
+    finally:
+        valkey_server.start()
+    try:
+        deadline = time.monotonic() + 20
+        while (await backends(mport))["valkey"] != 1:
+            assert time.monotonic() < deadline, "the node did not return to Valkey"
+            await asyncio.sleep(0.1)
+        assert (await ratelimit_check(node)).status == admin_pb2.DoctorCheck.STATUS_GREEN
+        await asyncio.sleep(0.5)  # calls decided in Valkey again
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        for c in clients:
+            await c.close()
+    assert not failures, failures[:5]
+    assert calls > during > 0
+    vk = redis.Redis.from_url(valkey_url)
+    try:
+        # The restarted server counts its commands from zero: decisions reached it again.
+        stats = await vk.info("commandstats")
+    finally:
+        await vk.aclose()
+    assert stats.get("cmdstat_evalsha", {}).get("calls", 0) > 0, stats
+    log = node.log()
+    assert log.count("using the local limiter") == 1, log
+    assert log.count("Valkey answers again after") == 1, log
+
+
+# -- peers: limited per grant ------------------------------------------------------------
+
+
+async def test_peers_are_limited_by_their_own_grant_rate(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    node = node_factory(name=unique_name("rl-peer"))
+    peering = Peering(tmp_path)
+    try:
+        slow = await peering.link(node, "slow", kinds=["task"], workspaces=["*"],
+                                  rate_limit=admin_pb2.RateLimit(rate_per_s=0.5, burst=2))
+        other = await peering.link(node, "other", kinds=["task"], workspaces=["*"],
+                                   rate_limit=admin_pb2.RateLimit(rate_per_s=0.5, burst=3))
+        codes = []
+        for _ in range(4):
+            try:
+                await slow.query.Describe(query_pb2.DescribeRequest())
+                codes.append("OK")
+            except grpc.aio.AioRpcError as err:
+                codes.append(err.code().name)
+                last = err
+        assert codes == ["OK", "OK", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"]
+        delay, subjects = details(last)
+        assert 1.0 < delay <= 2.0  # one call per 2 s
+        # Another grant's budget is its own.
+        for _ in range(3):
+            await other.query.Describe(query_pb2.DescribeRequest())
+    finally:
+        for c in peering.clients:
+            await c.close()
+    async with node.client("admin") as admin:
+        grants = await admin.admin.ListGrants(admin_pb2.ListGrantsRequest(peer="slow"))
+        name = grants.grants[0].name
+        st = await admin.admin.GetRateLimitStatus(
+            admin_pb2.GetRateLimitStatusRequest(subject=name))
+    assert subjects == [f"read:{name}"]
+    read = next(lim for lim in st.limits if lim.method_class == "read")
+    assert (read.source, read.limit.rate_per_s, read.limit.burst) == ("grant", 0.5, 2)
+    assert read.recent_rejections == 2
