@@ -561,3 +561,21 @@ async def test_a_peer_certificate_can_only_be_used_as_a_client(
     eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     assert len(leaf.subject) == 0, "no CN a TLS client could match as a host name"
+
+
+async def test_every_enrolment_attempt_is_audited_including_refusals(
+    node_factory: NodeFactory, peering: Peering
+) -> None:
+    import psycopg
+
+    b = node_factory(name="b")
+    token = await peering.invite(b, "twice")
+    await peering.join_dir(token)
+    with pytest.raises(grpc.aio.AioRpcError, match=r"already used"):
+        await peering.join_dir(token)
+    with psycopg.connect(b.env["TESSERA_STORE_DSN"]) as conn:
+        rows = conn.execute(
+            "SELECT outcome, status_code, reason FROM audit_log WHERE method = 'EnrollPeer'"
+            " ORDER BY sequence").fetchall()
+    assert rows == [("ALLOWED", "OK", ""),
+                    ("DENIED_BY_POLICY", "PERMISSION_DENIED", "TOKEN_USED")]

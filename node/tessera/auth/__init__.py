@@ -197,6 +197,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         admission: Admission | None = None,
         limiter: Limiter | None = None,
         auditor: Auditor | None = None,
+        identified: bool = True,
     ) -> None:
         self.trust_domain = trust_domain
         self.denied_serials = denied_serials
@@ -204,6 +205,9 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.admission: Admission = admission or KindAdmission()
         self.limiter = limiter
         self.auditor = auditor
+        #: False only on the enrolment listener, where callers have no certificate yet
+        #: (the token is the credential): calls are still audited and mapped here.
+        self.identified = identified
 
     async def intercept_service(
         self,
@@ -242,7 +246,9 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler
 
     async def _enter(self, context: grpc.aio.ServicerContext, access: Access, service: str,
-                     method: str) -> Caller:
+                     method: str) -> Caller | None:
+        if not self.identified:
+            return None
         peer = authenticate(context.auth_context(), self.trust_domain, self.denied_serials)
         caller = Caller(peer.identity, peer.serial, peer.fingerprint_sha256,
                         uuid.uuid4().hex[:16], service, method)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 
 import grpc
 
+from tessera.auth import Auditor, CallPath
 from tessera.errors import ConfigError, FieldViolation, InvalidArgument, TesseraError
 from tessera.peering._service import Enrolled, Peering
 from tessera.pki import ReloadableServerCredentials, TlsMaterial
-from tessera.status import grpc_status, internal_status
 from tessera_client.pb import admin_pb2, admin_pb2_grpc, resources_pb2
 
 log = logging.getLogger(__name__)
@@ -58,16 +57,12 @@ class _EnrollOnly(admin_pb2_grpc.AdminServiceServicer):
     async def EnrollPeer(
         self, request: admin_pb2.EnrollPeerRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.EnrollPeerResponse:
+        # The call path around this listener maps errors and audits every attempt.
         try:
             return await enroll_pb(self.peering, request, self.node)
         except TesseraError as exc:
             log.info("enrolment refused: %s (%s)", exc.reason, context.peer())
-            await context.abort_with_status(grpc_status(exc))
-        except Exception:
-            request_id = uuid.uuid4().hex[:16]
-            log.exception("enrolment failed (request id %s)", request_id)
-            await context.abort_with_status(internal_status(request_id))
-        raise AssertionError("unreachable: the call was aborted")
+            raise
 
 
 def _server_only_credentials(creds: ReloadableServerCredentials) -> grpc.ServerCredentials:
@@ -92,10 +87,11 @@ def _server_only_credentials(creds: ReloadableServerCredentials) -> grpc.ServerC
 
 async def start_enroll_listener(
     address: str, peering: Peering, node: resources_pb2.Identity,
-    creds: ReloadableServerCredentials,
+    creds: ReloadableServerCredentials, *, auditor: Auditor | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Bind and start the enrolment listener; returns the server and its port."""
     server = grpc.aio.server(
+        interceptors=[CallPath(node.trust_domain, auditor=auditor, identified=False)],
         options=[("grpc.so_reuseport", 0),
                  ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
     )

@@ -80,7 +80,8 @@ async def start_enrolment(rt: Runtime) -> grpc.aio.Server:
     node = resources_pb2.Identity(
         uri=rt.identity.uri, trust_domain=rt.identity.trust_domain,
         kind=resources_pb2.Identity.KIND_NODE, name=rt.identity.name)
-    server, port = await start_enroll_listener(address, peering_of(rt), node, rt.credentials)
+    server, port = await start_enroll_listener(address, peering_of(rt), node, rt.credentials,
+                                               auditor=rt.extras.get("auditor"))
     rt.extras["enroll_address"] = dialable(f"{address.rpartition(':')[0]}:{port}")
     rt.extras["enroll_server"] = server
     return server
