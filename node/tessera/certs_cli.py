@@ -16,13 +16,13 @@ import grpc
 from cryptography import x509
 
 from tessera import config
-from tessera.errors import ConfigError, FailedPrecondition, TesseraError
+from tessera.errors import ConfigError, FailedPrecondition, TesseraError, Unavailable
 from tessera.pki._devca import DevCA
 from tessera.pki._issuer import Issuer
 from tessera.pki._node import NodeFiles, ensure_enrolled, make_stepca_issuer
 from tessera.pki._renewal import ManagedCertificate, read_status, sans_of
 from tessera.pki._stepca_issuer import StepCAIssuer
-from tessera.runtime import NodePaths
+from tessera.runtime import NodePaths, local_node
 from tessera_client.pb import admin_pb2, admin_pb2_grpc
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
@@ -169,16 +169,13 @@ def _describe_file(name: str, cert: Path) -> dict[str, Any]:
 
 async def _live_status(cfg: config.Config) -> dict[str, Any] | None:
     """GetCertificateStatus from the running node, with the local admin certificate."""
-    paths = NodePaths(cfg.node.data_dir)
     try:
-        state = json.loads(paths.state_file.read_text())
-        creds = grpc.ssl_channel_credentials(
-            paths.admin.ca.read_bytes(), paths.admin.key.read_bytes(),
-            paths.admin.cert.read_bytes())
-    except (OSError, ValueError):
+        address, creds = local_node(cfg.node.data_dir)
+    except Unavailable:
         return None
     async with grpc.aio.secure_channel(
-        state["address"], creds, options=[("grpc.ssl_target_name_override", "localhost")]
+        address, creds.channel_credentials(),
+        options=[("grpc.ssl_target_name_override", "localhost")],
     ) as channel:
         try:
             st = await admin_pb2_grpc.AdminServiceStub(channel).GetCertificateStatus(
@@ -243,14 +240,12 @@ def cmd_certs_renew(args: argparse.Namespace, cfg: config.Config) -> int:
 
     async def via_node() -> str | None:
         try:
-            state = json.loads(paths.state_file.read_text())
-            creds = grpc.ssl_channel_credentials(
-                paths.admin.ca.read_bytes(), paths.admin.key.read_bytes(),
-                paths.admin.cert.read_bytes())
-        except (OSError, ValueError):
+            address, creds = local_node(paths.data_dir)
+        except Unavailable:
             return None
         async with grpc.aio.secure_channel(
-            state["address"], creds, options=[("grpc.ssl_target_name_override", "localhost")]
+            address, creds.channel_credentials(),
+            options=[("grpc.ssl_target_name_override", "localhost")],
         ) as channel:
             try:
                 st = await admin_pb2_grpc.AdminServiceStub(channel).RotateCertificate(

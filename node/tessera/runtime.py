@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tessera.config import Config
+from tessera.errors import Unavailable
 from tessera.pagination import PageTokens
 from tessera.pki import CredentialFiles, ReloadableServerCredentials, SpiffeId
 from tessera.pki._node import NodeCertificates
 from tessera.store import Pool, ResourceStore
+from tessera_client import Credentials
 
 if TYPE_CHECKING:  # federation imports peering, which imports this module
     from tessera.federation import Federation
@@ -92,3 +95,22 @@ class Runtime:
     certificates: NodeCertificates | None = None
     #: Calls to peers for fanned-out queries (None only in tests that build a Runtime).
     federation: Federation | None = None
+
+
+def local_node(data_dir: Path, who: str = "admin") -> tuple[str, Credentials]:
+    """Address of the node running on `data_dir` and the local `who` credentials to call it.
+
+    For the CLI: reads data_dir/node.json (written once the node serves) and the local
+    admin or client certificate. Raises Unavailable with the fix when the node is not up.
+    """
+    paths = NodePaths(data_dir)
+    files = paths.admin if who == "admin" else paths.client
+    try:
+        state = json.loads(paths.state_file.read_text())
+        creds = Credentials.from_files(files.ca, files.cert, files.key)
+    except (OSError, ValueError):
+        raise Unavailable(
+            f"no running node under {data_dir} (node.json or the {who} certificate is "
+            "missing); start it with `tessera serve` or pass --data-dir") from None
+    return str(state["address"]), creds
+

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Any
 
 from tessera.audit._prune import parse_age, prune
 from tessera.config import Config
-from tessera.errors import ConfigError, TesseraError, Unavailable
-from tessera.runtime import NodePaths
+from tessera.errors import ConfigError, TesseraError
+from tessera.runtime import NodePaths, local_node
 
 Load = Callable[[argparse.Namespace], Config]
 EmbeddedDsn = Callable[[NodePaths], "str | None"]
@@ -84,16 +83,10 @@ def _rpc(command: Callable[[argparse.Namespace, Config], int], args: argparse.Na
 
 
 def _client(args: argparse.Namespace, cfg: Config) -> Any:
-    from tessera_client import Client, Credentials
+    from tessera_client import Client
 
-    state_file = NodePaths(cfg.node.data_dir).state_file
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
-        raise Unavailable(f"no running node found ({state_file} is missing); start it with "
-                          "`tessera serve` or pass --data-dir") from None
-    creds = Credentials.from_files(state["ca"], state["admin_cert"], state["admin_key"])
-    return Client(args.address or state["address"], creds)
+    address, creds = local_node(cfg.node.data_dir)
+    return Client(args.address or address, creds, server_name="localhost")
 
 
 def _list(args: argparse.Namespace, cfg: Config) -> int:

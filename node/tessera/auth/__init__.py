@@ -268,6 +268,9 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """Audit and count the outcome, then abort with the mapped status on error."""
         status: grpc.Status | None = None
         code, reason = grpc.StatusCode.OK, ""
+        if isinstance(exc, NotImplementedError):
+            # The generated base servicer's answer for a method this server does not serve.
+            exc = errors.Unimplemented(f"{service}/{method} is not served here")
         if isinstance(exc, errors.TesseraError):
             status, code, reason = grpc_status(exc), status_code_of(exc), exc.reason
         elif exc is not None:

@@ -19,25 +19,17 @@ import grpc
 from google.protobuf import duration_pb2, json_format, message, timestamp_pb2
 
 from tessera import config
-from tessera.errors import FailedPrecondition
 from tessera.peering._join import join
-from tessera.runtime import NodePaths
-from tessera_client import Client, Credentials
+from tessera.runtime import local_node
+from tessera_client import Client
 from tessera_client.pb import admin_pb2
 
 Load = Callable[[argparse.Namespace], config.Config]
 
 
 def _client(cfg: config.Config) -> Client:
-    paths = NodePaths(cfg.node.data_dir)
-    try:
-        state = json.loads(paths.state_file.read_text())
-        creds = Credentials.from_files(paths.admin.ca, paths.admin.cert, paths.admin.key)
-    except (OSError, ValueError):
-        raise FailedPrecondition(
-            f"no running node under {cfg.node.data_dir} (node.json or the admin certificate "
-            "is missing); start it with `tessera serve`", reason="NODE_NOT_RUNNING") from None
-    return Client(str(state["address"]), creds, server_name="localhost")
+    address, creds = local_node(cfg.node.data_dir)
+    return Client(address, creds, server_name="localhost")
 
 
 def _print(msg: message.Message) -> None:

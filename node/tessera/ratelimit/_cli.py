@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +11,7 @@ import grpc
 from tessera import doctor
 from tessera.config import Config
 from tessera.errors import Unavailable
-from tessera.runtime import NodePaths
+from tessera.runtime import local_node
 
 _LEVELS = {1: doctor.Level.GREEN, 2: doctor.Level.YELLOW, 3: doctor.Level.RED}
 
@@ -31,16 +30,10 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None],
 
 
 def _client(cfg: Config, address: str | None) -> Any:
-    from tessera_client import Client, Credentials
+    from tessera_client import Client
 
-    state_file = NodePaths(cfg.node.data_dir).state_file
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
-        raise Unavailable(f"no running node found ({state_file} is missing); start it with "
-                          "`tessera serve` or pass --data-dir") from None
-    creds = Credentials.from_files(state["ca"], state["admin_cert"], state["admin_key"])
-    return Client(address or state["address"], creds)
+    local_address, creds = local_node(cfg.node.data_dir)
+    return Client(address or local_address, creds, server_name="localhost")
 
 
 def _show(args: argparse.Namespace, cfg: Config) -> int:
