@@ -7,6 +7,7 @@ offline cache), offline, or denied.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 State = resources_pb2.SourceStatus
 LOCAL = "local"
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 
 def targets(fed: Federation, sources: resources_pb2.Sources) -> tuple[bool, list[str]]:
@@ -73,6 +75,32 @@ async def _local(call: Callable[[], Awaitable[M]]) -> SourceAnswer:
         return SourceAnswer(LOCAL, State.STATE_OK, "not found", None)
 
 
+async def _ask_all(fed: Federation, include_local: bool, local: Callable[[], Awaitable[M]],
+                   peers: list[str], method: str, request: Message,
+                   response_type: type[Message], *, verb: str, kind: str,
+                   cacheable: bool) -> list[SourceAnswer]:
+    """This node and the peers at once: the answer takes as long as the slowest source."""
+    remote = fed.call(peers, method, request, response_type, verb=verb, kind=kind,
+                      cacheable=cacheable)
+    if not include_local:
+        return await remote
+    mine, theirs = await asyncio.gather(_local(local), remote)
+    return [mine, *theirs]
+
+
+def _tagged(merged: list[tuple[str, T]], answers: list[SourceAnswer],
+            resource_of: Callable[[T], resources_pb2.Resource]) -> tuple[list[T], dict[str, int]]:
+    """Rows tagged with their source (and cached flag), and the row count per source."""
+    by_source = {a.source: a for a in answers}
+    counts: dict[str, int] = {}
+    rows = []
+    for source, row in merged:
+        counts[source] = counts.get(source, 0) + 1
+        _tag(resource_of(row), by_source[source])
+        rows.append(row)
+    return rows, counts
+
+
 def _tag(resource: resources_pb2.Resource, answer: SourceAnswer) -> resources_pb2.Resource:
     resource.source = answer.source
     resource.cached = answer.cached
@@ -86,11 +114,9 @@ async def fan_get(fed: Federation, request: query_pb2.GetResourceRequest,
     """The first source (local first, then peers by name) that has the resource."""
     include_local, peers = targets(fed, request.sources)
     remote_req = _local_request(request)
-    answers: list[SourceAnswer] = []
-    if include_local:
-        answers.append(await _local(lambda: local(remote_req)))
-    answers += await fed.call(peers, "GetResource", remote_req, query_pb2.GetResourceResponse,
-                              verb="get", kind=request.key.kind, cacheable=True)
+    answers = await _ask_all(fed, include_local, lambda: local(remote_req), peers,
+                             "GetResource", remote_req, query_pb2.GetResourceResponse,
+                             verb="get", kind=request.key.kind, cacheable=True)
     found = next((a for a in answers if a.response is not None
                   and a.response.HasField("resource")), None)
     counts = {found.source: 1} if found else {}
@@ -139,15 +165,12 @@ async def fan_list(fed: Federation, tokens: PageTokens, caller: str,
             raise InvalidArgument([FieldViolation("page_token", str(exc))]) from None
         query.start_after.CopyFrom(resources_pb2.ResourceKey(
             workspace=after[0], kind=after[1], id=after[2]))
-    answers: list[SourceAnswer] = []
-    if include_local:
-        answers.append(await _local(lambda: local(query)))
-    answers += await fed.call(peers, "ListResources", query, query_pb2.ListResourcesResponse,
-                              verb="list", kind=request.kind, cacheable=True)
+    answers = await _ask_all(fed, include_local, lambda: local(query), peers, "ListResources",
+                             query, query_pb2.ListResourcesResponse, verb="list",
+                             kind=request.kind, cacheable=True)
     pages = [(a.source, list(a.response.resources) if a.response is not None else [])
              for a in answers]
     more = any(a.response is not None and a.response.next_page_token for a in answers)
-    by_source = {a.source: a for a in answers}
     merged = merge_sorted(pages, lambda _s, r: _key(r), limit=page_size + len(pages))
     page = merged[:page_size]
     if len(merged) > page_size:
@@ -156,11 +179,7 @@ async def fan_list(fed: Federation, tokens: PageTokens, caller: str,
         trimmed = [sr for sr in page if _key(sr[1]) != boundary]
         # Keep the tie group whole: cut before it, unless that would leave nothing.
         page = trimmed if trimmed else [sr for sr in merged if _key(sr[1]) == boundary]
-    counts: dict[str, int] = {}
-    rows = []
-    for source, r in page:
-        counts[source] = counts.get(source, 0) + 1
-        rows.append(_tag(r, by_source[source]))
+    rows, counts = _tagged(page, answers, lambda r: r)
     token = ""
     if more and rows:
         token = tokens.encode(query=qhash, caller=caller, position=list(_key(rows[-1])))
@@ -175,21 +194,12 @@ async def fan_search(fed: Federation, request: query_pb2.SearchResourcesRequest,
     """The best k hits over every source by score. Never cached: search is not."""
     include_local, peers = targets(fed, request.sources)
     query = _local_request(request)
-    answers: list[SourceAnswer] = []
-    if include_local:
-        answers.append(await _local(lambda: local(query)))
-    answers += await fed.call(peers, "SearchResources", query,
-                              query_pb2.SearchResourcesResponse, verb="search",
-                              kind=request.kind, cacheable=False)
+    answers = await _ask_all(fed, include_local, lambda: local(query), peers,
+                             "SearchResources", query, query_pb2.SearchResourcesResponse,
+                             verb="search", kind=request.kind, cacheable=False)
     pages = [(a.source, list(a.response.hits) if a.response is not None else [])
              for a in answers]
-    by_source = {a.source: a for a in answers}
     merged = merge_sorted(pages, lambda _s, h: h.score, limit=request.k, reverse=True)
-    counts: dict[str, int] = {}
-    hits = []
-    for source, h in merged:
-        counts[source] = counts.get(source, 0) + 1
-        _tag(h.resource, by_source[source])
-        hits.append(h)
+    hits, counts = _tagged(merged, answers, lambda h: h.resource)
     return query_pb2.SearchResourcesResponse(hits=hits, source_status=_status(answers, counts))
 
