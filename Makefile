@@ -2,12 +2,25 @@
 
 PYTHON ?= python3
 
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-search bench-data
 
 # Benchmarks (docs/benchmarks.md). Pass flags with BENCH_ARGS, e.g. BENCH_ARGS="--concurrency 64".
 bench:
 	$(PYTHON) -m bench.run $(BENCH_ARGS)
 
-# CI smoke run: 1 s per target; exits 0 on a missed target, non-zero only if a run breaks.
+# CI smoke run: 1 s per target, then the search bench on 2,000 generated rows; exits 0 on a
+# missed target, non-zero only if a run breaks.
 bench-quick:
 	$(PYTHON) -m bench.run --quick $(BENCH_ARGS)
+	$(PYTHON) -m bench.search --quick $(SEARCH_ARGS)
+
+# SearchResources through the node vs the same SQL through psycopg, 100,000 generated
+# resources (about 3 minutes; not in CI). Flags via SEARCH_ARGS, e.g. SEARCH_ARGS="--repeat 3".
+bench-search:
+	$(PYTHON) -m bench.search $(SEARCH_ARGS)
+
+# Seeded benchmark data as JSONL for `tessera load`: make bench-data DATA=out.jsonl COUNT=1000
+COUNT ?= 100000
+DATA ?= bench-data.jsonl
+bench-data:
+	$(PYTHON) -m bench.gen_data --count $(COUNT) --jsonl $(DATA)
