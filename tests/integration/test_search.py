@@ -124,3 +124,17 @@ async def test_bad_search_input_is_invalid_argument_naming_the_field(
             await c.query.SearchResources(req)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in bad_request_fields(exc.value)
+
+
+async def test_hits_carry_embeddings_only_when_asked(seeded: tuple) -> None:
+    node, rows = seeded
+    async with node.client() as c:
+        q = rows["r000"][1]
+        plain = await c.query.SearchResources(query_pb2.SearchResourcesRequest(
+            embedding=q, k=3))
+        full = await c.query.SearchResources(query_pb2.SearchResourcesRequest(
+            embedding=q, k=3, include_embeddings=True))
+    assert [h.resource.id for h in plain.hits] == [h.resource.id for h in full.hits]
+    assert all(len(h.resource.embedding) == 0 for h in plain.hits)
+    assert full.hits[0].resource.id == "r000"
+    assert list(full.hits[0].resource.embedding) == pytest.approx(q, rel=1e-6)

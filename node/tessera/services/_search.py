@@ -51,6 +51,7 @@ def validate_search(rt: Runtime, request: query_pb2.SearchResourcesRequest) -> S
         updated_since=request.updated_since.ToDatetime(tzinfo=UTC)
         if request.HasField("updated_since") else None,
         min_score=request.min_score if request.HasField("min_score") else None,
+        include_embeddings=request.include_embeddings,
     )
 
 

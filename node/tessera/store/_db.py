@@ -59,7 +59,11 @@ async def open_pool(
         max_size=cfg.pool_max,
         kwargs={
             "row_factory": dict_row,
-            "options": f"-c statement_timeout={timeout_ms}",
+            # Search defaults (pgvector GUCs, accepted as placeholders until the
+            # extension loads): relaxed-order iterative scans keep filtered searches
+            # returning k rows, and most searches then need no per-query SET.
+            "options": f"-c statement_timeout={timeout_ms} -c hnsw.ef_search=100"
+                       " -c hnsw.iterative_scan=relaxed_order",
             "autocommit": True,
         },
         open=False,

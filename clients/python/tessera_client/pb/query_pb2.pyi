@@ -285,6 +285,7 @@ class SearchResourcesRequest(_message.Message):
     UPDATED_SINCE_FIELD_NUMBER: _builtins.int
     MIN_SCORE_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
+    INCLUDE_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Optional full-text query; with an embedding, ranks are fused (reciprocal rank fusion)."""
     k: _builtins.int
@@ -295,6 +296,10 @@ class SearchResourcesRequest(_message.Message):
     """Only this kind."""
     min_score: _builtins.float
     """Drop hits scoring below this."""
+    include_embeddings: _builtins.bool
+    """Return each hit's embedding too. Off by default: embeddings are most of a hit's bytes
+    and callers of a search rarely need them.
+    """
     @_builtins.property
     def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Query embedding; exactly the node's dimension. Required unless `text` is given."""
@@ -323,10 +328,11 @@ class SearchResourcesRequest(_message.Message):
         updated_since: _timestamp_pb2.Timestamp | None = ...,
         min_score: _builtins.float | None = ...,
         sources: _resources_pb2.Sources | None = ...,
+        include_embeddings: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "min_score", b"min_score", "sources", b"sources", "updated_since", b"updated_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "attribute_filters", b"attribute_filters", "embedding", b"embedding", "k", b"k", "kind", b"kind", "min_score", b"min_score", "sources", b"sources", "text", b"text", "updated_since", b"updated_since", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "attribute_filters", b"attribute_filters", "embedding", b"embedding", "include_embeddings", b"include_embeddings", "k", b"k", "kind", b"kind", "min_score", b"min_score", "sources", b"sources", "text", b"text", "updated_since", b"updated_since", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
     _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
