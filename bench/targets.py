@@ -53,9 +53,10 @@ TARGETS: dict[str, Target] = {}
 
 RATIOS: list[Ratio] = [
     Ratio("node.get_resource", "echo", minimum=0.6),
-    # What each part of the call path costs; printed when the variants are measured.
-    Ratio("node.get_resource", "node.get_resource.noaudit"),
-    Ratio("node.get_resource", "node.get_resource.nolimit"),
+    # What audit and rate limiting cost, measured in the same run (issues 4 and 6).
+    Ratio("node.get_resource", "node.get_resource.noaudit", minimum=0.85),
+    Ratio("node.get_resource", "node.get_resource.nolimit", minimum=0.9),
+    # Printed when these variants are selected with --targets.
     Ratio("node.get_resource.bare", "echo"),
     Ratio("node.health", "echo"),
     Ratio("node.describe", "echo"),
@@ -127,9 +128,9 @@ async def _echo(channel: grpc.aio.Channel) -> Call:
     return lambda: call(payload)
 
 
-@target("node.get_resource.noaudit", server="node-noaudit", default=False,
+@target("node.get_resource.noaudit", server="node-noaudit",
         description="GetResource on a node with audit off (no durable row per call)")
-@target("node.get_resource.nolimit", server="node-nolimit", default=False,
+@target("node.get_resource.nolimit", server="node-nolimit",
         description="GetResource on a node with rate limiting off (no Valkey decision)")
 @target("node.get_resource.bare", server="node-bare", default=False,
         description="GetResource on a node with audit and rate limiting off")
