@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -209,6 +210,8 @@ BAD_INPUTS = [
     ("ListResources", query_pb2.ListResourcesRequest(page_size=5000), ["page_size"]),
     ("ListResources", query_pb2.ListResourcesRequest(kind="nope"), ["kind"]),
     ("ListResources", query_pb2.ListResourcesRequest(page_token="!!"), ["page_token"]),
+    ("ListResources", query_pb2.ListResourcesRequest(
+        updated_since=timestamp_pb2.Timestamp(seconds=2**62)), ["updated_since"]),
     ("Execute", command_pb2.ExecuteRequest(idempotency_key="k"), ["command"]),
     ("Execute", put("w", "task", "x", ""), ["idempotency_key"]),
     ("Execute", put("w", "task", "x", "k", title="t" * 1001), ["put_resource.resource.title"]),
@@ -407,3 +410,26 @@ async def test_reflection_refuses_a_foreign_trust_domain_too(
             async for _ in call:
                 pass
         assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_admin_rpcs_answer_out_of_range_times_with_invalid_argument(
+    node: NodeProcess,
+) -> None:
+    from google.protobuf import duration_pb2
+
+    async with node.client("admin") as a:
+        for call, req, field in (
+            (a.admin.InvitePeer, admin_pb2.InvitePeerRequest(
+                name="p1", token_ttl=duration_pb2.Duration(seconds=2**62)), "token_ttl"),
+            (a.admin.ListAuditRecords, admin_pb2.ListAuditRecordsRequest(
+                start_time=timestamp_pb2.Timestamp(seconds=2**62)), "start_time"),
+            (a.admin.ListAuditRecords, admin_pb2.ListAuditRecordsRequest(
+                start_time=timestamp_pb2.Timestamp(seconds=2000),
+                end_time=timestamp_pb2.Timestamp(seconds=1000)), "end_time"),
+            (a.admin.GetRateLimitStatus, admin_pb2.GetRateLimitStatusRequest(subject="foo"),
+             "subject"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await call(req)
+            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+            assert bad_request_fields(exc.value) == [field]

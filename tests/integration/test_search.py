@@ -111,6 +111,8 @@ async def test_hybrid_ranking_puts_an_exact_text_match_first(seeded: tuple) -> N
     (query_pb2.SearchResourcesRequest(embedding=[float("nan")] * TEST_DIMENSION, k=3), "embedding"),
     (query_pb2.SearchResourcesRequest(embedding=[float("inf")] * TEST_DIMENSION, k=3), "embedding"),
     (query_pb2.SearchResourcesRequest(k=3), "embedding"),
+    (query_pb2.SearchResourcesRequest(embedding=[1.0] * TEST_DIMENSION, k=3,
+                                      updated_since={"seconds": -(2**62)}), "updated_since"),
     (query_pb2.SearchResourcesRequest(embedding=[1.0] * TEST_DIMENSION, k=3, kind="ghost"), "kind"),
 ])
 async def test_bad_search_input_is_invalid_argument_naming_the_field(

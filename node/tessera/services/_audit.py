@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 import grpc
 
 from tessera import audit
@@ -56,8 +54,10 @@ class AuditAdmin:
             else:
                 outcome = _OUTCOMES[request.outcome].value
         page_size = c.page_size("page_size", request.page_size)
-        start = request.start_time.ToDatetime(dt.UTC) if request.HasField("start_time") else None
-        end = request.end_time.ToDatetime(dt.UTC) if request.HasField("end_time") else None
+        start = c.timestamp("start_time", request.start_time, request.HasField("start_time"))
+        end = c.timestamp("end_time", request.end_time, request.HasField("end_time"))
+        if start is not None and end is not None and start > end:
+            c.fail("end_time", "must not be before start_time")
         c.done()
         f = audit.AuditFilter(peer=request.peer, grant=request.grant, outcome=outcome,
                               start=start, end=end)

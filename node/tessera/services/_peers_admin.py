@@ -100,7 +100,7 @@ def grant_from_pb(rt: Runtime, msg: admin_pb2.Grant, *, now: datetime) -> Grant:
         c.fail("grant.rate_limit.rate_per_s", "must be a finite number >= 0")
     if rate.burst < 0:
         c.fail("grant.rate_limit.burst", "must be >= 0")
-    expire = msg.expire_time.ToDatetime(tzinfo=UTC) if msg.HasField("expire_time") else None
+    expire = c.timestamp("grant.expire_time", msg.expire_time, msg.HasField("expire_time"))
     if expire is not None and expire <= now:
         c.fail("grant.expire_time", "must be in the future")
     c.done()
@@ -148,9 +148,10 @@ class PeerGrantAdmin:
         c.pattern("name", request.name, PEER_NAME_RE, "1-64 characters of [a-z0-9-]")
         ttl = DEFAULT_TOKEN_TTL
         if request.HasField("token_ttl"):
-            ttl = request.token_ttl.ToTimedelta()
-            if not timedelta(0) < ttl <= MAX_TOKEN_TTL:
+            asked = c.duration("token_ttl", request.token_ttl)
+            if asked is not None and not timedelta(0) < asked <= MAX_TOKEN_TTL:
                 c.fail("token_ttl", "must be more than 0 and at most 15 minutes")
+            ttl = asked or ttl
         if request.advertised_address:
             host, sep, port = request.advertised_address.rpartition(":")
             if not sep or not host or not port.isdigit():

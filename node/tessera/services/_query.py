@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC
 from typing import Any, Literal
 
 import grpc
@@ -130,16 +129,14 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 c.fail("start_after", "cannot be combined with page_token")
             if request.order == query_pb2.LIST_ORDER_UPDATE_TIME_DESC:
                 c.fail("start_after", "needs order LIST_ORDER_KEY_ASC")
+        updated_since = c.timestamp("updated_since", request.updated_since,
+                                    request.HasField("updated_since"))
         c.done()
         if not is_local(request.sources):
             return await fan_list(self._federation(), self.rt.tokens, current_caller().uri,
                                   request, page_size, lambda r: self.ListResources(r, context))
         order: Literal["key", "updated_desc"] = (
             "updated_desc" if request.order == query_pb2.LIST_ORDER_UPDATE_TIME_DESC else "key"
-        )
-        updated_since = (
-            request.updated_since.ToDatetime(tzinfo=UTC)
-            if request.HasField("updated_since") else None
         )
         normalised = {
             "workspace": request.workspace, "kind": request.kind, "team": request.team,

@@ -8,9 +8,11 @@ from typing import Any
 from google.protobuf import duration_pb2
 
 from tessera.errors import FieldViolation, InvalidArgument
+from tessera.pki import SpiffeId
 from tessera.ratelimit import RateLimiter
 from tessera.runtime import Runtime
 from tessera.services._convert import timestamp
+from tessera.services._peers_admin import GRANT_NAME_RE
 from tessera_client.pb import admin_pb2
 
 
@@ -24,9 +26,17 @@ class _Named:
 async def rate_limit_status(rt: Runtime, subject: str) -> admin_pb2.RateLimitStatus:
     """Effective limits per method class and recent rejections of `subject`."""
     subject = subject.strip()
-    if not subject:
+    valid = bool(GRANT_NAME_RE.match(subject))
+    if not valid and subject.startswith("spiffe://"):
+        try:
+            SpiffeId.parse(subject)
+            valid = True
+        except ValueError:
+            valid = False
+    if not valid:
         raise InvalidArgument([FieldViolation(
-            "subject", "name a grant (grants/<id>) or a local identity URI (spiffe://...)")])
+            "subject", "name a grant (grants/<uuid>) or a local identity URI "
+            "(spiffe://<trust-domain>/<kind>/<name>)")])
     limiter: RateLimiter | None = rt.extras.get("ratelimiter")
     if limiter is None:
         return admin_pb2.RateLimitStatus(subject=subject, enabled=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from datetime import UTC
 from typing import Any, cast
 
 from tessera.runtime import Runtime
@@ -40,6 +39,8 @@ def validate_search(rt: Runtime, request: query_pb2.SearchResourcesRequest) -> S
             attributes[f.key] = value_to_python(f.value)
     if request.HasField("min_score") and not math.isfinite(request.min_score):
         c.fail("min_score", "must be a finite number")
+    updated_since = c.timestamp("updated_since", request.updated_since,
+                                request.HasField("updated_since"))
     c.done()
     return SearchQuery(
         k=request.k,
@@ -48,8 +49,7 @@ def validate_search(rt: Runtime, request: query_pb2.SearchResourcesRequest) -> S
         workspace=request.workspace,
         kind=request.kind,
         attributes=attributes,
-        updated_since=request.updated_since.ToDatetime(tzinfo=UTC)
-        if request.HasField("updated_since") else None,
+        updated_since=updated_since,
         min_score=request.min_score if request.HasField("min_score") else None,
         include_embeddings=request.include_embeddings,
     )

@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Sequence
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from tessera.errors import FieldViolation, InvalidArgument
 
@@ -68,6 +72,24 @@ class Checker:
             self.fail(field, f"must have exactly {dimension} values, got {len(values)}")
         elif not all(math.isfinite(v) for v in values):
             self.fail(field, "must contain only finite numbers (no NaN or infinity)")
+
+    def timestamp(self, field: str, value: Timestamp, present: bool) -> datetime | None:
+        """A Timestamp the caller set, as an aware datetime; None when absent or invalid."""
+        if not present:
+            return None
+        try:
+            return value.ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError):
+            self.fail(field, "is not a valid timestamp (years 1 to 9999, nanos 0-999999999)")
+            return None
+
+    def duration(self, field: str, value: Duration) -> timedelta | None:
+        """A Duration as a timedelta; None when it is out of range."""
+        try:
+            return value.ToTimedelta()
+        except (ValueError, OverflowError):
+            self.fail(field, "is not a valid duration")
+            return None
 
     def page_size(self, field: str, value: int) -> int:
         """0 means the default; 1..MAX_PAGE_SIZE allowed."""
