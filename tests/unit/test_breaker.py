@@ -51,3 +51,11 @@ def test_merge_sorted_interleaves_sources_and_cuts_at_the_limit() -> None:
     assert merged == [("local", ("a", 1)), ("b", ("b", 2)), ("local", ("c", 3))]
     by_score = merge_sorted(pages, lambda _s, row: row[1], limit=2, reverse=True)
     assert [row for _, row in by_score] == [("d", 4), ("c", 3)]
+
+
+def test_a_probe_that_never_reports_does_not_keep_the_breaker_shut() -> None:
+    b = CircuitBreaker(threshold=1, cooldown_s=10)
+    b.failure(0.0)
+    assert b.allow(10.0)  # the probe goes out ... and is cancelled: no success, no failure
+    assert not b.allow(15.0)
+    assert b.allow(20.0), "after another cool-down a new probe may go"

@@ -23,6 +23,7 @@ class CircuitBreaker:
     failures: int = 0
     opened_at: float | None = None
     probing: bool = False
+    probe_started_at: float = 0.0
 
     def state(self, now: float) -> BreakerState:
         """The state at time `now`."""
@@ -37,8 +38,11 @@ class CircuitBreaker:
         state = self.state(now)
         if state is BreakerState.CLOSED:
             return True
-        if state is BreakerState.HALF_OPEN and not self.probing:
-            self.probing = True
+        # A probe that never reported (cancelled with its caller) must not keep the breaker
+        # shut for good: after another cool-down a new probe may go.
+        probe_lost = self.probing and now - self.probe_started_at >= self.cooldown_s
+        if state is BreakerState.HALF_OPEN and (not self.probing or probe_lost):
+            self.probing, self.probe_started_at = True, now
             return True
         return False
 

@@ -35,6 +35,11 @@ _CACHE_PREFIX = "tessera:fcache:"
 _OFFLINE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _DENIED_CODES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
                  grpc.StatusCode.RESOURCE_EXHAUSTED)
+#: Refusals that mean the grant or the peering is gone: they flush the peer's cache. A
+#: rate limit is not one of them (the cached rows are still ours to serve offline).
+_REVOKED_CODES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+#: How long the list of joined peers is reused before data_dir/peers is read again.
+_PEERS_TTL_S = 1.0
 
 
 def _cert_stamp(peer: OutboundPeer) -> tuple[int, int]:
@@ -85,10 +90,14 @@ class Federation:
         self.breaker_cooldown_s = breaker_cooldown_s
         self.breakers: dict[str, CircuitBreaker] = {}
         self._clients: dict[str, tuple[tuple[int, int], AsyncClient]] = {}
+        self._peers: tuple[float, dict[str, OutboundPeer]] = (-_PEERS_TTL_S, {})
 
     def peers(self) -> dict[str, OutboundPeer]:
-        """The peers this node can call (re-read each time: joins happen while running)."""
-        return load_peers(self.data_dir)
+        """The peers this node can call; re-read at most once a second (joins happen live)."""
+        now = time.monotonic()
+        if now - self._peers[0] >= _PEERS_TTL_S:
+            self._peers = (now, load_peers(self.data_dir))
+        return self._peers[1]
 
     async def _client(self, peer: OutboundPeer) -> AsyncClient:
         stamp = _cert_stamp(peer)
@@ -126,9 +135,10 @@ class Federation:
     async def _cache_get(self, key: str, response_type: type[Message]) -> Message | None:
         try:
             raw = await self.valkey.get(key)
-        except Exception:
+            return response_type.FromString(raw) if raw else None
+        except Exception as exc:  # Valkey down or a corrupt entry: a miss, not a failure
+            log.warning("offline cache read failed: %s", type(exc).__name__)
             return None
-        return response_type.FromString(raw) if raw else None
 
     async def _cache_put(self, key: str, response: Message) -> None:
         try:
@@ -169,7 +179,8 @@ class Federation:
                                            f"peer offline: {code.name}")
             breaker.success()  # it answered: the transport is fine
             if code in _DENIED_CODES:
-                await self.flush(peer.name)
+                if code in _REVOKED_CODES:
+                    await self.flush(peer.name)
                 return SourceAnswer(peer.name, State.STATE_DENIED,
                                     f"{code.name}: {exc.details()}")
             if code == grpc.StatusCode.NOT_FOUND:
