@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -21,7 +21,8 @@ class Credentials:
 
     ca_pem: bytes
     cert_pem: bytes
-    key_pem: bytes
+    #: Never shown by repr(): a logged or asserted Credentials must not leak the key.
+    key_pem: bytes = field(repr=False)
 
     @classmethod
     def from_files(cls, ca: str | Path, cert: str | Path, key: str | Path) -> Credentials:

@@ -54,12 +54,14 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    if "@" not in parts.netloc:
-        return url
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    user = userinfo.partition(":")[0]
-    return urlunsplit((parts.scheme, f"{user}:***@{host}" if user else f"***@{host}",
-                       parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{host}" if user else f"***@{host}"
+    # A signed URL carries its credential in the query: show the names, never the values.
+    query = "&".join(f"{k.partition('=')[0]}=***" for k in parts.query.split("&") if k)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 @contextlib.contextmanager

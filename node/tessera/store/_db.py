@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -34,7 +35,12 @@ def redact_dsn(dsn: str) -> str:
             netloc = f"{user}:***@{host}" if password else f"{user}@{host}"
         query = re.sub(r"(password=)[^&]*", r"\1***", parts.query)
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", dsn)
+    # key=value form: parse it as libpq does, so quoted passwords with spaces are caught.
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparseable DSN>"
+    return " ".join(f"{k}=***" if k == "password" else f"{k}={v}" for k, v in params.items())
 
 
 def migrations() -> list[tuple[int, str, str]]:
