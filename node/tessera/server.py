@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -118,6 +119,8 @@ class Node:
     embedded: list[Any] = field(default_factory=list)
     #: Renewal tasks, deny list and issuer; stopped with the node.
     certificates: NodeCertificates | None = None
+    #: The Prometheus HTTP endpoint, when metrics.listen_address is set.
+    metrics_server: Any = None
 
     @property
     def address(self) -> str:
@@ -138,6 +141,9 @@ class Node:
         grace = self.runtime.cfg.node.shutdown_grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         enroll_server = self.runtime.extras.get("enroll_server")
         if enroll_server is not None:
             await enroll_server.stop(grace)
@@ -164,6 +170,9 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
     _prepare_data_dir(paths)
     embedded: list[Any] = []
     certs: NodeCertificates | None = None
+    # What a failed start must undo, newest last: a start that fails half-way (a port in
+    # use, a CRL missing) must not leave a server bound or connections open.
+    undo: list[Callable[[], Awaitable[Any]]] = []
     try:
         dsn = cfg.store.dsn
         if not dsn:
@@ -209,10 +218,12 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
         except BaseException:
             await pool.close()
             raise
+        undo.append(pool.close)
         valkey = redis.Redis.from_url(
             valkey_url, socket_timeout=cfg.valkey.timeout_ms / 1000,
             socket_connect_timeout=cfg.valkey.timeout_ms / 1000,
         )
+        undo.append(valkey.aclose)
         metrics = metrics or Metrics()
         metrics.cert_expiry.set(material.leaf().not_valid_after_utc.timestamp())
         credentials = ReloadableServerCredentials(material)
@@ -238,6 +249,9 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
                               metrics=metrics)
         rt.extras["ratelimiter"] = limiter
         await limiter.start()
+        undo.append(limiter.close)
+        if rt.federation is not None:
+            undo.append(rt.federation.close)
         # Always on outside benchmarks: each call waits until its audit row is durable.
         auditor = AuditWriter(pool, registry=metrics.registry,
                               batch_delay_s=cfg.audit.batch_delay_ms / 1000) \
@@ -275,18 +289,28 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
             ) from None
         if auditor is not None:
             auditor.start()
+            undo.append(auditor.close)
         await server.start()
+        undo.append(lambda: server.stop(0))
         rt.listen_address = f"{cfg.node.listen_address.rpartition(':')[0]}:{port}"
         await start_enrolment(rt)  # server-only TLS, EnrollPeer only
+        undo.append(lambda: rt.extras["enroll_server"].stop(0))
         for name in [*SERVICE_NAMES, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         node = Node(rt, server, health_servicer, port, metrics, embedded, certs)
         if cfg.metrics.listen_address:
             mhost, _, mport = cfg.metrics.listen_address.rpartition(":")
-            start_http_server(int(mport), addr=mhost, registry=metrics.registry)
+            http_server, _ = start_http_server(int(mport), addr=mhost,
+                                               registry=metrics.registry)
+            node.metrics_server = http_server
         _write_state(node)
         return node
     except BaseException:
+        for step in reversed(undo):
+            try:
+                await step()
+            except Exception as exc:  # keep undoing; the original error is what matters
+                log.warning("cleanup after a failed start: %s", type(exc).__name__)
         if certs is not None:
             await certs.stop()
         for svc in reversed(embedded):

@@ -433,3 +433,32 @@ async def test_admin_rpcs_answer_out_of_range_times_with_invalid_argument(
                 await call(req)
             assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
             assert bad_request_fields(exc.value) == [field]
+
+
+async def test_a_start_that_fails_half_way_leaves_nothing_bound(
+    tmp_path: Path, pg_dsn: str, valkey_url: str
+) -> None:
+    import socket
+
+    from tessera import config
+    from tessera.errors import ConfigError
+    from tessera.server import start_node
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    listen = free()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = config.load(None, environ={}, overrides={
+            "node.data_dir": str(tmp_path / "d"), "node.listen_address": f"127.0.0.1:{listen}",
+            "node.enroll_listen_address": f"127.0.0.1:{taken.getsockname()[1]}",
+            "store.dsn": pg_dsn, "valkey.url": valkey_url,
+            "store.embedding_dimension": str(TEST_DIMENSION)})
+        with pytest.raises(ConfigError, match="node.enroll_listen_address"):
+            await start_node(cfg)
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", listen))  # the service port was released
