@@ -47,7 +47,7 @@ async def check_postgres(dsn: str, *, timeout_s: float = 5.0) -> list[Check]:
         conn = await asyncio.wait_for(
             psycopg.AsyncConnection.connect(dsn, autocommit=True), timeout_s
         )
-    except (psycopg.OperationalError, TimeoutError, OSError) as exc:
+    except (psycopg.Error, TimeoutError, OSError) as exc:
         kind = "timed out" if isinstance(exc, TimeoutError) else "failed"
         return [
             Check("postgresql", Level.RED,

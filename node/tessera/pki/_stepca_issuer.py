@@ -122,11 +122,6 @@ class StepCAIssuer:
                    if root_fingerprint else "", timeout_s=timeout_s)
 
     @property
-    def can_sign(self) -> bool:
-        """True when a provisioner key or an unused bootstrap token is at hand."""
-        return self.provisioner is not None or self._bootstrap_token is not None
-
-    @property
     def has_provisioner(self) -> bool:
         """True when the node can mint its own tokens (and so re-enrol and revoke)."""
         return self.provisioner is not None

@@ -12,7 +12,6 @@ about 2**51).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 MICROS = 1_000_000
@@ -66,7 +65,3 @@ def gcra(tat_us: int | None, now_us: int, interval_us: int, tolerance_us: int) -
         return Decision(False, allow_at - now_us, tat_us if tat_us is not None else now_us)
     return Decision(True, 0, new_tat)
 
-
-def ttl_ms(tat_us: int, now_us: int) -> int:
-    """Milliseconds after which a stored TAT no longer matters (it is then <= now)."""
-    return max(1, math.ceil((tat_us - now_us) / 1000))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import hashlib
 import json
 import struct
 import uuid
@@ -17,6 +16,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from tessera.errors import FailedPrecondition, NotFound, PermissionDenied
+from tessera.pagination import query_hash
 from tessera.store._predicate import Predicate
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
@@ -184,13 +184,6 @@ def vector_literal(values: Sequence[float]) -> str:
     return "[" + ",".join(repr(float(v)) for v in values) + "]"
 
 
-def request_hash(payload: dict[str, Any]) -> str:
-    """Hash of a command's normalised request, to tell a replay from a reused key."""
-    return hashlib.sha256(
-        json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
-    ).hexdigest()
-
-
 class ResourceStore:
     """Reads and writes resources; every write appends its event in the same transaction."""
 
@@ -287,7 +280,7 @@ class ResourceStore:
         payload = {"put": resource.as_json(), "embedding": resource.embedding,
                    "expected": expected_version, "create_only": create_only}
         return await self._execute(
-            caller, idempotency_key, "resource.put", request_hash(payload),
+            caller, idempotency_key, "resource.put", query_hash(payload),
             lambda conn: self._put(conn, resource, expected_version, create_only, scope),
         )
 
@@ -305,7 +298,7 @@ class ResourceStore:
         payload = {"delete": [key.workspace, key.kind, key.id], "expected": expected_version,
                    "allow_missing": allow_missing}
         return await self._execute(
-            caller, idempotency_key, "resource.delete", request_hash(payload),
+            caller, idempotency_key, "resource.delete", query_hash(payload),
             lambda conn: self._delete(conn, key, expected_version, allow_missing, scope),
         )
 
