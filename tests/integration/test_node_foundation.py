@@ -458,7 +458,7 @@ async def test_a_start_that_fails_half_way_leaves_nothing_bound(
             "node.enroll_listen_address": f"127.0.0.1:{taken.getsockname()[1]}",
             "store.dsn": pg_dsn, "valkey.url": valkey_url,
             "store.embedding_dimension": str(TEST_DIMENSION)})
-        with pytest.raises(ConfigError, match="node.enroll_listen_address"):
+        with pytest.raises(ConfigError, match=r"node\.enroll_listen_address"):
             await start_node(cfg)
     with socket.socket() as again:
         again.bind(("127.0.0.1", listen))  # the service port was released
