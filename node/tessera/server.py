@@ -259,7 +259,8 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
         rt.extras["auditor"] = auditor
         server = grpc.aio.server(
             interceptors=[CallPath(cfg.node.trust_domain, denied_serials=certs.deny_list,
-                                   admission=GrantAdmission(attach_peering(rt)),
+                                   admission=GrantAdmission(
+                                       attach_peering(rt), cfg.store.never_shared_set),
                                    on_done=metrics.rpc_done, limiter=limiter,
                                    auditor=auditor)],
             options=[("grpc.so_reuseport", 0),

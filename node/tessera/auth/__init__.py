@@ -46,6 +46,8 @@ class Caller:
     peer: str = ""
     #: The grant that applies to this call, when the caller is a peer (set by admission).
     grant: Any = None
+    #: The grant's scope, evaluated once by admission; servicers push it into their SQL.
+    scope: Any = None
 
     @property
     def uri(self) -> str:

@@ -35,8 +35,9 @@ class GrantAdmission:
     every replica; the price is one indexed query per peer call.
     """
 
-    def __init__(self, grants: GrantStore) -> None:
+    def __init__(self, grants: GrantStore, never_shared: Collection[str] = ()) -> None:
         self.grants = grants
+        self.never_shared = frozenset(never_shared)
 
     async def admit(self, caller: Caller, access: Access) -> Caller:
         """Return the caller with `peer` and `grant` set, or raise PermissionDenied."""
@@ -62,16 +63,17 @@ class GrantAdmission:
         if not found.grant_live:
             raise PermissionDenied(f"the grant of peer {peer.name} has expired",
                                    reason="GRANT_EXPIRED")
-        return dataclasses.replace(caller, peer=peer.name, grant=found.grant)
+        return dataclasses.replace(caller, peer=peer.name, grant=found.grant,
+                                   scope=Scope.of(found.grant, self.never_shared))
 
 
-def peer_scope(caller: Caller, never_shared: Collection[str]) -> Scope | None:
-    """The scope a call is limited to: None for local identities.
+def peer_scope(caller: Caller) -> Scope | None:
+    """The scope admission evaluated for this call: None for local identities.
 
-    Fails closed: a peer identity without an admitted grant gets no scope at all.
+    Fails closed: a peer identity without an admitted grant and scope gets nothing.
     """
     if caller.identity.kind is not IdentityKind.NODE:
         return None
-    if not isinstance(caller.grant, Grant):
+    if not isinstance(caller.grant, Grant) or not isinstance(caller.scope, Scope):
         raise PermissionDenied("the caller has no grant on this node", reason="NO_GRANT")
-    return Scope.of(caller.grant, never_shared)
+    return caller.scope

@@ -58,7 +58,7 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
         caller = current_caller().uri
         # Peers write only what their grant names: command type first, then the key's
         # kind and workspace, then (in the store) the existing row's team and owner.
-        scope = peer_scope(current_caller(), self.rt.cfg.store.never_shared_set)
+        scope = peer_scope(current_caller())
         predicate = scope.predicate() if scope else None
         if which is None:
             c.fail("command", "one of put_resource, delete_resource or plugin is required")

@@ -74,7 +74,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
 
     def _scope(self) -> Scope | None:
         """The caller's grant scope; None for local identities."""
-        return peer_scope(current_caller(), self.rt.cfg.store.never_shared_set)
+        return peer_scope(current_caller())
 
     async def GetResource(
         self, request: query_pb2.GetResourceRequest, context: grpc.aio.ServicerContext
