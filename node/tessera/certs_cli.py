@@ -167,16 +167,22 @@ def _describe_file(name: str, cert: Path) -> dict[str, Any]:
     }
 
 
-async def _live_status(cfg: config.Config) -> dict[str, Any] | None:
-    """GetCertificateStatus from the running node, with the local admin certificate."""
+def _local_admin_channel(data_dir: Path) -> grpc.aio.Channel | None:
+    """An mTLS channel to the node running on `data_dir` as its local admin; None if down."""
     try:
-        address, creds = local_node(cfg.node.data_dir)
+        address, creds = local_node(data_dir)
     except Unavailable:
         return None
-    async with grpc.aio.secure_channel(
-        address, creds.channel_credentials(),
-        options=[("grpc.ssl_target_name_override", "localhost")],
-    ) as channel:
+    return grpc.aio.secure_channel(address, creds.channel_credentials(),
+                                   options=[("grpc.ssl_target_name_override", "localhost")])
+
+
+async def _live_status(cfg: config.Config) -> dict[str, Any] | None:
+    """GetCertificateStatus from the running node, with the local admin certificate."""
+    channel = _local_admin_channel(cfg.node.data_dir)
+    if channel is None:
+        return None
+    async with channel:
         try:
             st = await admin_pb2_grpc.AdminServiceStub(channel).GetCertificateStatus(
                 admin_pb2.GetCertificateStatusRequest(), timeout=3)
@@ -239,14 +245,10 @@ def cmd_certs_renew(args: argparse.Namespace, cfg: config.Config) -> int:
     paths = NodePaths(cfg.node.data_dir)
 
     async def via_node() -> str | None:
-        try:
-            address, creds = local_node(paths.data_dir)
-        except Unavailable:
+        channel = _local_admin_channel(paths.data_dir)
+        if channel is None:
             return None
-        async with grpc.aio.secure_channel(
-            address, creds.channel_credentials(),
-            options=[("grpc.ssl_target_name_override", "localhost")],
-        ) as channel:
+        async with channel:
             try:
                 st = await admin_pb2_grpc.AdminServiceStub(channel).RotateCertificate(
                     admin_pb2.RotateCertificateRequest(), timeout=30)

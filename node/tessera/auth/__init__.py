@@ -223,25 +223,27 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         access = required_access(service, method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, access, service, method),
+                self._unary_response(handler.unary_unary, access, service, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, access, service, method),
+                self._stream_response(handler.unary_stream, access, service, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._client_stream(handler.stream_unary, access, service, method),
+                self._unary_response(handler.stream_unary, access, service, method,
+                                    request_stream=True),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._bidi(handler.stream_stream, access, service, method),
+                self._stream_response(handler.stream_stream, access, service, method,
+                                     request_stream=True),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -298,8 +300,12 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if status is not None:
             await context.abort_with_status(status)
 
-    def _unary(self, behavior: Any, access: Access, service: str, method: str) -> Any:
+    def _unary_response(self, behavior: Any, access: Access, service: str, method: str,
+                        *, request_stream: bool = False) -> Any:
+        """Wrap a handler that answers one message (unary, or client-streaming)."""
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            # A stream of requests has no single message for the audit's query hash.
+            audited = None if request_stream else request
             started = time.perf_counter()
             try:
                 await self._enter(context, access, service, method)
@@ -307,15 +313,19 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await self._finish(context, service, method, request, started, exc)
+                await self._finish(context, service, method, audited, started, exc)
                 raise  # unreachable: _finish aborted the call
-            await self._finish(context, service, method, request, started, None, response)
+            await self._finish(context, service, method, audited, started, None, response)
             return response
 
         return wrapped
 
-    def _stream(self, behavior: Any, access: Access, service: str, method: str) -> Any:
+    def _stream_response(self, behavior: Any, access: Access, service: str, method: str,
+                         *, request_stream: bool = False) -> Any:
+        """Wrap a handler that streams its answer (server-streaming, or bidi such as
+        reflection, which too must see only authenticated, unrevoked callers)."""
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            audited = None if request_stream else request
             started = time.perf_counter()
             sent = 0
             try:
@@ -326,48 +336,10 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await self._finish(context, service, method, request, started, exc,
+                await self._finish(context, service, method, audited, started, exc,
                                    response_bytes=sent)
                 raise  # unreachable: _finish aborted the call
-            await self._finish(context, service, method, request, started, None,
-                               response_bytes=sent)
-
-        return wrapped
-
-
-    def _client_stream(self, behavior: Any, access: Access, service: str, method: str) -> Any:
-        async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            try:
-                await self._enter(context, access, service, method)
-                response = await behavior(requests, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await self._finish(context, service, method, None, started, exc)
-                raise  # unreachable: _finish aborted the call
-            await self._finish(context, service, method, None, started, None, response)
-            return response
-
-        return wrapped
-
-    def _bidi(self, behavior: Any, access: Access, service: str, method: str) -> Any:
-        # Server reflection is bidi: it too must see only authenticated, unrevoked callers.
-        async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            sent = 0
-            try:
-                await self._enter(context, access, service, method)
-                async for item in behavior(requests, context):
-                    sent += item.ByteSize()
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await self._finish(context, service, method, None, started, exc,
-                                   response_bytes=sent)
-                raise  # unreachable: _finish aborted the call
-            await self._finish(context, service, method, None, started, None,
+            await self._finish(context, service, method, audited, started, None,
                                response_bytes=sent)
 
         return wrapped
