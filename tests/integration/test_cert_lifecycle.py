@@ -28,17 +28,17 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from tessera import cli, config
-from tessera.errors import ConfigError
+from tessera.app import Node, start_node
+from tessera.core.errors import ConfigError
+from tessera.core.paths import NodePaths
 from tessera.pki import DevCA, SpiffeId
 from tessera.pki._enrol import Enrolment, enrol
 from tessera.pki._identity import IdentityKind
-from tessera.pki._node import NodeFiles, ensure_enrolled, make_stepca_issuer
+from tessera.pki._node import ensure_enrolled, make_stepca_issuer
 from tessera.pki._renewal import ManagedCertificate
-from tessera.pki._stepca import StepCAUnauthorized, StepCAUnavailable
-from tessera.pki._stepca_config import StepCAFiles, init_stepca
-from tessera.pki._stepca_issuer import StepCAIssuer
-from tessera.runtime import NodePaths
-from tessera.server import Node, start_node
+from tessera.pki.stepca._client import StepCAUnauthorized, StepCAUnavailable
+from tessera.pki.stepca._config import StepCAFiles, init_stepca
+from tessera.pki.stepca._issuer import StepCAIssuer
 from tessera_client.pb import admin_pb2, admin_pb2_grpc
 from tests.fixtures.stepca import (
     RunningStepCA,
@@ -72,10 +72,10 @@ def node_config(data_dir: Path, ca_url: str, files: StepCAFiles, **ca: Any) -> c
     return config.load(None, environ={}, overrides=overrides)
 
 
-def node_files(cfg: config.Config) -> NodeFiles:
+def node_files(cfg: config.Config) -> NodePaths:
     """The credential files of a node's data directory."""
     p = NodePaths(cfg.node.data_dir)
-    return NodeFiles(p.pki, p.server, p.admin, p.client)
+    return p
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ async def issue_client(
         provisioner_name=stepca.files.provisioner_name,
         provisioner_key_file=str(stepca.files.provisioner_key))
     try:
-        from tessera.pki import CredentialFiles
+        from tessera.core.paths import CredentialFiles
 
         files = CredentialFiles(tmp / f"{name}.crt", tmp / f"{name}.key", tmp / f"{name}-ca.crt")
         await enrol(issuer, files, Enrolment(SpiffeId(TRUST_DOMAIN, kind, name)), ttl=ttl)
@@ -457,7 +457,7 @@ async def test_expired_or_foreign_certificates_cannot_call(
 
     expired = expired_cert_from_same_ca(stepca.files, "late")
     foreign_ca = DevCA(tmp_path / "other-ca", TRUST_DOMAIN)
-    from tessera.pki import CredentialFiles
+    from tessera.core.paths import CredentialFiles
 
     f = CredentialFiles(tmp_path / "f.crt", tmp_path / "f.key", tmp_path / "f-ca.crt")
     foreign_ca.issue_files(f, SpiffeId(TRUST_DOMAIN, IdentityKind.ADMIN, "admin"),

@@ -441,8 +441,8 @@ async def test_a_start_that_fails_half_way_leaves_nothing_bound(
     import socket
 
     from tessera import config
-    from tessera.errors import ConfigError
-    from tessera.server import start_node
+    from tessera.app import start_node
+    from tessera.core.errors import ConfigError
 
     def free() -> int:
         with socket.socket() as s:

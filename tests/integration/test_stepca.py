@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from tessera.pki._stepca import (
+from tessera.pki.stepca._client import (
     StepCAClient,
     StepCAError,
     StepCAForbidden,
@@ -26,7 +26,7 @@ from tessera.pki._stepca import (
     mint_ott,
     verify_root_fingerprint,
 )
-from tessera.pki._stepca_config import init_stepca
+from tessera.pki.stepca._config import init_stepca
 from tests.fixtures.stepca import RunningStepCA, free_loopback_port
 
 TRUST_DOMAIN = "example.org"

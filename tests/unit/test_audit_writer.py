@@ -13,8 +13,8 @@ import psycopg
 import pytest
 
 from tessera.audit import AuditWriter
-from tessera.auth import CallOutcome
-from tessera.errors import Unavailable
+from tessera.calls import CallOutcome
+from tessera.core.errors import Unavailable
 from tessera_client.pb import query_pb2, resources_pb2
 
 

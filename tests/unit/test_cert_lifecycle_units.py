@@ -18,23 +18,16 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from tessera import config
-from tessera.certs_cli import parse_duration
-from tessera.errors import ConfigError
+from tessera.cli.certs import parse_duration
+from tessera.core.errors import ConfigError
+from tessera.core.paths import CredentialFiles
 from tessera.observability import Metrics
-from tessera.pki import (
-    CertState,
-    CredentialFiles,
-    DenyList,
-    DevCA,
-    IssuedCertificate,
-    ManagedCertificate,
-    SpiffeId,
-)
+from tessera.pki import CertState, DenyList, DevCA, IssuedCertificate, ManagedCertificate, SpiffeId
 from tessera.pki._identity import IdentityKind
-from tessera.pki._provisioner import load_provisioner_key
-from tessera.pki._stepca import StepCAUnavailable
-from tessera.pki._stepca_config import private_jwk_from_key
-from tessera.pki._stepca_issuer import token_claims
+from tessera.pki.stepca._client import StepCAUnavailable
+from tessera.pki.stepca._config import private_jwk_from_key
+from tessera.pki.stepca._issuer import token_claims
+from tessera.pki.stepca._provisioner import load_provisioner_key
 
 TD = "example.org"
 
@@ -367,8 +360,8 @@ def _closed_port() -> int:
 
 
 async def test_no_crl_and_an_unreachable_crl_url_refuses_to_start(tmp_path: Path) -> None:
-    from tessera.pki._node import NodeCertificates, NodeFiles
-    from tessera.runtime import NodePaths
+    from tessera.core.paths import NodePaths
+    from tessera.pki._node import NodeCertificates
 
     url = f"http://reader:s3cret@127.0.0.1:{_closed_port()}/ca.crl"
     cfg = config.load(None, environ={}, overrides={
@@ -376,7 +369,7 @@ async def test_no_crl_and_an_unreachable_crl_url_refuses_to_start(tmp_path: Path
     p = NodePaths(cfg.node.data_dir)
     ca = DevCA(tmp_path / "ca", TD)
     ca.issue_files(p.server, SpiffeId(TD, IdentityKind.NODE, "n"), ttl=dt.timedelta(hours=1))
-    certs = NodeCertificates.create(cfg, NodeFiles(p.pki, p.server, p.admin, p.client), ca,
+    certs = NodeCertificates.create(cfg, p, ca,
                                     p.server)
     with pytest.raises(ConfigError) as info:
         await certs.load_crl(ca.roots_pem())
@@ -391,7 +384,7 @@ async def test_no_crl_and_an_unreachable_crl_url_refuses_to_start(tmp_path: Path
     p.pki.mkdir(parents=True, exist_ok=True)
     (p.pki / "crl.der").write_bytes(_crl_at(key, root, [4242], age=dt.timedelta(minutes=1),
                                             valid_for=dt.timedelta(days=1)))
-    certs = NodeCertificates.create(cfg, NodeFiles(p.pki, p.server, p.admin, p.client), ca,
+    certs = NodeCertificates.create(cfg, p, ca,
                                     p.server)
     await certs.load_crl(ca.roots_pem())
     assert 4242 in certs.deny_list
@@ -476,7 +469,7 @@ def test_a_second_revocation_within_the_same_mtime_tick_is_seen(tmp_path: Path) 
 def test_a_root_bundle_is_trusted_only_for_the_pinned_certificate(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tessera.pki._stepca_issuer import _read_local_files
+    from tessera.pki.stepca._issuer import _read_local_files
 
     a, b = DevCA(tmp_path / "a", TD), DevCA(tmp_path / "b", TD)
     bundle = tmp_path / "roots.pem"
@@ -491,7 +484,7 @@ def test_a_root_bundle_is_trusted_only_for_the_pinned_certificate(
 def test_secret_files_readable_by_others_are_warned_about(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tessera.pki._stepca_issuer import _read_local_files
+    from tessera.pki.stepca._issuer import _read_local_files
 
     key = ec.generate_private_key(ec.SECP256R1())
     f = tmp_path / "k.json"
@@ -508,9 +501,9 @@ def test_secret_files_readable_by_others_are_warned_about(
 async def test_refresh_roots_keeps_the_configured_timeout(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tessera.pki import _stepca_issuer
-    from tessera.pki._stepca import StepCAClient
-    from tessera.pki._stepca_issuer import StepCAIssuer
+    from tessera.pki.stepca import _issuer as _stepca_issuer
+    from tessera.pki.stepca._client import StepCAClient
+    from tessera.pki.stepca._issuer import StepCAIssuer
 
     root = _pem(_ca_cert(ec.generate_private_key(ec.SECP256R1()), "R"))
     seen: list[float] = []
@@ -609,14 +602,14 @@ async def test_re_enrolment_leaves_a_matching_pair(tmp_path: Path) -> None:
 ])
 def test_revoke_serials_parse_as_status_prints_them(text: str, hex_flag: bool,
                                                     want: int) -> None:
-    from tessera.certs_cli import parse_serial
+    from tessera.cli.certs import parse_serial
 
     assert parse_serial(text, hex_digits=hex_flag) == want
 
 
 @pytest.mark.parametrize("text", ["", "0x", "12g4", "-5", "0"])
 def test_bad_revoke_serials_are_refused(text: str) -> None:
-    from tessera.certs_cli import parse_serial
+    from tessera.cli.certs import parse_serial
 
     with pytest.raises(ValueError, match="not a serial"):
         parse_serial(text)

@@ -11,12 +11,13 @@ from google.rpc import code_pb2, error_details_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tessera import config, errors
-from tessera.auth import Access, authorize, required_access
-from tessera.pagination import TOKEN_TTL_S, PageTokenError, PageTokens, query_hash
+from tessera import config
+from tessera.api._validate import Checker
+from tessera.calls import Access, authorize, required_access
+from tessera.core import errors
+from tessera.core.pagination import TOKEN_TTL_S, PageTokenError, PageTokens, query_hash
+from tessera.core.status import status_code_of, to_status
 from tessera.pki import IdentityKind, SpiffeId
-from tessera.services._validate import Checker
-from tessera.status import status_code_of, to_status
 from tessera.store import redact_dsn
 
 TOKENS = PageTokens(b"k" * 32)

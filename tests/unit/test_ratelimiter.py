@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from tessera import errors
-from tessera.auth import Caller
+from tessera.calls import Caller
 from tessera.config import RateLimitConfig
+from tessera.core import errors
 from tessera.observability import Metrics
 from tessera.pki import SpiffeId
 from tessera.pki._identity import IdentityKind

@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tessera.errors import InvalidArgument, PermissionDenied
+from tessera.core.errors import InvalidArgument, PermissionDenied
 from tessera.grants import Grant, Scope
 from tessera.peering import TokenError, TokenForged, _token, check_csr
 from tessera.pki import IdentityKind, SpiffeId, new_key_and_csr

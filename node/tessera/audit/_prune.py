@@ -19,7 +19,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from tessera.audit._chain import AuditRow, ChainVerifier, entry_from_row
-from tessera.errors import ConfigError, FailedPrecondition
+from tessera.core.errors import ConfigError, FailedPrecondition
 
 # Serialises prunes (two at once would both move the anchor).
 _PRUNE_LOCK = 0x7E55E7A3

@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from tessera.audit._chain import AuditEntry, kind_of, outcome_of, payload, query_hash
 from tessera.audit._store import append
-from tessera.auth import CallOutcome
-from tessera.errors import Unavailable
+from tessera.calls import CallOutcome
+from tessera.core.errors import Unavailable
 from tessera.store import Pool
 
 log = logging.getLogger(__name__)

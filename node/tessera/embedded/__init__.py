@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tessera.errors import ConfigError, Unavailable
+from tessera.core.errors import ConfigError, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ from tessera.federation._fanout import (
     SourceAnswer,
     load_peers,
 )
+from tessera.federation._merge import merge_sorted
 
 __all__ = [
     "BreakerState",
@@ -13,4 +14,5 @@ __all__ = [
     "Federation",
     "SourceAnswer",
     "load_peers",
+    "merge_sorted",
 ]

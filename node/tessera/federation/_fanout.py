@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import redis.asyncio as redis
 from google.protobuf.message import Message
 
-from tessera.errors import TesseraError
+from tessera.core.errors import TesseraError
 from tessera.federation._breaker import CircuitBreaker
-from tessera.peering._join import OutboundPeer, load_outbound, peers_dir
+from tessera.peering import OutboundPeer, load_outbound, peers_dir
 from tessera_client import AsyncClient
 from tessera_client.pb import resources_pb2
 
@@ -79,7 +80,7 @@ def load_peers(data_dir: Path) -> dict[str, OutboundPeer]:
 class Federation:
     """Fans calls out to peers."""
 
-    def __init__(self, data_dir: Path, valkey: Any, *, timeout_s: float = 2.0,
+    def __init__(self, data_dir: Path, valkey: redis.Redis, *, timeout_s: float = 2.0,
                  cache_ttl_s: int = 30, breaker_failures: int = 3,
                  breaker_cooldown_s: float = 10.0) -> None:
         self.data_dir = data_dir
@@ -135,7 +136,9 @@ class Federation:
     async def _cache_get(self, key: str, response_type: type[Message]) -> Message | None:
         try:
             raw = await self.valkey.get(key)
-            return response_type.FromString(raw) if raw else None
+            if not isinstance(raw, bytes):  # a miss, or a client set to decode strings
+                return None
+            return response_type.FromString(raw)
         except Exception as exc:  # Valkey down or a corrupt entry: a miss, not a failure
             log.warning("offline cache read failed: %s", type(exc).__name__)
             return None

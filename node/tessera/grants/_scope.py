@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from tessera.errors import PermissionDenied
+from tessera.core.errors import PermissionDenied
 from tessera.grants._model import ALL_WORKSPACES, Grant
-from tessera.store._predicate import NOTHING, Predicate
+from tessera.store import NOTHING, Predicate
 
 #: Command types of the built-in resource commands.
 PUT = "resource.put"

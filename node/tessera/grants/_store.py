@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from tessera.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated
+from tessera.core.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated
 from tessera.grants._model import Grant, Peer, PeerState
 from tessera.store import Pool
 

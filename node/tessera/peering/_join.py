@@ -11,7 +11,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tessera.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
+from tessera.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
 from tessera.peering import _token
 from tessera.pki import IdentityKind, SpiffeId, new_key_and_csr, write_atomic
 from tessera_client import AsyncClient, Credentials

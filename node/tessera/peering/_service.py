@@ -12,7 +12,7 @@ from typing import Any
 
 from cryptography import x509
 
-from tessera.errors import (
+from tessera.core.errors import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,

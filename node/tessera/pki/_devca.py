@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tessera.core.paths import CredentialFiles
 from tessera.pki._csr import new_key_and_csr
 from tessera.pki._files import write_atomic
 from tessera.pki._identity import SpiffeId
@@ -32,15 +32,6 @@ def _priv_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-
-
-@dataclass(frozen=True)
-class CredentialFiles:
-    """Where one identity's key, chain and trust roots live."""
-
-    cert: Path
-    key: Path
-    ca: Path
 
 
 class DevCA:

@@ -13,11 +13,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from tessera.pki._devca import CredentialFiles
+from tessera.core.paths import CredentialFiles
 from tessera.pki._files import write_atomic
 from tessera.pki._identity import SpiffeId
 from tessera.pki._issuer import IssuedCertificate, Issuer
-from tessera.pki._stepca import make_csr
+from tessera.pki.stepca._client import make_csr
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from functools import lru_cache
 
 from cryptography import x509
 
-from tessera.errors import Unauthenticated
+from tessera.core.errors import Unauthenticated
 
 _DOMAIN = r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?"
 _NAME = r"[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?"

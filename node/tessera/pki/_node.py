@@ -11,7 +11,6 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -19,43 +18,24 @@ from cryptography.hazmat.primitives import serialization
 from psycopg_pool import AsyncConnectionPool
 
 from tessera.config import Config
-from tessera.errors import ConfigError
+from tessera.core.errors import ConfigError
+from tessera.core.paths import CredentialFiles, NodePaths
 from tessera.observability import Metrics
 from tessera.pki._denylist import DenyList, crl_refresher, redact_url, refresh_crl
-from tessera.pki._devca import CredentialFiles, local_sans
+from tessera.pki._devca import local_sans
 from tessera.pki._enrol import Enrolment, credentials_valid, enrol
 from tessera.pki._identity import IdentityKind, SpiffeId
 from tessera.pki._issuer import Issuer
 from tessera.pki._renewal import CertificateStatus, ManagedCertificate
 from tessera.pki._revocations import SharedRevocations
-from tessera.pki._stepca import StepCAError
-from tessera.pki._stepca_issuer import StepCAIssuer
 from tessera.pki._tls import ReloadableServerCredentials, TlsMaterial
+from tessera.pki.stepca._client import StepCAError
+from tessera.pki.stepca._issuer import StepCAIssuer
 
 log = logging.getLogger(__name__)
 
 #: Seconds between fetches of the CA's root (pinned by fingerprint).
 ROOT_REFRESH_S = 3600.0
-
-
-@dataclass(frozen=True)
-class NodeFiles:
-    """The credential files the node manages under data_dir/pki."""
-
-    pki_dir: Path
-    server: CredentialFiles
-    admin: CredentialFiles
-    client: CredentialFiles
-
-    @property
-    def deny_list(self) -> Path:
-        """Serials revoked through this node, one decimal serial per line."""
-        return self.pki_dir / "denied_serials.txt"
-
-    @property
-    def crl(self) -> Path:
-        """The last CRL put in force (DER), loaded again at start."""
-        return self.pki_dir / "crl.der"
 
 
 def node_enrolment(cfg: Config) -> Enrolment:
@@ -90,7 +70,7 @@ async def make_stepca_issuer(cfg: Config) -> StepCAIssuer:
     )
 
 
-async def ensure_enrolled(cfg: Config, files: NodeFiles, issuer: StepCAIssuer) -> list[str]:
+async def ensure_enrolled(cfg: Config, files: NodePaths, issuer: StepCAIssuer) -> list[str]:
     """Enrol the node (and, with a provisioner key, the local admin and client) unless
     their certificates are valid already; return the names that were enrolled."""
     roots = issuer.roots_pem()
@@ -115,7 +95,7 @@ async def ensure_enrolled(cfg: Config, files: NodeFiles, issuer: StepCAIssuer) -
 class NodeCertificates:
     """Everything the node does with certificates while it runs."""
 
-    files: NodeFiles
+    files: NodePaths
     issuer: Issuer | None
     deny_list: DenyList
     cfg: Config
@@ -130,7 +110,7 @@ class NodeCertificates:
         return self.issuer.kind if self.issuer is not None else "external"
 
     @classmethod
-    def create(cls, cfg: Config, files: NodeFiles, issuer: Issuer | None,
+    def create(cls, cfg: Config, files: NodePaths, issuer: Issuer | None,
                server_files: CredentialFiles) -> NodeCertificates:
         """Set up the deny list (trusting the served chain's CAs for CRLs)."""
         trusted = server_files.ca.read_bytes()

@@ -24,15 +24,15 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tessera.errors import TesseraError
+from tessera.core.errors import TesseraError
+from tessera.core.paths import CredentialFiles
 from tessera.observability import Metrics
-from tessera.pki._devca import CredentialFiles
 from tessera.pki._enrol import split_sans
 from tessera.pki._files import write_atomic, write_atomic_pair
 from tessera.pki._identity import SpiffeId
 from tessera.pki._issuer import IssuedCertificate, Issuer
-from tessera.pki._stepca import make_csr, redact
 from tessera.pki._tls import TlsMaterial
+from tessera.pki.stepca._client import make_csr, redact
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@
 script share.
 """
 
-from tessera.ratelimit._gcra import Decision, Limit, gcra
+from tessera.config import METHOD_CLASSES, Limit, parse_limits
+from tessera.ratelimit._gcra import Decision, gcra
 from tessera.ratelimit._limiter import (
     DEFAULT_LOCAL,
     DEFAULT_PEER,
@@ -13,14 +14,7 @@ from tessera.ratelimit._limiter import (
     LocalGcra,
     RateLimiter,
 )
-from tessera.ratelimit._policy import (
-    METHOD_CLASSES,
-    effective_limit,
-    grant_limit,
-    method_class,
-    parse_limits,
-    subject_of,
-)
+from tessera.ratelimit._policy import effective_limit, grant_limit, method_class, subject_of
 
 __all__ = [
     "DEFAULT_LOCAL",

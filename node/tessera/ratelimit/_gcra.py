@@ -18,29 +18,6 @@ MICROS = 1_000_000
 
 
 @dataclass(frozen=True)
-class Limit:
-    """A rate with a burst; `rate_per_s <= 0` means unlimited."""
-
-    rate_per_s: float
-    burst: int
-
-    @property
-    def unlimited(self) -> bool:
-        """True when no call is ever refused."""
-        return self.rate_per_s <= 0
-
-    @property
-    def interval_us(self) -> int:
-        """Microseconds between calls at the sustained rate (at least 1)."""
-        return max(1, round(MICROS / self.rate_per_s))
-
-    @property
-    def tolerance_us(self) -> int:
-        """How far TAT may run ahead of now: `burst` calls' worth of intervals."""
-        return max(1, self.burst) * self.interval_us
-
-
-@dataclass(frozen=True)
 class Decision:
     """The outcome of one GCRA step."""
 

@@ -16,25 +16,20 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from tessera import doctor, errors
+from tessera.calls import Caller
+from tessera.config import METHOD_CLASSES, Limit, RateLimitConfig, parse_limits
+from tessera.core import errors
+from tessera.core.checks import Check, Level
+from tessera.grants import Grant
+from tessera.observability import Metrics
 from tessera.ratelimit import _script
-from tessera.ratelimit._gcra import MICROS, Decision, Limit, gcra
-from tessera.ratelimit._policy import (
-    METHOD_CLASSES,
-    effective_limit,
-    method_class,
-    parse_limits,
-    subject_of,
-)
-
-if TYPE_CHECKING:
-    from tessera.auth import Caller
-    from tessera.config import RateLimitConfig
-    from tessera.observability import Metrics
+from tessera.ratelimit._gcra import MICROS, Decision, gcra
+from tessera.ratelimit._policy import effective_limit, method_class, subject_of
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +111,9 @@ class LocalGcra:
 
 
 class RateLimiter:
-    """Implements `tessera.auth.Limiter` for every admitted call."""
+    """Implements `tessera.calls.Limiter` for every admitted call."""
 
-    def __init__(self, cfg: RateLimitConfig, valkey: Any, *, key_prefix: str,
+    def __init__(self, cfg: RateLimitConfig, valkey: redis.Redis, *, key_prefix: str,
                  metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.valkey = valkey
@@ -270,27 +265,27 @@ class RateLimiter:
 
     # -- views ------------------------------------------------------------------------
 
-    def doctor_check(self) -> doctor.Check:
+    def doctor_check(self) -> Check:
         """The limiter's backend as a doctor check."""
         details: dict[str, Any] = {"backend": self.backend, "enabled": self.cfg.enabled}
         if not self.cfg.enabled:
-            return doctor.Check("ratelimit", doctor.Level.YELLOW,
+            return Check("ratelimit", Level.YELLOW,
                                 "rate limiting is disabled (ratelimit.enabled = false)", details)
         if self.backend == VALKEY:
-            return doctor.Check("ratelimit", doctor.Level.GREEN,
+            return Check("ratelimit", Level.GREEN,
                                 "limits are decided in Valkey and shared by all replicas",
                                 details)
         if self.down_since is not None:
             details["since"] = self.down_since.isoformat()
         if self.backend == LOCAL:
-            return doctor.Check("ratelimit", doctor.Level.YELLOW,
+            return Check("ratelimit", Level.YELLOW,
                                 f"Valkey {self.last_error}: limits are enforced per replica by "
                                 "the local fallback until it answers; check valkey.url", details)
-        return doctor.Check("ratelimit", doctor.Level.RED,
+        return Check("ratelimit", Level.RED,
                             f"Valkey {self.last_error}: limited calls are refused "
                             "(ratelimit.on_valkey_failure = closed); check valkey.url", details)
 
-    async def status(self, subject: str, grant: Any = None) -> LimitStatus:
+    async def status(self, subject: str, grant: Grant | None = None) -> LimitStatus:
         """Effective limits of a grant or local identity and its recent rejections."""
         window = self.cfg.recent_window_s
         counts: dict[str, int] = {}

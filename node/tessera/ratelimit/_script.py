@@ -8,6 +8,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
@@ -81,8 +82,9 @@ def _result(reply: Any) -> ScriptResult:
     return ScriptResult(bool(int(reply[0])), int(reply[1]), int(reply[2]))
 
 
-async def run(valkey: Any, tat_key: str, rej_prefix: str, method_class: str, interval_us: int,
-              tolerance_us: int, rejection_ttl_s: int, now_us: int | None = None) -> ScriptResult:
+async def run(valkey: redis.Redis, tat_key: str, rej_prefix: str, method_class: str,
+              interval_us: int, tolerance_us: int, rejection_ttl_s: int,
+              now_us: int | None = None) -> ScriptResult:
     """One decision: EVALSHA, loading the script when the server does not know it."""
     args: list[str | int] = [interval_us, tolerance_us, rejection_ttl_s, method_class]
     if now_us is not None:
@@ -96,7 +98,7 @@ async def run(valkey: Any, tat_key: str, rej_prefix: str, method_class: str, int
     return _result(reply)
 
 
-async def run_many(valkey: Any, batch: list[Args]) -> list[ScriptResult | BaseException]:
+async def run_many(valkey: redis.Redis, batch: list[Args]) -> list[ScriptResult | BaseException]:
     """Several decisions in one round trip (a pipeline of EVALSHA, not a transaction).
 
     Each script still runs atomically on its own; only the network trip is shared.
@@ -149,7 +151,7 @@ class Line:
         self.busy = False
 
     @classmethod
-    def of(cls, valkey: Any, *, limit_s: float) -> Line | None:
+    def of(cls, valkey: redis.Redis, *, limit_s: float) -> Line | None:
         """A line with the client's connection settings; None for clients without a pool."""
         pool: Any = getattr(valkey, "connection_pool", None)
         make = getattr(pool, "connection_class", None)
@@ -188,7 +190,7 @@ class Batcher:
     hung connection cannot stall every call behind it.
     """
 
-    def __init__(self, valkey: Any, *, stall_s: float) -> None:
+    def __init__(self, valkey: redis.Redis, *, stall_s: float) -> None:
         self.valkey = valkey
         self.stall_s = stall_s
         self._pending: list[tuple[Args, asyncio.Future[ScriptResult]]] = []

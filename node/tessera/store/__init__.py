@@ -15,17 +15,20 @@ from tessera.store._resources import (
     vector_literal,
     version_of_etag,
 )
+from tessera.store._search import Metric, SearchQuery, search
 
 __all__ = [
     "EVENTS_CHANNEL",
     "NOTHING",
     "ListQuery",
+    "Metric",
     "Operation",
     "Pool",
     "Predicate",
     "Resource",
     "ResourceKey",
     "ResourceStore",
+    "SearchQuery",
     "append_event",
     "etag_of",
     "migrate",
@@ -33,6 +36,7 @@ __all__ = [
     "open_pool",
     "redact_dsn",
     "schema_version",
+    "search",
     "vector_literal",
     "version_of_etag",
 ]

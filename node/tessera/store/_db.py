@@ -14,7 +14,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from tessera.config import StoreConfig
-from tessera.errors import ConfigError, Unavailable
+from tessera.core.errors import ConfigError, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from tessera.errors import FailedPrecondition, NotFound, PermissionDenied
-from tessera.pagination import query_hash
+from tessera.core.errors import FailedPrecondition, NotFound, PermissionDenied
+from tessera.core.pagination import query_hash
 from tessera.store._predicate import Predicate
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]

@@ -1,0 +1,23 @@
+"""The gRPC edge: the call path (identity, admission, limits, audit, error mapping) and
+thin servicers between protobuf and the node's service layer."""
+
+from tessera.api._admin import AdminServicer, run_checks
+from tessera.api._callpath import CallPath
+from tessera.api._command import CommandServicer
+from tessera.api._enrolment import start_enroll_listener
+from tessera.api._events import EventServicer
+from tessera.api._query import QueryServicer
+from tessera.api._runtime import Endpoints, Runtime, dialable
+
+__all__ = [
+    "AdminServicer",
+    "CallPath",
+    "CommandServicer",
+    "Endpoints",
+    "EventServicer",
+    "QueryServicer",
+    "Runtime",
+    "dialable",
+    "run_checks",
+    "start_enroll_listener",
+]

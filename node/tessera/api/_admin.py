@@ -1,0 +1,140 @@
+"""AdminService: node facts, doctor, certificate status. Admin identities only."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, NoReturn
+
+import grpc
+from cryptography import x509
+
+from tessera import __version__, doctor
+from tessera.api._audit import AuditAdmin
+from tessera.api._convert import dict_to_struct, identity_to_pb, timestamp
+from tessera.api._peers_admin import PeerGrantAdmin
+from tessera.api._ratelimit import rate_limit_status
+from tessera.api._runtime import Runtime
+from tessera.core.errors import FailedPrecondition, TesseraError, Unavailable, Unimplemented
+from tessera.pki import CertificateStatus, CertState
+from tessera_client.pb import admin_pb2, admin_pb2_grpc
+
+_LEVELS = {
+    doctor.Level.GREEN: admin_pb2.DoctorCheck.STATUS_GREEN,
+    doctor.Level.YELLOW: admin_pb2.DoctorCheck.STATUS_YELLOW,
+    doctor.Level.RED: admin_pb2.DoctorCheck.STATUS_RED,
+}
+
+
+async def run_checks(rt: Runtime) -> list[doctor.Check]:
+    """The doctor checks of a running node, against its live connections."""
+    checks = await doctor.check_postgres(rt.dsn)
+    checks.append(await doctor.check_valkey(rt.valkey_url))
+    files = rt.server_files
+    checks.append(doctor.check_certificate("certificate", files.cert, files.key))
+    checks.append(rt.limiter.doctor_check())
+    status = rt.certificates.server_status()
+    if status is not None:
+        checks.append(doctor.check_renewal("certificate-renewal", status))
+    return checks
+
+
+def _later(feature: str) -> Any:
+    async def method(self: Any, request: Any, context: grpc.aio.ServicerContext) -> NoReturn:
+        raise Unimplemented(f"{feature} is not implemented yet")
+
+    return method
+
+
+class AdminServicer(AuditAdmin, PeerGrantAdmin, admin_pb2_grpc.AdminServiceServicer):
+    """Administers the node."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    Reload = _later("Reload")
+
+    async def GetRateLimitStatus(
+        self, request: admin_pb2.GetRateLimitStatusRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RateLimitStatus:
+        return await rate_limit_status(self.rt, request.subject)
+
+    async def GetNodeInfo(
+        self, request: admin_pb2.GetNodeInfoRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.NodeInfo:
+        return admin_pb2.NodeInfo(
+            identity=identity_to_pb(self.rt.identity), version=__version__,
+            tier=self.rt.cfg.tier, listen_address=self.rt.listen_address,
+            embedding_dimension=self.rt.cfg.store.embedding_dimension,
+            start_time=timestamp(self.rt.started_at), schema_version=self.rt.schema_version,
+        )
+
+    async def Doctor(
+        self, request: admin_pb2.DoctorRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DoctorResponse:
+        checks = await run_checks(self.rt)
+        return admin_pb2.DoctorResponse(checks=[
+            admin_pb2.DoctorCheck(name=c.name, status=_LEVELS[c.level], message=c.message,
+                                  details=dict_to_struct(c.details))
+            for c in checks
+        ])
+
+    async def GetCertificateStatus(
+        self, request: admin_pb2.GetCertificateStatusRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CertificateStatus:
+        certs = self.rt.certificates
+        status = certs.server_status() if certs is not None else None
+        if status is None:
+            return _static_status(self.rt)
+        return certificate_status_to_pb(status)
+
+    async def RotateCertificate(
+        self, request: admin_pb2.RotateCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CertificateStatus:
+        certs = self.rt.certificates
+        if certs is None or certs.server_status() is None:
+            raise FailedPrecondition(
+                "the node serves fixed certificate files (tls.cert_file); replace them and "
+                "restart, or configure ca.url", reason="NO_ISSUER")
+        try:
+            status = await certs.rotate()
+        except TesseraError as exc:
+            # Recorded as DEGRADED already; the caller gets the (secret-free) reason.
+            raise Unavailable(f"certificate rotation failed: {exc.message}",
+                              reason="ROTATION_FAILED") from None
+        assert status is not None
+        return certificate_status_to_pb(status)
+
+
+_STATES = {
+    CertState.HEALTHY: admin_pb2.CertificateStatus.STATE_HEALTHY,
+    CertState.DEGRADED: admin_pb2.CertificateStatus.STATE_DEGRADED,
+    CertState.EXPIRED: admin_pb2.CertificateStatus.STATE_EXPIRED,
+}
+
+
+def certificate_status_to_pb(status: CertificateStatus) -> admin_pb2.CertificateStatus:
+    """Domain status to protobuf."""
+    return admin_pb2.CertificateStatus(
+        serial=format(status.serial, "x"), sans=list(status.sans),
+        not_before=timestamp(status.not_before), not_after=timestamp(status.not_after),
+        renew_time=timestamp(status.renew_at), state=_STATES[status.state],
+        issuer=status.issuer, last_error=status.last_error,
+    )
+
+
+def _static_status(rt: Runtime) -> admin_pb2.CertificateStatus:
+    """Status of fixed certificate files that nothing renews."""
+    leaf = rt.credentials.material.leaf()
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    sans = [str(v.value) for v in san]
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    expired = leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC)
+    return admin_pb2.CertificateStatus(
+        serial=format(leaf.serial_number, "x"), sans=sans,
+        not_before=timestamp(leaf.not_valid_before_utc),
+        not_after=timestamp(leaf.not_valid_after_utc),
+        renew_time=timestamp(leaf.not_valid_before_utc + lifetime * 2 / 3),
+        state=admin_pb2.CertificateStatus.STATE_EXPIRED if expired
+        else admin_pb2.CertificateStatus.STATE_HEALTHY,
+        issuer=rt.issuer_kind,
+    )

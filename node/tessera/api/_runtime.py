@@ -1,0 +1,77 @@
+"""What servicers work with: the node's configuration, connections and components, typed.
+
+Built once by the composition root (`tessera.app`), which owns opening and closing each
+component; servicers only use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import redis.asyncio as redis
+
+from tessera.audit import AuditWriter
+from tessera.config import Config
+from tessera.core.pagination import PageTokens
+from tessera.core.paths import CredentialFiles, NodePaths
+from tessera.federation import Federation
+from tessera.grants import GrantStore
+from tessera.peering import Peering
+from tessera.pki import NodeCertificates, ReloadableServerCredentials, SpiffeId
+from tessera.ratelimit import RateLimiter
+from tessera.store import Pool, ResourceStore
+
+_UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "[::]", "")  # noqa: S104 - matching, not binding
+
+
+def dialable(address: str) -> str:
+    """host:port others can dial for a bound address (wildcard hosts become loopback)."""
+    host, _, port = address.rpartition(":")
+    return f"{'127.0.0.1' if host in _UNSPECIFIED_HOSTS else host}:{port}"
+
+
+@dataclass
+class Endpoints:
+    """Where the node listens, known only once its servers are bound."""
+
+    #: The bound gRPC address (host:port).
+    listen_address: str = ""
+    #: The dialable address of the enrolment listener.
+    enroll_address: str = ""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The live state servicers work with."""
+
+    cfg: Config
+    paths: NodePaths
+    identity: SpiffeId
+    pool: Pool
+    store: ResourceStore
+    tokens: PageTokens
+    valkey: redis.Redis
+    credentials: ReloadableServerCredentials
+    kinds: frozenset[str]
+    started_at: datetime
+    schema_version: int
+    issuer_kind: str
+    #: The PostgreSQL DSN and Valkey URL in use (embedded or configured), for doctor.
+    dsn: str
+    valkey_url: str
+    #: The files the server certificate is read from.
+    server_files: CredentialFiles
+    certificates: NodeCertificates
+    federation: Federation
+    grants: GrantStore
+    peering: Peering
+    limiter: RateLimiter
+    #: None only when audit is turned off (benchmarks).
+    auditor: AuditWriter | None
+    endpoints: Endpoints
+
+    @property
+    def listen_address(self) -> str:
+        """The bound gRPC address."""
+        return self.endpoints.listen_address

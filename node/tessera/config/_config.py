@@ -1,0 +1,449 @@
+"""Configuration: frozen dataclasses per concern, loaded from TOML and `TESSERA_*` variables.
+
+Precedence, lowest first: defaults, the TOML file, environment variables, command-line
+flags. Every environment variable is `TESSERA_<SECTION>_<FIELD>`, e.g.
+`TESSERA_STORE_DSN` or `TESSERA_NODE_LISTEN_ADDRESS`. A wrong value raises
+`ConfigError` whose message is one line naming the setting and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tessera.config._limits import parse_limits
+from tessera.core.errors import ConfigError
+
+DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "tessera"
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
+_DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+METRICS = ("cosine", "l2", "inner_product")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Who the node is and where it listens."""
+
+    #: Node name, the last part of its SPIFFE identity. Lower-case letters, digits, '-'.
+    name: str = "tessera"
+    #: SPIFFE trust domain of identities issued for this node.
+    trust_domain: str = "tessera.local"
+    #: Directory for embedded services, certificates and secrets.
+    data_dir: Path = DEFAULT_DATA_DIR
+    #: host:port the gRPC server binds; port 0 picks a free port.
+    listen_address: str = "127.0.0.1:50051"
+    #: host:port peers should call; defaults to the listen address.
+    advertised_address: str = ""
+    #: host:port of the enrolment listener (server-only TLS, EnrollPeer only); empty means
+    #: the listen address's host on a free port.
+    enroll_listen_address: str = ""
+    #: Seconds in-flight calls get to finish on SIGTERM.
+    shutdown_grace_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """PostgreSQL with pgvector."""
+
+    #: libpq DSN/URI of an external PostgreSQL; empty runs the embedded one.
+    dsn: str = ""
+    #: Smallest number of pooled connections.
+    pool_min: int = 2
+    #: Largest number of pooled connections.
+    pool_max: int = 10
+    #: Dimension N of the `vector(N)` embedding column; fixed once the schema exists.
+    embedding_dimension: int = 384
+    #: Distance metric of the HNSW index: cosine, l2 or inner_product.
+    metric: str = "cosine"
+    #: Embedding model name reported by Describe (informational).
+    embedding_model: str = ""
+    #: Seconds a statement may run before it is cancelled.
+    statement_timeout_s: float = 10.0
+    #: Comma-separated resource kinds this node stores; others are refused.
+    kinds: str = "task,note,memory,document,credential"
+    #: Comma-separated kinds no grant can share, whatever it names (refused at creation
+    #: and withheld at read time).
+    never_shared_kinds: str = "credential"
+
+    @property
+    def kind_set(self) -> frozenset[str]:
+        """The kinds as a set."""
+        return frozenset(k.strip() for k in self.kinds.split(",") if k.strip())
+
+    @property
+    def never_shared_set(self) -> frozenset[str]:
+        """The never-shareable kinds as a set."""
+        return frozenset(k.strip() for k in self.never_shared_kinds.split(",") if k.strip())
+
+
+@dataclass(frozen=True)
+class ValkeyConfig:
+    """Valkey for rate limiting and caching."""
+
+    #: redis:// or unix:// URL of an external Valkey; empty runs the embedded one.
+    url: str = ""
+    #: Milliseconds a Valkey call may take before the node stops waiting for it.
+    timeout_ms: int = 200
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Certificates the server presents and the roots it trusts.
+
+    All three empty means the embedded development CA under the data directory.
+    """
+
+    #: PEM chain (leaf first) the server presents.
+    cert_file: str = ""
+    #: PEM private key of that chain.
+    key_file: str = ""
+    #: PEM roots that client certificates must chain to.
+    ca_file: str = ""
+    #: Lifetime of certificates the development CA issues, in hours.
+    dev_cert_ttl_h: float = 24.0 * 30
+
+
+@dataclass(frozen=True)
+class CaConfig:
+    """step-ca: where the node enrols and renews its certificates, and what it trusts.
+
+    `url` empty means no step-ca: the `[tls]` files or the development CA are used.
+    """
+
+    #: https://host:port of step-ca; set it to enrol from step-ca into data_dir/pki.
+    url: str = ""
+    #: PEM file of the CA's root, trusted as is (explicit trust, never the system store).
+    root_file: str = ""
+    #: SHA-256 fingerprint (hex) of the CA's root; the root is fetched and pinned to it.
+    root_fingerprint: str = ""
+    #: Name of the JWK provisioner that one-time tokens name as issuer.
+    provisioner_name: str = "tessera"
+    #: File with the provisioner's private key: a JWK (JSON) or a PKCS#8 PEM.
+    provisioner_key_file: str = ""
+    #: File holding the password of an encrypted provisioner key.
+    provisioner_password_file: str = ""
+    #: File holding a single-use enrolment token (used when there is no provisioner key).
+    bootstrap_token_file: str = ""
+    #: Fraction of a certificate's lifetime after which it is renewed (0.5 to 0.9).
+    renew_fraction: float = 2.0 / 3.0
+    #: PEM or DER CRL file whose serials the node refuses.
+    crl_file: str = ""
+    #: http(s) URL of a CRL whose serials the node refuses.
+    crl_url: str = ""
+    #: Seconds between CRL reloads; 0 loads it only at start.
+    crl_refresh_s: float = 300.0
+    #: Seconds a call to the CA may take.
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """Rate limiting of admitted calls (GCRA in Valkey, per grant and method class).
+
+    Limits are `<class>=<rate_per_s>/<burst>` items, comma-separated, over the classes
+    read, search, command, event and admin; a rate of 0 means unlimited. Classes not
+    named keep the built-in defaults (`tessera.ratelimit.DEFAULT_LOCAL` / `DEFAULT_PEER`).
+    """
+
+    #: Whether calls are limited at all.
+    enabled: bool = True
+    #: Limits of local identities (tools, admins), e.g. "read=1000/2000, admin=0".
+    local_limits: str = ""
+    #: Limits of peers whose grant carries no rate of its own.
+    peer_limits: str = ""
+    #: When Valkey does not answer: "local" (per-replica limiter) or "closed" (refuse).
+    on_valkey_failure: str = "local"
+    #: Milliseconds one decision may wait for Valkey before the fallback takes over.
+    decision_timeout_ms: int = 50
+    #: Longest pause, in seconds, between probes of a Valkey that stopped answering.
+    probe_max_interval_s: float = 5.0
+    #: Seconds of rejections the admin view counts as recent.
+    recent_window_s: int = 900
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics endpoint."""
+
+    #: host:port for the HTTP metrics endpoint; empty disables it.
+    listen_address: str = ""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Calling peers when a query fans out (`sources` ALL or PEERS)."""
+
+    #: Milliseconds each peer gets to answer before it counts as offline.
+    peer_timeout_ms: int = 2000
+    #: Seconds a peer's list/get answer stays in the offline cache.
+    cache_ttl_s: int = 30
+    #: Consecutive transport failures that open a peer's circuit breaker.
+    breaker_failures: int = 3
+    #: Seconds an open breaker fails fast before letting one probe through.
+    breaker_cooldown_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit log (always on in production)."""
+
+    #: For benchmarking only: false answers calls without writing their audit rows.
+    enabled: bool = True
+    #: Milliseconds a batch waits for more rows while calls finish concurrently (never for
+    #: a lone call): fewer commits, less CPU per call, for a little latency. 0 commits as
+    #: soon as the previous batch has.
+    batch_delay_ms: float = 2.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of a node."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    valkey: ValkeyConfig = field(default_factory=ValkeyConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ca: CaConfig = field(default_factory=CaConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    @property
+    def tier(self) -> str:
+        """'embedded' when any dependency runs embedded, else 'federated'."""
+        if self.store.dsn and self.valkey.url and (self.tls.cert_file or self.ca.url):
+            return "federated"
+        return "embedded"
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "node": NodeConfig,
+    "store": StoreConfig,
+    "valkey": ValkeyConfig,
+    "tls": TlsConfig,
+    "metrics": MetricsConfig,
+    "ca": CaConfig,
+    "ratelimit": RateLimitConfig,
+    "audit": AuditConfig,
+    "federation": FederationConfig,
+}
+
+
+def _coerce(setting: str, kind: Any, raw: Any) -> Any:
+    """Convert a TOML or environment value to the field's type."""
+    try:
+        if kind in (int, "int"):
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind in (float, "float"):
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if kind in (Path, "Path"):
+            return Path(str(raw)).expanduser()
+        if kind in (bool, "bool"):
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind in (str, "str"):
+            if not isinstance(raw, str):
+                raise ValueError
+            return raw
+    except ValueError:
+        name = getattr(kind, "__name__", kind)
+        raise ConfigError(f"{setting}: expected {name}, got {raw!r}; fix the value") from None
+    raise ConfigError(f"{setting}: unsupported type")
+
+
+def load(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load and validate the configuration.
+
+    `overrides` maps "section.field" to values from command-line flags.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    if path is None and env.get("TESSERA_CONFIG"):
+        path = Path(env["TESSERA_CONFIG"])
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; fix --config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for section, table in data.items():
+            if section not in _SECTIONS or not isinstance(table, dict):
+                raise ConfigError(
+                    f"{path}: unknown section [{section}]; expected one of {sorted(_SECTIONS)}"
+                )
+            values[section].update(table)
+    for key, raw in env.items():
+        if not key.startswith("TESSERA_") or key == "TESSERA_CONFIG":
+            continue
+        rest = key[len("TESSERA_") :].lower()
+        section, _, name = rest.partition("_")
+        if section in _SECTIONS and name:
+            values[section][name] = raw
+    for dotted, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        section, _, name = dotted.partition(".")
+        values[section][name] = raw
+
+    built: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for name, raw in values[section].items():
+            setting = f"{section}.{name} (TESSERA_{section.upper()}_{name.upper()})"
+            if name not in known:
+                raise ConfigError(f"{setting}: unknown setting; expected one of {sorted(known)}")
+            kwargs[name] = _coerce(setting, known[name].type, raw)
+        built[section] = cls(**kwargs)
+    cfg = Config(**built)
+    validate(cfg)
+    return cfg
+
+
+def _check_hostport(setting: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{setting}: {value!r} is not host:port; use e.g. 127.0.0.1:50051")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first wrong setting."""
+    n, s = cfg.node, cfg.store
+    if not _NAME_RE.match(n.name):
+        raise ConfigError(
+            f"node.name: {n.name!r} must be 1-64 of [a-z0-9-], not starting or ending with '-'"
+        )
+    if not _DOMAIN_RE.match(n.trust_domain):
+        raise ConfigError(f"node.trust_domain: {n.trust_domain!r} must be a DNS-like name")
+    _check_hostport("node.listen_address", n.listen_address)
+    if n.advertised_address:
+        _check_hostport("node.advertised_address", n.advertised_address)
+    if n.enroll_listen_address:
+        _check_hostport("node.enroll_listen_address", n.enroll_listen_address)
+    if not 1 <= s.embedding_dimension <= 16000:
+        raise ConfigError("store.embedding_dimension: must be between 1 and 16000")
+    if s.metric not in METRICS:
+        raise ConfigError(f"store.metric: {s.metric!r} must be one of {', '.join(METRICS)}")
+    if not 1 <= s.pool_min <= s.pool_max:
+        raise ConfigError("store.pool_min/pool_max: need 1 <= pool_min <= pool_max")
+    if s.dsn and not (s.dsn.startswith(("postgresql://", "postgres://")) or "=" in s.dsn):
+        raise ConfigError("store.dsn: must be a postgresql:// URI or a libpq key=value DSN")
+    bad = [k for k in s.kind_set if not re.match(r"^[a-z0-9._-]{1,64}$", k)]
+    if not s.kind_set or bad:
+        raise ConfigError(
+            f"store.kinds: need a comma-separated list of [a-z0-9._-] names, got {s.kinds!r}"
+        )
+    v = cfg.valkey
+    if v.url and not v.url.startswith(("redis://", "rediss://", "unix://", "valkey://")):
+        raise ConfigError("valkey.url: must start with redis://, rediss://, valkey:// or unix://")
+    if v.timeout_ms <= 0:
+        raise ConfigError("valkey.timeout_ms: must be positive")
+    t = cfg.tls
+    given = [bool(t.cert_file), bool(t.key_file), bool(t.ca_file)]
+    if any(given) and not all(given):
+        raise ConfigError(
+            "tls: set all of cert_file, key_file and ca_file, or none for the development CA"
+        )
+    for setting, value in (("tls.cert_file", t.cert_file), ("tls.key_file", t.key_file),
+                           ("tls.ca_file", t.ca_file)):
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{setting}: {value} does not exist or is not a file")
+    if cfg.metrics.listen_address:
+        _check_hostport("metrics.listen_address", cfg.metrics.listen_address)
+    _validate_ca(cfg)
+    f = cfg.federation
+    if f.peer_timeout_ms <= 0 or f.cache_ttl_s <= 0 or f.breaker_failures <= 0 \
+            or f.breaker_cooldown_s <= 0:
+        raise ConfigError("federation: peer_timeout_ms, cache_ttl_s, breaker_failures and "
+                          "breaker_cooldown_s must all be positive")
+    _validate_ratelimit(cfg)
+    if not 0 <= cfg.audit.batch_delay_ms <= 100:
+        raise ConfigError("audit.batch_delay_ms: must be between 0 and 100")
+
+
+def _validate_ratelimit(cfg: Config) -> None:
+    """The [ratelimit] section."""
+    r = cfg.ratelimit
+    for setting, text in (("ratelimit.local_limits", r.local_limits),
+                          ("ratelimit.peer_limits", r.peer_limits)):
+        try:
+            parse_limits(setting, text)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if r.on_valkey_failure not in ("local", "closed"):
+        raise ConfigError(f"ratelimit.on_valkey_failure: {r.on_valkey_failure!r} must be "
+                          "'local' or 'closed'")
+    if not 1 <= r.decision_timeout_ms <= 10_000:
+        raise ConfigError("ratelimit.decision_timeout_ms: must be between 1 and 10000")
+    if r.probe_max_interval_s <= 0:
+        raise ConfigError("ratelimit.probe_max_interval_s: must be positive")
+    if r.recent_window_s < 60:
+        raise ConfigError("ratelimit.recent_window_s: must be at least 60")
+
+
+def _validate_ca(cfg: Config) -> None:
+    """The [ca] section: one-line errors naming the setting."""
+    c = cfg.ca
+    for setting, value in (("ca.provisioner_key_file", c.provisioner_key_file),
+                           ("ca.provisioner_password_file", c.provisioner_password_file),
+                           ("ca.bootstrap_token_file", c.bootstrap_token_file),
+                           ("ca.root_file", c.root_file)):
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{setting}: {value} does not exist or is not a file")
+    if not 0.5 <= c.renew_fraction <= 0.9:
+        raise ConfigError(f"ca.renew_fraction: {c.renew_fraction} must be between 0.5 and 0.9")
+    if c.crl_refresh_s < 0:
+        raise ConfigError("ca.crl_refresh_s: must be 0 (load once) or a positive number of seconds")
+    if c.timeout_s <= 0:
+        raise ConfigError("ca.timeout_s: must be positive")
+    if c.crl_url and not c.crl_url.startswith(("http://", "https://")):
+        raise ConfigError(f"ca.crl_url: {c.crl_url!r} must be an http:// or https:// URL")
+    if not c.url:
+        return
+    if not re.match(r"^https://[^/\s]+/?$", c.url):
+        raise ConfigError(f"ca.url: {c.url!r} must be https://host:port of step-ca")
+    if cfg.tls.cert_file:
+        raise ConfigError("ca.url: set either ca.url (step-ca) or tls.cert_file (fixed files), "
+                          "not both")
+    if not c.root_file and not c.root_fingerprint:
+        raise ConfigError("ca.root_fingerprint: set it (or ca.root_file) so the CA's root is "
+                          "pinned; the system trust store is never used")
+    if c.root_fingerprint and not re.fullmatch(r"[0-9a-fA-F:]{64,95}", c.root_fingerprint):
+        raise ConfigError("ca.root_fingerprint: must be the 64 hex digits of the root's SHA-256")
+    if c.provisioner_password_file and not c.provisioner_key_file:
+        raise ConfigError("ca.provisioner_password_file: set ca.provisioner_key_file as well")
+    if not c.provisioner_name.strip():
+        raise ConfigError("ca.provisioner_name: must not be empty")
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,95 @@
+"""The node's exception hierarchy: one root, a subclass per category, structured fields.
+
+Domain code raises these; `tessera.core.status` maps them to gRPC status codes in
+exactly one place. Messages must never carry a credential, key or DSN password.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class TesseraError(Exception):
+    """Root of every error the node raises on purpose."""
+
+    #: Stable machine-readable reason, used as `google.rpc.ErrorInfo.reason`.
+    reason: str = "TESSERA_ERROR"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid field of a request."""
+
+    field: str
+    description: str
+
+
+class InvalidArgument(TesseraError):
+    """The request is malformed; `violations` name the fields."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Sequence[FieldViolation]) -> None:
+        self.violations = list(violations)
+        text = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        super().__init__(f"invalid request: {text}")
+
+
+class NotFound(TesseraError):
+    """The named thing does not exist (or the caller may not know it exists)."""
+
+    reason = "NOT_FOUND"
+
+
+class PermissionDenied(TesseraError):
+    """The caller is known but not allowed; `reason` is stable and audited."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(TesseraError):
+    """The caller could not be identified."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class FailedPrecondition(TesseraError):
+    """The system is not in a state that allows the call (version mismatch, reused key)."""
+
+    reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(TesseraError):
+    """A rate limit or quota was hit; `retry_after_s` says how long to wait."""
+
+    reason = "RATE_LIMITED"
+
+    def __init__(self, message: str, *, retry_after_s: float, subject: str = "") -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.subject = subject
+
+
+class Unimplemented(TesseraError):
+    """The RPC is defined in the API but not built yet."""
+
+    reason = "UNIMPLEMENTED"
+
+
+class Unavailable(TesseraError):
+    """A dependency (database, peer, CA) is unreachable; the call may be retried."""
+
+    reason = "UNAVAILABLE"
+
+
+class ConfigError(TesseraError):
+    """The configuration is wrong; the message names the setting and the fix."""
+
+    reason = "CONFIG_ERROR"

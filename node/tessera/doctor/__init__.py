@@ -1,0 +1,21 @@
+"""Health checks of the node's dependencies, with actionable, credential-free messages."""
+
+from tessera.core.checks import Check, Level, worst
+from tessera.doctor._checks import (
+    CERT_WARN,
+    check_certificate,
+    check_postgres,
+    check_renewal,
+    check_valkey,
+)
+
+__all__ = [
+    "CERT_WARN",
+    "Check",
+    "Level",
+    "check_certificate",
+    "check_postgres",
+    "check_renewal",
+    "check_valkey",
+    "worst",
+]

@@ -1,0 +1,135 @@
+"""Health checks of the node's dependencies, with actionable, credential-free messages."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from cryptography import x509
+
+from tessera.core.checks import Check, Level
+from tessera.pki import CertificateStatus
+from tessera.store import redact_dsn
+
+#: A certificate closer to expiry than this is yellow.
+CERT_WARN = dt.timedelta(days=7)
+
+
+async def check_postgres(dsn: str, *, timeout_s: float = 5.0) -> list[Check]:
+    """PostgreSQL reachable, and pgvector installed in it."""
+    shown = redact_dsn(dsn)
+    try:
+        conn = await asyncio.wait_for(
+            psycopg.AsyncConnection.connect(dsn, autocommit=True), timeout_s
+        )
+    except (psycopg.Error, TimeoutError, OSError) as exc:
+        kind = "timed out" if isinstance(exc, TimeoutError) else "failed"
+        return [
+            Check("postgresql", Level.RED,
+                  f"connection to {shown} {kind}; check store.dsn, that the server is running "
+                  "and accepts this user"),
+            Check("pgvector", Level.RED, "not checked: PostgreSQL is unreachable"),
+        ]
+    async with conn:
+        cur = await conn.execute("SHOW server_version")
+        row = await cur.fetchone()
+        version = row[0] if row else "?"
+        cur = await conn.execute(
+            "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+        )
+        ext = await cur.fetchone()
+        cur = await conn.execute(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
+        )
+        avail = await cur.fetchone()
+    checks = [Check("postgresql", Level.GREEN, f"PostgreSQL {version} at {shown}",
+                    {"version": version})]
+    if ext is not None:
+        checks.append(Check("pgvector", Level.GREEN, f"pgvector {ext[0]} installed",
+                            {"version": ext[0]}))
+    elif avail is not None:
+        checks.append(Check("pgvector", Level.YELLOW,
+                            f"pgvector {avail[0]} is available but not created yet; "
+                            "run `tessera migrate` (or start the node) to create it"))
+    else:
+        checks.append(Check("pgvector", Level.RED,
+                            "the pgvector extension is not installed on this PostgreSQL; "
+                            "install pgvector 0.8 or later on the server"))
+    return checks
+
+
+async def check_valkey(url: str, *, timeout_s: float = 2.0) -> Check:
+    """Valkey answers PING."""
+    import redis.asyncio as redis
+    from redis.exceptions import RedisError
+
+    shown = redact_dsn(url)
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        info = await client.info("server")
+        version = str(info.get("valkey_version") or info.get("redis_version") or "?")
+        return Check("valkey", Level.GREEN, f"Valkey {version} at {shown}", {"version": version})
+    except (RedisError, OSError, TimeoutError):
+        return Check("valkey", Level.RED,
+                     f"Valkey at {shown} does not answer; check valkey.url and that it runs "
+                     "(the node falls back to a local rate limiter meanwhile)")
+    finally:
+        await client.aclose()
+
+
+def check_certificate(name: str, cert_path: Path, key_path: Path,
+                      *, now: dt.datetime | None = None) -> Check:
+    """A certificate exists, its key is private, and it is not close to expiry."""
+    now = now or dt.datetime.now(dt.UTC)
+    if not cert_path.exists():
+        return Check(name, Level.RED, f"{cert_path} does not exist; start the node once or "
+                     "run `tessera certs enroll`")
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+    except ValueError:
+        return Check(name, Level.RED, f"{cert_path} is not a PEM certificate")
+    left = leaf.not_valid_after_utc - now
+    days = round(left.total_seconds() / 86400, 2)
+    details = {"serial": format(leaf.serial_number, "x"),
+               "not_after": leaf.not_valid_after_utc.isoformat(), "days_left": days}
+    if key_path.exists() and key_path.stat().st_mode & 0o077:
+        return Check(name, Level.RED, f"{key_path} is readable by others; chmod 600 it", details)
+    if left <= dt.timedelta(0):
+        return Check(name, Level.RED, f"expired {-days} days ago; renew it "
+                     "(`tessera certs renew`) or restart the node to re-issue", details)
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    # Short-lived (step-ca) certificates are renewed at 2/3 of their life: warn once a
+    # quarter of the lifetime is all that is left, i.e. renewal is overdue.
+    if left < min(CERT_WARN, lifetime / 4):
+        return Check(name, Level.YELLOW, f"expires in {days} days ({int(left.total_seconds())} s);"
+                     " renewal is due", details)
+    if left < dt.timedelta(days=1):
+        return Check(name, Level.GREEN, f"valid for {int(left.total_seconds())} more seconds",
+                     details)
+    return Check(name, Level.GREEN, f"valid for {days} more days", details)
+
+
+def check_renewal(name: str, status: CertificateStatus,
+                  *, now: dt.datetime | None = None) -> Check:
+    """The renewal state a running node reports: degraded is yellow, expired red."""
+    now = now or dt.datetime.now(dt.UTC)
+    details: dict[str, Any] = {
+        "state": status.state.value, "serial": format(status.serial, "x"),
+        "renew_at": status.renew_at.isoformat(), "not_after": status.not_after.isoformat(),
+        "issuer": status.issuer, "renewals": status.renewals, "failures": status.failures,
+    }
+    if status.last_error:
+        details["last_error"] = status.last_error
+    if status.state.value == "expired" or status.not_after <= now:
+        return Check(name, Level.RED, f"{status.name} certificate expired and renewal fails "
+                     f"({status.last_error or 'no attempt yet'}); check the CA", details)
+    if status.state.value == "degraded":
+        left = int((status.not_after - now).total_seconds())
+        return Check(name, Level.YELLOW, f"renewal of the {status.name} certificate failing "
+                     f"{status.failures}x, retrying; expires in {left} s "
+                     f"({status.last_error})", details)
+    return Check(name, Level.GREEN, f"{status.issuer} renews it at "
+                 f"{status.renew_at.isoformat(timespec='seconds')}", details)
