@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from tessera.core.errors import (
     FailedPrecondition,
@@ -24,6 +25,13 @@ from tessera.peering import _token
 from tessera.pki import IdentityKind, Issuer, SpiffeId
 
 log = logging.getLogger(__name__)
+
+#: Key types a peer's CSR may carry: P-256 always; Ed25519 only where the issuer signs it
+#: (step-ca does, the development CA does not). Anything else (secp256k1, P-384, RSA...)
+#: is refused before the issuer sees the CSR.
+KEY_P256 = "p256"
+KEY_ED25519 = "ed25519"
+_ISSUER_KEYS = {"step-ca": frozenset({KEY_P256, KEY_ED25519})}
 
 #: Token lifetimes: the default, and the most an admin may ask for.
 DEFAULT_TOKEN_TTL = timedelta(minutes=10)
@@ -117,11 +125,11 @@ class Peering:
             raise Unauthenticated("the enrolment token has expired; ask for a new one",
                                   reason="TOKEN_EXPIRED")
         identity = self.identity_of(peer_name)
-        check_csr(csr_pem, identity)
         issuer = self._issuer()
         if issuer is None:
             raise FailedPrecondition("this node has no certificate issuer to sign peers with",
                                      reason="NO_ISSUER")
+        check_csr(csr_pem, identity, key_types=issuer_key_types(issuer.kind))
         try:
             issued = await issuer.sign(csr_pem, ttl=self.peer_cert_ttl)
         except ValueError as exc:  # e.g. a key type this issuer does not sign
@@ -163,11 +171,28 @@ class Peering:
         return peer
 
 
-def check_csr(csr_pem: bytes, identity: SpiffeId) -> None:
-    """A CSR may name exactly the invited identity and nothing else.
+def issuer_key_types(kind: str) -> frozenset[str]:
+    """The peer key types an issuer of this kind signs (P-256 for every issuer)."""
+    return _ISSUER_KEYS.get(kind, frozenset({KEY_P256}))
+
+
+def key_type_of(public_key: Any) -> str:
+    """'p256', 'ed25519', or a description of any other key (which is refused)."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return KEY_P256 if isinstance(public_key.curve, ec.SECP256R1) else public_key.curve.name
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return KEY_ED25519
+    return type(public_key).__name__
+
+
+def check_csr(csr_pem: bytes, identity: SpiffeId, *,
+              key_types: frozenset[str] = frozenset({KEY_P256})) -> None:
+    """A CSR may name exactly the invited identity and nothing else, with an allowed key.
 
     Any extra SAN (a DNS name, an IP, another URI) could let the peer's certificate pass
-    as this node's server or as another identity, so it is refused, not dropped.
+    as this node's server or as another identity, so it is refused, not dropped. Keys
+    other than P-256 (and Ed25519 where the issuer signs it) are refused: an unusual
+    curve such as secp256k1 is one more implementation every verifier must get right.
     """
     def bad(why: str) -> InvalidArgument:
         return InvalidArgument([FieldViolation("csr_pem", why)])
@@ -176,6 +201,10 @@ def check_csr(csr_pem: bytes, identity: SpiffeId) -> None:
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError:
         raise bad("is not a PEM certificate signing request") from None
+    key_type = key_type_of(csr.public_key())
+    if key_type not in key_types:
+        allowed = "P-256 or Ed25519" if KEY_ED25519 in key_types else "P-256"
+        raise bad(f"key must be {allowed}, not {key_type}")
     if not csr.is_signature_valid:
         raise bad("signature does not verify")
     try:

@@ -104,8 +104,9 @@ class DevCA:
             raise ValueError("CSR signature does not verify")
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         pub = csr.public_key()
-        if not isinstance(pub, ec.EllipticCurvePublicKey):
-            raise ValueError("only EC keys are accepted")
+        if not isinstance(pub, ec.EllipticCurvePublicKey) or \
+                not isinstance(pub.curve, ec.SECP256R1):
+            raise ValueError("only P-256 keys are accepted")
         now = _now()
         # Only a certificate naming a host (DNS or IP SAN) may serve; identities without
         # one (admins, clients, peers) get clientAuth alone, so none can pose as a server.
