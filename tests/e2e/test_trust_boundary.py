@@ -6,16 +6,22 @@ mTLS and sockets on 127.0.0.1) and asserts the behaviour a caller or an operator
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tessera.peering import load_outbound
 from tessera.peering._token import parse as parse_token
-from tessera_client.pb import admin_pb2, admin_pb2_grpc
-from tests.fixtures.nodes import NodeFactory
-from tests.fixtures.peers import Peering, bad_fields
+from tessera_client.pb import admin_pb2, admin_pb2_grpc, query_pb2
+from tests.fixtures.nodes import NodeFactory, NodeProcess
+from tests.fixtures.peers import Peering, bad_fields, reason_of
 
 
 def csr_with_key(key: ec.EllipticCurvePrivateKey, uri: str) -> bytes:
@@ -53,3 +59,67 @@ async def test_enrolment_refuses_a_csr_whose_key_is_not_p256(
     leaf = x509.load_pem_x509_certificates(joined.cert.read_bytes())[0]
     key = leaf.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+
+
+# -- item 1: `peers join` never silently replaces a recorded peer --------------------------
+
+def join_cli(token: str, joiner: NodeProcess, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`tessera peers join <token> [extra...]` with the joining node's data directory."""
+    return subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "peers", "join", token, *extra,
+         "--data-dir", str(joiner.data_dir)],
+        env=joiner.env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def peer_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+async def test_join_refuses_a_node_answering_with_an_existing_peers_name(
+    node_factory: NodeFactory, peering: Peering
+) -> None:
+    # Two nodes with the same name, as every default node used to be.
+    first, second = node_factory(name="tessera"), node_factory(name="tessera")
+    a = node_factory(name="a")
+    joined = join_cli(await peering.invite(first, "a"), a)
+    assert joined.returncode == 0, joined.stderr
+    directory = a.data_dir / "peers" / "tessera"
+    before = peer_files(directory)
+
+    token = await peering.invite(second, "a")
+    clash = join_cli(token, a)
+    assert clash.returncode == 1
+    assert "PEER_EXISTS" in clash.stderr and "--as" in clash.stderr
+    assert peer_files(directory) == before, "the recorded peer's files were overwritten"
+    # Refused before the token was spent: the same token joins under a chosen local name.
+    chosen = join_cli(token, a, "--as", "second")
+    assert chosen.returncode == 0, chosen.stderr
+    assert json.loads(chosen.stdout)["name"] == "second"
+    assert peer_files(directory) == before
+    async with load_outbound(a.data_dir, "second").client() as c:
+        # Authenticated by `second` (it knows the peer; there is just no grant yet).
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await c.query.Describe(query_pb2.DescribeRequest())
+        assert reason_of(denied.value) == "NO_GRANT"
+    # A deliberate re-join replaces the peer, and the journal says what it replaced.
+    replaced = join_cli(await peering.invite(second, "a3"), a, "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    assert peer_files(directory)["ca.crt"] != before["ca.crt"]
+    events = [json.loads(line) for line in
+              (a.data_dir / "peers" / "joins.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["join", "join", "replace"]
+    assert events[-1]["replaced"] == json.loads(before["peer.json"])
+    assert events[-1]["peer"]["as_identity"].endswith("/node/a3")
+
+
+async def test_default_nodes_derive_distinct_names_and_keep_them(
+    node_factory: NodeFactory,
+) -> None:
+    one, two = node_factory(name=None), node_factory(name=None)
+    ids = {one.state["identity"], two.state["identity"]}
+    assert len(ids) == 2, "two default nodes share an identity"
+    assert "spiffe://tessera.local/node/tessera" not in ids
+    name = (one.data_dir / "node-name").read_text().strip()
+    assert one.state["identity"] == f"spiffe://tessera.local/node/{name}"
+    one.restart()
+    assert one.state["identity"] == f"spiffe://tessera.local/node/{name}"

@@ -57,6 +57,7 @@ from tessera.pki import (
     local_sans,
     make_stepca_issuer,
     needs_reissue,
+    resolve_node_name,
     write_atomic,
 )
 from tessera.ratelimit import RateLimiter
@@ -274,6 +275,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
     """
     paths = NodePaths(cfg.node.data_dir)
     _prepare_data_dir(paths)
+    cfg = resolve_node_name(cfg)  # derived once and kept when node.name is not set
     metrics = metrics or Metrics()
     async with contextlib.AsyncExitStack() as stack:
         dsn = cfg.store.dsn or await _start_embedded_postgres(stack, paths)
@@ -383,6 +385,8 @@ def _write_state(node: Node) -> None:
 
 async def serve(cfg: Config) -> None:
     """Run a node until SIGINT or SIGTERM, then shut down gracefully."""
+    _prepare_data_dir(NodePaths(cfg.node.data_dir))
+    cfg = resolve_node_name(cfg)
     print(f"tessera: starting node {cfg.node.name} ({cfg.tier} tier) in {cfg.node.data_dir}",
           flush=True)
     node = await start_node(cfg)

@@ -20,6 +20,7 @@ from google.protobuf import duration_pb2, json_format, message, timestamp_pb2
 
 from tessera import config
 from tessera.cli._client import local_node
+from tessera.core.errors import TesseraError
 from tessera.peering import join
 from tessera_client import Client
 from tessera_client.pb import admin_pb2
@@ -96,15 +97,24 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None],
     common(p)
     p.add_argument("token", help="the token printed by `tessera peers invite` on the peer")
     p.add_argument("--address", default="", help="address the peer may call us back at")
+    p.add_argument("--as", dest="local_name", default="",
+                   help="record the peer under this local name (default: the name it gives)")
+    p.add_argument("--replace", action="store_true",
+                   help="deliberately replace a recorded peer of that name (journalled in "
+                        "data_dir/peers/joins.jsonl)")
 
     def run_join(args: argparse.Namespace) -> int:
         cfg = load(args)
         try:
             peer = asyncio.run(join(args.token, cfg.node.data_dir,
-                                    callback_address=args.address))
+                                    callback_address=args.address,
+                                    local_name=args.local_name, replace=args.replace))
         except grpc.aio.AioRpcError as exc:
             print(f"tessera: enrolment refused: {exc.code().name}: {exc.details()}",
                   file=sys.stderr)
+            return 1
+        except TesseraError as exc:
+            print(f"tessera: {exc.reason}: {exc}", file=sys.stderr)
             return 1
         print(json.dumps({"name": peer.name, "identity": peer.identity,
                           "address": peer.address, "as_identity": peer.as_identity,

@@ -32,7 +32,9 @@ class NodeConfig:
     """Who the node is and where it listens."""
 
     #: Node name, the last part of its SPIFFE identity. Lower-case letters, digits, '-'.
-    name: str = "tessera"
+    #: Empty: derived at first start from the host name plus a random suffix and kept in
+    #: data_dir/node-name, so two default nodes never share a name.
+    name: str = ""
     #: SPIFFE trust domain of identities issued for this node.
     trust_domain: str = "tessera.local"
     #: Directory for embedded services, certificates and secrets.
@@ -332,7 +334,7 @@ def _check_hostport(setting: str, value: str) -> None:
 def validate(cfg: Config) -> None:
     """Raise ConfigError naming the first wrong setting."""
     n, s = cfg.node, cfg.store
-    if not _NAME_RE.match(n.name):
+    if n.name and not _NAME_RE.match(n.name):
         raise ConfigError(
             f"node.name: {n.name!r} must be 1-64 of [a-z0-9-], not starting or ending with '-'"
         )

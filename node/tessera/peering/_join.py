@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -16,6 +20,8 @@ from tessera.peering import _token
 from tessera.pki import IdentityKind, SpiffeId, new_key_and_csr, write_atomic
 from tessera_client import AsyncClient, Credentials
 from tessera_client.pb import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 #: Peer names as InvitePeer accepts them.
 _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?")
@@ -74,16 +80,63 @@ def load_outbound(data_dir: Path, name: str) -> OutboundPeer:
     return OutboundPeer(d["name"], d["identity"], d["address"], d["as_identity"], directory)
 
 
-async def join(token: str, data_dir: Path, *, callback_address: str = "") -> OutboundPeer:
+def journal_path(data_dir: Path) -> Path:
+    """The append-only record of every join and deliberate replacement (JSON lines)."""
+    return peers_dir(data_dir) / "joins.jsonl"
+
+
+def _record(data_dir: Path, event: dict[str, Any]) -> None:
+    """Append one event to the join journal and make it durable before going on."""
+    path = journal_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"time": datetime.now(UTC).isoformat(), **event},
+                      separators=(",", ":")) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_name(data_dir: Path, name: str, *, replace: bool, chosen: bool) -> Path:
+    """The directory for peer `name`, refusing a name that would land on an existing peer."""
+    if not _NAME_RE.fullmatch(name):
+        what = "--as name" if chosen else "the peer answered with an invalid node name"
+        raise FailedPrecondition(f"{what} {name!r} is not 1-64 of [a-z0-9-]",
+                                 reason="PEER_NAME_INVALID")
+    directory = peers_dir(data_dir) / name
+    if directory.resolve().parent != peers_dir(data_dir).resolve():
+        raise FailedPrecondition(f"refusing to write peer files outside {peers_dir(data_dir)}",
+                                 reason="PEER_NAME_INVALID")
+    if not replace and directory.exists():
+        raise FailedPrecondition(
+            f"a peer named {name!r} is already recorded under {peers_dir(data_dir)}; join "
+            "under another local name with --as NAME, or --replace it deliberately",
+            reason="PEER_EXISTS")
+    return directory
+
+
+async def join(token: str, data_dir: Path, *, callback_address: str = "",
+               local_name: str = "", replace: bool = False) -> OutboundPeer:
     """Enrol with the node that issued `token` and store the credentials to call it.
 
     The enrolment call is pinned to the root carried in the token (whose fingerprint the
     token names) and presents no client certificate; the token is the credential.
+
+    The peer is recorded under `local_name`, or else the name the other node gives. An
+    existing peer is never overwritten unless `replace` (each replacement is journalled,
+    with what it replaced): otherwise a node answering with a recorded peer's name would
+    swap that peer's certificate, pinned root and address for its own.
     """
     try:
         inv = _token.parse(token)
     except _token.TokenError as exc:
         raise InvalidArgument([FieldViolation("token", str(exc))]) from None
+    # Refuse before the token is spent when the name is already known.
+    if local_name or inv.node_name:
+        _check_name(data_dir, local_name or inv.node_name, replace=replace,
+                    chosen=bool(local_name))
     identity = SpiffeId(inv.trust_domain, IdentityKind.NODE, inv.peer)
     kc = new_key_and_csr(identity, common_name=False)
     creds = grpc.ssl_channel_credentials(root_certificates=inv.root_pem())
@@ -103,23 +156,32 @@ async def join(token: str, data_dir: Path, *, callback_address: str = "") -> Out
             raise
     chain = resp.certificate_chain_pem.encode()
     _check_issued(chain, kc.key_pem, identity.uri)
-    name = resp.node.name or inv.peer
-    # The name comes from the other node: it must not steer where files are written.
-    if not _NAME_RE.fullmatch(name):
-        raise FailedPrecondition(f"the peer answered with an invalid node name {name!r}",
-                                 reason="PEER_NAME_INVALID")
     if resp.node.trust_domain and resp.node.trust_domain != inv.trust_domain:
         raise FailedPrecondition("the peer answered with an identity from another trust "
                                  "domain than its token names", reason="PEER_IDENTITY_MISMATCH")
-    directory = peers_dir(data_dir) / name
-    if directory.resolve().parent != peers_dir(data_dir).resolve():
-        raise FailedPrecondition(f"refusing to write peer files outside {peers_dir(data_dir)}",
-                                 reason="PEER_NAME_INVALID")
+    if inv.node_name and resp.node.name and resp.node.name != inv.node_name:
+        raise FailedPrecondition("the peer answered with another node name than its token "
+                                 "names", reason="PEER_IDENTITY_MISMATCH")
+    # The name comes from the other node unless chosen here: it must steer neither where
+    # files are written nor which recorded peer they replace.
+    name = local_name or resp.node.name
+    directory = _check_name(data_dir, name, replace=replace, chosen=bool(local_name))
+    record = {"name": name, "identity": resp.node.uri, "address": inv.address,
+              "as_identity": identity.uri, "root_fingerprint": inv.root_fingerprint}
+    previous: dict[str, Any] | None = None
+    if directory.exists():  # only with replace=True
+        try:
+            previous = json.loads((directory / "peer.json").read_text())
+        except (OSError, ValueError):
+            previous = {}
+    _record(data_dir, {"event": "replace" if previous is not None else "join",
+                       "peer": record, "replaced": previous})
+    if previous is not None:
+        log.warning("peer %s replaced by a deliberate re-join (was %s, now %s)", name,
+                    previous.get("identity", "?"), resp.node.uri)
     write_atomic(directory / "client.key", kc.key_pem, private=True)
     write_atomic(directory / "client.crt", chain)
     write_atomic(directory / "ca.crt", inv.root_pem())
-    record = {"name": name, "identity": resp.node.uri, "address": inv.address,
-              "as_identity": identity.uri, "root_fingerprint": inv.root_fingerprint}
     write_atomic(directory / "peer.json", json.dumps(record, indent=2).encode())
     return OutboundPeer(name, resp.node.uri, inv.address, identity.uri, directory)
 

@@ -98,6 +98,7 @@ class Peering:
             peer=name, trust_domain=self.node.trust_domain,
             address=address or self._address(), enroll_address=enroll_address,
             root_pem=self._roots_pem(), expire_unix=int(expire.timestamp()),
+            node_name=self.node.name,
         )
         peer = await self.grants.create_invitation(
             name=name, identity=self.identity_of(name).uri, token_id=inv.token_id,

@@ -66,6 +66,9 @@ class Invitation:
     root_der: bytes
     root_fingerprint: str
     expire_unix: int
+    #: The inviting node's own name ('' in tokens from nodes that did not send it): the
+    #: joining node checks it against its recorded peers before the token is spent.
+    node_name: str = ""
 
     @property
     def identity(self) -> str:
@@ -80,14 +83,14 @@ class Invitation:
 
 def new_invitation(
     *, peer: str, trust_domain: str, address: str, enroll_address: str, root_pem: bytes,
-    expire_unix: int,
+    expire_unix: int, node_name: str = "",
 ) -> Invitation:
     """A fresh invitation with a random id and a 256-bit secret."""
     root = x509.load_pem_x509_certificate(root_pem)
     der = root.public_bytes(serialization.Encoding.DER)
     return Invitation(uuid.uuid4(), secrets.token_bytes(32), peer, trust_domain, address,
                       enroll_address, der, root.fingerprint(hashes.SHA256()).hex(),
-                      expire_unix)
+                      expire_unix, node_name)
 
 
 def encode(inv: Invitation, key: bytes) -> str:
@@ -95,7 +98,7 @@ def encode(inv: Invitation, key: bytes) -> str:
     body = json.dumps({
         "i": inv.token_id.hex, "s": _b64(inv.secret), "n": inv.peer, "d": inv.trust_domain,
         "a": inv.address, "e": inv.enroll_address, "r": _b64(inv.root_der),
-        "f": inv.root_fingerprint, "x": inv.expire_unix,
+        "f": inv.root_fingerprint, "x": inv.expire_unix, "b": inv.node_name,
     }, separators=(",", ":")).encode()
     return f"{PREFIX}.{_b64(body)}.{_b64(_mac(key, body))}"
 
@@ -125,7 +128,7 @@ def parse(token: str) -> Invitation:
         d = json.loads(body)
         inv = Invitation(
             uuid.UUID(hex=d["i"]), _unb64(d["s"]), str(d["n"]), str(d["d"]), str(d["a"]),
-            str(d["e"]), _unb64(d["r"]), str(d["f"]), int(d["x"]),
+            str(d["e"]), _unb64(d["r"]), str(d["f"]), int(d["x"]), str(d.get("b", "")),
         )
     except (ValueError, KeyError, TypeError):
         raise TokenError("the enrolment token's content is malformed") from None

@@ -8,6 +8,7 @@ from tessera.pki._files import write_atomic
 from tessera.pki._identity import IdentityKind, PeerCertificate, SpiffeId, identity_from_pem
 from tessera.pki._issuer import IssuedCertificate, Issuer
 from tessera.pki._node import NodeCertificates, ensure_enrolled, make_stepca_issuer
+from tessera.pki._nodename import derive_name, resolve_node_name
 from tessera.pki._renewal import (
     CertificateStatus,
     CertState,
@@ -38,6 +39,7 @@ __all__ = [
     "StepCAIssuer",
     "TlsMaterial",
     "credentials_valid",
+    "derive_name",
     "enrol",
     "ensure_enrolled",
     "identity_from_pem",
@@ -48,6 +50,7 @@ __all__ = [
     "new_key_and_csr",
     "read_status",
     "record_revocation_at",
+    "resolve_node_name",
     "sans_of",
     "write_atomic",
 ]
