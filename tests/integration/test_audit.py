@@ -395,3 +395,48 @@ async def test_audit_can_be_switched_off_for_benchmarks(node_factory: NodeFactor
     async with node.client() as c:
         await c.query.Describe(query_pb2.DescribeRequest())
     assert sql(node, "SELECT count(*) FROM audit_log") == [(0,)]
+
+
+async def test_moving_the_prune_anchor_over_a_forged_row_is_detected(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    """Issue 12.3: forge a row, delete a later one, move audit_anchor: verify must fail."""
+    await _some_calls(node, 6)
+    assert (await verify_audit(node)).ok
+    ((hash4,),) = sql(node, "SELECT hash FROM audit_log WHERE sequence = 4")
+    sql(node, "UPDATE audit_log SET identity = 'spiffe://tessera.local/admin/mallory'"
+              " WHERE sequence = 3")
+    sql(node, "DELETE FROM audit_log WHERE sequence = 4")
+    sql(node, "UPDATE audit_anchor SET sequence = 4, hash = %s WHERE id = 1", (hash4,))
+    result = await verify_audit(node)
+    assert not result.ok and result.first_bad_sequence == 1, result.message
+    assert "anchor" in result.message
+    # Deleting every row up to the moved anchor does not help: no prune chained it.
+    sql(node, "DELETE FROM audit_log WHERE sequence <= 4")
+    result = await verify_audit(node)
+    assert not result.ok and "named by no prune record" in result.message
+    assert tessera(node, "audit", "verify").returncode == 1
+
+
+async def test_a_real_prune_chains_its_anchor_and_moving_it_later_is_detected(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    await _some_calls(node, 4)
+    await asyncio.sleep(1.5)  # the rows above become older than the cut-off below
+    await _some_calls(node, 3)
+    res = tessera(node, "audit", "prune", "--older-than", "1s")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (await verify_audit(node)).ok
+    (prune_row,) = [r for r in await records(node) if r.method == "Prune"]
+    assert prune_row.service == "tessera.audit"
+    # Move the anchor forward over a kept row (and delete it, as a prune would have).
+    ((seq, h),) = sql(node, "SELECT sequence, hash FROM audit_log WHERE method <> 'Prune'"
+                            " ORDER BY sequence LIMIT 1")
+    sql(node, "DELETE FROM audit_log WHERE sequence <= %s", (seq,))
+    sql(node, "UPDATE audit_anchor SET sequence = %s, hash = %s WHERE id = 1", (seq, h))
+    result = await verify_audit(node)
+    assert not result.ok and "anchor was moved" in result.message
+    # ... and a prune refuses to launder it into a fresh anchor.
+    await asyncio.sleep(1.5)
+    again = tessera(node, "audit", "prune", "--older-than", "1s")
+    assert again.returncode != 0 and "anchor" in again.stderr

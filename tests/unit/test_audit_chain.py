@@ -13,6 +13,7 @@ import pytest
 from tessera.audit import (
     GENESIS,
     AuditEntry,
+    AuditRow,
     Outcome,
     canonical,
     chain_hash,
@@ -20,6 +21,7 @@ from tessera.audit import (
     kind_of,
     outcome_of,
     payload,
+    prune_entry,
     query_hash,
     verify,
 )
@@ -110,13 +112,48 @@ def test_a_rehashed_forgery_is_caught_by_the_next_row() -> None:
     assert not verdict.ok and verdict.first_bad_sequence == 3
 
 
-def test_verification_starts_from_the_prune_anchor() -> None:
-    rows = extend(0, GENESIS, [entry(i) for i in range(6)])
-    kept = rows[3:]
+def pruned_log(n: int, upto: int) -> tuple[list[AuditRow], AuditRow]:
+    """n rows pruned up to `upto`: the rows kept plus the prune record, and the anchor."""
+    rows = extend(0, GENESIS, [entry(i) for i in range(n)])
+    anchor = rows[upto - 1]
+    record = extend(rows[-1].sequence, rows[-1].hash,
+                    [prune_entry(T0, anchor.sequence, anchor.hash)])
+    return rows[upto:] + record, anchor
+
+
+def test_verification_starts_from_the_chained_prune_anchor() -> None:
+    kept, anchor = pruned_log(6, 3)
     assert not verify(kept).ok, "without the anchor the remaining rows look truncated"
-    anchor = rows[2]
     verdict = verify(kept, anchor_sequence=anchor.sequence, anchor_hash=anchor.hash)
-    assert verdict.ok and verdict.checked == 3
+    assert verdict.ok and verdict.checked == 4
+
+
+def test_a_moved_prune_anchor_is_detected() -> None:
+    kept, anchor = pruned_log(8, 3)
+    # Forge record 5 and move the anchor onto it, as if 4 and 5 had been pruned: the
+    # rows the anchor now passes over are still in the table.
+    forged = [r if r.sequence != 5 else dataclasses.replace(
+        r, entry=dataclasses.replace(r.entry, identity="spiffe://x/admin/mallory"))
+        for r in kept]
+    moved = forged[1]
+    verdict = verify(forged, anchor_sequence=moved.sequence, anchor_hash=moved.hash)
+    assert not verdict.ok and verdict.first_bad_sequence == 4
+    # ... and with those rows deleted too, the chained prune record names the true anchor.
+    rest = [r for r in forged if r.sequence > moved.sequence]
+    verdict = verify(rest, anchor_sequence=moved.sequence, anchor_hash=moved.hash)
+    assert not verdict.ok and "anchor was moved" in verdict.message
+    # A log with an anchor no prune record names fails too.
+    bare = [r for r in kept if r.entry.method != "Prune"]
+    verdict = verify(bare, anchor_sequence=anchor.sequence, anchor_hash=anchor.hash)
+    assert not verdict.ok and "named by no prune record" in verdict.message
+
+
+def test_records_with_detail_hash_as_before_without_it() -> None:
+    plain = entry(1)
+    assert payload(plain) == payload(dataclasses.replace(plain, detail={}))
+    assert json.loads(payload(plain))[-1] == ""
+    counted = dataclasses.replace(plain, detail={"source": "10.0.0.1/32", "count": 3})
+    assert json.loads(payload(counted))[-1] == {"count": 3, "source": "10.0.0.1/32"}
 
 
 def test_an_empty_log_verifies() -> None:

@@ -17,6 +17,7 @@ from tessera.audit._chain import (
     kind_of,
     outcome_of,
     payload,
+    prune_entry,
     query_hash,
     verify,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "parse_age",
     "payload",
     "prune",
+    "prune_entry",
     "query_hash",
     "verify",
     "verify_log",

@@ -15,7 +15,7 @@ import enum
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -26,6 +26,9 @@ GENESIS = bytes(32)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 #: Request fields left out of the query hash: they choose a page, not the question asked.
 PAGING_FIELDS = frozenset({"page_token"})
+#: The service and method of the record a prune appends, naming the anchor it left.
+AUDIT_SERVICE = "tessera.audit"
+PRUNE_METHOD = "Prune"
 #: Where a request names a resource kind, in the order they are tried.
 _KIND_PATHS = (("key", "kind"), ("kind",), ("put_resource", "resource", "kind"),
                ("delete_resource", "key", "kind"))
@@ -70,6 +73,26 @@ class AuditEntry:
     latency_us: int
     trace_id: str
     reason: str
+    #: Extra fields of special records (a prune's anchor, an aggregated count); empty for
+    #: an ordinary call, whose encoding is then exactly the 14-field one.
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+def prune_entry(time: dt.datetime, anchor_sequence: int, anchor_hash: bytes) -> AuditEntry:
+    """The record a prune appends: the anchor it left becomes part of the chain."""
+    return AuditEntry(time, "", "", "", AUDIT_SERVICE, PRUNE_METHOD, "", "",
+                      Outcome.ALLOWED.value, "OK", 0, 0, "", "AUDIT_PRUNED",
+                      {"anchor_hash": anchor_hash.hex(), "anchor_sequence": anchor_sequence})
+
+
+def anchor_named_by(entry: AuditEntry) -> tuple[int, str] | None:
+    """(sequence, hash hex) of the anchor a prune record names; None for other records."""
+    if entry.service != AUDIT_SERVICE or entry.method != PRUNE_METHOD:
+        return None
+    try:
+        return int(entry.detail["anchor_sequence"]), str(entry.detail["anchor_hash"])
+    except (KeyError, TypeError, ValueError):
+        return (-1, "")
 
 
 @dataclass(frozen=True)
@@ -89,6 +112,7 @@ class AuditRow:
             "kind": e.kind, "query_hash": e.query_hash, "outcome": e.outcome,
             "status_code": e.status_code, "bytes_out": e.bytes_out,
             "latency_us": e.latency_us, "trace_id": e.trace_id, "reason": e.reason,
+            **({"detail": dict(e.detail)} if e.detail else {}),
             "prev_hash": prev_hash.hex(), "hash": self.hash.hex(),
         }
 
@@ -101,10 +125,12 @@ def micros(t: dt.datetime) -> int:
 
 def payload(e: AuditEntry) -> bytes:
     """A record's fields as compact ASCII JSON, in a fixed order (the sequence aside)."""
-    fields = [micros(e.time), e.identity, e.peer, e.grant, e.service, e.method, e.kind,
-              e.query_hash, e.outcome, e.status_code, e.bytes_out, e.latency_us,
-              e.trace_id, e.reason]
-    return json.dumps(fields, separators=(",", ":")).encode()
+    fields: list[Any] = [micros(e.time), e.identity, e.peer, e.grant, e.service, e.method,
+                         e.kind, e.query_hash, e.outcome, e.status_code, e.bytes_out,
+                         e.latency_us, e.trace_id, e.reason]
+    if e.detail:
+        fields.append(dict(e.detail))
+    return json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
 
 
 def canonical(sequence: int, e: AuditEntry) -> bytes:
@@ -142,15 +168,25 @@ class ChainVerifier:
     """Checks rows fed in sequence order; stops at the first that does not verify."""
 
     def __init__(self, anchor_sequence: int = 0, anchor_hash: bytes = GENESIS) -> None:
+        self.anchor = (anchor_sequence, anchor_hash)
         self.last_sequence = anchor_sequence
         self.last_hash = anchor_hash
         self.checked = 0
         self.bad: Verdict | None = None
+        #: The anchor named by the newest prune record seen, and that record's sequence.
+        self.chained_anchor: tuple[int, str] | None = None
+        self.chained_at = 0
 
     def feed(self, row: AuditRow) -> bool:
         """Check the next row; False once the chain is broken (see `bad`)."""
         if self.bad is not None:
             return False
+        if row.sequence <= self.anchor[0]:
+            # Pruning deletes every row up to the anchor in the transaction that moves it:
+            # a row still here at or before it means the anchor was moved over it.
+            return self._fail(row.sequence, f"record {row.sequence} is at or before the prune "
+                                            f"anchor (record {self.anchor[0]}): the anchor "
+                                            "was moved")
         expected = self.last_sequence + 1
         if row.sequence != expected:
             what = ("is missing" if row.sequence > expected
@@ -161,6 +197,9 @@ class ChainVerifier:
                                             "(changed, or a record before it was removed)")
         self.last_sequence, self.last_hash = row.sequence, row.hash
         self.checked += 1
+        named = anchor_named_by(row.entry)
+        if named is not None:
+            self.chained_anchor, self.chained_at = named, row.sequence
         return True
 
     def finish(self, head_sequence: int, head_hash: bytes) -> Verdict:
@@ -173,6 +212,26 @@ class ChainVerifier:
         if head_sequence != self.last_sequence or head_hash != self.last_hash:
             return Verdict(False, self.checked, head_sequence or self.last_sequence,
                            f"the chain head (record {head_sequence}) does not match the log")
+        return self.check_anchor()
+
+    def check_anchor(self) -> Verdict:
+        """The anchor verification started from must be the one the newest prune chained.
+
+        The anchor row sits outside the chain, so on its own it could be moved past a
+        forged or deleted record; the prune record inside the chain says where it is.
+        """
+        seq, anchor_hash = self.anchor
+        if self.chained_anchor is None:
+            if seq == 0:
+                return Verdict(True, self.checked)
+            return Verdict(False, self.checked, seq,
+                           f"the prune anchor (record {seq}) is named by no prune record in "
+                           "the chain: the anchor was moved or the prune record removed")
+        if self.chained_anchor != (seq, anchor_hash.hex()):
+            return Verdict(False, self.checked, self.chained_at,
+                           f"the prune anchor (record {seq}) is not the one prune record "
+                           f"{self.chained_at} chained (record {self.chained_anchor[0]}): "
+                           "the anchor was moved")
         return Verdict(True, self.checked)
 
     def _fail(self, sequence: int, message: str) -> bool:
@@ -238,4 +297,5 @@ def entry_from_row(row: Mapping[str, Any]) -> AuditEntry:
         query_hash=row["query_hash"], outcome=row["outcome"],
         status_code=row["status_code"], bytes_out=int(row["bytes_out"]),
         latency_us=int(row["latency_us"]), trace_id=row["trace_id"], reason=row["reason"],
+        detail=row.get("detail") or {},
     )

@@ -18,7 +18,7 @@ from typing import IO
 import psycopg
 from psycopg.rows import dict_row
 
-from tessera.audit._chain import AuditRow, ChainVerifier, entry_from_row
+from tessera.audit._chain import AuditRow, ChainVerifier, entry_from_row, payload, prune_entry
 from tessera.core.errors import ConfigError, FailedPrecondition
 
 # Serialises prunes (two at once would both move the anchor).
@@ -66,29 +66,39 @@ def prune(dsn: str, cutoff: dt.datetime, export: Path | None = None) -> PruneRes
             upto = int(last["s"]) if last and last["s"] is not None else 0
             if upto <= int(anchor["sequence"]):
                 return PruneResult(0, int(anchor["sequence"]), export)
+            # The whole table is verified, not only the prefix: a prune must never launder
+            # a broken chain or a moved anchor into a fresh, chained anchor.
             v = ChainVerifier(int(anchor["sequence"]), bytes(anchor["hash"]))
+            upto_hash = b""
             with conn.cursor(name="tessera_audit_prune") as cur:
                 cur.itersize = 2000
-                cur.execute("SELECT * FROM audit_log WHERE sequence > %s AND sequence <= %s"
-                            " ORDER BY sequence", (int(anchor["sequence"]), upto))
+                cur.execute("SELECT * FROM audit_log ORDER BY sequence")
                 for record in cur:
                     prev = v.last_hash
                     row = AuditRow(int(record["sequence"]), entry_from_row(record),
                                    bytes(record["hash"]))
                     if not v.feed(row):
                         break
-                    if out is not None:
-                        out.write(json.dumps(row.to_json(prev), separators=(",", ":")) + "\n")
-            verdict = v.finish(upto, v.last_hash) if v.bad is None else v.bad
-            if not verdict.ok or v.last_sequence != upto:
+                    if row.sequence <= upto:
+                        upto_hash = row.hash
+                        if out is not None:
+                            out.write(json.dumps(row.to_json(prev), separators=(",", ":"))
+                                      + "\n")
+            verdict = v.finish(v.last_sequence, v.last_hash)
+            if not verdict.ok or not upto_hash:
                 raise FailedPrecondition(
                     f"the audit chain does not verify at record {verdict.first_bad_sequence} "
                     f"({verdict.message}); nothing was pruned", reason="AUDIT_CHAIN_BROKEN")
             if out is not None:
                 _sync(out)
             conn.execute("UPDATE audit_anchor SET sequence = %s, hash = %s, pruned_at = now()"
-                         " WHERE id = 1", (upto, v.last_hash))
+                         " WHERE id = 1", (upto, upto_hash))
             deleted = conn.execute("DELETE FROM audit_log WHERE sequence <= %s", (upto,))
+            # The anchor joins the chain: moving the anchor row later is then detected.
+            # Last, so the head stays locked (against the writers) only until the commit.
+            conn.execute("SELECT tessera_audit_append(%b::bytea[])",
+                         ([payload(prune_entry(dt.datetime.now(dt.UTC), upto, upto_hash))],),
+                         binary=True)
             return PruneResult(deleted.rowcount, upto, export)
     except BaseException:
         if out is not None and export is not None:
