@@ -123,3 +123,34 @@ async def test_default_nodes_derive_distinct_names_and_keep_them(
     assert one.state["identity"] == f"spiffe://tessera.local/node/{name}"
     one.restart()
     assert one.state["identity"] == f"spiffe://tessera.local/node/{name}"
+
+
+# -- item 4: `tessera certs revoke` is in force on the next call when it returns -----------
+
+def revoke_cli(node: NodeProcess, serial: int) -> subprocess.CompletedProcess[str]:
+    """`tessera certs revoke --hex <serial>` against the node's data directory."""
+    return subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "certs", "revoke", "--hex", format(serial, "x"),
+         "--reason", "test", "--data-dir", str(node.data_dir)],
+        env=node.env, capture_output=True, text=True, timeout=60, check=False)
+
+
+async def test_certs_revoke_is_refused_on_the_next_call_once_the_command_returns(
+    node_factory: NodeFactory,
+) -> None:
+    # The embedded tier: no store.dsn, so before the fix only a file polled each second
+    # carried the revocation to the node.
+    node = node_factory(name="solo", embedded=True)
+    victim = x509.load_pem_x509_certificate((node.pki / "client.crt").read_bytes())
+    async with node.client("client") as client, node.client("admin") as admin:
+        await client.query.Describe(query_pb2.DescribeRequest())  # the channel is open
+        done = revoke_cli(node, victim.serial_number)
+        assert done.returncode == 0, done.stderr
+        assert "refused by every replica" in done.stdout and "1 of 1 confirmed" in \
+            done.stdout, done.stdout + done.stderr
+        # No waiting: the command returned after the node confirmed the serial is denied.
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.query.Describe(query_pb2.DescribeRequest())
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert reason_of(info.value) == "CERT_REVOKED"
+        await admin.query.Describe(query_pb2.DescribeRequest())  # others are unaffected

@@ -13,6 +13,7 @@ from typing import Any
 from tessera import __version__, config, doctor
 from tessera.core.errors import ConfigError, TesseraError
 from tessera.core.paths import NodePaths
+from tessera.embedded import running_postgres_dsn
 
 _COLOURS = {doctor.Level.GREEN: "\033[32m", doctor.Level.YELLOW: "\033[33m",
             doctor.Level.RED: "\033[31m"}
@@ -28,15 +29,7 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 def _embedded_dsn(paths: NodePaths) -> str | None:
     """DSN of the embedded PostgreSQL if it is running (read from postmaster.pid)."""
-    pidfile = paths.pgdata / "postmaster.pid"
-    try:
-        lines = pidfile.read_text().splitlines()
-        port, socket_dir = lines[3].strip(), lines[4].strip()
-    except (OSError, IndexError):
-        return None
-    if not socket_dir:
-        return None
-    return f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
+    return running_postgres_dsn(paths.pgdata)
 
 
 async def _doctor(cfg: config.Config) -> list[doctor.Check]:

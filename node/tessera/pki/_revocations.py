@@ -5,7 +5,10 @@ the same identities: a serial revoked through any of them must be refused by all
 node keeps the table `revoked_certificates` and its in-memory deny set in step:
 
 - a revocation is written to the table and announced with NOTIFY on `CHANNEL`;
-- every node LISTENs and adds an announced serial to its set at once;
+- every node LISTENs (on a connection named `LISTENER_APP`) and adds an announced serial
+  to its set at once, then acknowledges it on `ACK_CHANNEL`; `tessera certs revoke`
+  counts the listeners, waits for their acknowledgements and says whether all came, so
+  when it returns every replica listening refuses the serial on its next call;
 - every `REFRESH_S` seconds (and after a lost LISTEN connection) a node pushes the
   serials of its own deny-list file that the table lacks, then reloads the whole table.
   The reload is the fallback for a missed notification, and the push carries revocations
@@ -20,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -32,6 +37,12 @@ log = logging.getLogger(__name__)
 
 #: NOTIFY channel; the payload is one serial in lowercase hex.
 CHANNEL = "tessera_revocations"
+#: Acknowledgements: payload "<serial hex> <listener id>", sent once the serial is denied.
+ACK_CHANNEL = "tessera_revocations_applied"
+#: application_name of the LISTEN connections, so a revoker can count the replicas.
+LISTENER_APP = "tessera-revocations"
+#: Seconds `record_revocation_at` waits for the listeners' acknowledgements by default.
+ACK_WAIT_S = 5.0
 #: Seconds between full reloads of the table (the fallback for missed notifications).
 REFRESH_S = 30.0
 #: Longest wait before reconnecting a lost LISTEN connection.
@@ -62,12 +73,44 @@ async def record_revocations(
     return [int(s, 16) for s in added]
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """How far a revocation got: the replicas listening and those that confirmed it."""
+
+    listeners: int
+    acknowledged: int
+
+    @property
+    def complete(self) -> bool:
+        """Every replica listening when it was announced has denied the serial."""
+        return self.acknowledged >= self.listeners
+
+
 async def record_revocation_at(dsn: str, serial: int, reason: str, *,
-                               timeout_s: float = 10.0) -> bool:
-    """Record one revocation with a short-lived connection (for the CLI)."""
+                               timeout_s: float = 10.0,
+                               ack_wait_s: float = ACK_WAIT_S) -> Delivery:
+    """Record one revocation (for the CLI), announce it, and wait until every replica
+    listening on the database has confirmed that it denies the serial."""
     async with await psycopg.AsyncConnection.connect(
             dsn, autocommit=True, connect_timeout=max(1, int(timeout_s))) as conn:
-        return bool(await record_revocations(conn, [serial], reason))
+        await conn.execute(f"LISTEN {ACK_CHANNEL}")
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+            " AND datname = current_database()", (LISTENER_APP,))
+        row = await cur.fetchone()
+        listeners = int(row[0]) if row else 0
+        added = await record_revocations(conn, [serial], reason)
+        if not added:  # already in the table: announce it again so the replicas confirm
+            await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, _hex(serial)))
+        acked: set[str] = set()
+        if listeners:
+            async for note in conn.notifies(timeout=ack_wait_s):
+                who = note.payload.partition(" ")
+                if who[0] == _hex(serial):
+                    acked.add(who[2])
+                    if len(acked) >= listeners:
+                        break
+        return Delivery(listeners, len(acked))
 
 
 async def load_revocations(conn: psycopg.AsyncConnection[Any]) -> frozenset[int]:
@@ -100,6 +143,9 @@ class SharedRevocations:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Serials announced while a full load runs; the load's snapshot may predate them.
         self._announced: set[int] = set()
+        #: Names this listener in acknowledgements.
+        self.listener_id = uuid.uuid4().hex[:12]
+        self._acks: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
         """Push and reload soon (safe from any thread): a serial was added locally."""
@@ -138,12 +184,21 @@ class SharedRevocations:
                 log.warning("revoked_certificates not refreshed (%s); the serials loaded "
                             "before stay denied", type(exc).__name__)
 
+    async def _ack(self, serial_hex: str) -> None:
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute("SELECT pg_notify(%s, %s)",
+                                   (ACK_CHANNEL, f"{serial_hex} {self.listener_id}"))
+        except (psycopg.Error, OSError) as exc:
+            log.warning("could not acknowledge revoked serial %s (%s)", serial_hex,
+                        type(exc).__name__)
+
     async def _listener(self) -> None:
         backoff = 1.0
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                        self.dsn, autocommit=True) as conn:
+                        self.dsn, autocommit=True, application_name=LISTENER_APP) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     backoff = 1.0
                     # Notifications sent while we were not listening are lost: reload.
@@ -156,6 +211,11 @@ class SharedRevocations:
                             continue
                         self._announced.add(serial)
                         self.deny.add_shared([serial])
+                        # Denied from here on: tell the revoker (over the pool, since
+                        # this connection is busy listening).
+                        task = asyncio.create_task(self._ack(note.payload))
+                        self._acks.add(task)
+                        task.add_done_callback(self._acks.discard)
             except (psycopg.Error, OSError) as exc:
                 log.warning("LISTEN %s lost (%s); reconnecting in %.0f s", CHANNEL,
                             type(exc).__name__, backoff)
