@@ -7,6 +7,7 @@ Servicers read the authenticated caller with `tessera.calls.current_caller()`.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import uuid
@@ -184,9 +185,15 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             sent = 0
             try:
                 await self._enter(context, access, service, method)
-                async for item in behavior(request, context):
-                    sent += item.ByteSize()
-                    yield item
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    # A handler that writes with context.write() (grpc's own health
+                    # Watch) instead of yielding: it streams until it returns.
+                    await result
+                else:
+                    async for item in result:
+                        sent += item.ByteSize()
+                        yield item
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
