@@ -6,7 +6,9 @@ mTLS and sockets on 127.0.0.1) and asserts the behaviour a caller or an operator
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +18,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tessera import config
 from tessera.peering import load_outbound
 from tessera.peering._token import parse as parse_token
+from tessera_client import KEEPALIVE_TIME_MS
 from tessera_client.pb import admin_pb2, admin_pb2_grpc, query_pb2
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering, bad_fields, reason_of
@@ -154,3 +159,85 @@ async def test_certs_revoke_is_refused_on_the_next_call_once_the_command_returns
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert reason_of(info.value) == "CERT_REVOKED"
         await admin.query.Describe(query_pb2.DescribeRequest())  # others are unaffected
+
+
+# -- item 5: connections before the TLS handshake are bounded in time and number ----------
+
+def open_idle(address: str, n: int) -> list[socket.socket]:
+    """n TCP connections to a node that never start a TLS handshake (loopback only)."""
+    host, _, port = address.rpartition(":")
+    assert host in ("127.0.0.1", "localhost"), "these tests only ever dial loopback"
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection((host, int(port)), timeout=5)
+        s.setblocking(False)
+        socks.append(s)
+    return socks
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+async def count_closed(socks: list[socket.socket], want: int, deadline_s: float) -> int:
+    """Poll (bounded) until `want` sockets were closed by the server; the count seen."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    closed: set[int] = set()
+    while True:
+        closed |= {i for i, s in enumerate(socks) if i not in closed and closed_by_server(s)}
+        if len(closed) >= want or loop.time() >= end:
+            return len(closed)
+        await asyncio.sleep(0.05)
+
+
+async def test_idle_connections_before_the_handshake_are_capped_and_closed(
+    node_factory: NodeFactory,
+) -> None:
+    node = node_factory(name="b", env={
+        "TESSERA_GRPC_HANDSHAKE_TIMEOUT_MS": "500", "TESSERA_GRPC_MAX_CONNECTIONS": "20",
+        "TESSERA_GRPC_ENROLL_MAX_CONNECTIONS": "10"})
+    for address, cap in ((node.address, 20), (node.state["enroll_address"], 10)):
+        socks = open_idle(address, cap + 15)
+        try:
+            # Beyond the cap, connections are closed at once (the handshake timeout is
+            # far longer than this first wait, and no socket was ever written to).
+            assert await count_closed(socks, 15, 0.4) >= 15, address
+            # The rest are closed once the handshake timeout passes, not held for 120 s.
+            assert await count_closed(socks, len(socks), 30) == len(socks), address
+        finally:
+            for s in socks:
+                s.close()
+    # Real clients are served as before.
+    async with node.client() as c:
+        await c.query.Describe(query_pb2.DescribeRequest())
+
+
+async def test_default_limits_hold_over_a_thousand_long_lived_streams(
+    node_factory: NodeFactory,
+) -> None:
+    node = node_factory(name="b")
+    async with node.client() as c:
+        stub = health_pb2_grpc.HealthStub(c.channel)
+        calls = [stub.Watch(health_pb2.HealthCheckRequest()) for _ in range(1100)]
+        try:
+            firsts = await asyncio.gather(*(call.read() for call in calls))
+            assert all(f.status == health_pb2.HealthCheckResponse.SERVING for f in firsts)
+            # Another call still goes through beside them.
+            await c.query.Describe(query_pb2.DescribeRequest())
+        finally:
+            for call in calls:
+                call.cancel()
+
+
+def test_client_keepalive_stays_above_the_enforced_minimum() -> None:
+    grpc_cfg = config.GrpcConfig()
+    assert KEEPALIVE_TIME_MS > grpc_cfg.min_ping_interval_ms
+    options = dict(grpc_cfg.server_options())
+    assert options["grpc.max_concurrent_streams"] >= 1000
+    assert options["grpc.max_allowed_incoming_connections"] >= 1000

@@ -36,8 +36,18 @@ class Credentials:
         )
 
 
+#: Keepalive pings on idle channels: above the 30 s minimum a Tessera node enforces
+#: (`grpc.min_ping_interval_ms`), so a node never counts them as strikes.
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+
+
 def _options(server_name: str | None) -> list[tuple[str, str | int]]:
-    opts: list[tuple[str, str | int]] = []
+    opts: list[tuple[str, str | int]] = [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
     if server_name:
         opts.append(("grpc.ssl_target_name_override", server_name))
     return opts

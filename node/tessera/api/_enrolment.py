@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
 import grpc
 
@@ -89,12 +90,17 @@ def _server_only_credentials(creds: ReloadableServerCredentials) -> grpc.ServerC
 async def start_enroll_listener(
     address: str, peering: Peering, node: resources_pb2.Identity,
     creds: ReloadableServerCredentials, *, auditor: Auditor | None = None,
+    options: Sequence[tuple[str, int]] = (),
 ) -> tuple[grpc.aio.Server, int]:
-    """Bind and start the enrolment listener; returns the server and its port."""
+    """Bind and start the enrolment listener; returns the server and its port.
+
+    `options` are the connection limits (handshake timeout, connection cap): this
+    listener takes connections from anyone, so they matter most here.
+    """
     server = grpc.aio.server(
         interceptors=[CallPath(node.trust_domain, auditor=auditor, identified=False)],
         options=[("grpc.so_reuseport", 0),
-                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES), *options],
     )
     servicer = _EnrollOnly(peering, node)  # type: ignore[abstract]  # the rest: UNIMPLEMENTED
     admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, server)

@@ -228,6 +228,7 @@ def _grpc_server(rt: Runtime, metrics: Metrics) -> grpc.aio.Server:
                                auditor=rt.auditor)],
         options=[("grpc.so_reuseport", 0),
                  ("grpc.max_receive_message_length", 4 << 20),
+                 *cfg.grpc.server_options(),
                  # Connections re-handshake hourly, so rotated roots and CRL-era
                  # changes reach long-lived clients too; calls get 5 min to finish.
                  ("grpc.max_connection_age_ms", 3_600_000),
@@ -247,8 +248,9 @@ async def _start_enrolment(stack: contextlib.AsyncExitStack, rt: Runtime) -> Non
     node = resources_pb2.Identity(
         uri=rt.identity.uri, trust_domain=rt.identity.trust_domain,
         kind=resources_pb2.Identity.KIND_NODE, name=rt.identity.name)
-    server, port = await start_enroll_listener(address, rt.peering, node, rt.credentials,
-                                               auditor=rt.auditor)
+    server, port = await start_enroll_listener(
+        address, rt.peering, node, rt.credentials, auditor=rt.auditor,
+        options=rt.cfg.grpc.server_options(enrolment=True))
     stack.push_async_callback(server.stop, cfg.shutdown_grace_s)
     rt.endpoints.enroll_address = dialable(f"{address.rpartition(':')[0]}:{port}")
 

@@ -193,6 +193,49 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class GrpcConfig:
+    """Connection limits of the gRPC listeners, against idle and abusive connections.
+
+    The defaults hold 4,096 connections and 2,048 streams on each, so 1,000+ long-lived
+    event streams fit either as many clients or as many streams on one channel.
+    """
+
+    #: Milliseconds a new connection gets to finish its TLS handshake before it is closed
+    #: (gRPC's own default is 120 s, which let idle sockets pile up).
+    handshake_timeout_ms: int = 10_000
+    #: Most connections the service listener holds; more are closed at once.
+    max_connections: int = 4096
+    #: Most connections the enrolment listener (no client certificate) holds.
+    enroll_max_connections: int = 256
+    #: Most concurrent streams (calls) on one connection; more wait on the client.
+    max_concurrent_streams: int = 2048
+    #: Shortest interval, in milliseconds, a client may ping without sending data; faster
+    #: pings count as strikes (clients of this package ping every 60 s).
+    min_ping_interval_ms: int = 30_000
+    #: Pings faster than the minimum tolerated before the connection is closed.
+    max_ping_strikes: int = 2
+    #: Milliseconds of silence after which the server pings a client, and the time the
+    #: client gets to answer before its connection is closed (frees dead connections).
+    keepalive_time_ms: int = 120_000
+    keepalive_timeout_ms: int = 20_000
+
+    def server_options(self, *, enrolment: bool = False) -> list[tuple[str, int]]:
+        """These limits as grpcio channel arguments (names as in grpc_types.h)."""
+        return [
+            ("grpc.server_handshake_timeout_ms", self.handshake_timeout_ms),
+            ("grpc.max_allowed_incoming_connections",
+             self.enroll_max_connections if enrolment else self.max_connections),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.http2.min_ping_interval_without_data_ms", self.min_ping_interval_ms),
+            ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
+            # Clients keep idle channels alive with pings; allowed at the rate above.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.keepalive_time_ms", self.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
+        ]
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     """The audit log (always on in production)."""
 
@@ -217,6 +260,7 @@ class Config:
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
 
     @property
     def tier(self) -> str:
@@ -236,6 +280,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "ratelimit": RateLimitConfig,
     "audit": AuditConfig,
     "federation": FederationConfig,
+    "grpc": GrpcConfig,
 }
 
 
@@ -384,6 +429,10 @@ def validate(cfg: Config) -> None:
     _validate_ratelimit(cfg)
     if not 0 <= cfg.audit.batch_delay_ms <= 100:
         raise ConfigError("audit.batch_delay_ms: must be between 0 and 100")
+    g = cfg.grpc
+    for setting, value in dataclasses.asdict(g).items():
+        if value <= 0:
+            raise ConfigError(f"grpc.{setting}: must be a positive integer")
 
 
 def _validate_ratelimit(cfg: Config) -> None:
