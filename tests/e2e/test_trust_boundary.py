@@ -14,14 +14,16 @@ import sys
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera import config
-from tessera.peering import load_outbound
+from tessera.peering import FloodGuard, Rate, load_outbound, source_of
 from tessera.peering._token import parse as parse_token
 from tessera_client import KEEPALIVE_TIME_MS
 from tessera_client.pb import admin_pb2, admin_pb2_grpc, query_pb2
@@ -241,3 +243,79 @@ def test_client_keepalive_stays_above_the_enforced_minimum() -> None:
     options = dict(grpc_cfg.server_options())
     assert options["grpc.max_concurrent_streams"] >= 1000
     assert options["grpc.max_allowed_incoming_connections"] >= 1000
+
+
+# -- item 2: enrolment attempts without a verifiable token are limited and aggregated ------
+
+def retry_delay_s(err: grpc.aio.AioRpcError) -> float:
+    """The RetryInfo delay of an error, in seconds (-1 if absent)."""
+    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    if raw is not None:
+        for detail in status_pb2.Status.FromString(raw).details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                return info.retry_delay.ToTimedelta().total_seconds()
+    return -1.0
+
+
+async def test_unverified_enrolment_floods_are_refused_and_audited_in_aggregate(
+    node_factory: NodeFactory, peering: Peering
+) -> None:
+    b = node_factory(name="b", env={
+        "TESSERA_ENROLMENT_UNVERIFIED_PER_SOURCE_PER_S": "0.5",
+        "TESSERA_ENROLMENT_UNVERIFIED_PER_SOURCE_BURST": "5"})
+    token = await peering.invite(b, "genuine")
+    inv = parse_token(token)
+    prefix, body, mac = token.split(".")
+    forged = [f"{prefix}.{body}.{'A' * len(mac)}", "tessera-enrol-1.e30.AAAA", "nonsense"]
+    attempts = 60
+    codes: dict[grpc.StatusCode, int] = {}
+    async with grpc.aio.secure_channel(
+        inv.enroll_address, grpc.ssl_channel_credentials(inv.root_pem())
+    ) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        csr = csr_with_key(ec.generate_private_key(ec.SECP256R1()), inv.identity).decode()
+
+        async def attempt(i: int) -> None:
+            try:
+                await stub.EnrollPeer(admin_pb2.EnrollPeerRequest(
+                    token=forged[i % len(forged)], csr_pem=csr))
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code()] = codes.get(exc.code(), 0) + 1
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    assert retry_delay_s(exc) > 0, "RESOURCE_EXHAUSTED carries RetryInfo"
+
+        await asyncio.gather(*(attempt(i) for i in range(attempts)))
+    assert sum(codes.values()) == attempts, codes
+    assert codes.get(grpc.StatusCode.RESOURCE_EXHAUSTED, 0) >= attempts - 10, codes
+    # A token this node issued is never limited by that flood, from the same source.
+    await peering.join_dir(token)
+
+    assert b.stop() == 0  # counts still held are written on the way down
+    with psycopg.connect(b.env["TESSERA_STORE_DSN"]) as conn:
+        rows = conn.execute(
+            "SELECT outcome, reason, detail FROM audit_log WHERE method = 'EnrollPeer'"
+            " ORDER BY sequence").fetchall()
+    aggregated = [r for r in rows if r[1] == "UNVERIFIED_ATTEMPTS"]
+    single = [r for r in rows if r[1] != "UNVERIFIED_ATTEMPTS"]
+    # One row per source per minute (two if the test straddled a minute), with the count.
+    assert 1 <= len(aggregated) <= 2, aggregated
+    assert {r[2]["source"] for r in aggregated} == {"127.0.0.1/32"}
+    assert sum(r[2]["count"] for r in aggregated) == attempts
+    assert sum(r[2]["reasons"].get("RATE_LIMITED", 0) for r in aggregated) == \
+        codes[grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert single == [("ALLOWED", "", {})], "the verified attempt has its own row"
+
+
+def test_flood_guard_counts_per_network_and_overall() -> None:
+    assert source_of("ipv4:10.1.2.3:5555") == "10.1.2.3/32"
+    assert source_of("ipv6:[2001:db8:1:2:aaaa::1]:443") == "2001:db8:1:2::/64"
+    assert source_of("ipv6:[2001:db8:1:2:bbbb::9]:443") == "2001:db8:1:2::/64"
+    assert source_of("ipv6:[::ffff:10.0.0.1]:1") == "10.0.0.1/32"
+    guard = FloodGuard(Rate(1.0, 2), Rate(10.0, 3))
+    # The third is refused: per source, the burst is spent and 1 s refills one attempt.
+    assert [guard.take("a", 0.0) for _ in range(3)] == [0.0, 0.0, pytest.approx(1.0)]
+    assert guard.take("b", 0.0) == 0.0  # another network has its own bucket...
+    assert guard.take("c", 0.0) == pytest.approx(0.1)  # ...but not past the overall one
+    assert guard.take("a", 1.0) == 0.0  # refilled

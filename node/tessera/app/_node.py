@@ -27,6 +27,7 @@ from tessera.api import (
     CallPath,
     CommandServicer,
     Endpoints,
+    EnrolmentAuditor,
     EventServicer,
     QueryServicer,
     Runtime,
@@ -248,9 +249,15 @@ async def _start_enrolment(stack: contextlib.AsyncExitStack, rt: Runtime) -> Non
     node = resources_pb2.Identity(
         uri=rt.identity.uri, trust_domain=rt.identity.trust_domain,
         kind=resources_pb2.Identity.KIND_NODE, name=rt.identity.name)
+    auditor = None
+    if rt.auditor is not None:
+        # Runs before the writer closes (the stack unwinds newest first), after the server.
+        auditor = EnrolmentAuditor(rt.auditor, window_s=rt.cfg.enrolment.audit_window_s)
+        auditor.start()
+        stack.push_async_callback(auditor.close)
     server, port = await start_enroll_listener(
-        address, rt.peering, node, rt.credentials, auditor=rt.auditor,
-        options=rt.cfg.grpc.server_options(enrolment=True))
+        address, rt.peering, node, rt.credentials, auditor=auditor,
+        options=rt.cfg.grpc.server_options(enrolment=True), limits=rt.cfg.enrolment)
     stack.push_async_callback(server.stop, cfg.shutdown_grace_s)
     rt.endpoints.enroll_address = dialable(f"{address.rpartition(':')[0]}:{port}")
 

@@ -104,11 +104,15 @@ class AuditWriter:
 
     async def record(self, outcome: CallOutcome) -> None:
         """Queue the call's row; return once it is durable, else raise Unavailable."""
+        await self.record_entry(entry_of(outcome))
+
+    async def record_entry(self, entry: AuditEntry) -> None:
+        """Queue a prepared row (an aggregate, say); return once it is durable."""
         if self._closing or self._task is None or self._task.done():
             raise Unavailable("the audit log is not accepting records (the node is stopping); "
                               "retry on another replica")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((payload(entry_of(outcome)), time.perf_counter(), fut))
+        self._queue.append((payload(entry), time.perf_counter(), fut))
         self._wake.set()
         # If the call is cancelled while it waits, its row stays queued and is written all
         # the same; only the (cancelled) future is skipped.

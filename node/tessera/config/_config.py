@@ -236,6 +236,25 @@ class GrpcConfig:
 
 
 @dataclass(frozen=True)
+class EnrolmentConfig:
+    """Limits on enrolment attempts whose token does not verify (anyone can send them).
+
+    Attempts with a token this node issued are never limited here and are audited one by
+    one; the others are refused beyond these rates with RESOURCE_EXHAUSTED and audited as
+    one row per source network (/32 IPv4, /64 IPv6) per window, with a count.
+    """
+
+    #: Unverified attempts per second one source network may make, and its burst.
+    unverified_per_source_per_s: float = 1.0
+    unverified_per_source_burst: int = 10
+    #: Unverified attempts per second from all sources together, and their burst.
+    unverified_per_s: float = 10.0
+    unverified_burst: int = 50
+    #: Seconds each aggregated audit row covers (one row per source per window).
+    audit_window_s: int = 60
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     """The audit log (always on in production)."""
 
@@ -261,6 +280,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    enrolment: EnrolmentConfig = field(default_factory=EnrolmentConfig)
 
     @property
     def tier(self) -> str:
@@ -281,6 +301,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "audit": AuditConfig,
     "federation": FederationConfig,
     "grpc": GrpcConfig,
+    "enrolment": EnrolmentConfig,
 }
 
 
@@ -429,10 +450,10 @@ def validate(cfg: Config) -> None:
     _validate_ratelimit(cfg)
     if not 0 <= cfg.audit.batch_delay_ms <= 100:
         raise ConfigError("audit.batch_delay_ms: must be between 0 and 100")
-    g = cfg.grpc
-    for setting, value in dataclasses.asdict(g).items():
-        if value <= 0:
-            raise ConfigError(f"grpc.{setting}: must be a positive integer")
+    for section, values in (("grpc", cfg.grpc), ("enrolment", cfg.enrolment)):
+        for setting, value in dataclasses.asdict(values).items():
+            if value <= 0:
+                raise ConfigError(f"{section}.{setting}: must be positive")
 
 
 def _validate_ratelimit(cfg: Config) -> None:

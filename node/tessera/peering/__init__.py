@@ -1,5 +1,6 @@
 """Peering: single-use enrolment tokens, the enrolment listener, joining a peer."""
 
+from tessera.peering._flood import FloodGuard, Rate, source_of
 from tessera.peering._join import OutboundPeer, join, load_outbound, peers_dir
 from tessera.peering._service import (
     DEFAULT_TOKEN_TTL,
@@ -16,15 +17,18 @@ __all__ = [
     "DEFAULT_TOKEN_TTL",
     "MAX_TOKEN_TTL",
     "Enrolled",
+    "FloodGuard",
     "Invitation",
     "Invited",
     "OutboundPeer",
     "Peering",
+    "Rate",
     "TokenError",
     "TokenForged",
     "check_csr",
     "join",
     "load_outbound",
     "peers_dir",
+    "source_of",
     "token_key",
 ]
