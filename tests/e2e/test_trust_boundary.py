@@ -8,27 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
+import redis.asyncio as redis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera import config
+from tessera.core.errors import ResourceExhausted
 from tessera.peering import FloodGuard, Rate, load_outbound, source_of
 from tessera.peering._token import parse as parse_token
-from tessera_client import KEEPALIVE_TIME_MS
-from tessera_client.pb import admin_pb2, admin_pb2_grpc, query_pb2
+from tessera.ratelimit import LocalBudgets, RowBudgets
+from tessera_client import KEEPALIVE_TIME_MS, AsyncClient
+from tessera_client.pb import admin_pb2, admin_pb2_grpc, query_pb2, resources_pb2
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import Peering, bad_fields, reason_of
+from tests.fixtures.peers import Peering, bad_fields, put_request, reason_of
 
 
 def csr_with_key(key: ec.EllipticCurvePrivateKey, uri: str) -> bytes:
@@ -319,3 +325,116 @@ def test_flood_guard_counts_per_network_and_overall() -> None:
     assert guard.take("b", 0.0) == 0.0  # another network has its own bucket...
     assert guard.take("c", 0.0) == pytest.approx(0.1)  # ...but not past the overall one
     assert guard.take("a", 1.0) == 0.0  # refilled
+
+
+# -- item 7: a grant's row budget bounds every page together, on every replica ------------
+
+def replica_of(node: NodeProcess, tmp_path: Path) -> NodeProcess:
+    """Another replica of `node`: same database, Valkey, CA, identity and token key."""
+    data_dir = tmp_path / f"{node.data_dir.name}-replica"
+    data_dir.mkdir(mode=0o700)
+    for part in ("pki", "secrets"):
+        shutil.copytree(node.data_dir / part, data_dir / part)
+    replica = NodeProcess(data_dir, dict(node.env), tmp_path / f"{data_dir.name}.log")
+    replica.start()
+    return replica
+
+
+def tessera_cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tessera.cli", *args, "--data-dir", str(node.data_dir)],
+        env=node.env, capture_output=True, text=True, timeout=60, check=False)
+
+
+async def test_a_grants_row_budget_is_shared_by_replicas_and_refuses_with_retry_info(
+    node_factory: NodeFactory, peering: Peering, tmp_path: Path
+) -> None:
+    b1 = node_factory(name="b")
+    async with b1.client() as local:
+        for i in range(30):
+            await local.command.Execute(put_request("acme", "task", f"t{i:02d}"))
+    b2 = replica_of(b1, tmp_path)
+    try:
+        token = await peering.invite(b1, "reader")
+        async with b1.client("admin") as admin:
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await admin.admin.CreateGrant(admin_pb2.CreateGrantRequest(grant=admin_pb2.Grant(
+                    peer="reader", kinds=["task"], workspaces=["acme"], row_budget=-1,
+                    row_budget_window=duration_pb2.Duration(seconds=0))))
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert set(bad_fields(bad.value)) == {"grant.row_budget", "grant.row_budget_window"}
+        created = tessera_cli(b1, "grants", "create", "--peer", "reader", "--kinds", "task",
+                              "--workspaces", "acme", "--row-cap", "5", "--row-budget", "12",
+                              "--row-budget-window-s", "3600")
+        assert created.returncode == 0, created.stderr
+        grant = json.loads(created.stdout)
+        assert grant["row_budget"] == "12" and grant["row_budget_window"] == "3600s"
+        outbound = await peering.join_dir(token)
+        replicas = [outbound.client(), AsyncClient(b2.address, outbound.credentials())]
+        peering.clients += replicas
+        served: list[int] = []
+        page_token = ""
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            for page in range(10):  # bounded: the budget ends it long before
+                resp = await replicas[page % 2].query.ListResources(
+                    query_pb2.ListResourcesRequest(page_size=100, page_token=page_token))
+                served.append(len(resp.resources))
+                page_token = resp.next_page_token
+                assert page_token, "30 rows in scope: the budget must end this, not the data"
+        # Pages alternate between the replicas; the budget is one count for both.
+        assert served == [5, 5, 2]
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 0 < retry_delay_s(info.value) <= 3600
+        # Every read counts, not only lists.
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await replicas[1].query.GetResource(query_pb2.GetResourceRequest(
+                key=resources_pb2.ResourceKey(workspace="acme", kind="task", id="t00")))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Local tools are not affected.
+        async with b2.client() as local:
+            resp = await local.query.ListResources(query_pb2.ListResourcesRequest(
+                page_size=100))
+            assert len(resp.resources) == 30
+    finally:
+        b2.stop()
+
+
+async def test_row_budget_reservations_never_overshoot_under_concurrency(
+    valkey_url: str,
+) -> None:
+    valkey = redis.Redis.from_url(valkey_url)
+    try:
+        budgets = RowBudgets(valkey, key_prefix=f"test:{uuid.uuid4().hex}", timeout_s=2.0)
+
+        async def read(want: int, served: int) -> int:
+            try:
+                r = await budgets.reserve("grants/g", 50, 3600, want)
+            except ResourceExhausted as exc:
+                assert exc.retry_after_s > 0
+                return 0
+            await budgets.settle(r, min(served, r.granted))
+            return min(served, r.granted)
+
+        # 40 concurrent reads of up to 5 rows, each serving 3: never more than 50 rows in
+        # all, and the unused rows of each reservation go back to the budget.
+        got = await asyncio.gather(*(read(5, 3) for _ in range(40)))
+        assert 0 < sum(got) <= 50
+        assert (await budgets.reserve("grants/g", 50, 3600, 1000)).granted == 50 - sum(got)
+        with pytest.raises(ResourceExhausted):
+            await budgets.reserve("grants/g", 50, 3600, 1)
+        # Another grant has its own budget.
+        assert (await budgets.reserve("grants/other", 50, 3600, 7)).granted == 7
+    finally:
+        await valkey.aclose()
+
+
+def test_local_row_budget_is_a_rolling_window() -> None:
+    ledger = LocalBudgets()
+    assert ledger.reserve("g", 10, 60, 6, now=0.0)[0] == 6
+    assert ledger.reserve("g", 10, 60, 6, now=30.0)[0] == 4
+    granted, retry, _ = ledger.reserve("g", 10, 60, 1, now=59.0)
+    assert granted == 0 and retry == pytest.approx(1.0)  # the first 6 leave at t=60
+    assert ledger.reserve("g", 10, 60, 10, now=60.0)[0] == 6
+    _, _, member = ledger.reserve("h", 10, 60, 10, now=0.0)
+    ledger.settle("h", member, 3)  # served 3 of 10: 7 go back
+    assert ledger.reserve("h", 10, 60, 10, now=1.0)[0] == 7

@@ -45,6 +45,11 @@ def peer_to_pb(rt: Runtime, p: Peer) -> admin_pb2.Peer:
     )
 
 
+#: The window of a row budget given without one, and the longest window allowed.
+DEFAULT_ROW_BUDGET_WINDOW_S = 3600
+MAX_ROW_BUDGET_WINDOW_S = 30 * 86_400
+
+
 def grant_to_pb(g: Grant) -> admin_pb2.Grant:
     """Domain grant to protobuf."""
     msg = admin_pb2.Grant(
@@ -58,6 +63,9 @@ def grant_to_pb(g: Grant) -> admin_pb2.Grant:
     if g.rate_per_s or g.burst:
         msg.rate_limit.rate_per_s = g.rate_per_s
         msg.rate_limit.burst = g.burst
+    if g.row_budget:
+        msg.row_budget = g.row_budget
+        msg.row_budget_window.seconds = g.row_budget_window_s
     return msg
 
 
@@ -86,6 +94,15 @@ def grant_from_pb(rt: Runtime, msg: admin_pb2.Grant, *, now: datetime) -> Grant:
     c.max_len("grant.subject_user", msg.subject_user, MAX_NAME)
     if msg.row_cap < 0:
         c.fail("grant.row_cap", "must be 0 (node default) or positive")
+    if msg.row_budget < 0:
+        c.fail("grant.row_budget", "must be 0 (no budget) or positive")
+    window_s = msg.row_budget_window.seconds if msg.HasField("row_budget_window") else 0
+    if msg.HasField("row_budget_window") and (
+            msg.row_budget_window.nanos or not 1 <= window_s <= MAX_ROW_BUDGET_WINDOW_S):
+        c.fail("grant.row_budget_window",
+               f"must be whole seconds from 1 to {MAX_ROW_BUDGET_WINDOW_S} (30 days)")
+    if msg.HasField("row_budget_window") and not msg.row_budget:
+        c.fail("grant.row_budget_window", "is only meaningful with grant.row_budget")
     for i, ct in enumerate(msg.command_types):
         c.pattern(f"grant.command_types[{i}]", ct, COMMAND_TYPE_RE, "1-128 of [a-z0-9._-]")
     for i, et in enumerate(msg.event_types):
@@ -106,6 +123,8 @@ def grant_from_pb(rt: Runtime, msg: admin_pb2.Grant, *, now: datetime) -> Grant:
         include_personal=msg.include_personal, row_cap=msg.row_cap,
         command_types=frozenset(msg.command_types), event_types=frozenset(msg.event_types),
         rate_per_s=rate.rate_per_s, burst=rate.burst, expire_time=expire,
+        row_budget=msg.row_budget,
+        row_budget_window_s=(window_s or DEFAULT_ROW_BUDGET_WINDOW_S) if msg.row_budget else 0,
     )
 
 

@@ -17,6 +17,7 @@ from tessera.core.errors import FieldViolation, InvalidArgument, Unavailable
 from tessera.core.pagination import PageTokenError, query_hash
 from tessera.federation import Federation
 from tessera.grants import Scope
+from tessera.ratelimit import Reservation
 from tessera.store import ListQuery, ResourceKey
 from tessera_client.pb import query_pb2, query_pb2_grpc, resources_pb2
 
@@ -67,6 +68,19 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             raise Unavailable("federation is not configured on this node")
         return self.rt.federation
 
+    async def _reserve(self, want: int) -> Reservation | None:
+        """Reserve up to `want` rows against the caller's grant's row budget, if it has
+        one (RESOURCE_EXHAUSTED with RetryInfo once it is spent)."""
+        grant = current_caller().grant
+        if grant is None or not grant.row_budget or self.rt.budgets is None:
+            return None
+        return await self.rt.budgets.reserve(grant.name, grant.row_budget,
+                                             grant.row_budget_window_s, want)
+
+    async def _settle(self, reservation: Reservation | None, served: int) -> None:
+        if reservation is not None and self.rt.budgets is not None:
+            await self.rt.budgets.settle(reservation, served)
+
     def _scope(self) -> Scope | None:
         """The caller's grant scope; None for local identities."""
         return peer_scope(current_caller())
@@ -89,9 +103,15 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             return await fan_get(self._federation(), request,
                                  lambda r: self.GetResource(r, context))
         k = request.key
-        # Rows outside the scope are not fetched: they answer NOT_FOUND like absent ones.
-        resource = await self.rt.store.get(ResourceKey(k.workspace, k.kind, k.id),
-                                           scope.predicate() if scope else None)
+        reservation = await self._reserve(1)
+        served = 0
+        try:
+            # Rows outside the scope are not fetched: they answer NOT_FOUND like absent ones.
+            resource = await self.rt.store.get(ResourceKey(k.workspace, k.kind, k.id),
+                                               scope.predicate() if scope else None)
+            served = 1
+        finally:
+            await self._settle(reservation, served)
         return query_pb2.GetResourceResponse(resource=resource_to_pb(resource))
 
     async def ListResources(
@@ -140,9 +160,14 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         }
         qhash = query_hash(normalised)
         caller = current_caller().uri
+        reservation = None
         if scope is not None:
             page_size = scope.page_size(page_size)
             caller = scope.page_token_subject(caller)
+            # The row cap bounds a page, the budget every page in its window together.
+            reservation = await self._reserve(page_size)
+            if reservation is not None:
+                page_size = reservation.granted
         after: list[Any] | None = None
         if request.HasField("start_after"):
             sa = request.start_after
@@ -152,11 +177,15 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 after = self.rt.tokens.decode(request.page_token, query=qhash, caller=caller)
             except PageTokenError as exc:
                 raise InvalidArgument([FieldViolation("page_token", str(exc))]) from None
-        rows = await self.rt.store.list(ListQuery(
-            workspace=request.workspace, kind=request.kind, team=request.team,
-            owner=request.owner, attributes=attributes, updated_since=updated_since,
-            order=order, limit=page_size + 1, after=after,
-        ), scope.predicate() if scope else None)
+        rows: list[Any] = []
+        try:
+            rows = await self.rt.store.list(ListQuery(
+                workspace=request.workspace, kind=request.kind, team=request.team,
+                owner=request.owner, attributes=attributes, updated_since=updated_since,
+                order=order, limit=page_size + 1, after=after,
+            ), scope.predicate() if scope else None)
+        finally:
+            await self._settle(reservation, min(len(rows), page_size))
         next_token = ""
         if len(rows) > page_size:
             rows = rows[:page_size]
@@ -183,9 +212,19 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                                     lambda r: self.SearchResources(r, context))
         if scope is None:
             return await search_resources(self.rt, request)
-        # A peer's search runs inside its grant, in the same SQL, and within its row cap.
-        return await search_resources(self.rt, request, scope.predicate(),
-                                      max_k=scope.page_size(request.k or 1))
+        # A peer's search runs inside its grant, in the same SQL, and within its row cap
+        # and row budget.
+        max_k = scope.page_size(request.k or 1)
+        reservation = await self._reserve(max_k)
+        if reservation is not None:
+            max_k = reservation.granted
+        served = 0
+        try:
+            response = await search_resources(self.rt, request, scope.predicate(), max_k=max_k)
+            served = len(response.hits)
+        finally:
+            await self._settle(reservation, served)
+        return response
 
     async def Describe(
         self, request: query_pb2.DescribeRequest, context: grpc.aio.ServicerContext

@@ -19,7 +19,7 @@ from tessera.federation import Federation
 from tessera.grants import GrantStore
 from tessera.peering import Peering
 from tessera.pki import NodeCertificates, ReloadableServerCredentials, SpiffeId
-from tessera.ratelimit import RateLimiter
+from tessera.ratelimit import RateLimiter, RowBudgets
 from tessera.store import Pool, ResourceStore
 
 _UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "[::]", "")  # noqa: S104 - matching, not binding
@@ -70,6 +70,8 @@ class Runtime:
     #: None only when audit is turned off (benchmarks).
     auditor: AuditWriter | None
     endpoints: Endpoints
+    #: Grants' row budgets (None only in tests that build a Runtime without Valkey).
+    budgets: RowBudgets | None = None
 
     @property
     def listen_address(self) -> str:

@@ -61,7 +61,7 @@ from tessera.pki import (
     resolve_node_name,
     write_atomic,
 )
-from tessera.ratelimit import RateLimiter
+from tessera.ratelimit import RateLimiter, RowBudgets
 from tessera.store import Pool
 from tessera_client.pb import (
     admin_pb2,
@@ -333,6 +333,9 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
             certificates=certs, federation=federation, grants=grants,
             peering=_peering(cfg, identity, grants, tokens, credentials, certs, endpoints),
             limiter=limiter, auditor=auditor, endpoints=endpoints,
+            budgets=RowBudgets(valkey, key_prefix=f"tessera:rb:{identity.uri}",
+                               timeout_s=cfg.ratelimit.decision_timeout_ms / 1000,
+                               on_valkey_failure=cfg.ratelimit.on_valkey_failure),
         )
         server = _grpc_server(rt, metrics)
         health_servicer = health.aio.HealthServicer()

@@ -51,6 +51,10 @@ def _grant_from_args(a: argparse.Namespace) -> admin_pb2.Grant:
     if a.rate or a.burst:
         g.rate_limit.rate_per_s = a.rate
         g.rate_limit.burst = a.burst
+    if a.row_budget:
+        g.row_budget = a.row_budget
+    if a.row_budget_window_s:
+        g.row_budget_window.seconds = a.row_budget_window_s
     if a.expires_in_s:
         ts = timestamp_pb2.Timestamp()
         ts.FromDatetime(datetime.now(UTC) + timedelta(seconds=a.expires_in_s))
@@ -145,7 +149,12 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None],
     p.add_argument("--teams", default="")
     p.add_argument("--subject-user", default="")
     p.add_argument("--include-personal", action="store_true")
-    p.add_argument("--row-cap", type=int, default=0)
+    p.add_argument("--row-cap", type=int, default=0, help="most rows per page")
+    p.add_argument("--row-budget", type=int, default=0,
+                   help="most rows the peer may read per --row-budget-window-s, on every "
+                        "replica together (0: no budget)")
+    p.add_argument("--row-budget-window-s", type=int, default=0,
+                   help="rolling window of --row-budget in seconds (default 3600)")
     p.add_argument("--commands", default="", help="e.g. resource.put,resource.delete")
     p.add_argument("--events", default="", help="event type patterns, e.g. task.*")
     p.add_argument("--rate", type=float, default=0.0, help="calls per second")

@@ -59,6 +59,10 @@ class Grant:
     expire_time: datetime | None = None
     created_at: datetime | None = None
     revoked_at: datetime | None = None
+    #: Most rows readable under this grant within any `row_budget_window_s` seconds,
+    #: across replicas; 0 means no budget.
+    row_budget: int = 0
+    row_budget_window_s: int = 0
 
     @property
     def revoked(self) -> bool:

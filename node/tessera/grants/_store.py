@@ -17,7 +17,7 @@ from tessera.store import Pool
 _GRANT_COLUMNS = (
     "id, peer, kinds, excluded_kinds, workspaces, teams, subject_user, include_personal,"
     " row_cap, command_types, event_types, rate_per_s, burst, expire_time, created_at,"
-    " revoked_at"
+    " revoked_at, row_budget, row_budget_window_s"
 )
 
 
@@ -48,6 +48,8 @@ def _row_to_grant(row: dict[str, Any], prefix: str = "") -> Grant:
         command_types=frozenset(g["command_types"]), event_types=frozenset(g["event_types"]),
         rate_per_s=g["rate_per_s"], burst=g["burst"], expire_time=g["expire_time"],
         created_at=g["created_at"], revoked_at=g["revoked_at"],
+        row_budget=int(g.get("row_budget") or 0),
+        row_budget_window_s=int(g.get("row_budget_window_s") or 0),
     )
 
 
@@ -85,7 +87,8 @@ class GrantStore:
                 " g.command_types AS g_command_types, g.event_types AS g_event_types,"
                 " g.rate_per_s AS g_rate_per_s, g.burst AS g_burst,"
                 " g.expire_time AS g_expire_time, g.created_at AS g_created_at,"
-                " g.revoked_at AS g_revoked_at,"
+                " g.revoked_at AS g_revoked_at, g.row_budget AS g_row_budget,"
+                " g.row_budget_window_s AS g_row_budget_window_s,"
                 " (g.expire_time IS NULL OR g.expire_time > now()) AS g_live"
                 " FROM peers p LEFT JOIN LATERAL ("
                 "   SELECT * FROM grants WHERE peer = p.name AND revoked_at IS NULL"
@@ -237,12 +240,12 @@ class GrantStore:
                 )
             cur = await conn.execute(
                 f"INSERT INTO grants ({_GRANT_COLUMNS}) VALUES"  # noqa: S608 - fixed columns
-                " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now(), NULL)"
+                " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now(), NULL, %s, %s)"
                 f" RETURNING {_GRANT_COLUMNS}",
                 (uuid.uuid4(), g.peer, sorted(g.kinds), sorted(g.excluded_kinds),
                  sorted(g.workspaces), sorted(g.teams), g.subject_user, g.include_personal,
                  g.row_cap, sorted(g.command_types), sorted(g.event_types), g.rate_per_s,
-                 g.burst, g.expire_time),
+                 g.burst, g.expire_time, g.row_budget, g.row_budget_window_s),
             )
             row = await cur.fetchone()
         assert row is not None

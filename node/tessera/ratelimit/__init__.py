@@ -5,6 +5,7 @@ script share.
 """
 
 from tessera.config import METHOD_CLASSES, Limit, parse_limits
+from tessera.ratelimit._budget import LocalBudgets, Reservation, RowBudgets
 from tessera.ratelimit._gcra import Decision, gcra
 from tessera.ratelimit._limiter import (
     DEFAULT_LOCAL,
@@ -24,8 +25,11 @@ __all__ = [
     "Decision",
     "Limit",
     "LimitStatus",
+    "LocalBudgets",
     "LocalGcra",
     "RateLimiter",
+    "Reservation",
+    "RowBudgets",
     "effective_limit",
     "gcra",
     "grant_limit",

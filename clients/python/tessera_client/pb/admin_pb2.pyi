@@ -452,6 +452,8 @@ class Grant(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    ROW_BUDGET_FIELD_NUMBER: _builtins.int
+    ROW_BUDGET_WINDOW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Server-assigned name, "grants/<uuid>"."""
     peer: _builtins.str
@@ -464,6 +466,11 @@ class Grant(_message.Message):
     """Maximum rows per query; 0 means the node default."""
     revoked: _builtins.bool
     """True once revoked."""
+    row_budget: _builtins.int
+    """Most rows the peer may read under this grant within any row_budget_window, counted
+    across every replica; 0 means no budget (row_cap still bounds each page). Beyond it,
+    reads answer RESOURCE_EXHAUSTED with RetryInfo.
+    """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Kinds the peer may read; empty means none."""
@@ -504,6 +511,10 @@ class Grant(_message.Message):
     def revoke_time(self) -> _timestamp_pb2.Timestamp:
         """When it was revoked, if it was."""
 
+    @_builtins.property
+    def row_budget_window(self) -> _duration_pb2.Duration:
+        """The rolling window of row_budget; unset with a budget means one hour."""
+
     def __init__(
         self,
         *,
@@ -523,10 +534,12 @@ class Grant(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
         revoked: _builtins.bool = ...,
+        row_budget: _builtins.int = ...,
+        row_budget_window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "rate_limit", b"rate_limit", "revoke_time", b"revoke_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "rate_limit", b"rate_limit", "revoke_time", b"revoke_time", "row_budget_window", b"row_budget_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_types", b"command_types", "create_time", b"create_time", "event_types", b"event_types", "excluded_kinds", b"excluded_kinds", "expire_time", b"expire_time", "include_personal", b"include_personal", "kinds", b"kinds", "name", b"name", "peer", b"peer", "rate_limit", b"rate_limit", "revoke_time", b"revoke_time", "revoked", b"revoked", "row_cap", b"row_cap", "subject_user", b"subject_user", "teams", b"teams", "workspaces", b"workspaces"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_types", b"command_types", "create_time", b"create_time", "event_types", b"event_types", "excluded_kinds", b"excluded_kinds", "expire_time", b"expire_time", "include_personal", b"include_personal", "kinds", b"kinds", "name", b"name", "peer", b"peer", "rate_limit", b"rate_limit", "revoke_time", b"revoke_time", "revoked", b"revoked", "row_budget", b"row_budget", "row_budget_window", b"row_budget_window", "row_cap", b"row_cap", "subject_user", b"subject_user", "teams", b"teams", "workspaces", b"workspaces"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
