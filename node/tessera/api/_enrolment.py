@@ -69,6 +69,10 @@ async def enroll_pb(
 _UNVERIFIED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "tessera_unverified_enrolment", default=None)
 SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+#: Most source networks given a row of their own per window; the rest share one row
+#: ("other"), so many sources (IPv6 makes /64s cheap) cannot multiply the rows either.
+MAX_SOURCES_PER_WINDOW = 1024
+OTHER_SOURCES = "other"
 
 
 class EntryWriter(Auditor, Protocol):
@@ -93,6 +97,8 @@ class EnrolmentAuditor:
         self.window_s = window_s
         #: (window start, source) -> count of attempts by reason.
         self._counts: dict[tuple[int, str], dict[str, int]] = {}
+        #: Sources seen per window, to cap the rows one window can cost.
+        self._sources: dict[int, int] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def record(self, outcome: CallOutcome) -> None:
@@ -102,6 +108,11 @@ class EnrolmentAuditor:
             await self.inner.record(outcome)
             return
         window = int(time.time()) // self.window_s * self.window_s
+        if (window, source) not in self._counts:
+            if self._sources.get(window, 0) >= MAX_SOURCES_PER_WINDOW:
+                source = OTHER_SOURCES
+            else:
+                self._sources[window] = self._sources.get(window, 0) + 1
         reasons = self._counts.setdefault((window, source), {})
         key = outcome.reason or outcome.code.name
         reasons[key] = reasons.get(key, 0) + 1
@@ -129,6 +140,8 @@ class EnrolmentAuditor:
         """Write the rows of ended windows (of every window with `all_windows`)."""
         now = int(time.time())
         done = [k for k in self._counts if all_windows or k[0] + self.window_s <= now]
+        for window in [w for w in self._sources if all_windows or w + self.window_s <= now]:
+            del self._sources[window]
         for key in sorted(done):
             reasons = self._counts.pop(key)
             try:

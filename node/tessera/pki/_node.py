@@ -26,6 +26,7 @@ from tessera.pki._devca import local_sans
 from tessera.pki._enrol import Enrolment, credentials_valid, enrol
 from tessera.pki._identity import IdentityKind, SpiffeId
 from tessera.pki._issuer import Issuer
+from tessera.pki._nodename import resolve_node_name
 from tessera.pki._renewal import CertificateStatus, ManagedCertificate
 from tessera.pki._revocations import SharedRevocations
 from tessera.pki._tls import ReloadableServerCredentials, TlsMaterial
@@ -40,6 +41,7 @@ ROOT_REFRESH_S = 3600.0
 
 def node_enrolment(cfg: Config) -> Enrolment:
     """The node's own identity with the DNS and IP SANs of its listen address."""
+    cfg = resolve_node_name(cfg)  # `certs enroll` may run before the first `serve`
     host = cfg.node.listen_address.rpartition(":")[0]
     dns, ips = local_sans(host, cfg.node.name)
     if cfg.node.advertised_address:
