@@ -429,6 +429,9 @@ async def test_a_real_prune_chains_its_anchor_and_moving_it_later_is_detected(
     assert (await verify_audit(node)).ok
     (prune_row,) = [r for r in await records(node) if r.method == "Prune"]
     assert prune_row.service == "tessera.audit"
+    ((anchor_seq, anchor_hash),) = sql(node, "SELECT sequence, hash FROM audit_anchor")
+    assert prune_row.detail["anchor_sequence"] == anchor_seq  # the anchor, in the chain
+    assert prune_row.detail["anchor_hash"] == bytes(anchor_hash).hex()
     # Move the anchor forward over a kept row (and delete it, as a prune would have).
     ((seq, h),) = sql(node, "SELECT sequence, hash FROM audit_log WHERE method <> 'Prune'"
                             " ORDER BY sequence LIMIT 1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from tessera import audit
-from tessera.api._convert import timestamp
+from tessera.api._convert import dict_to_struct, timestamp
 from tessera.api._runtime import Runtime
 from tessera.api._validate import Checker
 from tessera.calls import current_caller
@@ -33,6 +33,7 @@ def record_to_pb(row: audit.AuditRow) -> admin_pb2.AuditRecord:
         outcome=_OUTCOME_PB.get(e.outcome, admin_pb2.AUDIT_OUTCOME_UNSPECIFIED),
         status_code=e.status_code, bytes_out=e.bytes_out, latency_us=e.latency_us,
         trace_id=e.trace_id, reason=e.reason, hash=row.hash.hex(),
+        detail=dict_to_struct(dict(e.detail)) if e.detail else None,
     )
 
 

@@ -697,6 +697,7 @@ class AuditRecord(_message.Message):
     TRACE_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Position in the chain."""
     identity: _builtins.str
@@ -731,6 +732,13 @@ class AuditRecord(_message.Message):
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the call was answered."""
 
+    @_builtins.property
+    def detail(self) -> _struct_pb2.Struct:
+        """Extra fields of special records, empty for an ordinary call: a prune's anchor
+        (anchor_sequence, anchor_hash); aggregated enrolment attempts whose token did not
+        verify (source, count, reasons, window_start, window_s). Covered by the hash.
+        """
+
     def __init__(
         self,
         *,
@@ -750,10 +758,11 @@ class AuditRecord(_message.Message):
         trace_id: _builtins.str = ...,
         reason: _builtins.str = ...,
         hash: _builtins.str = ...,
+        detail: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_out", b"bytes_out", "grant", b"grant", "hash", b"hash", "identity", b"identity", "kind", b"kind", "latency_us", b"latency_us", "method", b"method", "outcome", b"outcome", "peer", b"peer", "query_hash", b"query_hash", "reason", b"reason", "sequence", b"sequence", "service", b"service", "status_code", b"status_code", "time", b"time", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_out", b"bytes_out", "detail", b"detail", "grant", b"grant", "hash", b"hash", "identity", b"identity", "kind", b"kind", "latency_us", b"latency_us", "method", b"method", "outcome", b"outcome", "peer", b"peer", "query_hash", b"query_hash", "reason", b"reason", "sequence", b"sequence", "service", b"service", "status_code", b"status_code", "time", b"time", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
