@@ -60,6 +60,9 @@ def node_config(data_dir: Path, ca_url: str, files: StepCAFiles, **ca: Any) -> c
     """A node in the embedded tier whose certificates come from step-ca."""
     overrides: dict[str, Any] = {
         "node.data_dir": str(data_dir),
+        # Named, as these tests expect the identity .../node/tessera (the default name is
+        # derived from the host name since issue 12).
+        "node.name": "tessera",
         "node.listen_address": "127.0.0.1:0",
         "node.shutdown_grace_s": "1",
         "store.embedding_dimension": "4",

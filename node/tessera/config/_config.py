@@ -33,7 +33,8 @@ class NodeConfig:
 
     #: Node name, the last part of its SPIFFE identity. Lower-case letters, digits, '-'.
     #: Empty: derived at first start from the host name plus a random suffix and kept in
-    #: data_dir/node-name, so two default nodes never share a name.
+    #: data_dir/node-name, so two default nodes never share a name. Replicas of one node
+    #: with separate data directories must set it (each would derive its own).
     name: str = ""
     #: SPIFFE trust domain of identities issued for this node.
     trust_domain: str = "tessera.local"
