@@ -21,15 +21,17 @@ import pytest
 import redis.asyncio as redis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera import config
-from tessera.core.errors import ResourceExhausted
-from tessera.peering import FloodGuard, Rate, load_outbound, source_of
+from tessera.core.errors import InvalidArgument, ResourceExhausted
+from tessera.peering import FloodGuard, Rate, check_csr, load_outbound, source_of
+from tessera.peering._service import issuer_key_types
 from tessera.peering._token import parse as parse_token
+from tessera.pki import IdentityKind, SpiffeId
 from tessera.ratelimit import LocalBudgets, RowBudgets
 from tessera_client import KEEPALIVE_TIME_MS, AsyncClient
 from tessera_client.pb import admin_pb2, admin_pb2_grpc, query_pb2, resources_pb2
@@ -37,13 +39,15 @@ from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering, bad_fields, put_request, reason_of
 
 
-def csr_with_key(key: ec.EllipticCurvePrivateKey, uri: str) -> bytes:
+def csr_with_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+                 uri: str) -> bytes:
     """A CSR shaped exactly as `peers join` makes one, but with the given key."""
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([]))
            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
                           critical=True)
-           .sign(key, hashes.SHA256()))
+           .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey)
+                 else hashes.SHA256()))
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
@@ -438,3 +442,17 @@ def test_local_row_budget_is_a_rolling_window() -> None:
     _, _, member = ledger.reserve("h", 10, 60, 10, now=0.0)
     ledger.settle("h", member, 3)  # served 3 of 10: 7 go back
     assert ledger.reserve("h", 10, 60, 10, now=1.0)[0] == 7
+
+
+def test_csr_key_policy_follows_the_issuer() -> None:
+    identity = SpiffeId("b.example", IdentityKind.NODE, "a")
+    ed = csr_with_key(ed25519.Ed25519PrivateKey.generate(), identity.uri)
+    k1 = csr_with_key(ec.generate_private_key(ec.SECP256K1()), identity.uri)
+    p256 = csr_with_key(ec.generate_private_key(ec.SECP256R1()), identity.uri)
+    for kind in ("dev-ca", "step-ca"):
+        check_csr(p256, identity, key_types=issuer_key_types(kind))
+        with pytest.raises(InvalidArgument):
+            check_csr(k1, identity, key_types=issuer_key_types(kind))
+    check_csr(ed, identity, key_types=issuer_key_types("step-ca"))
+    with pytest.raises(InvalidArgument):
+        check_csr(ed, identity, key_types=issuer_key_types("dev-ca"))
