@@ -1,11 +1,20 @@
 """PostgreSQL + pgvector storage: pool, migrations, resources, events, operations."""
 
 from tessera.store._db import migrate, migrations, open_pool, redact_dsn, schema_version
+from tessera.store._operations import (
+    DONE_STATES,
+    OPERATION_EVENT_KIND,
+    OPERATIONS_CHANNEL,
+    Effect,
+    Operation,
+    OperationError,
+    OperationStore,
+    operation_uuid,
+)
 from tessera.store._predicate import NOTHING, Predicate
 from tessera.store._resources import (
     EVENTS_CHANNEL,
     ListQuery,
-    Operation,
     Pool,
     Resource,
     ResourceKey,
@@ -18,11 +27,17 @@ from tessera.store._resources import (
 from tessera.store._search import Metric, SearchQuery, search
 
 __all__ = [
+    "DONE_STATES",
     "EVENTS_CHANNEL",
     "NOTHING",
+    "OPERATIONS_CHANNEL",
+    "OPERATION_EVENT_KIND",
+    "Effect",
     "ListQuery",
     "Metric",
     "Operation",
+    "OperationError",
+    "OperationStore",
     "Pool",
     "Predicate",
     "Resource",
@@ -34,6 +49,7 @@ __all__ = [
     "migrate",
     "migrations",
     "open_pool",
+    "operation_uuid",
     "redact_dsn",
     "schema_version",
     "search",

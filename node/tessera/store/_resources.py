@@ -1,11 +1,9 @@
-"""Resources, their events (transactional outbox) and idempotent operations in PostgreSQL."""
+"""Resources and their events (transactional outbox) in PostgreSQL."""
 
 from __future__ import annotations
 
-import builtins
 import json
 import struct
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,7 +14,6 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from tessera.core.errors import FailedPrecondition, NotFound, PermissionDenied
-from tessera.core.pagination import query_hash
 from tessera.store._predicate import Predicate
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
@@ -93,22 +90,6 @@ def version_of_etag(etag: str) -> int | None:
     if len(etag) > 1 and etag[0] == "v" and etag[1:].isdigit():
         return int(etag[1:])
     return None
-
-
-@dataclass(frozen=True)
-class Operation:
-    """A recorded command execution."""
-
-    name: str
-    caller: str
-    idempotency_key: str
-    command_type: str
-    state: Literal["SUCCEEDED", "FAILED"]
-    result: Resource | None
-    not_found: bool
-    event_sequence: int | None
-    created_at: datetime
-    updated_at: datetime
 
 
 @dataclass(frozen=True)
@@ -245,103 +226,13 @@ class ResourceStore:
             rows = await cur.fetchall()
         return [_row_to_resource(r) for r in rows]
 
-    # -- commands ---------------------------------------------------------------------
+    # -- effects of built-in commands, applied inside the Execute transaction ----------
 
-    async def _existing_operation(
-        self, conn: psycopg.AsyncConnection[Any], caller: str, key: str, req_hash: str
-    ) -> Operation | None:
-        cur = await conn.execute(
-            "SELECT * FROM operations WHERE caller = %s AND idempotency_key = %s", (caller, key)
-        )
-        row = await cur.fetchone()
-        if row is None:
-            return None
-        if row["request_hash"] != req_hash:
-            raise FailedPrecondition(
-                "idempotency_key was already used for a different request; use a new key",
-                reason="IDEMPOTENCY_KEY_REUSED",
-            )
-        return _row_to_operation(row)
-
-    async def execute_put(
-        self,
-        *,
-        caller: str,
-        idempotency_key: str,
-        resource: Resource,
-        expected_version: int | None,
-        create_only: bool,
-        scope: Predicate | None = None,
-    ) -> Operation:
-        """Create or replace a resource, once per idempotency key.
-
-        With `scope`, an existing row is replaced only if it is inside the scope too.
-        """
-        payload = {"put": resource.as_json(), "embedding": resource.embedding,
-                   "expected": expected_version, "create_only": create_only}
-        return await self._execute(
-            caller, idempotency_key, "resource.put", query_hash(payload),
-            lambda conn: self._put(conn, resource, expected_version, create_only, scope),
-        )
-
-    async def execute_delete(
-        self,
-        *,
-        caller: str,
-        idempotency_key: str,
-        key: ResourceKey,
-        expected_version: int | None,
-        allow_missing: bool,
-        scope: Predicate | None = None,
-    ) -> Operation:
-        """Delete a resource, once per idempotency key; rows outside `scope` look absent."""
-        payload = {"delete": [key.workspace, key.kind, key.id], "expected": expected_version,
-                   "allow_missing": allow_missing}
-        return await self._execute(
-            caller, idempotency_key, "resource.delete", query_hash(payload),
-            lambda conn: self._delete(conn, key, expected_version, allow_missing, scope),
-        )
-
-    async def _execute(
-        self, caller: str, idem_key: str, command_type: str, req_hash: str, apply: Any
-    ) -> Operation:
-        for _attempt in range(2):
-            try:
-                async with self.pool.connection() as conn, conn.transaction():
-                    existing = await self._existing_operation(conn, caller, idem_key, req_hash)
-                    if existing is not None:
-                        return existing
-                    resource, not_found, event_type = await apply(conn)
-                    sequence = None
-                    if event_type is not None and resource is not None:
-                        sequence = await append_event(
-                            conn, event_type, resource.key,
-                            {"version": resource.version, "etag": resource.etag}, caller,
-                        )
-                    cur = await conn.execute(
-                        "INSERT INTO operations (name, caller, idempotency_key, request_hash,"
-                        " command_type, state, result, event_sequence)"
-                        " VALUES (%s, %s, %s, %s, %s, 'SUCCEEDED', %s::jsonb, %s) RETURNING *",
-                        (uuid.uuid4(), caller, idem_key, req_hash, command_type,
-                         json.dumps({"resource": resource.as_json() if resource else None,
-                                     "not_found": not_found}),
-                         sequence),
-                    )
-                    row = await cur.fetchone()
-                    assert row is not None
-                    return _row_to_operation(row)
-            except psycopg.errors.UniqueViolation as exc:
-                # A concurrent call with the same key committed first; our transaction (and
-                # its write) rolled back. Loop once to return the winner's operation.
-                if exc.diag.constraint_name != "operations_caller_idempotency_key_key":
-                    raise
-        raise FailedPrecondition("idempotency_key is being used concurrently; retry",
-                                 reason="IDEMPOTENCY_CONFLICT")
-
-    async def _put(
+    async def apply_put(
         self, conn: psycopg.AsyncConnection[Any], r: Resource, expected: int | None,
         create_only: bool, scope: Predicate | None = None,
-    ) -> tuple[Resource, bool, str]:
+    ) -> Resource:
+        """Create or replace `r`; raises FailedPrecondition / PermissionDenied."""
         values = (r.workspace, r.kind, r.id, r.title, r.body, json.dumps(r.attributes),
                   vector_literal(r.embedding) if r.embedding else None, r.owner, r.team)
         insert = sql.SQL(
@@ -397,12 +288,13 @@ class ResourceStore:
                     reason="RESOURCE_OUT_OF_SCOPE",
                 )
         assert row is not None
-        return _row_to_resource(row), False, f"{r.kind}.put"
+        return _row_to_resource(row)
 
-    async def _delete(
+    async def apply_delete(
         self, conn: psycopg.AsyncConnection[Any], key: ResourceKey, expected: int | None,
         allow_missing: bool, scope: Predicate | None = None,
-    ) -> tuple[Resource | None, bool, str | None]:
+    ) -> Resource | None:
+        """Delete `key`; the removed row, or None when allowed to be missing."""
         where, params = _scoped(
             sql.SQL("workspace = %s AND kind = %s AND id = %s"),
             (key.workspace, key.kind, key.id), scope)
@@ -415,7 +307,7 @@ class ResourceStore:
         )
         row = await cur.fetchone()
         if row is not None:
-            return _row_to_resource(row), False, f"{key.kind}.delete"
+            return _row_to_resource(row)
         # Rows outside the scope answer exactly as missing ones do.
         cur = await conn.execute(
             sql.SQL("SELECT version FROM resources WHERE {}").format(where), params
@@ -428,41 +320,7 @@ class ResourceStore:
             )
         if not allow_missing:
             raise NotFound(f"resource {key.workspace}/{key.kind}/{key.id} does not exist")
-        return None, True, None
-
-    async def get_operation(self, name: str, caller: str) -> Operation:
-        """An operation the caller started; NotFound otherwise (others' are invisible)."""
-        try:
-            op_id = uuid.UUID(name.removeprefix("operations/"))
-        except ValueError:
-            raise NotFound(f"operation {name} does not exist") from None
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT * FROM operations WHERE name = %s AND caller = %s", (op_id, caller)
-            )
-            row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"operation {name} does not exist")
-        return _row_to_operation(row)
-
-    async def list_operations(
-        self, caller: str, *, limit: int, after: Sequence[Any] | None
-    ) -> builtins.list[Operation]:
-        """The caller's operations, newest first."""
-        params: list[Any] = [caller]
-        where = "caller = %s"
-        if after is not None:
-            where += " AND (created_at, name) < (%s::timestamptz, %s::uuid)"
-            params.extend(after)
-        params.append(limit)
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                f"SELECT * FROM operations WHERE {where}"  # noqa: S608 - fixed fragments only
-                " ORDER BY created_at DESC, name DESC LIMIT %s",
-                params,
-            )
-            rows = await cur.fetchall()
-        return [_row_to_operation(r) for r in rows]
+        return None
 
 
 async def append_event(
@@ -483,20 +341,3 @@ async def append_event(
     sequence = int(row["sequence"])
     await conn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, str(sequence)))
     return sequence
-
-
-def _row_to_operation(row: dict[str, Any]) -> Operation:
-    result = row["result"] or {}
-    res = result.get("resource")
-    return Operation(
-        name=f"operations/{row['name']}",
-        caller=row["caller"],
-        idempotency_key=row["idempotency_key"],
-        command_type=row["command_type"],
-        state=row["state"],
-        result=Resource.from_json(res) if res else None,
-        not_found=bool(result.get("not_found")),
-        event_sequence=row["event_sequence"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )

@@ -125,8 +125,32 @@ class DeleteResourceCommand(_message.Message):
 Global___DeleteResourceCommand: _TypeAlias = DeleteResourceCommand  # noqa: Y015
 
 @_typing.final
+class BatchPutResourcesCommand(_message.Message):
+    """Creates or replaces several resources in one transaction: all are written or none."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def puts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PutResourceCommand]:
+        """The puts, 1-100; each is checked as a PutResourceCommand is."""
+
+    def __init__(
+        self,
+        *,
+        puts: _abc.Iterable[Global___PutResourceCommand] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["puts", b"puts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchPutResourcesCommand: _TypeAlias = BatchPutResourcesCommand  # noqa: Y015
+
+@_typing.final
 class PluginCommand(_message.Message):
-    """A command handled by a plugin, addressed by type."""
+    """A command handled by a registered handler (built-in or plugin), addressed by type."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -162,6 +186,7 @@ class ExecuteRequest(_message.Message):
     PUT_RESOURCE_FIELD_NUMBER: _builtins.int
     DELETE_RESOURCE_FIELD_NUMBER: _builtins.int
     PLUGIN_FIELD_NUMBER: _builtins.int
+    BATCH_PUT_RESOURCES_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Client-chosen key, 1-128 printable ASCII characters. Required: the same key (per caller)
     returns the same operation and never applies the command twice.
@@ -178,6 +203,10 @@ class ExecuteRequest(_message.Message):
     def plugin(self) -> Global___PluginCommand:
         """A plugin command."""
 
+    @_builtins.property
+    def batch_put_resources(self) -> Global___BatchPutResourcesCommand:
+        """Put several resources at once."""
+
     def __init__(
         self,
         *,
@@ -185,12 +214,13 @@ class ExecuteRequest(_message.Message):
         put_resource: Global___PutResourceCommand | None = ...,
         delete_resource: Global___DeleteResourceCommand | None = ...,
         plugin: Global___PluginCommand | None = ...,
+        batch_put_resources: Global___BatchPutResourcesCommand | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "delete_resource", b"delete_resource", "plugin", b"plugin", "put_resource", b"put_resource"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch_put_resources", b"batch_put_resources", "command", b"command", "delete_resource", b"delete_resource", "plugin", b"plugin", "put_resource", b"put_resource"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "delete_resource", b"delete_resource", "idempotency_key", b"idempotency_key", "plugin", b"plugin", "put_resource", b"put_resource"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_put_resources", b"batch_put_resources", "command", b"command", "delete_resource", b"delete_resource", "idempotency_key", b"idempotency_key", "plugin", b"plugin", "put_resource", b"put_resource"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["put_resource", "delete_resource", "plugin"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["put_resource", "delete_resource", "plugin", "batch_put_resources"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 
@@ -225,6 +255,56 @@ class ResourceResult(_message.Message):
 Global___ResourceResult: _TypeAlias = ResourceResult  # noqa: Y015
 
 @_typing.final
+class BatchPutResult(_message.Message):
+    """Result of a batch put."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def resources(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Resource]:
+        """The resources as written, in request order."""
+
+    def __init__(
+        self,
+        *,
+        resources: _abc.Iterable[_resources_pb2.Resource] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchPutResult: _TypeAlias = BatchPutResult  # noqa: Y015
+
+@_typing.final
+class OperationProgress(_message.Message):
+    """How far a running operation has got, as its handler last reported."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERCENT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    percent: _builtins.int
+    """Percentage done, 0-100; -1 when the handler did not say."""
+    message: _builtins.str
+    """A short human-readable line, e.g. "copied 3 of 7 files"."""
+    def __init__(
+        self,
+        *,
+        percent: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "percent", b"percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperationProgress: _TypeAlias = OperationProgress  # noqa: Y015
+
+@_typing.final
 class Operation(_message.Message):
     """A command's execution, AIP-151 style."""
 
@@ -236,11 +316,16 @@ class Operation(_message.Message):
     DONE_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    BATCH_RESULT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CALLER_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Server-assigned name, "operations/<uuid>"."""
     command_type: _builtins.str
@@ -255,6 +340,12 @@ class Operation(_message.Message):
     """Identity URI of the caller that started it."""
     event_sequence: _builtins.int
     """Sequence of the event the command emitted, when it emitted one."""
+    cancel_requested: _builtins.bool
+    """True once CancelOperation was accepted for a running operation."""
+    attempts: _builtins.int
+    """How many times a handler was started for it (more than 1 only for retry-safe handlers
+    recovered after their node stopped).
+    """
     @_builtins.property
     def result(self) -> Global___ResourceResult:
         """Result of a successful resource command."""
@@ -264,12 +355,24 @@ class Operation(_message.Message):
         """Error of a failed operation."""
 
     @_builtins.property
+    def output(self) -> _struct_pb2.Struct:
+        """Result of a successful plugin command: the JSON object its handler returned."""
+
+    @_builtins.property
+    def batch_result(self) -> Global___BatchPutResult:
+        """Result of a successful batch put."""
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was created."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it last changed."""
+
+    @_builtins.property
+    def progress(self) -> Global___OperationProgress:
+        """Progress of a pending or running operation (and the last report of a finished one)."""
 
     def __init__(
         self,
@@ -280,17 +383,22 @@ class Operation(_message.Message):
         done: _builtins.bool = ...,
         result: Global___ResourceResult | None = ...,
         error: _status_pb2.Status | None = ...,
+        output: _struct_pb2.Struct | None = ...,
+        batch_result: Global___BatchPutResult | None = ...,
         idempotency_key: _builtins.str = ...,
         caller: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         event_sequence: _builtins.int = ...,
+        progress: Global___OperationProgress | None = ...,
+        cancel_requested: _builtins.bool = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "outcome", b"outcome", "result", b"result", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch_result", b"batch_result", "create_time", b"create_time", "error", b"error", "outcome", b"outcome", "output", b"output", "progress", b"progress", "result", b"result", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "command_type", b"command_type", "create_time", b"create_time", "done", b"done", "error", b"error", "event_sequence", b"event_sequence", "idempotency_key", b"idempotency_key", "name", b"name", "outcome", b"outcome", "result", b"result", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch_result", b"batch_result", "caller", b"caller", "cancel_requested", b"cancel_requested", "command_type", b"command_type", "create_time", b"create_time", "done", b"done", "error", b"error", "event_sequence", b"event_sequence", "idempotency_key", b"idempotency_key", "name", b"name", "outcome", b"outcome", "output", b"output", "progress", b"progress", "result", b"result", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error", "output", "batch_result"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 
@@ -327,22 +435,26 @@ class ListOperationsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    COMMAND_TYPE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum operations in the page, 1-1000; 0 means 100."""
     page_token: _builtins.str
     """Token from a previous response."""
     state: Global___OperationState.ValueType
     """Only operations in this state."""
+    command_type: _builtins.str
+    """Only operations of this command type, e.g. "resource.put"."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         state: Global___OperationState.ValueType = ...,
+        command_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_type", b"command_type", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -419,3 +531,96 @@ class WatchOperationRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchOperationRequest: _TypeAlias = WatchOperationRequest  # noqa: Y015
+
+@_typing.final
+class ListCommandTypesRequest(_message.Message):
+    """Request of ListCommandTypes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCommandTypesRequest: _TypeAlias = ListCommandTypesRequest  # noqa: Y015
+
+@_typing.final
+class CommandType(_message.Message):
+    """A command type a node can execute."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    INPUT_SCHEMA_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    RETRY_SAFE_FIELD_NUMBER: _builtins.int
+    CANCEL_HOOK_FIELD_NUMBER: _builtins.int
+    LONG_RUNNING_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """The type, e.g. "resource.put" or a plugin's "task.assign"."""
+    description: _builtins.str
+    """One line on what it does."""
+    source: _builtins.str
+    """Where the handler comes from: "builtin" or "<distribution> <version>" of a plugin."""
+    timeout_seconds: _builtins.float
+    """Seconds a run may take before it ends FAILED with DEADLINE_EXCEEDED."""
+    retry_safe: _builtins.bool
+    """True when a run interrupted by a node stopping is started again instead of failing."""
+    cancel_hook: _builtins.bool
+    """True when the handler has a cancel hook (otherwise cancelling interrupts it)."""
+    long_running: _builtins.bool
+    """True when Execute returns before the handler finishes (watch the operation)."""
+    @_builtins.property
+    def input_schema(self) -> _struct_pb2.Struct:
+        """JSON Schema (draft 2020-12) of PluginCommand.args, or of the typed command's JSON form."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        description: _builtins.str = ...,
+        input_schema: _struct_pb2.Struct | None = ...,
+        source: _builtins.str = ...,
+        timeout_seconds: _builtins.float = ...,
+        retry_safe: _builtins.bool = ...,
+        cancel_hook: _builtins.bool = ...,
+        long_running: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_schema", b"input_schema"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_hook", b"cancel_hook", "description", b"description", "input_schema", b"input_schema", "long_running", b"long_running", "retry_safe", b"retry_safe", "source", b"source", "timeout_seconds", b"timeout_seconds", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommandType: _TypeAlias = CommandType  # noqa: Y015
+
+@_typing.final
+class ListCommandTypesResponse(_message.Message):
+    """Response of ListCommandTypes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_TYPES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def command_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommandType]:
+        """Every command type, sorted by type."""
+
+    def __init__(
+        self,
+        *,
+        command_types: _abc.Iterable[Global___CommandType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_types", b"command_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCommandTypesResponse: _TypeAlias = ListCommandTypesResponse  # noqa: Y015

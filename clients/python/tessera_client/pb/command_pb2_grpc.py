@@ -61,6 +61,11 @@ class CommandServiceStub:
                 request_serializer=tessera_dot_v1_dot_command__pb2.WatchOperationRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_command__pb2.Operation.FromString,
                 _registered_method=True)
+        self.ListCommandTypes = channel.unary_unary(
+                '/tessera.v1.CommandService/ListCommandTypes',
+                request_serializer=tessera_dot_v1_dot_command__pb2.ListCommandTypesRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_command__pb2.ListCommandTypesResponse.FromString,
+                _registered_method=True)
 
 
 class CommandServiceServicer:
@@ -102,6 +107,13 @@ class CommandServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCommandTypes(self, request, context):
+        """Lists the command types this node can execute, with their input schemas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CommandServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +141,11 @@ def add_CommandServiceServicer_to_server(servicer, server):
                     servicer.WatchOperation,
                     request_deserializer=tessera_dot_v1_dot_command__pb2.WatchOperationRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_command__pb2.Operation.SerializeToString,
+            ),
+            'ListCommandTypes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCommandTypes,
+                    request_deserializer=tessera_dot_v1_dot_command__pb2.ListCommandTypesRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_command__pb2.ListCommandTypesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +284,33 @@ class CommandService:
             '/tessera.v1.CommandService/WatchOperation',
             tessera_dot_v1_dot_command__pb2.WatchOperationRequest.SerializeToString,
             tessera_dot_v1_dot_command__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCommandTypes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.CommandService/ListCommandTypes',
+            tessera_dot_v1_dot_command__pb2.ListCommandTypesRequest.SerializeToString,
+            tessera_dot_v1_dot_command__pb2.ListCommandTypesResponse.FromString,
             options,
             channel_credentials,
             insecure,

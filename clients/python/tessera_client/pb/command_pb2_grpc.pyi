@@ -44,6 +44,8 @@ class CommandServiceStub:
     """Requests cancellation of a running operation."""
     WatchOperation: _grpc.UnaryStreamMultiCallable[_command_pb2.WatchOperationRequest, _command_pb2.Operation]
     """Streams an operation's state until it is done."""
+    ListCommandTypes: _grpc.UnaryUnaryMultiCallable[_command_pb2.ListCommandTypesRequest, _command_pb2.ListCommandTypesResponse]
+    """Lists the command types this node can execute, with their input schemas."""
 
 @_typing.type_check_only
 class CommandServiceAsyncStub(CommandServiceStub):
@@ -60,6 +62,8 @@ class CommandServiceAsyncStub(CommandServiceStub):
     """Requests cancellation of a running operation."""
     WatchOperation: _aio.UnaryStreamMultiCallable[_command_pb2.WatchOperationRequest, _command_pb2.Operation]  # type: ignore[assignment]
     """Streams an operation's state until it is done."""
+    ListCommandTypes: _aio.UnaryUnaryMultiCallable[_command_pb2.ListCommandTypesRequest, _command_pb2.ListCommandTypesResponse]  # type: ignore[assignment]
+    """Lists the command types this node can execute, with their input schemas."""
 
 class CommandServiceServicer(metaclass=_abc_1.ABCMeta):
     """Executes commands and tracks their operations."""
@@ -103,5 +107,13 @@ class CommandServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_command_pb2.Operation], _abc.AsyncIterator[_command_pb2.Operation]]:
         """Streams an operation's state until it is done."""
+
+    @_abc_1.abstractmethod
+    def ListCommandTypes(
+        self,
+        request: _command_pb2.ListCommandTypesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_command_pb2.ListCommandTypesResponse, _abc.Awaitable[_command_pb2.ListCommandTypesResponse]]:
+        """Lists the command types this node can execute, with their input schemas."""
 
 def add_CommandServiceServicer_to_server(servicer: CommandServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

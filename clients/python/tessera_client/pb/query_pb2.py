@@ -25,40 +25,41 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from tessera_client.pb import command_pb2 as tessera_dot_v1_dot_command__pb2
 from tessera_client.pb import resources_pb2 as tessera_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tessera/v1/query.proto\x12\ntessera.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1atessera/v1/resources.proto\"`\n\x12GetResourceRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.tessera.v1.ResourceKey\x12$\n\x07sources\x18\x02 \x01(\x0b\x32\x13.tessera.v1.Sources\"n\n\x13GetResourceResponse\x12&\n\x08resource\x18\x01 \x01(\x0b\x32\x14.tessera.v1.Resource\x12/\n\rsource_status\x18\x02 \x03(\x0b\x32\x18.tessera.v1.SourceStatus\"E\n\x0f\x41ttributeFilter\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"\xe0\x02\n\x14ListResourcesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x36\n\x11\x61ttribute_filters\x18\x05 \x03(\x0b\x32\x1b.tessera.v1.AttributeFilter\x12\x31\n\rupdated_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05order\x18\x07 \x01(\x0e\x32\x15.tessera.v1.ListOrder\x12$\n\x07sources\x18\x08 \x01(\x0b\x32\x13.tessera.v1.Sources\x12\x0c\n\x04team\x18\t \x01(\t\x12\r\n\x05owner\x18\n \x01(\t\x12,\n\x0bstart_after\x18\x0b \x01(\x0b\x32\x17.tessera.v1.ResourceKey\"\x8a\x01\n\x15ListResourcesResponse\x12\'\n\tresources\x18\x01 \x03(\x0b\x32\x14.tessera.v1.Resource\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12/\n\rsource_status\x18\x03 \x03(\x0b\x32\x18.tessera.v1.SourceStatus\"\xb8\x02\n\x16SearchResourcesRequest\x12\x11\n\tembedding\x18\x01 \x03(\x02\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x11\n\tworkspace\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x36\n\x11\x61ttribute_filters\x18\x06 \x03(\x0b\x32\x1b.tessera.v1.AttributeFilter\x12\x31\n\rupdated_since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\tmin_score\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12$\n\x07sources\x18\t \x01(\x0b\x32\x13.tessera.v1.Sources\x12\x1a\n\x12include_embeddings\x18\n \x01(\x08\x42\x0c\n\n_min_score\"B\n\tSearchHit\x12&\n\x08resource\x18\x01 \x01(\x0b\x32\x14.tessera.v1.Resource\x12\r\n\x05score\x18\x02 \x01(\x01\"o\n\x17SearchResourcesResponse\x12#\n\x04hits\x18\x01 \x03(\x0b\x32\x15.tessera.v1.SearchHit\x12/\n\rsource_status\x18\x02 \x03(\x0b\x32\x18.tessera.v1.SourceStatus\"\x11\n\x0f\x44\x65scribeRequest\"\xbc\x02\n\x10\x44\x65scribeResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.tessera.v1.Identity\x12$\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x14.tessera.v1.Identity\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x1b\n\x13\x65mbedding_dimension\x18\x04 \x01(\x05\x12\"\n\x06metric\x18\x05 \x01(\x0e\x32\x12.tessera.v1.Metric\x12\r\n\x05kinds\x18\x06 \x03(\t\x12\x12\n\nworkspaces\x18\x07 \x03(\t\x12\x11\n\tall_kinds\x18\x08 \x01(\x08\x12\x16\n\x0e\x61ll_workspaces\x18\t \x01(\x08\x12\x17\n\x0f\x65mbedding_model\x18\n \x01(\t\x12%\n\x04info\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct*`\n\tListOrder\x12\x1a\n\x16LIST_ORDER_UNSPECIFIED\x10\x00\x12\x16\n\x12LIST_ORDER_KEY_ASC\x10\x01\x12\x1f\n\x1bLIST_ORDER_UPDATE_TIME_DESC\x10\x02*\\\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x11\n\rMETRIC_COSINE\x10\x01\x12\r\n\tMETRIC_L2\x10\x02\x12\x18\n\x14METRIC_INNER_PRODUCT\x10\x03\x32\xd7\x02\n\x0cQueryService\x12N\n\x0bGetResource\x12\x1e.tessera.v1.GetResourceRequest\x1a\x1f.tessera.v1.GetResourceResponse\x12T\n\rListResources\x12 .tessera.v1.ListResourcesRequest\x1a!.tessera.v1.ListResourcesResponse\x12Z\n\x0fSearchResources\x12\".tessera.v1.SearchResourcesRequest\x1a#.tessera.v1.SearchResourcesResponse\x12\x45\n\x08\x44\x65scribe\x12\x1b.tessera.v1.DescribeRequest\x1a\x1c.tessera.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tessera/v1/query.proto\x12\ntessera.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tessera/v1/command.proto\x1a\x1atessera/v1/resources.proto\"`\n\x12GetResourceRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.tessera.v1.ResourceKey\x12$\n\x07sources\x18\x02 \x01(\x0b\x32\x13.tessera.v1.Sources\"n\n\x13GetResourceResponse\x12&\n\x08resource\x18\x01 \x01(\x0b\x32\x14.tessera.v1.Resource\x12/\n\rsource_status\x18\x02 \x03(\x0b\x32\x18.tessera.v1.SourceStatus\"E\n\x0f\x41ttributeFilter\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"\xe0\x02\n\x14ListResourcesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x36\n\x11\x61ttribute_filters\x18\x05 \x03(\x0b\x32\x1b.tessera.v1.AttributeFilter\x12\x31\n\rupdated_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05order\x18\x07 \x01(\x0e\x32\x15.tessera.v1.ListOrder\x12$\n\x07sources\x18\x08 \x01(\x0b\x32\x13.tessera.v1.Sources\x12\x0c\n\x04team\x18\t \x01(\t\x12\r\n\x05owner\x18\n \x01(\t\x12,\n\x0bstart_after\x18\x0b \x01(\x0b\x32\x17.tessera.v1.ResourceKey\"\x8a\x01\n\x15ListResourcesResponse\x12\'\n\tresources\x18\x01 \x03(\x0b\x32\x14.tessera.v1.Resource\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12/\n\rsource_status\x18\x03 \x03(\x0b\x32\x18.tessera.v1.SourceStatus\"\xb8\x02\n\x16SearchResourcesRequest\x12\x11\n\tembedding\x18\x01 \x03(\x02\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x11\n\tworkspace\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x36\n\x11\x61ttribute_filters\x18\x06 \x03(\x0b\x32\x1b.tessera.v1.AttributeFilter\x12\x31\n\rupdated_since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\tmin_score\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12$\n\x07sources\x18\t \x01(\x0b\x32\x13.tessera.v1.Sources\x12\x1a\n\x12include_embeddings\x18\n \x01(\x08\x42\x0c\n\n_min_score\"B\n\tSearchHit\x12&\n\x08resource\x18\x01 \x01(\x0b\x32\x14.tessera.v1.Resource\x12\r\n\x05score\x18\x02 \x01(\x01\"o\n\x17SearchResourcesResponse\x12#\n\x04hits\x18\x01 \x03(\x0b\x32\x15.tessera.v1.SearchHit\x12/\n\rsource_status\x18\x02 \x03(\x0b\x32\x18.tessera.v1.SourceStatus\"\x11\n\x0f\x44\x65scribeRequest\"\xec\x02\n\x10\x44\x65scribeResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.tessera.v1.Identity\x12$\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x14.tessera.v1.Identity\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x1b\n\x13\x65mbedding_dimension\x18\x04 \x01(\x05\x12\"\n\x06metric\x18\x05 \x01(\x0e\x32\x12.tessera.v1.Metric\x12\r\n\x05kinds\x18\x06 \x03(\t\x12\x12\n\nworkspaces\x18\x07 \x03(\t\x12\x11\n\tall_kinds\x18\x08 \x01(\x08\x12\x16\n\x0e\x61ll_workspaces\x18\t \x01(\x08\x12\x17\n\x0f\x65mbedding_model\x18\n \x01(\t\x12%\n\x04info\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\rcommand_types\x18\x0c \x03(\x0b\x32\x17.tessera.v1.CommandType*`\n\tListOrder\x12\x1a\n\x16LIST_ORDER_UNSPECIFIED\x10\x00\x12\x16\n\x12LIST_ORDER_KEY_ASC\x10\x01\x12\x1f\n\x1bLIST_ORDER_UPDATE_TIME_DESC\x10\x02*\\\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x11\n\rMETRIC_COSINE\x10\x01\x12\r\n\tMETRIC_L2\x10\x02\x12\x18\n\x14METRIC_INNER_PRODUCT\x10\x03\x32\xd7\x02\n\x0cQueryService\x12N\n\x0bGetResource\x12\x1e.tessera.v1.GetResourceRequest\x1a\x1f.tessera.v1.GetResourceResponse\x12T\n\rListResources\x12 .tessera.v1.ListResourcesRequest\x1a!.tessera.v1.ListResourcesResponse\x12Z\n\x0fSearchResources\x12\".tessera.v1.SearchResourcesRequest\x1a#.tessera.v1.SearchResourcesResponse\x12\x45\n\x08\x44\x65scribe\x12\x1b.tessera.v1.DescribeRequest\x1a\x1c.tessera.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera_client.pb.query_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTORDER']._serialized_start=1740
-  _globals['_LISTORDER']._serialized_end=1836
-  _globals['_METRIC']._serialized_start=1838
-  _globals['_METRIC']._serialized_end=1930
-  _globals['_GETRESOURCEREQUEST']._serialized_start=129
-  _globals['_GETRESOURCEREQUEST']._serialized_end=225
-  _globals['_GETRESOURCERESPONSE']._serialized_start=227
-  _globals['_GETRESOURCERESPONSE']._serialized_end=337
-  _globals['_ATTRIBUTEFILTER']._serialized_start=339
-  _globals['_ATTRIBUTEFILTER']._serialized_end=408
-  _globals['_LISTRESOURCESREQUEST']._serialized_start=411
-  _globals['_LISTRESOURCESREQUEST']._serialized_end=763
-  _globals['_LISTRESOURCESRESPONSE']._serialized_start=766
-  _globals['_LISTRESOURCESRESPONSE']._serialized_end=904
-  _globals['_SEARCHRESOURCESREQUEST']._serialized_start=907
-  _globals['_SEARCHRESOURCESREQUEST']._serialized_end=1219
-  _globals['_SEARCHHIT']._serialized_start=1221
-  _globals['_SEARCHHIT']._serialized_end=1287
-  _globals['_SEARCHRESOURCESRESPONSE']._serialized_start=1289
-  _globals['_SEARCHRESOURCESRESPONSE']._serialized_end=1400
-  _globals['_DESCRIBEREQUEST']._serialized_start=1402
-  _globals['_DESCRIBEREQUEST']._serialized_end=1419
-  _globals['_DESCRIBERESPONSE']._serialized_start=1422
-  _globals['_DESCRIBERESPONSE']._serialized_end=1738
-  _globals['_QUERYSERVICE']._serialized_start=1933
-  _globals['_QUERYSERVICE']._serialized_end=2276
+  _globals['_LISTORDER']._serialized_start=1814
+  _globals['_LISTORDER']._serialized_end=1910
+  _globals['_METRIC']._serialized_start=1912
+  _globals['_METRIC']._serialized_end=2004
+  _globals['_GETRESOURCEREQUEST']._serialized_start=155
+  _globals['_GETRESOURCEREQUEST']._serialized_end=251
+  _globals['_GETRESOURCERESPONSE']._serialized_start=253
+  _globals['_GETRESOURCERESPONSE']._serialized_end=363
+  _globals['_ATTRIBUTEFILTER']._serialized_start=365
+  _globals['_ATTRIBUTEFILTER']._serialized_end=434
+  _globals['_LISTRESOURCESREQUEST']._serialized_start=437
+  _globals['_LISTRESOURCESREQUEST']._serialized_end=789
+  _globals['_LISTRESOURCESRESPONSE']._serialized_start=792
+  _globals['_LISTRESOURCESRESPONSE']._serialized_end=930
+  _globals['_SEARCHRESOURCESREQUEST']._serialized_start=933
+  _globals['_SEARCHRESOURCESREQUEST']._serialized_end=1245
+  _globals['_SEARCHHIT']._serialized_start=1247
+  _globals['_SEARCHHIT']._serialized_end=1313
+  _globals['_SEARCHRESOURCESRESPONSE']._serialized_start=1315
+  _globals['_SEARCHRESOURCESRESPONSE']._serialized_end=1426
+  _globals['_DESCRIBEREQUEST']._serialized_start=1428
+  _globals['_DESCRIBEREQUEST']._serialized_end=1445
+  _globals['_DESCRIBERESPONSE']._serialized_start=1448
+  _globals['_DESCRIBERESPONSE']._serialized_end=1812
+  _globals['_QUERYSERVICE']._serialized_start=2007
+  _globals['_QUERYSERVICE']._serialized_end=2350
 # @@protoc_insertion_point(module_scope)

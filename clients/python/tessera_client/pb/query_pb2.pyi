@@ -11,6 +11,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from tessera_client.pb import command_pb2 as _command_pb2
 from tessera_client.pb import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
@@ -432,6 +433,7 @@ class DescribeResponse(_message.Message):
     ALL_WORKSPACES_FIELD_NUMBER: _builtins.int
     EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
     INFO_FIELD_NUMBER: _builtins.int
+    COMMAND_TYPES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """Node software version."""
     embedding_dimension: _builtins.int
@@ -464,6 +466,10 @@ class DescribeResponse(_message.Message):
     def info(self) -> _struct_pb2.Struct:
         """Extra, non-secret facts about the node."""
 
+    @_builtins.property
+    def command_types(self) -> _containers.RepeatedCompositeFieldContainer[_command_pb2.CommandType]:
+        """Command types this node executes (see CommandService.ListCommandTypes)."""
+
     def __init__(
         self,
         *,
@@ -478,10 +484,11 @@ class DescribeResponse(_message.Message):
         all_workspaces: _builtins.bool = ...,
         embedding_model: _builtins.str = ...,
         info: _struct_pb2.Struct | None = ...,
+        command_types: _abc.Iterable[_command_pb2.CommandType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "info", b"info", "node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_kinds", b"all_kinds", "all_workspaces", b"all_workspaces", "caller", b"caller", "embedding_dimension", b"embedding_dimension", "embedding_model", b"embedding_model", "info", b"info", "kinds", b"kinds", "metric", b"metric", "node", b"node", "version", b"version", "workspaces", b"workspaces"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_kinds", b"all_kinds", "all_workspaces", b"all_workspaces", "caller", b"caller", "command_types", b"command_types", "embedding_dimension", b"embedding_dimension", "embedding_model", b"embedding_model", "info", b"info", "kinds", b"kinds", "metric", b"metric", "node", b"node", "version", b"version", "workspaces", b"workspaces"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
