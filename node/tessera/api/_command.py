@@ -1,13 +1,21 @@
-"""CommandService: built-in resource commands with idempotency keys."""
+"""CommandService: built-in resource commands, plugin commands and their operations."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from tessera.api._convert import operation_to_pb, resource_from_pb
+from tessera.api._convert import (
+    command_type_to_pb,
+    operation_to_pb,
+    resource_from_pb,
+    snapshot_to_pb,
+    struct_to_dict,
+)
 from tessera.api._query import check_key
 from tessera.api._runtime import Runtime
 from tessera.api._validate import (
@@ -19,11 +27,20 @@ from tessera.api._validate import (
     Checker,
 )
 from tessera.calls import current_caller, peer_scope
-from tessera.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unimplemented
+from tessera.core.errors import FieldViolation, InvalidArgument
 from tessera.core.pagination import PageTokenError, query_hash
-from tessera.grants import DELETE, PUT
-from tessera.store import ResourceKey, version_of_etag
+from tessera.grants import DELETE, PUT, Scope
+from tessera.store import Resource, ResourceKey, version_of_etag
 from tessera_client.pb import command_pb2, command_pb2_grpc
+
+_MAX_BATCH = 100
+_STATES = {
+    command_pb2.OPERATION_STATE_PENDING: "PENDING",
+    command_pb2.OPERATION_STATE_RUNNING: "RUNNING",
+    command_pb2.OPERATION_STATE_SUCCEEDED: "SUCCEEDED",
+    command_pb2.OPERATION_STATE_FAILED: "FAILED",
+    command_pb2.OPERATION_STATE_CANCELLED: "CANCELLED",
+}
 
 
 def _check_etag(c: Checker, field: str, etag: str) -> int | None:
@@ -43,10 +60,36 @@ def _check_operation_name(name: str) -> None:
 
 
 class CommandServicer(command_pb2_grpc.CommandServiceServicer):
-    """Executes typed commands."""
+    """Executes commands: built-ins at once, registered handlers through the runner."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+
+    def _check_put(self, c: Checker, field: str, cmd: command_pb2.PutResourceCommand,
+                   scope: Scope | None) -> tuple[Resource, int | None, bool] | None:
+        """Validate one put; (resource, expected version, create only) or None if invalid."""
+        if not cmd.HasField("resource"):
+            c.fail(f"{field}.resource", "is required")
+            return None
+        r = cmd.resource
+        if scope is not None:
+            scope.check_write(workspace=r.workspace, kind=r.kind, team=r.team, owner=r.owner)
+        before = len(c.violations)
+        check_key(c, f"{field}.resource", r.workspace, r.kind, r.id, self.rt.kinds)
+        c.max_len(f"{field}.resource.title", r.title, MAX_TITLE)
+        c.max_len(f"{field}.resource.body", r.body.encode(), MAX_BODY)
+        c.max_len(f"{field}.resource.owner", r.owner, MAX_NAME)
+        c.max_len(f"{field}.resource.team", r.team, MAX_NAME)
+        c.max_len(f"{field}.resource.attributes", r.attributes.SerializeToString(),
+                  MAX_ATTRIBUTES)
+        c.embedding(f"{field}.resource.embedding", r.embedding,
+                    self.rt.cfg.store.embedding_dimension)
+        expected = _check_etag(c, f"{field}.expected_etag", cmd.expected_etag)
+        if cmd.create_only and expected is not None:
+            c.fail(f"{field}.create_only", "cannot be combined with expected_etag")
+        if len(c.violations) > before:
+            return None
+        return resource_from_pb(r), expected, cmd.create_only
 
     async def Execute(
         self, request: command_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
@@ -56,48 +99,44 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
                   "1-128 printable ASCII characters without spaces")
         which = request.WhichOneof("command")
         caller = current_caller().uri
+        key = request.idempotency_key
         # Peers write only what their grant names: command type first, then the key's
         # kind and workspace, then (in the store) the existing row's team and owner.
         scope = peer_scope(current_caller())
         predicate = scope.predicate() if scope else None
+        ops = self.rt.operations
         if which is None:
-            c.fail("command", "one of put_resource, delete_resource or plugin is required")
+            c.fail("command", "one of put_resource, delete_resource, batch_put_resources or "
+                              "plugin is required")
             c.done()
         if which == "plugin":
-            if scope is not None:
-                scope.check_command(request.plugin.type)
-            c.done()
-            raise Unimplemented(
-                f"no handler is registered for plugin command type {request.plugin.type!r}"
-            )
+            return await self._execute_plugin(c, request.plugin, caller, key, scope)
         if which == "put_resource":
-            cmd = request.put_resource
-            if not cmd.HasField("resource"):
-                c.fail("put_resource.resource", "is required")
-                c.done()
-            r = cmd.resource
             if scope is not None:
                 scope.check_command(PUT)
-                scope.check_write(workspace=r.workspace, kind=r.kind, team=r.team,
-                                  owner=r.owner)
-            check_key(c, "put_resource.resource", r.workspace, r.kind, r.id, self.rt.kinds)
-            c.max_len("put_resource.resource.title", r.title, MAX_TITLE)
-            c.max_len("put_resource.resource.body", r.body.encode(), MAX_BODY)
-            c.max_len("put_resource.resource.owner", r.owner, MAX_NAME)
-            c.max_len("put_resource.resource.team", r.team, MAX_NAME)
-            c.max_len("put_resource.resource.attributes", r.attributes.SerializeToString(),
-                      MAX_ATTRIBUTES)
-            c.embedding("put_resource.resource.embedding", r.embedding,
-                        self.rt.cfg.store.embedding_dimension)
-            expected = _check_etag(c, "put_resource.expected_etag", cmd.expected_etag)
-            if cmd.create_only and expected is not None:
-                c.fail("put_resource.create_only", "cannot be combined with expected_etag")
+            put = self._check_put(c, "put_resource", request.put_resource, scope)
             c.done()
-            op = await self.rt.store.execute_put(
-                caller=caller, idempotency_key=request.idempotency_key,
-                resource=resource_from_pb(r), expected_version=expected,
-                create_only=cmd.create_only, scope=predicate,
+            assert put is not None
+            op = await ops.execute_put(
+                caller=caller, idempotency_key=key, resource=put[0], expected_version=put[1],
+                create_only=put[2], scope=predicate,
             )
+            return operation_to_pb(op)
+        if which == "batch_put_resources":
+            if scope is not None:
+                scope.check_command(PUT)
+            items = request.batch_put_resources.puts
+            if not 1 <= len(items) <= _MAX_BATCH:
+                c.fail("batch_put_resources.puts", f"must hold 1-{_MAX_BATCH} puts")
+            puts = [self._check_put(c, f"batch_put_resources.puts[{i}]", p, scope)
+                    for i, p in enumerate(items[:_MAX_BATCH])]
+            keys = [(p[0].workspace, p[0].kind, p[0].id) for p in puts if p is not None]
+            if len(set(keys)) != len(keys):
+                c.fail("batch_put_resources.puts", "names one resource more than once")
+            c.done()
+            op = await ops.execute_batch_put(
+                caller=caller, idempotency_key=key, puts=[p for p in puts if p is not None],
+                scope=predicate)
             return operation_to_pb(op)
         cmd_d = request.delete_resource
         if scope is not None:
@@ -111,18 +150,46 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
         expected = _check_etag(c, "delete_resource.expected_etag", cmd_d.expected_etag)
         c.done()
         k = cmd_d.key
-        op = await self.rt.store.execute_delete(
-            caller=caller, idempotency_key=request.idempotency_key,
+        op = await ops.execute_delete(
+            caller=caller, idempotency_key=key,
             key=ResourceKey(k.workspace, k.kind, k.id), expected_version=expected,
             allow_missing=cmd_d.allow_missing, scope=predicate,
         )
+        return operation_to_pb(op)
+
+    async def _execute_plugin(self, c: Checker, cmd: command_pb2.PluginCommand, caller: str,
+                              key: str, scope: Scope | None) -> command_pb2.Operation:
+        if scope is not None:
+            scope.check_command(cmd.type)
+        reg = self.rt.commands.get(cmd.type) if cmd.type else None
+        if not cmd.type:
+            c.fail("plugin.type", "is required")
+        elif reg is None:
+            known = ", ".join(r.handler.type for r in self.rt.commands.all()
+                              if r.handler.long_running) or "none"
+            c.fail("plugin.type", f"no handler is registered for command type {cmd.type!r} "
+                                  f"on this node (plugin types: {known})")
+        elif not reg.handler.long_running:
+            c.fail("plugin.type", f"{cmd.type} is a built-in; use its typed field of "
+                                  "ExecuteRequest")
+        c.done()
+        assert reg is not None
+        args = struct_to_dict(cmd.args)
+        self.rt.commands.validate(cmd.type, args)
+        op, created = await self.rt.operations.create_pending(
+            caller=caller, idempotency_key=key, command_type=cmd.type,
+            request_hash=query_hash({"plugin": cmd.type, "args": args}), input=args,
+            retry_safe=reg.handler.retry_safe,
+        )
+        if created:
+            await self.rt.runner.submit(op)
         return operation_to_pb(op)
 
     async def GetOperation(
         self, request: command_pb2.GetOperationRequest, context: grpc.aio.ServicerContext
     ) -> command_pb2.Operation:
         _check_operation_name(request.name)
-        op = await self.rt.store.get_operation(request.name, current_caller().uri)
+        op = await self.rt.operations.get(request.name, current_caller().uri)
         return operation_to_pb(op)
 
     async def ListOperations(
@@ -130,28 +197,33 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
     ) -> command_pb2.ListOperationsResponse:
         c = Checker()
         page_size = c.page_size("page_size", request.page_size)
-        if request.state not in (command_pb2.OPERATION_STATE_UNSPECIFIED,
-                                 command_pb2.OPERATION_STATE_SUCCEEDED):
-            # Built-in commands finish inside Execute, so no other state is ever stored.
-            c.done()
-            return command_pb2.ListOperationsResponse()
+        state = ""
+        if request.state != command_pb2.OPERATION_STATE_UNSPECIFIED:
+            if request.state not in _STATES:
+                c.fail("state", "is not an OperationState")
+            else:
+                state = _STATES[request.state]
+        if request.command_type and self.rt.commands.get(request.command_type) is None:
+            c.fail("command_type", f"unknown command type {request.command_type!r}")
         c.done()
         caller = current_caller().uri
-        qhash = query_hash({"list_operations": True})
+        qhash = query_hash({"list_operations": True, "state": state,
+                            "command_type": request.command_type})
         after: list[Any] | None = None
         if request.page_token:
             try:
                 after = self.rt.tokens.decode(request.page_token, query=qhash, caller=caller)
             except PageTokenError as exc:
                 raise InvalidArgument([FieldViolation("page_token", str(exc))]) from None
-        ops = await self.rt.store.list_operations(caller, limit=page_size + 1, after=after)
+        ops = await self.rt.operations.list(caller, limit=page_size + 1, after=after,
+                                            state=state, command_type=request.command_type)
         token = ""
         if len(ops) > page_size:
             ops = ops[:page_size]
             last = ops[-1]
             token = self.rt.tokens.encode(
                 query=qhash, caller=caller,
-                position=[last.created_at.isoformat(), last.name.removeprefix("operations/")],
+                position=[last.created_at.isoformat(), last.uuid],
             )
         return command_pb2.ListOperationsResponse(
             operations=[operation_to_pb(o) for o in ops], next_page_token=token
@@ -161,17 +233,49 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
         self, request: command_pb2.CancelOperationRequest, context: grpc.aio.ServicerContext
     ) -> command_pb2.Operation:
         _check_operation_name(request.name)
-        await self.rt.store.get_operation(request.name, current_caller().uri)
-        raise FailedPrecondition(
-            f"operation {request.name} is already done and cannot be cancelled",
-            reason="OPERATION_DONE",
-        )
+        op = await self.rt.operations.request_cancel(request.name, current_caller().uri)
+        return operation_to_pb(op)
+
+    async def ListCommandTypes(
+        self, request: command_pb2.ListCommandTypesRequest, context: grpc.aio.ServicerContext
+    ) -> command_pb2.ListCommandTypesResponse:
+        return command_pb2.ListCommandTypesResponse(
+            command_types=[command_type_to_pb(r) for r in self.rt.commands.all()])
 
     async def WatchOperation(
         self, request: command_pb2.WatchOperationRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[command_pb2.Operation]:
-        _check_operation_name(request.name)
-        # Built-in commands are done when Execute returns, so the stream ends at once.
-        op = await self.rt.store.get_operation(request.name, current_caller().uri)
-        yield operation_to_pb(op)
+        """The current state, then one message per recorded change, until done.
 
+        Changes are read from the operation's events (appended in the transaction of each
+        change), so none is skipped however fast they come; NOTIFY only wakes the reader.
+        """
+        _check_operation_name(request.name)
+        caller = current_caller().uri
+        ops = self.rt.operations
+        async with self.rt.runner.watch(request.name) as changed:
+            after = await ops.last_change(request.name)
+            op = await ops.get(request.name, caller)
+            last = operation_to_pb(op)
+            yield last
+            while not op.done:
+                changed.clear()
+                changes = await ops.changes(request.name, after)
+                for sequence, _type, data in changes:
+                    after = sequence
+                    if data.get("state") in ("SUCCEEDED", "FAILED", "CANCELLED"):
+                        op = await ops.get(request.name, caller)
+                        yield operation_to_pb(op)
+                        return
+                    msg = snapshot_to_pb(last, data)
+                    if msg != last:
+                        last = msg
+                        yield msg
+                if not changes:
+                    # The poll bounds how long a lost notification can delay a watcher.
+                    await _wait(changed, self.rt.cfg.operations.sweep_interval_s)
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout_s)

@@ -6,9 +6,11 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
 
+from tessera.commands import Registered
 from tessera.pki import IdentityKind, SpiffeId
-from tessera.store import Operation, Resource
+from tessera.store import Operation, OperationError, Resource
 from tessera_client.pb import command_pb2, resources_pb2
 
 _KINDS = {
@@ -75,18 +77,73 @@ def identity_to_pb(identity: SpiffeId) -> resources_pb2.Identity:
     )
 
 
+_STATE_PB = {
+    "PENDING": command_pb2.OPERATION_STATE_PENDING,
+    "RUNNING": command_pb2.OPERATION_STATE_RUNNING,
+    "SUCCEEDED": command_pb2.OPERATION_STATE_SUCCEEDED,
+    "FAILED": command_pb2.OPERATION_STATE_FAILED,
+    "CANCELLED": command_pb2.OPERATION_STATE_CANCELLED,
+}
+
+
+def error_to_pb(error: OperationError) -> status_pb2.Status:
+    """An operation's error as google.rpc.Status with ErrorInfo naming its reason."""
+    status = status_pb2.Status(code=error.code, message=error.message)
+    if error.reason:
+        status.details.add().Pack(error_details_pb2.ErrorInfo(reason=error.reason,
+                                                               domain="tessera"))
+    return status
+
+
 def operation_to_pb(op: Operation) -> command_pb2.Operation:
     """Domain operation to protobuf."""
     msg = command_pb2.Operation(
-        name=op.name, command_type=op.command_type, done=True,
-        state=command_pb2.OPERATION_STATE_SUCCEEDED if op.state == "SUCCEEDED"
-        else command_pb2.OPERATION_STATE_FAILED,
-        idempotency_key=op.idempotency_key, caller=op.caller,
+        name=op.name, command_type=op.command_type, done=op.done,
+        state=_STATE_PB[op.state], idempotency_key=op.idempotency_key, caller=op.caller,
         event_sequence=op.event_sequence or 0,
+        progress=command_pb2.OperationProgress(percent=op.progress_percent,
+                                               message=op.progress_message),
+        cancel_requested=op.cancel_requested, attempts=op.attempts,
     )
-    msg.result.not_found = op.not_found
-    if op.result is not None:
-        msg.result.resource.CopyFrom(resource_to_pb(op.result))
+    if op.error is not None:
+        msg.error.CopyFrom(error_to_pb(op.error))
+    elif op.state == "SUCCEEDED":
+        if op.output is not None:
+            msg.output.CopyFrom(dict_to_struct(op.output))
+        elif op.batch is not None:
+            msg.batch_result.resources.extend(resource_to_pb(r) for r in op.batch)
+        else:
+            msg.result.not_found = op.not_found
+            if op.result is not None:
+                msg.result.resource.CopyFrom(resource_to_pb(op.result))
     msg.create_time.FromDatetime(op.created_at)
     msg.update_time.FromDatetime(op.updated_at)
     return msg
+
+
+def snapshot_to_pb(base: command_pb2.Operation,
+                   data: dict[str, Any]) -> command_pb2.Operation:
+    """`base` with the state, progress and counters of an operation event's snapshot."""
+    msg = command_pb2.Operation()
+    msg.CopyFrom(base)
+    msg.state = _STATE_PB.get(data.get("state", ""), base.state)
+    msg.done = data.get("state") in ("SUCCEEDED", "FAILED", "CANCELLED")
+    progress = data.get("progress") or {}
+    msg.progress.percent = int(progress.get("percent", -1))
+    msg.progress.message = str(progress.get("message", ""))
+    msg.cancel_requested = bool(data.get("cancel_requested"))
+    msg.attempts = int(data.get("attempts", base.attempts))
+    if data.get("updated_at"):
+        msg.update_time.FromDatetime(datetime.fromisoformat(data["updated_at"]))
+    return msg
+
+
+def command_type_to_pb(reg: Registered) -> command_pb2.CommandType:
+    """A registered command type to protobuf."""
+    h = reg.handler
+    return command_pb2.CommandType(
+        type=h.type, description=h.description, input_schema=dict_to_struct(
+            dict(h.input_schema)), source=reg.source, timeout_seconds=h.timeout_s,
+        retry_safe=h.retry_safe, cancel_hook=h.on_cancel is not None,
+        long_running=h.long_running,
+    )

@@ -7,7 +7,13 @@ from typing import Any, Literal
 import grpc
 
 from tessera import __version__
-from tessera.api._convert import dict_to_struct, identity_to_pb, resource_to_pb, value_to_python
+from tessera.api._convert import (
+    command_type_to_pb,
+    dict_to_struct,
+    identity_to_pb,
+    resource_to_pb,
+    value_to_python,
+)
 from tessera.api._fanout import fan_get, fan_list, fan_search
 from tessera.api._runtime import Runtime
 from tessera.api._search import search_resources
@@ -247,6 +253,8 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                     "row_cap": scope.row_cap, "command_types": sorted(scope.command_types),
                     "personal_data_withheld": scope.withholds_personal,
                 }),
+                command_types=[command_type_to_pb(r) for r in self.rt.commands.all()
+                               if r.handler.type in scope.command_types],
             )
         return query_pb2.DescribeResponse(
             node=identity_to_pb(self.rt.identity),
@@ -258,5 +266,6 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             kinds=sorted(self.rt.kinds),
             all_kinds=True,
             all_workspaces=True,
+            command_types=[command_type_to_pb(r) for r in self.rt.commands.all()],
         )
 

@@ -12,6 +12,7 @@ from datetime import datetime
 import redis.asyncio as redis
 
 from tessera.audit import AuditWriter
+from tessera.commands import Registry, Runner
 from tessera.config import Config
 from tessera.core.pagination import PageTokens
 from tessera.core.paths import CredentialFiles, NodePaths
@@ -20,7 +21,7 @@ from tessera.grants import GrantStore
 from tessera.peering import Peering
 from tessera.pki import NodeCertificates, ReloadableServerCredentials, SpiffeId
 from tessera.ratelimit import RateLimiter, RowBudgets
-from tessera.store import Pool, ResourceStore
+from tessera.store import OperationStore, Pool, ResourceStore
 
 _UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "[::]", "")  # noqa: S104 - matching, not binding
 
@@ -70,6 +71,10 @@ class Runtime:
     #: None only when audit is turned off (benchmarks).
     auditor: AuditWriter | None
     endpoints: Endpoints
+    #: Operations (the Execute write path), command types and the runner of long ones.
+    operations: OperationStore
+    commands: Registry
+    runner: Runner
     #: Grants' row budgets (None only in tests that build a Runtime without Valkey).
     budgets: RowBudgets | None = None
 

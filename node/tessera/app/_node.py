@@ -36,6 +36,7 @@ from tessera.api import (
 )
 from tessera.audit import AuditWriter
 from tessera.calls import GrantAdmission
+from tessera.commands import Registry, Runner
 from tessera.config import Config
 from tessera.core.errors import ConfigError, Unauthenticated
 from tessera.core.pagination import PageTokens
@@ -324,15 +325,24 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
         tokens = PageTokens(_page_token_secret(paths))
         grants = GrantStore(pool)
         endpoints = Endpoints()
+        resources = store.ResourceStore(pool)
+        operations = store.OperationStore(pool, resources)
+        commands = Registry.default()
+        # Before serving, so an accepted operation can start at once; closed after the
+        # server stopped, releasing what still runs here (nothing stays RUNNING).
+        runner = Runner(operations, commands, cfg.operations, dsn=dsn, node_name=cfg.node.name)
+        await runner.start()
+        stack.push_async_callback(runner.close)
         rt = Runtime(
             cfg=cfg, paths=paths, identity=identity, pool=pool,
-            store=store.ResourceStore(pool), tokens=tokens, valkey=valkey,
+            store=resources, tokens=tokens, valkey=valkey,
             credentials=credentials, kinds=cfg.store.kind_set,
             started_at=dt.datetime.now(dt.UTC), schema_version=version,
             issuer_kind=issuer_kind, dsn=dsn, valkey_url=valkey_url, server_files=server_files,
             certificates=certs, federation=federation, grants=grants,
             peering=_peering(cfg, identity, grants, tokens, credentials, certs, endpoints),
             limiter=limiter, auditor=auditor, endpoints=endpoints,
+            operations=operations, commands=commands, runner=runner,
             budgets=RowBudgets(valkey, key_prefix=f"tessera:rb:{identity.uri}",
                                timeout_s=cfg.ratelimit.decision_timeout_ms / 1000,
                                on_valkey_failure=cfg.ratelimit.on_valkey_failure),

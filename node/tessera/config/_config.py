@@ -268,6 +268,28 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class OperationsConfig:
+    """Long-running operations: leases, recovery, retention."""
+
+    #: Seconds a runner's lease on a running operation lasts; renewed every third of it.
+    #: After a node dies, its operations are recovered once their lease expired.
+    lease_ttl_s: float = 30.0
+    #: Seconds between sweeps for expired leases and orphaned pending operations.
+    sweep_interval_s: float = 2.0
+    #: Seconds a pending operation is left to the node that accepted it before another
+    #: node's sweep may start it.
+    claim_grace_s: float = 5.0
+    #: Starts of a retry-safe handler before its operation ends FAILED (NODE_RESTARTED).
+    max_attempts: int = 3
+    #: Operations one node process runs at once; more wait PENDING.
+    max_running: int = 16
+    #: Seconds a cancelled handler gets (after its cancel hook) before it is interrupted.
+    cancel_grace_s: float = 5.0
+    #: Hours a finished operation is kept (and its idempotency key remembered).
+    retention_h: float = 24.0 * 7
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of a node."""
 
@@ -282,6 +304,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     enrolment: EnrolmentConfig = field(default_factory=EnrolmentConfig)
+    operations: OperationsConfig = field(default_factory=OperationsConfig)
 
     @property
     def tier(self) -> str:
@@ -303,6 +326,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "federation": FederationConfig,
     "grpc": GrpcConfig,
     "enrolment": EnrolmentConfig,
+    "operations": OperationsConfig,
 }
 
 
@@ -455,6 +479,13 @@ def validate(cfg: Config) -> None:
         for setting, value in dataclasses.asdict(values).items():
             if value <= 0:
                 raise ConfigError(f"{section}.{setting}: must be positive")
+    o = cfg.operations
+    if o.lease_ttl_s < 1 or o.sweep_interval_s <= 0 or o.claim_grace_s < 0 \
+            or o.cancel_grace_s < 0 or o.retention_h <= 0:
+        raise ConfigError("operations: lease_ttl_s must be at least 1 and sweep_interval_s, "
+                          "retention_h positive (claim_grace_s, cancel_grace_s >= 0); fix them")
+    if o.max_attempts < 1 or o.max_running < 1:
+        raise ConfigError("operations: max_attempts and max_running must be at least 1")
 
 
 def _validate_ratelimit(cfg: Config) -> None:

@@ -1,0 +1,95 @@
+"""What a command handler is: its description, its run function and the context it gets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Where a context sends progress: (percent or -1, message) -> still held.
+ProgressSink = Callable[[int, str], Awaitable[bool]]
+
+
+class CommandError(Exception):
+    """Raise from a handler to end the operation FAILED with a chosen code and reason.
+
+    Any other exception also ends it FAILED (code UNKNOWN, reason HANDLER_ERROR) with the
+    exception's message, so never put a secret in a handler's exception text.
+    """
+
+    def __init__(self, message: str, *, code: int = 9, reason: str = "COMMAND_FAILED") -> None:
+        # 9 is google.rpc.Code.FAILED_PRECONDITION: the usual "the world was not as needed".
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.reason = reason
+
+
+class CommandCancelled(Exception):
+    """Raise from a handler that stopped because `ctx.cancelled` was set."""
+
+
+class CommandContext:
+    """What a running handler gets: its arguments, progress reporting and cancellation."""
+
+    def __init__(self, *, operation: str, command_type: str, caller: str,
+                 args: Mapping[str, Any], attempt: int, progress_sink: ProgressSink) -> None:
+        #: The operation's name, "operations/<uuid>".
+        self.operation = operation
+        self.command_type = command_type
+        #: Identity URI of the caller that executed the command.
+        self.caller = caller
+        #: The command's arguments, already validated against the handler's input schema.
+        self.args = dict(args)
+        #: 1 on the first start; higher when a retry-safe handler is started again after
+        #: the node running it stopped.
+        self.attempt = attempt
+        #: Set when the caller cancelled the operation (or the node is stopping).
+        self.cancelled = asyncio.Event()
+        self.log = logging.getLogger(f"tessera.commands.{command_type}")
+        self._sink = progress_sink
+
+    async def progress(self, percent: int | None = None, message: str = "") -> bool:
+        """Report progress (0-100 and/or one line); watchers see each report.
+
+        Returns False when the operation is no longer this runner's to report on.
+        Reports are durable writes: send one per meaningful step, not per byte.
+        """
+        p = -1 if percent is None else max(0, min(100, int(percent)))
+        return await self._sink(p, message[:1000])
+
+
+#: A handler's body: returns a JSON object (the operation's output) or None.
+Run = Callable[[CommandContext], Awaitable[Mapping[str, Any] | None]]
+#: Called once when the operation is cancelled while running, before the handler's task is
+#: interrupted; use it to stop work that runs outside the event loop (a child process).
+CancelHook = Callable[[CommandContext], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class CommandHandler:
+    """A command type and how to execute it.
+
+    `run` is None only for the built-in resource commands, which execute inside
+    Execute's transaction; every other handler runs in the background under a lease.
+    """
+
+    #: Dotted lower-case name, e.g. "task.assign"; "resource.*" is reserved.
+    type: str
+    run: Run | None
+    #: JSON Schema (draft 2020-12) of the arguments; checked before anything runs.
+    input_schema: Mapping[str, Any] = field(default_factory=lambda: {"type": "object"})
+    description: str = ""
+    #: Seconds a run may take; then it ends FAILED with DEADLINE_EXCEEDED.
+    timeout_s: float = 300.0
+    #: True when running it again after an interrupted run is harmless; then a run whose
+    #: node stopped is started again instead of ending FAILED (NODE_RESTARTED).
+    retry_safe: bool = False
+    on_cancel: CancelHook | None = None
+
+    @property
+    def long_running(self) -> bool:
+        """True when Execute returns before the handler finishes."""
+        return self.run is not None
