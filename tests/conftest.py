@@ -17,6 +17,7 @@ pytest_plugins = [
     "tests.fixtures.stepca",
     "tests.fixtures.nodes",
     "tests.fixtures.peers",
+    "tests.fixtures.plugins",
 ]
 
 _skipped: list[str] = []

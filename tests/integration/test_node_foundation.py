@@ -258,10 +258,12 @@ async def test_unbuilt_rpcs_answer_unimplemented_and_say_so(node: NodeProcess) -
             await c.events.Publish(events_pb2.PublishRequest(type="task.done"))
         assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "not implemented yet" in (exc.value.details() or "")
+        # A command type no handler is registered for names the field, not UNIMPLEMENTED.
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.command.Execute(command_pb2.ExecuteRequest(
                 idempotency_key="p1", plugin=command_pb2.PluginCommand(type="task.assign")))
-        assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_fields(exc.value) == ["plugin.type"]
         assert "task.assign" in (exc.value.details() or "")
 
 
