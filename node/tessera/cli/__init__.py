@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tessera.cli.peers import add_commands as add_peering_commands
 
     add_peering_commands(sub, common, _load)
+    from tessera.cli.commands import add_commands as add_command_type_commands
+
+    add_command_type_commands(sub, common, _load)
     return parser
 
 
