@@ -197,31 +197,32 @@ class Runner:
         assert handler.run is not None
         log.info("starting %s (%s, attempt %d)", run.op.name, handler.type, run.op.attempts)
         run.handler_task = asyncio.ensure_future(handler.run(run.ctx))
+        cancelled = ("CANCELLED", None, OperationError(_CODE_CANCELLED, "cancelled by the caller",
+                                                       "CANCELLED"))
         try:
             output = await asyncio.wait_for(run.handler_task, handler.timeout_s)
-        except asyncio.CancelledError:
-            if run.stop_reason == "cancel":
-                return "CANCELLED", None, OperationError(_CODE_CANCELLED,
-                                                         "cancelled by the caller", "CANCELLED")
-            return None  # lease lost or node stopping: recovery decides, not this runner
-        except TimeoutError:
-            if run.handler_task.cancelled():
+        except BaseException as exc:
+            if run.stop_reason in ("lost", "shutdown"):
+                # Lease lost or node stopping: recovery decides the end, not this runner.
+                return None
+            if isinstance(exc, asyncio.CancelledError):
+                if run.stop_reason == "cancel":
+                    return cancelled
+                return None
+            if isinstance(exc, TimeoutError) and run.handler_task.cancelled():
                 return "FAILED", None, OperationError(
                     _CODE_DEADLINE_EXCEEDED,
                     f"{handler.type} did not finish within its timeout of {handler.timeout_s:g} s",
                     "HANDLER_TIMEOUT")
-            return self._failed(handler.type, TimeoutError("timed out"))
-        except CommandCancelled:
-            return "CANCELLED", None, OperationError(_CODE_CANCELLED,
-                                                     "cancelled by the caller", "CANCELLED")
-        except Exception as exc:
-            if run.stop_reason == "cancel":
-                return "CANCELLED", None, OperationError(_CODE_CANCELLED,
-                                                         "cancelled by the caller", "CANCELLED")
+            if isinstance(exc, CommandCancelled) or run.cancelling:
+                return cancelled
+            if not isinstance(exc, Exception):
+                raise
             return self._failed(handler.type, exc)
-        if run.cancelling or run.stop_reason == "cancel":
-            return "CANCELLED", None, OperationError(_CODE_CANCELLED,
-                                                     "cancelled by the caller", "CANCELLED")
+        if run.stop_reason in ("lost", "shutdown"):
+            return None
+        if run.cancelling:
+            return cancelled
         try:
             data = dict(output or {})
             json.dumps(data)
