@@ -153,20 +153,23 @@ class Registry:
         errors = sorted(reg.validator.iter_errors(dict(args)),
                         key=lambda e: [str(p) for p in e.absolute_path])
         if errors:
-            raise InvalidArgument([_violation(field, e) for e in errors[:_MAX_VIOLATIONS]])
+            # jsonschema reports a "required" error per missing property, each naming all.
+            found = list(dict.fromkeys(v for e in errors for v in _violations(field, e)))
+            raise InvalidArgument(found[:_MAX_VIOLATIONS])
 
 
-def _violation(prefix: str, err: jsonschema.ValidationError) -> FieldViolation:
+def _dotted(prefix: str, path: Iterable[Any]) -> str:
+    return prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+
+
+def _violations(prefix: str, err: jsonschema.ValidationError) -> list[FieldViolation]:
     path = list(err.absolute_path)
-    message = err.message
     if err.validator == "required" and isinstance(err.instance, Mapping):
-        # Name the missing property itself, not the object that lacks it.
+        # Name each missing property itself, not the object that lacks it.
         missing = [p for p in _strings(err.validator_value) if p not in err.instance]
         if missing:
-            path.append(missing[0])
-            message = "is required"
-    dotted = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
-    return FieldViolation(dotted, message[:300])
+            return [FieldViolation(_dotted(prefix, [*path, m]), "is required") for m in missing]
+    return [FieldViolation(_dotted(prefix, path), err.message[:300])]
 
 
 def _strings(value: Any) -> Iterable[str]:
