@@ -129,7 +129,14 @@ class Runner:
         if self._closing or len(self._running) >= self.cfg.max_running:
             self._wake.set()
             return
-        claimed = await self.ops.claim(op.name, self.owner, self.cfg.lease_ttl_s)
+        try:
+            claimed = await self.ops.claim(op.name, self.owner, self.cfg.lease_ttl_s)
+        except (psycopg.Error, OSError) as exc:
+            # Stored already: answering an error would make the caller retry a command
+            # that will run anyway. A sweep starts it after claim_grace_s.
+            log.warning("could not start %s now (%s); a sweep will", op.name,
+                        type(exc).__name__)
+            return
         if claimed is not None:
             self._start(claimed)
 
