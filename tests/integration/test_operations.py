@@ -249,6 +249,50 @@ async def test_a_graceful_stop_ends_its_running_operations_explicitly(
         [("FAILED", "NODE_RESTARTED", None)]
 
 
+async def test_work_a_full_node_cannot_start_is_started_by_another_node(
+    make_node: Callable[..., NodeProcess], tmp_path: Path,
+) -> None:
+    a = make_node(TESSERA_OPERATIONS_MAX_RUNNING="1")
+    b = make_node(share_with=a)
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    async with a.client() as c:
+        busy = await c.command.Execute(plugin("busy", "test.sleep", path=str(first),
+                                              steps=1000, seconds=3600))
+        await in_state(a, busy.name, S.OPERATION_STATE_RUNNING)
+        waiting = await c.command.Execute(plugin("waits", "test.count", path=str(second)))
+    final = await done_op(a, waiting.name)
+    assert final.state == S.OPERATION_STATE_SUCCEEDED
+    assert len(starts(second)) == 1
+    # A is still busy with the first, so the second ran in B.
+    assert sql(a, "SELECT state FROM operations WHERE name = %s", (op_uuid(busy.name),)) == \
+        [("RUNNING",)]
+    (runner,), = sql(a, "SELECT data->>'runner' FROM events WHERE type = 'operation.running'"
+                        " AND resource_id = %s", (op_uuid(waiting.name),))
+    assert b.proc is not None and f":{b.proc.pid}:" in runner
+
+
+async def test_a_pending_operation_is_cancelled_before_its_handler_starts(
+    make_node: Callable[..., NodeProcess], tmp_path: Path,
+) -> None:
+    node = make_node(TESSERA_OPERATIONS_MAX_RUNNING="1")
+    later = tmp_path / "later.txt"
+    async with node.client() as c:
+        busy = await c.command.Execute(plugin("busy", "test.sleep", path=str(tmp_path / "b"),
+                                              steps=1000, seconds=3600))
+        await in_state(node, busy.name, S.OPERATION_STATE_RUNNING)
+        waiting = await c.command.Execute(plugin("later", "test.count", path=str(later)))
+        assert waiting.state == S.OPERATION_STATE_PENDING
+        cancelled = await c.command.CancelOperation(
+            command_pb2.CancelOperationRequest(name=waiting.name))
+        assert cancelled.state == S.OPERATION_STATE_CANCELLED and cancelled.done
+        await c.command.CancelOperation(command_pb2.CancelOperationRequest(name=busy.name))
+        await in_state(node, busy.name, S.OPERATION_STATE_CANCELLED)
+        # With the slot free again, a sweep would have started the second if it could.
+        fresh = await c.command.Execute(plugin("fresh", "test.count", path=str(later)))
+        await done_op(node, fresh.name)
+    assert [ln.split()[1] for ln in starts(later)] == [fresh.name]
+
+
 # -- watch, cancel, progress -----------------------------------------------------------
 
 

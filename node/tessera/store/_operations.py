@@ -84,6 +84,8 @@ class Operation:
     retry_safe: bool = False
     #: The validated arguments of a plugin command.
     input: dict[str, Any] | None = None
+    #: The runner (node process) holding the lease of a running operation.
+    lease_owner: str | None = None
 
     @property
     def done(self) -> bool:
@@ -132,6 +134,7 @@ def _row_to_operation(row: dict[str, Any]) -> Operation:
         attempts=int(row.get("attempts") or 0),
         retry_safe=bool(row.get("retry_safe")),
         input=row.get("input"),
+        lease_owner=row.get("lease_owner"),
     )
 
 
@@ -141,7 +144,7 @@ def snapshot(op: Operation) -> dict[str, Any]:
         "name": op.name, "command_type": op.command_type, "state": op.state,
         "progress": {"percent": op.progress_percent, "message": op.progress_message},
         "cancel_requested": op.cancel_requested, "attempts": op.attempts,
-        "updated_at": op.updated_at.isoformat(),
+        "runner": op.lease_owner, "updated_at": op.updated_at.isoformat(),
     }
 
 
