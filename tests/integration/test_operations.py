@@ -324,6 +324,32 @@ async def test_watch_from_the_other_process_sees_every_state_and_progress_change
     assert all(not m.done for m in seen[:-1])
 
 
+async def test_streamed_output_reaches_a_watcher_in_the_other_process_complete_and_in_order(
+    make_node: Callable[..., NodeProcess], tmp_path: Path,
+) -> None:
+    a = make_node()
+    b = make_node(share_with=a)
+    gate = tmp_path / "gate"
+    async with a.client() as c:
+        op = await c.command.Execute(plugin("chatty", "test.sleep", path=str(tmp_path / "c"),
+                                            gate=str(gate), steps=3, lines=2000, seconds=0))
+    seen: list[command_pb2.Operation] = []
+    watch = asyncio.create_task(collect_watch(b, op.name, seen))
+
+    async def first_message() -> bool:
+        return bool(seen)
+
+    await until(first_message, "the watch's first message")
+    gate.touch()
+    await asyncio.wait_for(watch, DEADLINE_S)
+    text = "".join(m.output_chunk for m in seen)
+    assert text == "".join(f"step {i} line {j}\n" for i in range(1, 4) for j in range(2000))
+    chunks = [m for m in seen if m.output_chunk]
+    # Coalesced: far fewer writes than lines.
+    assert 1 < len(chunks) < 100
+    assert seen[-1].state == S.OPERATION_STATE_SUCCEEDED
+
+
 async def test_cancel_through_the_other_process_reaches_the_running_handler(
     make_node: Callable[..., NodeProcess], tmp_path: Path,
 ) -> None:

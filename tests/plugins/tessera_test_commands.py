@@ -47,7 +47,10 @@ async def _steps(ctx: CommandContext) -> Mapping[str, Any]:
             _append(path, "cancelled")
             raise CommandCancelled
         await asyncio.sleep(0.05)
+    lines = int(ctx.args.get("lines", 0))
     for i in range(1, steps + 1):
+        for j in range(lines):
+            await ctx.output(f"step {i} line {j}\n")
         await ctx.progress(i * 100 // steps, f"step {i}")
         try:
             await asyncio.wait_for(ctx.cancelled.wait(), pause)
@@ -76,7 +79,8 @@ async def _forever(ctx: CommandContext) -> Mapping[str, Any]:
 _STEPS_SCHEMA = {
     "type": "object", "required": ["path"], "additionalProperties": False,
     "properties": {"path": _PATH, "steps": {"type": "integer", "minimum": 1, "maximum": 1000},
-                   "seconds": {"type": "number", "minimum": 0}, "gate": _PATH},
+                   "seconds": {"type": "number", "minimum": 0}, "gate": _PATH,
+                   "lines": {"type": "integer", "minimum": 0, "maximum": 100000}},
 }
 
 COUNT = CommandHandler(

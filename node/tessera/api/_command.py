@@ -261,8 +261,14 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
             while not op.done:
                 changed.clear()
                 changes = await ops.changes(request.name, after)
-                for sequence, _type, data in changes:
+                for sequence, event_type, data in changes:
                     after = sequence
+                    if event_type == "operation.output":
+                        chunk = command_pb2.Operation()
+                        chunk.CopyFrom(last)
+                        chunk.output_chunk = str(data.get("text", ""))
+                        yield chunk
+                        continue
                     if data.get("state") in ("SUCCEEDED", "FAILED", "CANCELLED"):
                         op = await ops.get(request.name, caller)
                         yield operation_to_pb(op)

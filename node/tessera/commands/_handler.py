@@ -10,6 +10,17 @@ from typing import Any
 
 #: Where a context sends progress: (percent or -1, message) -> still held.
 ProgressSink = Callable[[int, str], Awaitable[bool]]
+#: Where a context sends output: text -> still held.
+OutputSink = Callable[[str], Awaitable[bool]]
+
+#: Output is written in chunks of at most this many characters...
+OUTPUT_CHUNK = 8192
+#: ...or after this many seconds, whichever comes first.
+OUTPUT_FLUSH_S = 0.25
+
+
+async def _no_output(text: str) -> bool:
+    return True
 
 
 class CommandError(Exception):
@@ -35,7 +46,8 @@ class CommandContext:
     """What a running handler gets: its arguments, progress reporting and cancellation."""
 
     def __init__(self, *, operation: str, command_type: str, caller: str,
-                 args: Mapping[str, Any], attempt: int, progress_sink: ProgressSink) -> None:
+                 args: Mapping[str, Any], attempt: int, progress_sink: ProgressSink,
+                 output_sink: OutputSink = _no_output) -> None:
         #: The operation's name, "operations/<uuid>".
         self.operation = operation
         self.command_type = command_type
@@ -50,6 +62,11 @@ class CommandContext:
         self.cancelled = asyncio.Event()
         self.log = logging.getLogger(f"tessera.commands.{command_type}")
         self._sink = progress_sink
+        self._output_sink = output_sink
+        self._buffer: list[str] = []
+        self._buffered = 0
+        self._flusher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
 
     async def progress(self, percent: int | None = None, message: str = "") -> bool:
         """Report progress (0-100 and/or one line); watchers see each report.
@@ -59,6 +76,34 @@ class CommandContext:
         """
         p = -1 if percent is None else max(0, min(100, int(percent)))
         return await self._sink(p, message[:1000])
+
+    async def output(self, text: str) -> None:
+        """Stream output (e.g. a child process's lines); watchers receive it in order.
+
+        Coalesced: written when 8 KiB collected or a quarter second passed, and at the end
+        of the run, so a chatty process costs a few writes a second, not one per line.
+        """
+        if not text:
+            return
+        self._buffer.append(text)
+        self._buffered += len(text)
+        if self._buffered >= OUTPUT_CHUNK:
+            await self.flush()
+        elif self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(OUTPUT_FLUSH_S)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write buffered output now (the runner calls it when the handler ends)."""
+        async with self._lock:
+            text = "".join(self._buffer)
+            self._buffer.clear()
+            self._buffered = 0
+            for start in range(0, len(text), OUTPUT_CHUNK):
+                await self._output_sink(text[start:start + OUTPUT_CHUNK])
 
 
 #: A handler's body: returns a JSON object (the operation's output) or None.

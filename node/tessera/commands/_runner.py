@@ -172,9 +172,16 @@ class Runner:
                 log.warning("progress of %s not recorded: %s", op.name, type(exc).__name__)
                 return True
 
+        async def output_sink(text: str) -> bool:
+            try:
+                return await self.ops.append_output(op.name, self.owner, text)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("output of %s not recorded: %s", op.name, type(exc).__name__)
+                return True
+
         ctx = CommandContext(operation=op.name, command_type=op.command_type,
                              caller=op.caller, args=op.input or {}, attempt=op.attempts,
-                             progress_sink=sink)
+                             progress_sink=sink, output_sink=output_sink)
         run = _Run(op=op, reg=reg, ctx=ctx)
         self._running[op.uuid] = run
         run.task = asyncio.create_task(self._execute(run), name=f"operation-{op.uuid}")
@@ -185,6 +192,8 @@ class Runner:
             outcome = await self._call_handler(run)
             keeper.cancel()
             if outcome is not None:
+                # Everything the handler emitted is recorded before its end.
+                await run.ctx.flush()
                 await self._finish(run, *outcome)
         except asyncio.CancelledError:
             pass

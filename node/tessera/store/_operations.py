@@ -416,6 +416,25 @@ class OperationStore:
             await _changed(conn, row, "progress")
             return True
 
+    async def append_output(self, name: str, owner: str, text: str) -> bool:
+        """Record output of a running operation `owner` holds, as an `operation.output`
+        event; False if it no longer holds it."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "SELECT * FROM operations WHERE name = %s AND lease_owner = %s"
+                " AND state = 'RUNNING' FOR SHARE",
+                (operation_uuid(name), owner),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return False
+            op = _row_to_operation(row)
+            await append_event(conn, "operation.output",
+                               ResourceKey("", OPERATION_EVENT_KIND, op.uuid),
+                               {"name": op.name, "text": text, "runner": owner}, op.caller)
+            await conn.execute("SELECT pg_notify(%s, %s)", (OPERATIONS_CHANNEL, op.uuid))
+            return True
+
     async def finish(
         self, name: str, owner: str, *, state: str, output: dict[str, Any] | None = None,
         error: OperationError | None = None,

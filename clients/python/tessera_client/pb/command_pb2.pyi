@@ -326,6 +326,7 @@ class Operation(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    OUTPUT_CHUNK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Server-assigned name, "operations/<uuid>"."""
     command_type: _builtins.str
@@ -345,6 +346,10 @@ class Operation(_message.Message):
     attempts: _builtins.int
     """How many times a handler was started for it (more than 1 only for retry-safe handlers
     recovered after their node stopped).
+    """
+    output_chunk: _builtins.str
+    """WatchOperation only: output the handler emitted since the previous message (e.g. lines
+    of a child process), in order. Also kept as `operation.output` events.
     """
     @_builtins.property
     def result(self) -> Global___ResourceResult:
@@ -393,10 +398,11 @@ class Operation(_message.Message):
         progress: Global___OperationProgress | None = ...,
         cancel_requested: _builtins.bool = ...,
         attempts: _builtins.int = ...,
+        output_chunk: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch_result", b"batch_result", "create_time", b"create_time", "error", b"error", "outcome", b"outcome", "output", b"output", "progress", b"progress", "result", b"result", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch_result", b"batch_result", "caller", b"caller", "cancel_requested", b"cancel_requested", "command_type", b"command_type", "create_time", b"create_time", "done", b"done", "error", b"error", "event_sequence", b"event_sequence", "idempotency_key", b"idempotency_key", "name", b"name", "outcome", b"outcome", "output", b"output", "progress", b"progress", "result", b"result", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch_result", b"batch_result", "caller", b"caller", "cancel_requested", b"cancel_requested", "command_type", b"command_type", "create_time", b"create_time", "done", b"done", "error", b"error", "event_sequence", b"event_sequence", "idempotency_key", b"idempotency_key", "name", b"name", "outcome", b"outcome", "output", b"output", "output_chunk", b"output_chunk", "progress", b"progress", "result", b"result", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error", "output", "batch_result"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
