@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.rpc import code_pb2
+
 #: Where a context sends progress: (percent or -1, message) -> still held.
 ProgressSink = Callable[[int, str], Awaitable[bool]]
 #: Where a context sends output: text -> still held.
@@ -30,8 +32,9 @@ class CommandError(Exception):
     exception's message, so never put a secret in a handler's exception text.
     """
 
-    def __init__(self, message: str, *, code: int = 9, reason: str = "COMMAND_FAILED") -> None:
-        # 9 is google.rpc.Code.FAILED_PRECONDITION: the usual "the world was not as needed".
+    def __init__(self, message: str, *, code: int = code_pb2.FAILED_PRECONDITION,
+                 reason: str = "COMMAND_FAILED") -> None:
+        """`code` is a google.rpc.Code; the default says "the world was not as needed"."""
         super().__init__(message)
         self.message = message
         self.code = code

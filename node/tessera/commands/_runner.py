@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from google.rpc import code_pb2
 
 from tessera.commands._handler import CommandCancelled, CommandContext, CommandError
 from tessera.commands._registry import Registered, Registry
@@ -41,10 +42,10 @@ from tessera.store import (
 
 log = logging.getLogger(__name__)
 
-_CODE_CANCELLED = 1
-_CODE_UNKNOWN = 2
-_CODE_DEADLINE_EXCEEDED = 4
-_CODE_INTERNAL = 13
+_CODE_CANCELLED = code_pb2.CANCELLED
+_CODE_UNKNOWN = code_pb2.UNKNOWN
+_CODE_DEADLINE_EXCEEDED = code_pb2.DEADLINE_EXCEEDED
+_CODE_INTERNAL = code_pb2.INTERNAL
 _PRUNE_EVERY_S = 60.0
 _RECONNECT_S = 1.0
 
@@ -79,6 +80,7 @@ class Runner:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._listening = asyncio.Event()
+        self._orphans: set[asyncio.Task[Operation | None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -160,9 +162,15 @@ class Runner:
     def _start(self, op: Operation) -> None:
         reg = self.registry.get(op.command_type)
         if reg is None or reg.handler.run is None:
-            # Claimed by name right after this node accepted it, so the type is known;
-            # a sweep only claims types this node has.
+            # Not expected: a node claims by name only what it accepted, and a sweep only
+            # types it has. Ending it now beats leaving it to lease expiry.
             log.error("no handler for %s (%s)", op.name, op.command_type)
+            task = asyncio.create_task(self.ops.finish(
+                op.name, self.owner, state="FAILED", error=OperationError(
+                    code_pb2.UNIMPLEMENTED, f"no handler for {op.command_type} on the node "
+                    "that started it", "NO_HANDLER")))
+            self._orphans.add(task)
+            task.add_done_callback(self._orphans.discard)
             return
 
         async def sink(percent: int, message: str) -> bool:
@@ -268,6 +276,8 @@ class Runner:
                 # The lease runs out while the store is down; then recovery ends it.
                 log.warning("could not record the end of %s (%s); retrying",
                             run.op.name, type(exc).__name__)
+                if self._closing:
+                    return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.cfg.lease_ttl_s / 3)
                 continue

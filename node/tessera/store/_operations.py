@@ -28,12 +28,6 @@ OPERATIONS_CHANNEL = "tessera_operations"
 OPERATION_EVENT_KIND = "operation"
 DONE_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
-# google.rpc.Code values of operation errors (also written as literals in the SQL below).
-CODE_CANCELLED = 1
-CODE_DEADLINE_EXCEEDED = 4
-CODE_ABORTED = 10
-CODE_UNKNOWN = 2
-
 _UNIQUE_KEY = "operations_caller_idempotency_key_key"
 
 
@@ -165,6 +159,7 @@ _RECOVER_STATE = (
 )
 
 
+# Error codes in the SQL are google.rpc.Code values: 1 CANCELLED, 10 ABORTED.
 _RECOVER = sql.SQL(
     "UPDATE operations SET state = {state},"
     " lease_owner = NULL, lease_expires = NULL, updated_at = clock_timestamp(),"
