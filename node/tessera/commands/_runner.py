@@ -15,6 +15,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -81,6 +82,8 @@ class Runner:
         self._closing = False
         self._listening = asyncio.Event()
         self._orphans: set[asyncio.Task[Operation | None]] = set()
+        #: Operations this process accepted while full, oldest first.
+        self._backlog: collections.deque[str] = collections.deque()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -128,8 +131,11 @@ class Runner:
 
         Without room it stays PENDING and a sweep (here or on another node) starts it.
         """
-        if self._closing or len(self._running) >= self.cfg.max_running:
-            self._wake.set()
+        if self._closing:
+            return
+        if len(self._running) >= self.cfg.max_running:
+            # Started here as soon as a slot frees (other nodes only after claim_grace_s).
+            self._backlog.append(op.name)
             return
         try:
             claimed = await self.ops.claim(op.name, self.owner, self.cfg.lease_ttl_s)
@@ -379,6 +385,12 @@ class Runner:
                 for op in await self.ops.recover(max_attempts=self.cfg.max_attempts):
                     log.warning("recovered %s (%s) whose lease expired: %s", op.name,
                                 op.command_type, op.state)
+                while self._backlog and not self._closing \
+                        and len(self._running) < self.cfg.max_running:
+                    claimed = await self.ops.claim(self._backlog.popleft(), self.owner,
+                                                   self.cfg.lease_ttl_s)
+                    if claimed is not None:
+                        self._start(claimed)
                 types = self.registry.background_types()
                 while types and not self._closing \
                         and len(self._running) < self.cfg.max_running:
