@@ -207,6 +207,12 @@ async def test_a_renewed_lease_is_never_recovered_and_a_killed_runner_ends_faile
     assert reason_of(final.error) == "NODE_RESTARTED"
     assert final.error.code == grpc.StatusCode.ABORTED.value[0]
     assert len(starts(side)) == 1, "a handler that is not retry-safe was started again"
+    # The key still names that operation after the crash: a retry starts nothing.
+    async with b.client() as c:
+        again = await c.command.Execute(plugin("long", "test.sleep", path=str(side),
+                                               steps=1000, seconds=3600))
+    assert again.name == op.name and again.state == S.OPERATION_STATE_FAILED
+    assert len(starts(side)) == 1
     await asyncio.wait_for(watch, DEADLINE_S)
     assert watched[-1].state == S.OPERATION_STATE_FAILED and watched[-1].done
     assert sql(b, "SELECT count(*) FROM operations WHERE state = 'RUNNING'") == [(0,)]
@@ -417,6 +423,13 @@ async def test_a_raising_handler_ends_failed_with_its_message_and_the_node_keeps
         assert final.state == S.OPERATION_STATE_FAILED
         assert final.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
         assert reason_of(final.error) == "HANDLER_TIMEOUT"
+        # One that ignores the cancellation after its timeout still ends (after the grace).
+        stubborn = await c.command.Execute(plugin("stubborn", "test.stubborn",
+                                                  path=str(tmp_path / "st"), ignore_s=30))
+        final = await done_op(node, stubborn.name)
+        assert final.state == S.OPERATION_STATE_FAILED
+        assert reason_of(final.error) == "HANDLER_TIMEOUT"
+        assert "ignoring cancellation" in (tmp_path / "st").read_text()
         await c.query.Describe(query_pb2.DescribeRequest())
     assert node.proc is not None and node.proc.poll() is None
 

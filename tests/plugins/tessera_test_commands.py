@@ -76,6 +76,17 @@ async def _forever(ctx: CommandContext) -> Mapping[str, Any]:
     return {}
 
 
+async def _stubborn(ctx: CommandContext) -> Mapping[str, Any]:
+    """Ignores the first cancellation for a while, as a badly written handler might."""
+    _append(ctx.args["path"], f"start {ctx.operation} {ctx.attempt}")
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        _append(ctx.args["path"], "ignoring cancellation")
+        await asyncio.sleep(float(ctx.args.get("ignore_s", 5)))
+    return {}
+
+
 _STEPS_SCHEMA = {
     "type": "object", "required": ["path"], "additionalProperties": False,
     "properties": {"path": _PATH, "steps": {"type": "integer", "minimum": 1, "maximum": 1000},
@@ -100,6 +111,13 @@ RESUMABLE = CommandHandler(
 FAIL = CommandHandler(type="test.fail", run=_fail, description="Raise.",
                       input_schema={"type": "object", "required": ["path"],
                                     "properties": {"path": _PATH, "why": {"type": "string"}}})
+
+
+STUBBORN = CommandHandler(
+    type="test.stubborn", run=_stubborn, timeout_s=1.0,
+    description="Times out and then ignores cancellation for ignore_s seconds.",
+    input_schema={"type": "object", "required": ["path"],
+                  "properties": {"path": _PATH, "ignore_s": {"type": "number"}}})
 
 
 def slowpoke() -> list[CommandHandler]:

@@ -60,6 +60,8 @@ class _Run:
     handler_task: asyncio.Task[Mapping[str, Any] | None] | None = None
     #: Why the handler task was interrupted: "cancel", "lost", "shutdown" or None.
     stop_reason: str | None = None
+    #: Set with stop_reason: the runner stops waiting for the handler.
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
     cancelling: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -226,29 +228,45 @@ class Runner:
         handler = run.reg.handler
         assert handler.run is not None
         log.info("starting %s (%s, attempt %d)", run.op.name, handler.type, run.op.attempts)
-        run.handler_task = asyncio.ensure_future(handler.run(run.ctx))
+        run.handler_task = task = asyncio.ensure_future(handler.run(run.ctx))
         cancelled = ("CANCELLED", None, OperationError(_CODE_CANCELLED, "cancelled by the caller",
                                                        "CANCELLED"))
+        stopper = asyncio.ensure_future(run.stop.wait())
         try:
-            output = await asyncio.wait_for(run.handler_task, handler.timeout_s)
-        except BaseException as exc:
+            await asyncio.wait({task, stopper}, timeout=handler.timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            stopper.cancel()
+        if not task.done():
+            # Interrupted (cancel, lost lease, shutdown) or out of time. A handler that
+            # ignores cancellation is abandoned after the grace: the operation still ends.
+            task.cancel()
+            await asyncio.wait({task}, timeout=self.cfg.cancel_grace_s)
+            if not task.done():
+                log.error("handler of %s ignores cancellation; abandoned", run.op.name)
             if run.stop_reason in ("lost", "shutdown"):
-                # Lease lost or node stopping: recovery decides the end, not this runner.
-                return None
-            if isinstance(exc, asyncio.CancelledError):
-                if run.stop_reason == "cancel":
-                    return cancelled
-                return None
-            if isinstance(exc, TimeoutError) and run.handler_task.cancelled():
-                return "FAILED", None, OperationError(
-                    _CODE_DEADLINE_EXCEEDED,
-                    f"{handler.type} did not finish within its timeout of {handler.timeout_s:g} s",
-                    "HANDLER_TIMEOUT")
-            if isinstance(exc, CommandCancelled) or run.cancelling:
+                return None  # recovery decides the end, not this runner
+            if run.stop_reason == "cancel":
                 return cancelled
-            if not isinstance(exc, Exception):
-                raise
-            return self._failed(handler.type, exc)
+            return "FAILED", None, OperationError(
+                _CODE_DEADLINE_EXCEEDED,
+                f"{handler.type} did not finish within its timeout of {handler.timeout_s:g} s",
+                "HANDLER_TIMEOUT")
+        if run.stop_reason in ("lost", "shutdown"):
+            return None
+        if task.cancelled():
+            if run.cancelling:
+                return cancelled
+            return self._failed(handler.type, RuntimeError("its task was cancelled"))
+        raised = task.exception()
+        if raised is not None:
+            if isinstance(raised, CommandCancelled) or run.cancelling:
+                return cancelled
+            return self._failed(handler.type, raised)
+        output = task.result()
         if run.stop_reason in ("lost", "shutdown"):
             return None
         if run.cancelling:
@@ -335,8 +353,7 @@ class Runner:
     def _interrupt(self, run: _Run, reason: str) -> None:
         run.stop_reason = run.stop_reason or reason
         run.ctx.cancelled.set()
-        if run.handler_task is not None and not run.handler_task.done():
-            run.handler_task.cancel()
+        run.stop.set()
 
     # -- background loops --------------------------------------------------------------
 
