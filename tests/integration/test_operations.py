@@ -170,6 +170,21 @@ async def test_one_key_sent_to_two_node_processes_at_once_starts_the_handler_onc
     assert sql(a, "SELECT count(*) FROM operations") == [(1,)]
 
 
+async def test_concurrent_built_in_commands_with_one_key_take_effect_once(
+    make_node: Callable[..., NodeProcess],
+) -> None:
+    a = make_node()
+    b = make_node(share_with=a)
+    req = command_pb2.ExecuteRequest(
+        idempotency_key="put-once", put_resource=command_pb2.PutResourceCommand(
+            resource=resources_pb2.Resource(workspace="w", kind="task", id="once")))
+    async with a.client() as ca, b.client() as cb:
+        ops = await asyncio.gather(*(c.command.Execute(req) for c in [ca, cb] * 10))
+    assert len({o.name for o in ops}) == 1 and all(o.done for o in ops)
+    assert sql(a, "SELECT version FROM resources") == [(1,)]
+    assert sql(a, "SELECT count(*) FROM events WHERE type = 'task.put'") == [(1,)]
+
+
 # -- leases, recovery and crashes ----------------------------------------------------
 
 
