@@ -258,7 +258,9 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
             op = await ops.get(request.name, caller)
             last = operation_to_pb(op)
             yield last
-            while not op.done:
+            if op.done:
+                return
+            while True:
                 changed.clear()
                 changes = await ops.changes(request.name, after)
                 for sequence, event_type, data in changes:
@@ -270,18 +272,25 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
                         yield chunk
                         continue
                     if data.get("state") in ("SUCCEEDED", "FAILED", "CANCELLED"):
-                        op = await ops.get(request.name, caller)
-                        yield operation_to_pb(op)
+                        yield operation_to_pb(await ops.get(request.name, caller))
                         return
                     msg = snapshot_to_pb(last, data)
                     if msg != last:
                         last = msg
                         yield msg
-                if not changes:
-                    # The poll bounds how long a lost notification can delay a watcher.
-                    await _wait(changed, self.rt.cfg.operations.sweep_interval_s)
+                if op.done:
+                    # Seen done in the row, and no event says so: its events were pruned.
+                    yield operation_to_pb(op)
+                    return
+                if not changes and not await _wait(changed,
+                                                   self.rt.cfg.operations.sweep_interval_s):
+                    # No word for a while (a lost notification?): check the row; the next
+                    # pass reads any events it has before trusting it.
+                    op = await ops.get(request.name, caller)
 
 
-async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for `event` up to `timeout_s`; whether it was set."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), timeout_s)
+    return event.is_set()
