@@ -96,6 +96,40 @@ async def test_sigterm_lets_32_calls_in_flight_finish(node_factory: NodeFactory)
     assert node.proc.wait(_DEADLINE_S) == 0
 
 
+
+async def test_sigterm_under_load_fails_no_call_sent_before_it(node_factory: NodeFactory) -> None:
+    node = node_factory()
+    async with node.client() as c:
+        await c.command.Execute(_put("busy"))
+        signalled: list[float] = []
+        outcomes: list[tuple[float, str]] = []
+
+        async def caller() -> None:
+            while True:
+                sent = time.monotonic()
+                try:
+                    await c.query.GetResource(_get("busy"), timeout=60)
+                    outcomes.append((sent, "OK"))
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append((sent, exc.code().name))
+                    if signalled:
+                        return
+                    await asyncio.sleep(0.01)
+
+        callers = [asyncio.ensure_future(caller()) for _ in range(32)]
+        await poll("the callers are busy", lambda: len(outcomes) > 200)
+        assert node.proc is not None
+        signalled.append(time.monotonic())
+        node.proc.send_signal(signal.SIGTERM)
+        await asyncio.gather(*callers)
+    before = [code for sent, code in outcomes if sent < signalled[0]]
+    failed = [code for code in before if code != "OK"]
+    assert failed == [], f"{len(failed)} of {len(before)} calls sent before SIGTERM failed"
+    # Calls sent afterwards are served or refused as retryable, never cancelled.
+    assert {code for sent, code in outcomes if sent >= signalled[0]} <= {"OK", "UNAVAILABLE"}
+    assert node.proc.wait(_DEADLINE_S) == 0
+
+
 # -- helpers for embedded nodes -------------------------------------------------------
 
 def _tessera(*args: str, env: dict[str, str], cwd: Path | None = None,

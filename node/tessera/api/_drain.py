@@ -1,15 +1,18 @@
 """Graceful stop of one gRPC server: count calls in flight, refuse new ones, end streams.
 
 grpc's own `server.stop(grace)` kills calls that reached the server but were not yet
-handed to a handler (their callers saw CANCELLED), so the node first drains here: new
-calls answer UNAVAILABLE (health and reflection still answer), calls in flight finish,
-and only then is the server stopped.
+handed to a handler (their callers saw CANCELLED), so the node first drains here. Calls a
+client sent just before the signal are still queued in grpc while the event loop is busy,
+so the node first takes calls in until a quiet moment (`settle`); then new calls answer
+UNAVAILABLE (health and reflection still answer), calls in flight finish, and only then
+is the server stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 
 from tessera.calls import OPEN_SERVICES
@@ -30,6 +33,7 @@ class Drain:
         self._idle = asyncio.Event()
         self._idle.set()
         self._streams: set[asyncio.Task[object]] = set()
+        self._last_arrival = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -47,6 +51,7 @@ class Drain:
     def track(self, *, stream: bool) -> Iterator[None]:
         """Count the current call (and remember a stream's task, to end it at the deadline)."""
         task = asyncio.current_task() if stream else None
+        self._last_arrival = time.monotonic()
         self._calls += 1
         self._idle.clear()
         if task is not None:
@@ -59,6 +64,16 @@ class Drain:
             self._calls -= 1
             if self._calls == 0:
                 self._idle.set()
+
+    async def settle(self, quiet_s: float, max_s: float) -> None:
+        """Keep taking calls in until none has arrived for `quiet_s` (at most `max_s`):
+        calls sent before the signal are then all in flight, none refused."""
+        deadline = time.monotonic() + max_s
+        while (now := time.monotonic()) < deadline:
+            wait = self._last_arrival + quiet_s - now
+            if wait <= 0:
+                return
+            await asyncio.sleep(min(wait, deadline - now))
 
     def begin(self) -> None:
         """Stop admitting calls."""

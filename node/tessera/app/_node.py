@@ -163,13 +163,15 @@ class Node:
         }
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop serving: health NOT_SERVING, new calls refused, calls in flight finish within
-        the grace period (streams still open near its end are ended with UNAVAILABLE),
-        then close everything."""
+        """Stop serving: health NOT_SERVING, calls already sent taken in (until a quiet
+        0.1 s, at most 2 s), then new calls refused; calls in flight finish within the
+        grace period (streams still open near its end are ended with UNAVAILABLE), then
+        close everything."""
         grace = self.runtime.cfg.node.shutdown_grace_s if grace_s is None else grace_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         await self.health.enter_graceful_shutdown()
+        await self.drain.settle(quiet_s=0.1, max_s=min(2.0, grace / 4))
         self.drain.begin()
         # The last moment of the grace period is for ending streams with a clear status.
         margin = min(1.0, grace / 10)
