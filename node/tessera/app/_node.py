@@ -302,18 +302,20 @@ def _start_metrics_endpoint(stack: contextlib.AsyncExitStack, cfg: Config,
 
 
 async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = "",
-                     valkey_url: str = "", write_state: bool = True) -> Node:
+                     valkey_url: str = "", supervised: bool = False) -> Node:
     """Start everything a node needs and begin serving. Raises ConfigError/Unavailable.
 
     `dsn` and `valkey_url` are the supervisor's embedded services; without them (and
-    without store.dsn / valkey.url) the embedded services run in this process. The
-    supervisor writes node.json itself (`write_state=False`).
+    without store.dsn / valkey.url) the embedded services run in this process. A
+    `supervised` node leaves the data directory's mode and node.json to the supervisor
+    (making the directory private again would lock its PostgreSQL out of its files).
 
     Each component registers its close right after it opens, so a start that fails half-way
     (a port in use, a CRL missing) and a normal stop run one teardown, in reverse order.
     """
     paths = NodePaths(cfg.node.data_dir)
-    prepare_data_dir(paths)
+    if not supervised:
+        prepare_data_dir(paths)
     cfg = resolve_node_name(cfg)  # derived once and kept when node.name is not set
     metrics = metrics or Metrics()
     async with contextlib.AsyncExitStack() as stack:
@@ -397,7 +399,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         _start_metrics_endpoint(stack, cfg, metrics)
         node = Node(rt, server, health_servicer, port, metrics, stack.pop_all(), drain)
-    if write_state:
+    if not supervised:
         write_atomic(paths.state_file, json.dumps(node.state(), indent=2).encode())
     return node
 

@@ -33,7 +33,7 @@ async def _run(cfg: config.Config, spec: dict[str, Any], ready_fd: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     node = await start_node(cfg, dsn=spec["dsn"], valkey_url=spec["valkey_url"],
-                            write_state=False)
+                            supervised=True)
     checks: set[asyncio.Task[None]] = set()
 
     def postgres_restarted() -> None:
