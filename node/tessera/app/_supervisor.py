@@ -42,6 +42,7 @@ from tessera.embedded import (
     EmbeddedValkey,
     describe_exit,
     spawn,
+    terminate,
     wait_exit,
 )
 from tessera.pki import write_atomic
@@ -211,16 +212,19 @@ class Supervisor:
             service.prepare()
             proc = service.spawn()
             deadline = time.monotonic() + _READY_TIMEOUT_S
-            while not service.ready(proc):
-                if proc.poll() is not None:
-                    raise Unavailable(f"{service.label} exited with "
-                                      f"{describe_exit(proc.returncode)}; see {service.log_path}")
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    await wait_exit(proc)
-                    raise Unavailable(f"{service.label} did not become ready; "
-                                      f"see {service.log_path}")
-                await asyncio.sleep(0.02)
+            try:
+                while not service.ready(proc):
+                    if proc.poll() is not None:
+                        raise Unavailable(f"{service.label} exited with "
+                                          f"{describe_exit(proc.returncode)}; "
+                                          f"see {service.log_path}")
+                    if time.monotonic() > deadline:
+                        raise Unavailable(f"{service.label} did not become ready; "
+                                          f"see {service.log_path}")
+                    await asyncio.sleep(0.02)
+            except BaseException:  # not ready, or the node stops meanwhile: leave nothing
+                terminate(proc, service.stop_signal, _SERVICE_STOP_S)
+                raise
             return proc
 
         return launch
@@ -256,6 +260,9 @@ class Supervisor:
                 with os.fdopen(spec_w, "wb") as f:
                     f.write(json.dumps(spec).encode())
                 message = await _read_all(ready_r)
+            except BaseException:  # the node stops before this one served: leave nothing
+                terminate(proc, signal.SIGTERM, self.cfg.node.shutdown_grace_s)
+                raise
             finally:
                 os.close(ready_r)
             if not message:  # it exited (or closed the pipe) before serving
