@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -46,7 +47,8 @@ async def _run(cfg: config.Config, spec: dict[str, Any], ready_fd: int) -> None:
     host = (cfg.node.enroll_listen_address or cfg.node.listen_address).rpartition(":")[0]
     bound = {"listen": node.runtime.listen_address,
              "enroll": f"{host}:{node.runtime.endpoints.enroll_address.rpartition(':')[2]}"}
-    with os.fdopen(ready_fd, "wb") as ready:
+    # A supervisor that stopped while this process started has closed its end already.
+    with contextlib.suppress(BrokenPipeError), os.fdopen(ready_fd, "wb") as ready:
         ready.write(json.dumps({**node.state(), "bound": bound}).encode())
     await stop.wait()
     await node.stop()
