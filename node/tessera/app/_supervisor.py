@@ -45,7 +45,7 @@ from tessera.embedded import (
     terminate,
     wait_exit,
 )
-from tessera.pki import write_atomic
+from tessera.pki import resolve_node_name, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +372,8 @@ async def serve(cfg: Config, *, log_level: str = "INFO") -> int:
     lock = DataDirLock(paths.lock_file)
     lock.acquire()
     try:
+        # Once, here: the serving processes get the name with the rest of the settings.
+        cfg = resolve_node_name(cfg)
         try:
             return await Supervisor(cfg, paths, log_level).run()
         except ServingFailed as exc:
