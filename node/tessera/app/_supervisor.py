@@ -346,9 +346,11 @@ class Supervisor:
             stopping.cancel()
             starting.result()  # raises the start's error
             s = self._state
-            print(f"tessera: serving {s['identity']} on {s['address']} (mTLS)", flush=True)
-            print("tessera: try it:", flush=True)
-            print(f"  grpcurl -cacert {s['ca']} -cert {s['admin_cert']} -key {s['admin_key']} "
+            # One write: the serving process logs to the same stream and must not land
+            # between "try it:" and the command.
+            print(f"tessera: serving {s['identity']} on {s['address']} (mTLS)\n"
+                  "tessera: try it:\n"
+                  f"  grpcurl -cacert {s['ca']} -cert {s['admin_cert']} -key {s['admin_key']} "
                   f"-servername localhost {s['address']} list", flush=True)
             await stop.wait()
             print("tessera: shutting down (health NOT_SERVING, finishing in-flight calls)",
