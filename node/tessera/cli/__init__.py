@@ -69,7 +69,35 @@ async def _doctor(cfg: config.Config) -> list[doctor.Check]:
         renewal = read_status(paths.server)
         if renewal is not None:
             checks.append(doctor.check_renewal("certificate-renewal", renewal))
-    return checks
+    return checks + _node_checks(paths)
+
+
+def _node_checks(paths: NodePaths) -> list[doctor.Check]:
+    """The running node itself: a stale node.json is red; restarts of its children shown."""
+    from tessera.app import read_status
+    from tessera.embedded import pid_alive
+
+    try:
+        state = json.loads(paths.state_file.read_text())
+    except (OSError, ValueError):
+        return []  # no node running: the dependency checks say what is missing
+    pid = state.get("pid")
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return [doctor.Check("node", doctor.Level.RED,
+                             f"{paths.state_file} is stale: the node that wrote it (pid {pid}) "
+                             "is not running; start it with `tessera serve`")]
+    children: dict[str, Any] = (read_status(paths) or {}).get("children", {})
+    message = f"supervisor pid {pid} serving on {state.get('address')}"
+    restarted = [f"{c['label']} {c['restarts']}x (last: {c['last_exit']})"
+                 for c in children.values() if c.get("restarts")]
+    if restarted:
+        message += "; restarted: " + ", ".join(restarted)
+    down = [c["label"] for c in children.values() if not c.get("running")]
+    if down:
+        return [doctor.Check("node", doctor.Level.YELLOW,
+                             f"{message}; being restarted: {', '.join(down)}",
+                             {"children": children})]
+    return [doctor.Check("node", doctor.Level.GREEN, message, {"children": children})]
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -100,13 +128,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tessera.app import serve
 
     cfg = _load(args)
-    asyncio.run(serve(cfg))
-    return 0
+    return asyncio.run(serve(cfg, log_level=args.log_level))
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Apply schema migrations and exit."""
     from tessera import store
+    from tessera.app import DataDirLock, prepare_data_dir
     from tessera.embedded import EmbeddedPostgres
 
     cfg = _load(args)
@@ -114,10 +142,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     async def run() -> int:
         paths = NodePaths(cfg.node.data_dir)
         pg = None
+        lock: DataDirLock | None = None
         dsn = cfg.store.dsn
         if not dsn:
+            # The embedded PostgreSQL belongs to whoever holds the data directory.
+            prepare_data_dir(paths)
+            lock = DataDirLock(paths.lock_file)
+            lock.acquire()
             pg = EmbeddedPostgres(paths.pgdata)
-            dsn = await asyncio.to_thread(pg.start)
+            try:
+                dsn = pg.start()
+            except BaseException:
+                lock.release()
+                raise
         try:
             pool = await store.open_pool(cfg.store, dsn)
             try:
@@ -127,6 +164,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         finally:
             if pg is not None:
                 await asyncio.to_thread(pg.stop)
+            if lock is not None:
+                lock.release()
 
     version = asyncio.run(run())
     print(f"schema at version {version}")

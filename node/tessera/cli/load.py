@@ -188,10 +188,16 @@ def summary(report: LoadReport) -> str:
 
 def cmd_load(args: argparse.Namespace, data_dir: Path) -> int:
     """The `tessera load` command."""
-    state_file = data_dir / "node.json"
+    from tessera.cli._client import node_state
+    from tessera.core.errors import Unavailable
+
     state: dict[str, str] = {}
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
+    if (data_dir / "node.json").exists():
+        try:
+            state = node_state(data_dir)
+        except Unavailable as exc:  # stale: name it rather than dial a dead port
+            print(f"tessera load: {exc.message}", file=sys.stderr)
+            return 2
     address = args.address or state.get("address")
     ca = args.ca or state.get("ca")
     cert = args.cert or state.get("client_cert")

