@@ -351,7 +351,7 @@ async def test_sigkill_right_after_calls_returned_loses_no_audit_row(node: NodeP
                 assert exc.code() == grpc.StatusCode.NOT_FOUND
 
         await asyncio.gather(*(call(r) for r in requests))
-    node.kill()
+    node.crash()
     hashes = sql(node, "SELECT query_hash FROM audit_log WHERE identity = %s"
                        " AND method = 'GetResource'", (CLIENT,))
     assert sorted(h[0] for h in hashes) == sorted(query_hash(r) for r in requests)
