@@ -23,14 +23,18 @@ tests=(
     tests/unit/test_audit_chain.py
     tests/unit/test_gcra.py
     tests/unit/test_pure_core.py
+    tests/unit/audit/test_chain_rows.py
+    tests/unit/audit/test_chain_verifier.py
+    tests/unit/grants/test_scope_predicate.py
+    tests/unit/grants/test_scope_write.py
 )
 
 "$venv/bin/python" -m pip install --quiet "mutmut==3.8.1"
 rm -rf "$work"
-mkdir -p "$work/src" "$work/tests/unit/peering"
+mkdir -p "$work/src" "$work/tests"
 cp -r "$repo/node/tessera" "$repo/clients/python/tessera_client" "$work/src/"
 cp "$repo/tests/__init__.py" "$work/tests/"
-for t in "${tests[@]}"; do cp "$repo/$t" "$work/$t"; done
+for t in "${tests[@]}"; do mkdir -p "$(dirname "$work/$t")"; cp "$repo/$t" "$work/$t"; done
 {
     echo '[tool.mutmut]'
     printf 'paths_to_mutate = ['; printf '"src/%s", ' "${modules[@]}"; echo ']'
