@@ -27,6 +27,11 @@ tests=(
     tests/unit/audit/test_chain_verifier.py
     tests/unit/grants/test_scope_predicate.py
     tests/unit/grants/test_scope_write.py
+    tests/unit/grants/test_scope_refusals.py
+    tests/unit/peering/test_token_parse.py
+    tests/unit/audit/test_chain_encoding.py
+    tests/unit/ratelimit/test_gcra_edges.py
+    tests/unit/core/test_pagination_tokens.py
 )
 
 "$venv/bin/python" -m pip install --quiet "mutmut==3.8.1"

@@ -1,0 +1,42 @@
+"""The audit encoding is a published format: logs written by earlier releases must verify.
+
+The canonical bytes of a record and the request hash are what an external verifier (or
+the next release) recomputes from the rows or an export, so they are pinned to the bytes
+the module documents rather than to whatever the encoder produces today.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+from tessera.audit import GENESIS, AuditEntry, canonical, chain_hash, query_hash
+from tessera_client.pb import query_pb2
+
+ENTRY = AuditEntry(
+    time=dt.datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=dt.UTC), identity="spiffe://d/node/b",
+    peer="b", grant="grants/g", service="tessera.v1.QueryService", method="ListResources",
+    kind="task", query_hash="ab" * 4, outcome="ALLOWED", status_code="OK", bytes_out=120,
+    latency_us=800, trace_id="t1", reason="",
+)
+DOCUMENTED = (b'7\n[1795262400123456,"spiffe://d/node/b","b","grants/g",'
+              b'"tessera.v1.QueryService","ListResources","task","abababab","ALLOWED","OK",'
+              b'120,800,"t1",""]')
+
+
+def test_a_record_is_encoded_as_its_sequence_and_a_compact_json_array() -> None:
+    assert canonical(7, ENTRY) == DOCUMENTED
+
+
+def test_the_hash_of_a_record_written_by_an_earlier_release_still_matches() -> None:
+    # sha256(GENESIS || DOCUMENTED), as the database function computes it.
+    assert chain_hash(GENESIS, 7, ENTRY).hex() == hashlib.sha256(GENESIS + DOCUMENTED).hexdigest()
+    assert chain_hash(GENESIS, 7, ENTRY).hex() == (
+        "7300ffa5f6f9dfb80a3db6c379554b2f623bbb35373a71e649ecffd059daf53b")
+
+
+def test_the_request_hash_is_sha256_of_type_name_nul_and_deterministic_body() -> None:
+    req = query_pb2.ListResourcesRequest(workspace="w", kind="task", page_size=10)
+    body = req.SerializeToString(deterministic=True)
+    assert query_hash(req) == hashlib.sha256(
+        b"tessera.v1.ListResourcesRequest\0" + body).hexdigest()
