@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 
 from tessera.audit import GENESIS, AuditEntry, canonical, chain_hash, query_hash
-from tessera_client.pb import query_pb2
+from tessera_client.pb import command_pb2, query_pb2
 
 ENTRY = AuditEntry(
     time=dt.datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=dt.UTC), identity="spiffe://d/node/b",
@@ -40,3 +40,19 @@ def test_the_request_hash_is_sha256_of_type_name_nul_and_deterministic_body() ->
     body = req.SerializeToString(deterministic=True)
     assert query_hash(req) == hashlib.sha256(
         b"tessera.v1.ListResourcesRequest\0" + body).hexdigest()
+
+
+def test_the_same_command_hashes_the_same_whatever_order_its_arguments_came_in() -> None:
+    # Struct arguments are a map: two clients may send its entries in any order, and the
+    # server parses them in wire order. The audit hash must not depend on it.
+    keys = [f"key-{i}" for i in range(40)]
+    wires = []
+    for order in (keys, keys[::-1], keys[::2] + keys[1::2]):
+        req = command_pb2.ExecuteRequest(idempotency_key="k")
+        req.plugin.type = "task.assign"
+        for k in order:
+            req.plugin.args[k] = k
+        wires.append(req.SerializeToString())
+    assert len(set(wires)) > 1, "the wire orders differ, or this test proves nothing"
+    received = [command_pb2.ExecuteRequest.FromString(w) for w in wires]
+    assert len({query_hash(r) for r in received}) == 1
