@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -16,7 +17,10 @@ import uuid
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from tessera.peering import TokenError, TokenForged, _token
 
@@ -72,6 +76,23 @@ def test_a_token_is_the_documented_text_and_reads_back_whole() -> None:
     assert "=" not in token and token.count(".") == 2
     assert _token.verify(token, KEY) == INV
     assert _token.parse(token) == INV
+
+
+def test_every_root_travels_byte_for_byte() -> None:
+    # ECDSA roots (like the dev CA's) differ in length and final bytes from one signature to
+    # the next; deterministic signatures make these 64 the same on every run, and between
+    # them they end on every kind of base64 boundary.
+    key = ec.derive_private_key(0x7E55E7A, ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "root")])
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for serial in range(1, 65):
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(serial).not_valid_before(start)
+                .not_valid_after(start + dt.timedelta(days=1))
+                .sign(key, hashes.SHA256(), ecdsa_deterministic=True))
+        der = cert.public_bytes(Encoding.DER)
+        inv = dataclasses.replace(INV, root_der=der, root_fingerprint=_token.fingerprint(der))
+        assert _token.verify(_token.encode(inv, KEY), KEY).root_der == der, serial
 
 
 def test_a_token_pasted_with_surrounding_whitespace_is_read() -> None:
