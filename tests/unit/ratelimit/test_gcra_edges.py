@@ -26,6 +26,6 @@ def test_a_limit_with_less_than_one_call_of_tolerance_refuses_even_a_fresh_key()
     # Why Limit clamps the burst to at least one: below that nothing is ever admitted.
     d = gcra(None, S, 100, 40)
     assert not d.allowed and d.retry_after_us == 60
-    # A fresh key has nothing to keep: its TAT is now (an integer, like the Lua script's).
+    # A fresh key has no TAT to keep unchanged: it reports now, as the TAT a fresh key starts at.
     assert d.tat_us == S
     assert gcra(d.tat_us, S + 60, 100, 40).allowed is False
