@@ -28,6 +28,7 @@ tests=(
     tests/unit/grants/test_scope_predicate.py
     tests/unit/grants/test_scope_write.py
     tests/unit/grants/test_scope_refusals.py
+    tests/unit/grants/test_scope_pages.py
     tests/unit/peering/test_token_parse.py
     tests/unit/audit/test_chain_encoding.py
     tests/unit/ratelimit/test_gcra_edges.py
