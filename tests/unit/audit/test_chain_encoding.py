@@ -7,10 +7,11 @@ the module documents rather than to whatever the encoder produces today.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 
-from tessera.audit import GENESIS, AuditEntry, canonical, chain_hash, query_hash
+from tessera.audit import GENESIS, AuditEntry, canonical, chain_hash, prune_entry, query_hash
 from tessera_client.pb import command_pb2, query_pb2
 
 ENTRY = AuditEntry(
@@ -26,6 +27,18 @@ DOCUMENTED = (b'7\n[1795262400123456,"spiffe://d/node/b","b","grants/g",'
 
 def test_a_record_is_encoded_as_its_sequence_and_a_compact_json_array() -> None:
     assert canonical(7, ENTRY) == DOCUMENTED
+
+
+def test_a_detail_is_a_fifteenth_element_with_sorted_keys() -> None:
+    e = dataclasses.replace(ENTRY, detail={"zz": 1, "aaa": {"b": 2, "a": [1, "x"]}})
+    assert canonical(7, e) == DOCUMENTED[:-1] + b',{"aaa":{"a":[1,"x"],"b":2},"zz":1}]'
+
+
+def test_a_prune_record_is_encoded_as_documented() -> None:
+    record = prune_entry(dt.datetime(1970, 1, 1, 0, 0, 1, tzinfo=dt.UTC), 4, b"\1" * 32)
+    assert canonical(9, record) == (
+        b'9\n[1000000,"","","","tessera.audit","Prune","","","ALLOWED","OK",0,0,"",'
+        b'"AUDIT_PRUNED",{"anchor_hash":"' + b"01" * 32 + b'","anchor_sequence":4}]')
 
 
 def test_the_hash_of_a_record_written_by_an_earlier_release_still_matches() -> None:

@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from tessera.audit import GENESIS, AuditEntry, AuditRow, chain_hash, extend, verify
+from tessera.audit import (
+    GENESIS,
+    AuditEntry,
+    AuditRow,
+    chain_hash,
+    extend,
+    prune_entry,
+    verify,
+)
 from tessera.audit._chain import entry_from_row
 
 T0 = dt.datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=dt.UTC)
@@ -38,7 +46,7 @@ def db_row(row: AuditRow) -> dict[str, Any]:
         "grant_name": e.grant, "service": e.service, "method": e.method, "kind": e.kind,
         "query_hash": e.query_hash, "outcome": e.outcome, "status_code": e.status_code,
         "bytes_out": e.bytes_out, "latency_us": e.latency_us, "trace_id": e.trace_id,
-        "reason": e.reason, "hash": row.hash,
+        "reason": e.reason, "detail": dict(e.detail), "hash": row.hash,
     }
 
 
@@ -48,6 +56,34 @@ def test_a_row_read_back_from_the_table_is_the_entry_that_was_hashed() -> None:
     assert [r.entry for r in read] == [entry(i) for i in range(3)]
     verdict = verify(read)
     assert verdict.ok and verdict.checked == 3
+
+
+def test_a_prune_record_read_back_keeps_its_detail_and_verifies() -> None:
+    rows = extend(0, GENESIS, [entry(0), prune_entry(T0, 0, GENESIS)])
+    read = [AuditRow(r["sequence"], entry_from_row(r), r["hash"]) for r in map(db_row, rows)]
+    assert read[1].entry.detail == {"anchor_hash": "00" * 32, "anchor_sequence": 0}
+    assert verify(read).ok
+
+
+def test_a_detail_column_read_in_another_key_order_still_verifies() -> None:
+    # jsonb returns keys shortest first, not in the order they were written.
+    written = dataclasses.replace(entry(1), detail={"aaa": 1, "zz": [1, 2]})
+    row = db_row(extend(0, GENESIS, [written])[0])
+    row["detail"] = {"zz": [1, 2], "aaa": 1}
+    assert verify([AuditRow(1, entry_from_row(row), row["hash"])]).ok
+
+
+def test_rows_from_before_records_had_detail_read_as_having_none() -> None:
+    rows = extend(0, GENESIS, [entry(2)])
+    for detail in ({}, None, "absent"):
+        row = db_row(rows[0])
+        if detail == "absent":
+            del row["detail"]
+        else:
+            row["detail"] = detail
+        e = entry_from_row(row)
+        assert e.detail == {} and e == entry(2)
+        assert verify([AuditRow(1, e, rows[0].hash)]).ok
 
 
 def test_numeric_columns_read_as_text_still_rebuild_integers() -> None:
@@ -83,8 +119,16 @@ def test_an_exported_line_is_exactly_the_documented_record() -> None:
     }
 
 
+def test_an_exported_prune_record_carries_its_detail() -> None:
+    (row,) = extend(0, GENESIS, [prune_entry(T0, 7, b"\1" * 32)])
+    line = row.to_json(GENESIS)
+    assert line["detail"] == {"anchor_hash": "01" * 32, "anchor_sequence": 7}
+    assert (line["service"], line["method"], line["reason"]) == (
+        "tessera.audit", "Prune", "AUDIT_PRUNED")
+
+
 def test_a_reader_recomputes_every_exported_hash_from_the_lines_alone() -> None:
-    rows = extend(0, GENESIS, [entry(i) for i in range(4)])
+    rows = extend(0, GENESIS, [*(entry(i) for i in range(4)), prune_entry(T0, 0, GENESIS)])
     prev = GENESIS
     lines = []
     for row in rows:
@@ -97,7 +141,7 @@ def test_a_reader_recomputes_every_exported_hash_from_the_lines_alone() -> None:
             grant=d["grant"], service=d["service"], method=d["method"], kind=d["kind"],
             query_hash=d["query_hash"], outcome=d["outcome"], status_code=d["status_code"],
             bytes_out=d["bytes_out"], latency_us=d["latency_us"], trace_id=d["trace_id"],
-            reason=d["reason"],
+            reason=d["reason"], detail=d.get("detail", {}),
         )
         recomputed = chain_hash(bytes.fromhex(d["prev_hash"]), d["sequence"], e)
         assert recomputed.hex() == d["hash"]

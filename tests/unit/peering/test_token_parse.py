@@ -38,7 +38,7 @@ ROOT_DER = x509.load_pem_x509_certificate(ROOT_PEM).public_bytes(Encoding.DER)
 ROOT_FP = "0d377c2a36966c1f494a4eeb7fb56cdfc80b64f989c26b89431b5bd692d8f965"
 INV = _token.Invitation(
     uuid.UUID("00112233-4455-6677-8899-aabbccddeeff"), bytes(range(32)), "beta", "a.example",
-    "10.0.0.1:7443", "10.0.0.1:7444", ROOT_DER, ROOT_FP, 1_900_000_000)
+    "10.0.0.1:7443", "10.0.0.1:7444", ROOT_DER, ROOT_FP, 1_900_000_000, "alpha")
 
 NOT_A_TOKEN = "not an enrolment token (expected tessera-enrol-1.<body>.<mac>)"
 NOT_BASE64 = "the enrolment token is not valid base64url"
@@ -62,7 +62,7 @@ def body_of(**changes: object) -> bytes:
     fields: dict[str, object] = {
         "i": "00112233445566778899aabbccddeeff", "s": b64(bytes(range(32))), "n": "beta",
         "d": "a.example", "a": "10.0.0.1:7443", "e": "10.0.0.1:7444", "r": b64(ROOT_DER),
-        "f": ROOT_FP, "x": 1_900_000_000,
+        "f": ROOT_FP, "x": 1_900_000_000, "b": "alpha",
     }
     fields.update(changes)
     return json.dumps({k: v for k, v in fields.items() if v is not None},
@@ -76,6 +76,11 @@ def test_a_token_is_the_documented_text_and_reads_back_whole() -> None:
     assert "=" not in token and token.count(".") == 2
     assert _token.verify(token, KEY) == INV
     assert _token.parse(token) == INV
+
+
+def test_a_token_from_a_node_that_did_not_send_its_name_still_reads() -> None:
+    older = signed(body_of(b=None))
+    assert _token.verify(older, KEY) == dataclasses.replace(INV, node_name="")
 
 
 def test_every_root_travels_byte_for_byte() -> None:
