@@ -78,6 +78,18 @@ def test_a_token_is_the_documented_text_and_reads_back_whole() -> None:
     assert _token.parse(token) == INV
 
 
+def test_a_new_invitation_names_the_inviting_node_when_told() -> None:
+    made = {"peer": "beta", "trust_domain": "a.example", "address": "10.0.0.1:7443",
+            "enroll_address": "10.0.0.1:7444", "root_pem": ROOT_PEM,
+            "expire_unix": 1_900_000_000}
+    named = _token.new_invitation(**made, node_name="alpha")  # type: ignore[arg-type]
+    assert _token.parse(_token.encode(named, KEY)).node_name == "alpha"
+    assert (named.root_der, named.root_fingerprint, len(named.secret)) == (ROOT_DER, ROOT_FP, 32)
+    unnamed = _token.new_invitation(**made)  # type: ignore[arg-type]
+    assert unnamed.node_name == ""
+    assert unnamed.token_id != named.token_id and unnamed.secret != named.secret
+
+
 def test_a_token_from_a_node_that_did_not_send_its_name_still_reads() -> None:
     older = signed(body_of(b=None))
     assert _token.verify(older, KEY) == dataclasses.replace(INV, node_name="")
