@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from tessera.peering import join
@@ -340,15 +340,20 @@ rows_strategy = st.lists(
     st.tuples(st.sampled_from(WORKSPACES), st.sampled_from(KINDS), st.sampled_from(("", *TEAMS)),
               st.sampled_from(OWNERS)), max_size=8)
 grant_strategy = st.builds(
-    lambda kinds, excluded, workspaces, teams, subject, personal, cap: admin_pb2.Grant(
-        kinds=sorted(kinds), excluded_kinds=sorted(excluded), workspaces=workspaces,
-        teams=sorted(teams), subject_user=subject, include_personal=personal, row_cap=cap),
+    lambda kinds, credential, excluded, workspaces, teams, subject, personal, cap:
+    admin_pb2.Grant(
+        kinds=sorted(kinds | ({"credential"} if credential == 0 else set())),
+        excluded_kinds=sorted(excluded), workspaces=workspaces, teams=sorted(teams),
+        subject_user=subject, include_personal=personal, row_cap=cap),
     st.sets(st.sampled_from(KINDS[:3]), min_size=1),
+    # One grant in ten names a never-shareable kind: the node must refuse it.
+    st.integers(0, 9),
     st.sets(st.sampled_from(KINDS)),
     st.one_of(st.just(["*"]), st.lists(st.sampled_from(WORKSPACES), unique=True, max_size=3)),
     st.sets(st.sampled_from(TEAMS)),
     st.sampled_from(("", "ann")), st.booleans(), st.integers(0, 3),
 )
+KEY_ASC, UPDATED_DESC = query_pb2.LIST_ORDER_KEY_ASC, query_pb2.LIST_ORDER_UPDATE_TIME_DESC
 
 
 @dataclass
@@ -365,23 +370,45 @@ def served(node_factory: NodeFactory) -> Served:
     return Served(node_factory(name="b"))
 
 
-@settings(max_examples=15, deadline=None,
+def _own(n: int, workspace: str) -> str:
+    """Example n's own name for a workspace, so examples never share rows by accident."""
+    return workspace if workspace in ("", "*") else f"x{n}-{workspace}"
+
+
+# Grants naming several workspaces, with rows in a workspace they do not name: the case a
+# scope that drops the workspace filter gets wrong.
+_SPREAD = [("w1", "task", "", ""), ("w2", "task", "", ""), ("w3", "task", "", ""),
+           ("w3", "note", "t1", "")]
+
+
+@settings(max_examples=80, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.data())
+@example(rows=_SPREAD, grant=admin_pb2.Grant(kinds=["task"], workspaces=["w1", "w2"]),
+         page_size=2, order=KEY_ASC, kind_filter="", ws_filter="")
+@example(rows=_SPREAD, grant=admin_pb2.Grant(kinds=["note", "task"], workspaces=["w1", "w3"]),
+         page_size=1, order=UPDATED_DESC, kind_filter="task", ws_filter="")
+@example(rows=_SPREAD, grant=admin_pb2.Grant(kinds=["task"], workspaces=["w1", "w2"]),
+         page_size=3, order=KEY_ASC, kind_filter="", ws_filter="w3")
+@example(rows=_SPREAD, grant=admin_pb2.Grant(kinds=["note"], workspaces=["w2", "w3"],
+                                             teams=["t1"]),
+         page_size=4, order=KEY_ASC, kind_filter="", ws_filter="")
+@given(rows=rows_strategy, grant=grant_strategy, page_size=st.integers(1, 4),
+       order=st.sampled_from((KEY_ASC, UPDATED_DESC)),
+       kind_filter=st.one_of(st.just(""), st.sampled_from(KINDS)),
+       ws_filter=st.one_of(st.just(""), st.sampled_from(WORKSPACES)))
 def test_peer_list_answers_equal_the_reference_evaluator(
-    served: Served, tmp_path: Path, data: st.DataObject
+    served: Served, tmp_path: Path, rows: list[tuple[str, str, str, str]],
+    grant: admin_pb2.Grant, page_size: int, order: int, kind_filter: str, ws_filter: str,
 ) -> None:
     prop_node, mirror = served.node, served.mirror
     n = next(served.examples)
-    new_rows = [(ws, kind, f"e{n}-{i}", team, owner)
-                for i, (ws, kind, team, owner) in enumerate(data.draw(rows_strategy))]
-    grant = data.draw(grant_strategy)
+    new_rows = [(_own(n, ws), kind, f"e{n}-{i}", team, owner)
+                for i, (ws, kind, team, owner) in enumerate(rows)]
+    drawn, grant = grant, admin_pb2.Grant()
+    grant.CopyFrom(drawn)  # examples are reused across runs: never edit the drawn message
     grant.peer = f"prop{n}"
-    page_size = data.draw(st.integers(1, 4))
-    order = data.draw(st.sampled_from((query_pb2.LIST_ORDER_KEY_ASC,
-                                       query_pb2.LIST_ORDER_UPDATE_TIME_DESC)))
-    kind_filter = data.draw(st.one_of(st.just(""), st.sampled_from(KINDS)))
-    ws_filter = data.draw(st.one_of(st.just(""), st.sampled_from(WORKSPACES)))
+    grant.workspaces[:] = [_own(n, w) for w in drawn.workspaces]
+    ws_filter = _own(n, ws_filter)
 
     with Client(prop_node.address, prop_node.credentials("admin")) as admin, \
             Client(prop_node.address, prop_node.credentials("client")) as local:
@@ -389,7 +416,8 @@ def test_peer_list_answers_equal_the_reference_evaluator(
             local.command.Execute(put_request(ws, kind, rid, team=team, owner=owner))
         mirror.extend(new_rows)
         token = admin.admin.InvitePeer(admin_pb2.InvitePeerRequest(name=grant.peer)).token
-        if not grant.workspaces and not grant.teams:
+        # Naming a never-shareable kind is refused outright, even when also excluded.
+        if (not grant.workspaces and not grant.teams) or "credential" in grant.kinds:
             with pytest.raises(grpc.RpcError) as err:
                 admin.admin.CreateGrant(admin_pb2.CreateGrantRequest(grant=grant))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -426,7 +454,6 @@ def test_peer_list_answers_equal_the_reference_evaluator(
     assert len(got) == len(set(got)), "a row was served twice across pages"
     assert set(got) == expected
     event("answer compared" + (" (non-empty)" if expected else " (empty)"))
-
 
 
 def tessera_cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import grpc
 import psycopg
 import pytest
+from psycopg import sql
 
+from tessera.config import StoreConfig
+from tessera.store import SearchQuery, open_pool, search_statement
 from tessera_client.pb import command_pb2, query_pb2, resources_pb2
 from tests.fixtures.nodes import TEST_DIMENSION, NodeFactory, NodeProcess
 
@@ -70,6 +74,54 @@ async def test_knn_results_equal_exact_search_on_small_data(seeded: tuple) -> No
             scores = [h.score for h in resp.hits]
             assert scores == sorted(scores, reverse=True)
             assert all(-1.0001 <= s <= 1.0001 for s in scores)
+
+
+async def _plan_uses_hnsw(dsn: str, q: list[float], k: int) -> bool:
+    """Whether PostgreSQL serves the node's own search statement from the HNSW index, on a
+    connection set up exactly as the node's pool sets up its connections."""
+    query, params = search_statement(SearchQuery(embedding=q, k=k), metric="cosine")
+    pool = await open_pool(StoreConfig(embedding_dimension=TEST_DIMENSION), dsn)
+    try:
+        async with pool.connection() as conn:
+            cur = await conn.execute(sql.SQL("EXPLAIN ") + query, params)
+            plan = [str(next(iter(row.values()))) for row in await cur.fetchall()]
+    finally:
+        await pool.close()
+    return any("resources_embedding_idx" in line for line in plan)
+
+
+async def test_knn_through_the_hnsw_index_finds_the_exact_neighbours(
+    node_factory: NodeFactory,
+) -> None:
+    """On 120 rows PostgreSQL scans the table; on 3,000 (with the pool's ef_search) the
+    node's searches use the HNSW index, so this compares approximate with exact search
+    (recall), not a sequential scan with itself."""
+    node = node_factory()
+    dsn = node.env["TESSERA_STORE_DSN"]
+    rng = random.Random(11)
+    async with node.client() as c:
+        sem = asyncio.Semaphore(32)
+
+        async def put(i: int, emb: list[float]) -> None:
+            async with sem:
+                await c.command.Execute(command_pb2.ExecuteRequest(
+                    idempotency_key=f"knn-{i}",
+                    put_resource=command_pb2.PutResourceCommand(resource=resources_pb2.Resource(
+                        workspace="knn", kind="memory", id=f"k{i:04d}", embedding=emb))))
+
+        await asyncio.gather(*(put(i, _unit(rng)) for i in range(3000)))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("ANALYZE resources")
+        found = wanted = 0
+        for _ in range(10):
+            q = _unit(rng)
+            assert await _plan_uses_hnsw(dsn, q, 10)
+            resp = await c.query.SearchResources(query_pb2.SearchResourcesRequest(
+                embedding=q, k=10))
+            exact = set(_exact(dsn, q, 10))
+            found += len(exact & {h.resource.id for h in resp.hits})
+            wanted += len(exact)
+    assert found / wanted >= 0.95
 
 
 async def test_filtered_search_still_returns_k_rows(seeded: tuple) -> None:

@@ -24,7 +24,7 @@ from tessera.store._resources import (
     vector_literal,
     version_of_etag,
 )
-from tessera.store._search import Metric, SearchQuery, search
+from tessera.store._search import Metric, SearchQuery, search, search_statement
 
 __all__ = [
     "DONE_STATES",
@@ -53,6 +53,7 @@ __all__ = [
     "redact_dsn",
     "schema_version",
     "search",
+    "search_statement",
     "vector_literal",
     "version_of_etag",
 ]

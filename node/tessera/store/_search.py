@@ -109,10 +109,10 @@ def _text_hits(q: SearchQuery, where: sql.Composable, wparams: list[Any], limit:
     return query, [q.text, *wparams, limit]
 
 
-async def search(
-    pool: Pool, q: SearchQuery, *, metric: Metric, scope: Predicate | None = None
-) -> list[tuple[Resource, float]]:
-    """Best-first hits; filters and scope are applied inside the index scan."""
+def search_statement(
+    q: SearchQuery, *, metric: Metric, scope: Predicate | None = None
+) -> tuple[sql.Composable, list[Any]]:
+    """The one statement `search` runs for `q`, with its parameters."""
     where, wparams = _filters(q, scope)
     keys = sql.SQL("workspace, kind, id")
     cols = _COLUMNS if q.include_embeddings else _COLUMNS_NO_EMBEDDING
@@ -146,6 +146,14 @@ async def search(
             " ORDER BY fused.fscore DESC, fused.trank NULLS LAST, workspace, kind, id LIMIT %s"
         ).format(vq=vq, tq=tq, rrf=sql.Literal(RRF_K), cols=cols)
         params = [*vparams, *tparams, q.k]
+    return query, params
+
+
+async def search(
+    pool: Pool, q: SearchQuery, *, metric: Metric, scope: Predicate | None = None
+) -> list[tuple[Resource, float]]:
+    """Best-first hits; filters and scope are applied inside the index scan."""
+    query, params = search_statement(q, metric=metric, scope=scope)
     async with pool.connection() as conn:
         ef = ef_search_for(q.k)
         if q.embedding is None or ef == DEFAULT_EF_SEARCH:
