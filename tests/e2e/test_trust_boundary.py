@@ -318,11 +318,45 @@ async def test_unverified_enrolment_floods_are_refused_and_audited_in_aggregate(
     assert single == [("ALLOWED", "", {})], "the verified attempt has its own row"
 
 
+async def test_unverified_enrolment_over_ipv6_is_limited_per_network_not_per_connection(
+    node_factory: NodeFactory, peering: Peering
+) -> None:
+    # grpcio names an IPv6 peer 'ipv6:%5B::1%5D:port' (percent-encoded brackets): read
+    # literally, every new connection (new port) was a new source with a full bucket.
+    b = node_factory(name="b", env={
+        "TESSERA_NODE_ENROLL_LISTEN_ADDRESS": "[::1]:0",
+        "TESSERA_ENROLMENT_UNVERIFIED_PER_SOURCE_PER_S": "0.01",
+        "TESSERA_ENROLMENT_UNVERIFIED_PER_SOURCE_BURST": "3"})
+    inv = parse_token(await peering.invite(b, "genuine"))
+    assert inv.enroll_address.startswith("[::1]:"), inv.enroll_address
+    csr = csr_with_key(ec.generate_private_key(ec.SECP256R1()), inv.identity).decode()
+    codes: list[grpc.StatusCode] = []
+    for _ in range(8):  # a new connection for every attempt
+        async with grpc.aio.secure_channel(
+            inv.enroll_address, grpc.ssl_channel_credentials(inv.root_pem())
+        ) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await admin_pb2_grpc.AdminServiceStub(channel).EnrollPeer(
+                    admin_pb2.EnrollPeerRequest(token="nonsense", csr_pem=csr))
+            codes.append(err.value.code())
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED not in codes[:3], codes  # the burst
+    assert codes[3:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 5, codes
+    assert b.stop() == 0
+    with psycopg.connect(b.env["TESSERA_STORE_DSN"]) as conn:
+        sources = {r[0]["source"] for r in conn.execute(
+            "SELECT detail FROM audit_log WHERE reason = 'UNVERIFIED_ATTEMPTS'")}
+    assert sources == {"::/64"}, sources
+
+
 def test_flood_guard_counts_per_network_and_overall() -> None:
     assert source_of("ipv4:10.1.2.3:5555") == "10.1.2.3/32"
     assert source_of("ipv6:[2001:db8:1:2:aaaa::1]:443") == "2001:db8:1:2::/64"
     assert source_of("ipv6:[2001:db8:1:2:bbbb::9]:443") == "2001:db8:1:2::/64"
     assert source_of("ipv6:[::ffff:10.0.0.1]:1") == "10.0.0.1/32"
+    # As grpcio spells them: brackets percent-encoded, zone ids too.
+    assert source_of("ipv6:%5B2001:db8:1:2:aaaa::1%5D:443") == "2001:db8:1:2::/64"
+    assert source_of("ipv6:%5B::ffff:10.0.0.1%5D:1") == "10.0.0.1/32"
+    assert source_of("ipv6:%5Bfe80::1%25eth0%5D:1") == "fe80::/64"
     guard = FloodGuard(Rate(1.0, 2), Rate(10.0, 3))
     # The third is refused: per source, the burst is spent and 1 s refills one attempt.
     assert [guard.take("a", 0.0) for _ in range(3)] == [0.0, 0.0, pytest.approx(1.0)]

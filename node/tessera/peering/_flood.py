@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import urllib.parse
 from dataclasses import dataclass
 
 #: Most source buckets kept; beyond it, full (idle) buckets are dropped first.
@@ -19,9 +20,15 @@ MAX_SOURCES = 65_536
 
 def source_of(peer: str) -> str:
     """The source network of a gRPC peer string: 'ipv4:1.2.3.4:5' -> '1.2.3.4/32',
-    'ipv6:[2001:db8::1]:5' -> '2001:db8::/64'; anything else (unix sockets) as is."""
+    'ipv6:[2001:db8::1]:5' -> '2001:db8::/64'; anything else (unix sockets) as is.
+
+    grpcio percent-encodes the address ('ipv6:%5B::1%5D:5'): read literally, each
+    connection (each client port) would be a source of its own.
+    """
     kind, _, rest = peer.partition(":")
-    host = rest.rpartition(":")[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
+    host = ""
+    if kind in ("ipv4", "ipv6"):
+        host = urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
