@@ -365,6 +365,17 @@ def test_flood_guard_counts_per_network_and_overall() -> None:
     assert guard.take("a", 1.0) == 0.0  # refilled
 
 
+def test_flood_guard_with_a_full_table_limits_new_sources_together() -> None:
+    guard = FloodGuard(Rate(0.001, 2), Rate(1000.0, 1000), max_sources=4)
+    for source in "abcd":
+        assert [guard.take(source, 0.0) for _ in range(2)] == [0.0, 0.0]
+    # The table is full of spent buckets: sources beyond it share one bucket, so they
+    # get one burst between them, not one each.
+    assert [guard.take(f"new-{i}", 0.5) for i in range(5)][:2] == [0.0, 0.0]
+    assert all(guard.take(f"later-{i}", 0.6) > 0 for i in range(10))
+    assert len(guard) == 4
+
+
 # -- item 7: a grant's row budget bounds every page together, on every replica ------------
 
 def replica_of(node: NodeProcess, tmp_path: Path) -> NodeProcess:

@@ -63,6 +63,9 @@ class FloodGuard:
         self.max_sources = max_sources
         self._sources: dict[str, _Bucket] = {}
         self._all: _Bucket | None = None
+        #: Shared by the sources that find the table full.
+        self._overflow: _Bucket | None = None
+        self._evicted_at = -math.inf
 
     @staticmethod
     def _level(b: _Bucket, rate: Rate, now: float) -> float:
@@ -76,11 +79,17 @@ class FloodGuard:
         """Count one attempt from `source`: 0.0 if allowed, else seconds until it would be."""
         mine = self._sources.get(source)
         if mine is None:
-            if len(self._sources) >= self.max_sources:
+            if len(self._sources) >= self.max_sources and now - self._evicted_at >= 1.0:
+                self._evicted_at = now  # a full scan at most once a second
                 self._evict(now)
-            mine = _Bucket(float(self.per_source.burst), now)
             if len(self._sources) < self.max_sources:
-                self._sources[source] = mine
+                mine = self._sources[source] = _Bucket(float(self.per_source.burst), now)
+            else:
+                # No room: every new source shares one bucket. A fresh bucket each time
+                # (unkept) gave a full burst per attempt once the table was full.
+                if self._overflow is None:
+                    self._overflow = _Bucket(float(self.per_source.burst), now)
+                mine = self._overflow
         if self._all is None:
             self._all = _Bucket(float(self.overall.burst), now)
         own = self._level(mine, self.per_source, now)
