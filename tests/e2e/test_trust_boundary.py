@@ -78,6 +78,58 @@ async def test_enrolment_refuses_a_csr_whose_key_is_not_p256(
     assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
 
 
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    size = bytes([n]) if n < 128 else \
+        bytes([0x80 | (n.bit_length() + 7) // 8]) + n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + size + body
+
+
+def edited_csr(uri: str, old: bytes, new: bytes, *, extra: bool = False) -> str:
+    """A P-256 CSR for `uri` whose signed part has `old` replaced by `new`, re-signed so
+    that it is well formed apart from the edit (`extra` adds a second extension to edit)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)])
+    builder = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+               .add_extension(san, critical=True))
+    if extra:
+        builder = builder.add_extension(x509.UnrecognizedExtension(
+            x509.ObjectIdentifier("2.5.29.99"), san.public_bytes()), critical=False)
+    tbs = builder.sign(key, hashes.SHA256()).tbs_certrequest_bytes
+    assert tbs.count(old) == 1
+    tbs = tbs.replace(old, new)
+    ecdsa_sha256 = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d040302")))
+    signature = _der(0x03, b"\0" + key.sign(tbs, ec.ECDSA(hashes.SHA256())))
+    return x509.load_der_x509_csr(_der(0x30, tbs + ecdsa_sha256 + signature)) \
+        .public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def test_enrolment_answers_invalid_argument_for_csrs_the_parser_cannot_read(
+    node_factory: NodeFactory, peering: Peering
+) -> None:
+    b = node_factory(name="b")
+    token = await peering.invite(b, "odd")
+    inv = parse_token(token)
+    csrs = {
+        # The key on the SM2 curve (its OID in place of prime256v1's, same length).
+        "unsupported curve": edited_csr(inv.identity, bytes.fromhex("06082a8648ce3d030107"),
+                                        bytes.fromhex("06082a811ccf5501822d")),
+        # Two subject alternative name extensions (the second's OID turned into SAN's).
+        "duplicate extension": edited_csr(inv.identity, bytes.fromhex("0603551d63"),
+                                          bytes.fromhex("0603551d11"), extra=True),
+    }
+    async with grpc.aio.secure_channel(
+        inv.enroll_address, grpc.ssl_channel_credentials(inv.root_pem())
+    ) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        for what, csr in csrs.items():
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.EnrollPeer(admin_pb2.EnrollPeerRequest(token=token, csr_pem=csr))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, info.value)
+            assert bad_fields(info.value) == ["csr_pem"], what
+    await peering.join_dir(token)  # the token was not spent
+
+
 # -- item 1: `peers join` never silently replaces a recorded peer --------------------------
 
 def join_cli(token: str, joiner: NodeProcess, *extra: str) -> subprocess.CompletedProcess[str]:

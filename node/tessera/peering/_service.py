@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from tessera.core.errors import (
@@ -212,16 +213,19 @@ def check_csr(csr_pem: bytes, identity: SpiffeId, *,
 
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError:
-        raise bad("is not a PEM certificate signing request") from None
-    key_type = key_type_of(csr.public_key())
+        # Parsed lazily: a curve the library lacks or a repeated extension raises here.
+        public_key, extensions = csr.public_key(), csr.extensions
+    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
+        raise bad(f"is not a certificate signing request this node can read "
+                  f"({type(exc).__name__})") from None
+    key_type = key_type_of(public_key)
     if key_type not in key_types:
         allowed = "P-256 or Ed25519" if KEY_ED25519 in key_types else "P-256"
         raise bad(f"key must be {allowed}, not {key_type}")
     if not csr.is_signature_valid:
         raise bad("signature does not verify")
     try:
-        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise bad(f"must carry the URI SAN {identity.uri}") from None
     names: list[Any] = list(san)
@@ -232,6 +236,6 @@ def check_csr(csr_pem: bytes, identity: SpiffeId, *,
         # A CN is what TLS clients fall back to when matching a host name: a peer choosing
         # CN=localhost could pose as this node's server to clients that dial "localhost".
         raise bad("subject must be empty; the identity is carried by the URI SAN alone")
-    if len(csr.extensions) != 1:
+    if len(extensions) != 1:
         raise bad("may carry no extension other than the subject alternative name")
 
