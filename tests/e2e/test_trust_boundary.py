@@ -500,6 +500,33 @@ async def test_a_grants_row_budget_is_shared_by_replicas_and_refuses_with_retry_
         b2.stop()
 
 
+async def test_a_refused_page_token_does_not_spend_the_row_budget(
+    node_factory: NodeFactory, peering: Peering
+) -> None:
+    b = node_factory(name="b")
+    async with b.client() as local:
+        for i in range(10):
+            await local.command.Execute(put_request("acme", "task", f"t{i:02d}"))
+    token = await peering.invite(b, "reader")
+    created = tessera_cli(b, "grants", "create", "--peer", "reader", "--kinds", "task",
+                          "--workspaces", "acme", "--row-cap", "5", "--row-budget", "10",
+                          "--row-budget-window-s", "3600")
+    assert created.returncode == 0, created.stderr
+    outbound = await peering.join_dir(token)
+    async with outbound.client() as peer:
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await peer.query.ListResources(query_pb2.ListResourcesRequest(
+                    page_size=100, page_token="not-a-page-token"))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert bad_fields(info.value) == ["page_token"]
+        # Nothing was served, so the whole budget is still there.
+        first = await peer.query.ListResources(query_pb2.ListResourcesRequest(page_size=100))
+        second = await peer.query.ListResources(query_pb2.ListResourcesRequest(
+            page_size=100, page_token=first.next_page_token))
+    assert (len(first.resources), len(second.resources)) == (5, 5)
+
+
 async def test_row_budget_reservations_never_overshoot_under_concurrency(
     valkey_url: str,
 ) -> None:

@@ -166,14 +166,9 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         }
         qhash = query_hash(normalised)
         caller = current_caller().uri
-        reservation = None
         if scope is not None:
             page_size = scope.page_size(page_size)
             caller = scope.page_token_subject(caller)
-            # The row cap bounds a page, the budget every page in its window together.
-            reservation = await self._reserve(page_size)
-            if reservation is not None:
-                page_size = reservation.granted
         after: list[Any] | None = None
         if request.HasField("start_after"):
             sa = request.start_after
@@ -183,6 +178,11 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 after = self.rt.tokens.decode(request.page_token, query=qhash, caller=caller)
             except PageTokenError as exc:
                 raise InvalidArgument([FieldViolation("page_token", str(exc))]) from None
+        # The row cap bounds a page, the budget every page in its window together; reserved
+        # only once the request is known good, so a refused one spends nothing.
+        reservation = await self._reserve(page_size) if scope is not None else None
+        if reservation is not None:
+            page_size = reservation.granted
         rows: list[Any] = []
         try:
             rows = await self.rt.store.list(ListQuery(
