@@ -27,7 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera import config
-from tessera.core.errors import InvalidArgument, ResourceExhausted
+from tessera.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from tessera.peering import FloodGuard, Rate, check_csr, load_outbound, source_of
 from tessera.peering._service import issuer_key_types
 from tessera.peering._token import parse as parse_token
@@ -280,6 +280,39 @@ async def test_idle_connections_before_the_handshake_are_capped_and_closed(
     # Real clients are served as before.
     async with node.client() as c:
         await c.query.Describe(query_pb2.DescribeRequest())
+
+
+async def test_idle_enrolment_connections_cannot_hold_the_listener_shut(
+    node_factory: NodeFactory, peering: Peering
+) -> None:
+    # Connections that finished the handshake and made one call hold a slot of the
+    # enrolment listener's cap; without an idle bound they held it for good.
+    b = node_factory(name="b", env={"TESSERA_GRPC_ENROLL_MAX_CONNECTIONS": "3"})
+    token = await peering.invite(b, "patient")
+    inv = parse_token(token)
+    held = [grpc.aio.secure_channel(inv.enroll_address,
+                                    grpc.ssl_channel_credentials(inv.root_pem()))
+            for _ in range(3)]
+    try:
+        for channel in held:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await admin_pb2_grpc.AdminServiceStub(channel).EnrollPeer(
+                    admin_pb2.EnrollPeerRequest(token="nonsense", csr_pem="x"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        refused = 0
+        while True:  # bounded by the deadline
+            try:
+                await peering.join_dir(token)
+                break
+            except Unavailable:
+                refused += 1
+                assert loop.time() < deadline, "the idle connections kept the listener full"
+                await asyncio.sleep(0.5)
+        assert refused, "the cap was full while the idle connections were open"
+    finally:
+        for channel in held:
+            await channel.close()
 
 
 async def test_default_limits_hold_over_a_thousand_long_lived_streams(

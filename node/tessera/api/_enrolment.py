@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 
 #: A CSR is well under this; anything bigger is refused before parsing.
 MAX_REQUEST_BYTES = 64 << 10
+#: A joiner makes one call, then hangs up. Connections that stay (idle, or kept busy with
+#: refused calls) are closed, so they cannot hold the connection cap shut for good.
+IDLE_CLOSE_MS = 5_000
+MAX_AGE_MS = 60_000
+#: Time a call in flight gets once its connection has reached MAX_AGE_MS (the joiner's
+#: own deadline).
+MAX_AGE_GRACE_MS = 30_000
 
 
 def enrolled_to_pb(e: Enrolled, node: resources_pb2.Identity) -> admin_pb2.EnrollPeerResponse:
@@ -233,7 +240,10 @@ async def start_enroll_listener(
     server = grpc.aio.server(
         interceptors=[CallPath(node.trust_domain, auditor=auditor, identified=False)],
         options=[("grpc.so_reuseport", 0),
-                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES), *options],
+                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                 ("grpc.max_connection_idle_ms", IDLE_CLOSE_MS),
+                 ("grpc.max_connection_age_ms", MAX_AGE_MS),
+                 ("grpc.max_connection_age_grace_ms", MAX_AGE_GRACE_MS), *options],
     )
     servicer = _EnrollOnly(peering, node, guard)  # type: ignore[abstract]  # the rest: UNIMPLEMENTED
     admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, server)
