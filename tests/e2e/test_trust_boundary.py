@@ -27,7 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera import config
-from tessera.core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from tessera.core.errors import ConfigError, InvalidArgument, ResourceExhausted, Unavailable
 from tessera.peering import FloodGuard, Rate, check_csr, load_outbound, source_of
 from tessera.peering._service import issuer_key_types
 from tessera.peering._token import parse as parse_token
@@ -448,6 +448,13 @@ def test_flood_guard_counts_per_network_and_overall() -> None:
     assert guard.take("b", 0.0) == 0.0  # another network has its own bucket...
     assert guard.take("c", 0.0) == pytest.approx(0.1)  # ...but not past the overall one
     assert guard.take("a", 1.0) == 0.0  # refilled
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "-1"])
+def test_enrolment_rates_must_be_positive_numbers(value: str) -> None:
+    # A NaN rate made every bucket read as full: the flood limit was silently off.
+    with pytest.raises(ConfigError, match=r"enrolment\.unverified_per_s"):
+        config.load(environ={"TESSERA_ENROLMENT_UNVERIFIED_PER_S": value})
 
 
 def test_flood_guard_with_a_full_table_limits_new_sources_together() -> None:

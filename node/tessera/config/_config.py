@@ -479,7 +479,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("audit.batch_delay_ms: must be between 0 and 100")
     for section, values in (("grpc", cfg.grpc), ("enrolment", cfg.enrolment)):
         for setting, value in dataclasses.asdict(values).items():
-            if value <= 0:
+            if not value > 0:  # NaN passed `value <= 0`, and a NaN rate is no limit at all
                 raise ConfigError(f"{section}.{setting}: must be positive")
     o = cfg.operations
     if o.lease_ttl_s < 1 or o.sweep_interval_s <= 0 or o.claim_grace_s < 0 \
