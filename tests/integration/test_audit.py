@@ -274,6 +274,23 @@ async def test_an_edited_row_makes_verify_fail_naming_it(node: NodeProcess) -> N
     assert res.returncode == 1 and "record 3" in res.stderr
 
 
+async def test_a_rows_detail_set_to_another_empty_json_value_is_caught(
+    node: NodeProcess,
+) -> None:
+    # `detail or {}` read null, [], false, 0 and "" as "no detail": set on any row, they
+    # verified unchanged (and a list of pairs hashed like the object it makes).
+    await _some_calls(node, 5)
+    for value in ["null", "[]", "false", '""', "0"]:
+        sql(node, "UPDATE audit_log SET detail = %s::jsonb WHERE sequence = 3", (value,))
+        result = await verify_audit(node)
+        assert not result.ok and result.first_bad_sequence == 3, (value, result)
+        sql(node, "UPDATE audit_log SET detail = '{}'::jsonb WHERE sequence = 3")
+        assert (await verify_audit(node)).ok
+    sql(node, "UPDATE audit_log SET detail = '[1]'::jsonb WHERE sequence = 3")
+    # Listing still works; the tampered rows simply show no detail.
+    assert len(await records(node)) >= 5
+
+
 async def test_a_deleted_row_makes_verify_fail_naming_it(node: NodeProcess) -> None:
     await _some_calls(node, 5)
     sql(node, "DELETE FROM audit_log WHERE sequence = 2")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import grpc
 
 from tessera import audit
@@ -33,7 +35,9 @@ def record_to_pb(row: audit.AuditRow) -> admin_pb2.AuditRecord:
         outcome=_OUTCOME_PB.get(e.outcome, admin_pb2.AUDIT_OUTCOME_UNSPECIFIED),
         status_code=e.status_code, bytes_out=e.bytes_out, latency_us=e.latency_us,
         trace_id=e.trace_id, reason=e.reason, hash=row.hash.hex(),
-        detail=dict_to_struct(dict(e.detail)) if e.detail else None,
+        # A tampered row's detail may be any JSON value; verification names that row.
+        detail=dict_to_struct(dict(e.detail)) if isinstance(e.detail, Mapping) and e.detail
+        else None,
     )
 
 

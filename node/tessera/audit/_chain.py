@@ -128,8 +128,13 @@ def payload(e: AuditEntry) -> bytes:
     fields: list[Any] = [micros(e.time), e.identity, e.peer, e.grant, e.service, e.method,
                          e.kind, e.query_hash, e.outcome, e.status_code, e.bytes_out,
                          e.latency_us, e.trace_id, e.reason]
-    if e.detail:
-        fields.append(dict(e.detail))
+    detail: Any = e.detail  # as stored: a tampered row may hold any JSON value here
+    if not isinstance(detail, Mapping):
+        # Hashed as it is: a detail set to null, [] or a list of pairs must not hash like
+        # an empty or equal object (the row would verify unchanged).
+        fields.append(detail)
+    elif detail:
+        fields.append(dict(detail))
     return json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -297,5 +302,5 @@ def entry_from_row(row: Mapping[str, Any]) -> AuditEntry:
         query_hash=row["query_hash"], outcome=row["outcome"],
         status_code=row["status_code"], bytes_out=int(row["bytes_out"]),
         latency_us=int(row["latency_us"]), trace_id=row["trace_id"], reason=row["reason"],
-        detail=row.get("detail") or {},
+        detail=row.get("detail", {}),
     )
