@@ -403,6 +403,40 @@ async def test_unverified_enrolment_floods_are_refused_and_audited_in_aggregate(
     assert single == [("ALLOWED", "", {})], "the verified attempt has its own row"
 
 
+async def test_replaying_a_spent_token_is_limited_and_counted_like_a_forged_one(
+    node_factory: NodeFactory, peering: Peering
+) -> None:
+    # A spent (or expired) token still carries this node's MAC: each replay skipped the
+    # flood limit and cost a database lookup and a durable audit row of its own.
+    b = node_factory(name="b", env={
+        "TESSERA_ENROLMENT_UNVERIFIED_PER_SOURCE_PER_S": "0.01",
+        "TESSERA_ENROLMENT_UNVERIFIED_PER_SOURCE_BURST": "3"})
+    token = await peering.invite(b, "once")
+    await peering.join_dir(token)
+    inv = parse_token(token)
+    csr = csr_with_key(ec.generate_private_key(ec.SECP256R1()), inv.identity).decode()
+    codes: list[grpc.StatusCode] = []
+    async with grpc.aio.secure_channel(
+        inv.enroll_address, grpc.ssl_channel_credentials(inv.root_pem())
+    ) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        for _ in range(20):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.EnrollPeer(admin_pb2.EnrollPeerRequest(token=token, csr_pem=csr))
+            codes.append(err.value.code())
+    # The first replay is refused for what it is; then the burst; then the limit.
+    assert codes[0] == grpc.StatusCode.PERMISSION_DENIED, codes
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 20 - 1 - 3, codes
+    # A fresh token from the same source is not held back by that.
+    await peering.join_dir(await peering.invite(b, "twice"))
+    assert b.stop() == 0
+    with psycopg.connect(b.env["TESSERA_STORE_DSN"]) as conn:
+        rows = conn.execute("SELECT reason, detail FROM audit_log WHERE method = 'EnrollPeer'"
+                            " ORDER BY sequence").fetchall()
+    assert [r[0] for r in rows if r[0] != "UNVERIFIED_ATTEMPTS"] == ["", "TOKEN_USED", ""]
+    assert sum(r[1]["count"] for r in rows if r[0] == "UNVERIFIED_ATTEMPTS") == 19
+
+
 async def test_unverified_enrolment_over_ipv6_is_limited_per_network_not_per_connection(
     node_factory: NodeFactory, peering: Peering
 ) -> None:

@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import contextvars
 import datetime as dt
+import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -175,18 +177,28 @@ class EnrolmentAuditor:
         )
 
 
+#: Refusals that hold for good: a token refused so once (spent, expired, not the secret
+#: issued) is then handled like a forged one, limited and counted; replaying it skipped
+#: the limit, each attempt a database lookup and a durable audit row.
+FINAL_REFUSALS = frozenset({"TOKEN_USED", "TOKEN_EXPIRED", "TOKEN_INVALID"})
+#: Most such tokens remembered (their SHA-256), oldest forgotten first.
+MAX_REFUSED_TOKENS = 4096
+
+
 class _EnrollOnly(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, peering: Peering, node: resources_pb2.Identity,
                  guard: FloodGuard) -> None:
         self.peering = peering
         self.node = node
         self.guard = guard
+        self.refused: OrderedDict[bytes, None] = OrderedDict()
 
     async def EnrollPeer(
         self, request: admin_pb2.EnrollPeerRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.EnrollPeerResponse:
         # The call path around this listener maps errors and audits every attempt.
-        if not self.peering.token_verifies(request.token):
+        token_key = hashlib.sha256(request.token.encode()).digest()
+        if token_key in self.refused or not self.peering.token_verifies(request.token):
             source = source_of(context.peer())
             _UNVERIFIED.set(source)
             wait = self.guard.take(source, time.monotonic())
@@ -199,6 +211,10 @@ class _EnrollOnly(admin_pb2_grpc.AdminServiceServicer):
         except TesseraError as exc:
             if _UNVERIFIED.get() is None:  # the rest are counted, not logged one by one
                 log.info("enrolment refused: %s (%s)", exc.reason, context.peer())
+                if exc.reason in FINAL_REFUSALS:
+                    self.refused[token_key] = None
+                    if len(self.refused) > MAX_REFUSED_TOKENS:
+                        self.refused.popitem(last=False)
             raise
 
 
