@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from tessera.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
@@ -188,10 +189,16 @@ async def join(token: str, data_dir: Path, *, callback_address: str = "",
 
 def _check_issued(chain_pem: bytes, key_pem: bytes, uri: str) -> None:
     """The signed certificate is for our key and our identity, or we keep nothing."""
-    leaf = x509.load_pem_x509_certificates(chain_pem)[0]
     key = serialization.load_pem_private_key(key_pem, password=None)
-    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    if leaf.public_key() != key.public_key() or \
-            san.get_values_for_type(x509.UniformResourceIdentifier) != [uri]:
+    try:
+        # The other node chose these bytes: an empty or unreadable chain is a refusal too.
+        leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        same_key = leaf.public_key() == key.public_key()
+    except (ValueError, IndexError, x509.ExtensionNotFound, x509.DuplicateExtension,
+            UnsupportedAlgorithm):
+        same_key, uris = False, []
+    if not same_key or uris != [uri]:
         raise FailedPrecondition("the peer returned a certificate for another key or identity",
                                  reason="ENROLMENT_MISMATCH")
