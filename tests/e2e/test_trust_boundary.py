@@ -225,6 +225,46 @@ async def test_certs_revoke_is_refused_on_the_next_call_once_the_command_returns
         await admin.query.Describe(query_pb2.DescribeRequest())  # others are unaffected
 
 
+async def test_certs_revoke_counts_only_the_replicas_it_counted_as_confirming(
+    node_factory: NodeFactory,
+) -> None:
+    # Two replicas listen; one is stuck (its LISTEN connection is open, it never applies
+    # anything). A third starts meanwhile and confirms. Its confirmation used to stand in
+    # for the stuck one's: "every replica (2 of 2)" while one still accepted the serial.
+    node = node_factory(name="b")
+    dsn = node.env["TESSERA_STORE_DSN"]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as probe:
+        while True:  # bounded: the node's listener connects at start
+            cur = await probe.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                ("tessera-revocations",))
+            if (await cur.fetchone() or (0,))[0] >= 1:
+                break
+            assert loop.time() < deadline, "the node never listened for revocations"
+            await asyncio.sleep(0.1)
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, application_name="tessera-revocations"
+    ) as stuck, await psycopg.AsyncConnection.connect(dsn, autocommit=True) as late, \
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True) as acks:
+        await stuck.execute("LISTEN tessera_revocations")
+        await late.execute("LISTEN tessera_revocations")
+
+        async def confirm_late() -> None:
+            async for note in late.notifies(timeout=30, stop_after=1):
+                await acks.execute("SELECT pg_notify('tessera_revocations_applied', %s)",
+                                   (f"{note.payload} late-replica",))
+
+        late_task = asyncio.create_task(confirm_late())
+        victim = x509.load_pem_x509_certificate((node.pki / "client.crt").read_bytes())
+        done = await asyncio.to_thread(revoke_cli, node, victim.serial_number)
+        await late_task
+    assert done.returncode == 0, done.stderr
+    assert "refused by every replica" not in done.stdout, done.stdout
+    assert "confirmed by 1 of 2" in done.stderr, done.stdout + done.stderr
+
+
 # -- item 5: connections before the TLS handshake are bounded in time and number ----------
 
 def open_idle(address: str, n: int) -> list[socket.socket]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +36,8 @@ log = logging.getLogger(__name__)
 
 #: NOTIFY channel; the payload is one serial in lowercase hex.
 CHANNEL = "tessera_revocations"
-#: Acknowledgements: payload "<serial hex> <listener id>", sent once the serial is denied.
+#: Acknowledgements: payload "<serial hex> <backend pid of the LISTEN connection>", sent
+#: once the serial is denied; the revoker counts only the connections it saw listening.
 ACK_CHANNEL = "tessera_revocations_applied"
 #: application_name of the LISTEN connections, so a revoker can count the replicas.
 LISTENER_APP = "tessera-revocations"
@@ -95,22 +95,23 @@ async def record_revocation_at(dsn: str, serial: int, reason: str, *,
             dsn, autocommit=True, connect_timeout=max(1, int(timeout_s))) as conn:
         await conn.execute(f"LISTEN {ACK_CHANNEL}")
         cur = await conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
             " AND datname = current_database()", (LISTENER_APP,))
-        row = await cur.fetchone()
-        listeners = int(row[0]) if row else 0
+        # Only these may confirm: a replica started meanwhile must not stand in for one
+        # counted here that never applies the serial.
+        counted = {str(row[0]) for row in await cur.fetchall()}
         added = await record_revocations(conn, [serial], reason)
         if not added:  # already in the table: announce it again so the replicas confirm
             await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, _hex(serial)))
         acked: set[str] = set()
-        if listeners:
+        if counted:
             async for note in conn.notifies(timeout=ack_wait_s):
                 who = note.payload.partition(" ")
-                if who[0] == _hex(serial):
+                if who[0] == _hex(serial) and who[2] in counted:
                     acked.add(who[2])
-                    if len(acked) >= listeners:
+                    if acked >= counted:
                         break
-        return Delivery(listeners, len(acked))
+        return Delivery(len(counted), len(acked))
 
 
 async def load_revocations(conn: psycopg.AsyncConnection[Any]) -> frozenset[int]:
@@ -143,8 +144,6 @@ class SharedRevocations:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Serials announced while a full load runs; the load's snapshot may predate them.
         self._announced: set[int] = set()
-        #: Names this listener in acknowledgements.
-        self.listener_id = uuid.uuid4().hex[:12]
         self._acks: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
@@ -184,11 +183,11 @@ class SharedRevocations:
                 log.warning("revoked_certificates not refreshed (%s); the serials loaded "
                             "before stay denied", type(exc).__name__)
 
-    async def _ack(self, serial_hex: str) -> None:
+    async def _ack(self, serial_hex: str, listener_pid: int) -> None:
         try:
             async with self.pool.connection() as conn:
                 await conn.execute("SELECT pg_notify(%s, %s)",
-                                   (ACK_CHANNEL, f"{serial_hex} {self.listener_id}"))
+                                   (ACK_CHANNEL, f"{serial_hex} {listener_pid}"))
         except (psycopg.Error, OSError) as exc:
             log.warning("could not acknowledge revoked serial %s (%s)", serial_hex,
                         type(exc).__name__)
@@ -200,6 +199,7 @@ class SharedRevocations:
                 async with await psycopg.AsyncConnection.connect(
                         self.dsn, autocommit=True, application_name=LISTENER_APP) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    pid = conn.info.backend_pid  # names this listener to the revoker
                     backoff = 1.0
                     # Notifications sent while we were not listening are lost: reload.
                     self._wake.set()
@@ -213,7 +213,7 @@ class SharedRevocations:
                         self.deny.add_shared([serial])
                         # Denied from here on: tell the revoker (over the pool, since
                         # this connection is busy listening).
-                        task = asyncio.create_task(self._ack(note.payload))
+                        task = asyncio.create_task(self._ack(note.payload, pid))
                         self._acks.add(task)
                         task.add_done_callback(self._acks.discard)
             except (psycopg.Error, OSError) as exc:
