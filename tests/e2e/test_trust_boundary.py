@@ -443,6 +443,29 @@ async def test_unverified_enrolment_floods_are_refused_and_audited_in_aggregate(
     assert single == [("ALLOWED", "", {})], "the verified attempt has its own row"
 
 
+async def test_other_methods_on_the_enrolment_listener_cost_no_audit_row(
+    node_factory: NodeFactory, peering: Peering
+) -> None:
+    # Anyone can call the enrolment listener. Its other AdminService methods answered
+    # UNIMPLEMENTED from the generated base class, inside the call path: one durable audit
+    # row each, past the flood limit that only EnrollPeer consulted.
+    b = node_factory(name="b")
+    inv = parse_token(await peering.invite(b, "nosy"))
+    async with grpc.aio.secure_channel(
+        inv.enroll_address, grpc.ssl_channel_credentials(inv.root_pem())
+    ) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        for _ in range(30):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ListPeers(admin_pb2.ListPeersRequest())
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert b.stop() == 0
+    with psycopg.connect(b.env["TESSERA_STORE_DSN"]) as conn:
+        ((rows,),) = conn.execute(
+            "SELECT count(*) FROM audit_log WHERE method = 'ListPeers'").fetchall()
+    assert rows == 0
+
+
 async def test_replaying_a_spent_token_is_limited_and_counted_like_a_forged_one(
     node_factory: NodeFactory, peering: Peering
 ) -> None:
