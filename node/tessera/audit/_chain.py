@@ -302,5 +302,7 @@ def entry_from_row(row: Mapping[str, Any]) -> AuditEntry:
         query_hash=row["query_hash"], outcome=row["outcome"],
         status_code=row["status_code"], bytes_out=int(row["bytes_out"]),
         latency_us=int(row["latency_us"]), trace_id=row["trace_id"], reason=row["reason"],
-        detail=row.get("detail", {}),
+        # NULL (or no column) is a row from before details; any other value is hashed as
+        # stored, so [], false or a list of pairs written over `{}` do not verify.
+        detail={} if row.get("detail") is None else row["detail"],
     )
