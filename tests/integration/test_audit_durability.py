@@ -65,9 +65,20 @@ def kill_postgres(pgdata: Path) -> None:
             pass
 
 
+def _gone(pid: int) -> bool:
+    """Exited, or a zombie (the server may be this process's own child, not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def _wait_gone(pid: int) -> None:
     for _ in range(600):
-        if not Path(f"/proc/{pid}").exists():
+        if _gone(pid):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
             return
         time.sleep(0.05)
     pytest.fail(f"process {pid} did not exit")
