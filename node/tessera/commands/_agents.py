@@ -91,14 +91,18 @@ class AgentSpec:
     validator: Any = field(default=None, compare=False)
 
     def argv(self, values: Mapping[str, Any]) -> list[str]:
-        """The exact argv: executable, fixed arguments, `--`, then declared values."""
-        placed = [_text(values[p]) for p in self.params if p in values]
+        """The exact argv: executable, fixed arguments, `--`, then one argument per
+        declared param, in order; an absent value is an empty argument at its position."""
+        placed = [_text(values[p]) if p in values else "" for p in self.params]
         return [self.executable, *self.args, "--", *placed]
 
 
 def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        # JSON (and protobuf Struct) numbers arrive as floats: 3.0 is the integer 3.
+        return str(int(value))
     return str(value)
 
 
