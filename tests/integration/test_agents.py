@@ -266,6 +266,24 @@ async def test_an_agent_runs_as_the_agent_user_without_the_nodes_keys_or_environ
     assert rows == [("spawn", caller, "", "probe", "AGENT_SPAWNED"),
                     ("end", caller, "", "probe", "AGENT_EXITED")]
 
+    # The same through the command line, as docs/commands.md shows it.
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tessera.cli", "agents", *args,
+                               "--data-dir", str(node.data_dir)], env=node.env, text=True,
+                              capture_output=True, timeout=DEADLINE_S, check=False)
+
+    listed = cli("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [a["name"] for a in json.loads(listed.stdout)["agents"]] == ["chatty", "probe"]
+    watched = cli("spawn", "probe", "--arg", "name=cli", "--arg", "lines=1", "--watch")
+    assert watched.returncode == 0, watched.stderr
+    assert "hello cli\n" in watched.stdout and "line 0 of 1" in watched.stdout
+    name = watched.stderr.strip().splitlines()[0]
+    status = cli("status", name)
+    assert status.returncode == 0 and '"OPERATION_STATE_SUCCEEDED"' in status.stdout
+    refused = cli("spawn", "probe", "--arg", "name=NOT-LOWER")
+    assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
+
 
 async def test_output_beyond_the_limit_is_dropped_and_counted(
         agent_node: Callable[..., NodeProcess]) -> None:
