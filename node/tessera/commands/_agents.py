@@ -481,10 +481,16 @@ class Agents:
             await ctx.output(tail)
 
     async def _terminate(self, live: _Live) -> None:
-        """SIGTERM the group; SIGKILL it after the grace period."""
+        """SIGTERM the group; after the grace, the wrapper kills everything it holds
+        (SIGUSR1); SIGKILL to the group is the backstop."""
         kill_group(live.pgid, live.started, signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(live.proc.wait(), self.cfg.kill_grace_s)
+            await asyncio.wait_for(asyncio.shield(live.proc.wait()), self.cfg.kill_grace_s)
+        if live.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                live.proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(live.proc.wait()), 2.0)
         kill_group(live.pgid, live.started, signal.SIGKILL)
 
     async def cancel(self, ctx: CommandContext) -> None:

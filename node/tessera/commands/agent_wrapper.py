@@ -9,9 +9,11 @@ settings are none of the agent's business). In this process, before the agent ru
 2. drop to the agent user: setgroups([]), setgid, setuid — refused if that user is root;
 3. PR_SET_PDEATHSIG (after the uid change, which would clear it): when the node dies the
    kernel signals this wrapper, which SIGKILLs its whole process group;
-4. fork the agent (execv of the absolute executable, no shell), wait for it, then SIGKILL
-   whatever the agent left in the group, and exit with the agent's status
-   (128 + signal when it was killed).
+4. become a child subreaper, fork the agent (execv of the absolute executable, no shell),
+   wait for it, then SIGKILL whatever the agent left in the group or reparented here
+   (setsid and double forks included), and exit with the agent's status (128 + signal
+   when it was killed). SIGUSR1 (the node's "give up" and the parent-death signal) does
+   the same kill at once.
 
 Exit codes of the wrapper itself: 126 = it could not confine itself or exec the agent
 (one line on stderr says why).
@@ -27,6 +29,7 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 WRAPPER_FAILED = 126
 
 
@@ -48,11 +51,30 @@ def group_members(pgid: int) -> list[int]:
     return found
 
 
+def children_of(ppid: int) -> list[int]:
+    """Pids whose parent is `ppid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 1 and int(fields[1]) == ppid:
+            found.append(int(entry))
+    return found
+
+
 def kill_group_except_me() -> None:
-    """SIGKILL every other member of this process group, until none is left."""
+    """SIGKILL every other member of this process group, and every process that left
+    the group but was reparented to this wrapper (a subreaper), until none is left."""
     pgid = os.getpgid(0)
+    me = os.getpid()
     for _ in range(100):
-        members = group_members(pgid)
+        members = sorted(set(group_members(pgid)) | set(children_of(me)))
         if not members:
             return
         for pid in members:
@@ -93,6 +115,10 @@ def confine(spec: dict[str, object]) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0) != 0:
         _fail("prctl(PR_SET_PDEATHSIG) failed")
+    # Descendants that leave the group (setsid, double fork) are reparented here, not
+    # to init, so the wrapper still finds and kills them.
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        _fail("prctl(PR_SET_CHILD_SUBREAPER) failed")
     # The node may have died before the signal was armed.
     if os.getppid() != int(str(spec["parent"])):
         os._exit(WRAPPER_FAILED)
@@ -110,7 +136,9 @@ def main() -> None:
         _fail(f"{type(exc).__name__}: {exc}")
 
     def node_died(signum: int, frame: object) -> None:
-        os.killpg(0, signal.SIGKILL)  # the whole group, this wrapper too
+        # The node died (parent-death signal) or gave up waiting (kill after the grace).
+        kill_group_except_me()
+        os._exit(128 + signal.SIGKILL)
 
     signal.signal(signal.SIGUSR1, node_died)
     # SIGTERM to the group is meant for the agent; the wrapper waits for it to end.
