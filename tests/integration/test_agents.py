@@ -393,3 +393,43 @@ def test_a_restarted_node_kills_a_recorded_group_that_still_matches(tmp_path: Pa
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+async def test_a_peer_spawns_only_with_a_grant_that_lists_it_and_is_capped_per_grant(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd,
+        peering: Any) -> None:
+    node = agent_node(max_per_grant=1)
+    alpha = await peering.link(node, "alpha", kinds=["task"], workspaces=["*"],
+                               command_types=["agent.spawn"])
+    beta = await peering.link(node, "beta", kinds=["task"], workspaces=["*"],
+                              command_types=["resource.put"])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await beta.command.Execute(spawn("b-1", "probe", name="b"))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    op = await alpha.command.Execute(spawn("a-1", "probe", name="a", seconds=300))
+    pgid = await recorded_group(node, op.name)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await alpha.command.Execute(spawn("a-2", "probe", name="a", seconds=300))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The cap is the grant's: a local caller (another "grant") still gets its run.
+    async with node.client() as c:
+        local = await c.command.Execute(spawn("l-1", "probe", name="l"))
+    assert (await done_op(node, local.name)).state == command_pb2.OPERATION_STATE_SUCCEEDED
+    # The peer kills its own run; the whole group goes.
+    await alpha.command.CancelOperation(command_pb2.CancelOperationRequest(name=op.name))
+    await gone(pgid, "the peer's agent group to be gone")
+
+    async def cancelled() -> command_pb2.Operation | None:
+        got = await alpha.command.GetOperation(command_pb2.GetOperationRequest(name=op.name))
+        return got if got.state == command_pb2.OPERATION_STATE_CANCELLED else None
+
+    await until(cancelled, "the peer's run to end CANCELLED")
+    grant_names = sql(node, "SELECT DISTINCT grant_name FROM audit_log WHERE peer = 'alpha'"
+                            " AND method = 'Execute'")
+    assert len(grant_names) == 1 and grant_names[0][0]
+    rows = sql(node, "SELECT method, grant_name FROM audit_log WHERE service ="
+                     " 'tessera.agents' AND kind = 'probe' AND grant_name <> ''"
+                     " ORDER BY sequence")
+    assert rows == [("spawn", grant_names[0][0]), ("kill", grant_names[0][0]),
+                    ("end", grant_names[0][0])]
+    assert agent_processes(agent_user.pw_uid) == []
