@@ -101,6 +101,7 @@ def agent_node(agent_user: pwd.struct_passwd, pg_server: str,
             f"time_limit_s = 120\noutput_limit_bytes = 100000\n"
             f"max_per_grant = {max_per_grant}\nmax_per_node = 4\n\n"
             f"[agents.chatty]\n{common}output_limit_bytes = 2000\nmax_per_grant = 2\n\n"
+            f"[agents.brief]\n{common}time_limit_s = 1\n\n"
             # An agent that leaves its process group and session at once.
             f"[agents.escape]\nexecutable = \"/usr/bin/setsid\"\n"
             f"args = [\"-f\", \"/bin/sleep\", \"300\"]\ncwd = {_toml(str(work))}\n")
@@ -278,7 +279,7 @@ async def test_an_agent_runs_as_the_agent_user_without_the_nodes_keys_or_environ
     listed = cli("list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert [a["name"] for a in json.loads(listed.stdout)["agents"]] == [
-        "chatty", "escape", "probe"]
+        "brief", "chatty", "escape", "probe"]
     watched = cli("spawn", "probe", "--arg", "name=cli", "--arg", "lines=1", "--watch")
     assert watched.returncode == 0, watched.stderr
     assert "hello cli\n" in watched.stdout and "line 0 of 1" in watched.stdout
@@ -348,6 +349,19 @@ async def test_a_killed_node_leaves_no_agent_and_its_run_ends_after_restart(
     assert final.error.code == grpc.StatusCode.ABORTED.value[0]
     assert agent_processes(agent_user.pw_uid) == []
     assert not list((node.data_dir / "agents").glob("*.json"))
+
+
+async def test_a_run_beyond_its_time_limit_is_killed_and_fails(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd) -> None:
+    node = agent_node()
+    async with node.client() as c:
+        op = await c.command.Execute(spawn("brief-1", "brief", name="x", seconds=300))
+    final = await done_op(node, op.name)
+    assert final.state == command_pb2.OPERATION_STATE_FAILED, final
+    assert final.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert "time limit" in final.error.message
+    assert "waiting 300 s" in output_of(node, op.name)
+    assert agent_processes(agent_user.pw_uid) == []
 
 
 async def test_a_process_that_leaves_the_group_is_still_killed(

@@ -309,6 +309,7 @@ class Agents:
         self.ops = operations
         self.auditor = auditor
         self._live: dict[str, _Live] = {}
+        self._start_lock = asyncio.Lock()
 
     @classmethod
     def from_config(cls, cfg: AgentsConfig, data_dir: Path, *, operations: OperationStore,
@@ -400,6 +401,24 @@ class Agents:
             raise CommandError(str(exc), code=code_pb2.INVALID_ARGUMENT,
                                reason="AGENT_NOT_ALLOWED") from None
         grant = str((ctx.args.get("_admission") or {}).get("grant", ""))
+        async with self._start_lock:
+            # Execute's check reads the table and two concurrent calls can both pass it;
+            # this one, in the process that starts the agent, is exact for its runs.
+            self._check_running(spec, grant)
+            live = await self._spawn(ctx, spec, values, grant)
+        return await self._follow(ctx, live)
+
+    def _check_running(self, spec: AgentSpec, grant: str) -> None:
+        mine = [lv for lv in self._live.values() if lv.spec.name == spec.name]
+        if sum(1 for lv in mine if lv.grant == grant) >= spec.max_per_grant \
+                or len(mine) >= spec.max_per_node:
+            raise CommandError(f"agent {spec.name}: its concurrency cap is reached on this "
+                               "node; execute again when a run ended",
+                               code=code_pb2.RESOURCE_EXHAUSTED, reason="AGENT_CAP")
+
+    async def _spawn(self, ctx: CommandContext, spec: AgentSpec, values: Mapping[str, Any],
+                     grant: str) -> _Live:
+        """Start the wrapper; record and register the run before anything else awaits."""
         wrapper_spec = {
             "argv": spec.argv(values), "uid": self.user.uid, "gid": self.user.gid,
             "parent": os.getpid(),
@@ -415,15 +434,33 @@ class Agents:
         started = start_ticks(proc.pid) or 0
         key = ctx.operation.removeprefix("operations/")
         record = self.runs_dir / f"{key}.json"
-        record.write_text(json.dumps({"pgid": proc.pid, "start_ticks": started,
-                                      "agent": spec.name, "operation": ctx.operation}))
         live = _Live(spec, proc, proc.pid, started, ctx.caller, grant, record)
         self._live[ctx.operation] = live
-        await self._audit("spawn", live, ctx.operation, "AGENT_SPAWNED", {"pid": proc.pid})
-        await ctx.progress(None, f"agent {spec.name} started (pid {proc.pid})")
+        try:
+            record.write_text(json.dumps({"pgid": proc.pid, "start_ticks": started,
+                                          "agent": spec.name, "operation": ctx.operation}))
+        except OSError:
+            self._end(ctx, live)
+            raise
+        return live
+
+    def _end(self, ctx: CommandContext, live: _Live) -> None:
+        """Whatever ended the run (even an interrupted task): nothing is left of it."""
+        kill_group(live.pgid, live.started)
+        if live.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                live.proc.kill()
+        self._live.pop(ctx.operation, None)
+        live.record.unlink(missing_ok=True)
+
+    async def _follow(self, ctx: CommandContext, live: _Live) -> Mapping[str, Any]:
+        """Stream the run's output (bounded) until it ends; its result or error."""
+        spec, proc = live.spec, live.proc
         budget = [spec.output_limit_bytes]
         truncated = [0]
         try:
+            await self._audit("spawn", live, ctx.operation, "AGENT_SPAWNED", {"pid": proc.pid})
+            await ctx.progress(None, f"agent {spec.name} started (pid {proc.pid})")
             readers = [asyncio.create_task(self._pump(s, ctx, budget, truncated))
                        for s in (proc.stdout, proc.stderr) if s is not None]
             try:
@@ -437,13 +474,7 @@ class Agents:
             for task in pending:
                 task.cancel()
         finally:
-            # Whatever ended the handler (even an interrupted task): nothing is left.
-            kill_group(live.pgid, live.started)
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            self._live.pop(ctx.operation, None)
-            record.unlink(missing_ok=True)
+            self._end(ctx, live)
         code = proc.returncode if proc.returncode is not None else -1
         result: dict[str, Any] = {"agent": spec.name, "exit_code": code,
                                   "output_bytes": spec.output_limit_bytes - budget[0],
