@@ -340,7 +340,8 @@ async def test_a_killed_node_leaves_no_agent_and_its_run_ends_after_restart(
     async with node.client() as c:
         op = await c.command.Execute(spawn("sleep-k", "probe", name="a", seconds=300))
     pgid = await recorded_group(node, op.name)
-    node.kill()
+    assert node.serving_pids  # the wrapper's parent is a serving process
+    node.crash()  # SIGKILL of the serving processes and the supervisor
     # The parent-death signal reaches the wrapper, which kills its group.
     await gone(pgid, "the agent's group to die with the node")
     node.start()

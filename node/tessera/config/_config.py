@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -301,7 +302,8 @@ class AgentsConfig:
     user: str = ""
     #: Seconds between SIGTERM and SIGKILL when a run is cancelled or killed.
     kill_grace_s: float = 5.0
-    #: The `[agents.<name>]` tables, as written (not settable from the environment).
+    #: The `[agents.<name>]` tables, as written (from the environment or the supervisor:
+    #: TESSERA_AGENTS_ALLOW as one JSON object).
     allow: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -433,9 +435,16 @@ def load(
         for name, raw in values[section].items():
             setting = f"{section}.{name} (TESSERA_{section.upper()}_{name.upper()})"
             if section == "agents" and name == "allow":
-                if not isinstance(raw, dict):
+                table_or_text: Any = raw
+                if isinstance(raw, str):
+                    # From the supervisor, which hands its configuration down as text.
+                    try:
+                        table_or_text = json.loads(raw)
+                    except ValueError:
+                        table_or_text = None
+                if not isinstance(table_or_text, dict):
                     raise ConfigError("agents.allow: write one [agents.<name>] table per agent")
-                kwargs[name] = raw
+                kwargs[name] = table_or_text
                 continue
             if name not in known:
                 raise ConfigError(f"{setting}: unknown setting; expected one of {sorted(known)}")
