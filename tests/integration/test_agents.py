@@ -86,7 +86,8 @@ def agent_node(agent_user: pwd.struct_passwd, pg_server: str,
     control.chmod(0o644)
     nodes: list[NodeProcess] = []
 
-    def make(*, max_per_grant: int = 1, dsn: str | None = None) -> NodeProcess:
+    def make(*, max_per_grant: int = 1, dsn: str | None = None, extra: str = "",
+             start: bool = True) -> NodeProcess:
         data = base / f"data-{len(nodes)}"
         config = base / f"tessera-{len(nodes)}.toml"
         fixed = _toml(["--try-read", str(data / "pki" / "node.key"), "--try-read", str(control)])
@@ -104,7 +105,7 @@ def agent_node(agent_user: pwd.struct_passwd, pg_server: str,
             f"[agents.brief]\n{common}time_limit_s = 1\n\n"
             # An agent that leaves its process group and session at once.
             f"[agents.escape]\nexecutable = \"/usr/bin/setsid\"\n"
-            f"args = [\"-f\", \"/bin/sleep\", \"300\"]\ncwd = {_toml(str(work))}\n")
+            f"args = [\"-f\", \"/bin/sleep\", \"300\"]\ncwd = {_toml(str(work))}\n{extra}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
         env.update(FAST)
         env.update({"TESSERA_NODE_NAME": "tessera", "TESSERA_CONFIG": str(config),
@@ -115,7 +116,8 @@ def agent_node(agent_user: pwd.struct_passwd, pg_server: str,
                     "AGENT_TEST_CANARY_SECRET": "s3cr3t"})
         node = NodeProcess(data, env, base / f"node-{len(nodes)}.log")
         nodes.append(node)
-        node.start()
+        if start:
+            node.start()
         return node
 
     yield make
@@ -240,6 +242,19 @@ async def test_only_allow_listed_agents_and_schema_values_are_accepted_and_nothi
     assert agent_processes(agent_user.pw_uid) == []
 
 
+def test_a_wrong_allow_list_entry_stops_the_start_with_one_line_naming_it(
+        agent_node: Callable[..., NodeProcess]) -> None:
+    node = agent_node(extra='\n[agents.broken]\nexecutable = "probe.sh"\n', start=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "serve", "--data-dir", str(node.data_dir),
+         "--listen", "127.0.0.1:0"], env=node.env, capture_output=True, text=True,
+        timeout=DEADLINE_S, check=False)
+    assert done.returncode != 0
+    said = [ln for ln in (done.stdout + done.stderr).splitlines() if "agents.broken" in ln]
+    assert len(said) == 1 and "executable must be an absolute path" in said[0], said
+    assert not (node.data_dir / "node.json").exists()
+
+
 # -- isolation, output, audit -----------------------------------------------------------
 
 
@@ -320,6 +335,9 @@ async def test_cancel_kills_the_whole_group_and_the_grant_cap_refuses_a_second_r
             await c.command.Execute(spawn("sleep-2", "probe", name="b", seconds=300))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_per_grant" in (err.value.details() or "")
+        # A retry of the running one gets it back, not a refusal by its own cap.
+        retried = await c.command.Execute(spawn("sleep-1", "probe", name="a", seconds=300))
+        assert retried.name == op.name
         await c.command.CancelOperation(command_pb2.CancelOperationRequest(name=op.name))
     final = await done_op(node, op.name)
     assert final.state == command_pb2.OPERATION_STATE_CANCELLED, final

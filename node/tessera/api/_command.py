@@ -178,7 +178,11 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
         args = struct_to_dict(cmd.args)
         self.rt.commands.validate(cmd.type, args)
         stored = args
-        if reg.handler.admit is not None:
+        request_hash = query_hash({"plugin": cmd.type, "args": args})
+        # A retry of a stored operation gets it back; only a new one is admitted (a retry
+        # must not be refused because its own run fills the cap).
+        if reg.handler.admit is not None \
+                and await self.rt.operations.by_key(caller, key, request_hash) is None:
             grant = current_caller().grant
             admitted = await reg.handler.admit(Admission(
                 command_type=cmd.type, caller=caller, args=args,
@@ -186,7 +190,7 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
             stored = {**args, "_admission": dict(admitted)}
         op, created = await self.rt.operations.create_pending(
             caller=caller, idempotency_key=key, command_type=cmd.type,
-            request_hash=query_hash({"plugin": cmd.type, "args": args}), input=stored,
+            request_hash=request_hash, input=stored,
             retry_safe=reg.handler.retry_safe,
         )
         if created:

@@ -512,6 +512,13 @@ class OperationStore:
 
     # -- reads -----------------------------------------------------------------------
 
+    async def by_key(self, caller: str, idempotency_key: str,
+                     request_hash: str) -> Operation | None:
+        """The caller's operation with this key, if any (FailedPrecondition when the key
+        was used for another request) — e.g. to answer a retry before re-admitting it."""
+        async with self.pool.connection() as conn:
+            return await self._existing(conn, caller, idempotency_key, request_hash)
+
     async def count_active(self, command_type: str, input_contains: Mapping[str, Any]) -> int:
         """PENDING or RUNNING operations of a type whose input contains `input_contains`
         (jsonb containment); e.g. the agent runs of one grant, for a concurrency cap."""
