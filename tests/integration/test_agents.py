@@ -90,7 +90,8 @@ def agent_node(agent_user: pwd.struct_passwd, pg_server: str,
              start: bool = True) -> NodeProcess:
         data = base / f"data-{len(nodes)}"
         config = base / f"tessera-{len(nodes)}.toml"
-        fixed = _toml(["--try-read", str(data / "pki" / "node.key"), "--try-read", str(control)])
+        fixed = _toml(["--try-read", str(data / "pki" / "node.key"), "--try-read", str(control),
+                       "--try-signal-parent"])
         common = (f"executable = {_toml(str(PROBE))}\n"
                   f"params = [\"name\", \"lines\", \"seconds\"]\n"
                   f"schema = {_schema()}\n"
@@ -273,6 +274,7 @@ async def test_an_agent_runs_as_the_agent_user_without_the_nodes_keys_or_environ
     assert f"uid={agent_user.pw_uid} gid={agent_user.pw_gid} groups={agent_user.pw_gid}\n" in out
     assert f"read {key_file}: denied" in out
     assert "control.txt: allowed" in out  # the path was reachable; the data dir said no
+    assert "signal parent: denied" in out  # the wrapper that cleans up is out of its reach
     env_line = next(ln for ln in out.splitlines() if ln.startswith("env: "))
     names = set(env_line.removeprefix("env: ").split())
     assert names <= ALLOWED_ENV, names - ALLOWED_ENV

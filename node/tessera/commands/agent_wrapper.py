@@ -3,17 +3,19 @@
 Started by the node as `python -I -S <this file> <spec json>` with close_fds,
 start_new_session (so it leads a new process group), a minimal environment and the agent's
 working directory. Standard library only: it never imports tessera (the node's code and
-settings are none of the agent's business). In this process, before the agent runs:
+settings are none of the agent's business).
 
-1. resource limits (CPU seconds, address space, open files, processes, file size);
-2. drop to the agent user: setgroups([]), setgid, setuid — refused if that user is root;
-3. PR_SET_PDEATHSIG (after the uid change, which would clear it): when the node dies the
-   kernel signals this wrapper, which SIGKILLs its whole process group;
-4. become a child subreaper, fork the agent (execv of the absolute executable, no shell),
-   wait for it, then SIGKILL whatever the agent left in the group or reparented here
-   (setsid and double forks included), and exit with the agent's status (128 + signal
-   when it was killed). SIGUSR1 (the node's "give up" and the parent-death signal) does
-   the same kill at once.
+1. The wrapper arms PR_SET_PDEATHSIG (when the node dies the kernel signals it, and it
+   kills everything of the run) and PR_SET_CHILD_SUBREAPER (descendants that leave the
+   group, by setsid or a double fork, are reparented to it, not to init).
+2. It forks the agent. In the child, before execv of the absolute executable (no shell):
+   resource limits (CPU seconds, address space, open files, processes, file size), then
+   setgroups([]), setgid, setuid to the agent user (refused for root).
+3. The wrapper keeps the node's account, so the agent cannot kill, stop or trace it. It
+   waits for the agent, then SIGKILLs whatever is left in the group or reparented to it,
+   and exits with the agent's status (128 + signal when it was killed). SIGUSR1 (the
+   parent-death signal, or the node giving up after the kill grace) does the same kill
+   at once.
 
 Exit codes of the wrapper itself: 126 = it could not confine itself or exec the agent
 (one line on stderr says why).
@@ -96,8 +98,22 @@ def _fail(message: str) -> None:
     os._exit(WRAPPER_FAILED)
 
 
+def arm(spec: dict[str, object]) -> None:
+    """In the wrapper (which keeps the node's account): the parent-death signal and the
+    subreaper role, then make sure the node did not die before they were armed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0) != 0:
+        _fail("prctl(PR_SET_PDEATHSIG) failed")
+    # Descendants that leave the group (setsid, double fork) are reparented here, not
+    # to init, so the wrapper still finds and kills them.
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        _fail("prctl(PR_SET_CHILD_SUBREAPER) failed")
+    if os.getppid() != int(str(spec["parent"])):
+        os._exit(WRAPPER_FAILED)
+
+
 def confine(spec: dict[str, object]) -> None:
-    """Limits, then the agent user, then the parent-death signal."""
+    """In the forked child, before exec: limits, then the agent user for good."""
     limits = spec.get("limits", {})
     assert isinstance(limits, dict)
     for name, value in limits.items():
@@ -109,27 +125,23 @@ def confine(spec: dict[str, object]) -> None:
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
-    if os.getuid() != uid or os.geteuid() != uid:
+    if os.getuid() != uid or os.geteuid() != uid or os.getgroups() not in ([], [gid]):
         _fail("could not drop privileges")
-    # The uid change clears the parent-death signal, so it is set only now.
+    # setuid cleared the parent-death signal; the agent gets SIGKILL if the wrapper dies.
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0) != 0:
-        _fail("prctl(PR_SET_PDEATHSIG) failed")
-    # Descendants that leave the group (setsid, double fork) are reparented here, not
-    # to init, so the wrapper still finds and kills them.
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        _fail("prctl(PR_SET_CHILD_SUBREAPER) failed")
-    # The node may have died before the signal was armed.
-    if os.getppid() != int(str(spec["parent"])):
-        os._exit(WRAPPER_FAILED)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def main() -> None:
-    """Confine, run the agent, reap its group, exit with its status."""
+    """Arm, fork the confined agent, reap everything it leaves, exit with its status.
+
+    The wrapper itself keeps the node's account (root): the agent cannot signal, stop
+    or trace it, so the cleanup below always runs.
+    """
     try:
         spec = json.loads(sys.argv[1])
         argv = [str(a) for a in spec["argv"]]
-        confine(spec)
+        arm(spec)
     except SystemExit:
         raise
     except Exception as exc:
@@ -148,9 +160,13 @@ def main() -> None:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+            confine(spec)
             os.execv(argv[0], argv)  # noqa: S606 - no shell, by design
         except OSError as exc:
             sys.stderr.write(f"agent wrapper: cannot execute {argv[0]}: {exc.strerror}\n")
+            sys.stderr.flush()
+        except Exception as exc:
+            sys.stderr.write(f"agent wrapper: {type(exc).__name__}: {exc}\n")
             sys.stderr.flush()
         os._exit(WRAPPER_FAILED)
     while True:
