@@ -416,7 +416,14 @@ def test_a_restarted_node_kills_a_recorded_group_that_still_matches(tmp_path: Pa
         (runs / "old.json").write_text(json.dumps({"pgid": proc.pid, "start_ticks": ticks + 1}))
         assert kill_leftovers(runs) == 0
         assert proc.poll() is None
-        # ...the matching one is killed, children included.
+        # ...so is one whose serving process still lives (a sibling's run)...
+        (runs / "sibling.json").write_text(json.dumps({
+            "pgid": proc.pid, "start_ticks": ticks, "owner_pid": proc.pid,
+            "owner_start_ticks": ticks}))
+        assert kill_leftovers(runs) == 0
+        assert proc.poll() is None and (runs / "sibling.json").exists()
+        (runs / "sibling.json").unlink()
+        # ...the matching one of a gone process is killed, children included.
         (runs / "op.json").write_text(json.dumps({"pgid": proc.pid, "start_ticks": ticks}))
         assert kill_leftovers(runs) == 2
         assert proc.wait(DEADLINE_S) == -signal.SIGKILL

@@ -437,8 +437,11 @@ class Agents:
         live = _Live(spec, proc, proc.pid, started, ctx.caller, grant, record)
         self._live[ctx.operation] = live
         try:
-            record.write_text(json.dumps({"pgid": proc.pid, "start_ticks": started,
-                                          "agent": spec.name, "operation": ctx.operation}))
+            record.write_text(json.dumps({
+                "pgid": proc.pid, "start_ticks": started, "agent": spec.name,
+                "operation": ctx.operation,
+                # Which serving process ran it: a sibling's live runs are not leftovers.
+                "owner_pid": os.getpid(), "owner_start_ticks": start_ticks(os.getpid())}))
         except OSError:
             self._end(ctx, live)
             raise
@@ -555,8 +558,16 @@ class Agents:
         return kill_leftovers(self.runs_dir)
 
 
+def _alive(pid: Any, ticks: Any) -> bool:
+    try:
+        return pid is not None and start_ticks(int(pid)) == int(ticks)
+    except (TypeError, ValueError):
+        return False
+
+
 def kill_leftovers(runs_dir: Path) -> int:
-    """SIGKILL every recorded agent group still alive (pgid and start time match)."""
+    """SIGKILL every recorded agent group still alive (pgid and start time match) whose
+    serving process is gone; a live sibling serving process's runs are left alone."""
     killed = 0
     if not runs_dir.is_dir():
         return 0
@@ -566,6 +577,9 @@ def kill_leftovers(runs_dir: Path) -> int:
             pgid, started = int(rec["pgid"]), int(rec["start_ticks"])
         except (OSError, ValueError, KeyError, TypeError):
             record.unlink(missing_ok=True)
+            continue
+        if rec.get("owner_pid") != os.getpid() \
+                and _alive(rec.get("owner_pid"), rec.get("owner_start_ticks")):
             continue
         hit = kill_group(pgid, started)
         if hit:
