@@ -27,6 +27,7 @@ from tessera.api._validate import (
     Checker,
 )
 from tessera.calls import current_caller, peer_scope
+from tessera.commands import Admission
 from tessera.core.errors import FieldViolation, InvalidArgument
 from tessera.core.pagination import PageTokenError, query_hash
 from tessera.grants import DELETE, PUT, Scope
@@ -176,9 +177,20 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
         assert reg is not None
         args = struct_to_dict(cmd.args)
         self.rt.commands.validate(cmd.type, args)
+        stored = args
+        request_hash = query_hash({"plugin": cmd.type, "args": args})
+        # A retry of a stored operation gets it back; only a new one is admitted (a retry
+        # must not be refused because its own run fills the cap).
+        if reg.handler.admit is not None \
+                and await self.rt.operations.by_key(caller, key, request_hash) is None:
+            grant = current_caller().grant
+            admitted = await reg.handler.admit(Admission(
+                command_type=cmd.type, caller=caller, args=args,
+                grant=grant.name if grant is not None else ""))
+            stored = {**args, "_admission": dict(admitted)}
         op, created = await self.rt.operations.create_pending(
             caller=caller, idempotency_key=key, command_type=cmd.type,
-            request_hash=query_hash({"plugin": cmd.type, "args": args}), input=args,
+            request_hash=request_hash, input=stored,
             retry_safe=reg.handler.retry_safe,
         )
         if created:

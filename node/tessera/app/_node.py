@@ -36,7 +36,7 @@ from tessera.api import (
 )
 from tessera.audit import AuditWriter
 from tessera.calls import GrantAdmission
-from tessera.commands import Registry, Runner
+from tessera.commands import Agents, Registry, Runner
 from tessera.config import Config
 from tessera.core.errors import ConfigError, Unauthenticated
 from tessera.core.pagination import PageTokens
@@ -361,6 +361,12 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         resources = store.ResourceStore(pool)
         operations = store.OperationStore(pool, resources)
         commands = Registry.default()
+        # Allow-listed agent runs (agent.spawn); a wrong entry stops the start here.
+        agents = Agents.from_config(cfg.agents, paths.data_dir, operations=operations,
+                                    auditor=auditor)
+        if agents is not None:
+            agents.kill_leftovers()
+            commands.register(agents.handler(), source="builtin")
         # Before serving, so an accepted operation can start at once; closed after the
         # server stopped, releasing what still runs here (nothing stays RUNNING).
         runner = Runner(operations, commands, cfg.operations, dsn=dsn, node_name=cfg.node.name)

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,10 @@ def _flatten(cfg: Config) -> dict[str, str]:
         values = getattr(cfg, section.name)
         for f in dataclasses.fields(values):
             v = getattr(values, f.name)
+            if isinstance(v, Mapping):
+                # Nested tables (the agent allow-list) travel as JSON.
+                out[f"{section.name}.{f.name}"] = json.dumps(v)
+                continue
             out[f"{section.name}.{f.name}"] = str(v).lower() if isinstance(v, bool) else str(v)
     return out
 

@@ -17,6 +17,11 @@ PEER_METHODS = frozenset({
     ("tessera.v1.QueryService", "SearchResources"),
     ("tessera.v1.QueryService", "Describe"),
     ("tessera.v1.CommandService", "Execute"),
+    # A peer follows and cancels the operations its Execute calls started (e.g. an agent
+    # run): each answers the caller's own operations only, another's is NOT_FOUND.
+    ("tessera.v1.CommandService", "GetOperation"),
+    ("tessera.v1.CommandService", "WatchOperation"),
+    ("tessera.v1.CommandService", "CancelOperation"),
 })
 
 _STATE_DENIALS = {

@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tessera.cli.commands import add_commands as add_command_type_commands
 
     add_command_type_commands(sub, common, _load)
+    from tessera.cli.agents import add_commands as add_agent_commands
+
+    add_agent_commands(sub, common, _load)
     return parser
 
 

@@ -1,7 +1,11 @@
 """Commands and their operations: the handler registry (built-ins and `tessera.commands`
 entry-point plugins), and the runner that executes long-running handlers under leases."""
 
+from tessera.commands._agents import SPAWN as AGENT_SPAWN
+from tessera.commands._agents import Agents, AgentSpec, kill_leftovers, parse_agents
 from tessera.commands._handler import (
+    Admission,
+    Admit,
     CancelHook,
     CommandCancelled,
     CommandContext,
@@ -13,8 +17,13 @@ from tessera.commands._registry import BUILTINS, ENTRY_POINT_GROUP, Registered, 
 from tessera.commands._runner import Runner
 
 __all__ = [
+    "AGENT_SPAWN",
     "BUILTINS",
     "ENTRY_POINT_GROUP",
+    "Admission",
+    "Admit",
+    "AgentSpec",
+    "Agents",
     "CancelHook",
     "CommandCancelled",
     "CommandContext",
@@ -24,4 +33,6 @@ __all__ = [
     "Registry",
     "Run",
     "Runner",
+    "kill_leftovers",
+    "parse_agents",
 ]

@@ -111,6 +111,25 @@ class CommandContext:
 
 #: A handler's body: returns a JSON object (the operation's output) or None.
 Run = Callable[[CommandContext], Awaitable[Mapping[str, Any] | None]]
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What an `admit` hook sees of an Execute before its operation is stored."""
+
+    command_type: str
+    #: Identity URI of the caller.
+    caller: str
+    #: Name of the peer's grant that allowed the call; "" for a local caller.
+    grant: str
+    #: The arguments, already checked against the handler's input schema.
+    args: Mapping[str, Any]
+
+
+#: Called in Execute before the operation is stored: raise a TesseraError (InvalidArgument,
+#: ResourceExhausted, ...) to refuse the call; the returned JSON object is stored with the
+#: input under "_admission" (the handler reads it from ctx.args).
+Admit = Callable[[Admission], Awaitable[Mapping[str, Any]]]
 #: Called once when the operation is cancelled while running, before the handler's task is
 #: interrupted; use it to stop work that runs outside the event loop (a child process).
 CancelHook = Callable[[CommandContext], Awaitable[None]]
@@ -136,6 +155,8 @@ class CommandHandler:
     #: node stopped is started again instead of ending FAILED (NODE_RESTARTED).
     retry_safe: bool = False
     on_cancel: CancelHook | None = None
+    #: Optional check of each Execute before anything is stored or started.
+    admit: Admit | None = None
 
     @property
     def long_running(self) -> bool:

@@ -6,6 +6,7 @@ Components depend on config, never the reverse.
 from tessera.config._config import (
     DEFAULT_DATA_DIR,
     METRICS,
+    AgentsConfig,
     AuditConfig,
     CaConfig,
     Config,
@@ -43,6 +44,7 @@ __all__ = [
     "METRICS",
     "READ",
     "SEARCH",
+    "AgentsConfig",
     "AuditConfig",
     "CaConfig",
     "Config",

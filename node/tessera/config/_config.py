@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -290,6 +291,23 @@ class OperationsConfig:
 
 
 @dataclass(frozen=True)
+class AgentsConfig:
+    """Agent runs (`agent.spawn`): the allow-list and how agents are confined.
+
+    Each `[agents.<name>]` table is one allowed agent; `tessera.commands` checks the
+    entries when the node starts (a wrong one stops the start, named in one line).
+    """
+
+    #: Unprivileged account every agent runs as; required once an agent is listed.
+    user: str = ""
+    #: Seconds between SIGTERM and SIGKILL when a run is cancelled or killed.
+    kill_grace_s: float = 5.0
+    #: The `[agents.<name>]` tables, as written (from the environment or the supervisor:
+    #: TESSERA_AGENTS_ALLOW as one JSON object).
+    allow: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of a node."""
 
@@ -305,6 +323,7 @@ class Config:
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     enrolment: EnrolmentConfig = field(default_factory=EnrolmentConfig)
     operations: OperationsConfig = field(default_factory=OperationsConfig)
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
 
     @property
     def tier(self) -> str:
@@ -327,6 +346,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "grpc": GrpcConfig,
     "enrolment": EnrolmentConfig,
     "operations": OperationsConfig,
+    "agents": AgentsConfig,
 }
 
 
@@ -389,6 +409,11 @@ def load(
                 raise ConfigError(
                     f"{path}: unknown section [{section}]; expected one of {sorted(_SECTIONS)}"
                 )
+            if section == "agents":
+                # Sub-tables are allow-list entries, checked by the commands layer.
+                allow = {k: v for k, v in table.items() if isinstance(v, dict)}
+                table = {k: v for k, v in table.items() if not isinstance(v, dict)}
+                values[section]["allow"] = allow
             values[section].update(table)
     for key, raw in env.items():
         if not key.startswith("TESSERA_") or key == "TESSERA_CONFIG":
@@ -409,6 +434,18 @@ def load(
         kwargs: dict[str, Any] = {}
         for name, raw in values[section].items():
             setting = f"{section}.{name} (TESSERA_{section.upper()}_{name.upper()})"
+            if section == "agents" and name == "allow":
+                table_or_text: Any = raw
+                if isinstance(raw, str):
+                    # From the supervisor, which hands its configuration down as text.
+                    try:
+                        table_or_text = json.loads(raw)
+                    except ValueError:
+                        table_or_text = None
+                if not isinstance(table_or_text, dict):
+                    raise ConfigError("agents.allow: write one [agents.<name>] table per agent")
+                kwargs[name] = table_or_text
+                continue
             if name not in known:
                 raise ConfigError(f"{setting}: unknown setting; expected one of {sorted(known)}")
             kwargs[name] = _coerce(setting, known[name].type, raw)
@@ -488,6 +525,8 @@ def validate(cfg: Config) -> None:
                           "retention_h positive (claim_grace_s, cancel_grace_s >= 0); fix them")
     if o.max_attempts < 1 or o.max_running < 1:
         raise ConfigError("operations: max_attempts and max_running must be at least 1")
+    if cfg.agents.kill_grace_s < 0:
+        raise ConfigError("agents.kill_grace_s: must be at least 0")
 
 
 def _validate_ratelimit(cfg: Config) -> None:

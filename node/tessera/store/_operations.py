@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -511,6 +511,24 @@ class OperationStore:
             return cur.rowcount
 
     # -- reads -----------------------------------------------------------------------
+
+    async def by_key(self, caller: str, idempotency_key: str,
+                     request_hash: str) -> Operation | None:
+        """The caller's operation with this key, if any (FailedPrecondition when the key
+        was used for another request) — e.g. to answer a retry before re-admitting it."""
+        async with self.pool.connection() as conn:
+            return await self._existing(conn, caller, idempotency_key, request_hash)
+
+    async def count_active(self, command_type: str, input_contains: Mapping[str, Any]) -> int:
+        """PENDING or RUNNING operations of a type whose input contains `input_contains`
+        (jsonb containment); e.g. the agent runs of one grant, for a concurrency cap."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT count(*) AS n FROM operations WHERE command_type = %s"
+                " AND state IN ('PENDING', 'RUNNING') AND input @> %s::jsonb",
+                (command_type, json.dumps(dict(input_contains))))
+            row = await cur.fetchone()
+        return int(row["n"]) if row is not None else 0
 
     async def get(self, name: str, caller: str) -> Operation:
         """An operation the caller started; NotFound otherwise (others' are invisible)."""

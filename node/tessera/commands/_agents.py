@@ -1,0 +1,590 @@
+"""Agent runs: `agent.spawn` starts one allow-listed program, confined, as an operation.
+
+A peer starting processes on this host is the most dangerous thing a node does, so:
+
+- Only `[agents.<name>]` entries run: an absolute executable, fixed arguments, and the
+  caller's values only at declared positions after `--`, each checked against the entry's
+  JSON Schema before anything is stored or started. No shell.
+- Every agent runs through `agent_wrapper.py` (its own process group, rlimits, the agent
+  user, the parent-death signal), with close_fds, an environment of allow-listed names
+  only and a working directory outside the data directory (which must be closed to it).
+- Runs are capped per grant and per node (RESOURCE_EXHAUSTED), time- and output-limited,
+  and each run's process group is recorded so a restarted node kills a leftover group
+  that still matches (pgid and start time).
+- Spawn, kill and end are audited with caller, grant and agent name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import pwd
+import re
+import signal
+import stat
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from google.rpc import code_pb2
+
+from tessera.audit import AuditEntry, AuditWriter
+from tessera.commands import agent_wrapper
+from tessera.commands._handler import (
+    Admission,
+    CommandCancelled,
+    CommandContext,
+    CommandError,
+    CommandHandler,
+)
+from tessera.commands._registry import _violations
+from tessera.config import AgentsConfig
+from tessera.core.errors import ConfigError, FieldViolation, InvalidArgument, ResourceExhausted
+from tessera.store import OperationStore
+
+log = logging.getLogger(__name__)
+
+SPAWN = "agent.spawn"
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_ENV_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+#: Names never passed to an agent whatever the allow-list says.
+_SECRET_ENV = re.compile(r"(^TESSERA_)|KEY|SECRET|TOKEN|PASSWORD|PASSWD|DSN|CREDENTIAL")
+_SCALARS = {"string", "integer", "number", "boolean"}
+_READ = 65536
+_WRAPPER = Path(agent_wrapper.__file__)
+_AUDIT_SERVICE = "tessera.agents"
+
+_ENTRY_KEYS = {"executable", "args", "params", "schema", "env", "cwd", "time_limit_s",
+               "output_limit_bytes", "max_per_grant", "max_per_node", "memory_mb",
+               "open_files", "processes", "description"}
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One allow-listed agent, checked."""
+
+    name: str
+    executable: str
+    args: tuple[str, ...]
+    #: Caller argument names in the order they are placed after `--`.
+    params: tuple[str, ...]
+    schema: Mapping[str, Any]
+    env: tuple[str, ...]
+    cwd: str
+    time_limit_s: float
+    output_limit_bytes: int
+    max_per_grant: int
+    max_per_node: int
+    memory_mb: int
+    open_files: int
+    processes: int
+    description: str = ""
+    validator: Any = field(default=None, compare=False)
+
+    def argv(self, values: Mapping[str, Any]) -> list[str]:
+        """The exact argv: executable, fixed arguments, `--`, then one argument per
+        declared param, in order; an absent value is an empty argument at its position."""
+        placed = [_text(values[p]) if p in values else "" for p in self.params]
+        return [self.executable, *self.args, "--", *placed]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        # JSON (and protobuf Struct) numbers arrive as floats: 3.0 is the integer 3.
+        return str(int(value))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class AgentUser:
+    """The account agents run as."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def _entry_error(name: str, message: str) -> ConfigError:
+    return ConfigError(f"agents.{name}: {message}; fix the [agents.{name}] table")
+
+
+def _under(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def parse_agents(cfg: AgentsConfig, data_dir: Path) -> dict[str, AgentSpec]:
+    """Check every `[agents.<name>]` table; ConfigError naming the first wrong one."""
+    data = data_dir.resolve()
+    specs: dict[str, AgentSpec] = {}
+    for name, raw in sorted(cfg.allow.items()):
+        if not _NAME_RE.match(name):
+            raise _entry_error(name, "the name must be 1-64 of [a-z0-9_-], starting with a letter")
+        unknown = sorted(set(raw) - _ENTRY_KEYS)
+        if unknown:
+            raise _entry_error(name, f"unknown keys {unknown}; expected some of "
+                                     f"{sorted(_ENTRY_KEYS)}")
+        exe = raw.get("executable")
+        if not isinstance(exe, str) or not os.path.isabs(exe):
+            raise _entry_error(name, "executable must be an absolute path")
+        exe_path = Path(exe).resolve()
+        if not exe_path.is_file() or not os.access(exe_path, os.X_OK):
+            raise _entry_error(name, f"executable {exe} is not an executable file")
+        if _under(exe_path, data):
+            raise _entry_error(name, "executable must be outside the data directory")
+        fixed = raw.get("args", [])
+        if not isinstance(fixed, list) or not all(isinstance(a, str) and "\0" not in a
+                                                  for a in fixed):
+            raise _entry_error(name, "args must be a list of strings")
+        params = raw.get("params", [])
+        if not isinstance(params, list) or not all(isinstance(p, str) and _PARAM_RE.match(p)
+                                                   for p in params) \
+                or len(set(params)) != len(params):
+            raise _entry_error(name, "params must be a list of distinct argument names")
+        schema = raw.get("schema", {"type": "object", "properties": {}})
+        if not isinstance(schema, dict):
+            raise _entry_error(name, "schema must be a JSON Schema object")
+        schema = _closed_schema(name, schema, params)
+        env = raw.get("env", [])
+        if not isinstance(env, list) or not all(isinstance(e, str) and _ENV_RE.match(e)
+                                                for e in env):
+            raise _entry_error(name, "env must be a list of variable names")
+        secret = [e for e in env if _SECRET_ENV.search(e)]
+        if secret:
+            raise _entry_error(name, f"env may not pass {secret} (node settings and secrets)")
+        cwd = raw.get("cwd", "/")
+        if not isinstance(cwd, str) or not os.path.isabs(cwd) or not Path(cwd).is_dir():
+            raise _entry_error(name, "cwd must be an existing absolute directory")
+        if _under(Path(cwd).resolve(), data):
+            raise _entry_error(name, "cwd must be outside the data directory")
+        numbers: dict[str, float] = {}
+        for key, default, low in (("time_limit_s", 300.0, 0.1), ("output_limit_bytes", 1 << 20, 1),
+                                  ("max_per_grant", 1, 1), ("max_per_node", 4, 1),
+                                  ("memory_mb", 1024, 16), ("open_files", 256, 16),
+                                  ("processes", 64, 1)):
+            value = raw.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+                raise _entry_error(name, f"{key} must be a number of at least {low}")
+            numbers[key] = value
+        description = raw.get("description", "")
+        specs[name] = AgentSpec(
+            name=name, executable=str(exe_path), args=tuple(fixed), params=tuple(params),
+            schema=schema, env=tuple(env), cwd=cwd, description=str(description),
+            time_limit_s=float(numbers["time_limit_s"]),
+            output_limit_bytes=int(numbers["output_limit_bytes"]),
+            max_per_grant=int(numbers["max_per_grant"]),
+            max_per_node=int(numbers["max_per_node"]),
+            memory_mb=int(numbers["memory_mb"]), open_files=int(numbers["open_files"]),
+            processes=int(numbers["processes"]),
+            validator=jsonschema.Draft202012Validator(
+                schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER),
+        )
+    return specs
+
+
+def _closed_schema(name: str, schema: dict[str, Any], params: list[str]) -> dict[str, Any]:
+    """The entry's schema, which must describe exactly its params, each a scalar."""
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise _entry_error(name, f"schema is not a valid JSON Schema: {exc.message}") from None
+    if schema.get("type") != "object":
+        raise _entry_error(name, "schema must have type 'object'")
+    props = schema.get("properties", {})
+    if set(props) != set(params):
+        raise _entry_error(name, "schema properties must be exactly the params")
+    for p, sub in props.items():
+        kind = sub.get("type") if isinstance(sub, dict) else None
+        if kind not in _SCALARS:
+            raise _entry_error(name, f"schema property {p} must have a scalar type "
+                                     f"({', '.join(sorted(_SCALARS))})")
+    # Nothing but the declared values ever reaches the command line.
+    return {**schema, "additionalProperties": False}
+
+
+def agent_user(cfg: AgentsConfig) -> AgentUser:
+    """The configured agent account; ConfigError if missing, root, or the node's own."""
+    if not cfg.user:
+        raise ConfigError("agents.user: agents are listed but no user to run them as; set "
+                          "agents.user to an unprivileged account")
+    try:
+        pw = pwd.getpwnam(cfg.user)
+    except KeyError:
+        raise ConfigError(f"agents.user: no account {cfg.user!r} on this host; create it "
+                          "(e.g. useradd --system --no-create-home tessera-agent)") from None
+    if pw.pw_uid == 0 or pw.pw_gid == 0:
+        raise ConfigError(f"agents.user: {cfg.user} is root or in group root; agents never "
+                          "run as root")
+    if pw.pw_uid == os.geteuid():
+        raise ConfigError(f"agents.user: {cfg.user} is the node's own account, which can "
+                          "read its keys; use a separate unprivileged account")
+    if os.geteuid() != 0:
+        raise ConfigError("agents.user: switching to the agent account needs a node started "
+                          "as root (it drops to agents.user only in the agent's wrapper)")
+    return AgentUser(cfg.user, pw.pw_uid, pw.pw_gid)
+
+
+def check_data_dir_closed(data_dir: Path, user: AgentUser) -> None:
+    """ConfigError unless the agent user can neither read nor enter the data directory."""
+    st = data_dir.stat()
+    readable = st.st_uid == user.uid or st.st_mode & stat.S_IRWXO \
+        or (st.st_gid == user.gid and st.st_mode & stat.S_IRWXG)
+    if readable:
+        raise ConfigError(f"agents.user: the data directory {data_dir} is open to "
+                          f"{user.name} (mode {stat.S_IMODE(st.st_mode):o}); make it 0700 "
+                          "and owned by the node's account")
+
+
+# -- process groups -------------------------------------------------------------------
+
+
+def start_ticks(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (/proc/<pid>/stat field 22)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    except OSError:
+        return None
+    return int(text[text.rfind(")") + 2:].split()[19])
+
+
+def _group(pgid: int, started: int) -> list[int]:
+    """Members of group `pgid` that started no earlier than its leader did."""
+    out = []
+    for pid in agent_wrapper.group_members(pgid):
+        ticks = start_ticks(pid)
+        if ticks is not None and ticks >= started:
+            out.append(pid)
+    return out
+
+
+def kill_group(pgid: int, started: int, sig: int = signal.SIGKILL) -> int:
+    """Signal the recorded group if it is still the one recorded; how many got it.
+
+    The leader (pid == pgid) is checked against its start time, so a reused pid is left
+    alone; while any member lives, the kernel never reuses the pgid for a new process.
+    """
+    leader = start_ticks(pgid)
+    if leader is not None and leader != started:
+        return 0
+    hit = 0
+    for pid in _group(pgid, started):
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+            hit += 1
+    return hit
+
+
+@dataclass
+class _Live:
+    spec: AgentSpec
+    proc: asyncio.subprocess.Process
+    pgid: int
+    started: int
+    caller: str
+    grant: str
+    record: Path
+    killed_by: str = ""
+
+
+class Agents:
+    """The agent handler: admission, spawn, streaming, kill, restart cleanup."""
+
+    def __init__(self, cfg: AgentsConfig, specs: Mapping[str, AgentSpec], user: AgentUser,
+                 *, runs_dir: Path, operations: OperationStore,
+                 auditor: AuditWriter | None) -> None:
+        self.cfg = cfg
+        self.specs = dict(specs)
+        self.user = user
+        self.runs_dir = runs_dir
+        self.ops = operations
+        self.auditor = auditor
+        self._live: dict[str, _Live] = {}
+        self._start_lock = asyncio.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: AgentsConfig, data_dir: Path, *, operations: OperationStore,
+                    auditor: AuditWriter | None) -> Agents | None:
+        """The agent handler, or None when no agent is listed. ConfigError on a bad entry."""
+        if not cfg.allow:
+            return None
+        specs = parse_agents(cfg, data_dir)
+        user = agent_user(cfg)
+        check_data_dir_closed(data_dir, user)
+        runs = data_dir / "agents"
+        runs.mkdir(mode=0o700, exist_ok=True)
+        return cls(cfg, specs, user, runs_dir=runs, operations=operations, auditor=auditor)
+
+    def handler(self) -> CommandHandler:
+        """The `agent.spawn` command type."""
+        longest = max(s.time_limit_s for s in self.specs.values())
+        return CommandHandler(
+            type=SPAWN, run=self.run, on_cancel=self.cancel, admit=self.admit,
+            description="Run an allow-listed agent (see `tessera agents list`); "
+                        "cancel the operation to kill it.",
+            input_schema={
+                "type": "object", "required": ["agent"], "additionalProperties": False,
+                "properties": {"agent": {"type": "string", "enum": sorted(self.specs)},
+                               "args": {"type": "object"}}},
+            # The runner's limit is a backstop; each agent has its own time limit.
+            timeout_s=longest + self.cfg.kill_grace_s + 30,
+            retry_safe=False,
+        )
+
+    # -- admission -------------------------------------------------------------------
+
+    def _resolve(self, args: Mapping[str, Any]) -> tuple[AgentSpec, dict[str, Any]]:
+        name = str(args.get("agent", ""))
+        spec = self.specs.get(name)
+        if spec is None:
+            raise InvalidArgument([FieldViolation("plugin.args.agent",
+                                                  f"{name!r} is not an allow-listed agent")])
+        values = args.get("args") or {}
+        if not isinstance(values, dict):
+            raise InvalidArgument([FieldViolation("plugin.args.args", "must be an object")])
+        errors = sorted(spec.validator.iter_errors(values),
+                        key=lambda e: [str(p) for p in e.absolute_path])
+        if errors:
+            found = list(dict.fromkeys(v for e in errors
+                                       for v in _violations("plugin.args.args", e)))
+            raise InvalidArgument(found[:10])
+        bad = [k for k, v in values.items() if "\0" in _text(v)]
+        if bad:
+            raise InvalidArgument([FieldViolation(f"plugin.args.args.{bad[0]}",
+                                                  "may not contain NUL")])
+        return spec, values
+
+    async def admit(self, adm: Admission) -> Mapping[str, Any]:
+        """Refuse before anything is stored: unknown agent, bad values, caps reached."""
+        spec, _ = self._resolve(adm.args)
+        grant_key = adm.grant or "(local)"
+        per_grant = await self.ops.count_active(
+            SPAWN, {"agent": spec.name, "_admission": {"grant": grant_key}})
+        if per_grant >= spec.max_per_grant:
+            raise ResourceExhausted(
+                f"agent {spec.name}: {per_grant} runs of grant {grant_key} are active "
+                f"(max_per_grant {spec.max_per_grant}); wait for one to end",
+                retry_after_s=1.0, subject=f"agent:{spec.name}:{grant_key}")
+        per_node = await self.ops.count_active(SPAWN, {"agent": spec.name})
+        if per_node >= spec.max_per_node:
+            raise ResourceExhausted(
+                f"agent {spec.name}: {per_node} runs are active on this node "
+                f"(max_per_node {spec.max_per_node}); wait for one to end",
+                retry_after_s=1.0, subject=f"agent:{spec.name}")
+        return {"grant": grant_key}
+
+    # -- running ---------------------------------------------------------------------
+
+    def _env(self, spec: AgentSpec) -> dict[str, str]:
+        env = {"PATH": "/usr/bin:/bin", "HOME": spec.cwd, "LANG": "C.UTF-8",
+               "TESSERA_AGENT": spec.name}
+        for name in spec.env:
+            if name in os.environ:
+                env[name] = os.environ[name]
+        return env
+
+    async def run(self, ctx: CommandContext) -> Mapping[str, Any]:
+        """Spawn the agent, stream its output (bounded), return its exit status."""
+        try:
+            spec, values = self._resolve(ctx.args)
+        except InvalidArgument as exc:
+            # This node's allow-list differs from the one that admitted the call.
+            raise CommandError(str(exc), code=code_pb2.INVALID_ARGUMENT,
+                               reason="AGENT_NOT_ALLOWED") from None
+        grant = str((ctx.args.get("_admission") or {}).get("grant", ""))
+        async with self._start_lock:
+            # Execute's check reads the table and two concurrent calls can both pass it;
+            # this one, in the process that starts the agent, is exact for its runs.
+            self._check_running(spec, grant)
+            live = await self._spawn(ctx, spec, values, grant)
+        return await self._follow(ctx, live)
+
+    def _check_running(self, spec: AgentSpec, grant: str) -> None:
+        mine = [lv for lv in self._live.values() if lv.spec.name == spec.name]
+        if sum(1 for lv in mine if lv.grant == grant) >= spec.max_per_grant \
+                or len(mine) >= spec.max_per_node:
+            raise CommandError(f"agent {spec.name}: its concurrency cap is reached on this "
+                               "node; execute again when a run ended",
+                               code=code_pb2.RESOURCE_EXHAUSTED, reason="AGENT_CAP")
+
+    async def _spawn(self, ctx: CommandContext, spec: AgentSpec, values: Mapping[str, Any],
+                     grant: str) -> _Live:
+        """Start the wrapper; record and register the run before anything else awaits."""
+        wrapper_spec = {
+            "argv": spec.argv(values), "uid": self.user.uid, "gid": self.user.gid,
+            "parent": os.getpid(),
+            "limits": {"cpu": max(1, int(spec.time_limit_s) + 1),
+                       "as": spec.memory_mb << 20, "nofile": spec.open_files,
+                       "nproc": spec.processes, "fsize": 64 << 20, "core": 0},
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-I", "-S", str(_WRAPPER), json.dumps(wrapper_spec),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, close_fds=True, start_new_session=True,
+            env=self._env(spec), cwd=spec.cwd)
+        started = start_ticks(proc.pid) or 0
+        key = ctx.operation.removeprefix("operations/")
+        record = self.runs_dir / f"{key}.json"
+        live = _Live(spec, proc, proc.pid, started, ctx.caller, grant, record)
+        self._live[ctx.operation] = live
+        try:
+            record.write_text(json.dumps({
+                "pgid": proc.pid, "start_ticks": started, "agent": spec.name,
+                "operation": ctx.operation,
+                # Which serving process ran it: a sibling's live runs are not leftovers.
+                "owner_pid": os.getpid(), "owner_start_ticks": start_ticks(os.getpid())}))
+        except OSError:
+            self._end(ctx, live)
+            raise
+        return live
+
+    def _end(self, ctx: CommandContext, live: _Live) -> None:
+        """Whatever ended the run (even an interrupted task): nothing is left of it."""
+        kill_group(live.pgid, live.started)
+        if live.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                live.proc.kill()
+        self._live.pop(ctx.operation, None)
+        live.record.unlink(missing_ok=True)
+
+    async def _follow(self, ctx: CommandContext, live: _Live) -> Mapping[str, Any]:
+        """Stream the run's output (bounded) until it ends; its result or error."""
+        spec, proc = live.spec, live.proc
+        budget = [spec.output_limit_bytes]
+        truncated = [0]
+        try:
+            await self._audit("spawn", live, ctx.operation, "AGENT_SPAWNED", {"pid": proc.pid})
+            await ctx.progress(None, f"agent {spec.name} started (pid {proc.pid})")
+            readers = [asyncio.create_task(self._pump(s, ctx, budget, truncated))
+                       for s in (proc.stdout, proc.stderr) if s is not None]
+            try:
+                await asyncio.wait_for(proc.wait(), spec.time_limit_s)
+            except TimeoutError:
+                live.killed_by = "time limit"
+                await self._terminate(live)
+            # The wrapper reaps the group before it exits, so the pipes close; a process
+            # that left the group could hold them open: stop reading after a moment.
+            _, pending = await asyncio.wait(readers, timeout=5.0)
+            for task in pending:
+                task.cancel()
+        finally:
+            self._end(ctx, live)
+        code = proc.returncode if proc.returncode is not None else -1
+        result: dict[str, Any] = {"agent": spec.name, "exit_code": code,
+                                  "output_bytes": spec.output_limit_bytes - budget[0],
+                                  "truncated_bytes": truncated[0]}
+        await self._audit("end", live, ctx.operation, "AGENT_EXITED",
+                          {**result, "killed_by": live.killed_by})
+        if truncated[0]:
+            await ctx.output(f"\n[tessera: output truncated, {truncated[0]} bytes dropped]\n")
+        if live.killed_by == "cancel" or ctx.cancelled.is_set():
+            raise CommandCancelled
+        if live.killed_by == "time limit":
+            raise CommandError(f"agent {spec.name} exceeded its time limit of "
+                               f"{spec.time_limit_s:g} s and was killed",
+                               code=code_pb2.DEADLINE_EXCEEDED, reason="AGENT_TIMEOUT")
+        if code != 0:
+            raise CommandError(f"agent {spec.name} exited with status {code}",
+                               code=code_pb2.ABORTED, reason="AGENT_EXIT_STATUS")
+        return result
+
+    async def _pump(self, stream: asyncio.StreamReader, ctx: CommandContext,
+                    budget: list[int], truncated: list[int]) -> None:
+        """Forward a stream up to the shared budget; drain (and count) the rest."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while True:
+            data = await stream.read(_READ)
+            if not data:
+                break
+            keep = data[:max(0, budget[0])]
+            budget[0] -= len(keep)
+            truncated[0] += len(data) - len(keep)
+            if keep:
+                await ctx.output(decoder.decode(keep))
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            await ctx.output(tail)
+
+    async def _terminate(self, live: _Live) -> None:
+        """SIGTERM the group; after the grace, the wrapper kills everything it holds
+        (SIGUSR1); SIGKILL to the group is the backstop."""
+        kill_group(live.pgid, live.started, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(live.proc.wait()), self.cfg.kill_grace_s)
+        if live.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                live.proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(live.proc.wait()), 2.0)
+        kill_group(live.pgid, live.started, signal.SIGKILL)
+
+    async def cancel(self, ctx: CommandContext) -> None:
+        """The operation's cancel hook: end the whole process group."""
+        live = self._live.get(ctx.operation)
+        if live is None:
+            return
+        live.killed_by = "cancel"
+        await self._audit("kill", live, ctx.operation, "AGENT_KILLED", {"pid": live.pgid})
+        await self._terminate(live)
+
+    async def _audit(self, what: str, live: _Live, operation: str, reason: str,
+                     detail: Mapping[str, Any]) -> None:
+        if self.auditor is None:
+            return
+        entry = AuditEntry(
+            time=dt.datetime.now(dt.UTC), identity=live.caller, peer="",
+            grant="" if live.grant == "(local)" else live.grant, service=_AUDIT_SERVICE,
+            method=what, kind=live.spec.name, query_hash="", outcome="ALLOWED",
+            status_code="OK", bytes_out=0, latency_us=0, trace_id="", reason=reason,
+            detail={"agent": live.spec.name, "operation": operation, **detail})
+        try:
+            await self.auditor.record_entry(entry)
+        except Exception as exc:
+            log.warning("agent %s audit record not written: %s", what, type(exc).__name__)
+
+    # -- after a crash ---------------------------------------------------------------
+
+    def kill_leftovers(self) -> int:
+        """Kill groups recorded by an earlier process of this node that still match."""
+        return kill_leftovers(self.runs_dir)
+
+
+def _alive(pid: Any, ticks: Any) -> bool:
+    try:
+        return pid is not None and start_ticks(int(pid)) == int(ticks)
+    except (TypeError, ValueError):
+        return False
+
+
+def kill_leftovers(runs_dir: Path) -> int:
+    """SIGKILL every recorded agent group still alive (pgid and start time match) whose
+    serving process is gone; a live sibling serving process's runs are left alone."""
+    killed = 0
+    if not runs_dir.is_dir():
+        return 0
+    for record in sorted(runs_dir.glob("*.json")):
+        try:
+            rec = json.loads(record.read_text())
+            pgid, started = int(rec["pgid"]), int(rec["start_ticks"])
+        except (OSError, ValueError, KeyError, TypeError):
+            record.unlink(missing_ok=True)
+            continue
+        if rec.get("owner_pid") != os.getpid() \
+                and _alive(rec.get("owner_pid"), rec.get("owner_start_ticks")):
+            continue
+        hit = kill_group(pgid, started)
+        if hit:
+            log.warning("killed %d leftover process(es) of agent %s (%s)", hit,
+                        rec.get("agent"), rec.get("operation"))
+            killed += hit
+        record.unlink(missing_ok=True)
+    return killed

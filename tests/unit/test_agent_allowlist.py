@@ -1,0 +1,75 @@
+"""The agent allow-list: every wrong entry stops the start with one line naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tessera.commands import parse_agents
+from tessera.config import AgentsConfig
+from tessera.core.errors import ConfigError
+
+PROBE = Path(__file__).resolve().parents[2] / "examples" / "agents" / "probe.sh"
+
+
+def entry(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "executable": str(PROBE), "args": ["--try-read", "/etc/hostname"],
+        "params": ["name"], "cwd": "/tmp",
+        "schema": {"type": "object", "properties": {"name": {"type": "string"}}},
+    }
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def test_a_good_entry_places_values_only_after_the_separator(tmp_path: Path) -> None:
+    specs = parse_agents(AgentsConfig(allow={"probe": entry(params=["name", "n"], schema={
+        "type": "object", "properties": {"name": {"type": "string"},
+                                         "n": {"type": "integer"}}})}), tmp_path)
+    spec = specs["probe"]
+    assert spec.argv({"n": 3.0, "name": "--try-read=/x"}) == [
+        str(PROBE), "--try-read", "/etc/hostname", "--", "--try-read=/x", "3"]
+    # An absent value keeps its position, so a later one never moves into it.
+    assert spec.argv({"n": 1}) == [str(PROBE), "--try-read", "/etc/hostname", "--", "", "1"]
+    assert spec.schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(("changes", "says"), [
+    ({"executable": "probe.sh"}, "executable must be an absolute path"),
+    ({"executable": "/nonexistent/agent"}, "is not an executable file"),
+    ({"args": "--all"}, "args must be a list of strings"),
+    ({"params": ["name", "name"]}, "distinct argument names"),
+    ({"schema": {"type": "object", "properties": {}}}, "exactly the params"),
+    ({"schema": {"type": "object", "properties": {"name": {"type": "array"}}}},
+     "scalar type"),
+    ({"schema": {"type": "object", "properties": {"name": {"type": 3}}}},
+     "not a valid JSON Schema"),
+    ({"env": ["TESSERA_STORE_DSN"]}, "may not pass"),
+    ({"env": ["AWS_SECRET_ACCESS_KEY"]}, "may not pass"),
+    ({"cwd": "relative"}, "cwd must be an existing absolute directory"),
+    ({"time_limit_s": 0}, "time_limit_s must be a number"),
+    ({"max_per_grant": True}, "max_per_grant must be a number"),
+    ({"shell": True}, "unknown keys ['shell']"),
+])
+def test_a_wrong_entry_is_named_in_one_line(tmp_path: Path, changes: dict[str, Any],
+                                            says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_agents(AgentsConfig(allow={"good": entry(), "bad": entry(**changes)}), tmp_path)
+    message = err.value.message
+    assert "\n" not in message
+    assert message.startswith("agents.bad: ") and says in message, message
+
+
+def test_nothing_inside_the_data_directory_runs_or_is_a_working_directory(
+        tmp_path: Path) -> None:
+    inside = tmp_path / "data" / "bin"
+    inside.mkdir(parents=True)
+    exe = inside / "agent"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    with pytest.raises(ConfigError, match="executable must be outside the data directory"):
+        parse_agents(AgentsConfig(allow={"a": entry(executable=str(exe))}), tmp_path / "data")
+    with pytest.raises(ConfigError, match="cwd must be outside the data directory"):
+        parse_agents(AgentsConfig(allow={"a": entry(cwd=str(inside))}), tmp_path / "data")
