@@ -65,6 +65,8 @@ class EventEnvelope(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Monotonic sequence within this node's log."""
     cursor: _builtins.str
@@ -75,6 +77,12 @@ class EventEnvelope(_message.Message):
     """Node that produced it ("local" or a peer name)."""
     actor: _builtins.str
     """Identity URI that caused it."""
+    id: _builtins.str
+    """Globally unique id of the event (a UUID); the same event always has the same id."""
+    heartbeat: _builtins.bool
+    """True on a keepalive sent while a stream is idle: it carries no event, only the
+    cursor of the position scanned so far, which a durable subscriber may Ack.
+    """
     @_builtins.property
     def subject(self) -> _resources_pb2.ResourceKey:
         """The resource the event concerns, if any."""
@@ -98,10 +106,12 @@ class EventEnvelope(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         source: _builtins.str = ...,
         actor: _builtins.str = ...,
+        id: _builtins.str = ...,
+        heartbeat: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "subject", b"subject", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "cursor", b"cursor", "data", b"data", "sequence", b"sequence", "source", b"source", "subject", b"subject", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "cursor", b"cursor", "data", b"data", "heartbeat", b"heartbeat", "id", b"id", "sequence", b"sequence", "source", b"source", "subject", b"subject", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -168,6 +178,54 @@ class PublishResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishResponse: _TypeAlias = PublishResponse  # noqa: Y015
+
+@_typing.final
+class PublishBatchRequest(_message.Message):
+    """Request of PublishBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___PublishRequest]:
+        """The events, appended in this order with consecutive sequences (1-1000 of them)."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___PublishRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishBatchRequest: _TypeAlias = PublishBatchRequest  # noqa: Y015
+
+@_typing.final
+class PublishBatchResponse(_message.Message):
+    """Response of PublishBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventEnvelope]:
+        """The appended (or, for a repeated idempotency key, the earlier) events, in request order."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___EventEnvelope] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishBatchResponse: _TypeAlias = PublishBatchResponse  # noqa: Y015
 
 @_typing.final
 class SubscribeRequest(_message.Message):

@@ -41,6 +41,11 @@ class EventServiceStub:
                 request_serializer=tessera_dot_v1_dot_events__pb2.PublishRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_events__pb2.PublishResponse.FromString,
                 _registered_method=True)
+        self.PublishBatch = channel.unary_unary(
+                '/tessera.v1.EventService/PublishBatch',
+                request_serializer=tessera_dot_v1_dot_events__pb2.PublishBatchRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_events__pb2.PublishBatchResponse.FromString,
+                _registered_method=True)
         self.Subscribe = channel.unary_stream(
                 '/tessera.v1.EventService/Subscribe',
                 request_serializer=tessera_dot_v1_dot_events__pb2.SubscribeRequest.SerializeToString,
@@ -59,6 +64,13 @@ class EventServiceServicer:
 
     def Publish(self, request, context):
         """Publishes an application event into this node's log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishBatch(self, request, context):
+        """Publishes up to 1000 application events in one transaction, in request order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,6 +97,11 @@ def add_EventServiceServicer_to_server(servicer, server):
                     servicer.Publish,
                     request_deserializer=tessera_dot_v1_dot_events__pb2.PublishRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_events__pb2.PublishResponse.SerializeToString,
+            ),
+            'PublishBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishBatch,
+                    request_deserializer=tessera_dot_v1_dot_events__pb2.PublishBatchRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_events__pb2.PublishBatchResponse.SerializeToString,
             ),
             'Subscribe': grpc.unary_stream_rpc_method_handler(
                     servicer.Subscribe,
@@ -125,6 +142,33 @@ class EventService:
             '/tessera.v1.EventService/Publish',
             tessera_dot_v1_dot_events__pb2.PublishRequest.SerializeToString,
             tessera_dot_v1_dot_events__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.EventService/PublishBatch',
+            tessera_dot_v1_dot_events__pb2.PublishBatchRequest.SerializeToString,
+            tessera_dot_v1_dot_events__pb2.PublishBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

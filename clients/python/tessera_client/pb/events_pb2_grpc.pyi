@@ -36,6 +36,8 @@ class EventServiceStub:
     def __new__(cls, channel: _aio.Channel) -> EventServiceAsyncStub: ...
     Publish: _grpc.UnaryUnaryMultiCallable[_events_pb2.PublishRequest, _events_pb2.PublishResponse]
     """Publishes an application event into this node's log."""
+    PublishBatch: _grpc.UnaryUnaryMultiCallable[_events_pb2.PublishBatchRequest, _events_pb2.PublishBatchResponse]
+    """Publishes up to 1000 application events in one transaction, in request order."""
     Subscribe: _grpc.UnaryStreamMultiCallable[_events_pb2.SubscribeRequest, _events_pb2.EventEnvelope]
     """Follows events matching type patterns, from a cursor, the beginning of retention, or now."""
     Ack: _grpc.UnaryUnaryMultiCallable[_events_pb2.AckRequest, _events_pb2.AckResponse]
@@ -48,6 +50,8 @@ class EventServiceAsyncStub(EventServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Publish: _aio.UnaryUnaryMultiCallable[_events_pb2.PublishRequest, _events_pb2.PublishResponse]  # type: ignore[assignment]
     """Publishes an application event into this node's log."""
+    PublishBatch: _aio.UnaryUnaryMultiCallable[_events_pb2.PublishBatchRequest, _events_pb2.PublishBatchResponse]  # type: ignore[assignment]
+    """Publishes up to 1000 application events in one transaction, in request order."""
     Subscribe: _aio.UnaryStreamMultiCallable[_events_pb2.SubscribeRequest, _events_pb2.EventEnvelope]  # type: ignore[assignment]
     """Follows events matching type patterns, from a cursor, the beginning of retention, or now."""
     Ack: _aio.UnaryUnaryMultiCallable[_events_pb2.AckRequest, _events_pb2.AckResponse]  # type: ignore[assignment]
@@ -63,6 +67,14 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_events_pb2.PublishResponse, _abc.Awaitable[_events_pb2.PublishResponse]]:
         """Publishes an application event into this node's log."""
+
+    @_abc_1.abstractmethod
+    def PublishBatch(
+        self,
+        request: _events_pb2.PublishBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.PublishBatchResponse, _abc.Awaitable[_events_pb2.PublishBatchResponse]]:
+        """Publishes up to 1000 application events in one transaction, in request order."""
 
     @_abc_1.abstractmethod
     def Subscribe(
