@@ -24,7 +24,6 @@ from tessera_client import AsyncClient, Credentials
 from tessera_client.pb import (
     admin_pb2,
     command_pb2,
-    events_pb2,
     query_pb2,
     resources_pb2,
 )
@@ -252,13 +251,8 @@ async def test_admin_rpcs_need_an_admin_identity(node: NodeProcess) -> None:
         assert info.embedding_dimension == TEST_DIMENSION and info.schema_version >= 1
 
 
-async def test_unbuilt_rpcs_answer_unimplemented_and_say_so(node: NodeProcess) -> None:
+async def test_an_unregistered_command_type_names_the_field(node: NodeProcess) -> None:
     async with node.client() as c:
-        with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await c.events.Publish(events_pb2.PublishRequest(type="task.done"))
-        assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "not implemented yet" in (exc.value.details() or "")
-        # A command type no handler is registered for names the field, not UNIMPLEMENTED.
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.command.Execute(command_pb2.ExecuteRequest(
                 idempotency_key="p1", plugin=command_pb2.PluginCommand(type="task.assign")))

@@ -120,7 +120,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return None
         peer = authenticate(context.auth_context(), self.trust_domain, self.denied_serials)
         caller = Caller(peer.identity, peer.serial, peer.fingerprint_sha256,
-                        uuid.uuid4().hex[:16], service, method)
+                        uuid.uuid4().hex[:16], service, method, not_after=peer.not_after)
         bind_caller(caller)
         if access is not Access.ANY_AUTHENTICATED:
             caller = await self.admission.admit(caller, access)
@@ -132,11 +132,13 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def _finish(
         self, context: grpc.aio.ServicerContext, service: str, method: str, request: Any,
         started: float, exc: BaseException | None, response: Any = None,
-        response_bytes: int = 0,
+        response_bytes: int = 0, messages_out: int | None = None, cancelled: bool = False,
     ) -> None:
         """Audit and count the outcome, then abort with the mapped status on error."""
         status: grpc.Status | None = None
         code, reason = grpc.StatusCode.OK, ""
+        if cancelled:  # the client went away: record it, there is nobody to answer
+            code, reason = grpc.StatusCode.CANCELLED, "CANCELLED"
         if isinstance(exc, NotImplementedError):
             # The generated base servicer's answer for a method this server does not serve.
             exc = errors.Unimplemented(f"{service}/{method} is not served here")
@@ -160,15 +162,27 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await self.auditor.record(CallOutcome(
                     caller=caller_or_none(), service=service, method=method, code=code,
                     reason=reason, request=request, response_bytes=response_bytes,
-                    latency_s=elapsed, trace_id=_trace_id(context),
+                    latency_s=elapsed, trace_id=_trace_id(context), messages_out=messages_out,
                 ))
             except errors.TesseraError as audit_exc:
                 # No call is answered unaudited: the caller gets the audit failure instead.
                 status, code = grpc_status(audit_exc), status_code_of(audit_exc)
         if self.on_done is not None:
             self.on_done(service, method, code, elapsed)
-        if status is not None:
+        if status is not None and not cancelled:
             await context.abort_with_status(status)
+
+    async def _opened(self, context: grpc.aio.ServicerContext, service: str, method: str,
+                      request: Any, started: float) -> None:
+        """Audit that a stream opened: a stream can last for days, so its close row alone
+        would leave it invisible while it runs. Its close is the usual outcome row."""
+        if self.auditor is None or service in OPEN_SERVICES:
+            return
+        await self.auditor.record(CallOutcome(
+            caller=caller_or_none(), service=service, method=method,
+            code=grpc.StatusCode.OK, reason="STREAM_OPENED", request=request,
+            response_bytes=0, latency_s=time.perf_counter() - started,
+            trace_id=_trace_id(context)))
 
     def _unary_response(self, behavior: Any, access: Access, service: str, method: str,
                         *, request_stream: bool = False) -> Any:
@@ -198,10 +212,11 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             audited = None if request_stream else request
             started = time.perf_counter()
-            sent = 0
+            sent = count = 0
             with self._tracked(stream=True):
                 try:
                     await self._enter(context, access, service, method)
+                    await self._opened(context, service, method, audited, started)
                     result = behavior(request, context)
                     if inspect.isawaitable(result):
                         # A handler that writes with context.write() (grpc's own health
@@ -210,25 +225,32 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     else:
                         async for item in result:
                             sent += item.ByteSize()
+                            count += 1
                             yield item
                 except grpc.aio.AbortError:
                     raise
-                except asyncio.CancelledError:
-                    if self.drain is None or not self.drain.ending:
+                except (asyncio.CancelledError, GeneratorExit) as exc:
+                    if isinstance(exc, GeneratorExit) or self.drain is None \
+                            or not self.drain.ending:
+                        # A stream usually ends by its client leaving: audit that too.
+                        await self._finish(context, service, method, audited, started, None,
+                                           response_bytes=sent, messages_out=count,
+                                           cancelled=True)
                         raise
                     # The stopping node ended the stream: say so, rather than CANCELLED.
                     task = asyncio.current_task()
                     if task is not None:
                         task.uncancel()
                     await self._finish(context, service, method, audited, started,
-                                       self.drain.ended_stream(), response_bytes=sent)
+                                       self.drain.ended_stream(), response_bytes=sent,
+                                       messages_out=count)
                     raise  # unreachable: _finish aborted the call
                 except Exception as exc:
                     await self._finish(context, service, method, audited, started, exc,
-                                       response_bytes=sent)
+                                       response_bytes=sent, messages_out=count)
                     raise  # unreachable: _finish aborted the call
                 await self._finish(context, service, method, audited, started, None,
-                                   response_bytes=sent)
+                                   response_bytes=sent, messages_out=count)
 
         return wrapped
 

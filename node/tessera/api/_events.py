@@ -1,36 +1,148 @@
-"""EventService: the outbox is written by every command; streaming is not built yet."""
+"""EventService: thin servicer over tessera.events (publish, durable streams, ack)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from collections.abc import AsyncIterator
-from typing import NoReturn
 
 import grpc
 
-from tessera.core.errors import Unimplemented
-from tessera_client.pb import events_pb2, events_pb2_grpc
+from tessera.api._convert import dict_to_struct, struct_to_dict
+from tessera.api._query import check_key
+from tessera.api._validate import IDEMPOTENCY_RE, Checker
+from tessera.calls import current_caller, peer_scope
+from tessera.core.pagination import query_hash
+from tessera.events import Delivery, EventService, Start, SubscribeParams, type_problem
+from tessera.store import NewEvent, StoredEvent
+from tessera_client.pb import events_pb2, events_pb2_grpc, resources_pb2
 
-_LATER = (
-    "is not implemented yet: events are appended to the node's log with every write, "
-    "but publishing and following them over the API comes in a later release"
-)
+#: Initial-metadata header sent once a stream's subscription is in place.
+OPEN_HEADER = "tessera-stream-open"
+#: Durable subscription names: short, printable, no spaces.
+SUBSCRIPTION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_STARTS = {
+    events_pb2.START_POSITION_UNSPECIFIED: Start.UNSPECIFIED,
+    events_pb2.START_POSITION_BEGINNING: Start.BEGINNING,
+    events_pb2.START_POSITION_NOW: Start.NOW,
+    events_pb2.START_POSITION_CURSOR: Start.CURSOR,
+}
+
+
+def envelope(d: Delivery) -> events_pb2.EventEnvelope:
+    """A delivery (event or heartbeat) as the wire message."""
+    e = d.event
+    if e is None:
+        return events_pb2.EventEnvelope(cursor=d.cursor, heartbeat=True)
+    msg = events_pb2.EventEnvelope(
+        sequence=e.sequence, cursor=d.cursor, type=e.type, data=dict_to_struct(e.data),
+        source=e.origin or "local", actor=e.actor, id=str(e.id),
+    )
+    if e.has_subject:
+        msg.subject.CopyFrom(resources_pb2.ResourceKey(
+            workspace=e.workspace, kind=e.kind, id=e.resource_id))
+    msg.time.FromDatetime(e.created_at)
+    return msg
 
 
 class EventServicer(events_pb2_grpc.EventServiceServicer):
-    """Answers UNIMPLEMENTED, honestly, until event streaming is built."""
+    """Converts protobuf to the event service's types and back."""
+
+    def __init__(self, service: EventService, *, kinds: frozenset[str],
+                 max_payload_bytes: int, max_batch: int) -> None:
+        self.service = service
+        self.kinds = kinds
+        self.max_payload_bytes = max_payload_bytes
+        self.max_batch = max_batch
+
+    def _new_event(self, c: Checker, field: str, r: events_pb2.PublishRequest) -> NewEvent:
+        problem = type_problem(r.type, self.kinds)
+        if problem:
+            c.fail(f"{field}type", problem)
+        if r.idempotency_key:
+            c.pattern(f"{field}idempotency_key", r.idempotency_key, IDEMPOTENCY_RE,
+                      "1-128 printable ASCII characters without spaces")
+        ws = kind = rid = ""
+        if r.HasField("subject"):
+            k = r.subject
+            check_key(c, f"{field}subject", k.workspace, k.kind, k.id, self.kinds)
+            ws, kind, rid = k.workspace, k.kind, k.id
+        data = struct_to_dict(r.data)
+        size = len(json.dumps(data, separators=(",", ":")))
+        if size > self.max_payload_bytes:
+            c.fail(f"{field}data", f"is {size} bytes as JSON; at most "
+                                   f"{self.max_payload_bytes} are allowed")
+        request_hash = query_hash({"type": r.type, "subject": [ws, kind, rid], "data": data})
+        return NewEvent(type=r.type, workspace=ws, kind=kind, resource_id=rid, data=data,
+                        idempotency_key=r.idempotency_key, request_hash=request_hash)
 
     async def Publish(
         self, request: events_pb2.PublishRequest, context: grpc.aio.ServicerContext
-    ) -> NoReturn:
-        raise Unimplemented(f"EventService.Publish {_LATER}")
+    ) -> events_pb2.PublishResponse:
+        c = Checker()
+        event = self._new_event(c, "", request)
+        c.done()
+        stored = await self.service.publish(current_caller(), [event])
+        return events_pb2.PublishResponse(event=await self._envelope(stored[0]))
+
+    async def PublishBatch(
+        self, request: events_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.PublishBatchResponse:
+        c = Checker()
+        if not request.events:
+            c.fail("events", "at least one event is required")
+        if len(request.events) > self.max_batch:
+            c.fail("events", f"holds {len(request.events)} events; at most "
+                             f"{self.max_batch} per batch")
+            c.done()
+        events = [self._new_event(c, f"events[{i}].", r) for i, r in enumerate(request.events)]
+        c.done()
+        stored = await self.service.publish(current_caller(), events)
+        return events_pb2.PublishBatchResponse(
+            events=[await self._envelope(s) for s in stored])
+
+    async def _envelope(self, e: StoredEvent) -> events_pb2.EventEnvelope:
+        return envelope(Delivery(e, await self.service.cursor_of(e.sequence)))
 
     async def Subscribe(
         self, request: events_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[events_pb2.EventEnvelope]:
-        raise Unimplemented(f"EventService.Subscribe {_LATER}")
-        yield  # pragma: no cover - makes this an async generator, as the stub expects
+        caller = current_caller()
+        scope = peer_scope(caller)
+        c = Checker()
+        start = _STARTS.get(request.start)
+        if start is None:
+            c.fail("start", "is not a known StartPosition")
+        if request.subscription:
+            c.pattern("subscription", request.subscription, SUBSCRIPTION_RE,
+                      "1-128 characters of [A-Za-z0-9._:-]")
+        if start == Start.CURSOR and not request.cursor:
+            c.fail("cursor", "is required with start START_POSITION_CURSOR")
+        if request.cursor and start != Start.CURSOR:
+            c.fail("cursor", "is only read with start START_POSITION_CURSOR")
+        c.done()
+        params = SubscribeParams(tuple(request.type_patterns), start or Start.UNSPECIFIED,
+                                 request.cursor, request.subscription)
+        stream = self.service.subscribe(caller, scope, params)
+        async with contextlib.aclosing(stream):
+            async for delivery in stream:
+                if delivery.opened:
+                    # Tell the client the subscription is in place before any event: a
+                    # refused stream never gets this header, only its error status.
+                    await context.send_initial_metadata(((OPEN_HEADER, "1"),))
+                    continue
+                yield envelope(delivery)
 
     async def Ack(
         self, request: events_pb2.AckRequest, context: grpc.aio.ServicerContext
-    ) -> NoReturn:
-        raise Unimplemented(f"EventService.Ack {_LATER}")
+    ) -> events_pb2.AckResponse:
+        c = Checker()
+        c.pattern("subscription", request.subscription, SUBSCRIPTION_RE,
+                  "1-128 characters of [A-Za-z0-9._:-]")
+        if not request.cursor:
+            c.fail("cursor", "is required")
+        c.done()
+        cursor = await self.service.ack(current_caller(), request.subscription, request.cursor)
+        return events_pb2.AckResponse(cursor=cursor)
+

@@ -16,6 +16,7 @@ from tessera.commands import Registry, Runner
 from tessera.config import Config
 from tessera.core.pagination import PageTokens
 from tessera.core.paths import CredentialFiles, NodePaths
+from tessera.events import EventService
 from tessera.federation import Federation
 from tessera.grants import GrantStore
 from tessera.peering import Peering
@@ -75,6 +76,8 @@ class Runtime:
     operations: OperationStore
     commands: Registry
     runner: Runner
+    #: Publishing, streams and durable subscriptions of the event log.
+    events: EventService
     #: Grants' row budgets (None only in tests that build a Runtime without Valkey).
     budgets: RowBudgets | None = None
 

@@ -42,6 +42,7 @@ from tessera.core.errors import ConfigError, Unauthenticated
 from tessera.core.pagination import PageTokens
 from tessera.core.paths import CredentialFiles, NodePaths
 from tessera.embedded import EmbeddedPostgres, EmbeddedService, EmbeddedValkey
+from tessera.events import EventHub, EventService
 from tessera.federation import Federation
 from tessera.grants import GrantStore
 from tessera.observability import Metrics
@@ -174,6 +175,9 @@ class Node:
         await self.health.enter_graceful_shutdown()
         await self.drain.settle(quiet_s=0.1, max_s=min(2.0, grace / 4))
         self.drain.begin()
+        # Open event streams never finish on their own: end them now (UNAVAILABLE,
+        # reconnect to resume) so the grace period serves the calls that do finish.
+        await self.runtime.events.hub.close()
         # The last moment of the grace period is for ending streams with a clear status.
         margin = min(1.0, grace / 10)
         if not await self.drain.wait_idle(grace - margin):
@@ -246,6 +250,17 @@ def _peering(cfg: Config, identity: SpiffeId, grants: GrantStore, tokens: PageTo
     )
 
 
+async def _start_events(stack: contextlib.AsyncExitStack, cfg: Config, pool: Pool, dsn: str,
+                        grants: GrantStore, certs: NodeCertificates,
+                        metrics: Metrics) -> EventService:
+    """The event log's service, with its listener and pruner running."""
+    event_store = store.EventStore(pool, origin=cfg.node.name)
+    hub = EventHub(dsn, event_store, cfg.events, registry=metrics.registry)
+    await hub.start()
+    stack.push_async_callback(hub.close)
+    return EventService(event_store, hub, grants, cfg.events, denied_serials=certs.deny_list)
+
+
 def _grpc_server(rt: Runtime, metrics: Metrics, drain: Drain) -> grpc.aio.Server:
     cfg = rt.cfg
     server = grpc.aio.server(
@@ -263,7 +278,9 @@ def _grpc_server(rt: Runtime, metrics: Metrics, drain: Drain) -> grpc.aio.Server
     )
     query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(rt), server)
     command_pb2_grpc.add_CommandServiceServicer_to_server(CommandServicer(rt), server)
-    events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(), server)
+    events_pb2_grpc.add_EventServiceServicer_to_server(
+        EventServicer(rt.events, kinds=rt.kinds, max_payload_bytes=cfg.events.max_payload_bytes,
+                      max_batch=cfg.events.max_batch), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(rt), server)
     return server
 
@@ -358,7 +375,8 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         tokens = PageTokens(_page_token_secret(paths))
         grants = GrantStore(pool)
         endpoints = Endpoints()
-        resources = store.ResourceStore(pool)
+        events = await _start_events(stack, cfg, pool, dsn, grants, certs, metrics)
+        resources = store.ResourceStore(pool, origin=cfg.node.name)
         operations = store.OperationStore(pool, resources)
         commands = Registry.default()
         # Allow-listed agent runs (agent.spawn); a wrong entry stops the start here.
@@ -380,7 +398,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
             issuer_kind=issuer_kind, dsn=dsn, valkey_url=valkey_url, server_files=server_files,
             certificates=certs, federation=federation, grants=grants,
             peering=_peering(cfg, identity, grants, tokens, credentials, certs, endpoints),
-            limiter=limiter, auditor=auditor, endpoints=endpoints,
+            limiter=limiter, auditor=auditor, endpoints=endpoints, events=events,
             operations=operations, commands=commands, runner=runner,
             budgets=RowBudgets(valkey, key_prefix=f"tessera:rb:{identity.uri}",
                                timeout_s=cfg.ratelimit.decision_timeout_ms / 1000,

@@ -44,8 +44,15 @@ def entry_of(outcome: CallOutcome, now: dt.datetime | None = None) -> AuditEntry
         bytes_out=int(outcome.response_bytes),
         latency_us=round(outcome.latency_s * 1_000_000),
         trace_id=_clean(outcome.trace_id),
-        reason=outcome.reason,
+        reason=_stream_reason(outcome),
     )
+
+
+def _stream_reason(outcome: CallOutcome) -> str:
+    """A stream's close row says how many messages it delivered, after any reason."""
+    if outcome.messages_out is None:
+        return outcome.reason
+    return f"{outcome.reason or 'STREAM_CLOSED'} delivered={outcome.messages_out}"
 
 
 def _clean(text: str, limit: int = 128) -> str:

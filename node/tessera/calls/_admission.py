@@ -22,6 +22,8 @@ PEER_METHODS = frozenset({
     ("tessera.v1.CommandService", "GetOperation"),
     ("tessera.v1.CommandService", "WatchOperation"),
     ("tessera.v1.CommandService", "CancelOperation"),
+    ("tessera.v1.EventService", "Subscribe"),
+    ("tessera.v1.EventService", "Ack"),
 })
 
 _STATE_DENIALS = {

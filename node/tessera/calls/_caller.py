@@ -42,6 +42,8 @@ class Caller:
     grant: Grant | None = None
     #: The grant's scope, evaluated once by admission; servicers push it into their SQL.
     scope: Scope | None = None
+    #: When the client certificate expires (long-lived streams end then).
+    not_after: datetime | None = None
 
     @property
     def uri(self) -> str:
@@ -167,6 +169,8 @@ class CallOutcome:
     response_bytes: int
     latency_s: float
     trace_id: str
+    #: Messages a streaming call delivered (None for calls answering one message).
+    messages_out: int | None = None
 
 
 class Auditor(Protocol):

@@ -308,6 +308,29 @@ class AgentsConfig:
 
 
 @dataclass(frozen=True)
+class EventsConfig:
+    """The event log and its streams."""
+
+    #: Events older than this many seconds are pruned; 0 keeps them regardless of age.
+    retention_max_age_s: float = 7 * 24 * 3600.0
+    #: At most this many of the newest events are kept; 0 means no count limit.
+    retention_max_count: int = 0
+    #: Seconds between pruning runs on each replica.
+    prune_interval_s: float = 60.0
+    #: Largest serialised JSON payload of a published event, in bytes.
+    max_payload_bytes: int = 64 * 1024
+    #: Most events one PublishBatch may carry.
+    max_batch: int = 1000
+    #: Most durable subscriptions one caller may have.
+    max_subscriptions_per_caller: int = 100
+    #: Events a stream reads from the database at a time: its whole buffer, whatever the
+    #: consumer's speed (a slow consumer holds the stream back by gRPC flow control).
+    stream_buffer: int = 256
+    #: Seconds of idleness after which a stream sends a heartbeat.
+    keepalive_s: float = 15.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of a node."""
 
@@ -324,6 +347,7 @@ class Config:
     enrolment: EnrolmentConfig = field(default_factory=EnrolmentConfig)
     operations: OperationsConfig = field(default_factory=OperationsConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
 
     @property
     def tier(self) -> str:
@@ -347,6 +371,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "enrolment": EnrolmentConfig,
     "operations": OperationsConfig,
     "agents": AgentsConfig,
+    "events": EventsConfig,
 }
 
 
@@ -527,6 +552,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError("operations: max_attempts and max_running must be at least 1")
     if cfg.agents.kill_grace_s < 0:
         raise ConfigError("agents.kill_grace_s: must be at least 0")
+    _validate_events(cfg)
+
+
+def _validate_events(cfg: Config) -> None:
+    """The [events] section."""
+    e = cfg.events
+    if e.retention_max_age_s < 0 or e.retention_max_count < 0:
+        raise ConfigError("events.retention_max_age_s/retention_max_count: must be 0 (no "
+                          "limit) or positive")
+    if e.prune_interval_s <= 0:
+        raise ConfigError("events.prune_interval_s: must be positive")
+    if not 1024 <= e.max_payload_bytes <= 1 << 20:
+        raise ConfigError("events.max_payload_bytes: must be between 1024 and 1048576")
+    if not 1 <= e.max_batch <= 10_000:
+        raise ConfigError("events.max_batch: must be between 1 and 10000")
+    if e.max_subscriptions_per_caller < 1:
+        raise ConfigError("events.max_subscriptions_per_caller: must be at least 1")
+    if not 1 <= e.stream_buffer <= 10_000:
+        raise ConfigError("events.stream_buffer: must be between 1 and 10000")
+    if not 0.05 <= e.keepalive_s <= 3600:
+        raise ConfigError("events.keepalive_s: must be between 0.05 and 3600")
 
 
 def _validate_ratelimit(cfg: Config) -> None:

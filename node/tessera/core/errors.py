@@ -66,6 +66,12 @@ class FailedPrecondition(TesseraError):
     reason = "FAILED_PRECONDITION"
 
 
+class OutOfRange(TesseraError):
+    """A position the caller named is past what exists (an event cursor beyond retention)."""
+
+    reason = "OUT_OF_RANGE"
+
+
 class ResourceExhausted(TesseraError):
     """A rate limit or quota was hit; `retry_after_s` says how long to wait."""
 

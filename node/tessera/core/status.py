@@ -21,6 +21,7 @@ _CODES: list[tuple[type[errors.TesseraError], int]] = [
     (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
     (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
     (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+    (errors.OutOfRange, code_pb2.OUT_OF_RANGE),
     (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
     (errors.Unimplemented, code_pb2.UNIMPLEMENTED),
     (errors.Unavailable, code_pb2.UNAVAILABLE),

@@ -2,11 +2,12 @@
 
 from tessera.grants._model import ALL_WORKSPACES, Grant, Peer, PeerState
 from tessera.grants._scope import DELETE, PUT, Decision, Scope
-from tessera.grants._store import Admitted, GrantStore
+from tessera.grants._store import GRANTS_CHANNEL, Admitted, GrantStore
 
 __all__ = [
     "ALL_WORKSPACES",
     "DELETE",
+    "GRANTS_CHANNEL",
     "PUT",
     "Admitted",
     "Decision",

@@ -50,6 +50,8 @@ class Scope:
     include_personal: bool
     row_cap: int
     command_types: frozenset[str]
+    #: Event type patterns the peer may follow ("task.*"); empty means none.
+    event_types: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, grant: Grant, never_shared: Collection[str]) -> Scope:
@@ -62,7 +64,8 @@ class Scope:
         if not grant.workspaces and not grant.teams:
             kinds = frozenset()  # default deny: a grant naming no place grants nothing
         return cls(grant.name, kinds, workspaces, grant.teams, grant.subject_user,
-                   grant.include_personal, grant.row_cap, grant.command_types)
+                   grant.include_personal, grant.row_cap, grant.command_types,
+                   grant.event_types)
 
     @property
     def withholds_personal(self) -> bool:

@@ -14,6 +14,10 @@ from tessera.core.errors import FailedPrecondition, NotFound, PermissionDenied, 
 from tessera.grants._model import Grant, Peer, PeerState
 from tessera.store import Pool
 
+#: NOTIFY channel announcing that a peer's grant or state changed; the payload is the
+#: peer's name. Open event streams of that peer re-check their admission at once.
+GRANTS_CHANNEL = "tessera_grants"
+
 _GRANT_COLUMNS = (
     "id, peer, kinds, excluded_kinds, workspaces, teams, subject_user, include_personal,"
     " row_cap, command_types, event_types, rate_per_s, burst, expire_time, created_at,"
@@ -196,13 +200,15 @@ class GrantStore:
         self, name: str, state: PeerState, reason: str, *, allowed_from: Sequence[PeerState]
     ) -> Peer:
         """Move a peer to `state` if it is in one of `allowed_from`."""
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "UPDATE peers SET state = %s, state_reason = %s, updated_at = now()"
                 " WHERE name = %s AND state = ANY(%s::text[]) RETURNING *",
                 (state.value, reason, name, [s.value for s in allowed_from]),
             )
             row = await cur.fetchone()
+            if row is not None:
+                await conn.execute("SELECT pg_notify(%s, %s)", (GRANTS_CHANNEL, name))
         if row is None:
             peer = await self.get_peer(name)
             raise FailedPrecondition(
@@ -281,13 +287,15 @@ class GrantStore:
 
     async def revoke_grant(self, name: str) -> Grant:
         """Revoke a grant (idempotent); the next call of its peer no longer finds it."""
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "UPDATE grants SET revoked_at = coalesce(revoked_at, now())"  # noqa: S608
                 f" WHERE id = %s RETURNING {_GRANT_COLUMNS}",
                 (grant_id(name),),
             )
             row = await cur.fetchone()
+            if row is not None:
+                await conn.execute("SELECT pg_notify(%s, %s)", (GRANTS_CHANNEL, row["peer"]))
         if row is None:
             raise NotFound(f"grant {name} does not exist")
         return _row_to_grant(row)

@@ -16,11 +16,13 @@ from tessera.pki._renewal import (
     read_status,
     sans_of,
 )
+from tessera.pki._revocations import CHANNEL as REVOCATIONS_CHANNEL
 from tessera.pki._revocations import record_revocation_at
 from tessera.pki._tls import ReloadableServerCredentials, TlsMaterial
 from tessera.pki.stepca import StepCAError, StepCAIssuer, init_stepca
 
 __all__ = [
+    "REVOCATIONS_CHANNEL",
     "CertState",
     "CertificateStatus",
     "DenyList",

@@ -1,6 +1,16 @@
 """PostgreSQL + pgvector storage: pool, migrations, resources, events, operations."""
 
 from tessera.store._db import migrate, migrations, open_pool, redact_dsn, schema_version
+from tessera.store._events import (
+    EVENTS_CHANNEL,
+    EventStore,
+    LogState,
+    NewEvent,
+    Page,
+    StoredEvent,
+    Subscription,
+    append_events,
+)
 from tessera.store._operations import (
     DONE_STATES,
     OPERATION_EVENT_KIND,
@@ -13,7 +23,6 @@ from tessera.store._operations import (
 )
 from tessera.store._predicate import NOTHING, Predicate
 from tessera.store._resources import (
-    EVENTS_CHANNEL,
     ListQuery,
     Pool,
     Resource,
@@ -33,18 +42,25 @@ __all__ = [
     "OPERATIONS_CHANNEL",
     "OPERATION_EVENT_KIND",
     "Effect",
+    "EventStore",
     "ListQuery",
+    "LogState",
     "Metric",
+    "NewEvent",
     "Operation",
     "OperationError",
     "OperationStore",
+    "Page",
     "Pool",
     "Predicate",
     "Resource",
     "ResourceKey",
     "ResourceStore",
     "SearchQuery",
+    "StoredEvent",
+    "Subscription",
     "append_event",
+    "append_events",
     "etag_of",
     "migrate",
     "migrations",

@@ -285,9 +285,14 @@ class OperationStore:
                     effect = await apply(conn)
                     sequence = None
                     for event_type, resource in effect.events:
+                        # The payload holds nothing a reader of the event could not read
+                        # through GetResource; team and owner are the row's, also for a
+                        # delete (the row is gone by the time of the append).
                         sequence = await append_event(
                             conn, event_type, resource.key,
                             {"version": resource.version, "etag": resource.etag}, caller,
+                            team=resource.team, owner=resource.owner,
+                            origin=self.resources.origin,
                         )
                     result: dict[str, Any] = {"not_found": effect.not_found}
                     if effect.batch is not None:

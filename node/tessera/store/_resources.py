@@ -14,12 +14,10 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from tessera.core.errors import FailedPrecondition, NotFound, PermissionDenied
+from tessera.store._events import NewEvent, append_events
 from tessera.store._predicate import Predicate
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
-# Transaction-level lock taken by every event append: sequence order = commit order.
-_EVENT_LOCK = 0x7E55E7A1
-EVENTS_CHANNEL = "tessera_events"
 
 
 @dataclass(frozen=True)
@@ -168,8 +166,10 @@ def vector_literal(values: Sequence[float]) -> str:
 class ResourceStore:
     """Reads and writes resources; every write appends its event in the same transaction."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, *, origin: str = "") -> None:
         self.pool = pool
+        #: The node name recorded as the origin of resource events.
+        self.origin = origin
 
     async def get(self, key: ResourceKey, scope: Predicate | None = None) -> Resource:
         """One resource; NotFound if absent or outside `scope` (indistinguishably)."""
@@ -325,19 +325,17 @@ class ResourceStore:
 
 async def append_event(
     conn: psycopg.AsyncConnection[Any], event_type: str, key: ResourceKey | None,
-    data: dict[str, Any], actor: str,
+    data: dict[str, Any], actor: str, *, team: str | None = None, owner: str | None = None,
+    origin: str = "",
 ) -> int:
-    """Append an event inside the caller's transaction; returns its sequence."""
-    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_EVENT_LOCK,))
-    cur = await conn.execute(
-        "INSERT INTO events (sequence, type, workspace, kind, resource_id, data, actor)"
-        " SELECT coalesce(max(sequence), 0) + 1, %s, %s, %s, %s, %s::jsonb, %s FROM events"
-        " RETURNING sequence",
-        (event_type, key.workspace if key else "", key.kind if key else "",
-         key.id if key else "", json.dumps(data), actor),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    sequence = int(row["sequence"])
-    await conn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, str(sequence)))
-    return sequence
+    """Append one event inside the caller's transaction; returns its sequence.
+
+    Team and owner None are taken from the subject's row, if there is one (see
+    `store._events.append_events`, which also keeps sequence order = commit order).
+    """
+    stored = await append_events(conn, [NewEvent(
+        type=event_type, workspace=key.workspace if key else "", kind=key.kind if key else "",
+        resource_id=key.id if key else "", data=data, team=team, owner=owner,
+    )], actor=actor, origin=origin)
+    return stored[0].sequence
+
