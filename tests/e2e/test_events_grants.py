@@ -1,0 +1,159 @@
+"""Event streams to peers, scoped by their grants, between real nodes over real mTLS.
+
+Every "never delivers" check ends with a sentinel event the peer may see, published after
+the events it may not: the stream is in sequence order, so once the sentinel arrives every
+earlier event has been decided, and absence is proven without waiting for a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from tessera_client import AsyncClient
+from tessera_client.pb import admin_pb2, events_pb2
+from tests.fixtures.events import WAIT_S, event, opened, read_until, subscribe
+from tests.fixtures.nodes import NodeFactory, NodeProcess
+from tests.fixtures.peers import Peering, put_request, reason_of
+
+#: B's data: (workspace, kind, id, team, owner).
+SEED = [
+    ("acme", "task", "t1", "core", "bob"),
+    ("acme", "task", "t2", "ops", ""),
+    ("acme", "task", "t3", "core", ""),
+    ("acme", "task", "p1", "core", "ann"),  # ann's personal task
+    ("acme", "note", "n1", "core", ""),
+    ("acme", "credential", "c1", "core", ""),  # never shareable
+    ("beta", "task", "x1", "core", ""),  # another workspace
+    ("beta", "note", "x2", "core", ""),
+]
+
+
+@pytest.fixture
+async def b(node_factory: NodeFactory) -> NodeProcess:
+    node = node_factory(name="b")
+    async with node.client() as c:
+        for ws, kind, rid, team, owner in SEED:
+            await c.command.Execute(put_request(ws, kind, rid, team=team, owner=owner))
+    return node
+
+
+def keyed(events: list[events_pb2.EventEnvelope]) -> list[tuple[str, str, str, str]]:
+    return [(e.type, e.subject.workspace, e.subject.kind, e.subject.id) for e in events]
+
+
+async def test_peer_gets_only_granted_types_in_its_workspace_with_a_subject(
+    b: NodeProcess, peering: Peering,
+) -> None:
+    peer = await peering.link(b, "a", kinds=["task", "note"],
+                              workspaces=["acme"], event_types=["task.*"])
+    async with b.client() as local:
+        await local.events.Publish(event("task.done", subject=("acme", "task", "t1"), ok=1))
+        await local.events.Publish(event("task.done", ok=2))  # no subject: never to a peer
+        await local.events.Publish(event("task.done", subject=("beta", "task", "x1"), ok=3))
+        await local.events.Publish(event("note.shared", subject=("acme", "note", "n1")))
+        sentinel = (await local.events.Publish(
+            event("task.done", subject=("acme", "task", "t3"), ok=4))).event
+    call = subscribe(peer, start=events_pb2.START_POSITION_BEGINNING)
+    got = await read_until(call, lambda e: e.id == sentinel.id)
+    call.cancel()
+    assert keyed(got) == [
+        ("task.put", "acme", "task", "t1"), ("task.put", "acme", "task", "t2"),
+        ("task.put", "acme", "task", "t3"), ("task.put", "acme", "task", "p1"),
+        ("task.done", "acme", "task", "t1"), ("task.done", "acme", "task", "t3"),
+    ]
+    # A resource event says only what GetResource would show the peer anyway.
+    assert set(got[0].data.keys()) == {"version", "etag"}
+
+
+async def test_team_and_personal_scopes_deliver_only_their_rows_events(
+    b: NodeProcess, peering: Peering,
+) -> None:
+    peer = await peering.link(b, "a", kinds=["task"], workspaces=["acme"], teams=["core"],
+                              subject_user="ann", include_personal=False, event_types=["*"])
+    async with b.client() as local:
+        # A later move of t2 into the team does not widen who saw its earlier events.
+        await local.command.Execute(put_request("acme", "task", "t2", team="core", key="move"))
+        sentinel = (await local.events.Publish(
+            event("task.checked", subject=("acme", "task", "t3")))).event
+    call = subscribe(peer, start=events_pb2.START_POSITION_BEGINNING)
+    got = await read_until(call, lambda e: e.id == sentinel.id)
+    call.cancel()
+    assert keyed(got) == [
+        ("task.put", "acme", "task", "t1"), ("task.put", "acme", "task", "t3"),
+        ("task.put", "acme", "task", "t2"), ("task.checked", "acme", "task", "t3"),
+    ]
+    assert got[2].data["version"] == 2  # the put that moved t2 into core, not the first
+
+
+async def _denied(call: grpc.aio.UnaryStreamCall) -> grpc.aio.AioRpcError:
+    """Read the stream until it ends with an error (fails if it ends otherwise)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while True:
+        try:
+            msg = await asyncio.wait_for(call.read(), max(0.1, deadline - loop.time()))
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        except TimeoutError:
+            raise AssertionError("the stream stayed open") from None
+        assert msg is not grpc.aio.EOF, "the stream ended without an error"
+
+
+async def _linked_and_open(b: NodeProcess, peering: Peering
+                           ) -> tuple[AsyncClient, grpc.aio.UnaryStreamCall, admin_pb2.Grant]:
+    token = await peering.invite(b, "a")
+    grant = await peering.grant(b, "a", kinds=["task"], workspaces=["acme"],
+                                event_types=["task.*"])
+    joined = await peering.join_dir(token, peering.tmp_path / "peer-a")
+    peer = joined.client()
+    peering.clients.append(peer)
+    call = subscribe(peer, "task.*", start=events_pb2.START_POSITION_NOW)
+    assert await opened(call)
+    return peer, call, grant
+
+
+async def test_revoking_the_grant_ends_the_open_stream(b: NodeProcess, peering: Peering) -> None:
+    _, call, grant = await _linked_and_open(b, peering)
+    async with b.client("admin") as admin:
+        await admin.admin.RevokeGrant(admin_pb2.RevokeGrantRequest(name=grant.name))
+    err = await _denied(call)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason_of(err) == "GRANT_REVOKED"
+
+
+async def test_suspending_the_peer_ends_the_open_stream(b: NodeProcess, peering: Peering) -> None:
+    _, call, _ = await _linked_and_open(b, peering)
+    async with b.client("admin") as admin:
+        await admin.admin.SuspendPeer(admin_pb2.SuspendPeerRequest(name="a", reason="test"))
+    err = await _denied(call)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason_of(err) == "PEER_SUSPENDED"
+
+
+async def test_revoking_the_peer_ends_the_stream_on_every_replica(
+    node_factory: NodeFactory, b: NodeProcess, peering: Peering,
+) -> None:
+    # A second replica of b: same database, so the same peers and grants.
+    b2 = node_factory(name="b", env={"TESSERA_STORE_DSN": b.env["TESSERA_STORE_DSN"]})
+    _, call, _ = await _linked_and_open(b, peering)
+    async with b2.client("admin") as admin:
+        await admin.admin.RevokePeer(admin_pb2.RevokePeerRequest(name="a", reason="test"))
+    err = await _denied(call)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason_of(err) in {"PEER_REVOKED", "CERT_REVOKED"}
+
+
+async def test_peers_may_not_publish_and_need_event_types_to_follow(
+    b: NodeProcess, peering: Peering,
+) -> None:
+    peer = await peering.link(b, "a", kinds=["task"], workspaces=["acme"])
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await peer.events.Publish(event("task.done"))
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    call = subscribe(peer)
+    err = await _denied(call)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason_of(err) == "EVENT_TYPES_NOT_GRANTED"
