@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tessera.cli.agents import add_commands as add_agent_commands
 
     add_agent_commands(sub, common, _load)
+    from tessera.cli.events import add_commands as add_event_commands
+
+    add_event_commands(sub, common, _load)
     return parser
 
 
