@@ -115,7 +115,7 @@ async def test_durable_subscriber_reconnects_and_receives_every_event_in_order(
         await c.events.Ack(events_pb2.AckRequest(subscription="worker", cursor=got[99].cursor))
         first.cancel()
         # The lock of the closed stream is released in the background: retry until free.
-        again = await _reopen(c, "worker")
+        again = await _reopen(c, "worker", start=BEGINNING)  # resumes; does not rewind
         rest = await read_until(again, lambda e: e.id == published[-1].id)
         again.cancel()
     assert [e.data["i"] for e in rest] == list(range(100, n))

@@ -154,8 +154,10 @@ class EventService:
             return sub, sub.acked_sequence
         patterns = list(params.patterns) if params.patterns else None
         acked: int | None = None
-        if params.start != Start.UNSPECIFIED:
-            acked = await self._start_position(params, default=-1)  # an explicit seek
+        if params.start == Start.CURSOR:
+            # A cursor names one position: an explicit seek. BEGINNING and NOW only say
+            # where a new subscription starts, so a client may resend the same request.
+            acked = await self._start_position(params, default=-1)
         if patterns is not None or acked is not None:
             updated = await self.store.update_subscription(caller.uri, params.name,
                                                            patterns=patterns, acked=acked)
