@@ -146,3 +146,12 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         cursor = await self.service.ack(current_caller(), request.subscription, request.cursor)
         return events_pb2.AckResponse(cursor=cursor)
 
+    async def DeleteSubscription(
+        self, request: events_pb2.DeleteSubscriptionRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.DeleteSubscriptionResponse:
+        c = Checker()
+        c.pattern("subscription", request.subscription, SUBSCRIPTION_RE,
+                  "1-128 characters of [A-Za-z0-9._:-]")
+        c.done()
+        await self.service.delete(current_caller(), request.subscription)
+        return events_pb2.DeleteSubscriptionResponse()

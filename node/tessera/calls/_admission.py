@@ -24,6 +24,7 @@ PEER_METHODS = frozenset({
     ("tessera.v1.CommandService", "CancelOperation"),
     ("tessera.v1.EventService", "Subscribe"),
     ("tessera.v1.EventService", "Ack"),
+    ("tessera.v1.EventService", "DeleteSubscription"),
 })
 
 _STATE_DENIALS = {

@@ -106,6 +106,7 @@ class EventHub:
         self.streams: set[StreamHandle] = set()
         self.head = 0
         self.listening = False
+        self.closed = False
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_conn: psycopg.AsyncConnection[Any] | None = None
         self._lock_mutex = asyncio.Lock()
@@ -127,6 +128,7 @@ class EventHub:
 
     async def close(self) -> None:
         """End every stream (UNAVAILABLE), stop the tasks, close the connections."""
+        self.closed = True
         for handle in list(self.streams):
             handle.end(Unavailable("the node is shutting down; reconnect to resume"))
         for task in self._tasks:
@@ -143,7 +145,9 @@ class EventHub:
     # -- streams ------------------------------------------------------------------------
 
     def register(self, caller: Caller) -> StreamHandle:
-        """Track a new stream."""
+        """Track a new stream; Unavailable once the hub is closing."""
+        if self.closed:
+            raise Unavailable("the node is shutting down; reconnect to another replica")
         handle = StreamHandle(caller, position=self.head)
         self.streams.add(handle)
         self.metrics.streams.labels(_who(caller)).inc()
@@ -194,11 +198,12 @@ class EventHub:
         """Release a durable subscription's lock (in the background: callers may be
         cancelled tasks)."""
         if key in self._held:
-            task = asyncio.get_running_loop().create_task(self._unlock(key))
+            task = asyncio.get_running_loop().create_task(self.unlock(key))
             self._unlocks.add(task)
             task.add_done_callback(self._unlocks.discard)
 
-    async def _unlock(self, key: int) -> None:
+    async def unlock(self, key: int) -> None:
+        """Release a durable subscription's lock now."""
         async with self._lock_mutex:
             if key not in self._held:
                 return

@@ -38,6 +38,9 @@ from tessera.events._patterns import like_of, pattern_problem
 from tessera.grants import GrantStore, PeerState, Scope
 from tessera.store import EventStore, NewEvent, StoredEvent, Subscription
 
+#: Most sequences one read of a stream examines (see EventStore.read).
+SCAN_WINDOW = 20_000
+
 
 class Start:
     """Where a stream starts (mirrors the proto enum)."""
@@ -119,6 +122,19 @@ class EventService:
         if sub is None:
             raise NotFound(f"durable subscription {name!r} does not exist")
         return await self.cursor_of(sub.acked_sequence)
+
+    async def delete(self, caller: Caller, name: str) -> None:
+        """Delete the caller's durable subscription, unless a stream has it open."""
+        key = lock_key(caller.uri, name)
+        if not await self.hub.try_lock(key):
+            raise FailedPrecondition(
+                f"durable subscription {name!r} has an open stream; close it first",
+                reason="SUBSCRIPTION_OPEN")
+        try:
+            if not await self.store.delete_subscription(caller.uri, name):
+                raise NotFound(f"durable subscription {name!r} does not exist")
+        finally:
+            await self.hub.unlock(key)
 
     # -- subscribe ------------------------------------------------------------------------
 
@@ -222,7 +238,7 @@ class EventService:
             handle.wake.clear()  # before the read: a wake during it triggers another read
             page = await self.store.read(after=position, limit=self.cfg.stream_buffer,
                                          like_patterns=like, grant_like_patterns=grant_like,
-                                         scope=predicate)
+                                         scope=predicate, window=SCAN_WINDOW)
             if position < page.state.pruned_through:
                 raise await self._out_of_range(position, page.state.pruned_through)
             self.hub.head = max(self.hub.head, page.state.head)
@@ -233,8 +249,8 @@ class EventService:
                 last_sent = time.monotonic()
             position = page.scanned_through
             handle.position = position
-            if len(page.events) >= self.cfg.stream_buffer:
-                continue
+            if len(page.events) >= self.cfg.stream_buffer or position < page.state.head:
+                continue  # more to read now: a full page, or the scan window ended early
             idle = time.monotonic() - last_sent
             if idle >= keepalive:
                 if caller.peer:

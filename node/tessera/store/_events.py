@@ -244,16 +244,23 @@ class EventStore:
     async def read(
         self, *, after: int, limit: int, like_patterns: Sequence[str],
         grant_like_patterns: Sequence[str] | None = None, scope: Predicate | None = None,
+        window: int = 0,
     ) -> Page:
         """Up to `limit` events after `after`, oldest first, matching the filters.
 
         `grant_like_patterns` and `scope` are a peer's: only events of a type its grant
         lists, with a subject, whose recorded workspace, kind, team and owner the scope
         may read (the scope's own SQL, over the event's recorded columns).
+
+        `window` > 0 bounds the sequences one read examines, so a selective filter over a
+        long log costs many short reads instead of one that outlives the statement timeout.
         """
         where: list[sql.Composable] = [sql.SQL("sequence > %s"),
                                        sql.SQL("type LIKE ANY(%s::text[])")]
         params: list[Any] = [after, list(like_patterns)]
+        if window > 0:
+            where.append(sql.SQL("sequence <= %s"))
+            params.append(after + window)
         if grant_like_patterns is not None:
             where.append(sql.SQL("type LIKE ANY(%s::text[])"))
             params.append(list(grant_like_patterns))
@@ -278,8 +285,11 @@ class EventStore:
         events = [_row_to_event(r) for r in rows if r["sequence"] is not None]
         # The head may be read before an append that commits during the statement; events
         # above it can still appear in `e`, so never report less than what was returned.
-        scanned = events[-1].sequence if len(events) >= limit else \
-            max(state.head, events[-1].sequence if events else after, after)
+        if len(events) >= limit:
+            scanned = events[-1].sequence
+        else:  # everything up to the head (or the window's end) was examined
+            scanned = min(state.head, after + window) if window > 0 else state.head
+            scanned = max(scanned, after, events[-1].sequence if events else after)
         return Page(events, scanned, state)
 
     async def prune(self, *, max_age_s: float, max_count: int) -> int:
@@ -374,3 +384,12 @@ class EventStore:
                 (sequence, caller, name))
             row = await cur.fetchone()
         return _row_to_subscription(row) if row else None
+
+    async def delete_subscription(self, caller: str, name: str) -> bool:
+        """Delete the caller's subscription; False if it has none of that name."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM event_subscriptions WHERE caller = %s AND name = %s RETURNING name",
+                (caller, name))
+            row = await cur.fetchone()
+        return row is not None

@@ -56,6 +56,11 @@ class EventServiceStub:
                 request_serializer=tessera_dot_v1_dot_events__pb2.AckRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_events__pb2.AckResponse.FromString,
                 _registered_method=True)
+        self.DeleteSubscription = channel.unary_unary(
+                '/tessera.v1.EventService/DeleteSubscription',
+                request_serializer=tessera_dot_v1_dot_events__pb2.DeleteSubscriptionRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_events__pb2.DeleteSubscriptionResponse.FromString,
+                _registered_method=True)
 
 
 class EventServiceServicer:
@@ -90,6 +95,13 @@ class EventServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteSubscription(self, request, context):
+        """Deletes one of the caller's durable subscriptions (not while a stream has it open).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +124,11 @@ def add_EventServiceServicer_to_server(servicer, server):
                     servicer.Ack,
                     request_deserializer=tessera_dot_v1_dot_events__pb2.AckRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_events__pb2.AckResponse.SerializeToString,
+            ),
+            'DeleteSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSubscription,
+                    request_deserializer=tessera_dot_v1_dot_events__pb2.DeleteSubscriptionRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_events__pb2.DeleteSubscriptionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +240,33 @@ class EventService:
             '/tessera.v1.EventService/Ack',
             tessera_dot_v1_dot_events__pb2.AckRequest.SerializeToString,
             tessera_dot_v1_dot_events__pb2.AckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.EventService/DeleteSubscription',
+            tessera_dot_v1_dot_events__pb2.DeleteSubscriptionRequest.SerializeToString,
+            tessera_dot_v1_dot_events__pb2.DeleteSubscriptionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,8 @@ class EventServiceStub:
     """Follows events matching type patterns, from a cursor, the beginning of retention, or now."""
     Ack: _grpc.UnaryUnaryMultiCallable[_events_pb2.AckRequest, _events_pb2.AckResponse]
     """Acknowledges events of a durable subscription up to a cursor."""
+    DeleteSubscription: _grpc.UnaryUnaryMultiCallable[_events_pb2.DeleteSubscriptionRequest, _events_pb2.DeleteSubscriptionResponse]
+    """Deletes one of the caller's durable subscriptions (not while a stream has it open)."""
 
 @_typing.type_check_only
 class EventServiceAsyncStub(EventServiceStub):
@@ -56,6 +58,8 @@ class EventServiceAsyncStub(EventServiceStub):
     """Follows events matching type patterns, from a cursor, the beginning of retention, or now."""
     Ack: _aio.UnaryUnaryMultiCallable[_events_pb2.AckRequest, _events_pb2.AckResponse]  # type: ignore[assignment]
     """Acknowledges events of a durable subscription up to a cursor."""
+    DeleteSubscription: _aio.UnaryUnaryMultiCallable[_events_pb2.DeleteSubscriptionRequest, _events_pb2.DeleteSubscriptionResponse]  # type: ignore[assignment]
+    """Deletes one of the caller's durable subscriptions (not while a stream has it open)."""
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     """Publishes and follows events. At-least-once, ordered per node, resumable."""
@@ -91,5 +95,13 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_events_pb2.AckResponse, _abc.Awaitable[_events_pb2.AckResponse]]:
         """Acknowledges events of a durable subscription up to a cursor."""
+
+    @_abc_1.abstractmethod
+    def DeleteSubscription(
+        self,
+        request: _events_pb2.DeleteSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.DeleteSubscriptionResponse, _abc.Awaitable[_events_pb2.DeleteSubscriptionResponse]]:
+        """Deletes one of the caller's durable subscriptions (not while a stream has it open)."""
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
