@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,7 @@ from tessera_client.pb import command_pb2, events_pb2, resources_pb2
 from tests.fixtures.events import event, opened, publish_many, read_n, read_until, subscribe
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import bad_fields, reason_of
+from tests.fixtures.valkey import free_port
 
 BEGINNING = events_pb2.START_POSITION_BEGINNING
 NOW = events_pb2.START_POSITION_NOW
@@ -354,3 +356,37 @@ async def _delete(c: AsyncClient, name: str) -> None:
             if reason_of(exc) != "SUBSCRIPTION_OPEN" or loop.time() > deadline:
                 raise
         await asyncio.sleep(0.1)
+
+
+def _metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def test_metrics_show_open_streams_and_their_lag(node_factory: NodeFactory) -> None:
+    mport = free_port()
+    node = node_factory(env={"TESSERA_METRICS_LISTEN_ADDRESS": f"127.0.0.1:{mport}"})
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+            return str(r.read().decode())
+
+    async with node.client() as c, node.client() as idle_client:
+        idle = subscribe(idle_client, start=BEGINNING)  # never read: it falls behind
+        assert await opened(idle)
+        await publish_many(c, [event("lag.item", n=i, pad="x" * 2000) for i in range(3000)])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            text = await asyncio.to_thread(scrape)
+            lag = _metric(text, "tessera_event_stream_max_lag_events") or 0.0
+            if lag > 0 or loop.time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        idle.cancel()
+    assert _metric(text, 'tessera_event_streams{caller="local"}') == 1.0
+    assert lag > 0 and (_metric(text, "tessera_event_log_head") or 0) >= 3000
+    assert _metric(text, "tessera_event_listener_up") == 1.0
+    assert (_metric(text, "tessera_events_published_total") or 0) >= 3000
