@@ -390,3 +390,20 @@ async def test_metrics_show_open_streams_and_their_lag(node_factory: NodeFactory
     assert lag > 0 and (_metric(text, "tessera_event_log_head") or 0) >= 3000
     assert _metric(text, "tessera_event_listener_up") == 1.0
     assert (_metric(text, "tessera_events_published_total") or 0) >= 3000
+
+
+async def test_idle_streams_get_heartbeats_whose_cursor_can_be_acknowledged(
+    node_factory: NodeFactory,
+) -> None:
+    node = node_factory(env={"TESSERA_EVENTS_KEEPALIVE_S": "0.2"})
+    async with node.client() as c:
+        skipped = await c.events.Publish(event("noise.made"))
+        call = subscribe(c, "wanted.*", start=BEGINNING, durable="quiet")
+        assert await opened(call)
+        beat = await asyncio.wait_for(call.read(), 30)
+        assert isinstance(beat, events_pb2.EventEnvelope)
+        assert beat.heartbeat and not beat.type and beat.cursor == skipped.event.cursor
+        # Acknowledging the heartbeat moves past events the patterns did not select.
+        ack = await c.events.Ack(events_pb2.AckRequest(subscription="quiet", cursor=beat.cursor))
+        assert ack.cursor == skipped.event.cursor
+        call.cancel()

@@ -122,7 +122,8 @@ class EventHub:
         with contextlib.suppress(TesseraError, psycopg.Error, OSError):
             self.head = (await self.store.state()).head
         self._tasks = [asyncio.create_task(self._listener(), name="tessera-events-listen"),
-                       asyncio.create_task(self._pruner(), name="tessera-events-prune")]
+                       asyncio.create_task(self._pruner(), name="tessera-events-prune"),
+                       asyncio.create_task(self._lock_keeper(), name="tessera-events-locks")]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._listening_once.wait(), wait_s)
 
@@ -215,6 +216,22 @@ class EventHub:
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
             except (psycopg.Error, OSError):
                 self._lost_locks()
+
+    async def _lock_keeper(self, interval_s: float = 5.0) -> None:
+        """Notice a dropped lock connection even while no stream opens or closes: its
+        locks are gone, so another replica could open the same subscriptions."""
+        while True:
+            await asyncio.sleep(interval_s)
+            async with self._lock_mutex:
+                conn = self._lock_conn
+                if conn is None or not self._held:
+                    continue
+                try:
+                    await conn.execute("SELECT 1")
+                except (psycopg.Error, OSError):
+                    with contextlib.suppress(psycopg.Error, OSError):
+                        await conn.close()
+                    self._lost_locks()
 
     def _lost_locks(self) -> None:
         """The lock connection is gone, so are its locks: end the streams that held one."""
