@@ -8,9 +8,11 @@ earlier event has been decided, and absence is proven without waiting for a time
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from tessera_client import AsyncClient
 from tessera_client.pb import admin_pb2, events_pb2
@@ -131,6 +133,18 @@ async def test_suspending_the_peer_ends_the_open_stream(b: NodeProcess, peering:
     err = await _denied(call)
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert reason_of(err) == "PEER_SUSPENDED"
+
+
+async def test_a_grant_expiring_ends_the_open_stream(b: NodeProcess, peering: Peering) -> None:
+    expire = timestamp_pb2.Timestamp()
+    expire.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3))
+    peer = await peering.link(b, "a", kinds=["task"], workspaces=["acme"],
+                              event_types=["task.*"], expire_time=expire)
+    call = subscribe(peer, "task.*", start=events_pb2.START_POSITION_NOW)
+    assert await opened(call)
+    err = await _denied(call)  # no event and no notification: the grant's own deadline
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason_of(err) == "GRANT_EXPIRED"
 
 
 async def test_revoking_the_peer_ends_the_stream_on_every_replica(
