@@ -430,3 +430,23 @@ async def test_concurrent_writers_are_seen_in_commit_order_without_gaps(node: No
         call.cancel()
     sequences = [e.sequence for e in got]
     assert sequences == list(range(sequences[0], sequences[0] + writers * each))
+
+
+async def test_a_revoked_certificate_ends_its_open_stream(node: NodeProcess) -> None:
+    from cryptography import x509
+
+    from tessera.pki import record_revocation_at
+
+    serial = x509.load_pem_x509_certificate(
+        (node.pki / "client.crt").read_bytes()).serial_number
+    async with node.client() as c:
+        call = subscribe(c, start=NOW)
+        assert await opened(call)
+        # As `tessera certs revoke` with a DSN records it: every replica hears the NOTIFY.
+        assert await record_revocation_at(node.env["TESSERA_STORE_DSN"], serial, "test")
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            while True:
+                msg = await asyncio.wait_for(call.read(), 30)
+                assert msg is not grpc.aio.EOF
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason_of(exc.value) == "CERT_REVOKED"
