@@ -20,6 +20,8 @@ from tessera_client.pb import events_pb2, events_pb2_grpc, resources_pb2
 
 #: Initial-metadata header sent once a stream's subscription is in place.
 OPEN_HEADER = "tessera-stream-open"
+#: Most type patterns one subscription may name.
+MAX_PATTERNS = 32
 #: Durable subscription names: short, printable, no spaces.
 SUBSCRIPTION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _STARTS = {
@@ -119,6 +121,8 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                       "1-128 characters of [A-Za-z0-9._:-]")
         if start == Start.CURSOR and not request.cursor:
             c.fail("cursor", "is required with start START_POSITION_CURSOR")
+        if len(request.type_patterns) > MAX_PATTERNS:
+            c.fail("type_patterns", f"at most {MAX_PATTERNS} patterns")
         if request.cursor and start != Start.CURSOR:
             c.fail("cursor", "is only read with start START_POSITION_CURSOR")
         c.done()

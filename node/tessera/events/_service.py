@@ -138,7 +138,8 @@ class EventService:
 
     # -- subscribe ------------------------------------------------------------------------
 
-    async def _start_position(self, params: SubscribeParams, *, default: int) -> int:
+    async def _start_position(self, params: SubscribeParams) -> int:
+        """Where a new stream or subscription starts (unspecified: now)."""
         state = await self.store.state()
         if params.start == Start.BEGINNING:
             return state.pruned_through
@@ -149,7 +150,7 @@ class EventService:
             if sequence > state.head:
                 raise InvalidArgument([FieldViolation("cursor", "is ahead of this node's log")])
             return sequence
-        return default if default >= 0 else state.head
+        return state.head
 
     async def _out_of_range(self, position: int, pruned_through: int) -> OutOfRange:
         oldest = await self.cursor_of(pruned_through)
@@ -163,7 +164,7 @@ class EventService:
         """The caller's durable subscription (created or repositioned) and where to start."""
         sub = await self.store.get_subscription(caller.uri, params.name)
         if sub is None:
-            position = await self._start_position(params, default=-1)
+            position = await self._start_position(params)
             sub = await self.store.create_subscription(
                 caller.uri, params.name, params.patterns or ("*",), position,
                 max_per_caller=self.cfg.max_subscriptions_per_caller)
@@ -173,7 +174,7 @@ class EventService:
         if params.start == Start.CURSOR:
             # A cursor names one position: an explicit seek. BEGINNING and NOW only say
             # where a new subscription starts, so a client may resend the same request.
-            acked = await self._start_position(params, default=-1)
+            acked = await self._start_position(params)
         if patterns is not None or acked is not None:
             updated = await self.store.update_subscription(caller.uri, params.name,
                                                            patterns=patterns, acked=acked)
@@ -208,7 +209,7 @@ class EventService:
                 sub, position = await self._open_durable(caller, params)
                 patterns: Sequence[str] = sub.type_patterns
             else:
-                position = await self._start_position(params, default=-1)
+                position = await self._start_position(params)
                 patterns = params.patterns or ("*",)
             like = sorted(like_of(p) for p in patterns)
             handle = self.hub.register(caller)
