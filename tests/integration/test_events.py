@@ -450,3 +450,33 @@ async def test_a_revoked_certificate_ends_its_open_stream(node: NodeProcess) -> 
                 assert msg is not grpc.aio.EOF
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert reason_of(exc.value) == "CERT_REVOKED"
+
+
+async def test_a_revoked_stream_whose_consumer_stopped_reading_is_released(
+    node_factory: NodeFactory,
+) -> None:
+    from cryptography import x509
+
+    from tessera.pki import record_revocation_at
+
+    mport = free_port()
+    node = node_factory(env={"TESSERA_METRICS_LISTEN_ADDRESS": f"127.0.0.1:{mport}"})
+
+    def streams() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+            return _metric(r.read().decode(), 'tessera_event_streams{caller="local"}') or 0.0
+
+    serial = x509.load_pem_x509_certificate(
+        (node.pki / "client.crt").read_bytes()).serial_number
+    async with node.client("client") as reader, node.client("admin") as writer:
+        idle = subscribe(reader, start=BEGINNING)  # never read: parked in flow control
+        assert await opened(idle)
+        await publish_many(writer, [event("fill.up", n=i, pad="x" * 4000) for i in range(3000)])
+        assert await asyncio.to_thread(streams) == 1.0
+        assert await record_revocation_at(node.env["TESSERA_STORE_DSN"], serial, "test")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while await asyncio.to_thread(streams) != 0.0:
+            assert loop.time() < deadline, "the parked stream was never released"
+            await asyncio.sleep(0.2)
+        idle.cancel()

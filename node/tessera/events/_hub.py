@@ -36,6 +36,8 @@ from tessera.store import EVENTS_CHANNEL, EventStore
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 10.0
+#: Seconds a stream told to end may take before its task is cancelled.
+END_GRACE_S = 1.0
 
 
 @dataclass(eq=False)
@@ -53,12 +55,30 @@ class StreamHandle:
     recheck: bool = False
     #: The durable subscription's lock key, if any.
     lock_key: int | None = None
+    #: The RPC's task, cancelled if the stream cannot take its next step (see `end`).
+    task: asyncio.Task[Any] | None = None
+    #: Set once the stream has ended and left the hub.
+    closed: bool = False
 
     def end(self, exc: TesseraError) -> None:
-        """Make the stream end with `exc` at its next step."""
-        if self.ended is None:
+        """Make the stream end with `exc` at its next step.
+
+        A stream whose consumer stopped reading is parked in gRPC's flow control and takes
+        no next step: if it has not ended `END_GRACE_S` later, its task is cancelled, so a
+        revoked caller cannot hold the stream (and its page of events) open by not reading.
+        """
+        first = self.ended is None
+        if first:
             self.ended = exc
         self.wake.set()
+        if first and self.task is not None:
+            asyncio.get_running_loop().call_later(END_GRACE_S, self._reap)
+
+    def _reap(self) -> None:
+        if not self.closed and self.task is not None and not self.task.done():
+            log.info("cancelling a stream of %s that did not end after %s (its consumer is "
+                     "not reading)", self.caller.uri, self.ended.reason if self.ended else "")
+            self.task.cancel()
 
 
 def lock_key(caller: str, name: str) -> int:
@@ -149,13 +169,14 @@ class EventHub:
         """Track a new stream; Unavailable once the hub is closing."""
         if self.closed:
             raise Unavailable("the node is shutting down; reconnect to another replica")
-        handle = StreamHandle(caller, position=self.head)
+        handle = StreamHandle(caller, position=self.head, task=asyncio.current_task())
         self.streams.add(handle)
         self.metrics.streams.labels(_who(caller)).inc()
         return handle
 
     def unregister(self, handle: StreamHandle) -> None:
         """Forget a stream that ended."""
+        handle.closed = True
         if handle in self.streams:
             self.streams.discard(handle)
             self.metrics.streams.labels(_who(handle.caller)).dec()
