@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
+import psycopg_pool
+
 from tessera.calls import Caller
 from tessera.config import EventsConfig
 from tessera.core.errors import (
@@ -31,13 +34,16 @@ from tessera.core.errors import (
     NotFound,
     OutOfRange,
     PermissionDenied,
+    Unavailable,
 )
 from tessera.events import _cursor
 from tessera.events._hub import EventHub, StreamHandle, lock_key
 from tessera.events._patterns import like_of, pattern_problem
 from tessera.grants import GrantStore, PeerState, Scope
-from tessera.store import EventStore, NewEvent, StoredEvent, Subscription
+from tessera.store import EventStore, NewEvent, Page, StoredEvent, Subscription
 
+#: Seconds a stream keeps retrying a failed read before it ends with UNAVAILABLE.
+READ_RETRY_S = 10.0
 #: Most sequences one read of a stream examines (see EventStore.read).
 SCAN_WINDOW = 20_000
 
@@ -237,9 +243,8 @@ class EventService:
                 handle.recheck = False
                 await self._recheck(caller)
             handle.wake.clear()  # before the read: a wake during it triggers another read
-            page = await self.store.read(after=position, limit=self.cfg.stream_buffer,
-                                         like_patterns=like, grant_like_patterns=grant_like,
-                                         scope=predicate, window=SCAN_WINDOW)
+            page = await self._read(after=position, like=like, grant_like=grant_like,
+                                    predicate=predicate)
             if position < page.state.pruned_through:
                 raise await self._out_of_range(position, page.state.pruned_through)
             self.hub.head = max(self.hub.head, page.state.head)
@@ -269,6 +274,23 @@ class EventService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(handle.wake.wait(), wait)
 
+    async def _read(self, *, after: int, like: list[str], grant_like: list[str] | None,
+                    predicate: Any) -> Page:
+        """One page, riding out a short database outage; Unavailable after a longer one."""
+        delay, waited = 0.1, 0.0
+        while True:
+            try:
+                return await self.store.read(
+                    after=after, limit=self.cfg.stream_buffer, like_patterns=like,
+                    grant_like_patterns=grant_like, scope=predicate, window=SCAN_WINDOW)
+            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+                if waited >= READ_RETRY_S:
+                    raise Unavailable(f"the event log cannot be read ({type(exc).__name__}); "
+                                      "reconnect to resume from your last cursor") from None
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(2.0, delay * 2)
+
     def _check(self, handle: StreamHandle, deadline: datetime | None, why: str) -> None:
         """Raise what ends the stream: a signal from the hub, a revoked or expired cert."""
         if handle.ended is not None:
@@ -283,7 +305,12 @@ class EventService:
         """A peer's admission, again: its peer state and grant must still be the same."""
         if not caller.peer:
             return
-        found = await self.grants.admission(caller.uri)
+        try:
+            found = await self.grants.admission(caller.uri)
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            # Fail closed: a grant that cannot be checked does not keep the stream open.
+            raise Unavailable(f"the grant cannot be checked ({type(exc).__name__}); "
+                              "reconnect to resume from your last cursor") from None
         peer = found.peer
         if peer is None or peer.state is not PeerState.ACTIVE:
             state = peer.state.value if peer else "gone"
