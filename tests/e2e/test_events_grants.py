@@ -171,3 +171,33 @@ async def test_peers_may_not_publish_and_need_event_types_to_follow(
     err = await _denied(call)
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert reason_of(err) == "EVENT_TYPES_NOT_GRANTED"
+
+
+async def test_a_peer_keeps_a_durable_subscription_of_its_own(
+    b: NodeProcess, peering: Peering,
+) -> None:
+    peer = await peering.link(b, "a", kinds=["task"], workspaces=["acme"],
+                              event_types=["task.*"])
+    call = subscribe(peer, start=events_pb2.START_POSITION_BEGINNING, durable="mirror")
+    first = await read_until(call, lambda e: e.subject.id == "t3")
+    await peer.events.Ack(events_pb2.AckRequest(subscription="mirror", cursor=first[-1].cursor))
+    call.cancel()
+    async with b.client() as local:
+        # The node's own client has no subscription of that name: names are per caller.
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await local.events.Ack(events_pb2.AckRequest(subscription="mirror",
+                                                         cursor=first[-1].cursor))
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        nxt = (await local.events.Publish(
+            event("task.done", subject=("acme", "task", "t1")))).event
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while True:  # the closed stream's lock is released in the background
+        again = subscribe(peer, durable="mirror")
+        if await opened(again):
+            break
+        assert loop.time() < deadline
+        await asyncio.sleep(0.1)
+    rest = await read_until(again, lambda e: e.id == nxt.id)
+    again.cancel()
+    assert [e.subject.id for e in rest] == ["p1", "t1"]  # after t3, nothing acked again
