@@ -32,14 +32,15 @@ _STARTS = {
 }
 
 
-def envelope(d: Delivery) -> events_pb2.EventEnvelope:
-    """A delivery (event or heartbeat) as the wire message."""
+def envelope(d: Delivery, node: str) -> events_pb2.EventEnvelope:
+    """A delivery (event or heartbeat) as the wire message; `node` names this node, the
+    origin of events appended without one (operation events)."""
     e = d.event
     if e is None:
         return events_pb2.EventEnvelope(cursor=d.cursor, heartbeat=True)
     msg = events_pb2.EventEnvelope(
         sequence=e.sequence, cursor=d.cursor, type=e.type, data=dict_to_struct(e.data),
-        source=e.origin or "local", actor=e.actor, id=str(e.id),
+        source=e.origin or node, actor=e.actor, id=str(e.id),
     )
     if e.has_subject:
         msg.subject.CopyFrom(resources_pb2.ResourceKey(
@@ -54,6 +55,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
     def __init__(self, service: EventService, *, kinds: frozenset[str],
                  max_payload_bytes: int, max_batch: int) -> None:
         self.service = service
+        self.node = service.store.origin
         self.kinds = kinds
         self.max_payload_bytes = max_payload_bytes
         self.max_batch = max_batch
@@ -105,7 +107,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             events=[await self._envelope(s) for s in stored])
 
     async def _envelope(self, e: StoredEvent) -> events_pb2.EventEnvelope:
-        return envelope(Delivery(e, await self.service.cursor_of(e.sequence)))
+        return envelope(Delivery(e, await self.service.cursor_of(e.sequence)), self.node)
 
     async def Subscribe(
         self, request: events_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
@@ -136,7 +138,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                     # refused stream never gets this header, only its error status.
                     await context.send_initial_metadata(((OPEN_HEADER, "1"),))
                     continue
-                yield envelope(delivery)
+                yield envelope(delivery, self.node)
 
     async def Ack(
         self, request: events_pb2.AckRequest, context: grpc.aio.ServicerContext

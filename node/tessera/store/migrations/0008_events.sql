@@ -1,4 +1,4 @@
--- Tessera schema, version 7: the event log as a durable, ordered, resumable stream.
+-- Tessera schema, version 8: the event log as a durable, ordered, resumable stream.
 -- (Run through str.format: literal braces are doubled.)
 
 -- The log's head and retention watermark. Appends lock this one row (UPDATE ... RETURNING)
