@@ -146,7 +146,7 @@ async def test_an_acknowledged_publish_survives_sigkill(node: NodeProcess) -> No
         created = await _reopen(c, "billing", start=NOW)  # its position: now
         created.cancel()
         ack = await c.events.Publish(event("order.placed", key="o-1", total=12))
-    node.kill()  # right after the acknowledged publish: no chance to flush anything
+    node.crash()  # SIGKILL right after the acknowledged publish: nothing gets to clean up
     node.start()
     async with node.client() as c:
         call = await _reopen(c, "billing")
@@ -258,7 +258,8 @@ async def test_streams_are_audited_when_they_open_and_close_with_the_count(
 
 
 async def test_idle_subscriber_keeps_node_memory_bounded(node: NodeProcess) -> None:
-    pid = int(node.state["pid"])
+    # The serving process (the supervisor's child, when there is one) holds the streams.
+    pid = (node.serving_pids or [int(node.state["pid"])])[0]
     async with node.client() as c, node.client() as idle_client:
         await c.events.Publish(event("warm.up"))
         before = _rss_kib(pid)
