@@ -208,6 +208,8 @@ class Supervisor:
         self.valkey_url = cfg.valkey.url
         self._config = _flatten(cfg)
         self._state: dict[str, Any] = {}
+        #: node.json is written only once the node has printed where it serves.
+        self._announced = False
 
     # -- embedded services ----------------------------------------------------------
 
@@ -302,7 +304,7 @@ class Supervisor:
         self.paths.run.mkdir(mode=0o700, exist_ok=True)
         write_atomic(self.paths.supervisor_state, json.dumps(
             {"pid": os.getpid(), "children": children}, indent=2).encode())
-        if self._state and self.serving:
+        if self._announced and self._state and self.serving:
             self._write_state()
 
     # -- life cycle -----------------------------------------------------------------
@@ -317,7 +319,6 @@ class Supervisor:
                           signal.SIGTERM, self._write_status)
             self.serving.append(child)
             await child.start()
-        self._write_state()
 
     async def _stop(self) -> None:
         # Serving processes first (they drain within the grace period), then the services
@@ -356,6 +357,9 @@ class Supervisor:
                   "tessera: try it:\n"
                   f"  grpcurl -cacert {s['ca']} -cert {s['admin_cert']} -key {s['admin_key']} "
                   f"-servername localhost {s['address']} list", flush=True)
+            # node.json last: whoever waits for it finds the lines above already printed.
+            self._announced = True
+            self._write_state()
             await stop.wait()
             print("tessera: shutting down (health NOT_SERVING, finishing in-flight calls)",
                   flush=True)
