@@ -15,6 +15,9 @@ from tessera.store import Pool
 
 #: Rows fetched per round trip while verifying.
 _VERIFY_FETCH = 2000
+#: Records committed with their effects are linked within seconds; older unlinked ones
+#: mean no writer is linking them (or someone inserted them by hand).
+UNLINKED_GRACE_S = 60
 
 
 async def append(conn: psycopg.AsyncConnection[Any], payloads: Sequence[bytes]) -> int:
@@ -90,4 +93,14 @@ async def verify_log(pool: Pool) -> Verdict:
             async for record in rows:
                 if not v.feed(row_of(record)):
                     break
-        return v.finish(int(head["sequence"]), bytes(head["hash"]))
+        verdict = v.finish(int(head["sequence"]), bytes(head["hash"]))
+        cur = await conn.execute(
+            "SELECT count(*) AS n, min(written_at) AS oldest FROM audit_unlinked"
+            " WHERE written_at < now() - make_interval(secs => %s)", (UNLINKED_GRACE_S,))
+        unlinked = await cur.fetchone()
+        if verdict.ok and unlinked is not None and unlinked["n"]:
+            return Verdict(False, verdict.checked, int(head["sequence"]) + 1, (
+                f"{unlinked['n']} audit records committed with their effects were never "
+                f"linked into the chain (the oldest from {unlinked['oldest'].isoformat()}); "
+                "a running node links them within seconds"))
+        return verdict

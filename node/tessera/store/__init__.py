@@ -1,6 +1,14 @@
 """PostgreSQL + pgvector storage: pool, migrations, resources, events, operations."""
 
 from tessera.store._db import migrate, migrations, open_pool, redact_dsn, schema_version
+from tessera.store._effects import (
+    AuditIntent,
+    audit_intent,
+    bind_audit_intent,
+    effect_transaction,
+    write_pending_audit,
+)
+from tessera.store._health import STORE_UNAVAILABLE, StoreHealth, unavailable
 from tessera.store._operations import (
     DONE_STATES,
     OPERATION_EVENT_KIND,
@@ -32,6 +40,8 @@ __all__ = [
     "NOTHING",
     "OPERATIONS_CHANNEL",
     "OPERATION_EVENT_KIND",
+    "STORE_UNAVAILABLE",
+    "AuditIntent",
     "Effect",
     "ListQuery",
     "Metric",
@@ -44,7 +54,11 @@ __all__ = [
     "ResourceKey",
     "ResourceStore",
     "SearchQuery",
+    "StoreHealth",
     "append_event",
+    "audit_intent",
+    "bind_audit_intent",
+    "effect_transaction",
     "etag_of",
     "migrate",
     "migrations",
@@ -54,6 +68,8 @@ __all__ = [
     "schema_version",
     "search",
     "search_statement",
+    "unavailable",
     "vector_literal",
     "version_of_etag",
+    "write_pending_audit",
 ]
