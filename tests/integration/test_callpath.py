@@ -63,7 +63,7 @@ async def raw_call(node: NodeProcess, who: str, path: str, body: bytes,
 
 def violations(exc: grpc.aio.AioRpcError) -> list[str]:
     """The fields a BadRequest detail names."""
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    status = rpc_status.from_call(exc)
     assert status is not None
     fields = []
     for detail in status.details:
