@@ -368,7 +368,8 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         stack.push_async_callback(limiter.close)
         # Always on outside benchmarks: each call waits until its audit row is durable.
         auditor = AuditWriter(pool, registry=metrics.registry,
-                              batch_delay_s=cfg.audit.batch_delay_ms / 1000) \
+                              batch_delay_s=cfg.audit.batch_delay_ms / 1000,
+                              connection_timeout_s=cfg.store.unavailable_after_s) \
             if cfg.audit.enabled else None
         tokens = PageTokens(_page_token_secret(paths))
         grants = GrantStore(pool)

@@ -110,8 +110,10 @@ class AuditWriter:
     """
 
     def __init__(self, pool: Pool, *, registry: CollectorRegistry | None = None,
-                 max_batch: int = MAX_BATCH, batch_delay_s: float = 0.0) -> None:
+                 max_batch: int = MAX_BATCH, batch_delay_s: float = 0.0,
+                 connection_timeout_s: float = CONNECTION_TIMEOUT_S) -> None:
         self._pool = pool
+        self._connection_timeout_s = connection_timeout_s
         self._max_batch = max_batch
         self._batch_delay_s = batch_delay_s
         self._last_batch = 0
@@ -192,7 +194,7 @@ class AuditWriter:
         error: BaseException | None = None
         self._link_due = False
         try:
-            async with self._pool.connection(timeout=CONNECTION_TIMEOUT_S) as conn:
+            async with self._pool.connection(timeout=self._connection_timeout_s) as conn:
                 await append(conn, [p for p, _, _ in batch])
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
             log.error("audit batch of %d rows not written: %s", len(batch), type(exc).__name__)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 #: Driver errors that mean "the database did not answer", never "the request was bad".
 STORE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout,
-    psycopg_pool.PoolClosed, OSError,
+    psycopg_pool.PoolClosed,
 )
 
 
