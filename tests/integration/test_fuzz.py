@@ -63,11 +63,12 @@ def _int(fd: FieldDescriptor) -> st.SearchStrategy[int]:
     return st.one_of(small, edges, st.integers(lo, hi))
 
 
-values: st.SearchStrategy[Any] = st.recursive(
-    st.one_of(st.none(), st.booleans(), floats, texts),
-    lambda inner: st.one_of(st.lists(inner, max_size=3),
-                            st.dictionaries(texts, inner, max_size=3)),
-    max_leaves=6,
+_leaves = st.one_of(st.none(), st.booleans(), floats, texts)
+#: JSON-like values for google.protobuf.Value, two levels deep at most.
+values: st.SearchStrategy[Any] = st.one_of(
+    _leaves,
+    st.lists(_leaves, max_size=3),
+    st.dictionaries(texts, st.one_of(_leaves, st.lists(_leaves, max_size=2)), max_size=3),
 )
 
 

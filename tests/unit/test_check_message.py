@@ -64,3 +64,18 @@ def test_a_flood_of_violations_is_capped() -> None:
     with pytest.raises(InvalidArgument) as exc:
         check_message(req)
     assert 0 < len(exc.value.violations) <= 20
+
+
+def test_the_wire_fast_path_refuses_exactly_what_the_walk_refuses() -> None:
+    attrs = struct_pb2.Struct()
+    attrs.update({"n": math.nan})
+    bad = [query_pb2.GetResourceRequest(key=resources_pb2.ResourceKey(id="a\x00")),
+           query_pb2.ListResourcesRequest(owner="x\x00"),
+           resources_pb2.Resource(attributes=attrs),
+           query_pb2.SearchResourcesRequest(embedding=[math.inf]),
+           resources_pb2.Resource(title="t" * (MAX_STRING + 1))]
+    for message in bad:
+        with pytest.raises(InvalidArgument):
+            check_message(message, message.SerializeToString())
+    good = query_pb2.GetResourceRequest(key=resources_pb2.ResourceKey(workspace="w", id="é"))
+    check_message(good, good.SerializeToString())

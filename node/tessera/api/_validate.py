@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.duration_pb2 import Duration
@@ -109,15 +110,41 @@ _MAX_VIOLATIONS = 20
 _FLOAT_TYPES = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
 
 
-def check_message(message: Message) -> None:
+def check_message(message: Message, wire: bytes | None = None) -> None:
     """The checks every request gets, whatever its method: raise InvalidArgument naming
     each field that holds a string PostgreSQL cannot store (a NUL character) or too long,
     or a number that is not finite (NaN, infinity), anywhere in the message, including
-    inside google.protobuf.Struct/Value attributes and filters."""
+    inside google.protobuf.Struct/Value attributes and filters.
+
+    With the message's `wire` bytes, most requests skip the walk: without a 0x00 byte no
+    string holds a NUL (U+0000 is encoded as that byte), no string is longer than the
+    whole message, and a type with no floating-point field anywhere has no number to check.
+    """
+    if (wire is not None and len(wire) <= MAX_STRING and b"\x00" not in wire
+            and not _has_numbers(message.DESCRIPTOR)):
+        return
     out: list[FieldViolation] = []
     _walk(message, "", out)
     if out:
         raise InvalidArgument(out[:_MAX_VIOLATIONS])
+
+
+_NUMBERS: dict[str, bool] = {}
+_NUMBER_TYPES = frozenset({"google.protobuf.Value", "google.protobuf.Struct",
+                           "google.protobuf.ListValue"})
+
+
+def _has_numbers(desc: Any) -> bool:
+    """Whether messages of this type can hold a floating-point number anywhere (cached)."""
+    found = _NUMBERS.get(desc.full_name)
+    if found is None:
+        _NUMBERS[desc.full_name] = False  # a recursive type does not loop
+        found = desc.full_name in _NUMBER_TYPES or any(
+            fd.type in _FLOAT_TYPES
+            or (fd.message_type is not None and _has_numbers(fd.message_type))
+            for fd in desc.fields)
+        _NUMBERS[desc.full_name] = found
+    return found
 
 
 def _name(text: str) -> str:
