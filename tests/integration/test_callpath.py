@@ -5,7 +5,10 @@ gives UNAVAILABLE only, and the node recovers by itself."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -250,6 +253,16 @@ async def test_postgres_stopped_under_load_gives_only_unavailable_and_recovers_b
                     await c.query.Describe(query_pb2.DescribeRequest(), timeout=60)
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "PostgreSQL" in (exc.value.details() or "")
+            # doctor says why: the database is unreachable, and the node says it is down.
+            report = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "tessera.cli", "doctor", "--json",
+                                 "--data-dir", str(node.data_dir)],
+                capture_output=True, text=True, env=node.env, timeout=120)
+            assert report.returncode == 1, report.stderr
+            checks = {c["name"]: c for c in json.loads(report.stdout)["checks"]}
+            assert checks["postgresql"]["status"] == "red"
+            assert "PostgreSQL is down" in checks["node"]["message"]
+            assert "password" not in report.stdout.lower()
             pg = EmbeddedPostgres(tmp_path / "own-pg" / "data")
             assert await asyncio.to_thread(pg.start) == server_dsn
             ok_before = codes.get(grpc.StatusCode.OK, 0)
