@@ -420,6 +420,10 @@ async def test_a_write_whose_audit_insert_fails_is_refused_and_absent_afterwards
                     idempotency_key="d1", delete_resource=command_pb2.DeleteResourceCommand(
                         key=key("w", "task", "before"))))
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+            async with node.client("admin") as a:
+                with pytest.raises(grpc.aio.AioRpcError) as exc:
+                    await a.admin.InvitePeer(admin_pb2.InvitePeerRequest(name="ghost"))
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             sql(node, "DROP TRIGGER refuse_audit ON audit_log")
             sql(node, "DROP TRIGGER refuse_audit ON audit_unlinked")
@@ -432,6 +436,7 @@ async def test_a_write_whose_audit_insert_fails_is_refused_and_absent_afterwards
     assert sql(node, "SELECT count(*) FROM operations WHERE idempotency_key IN ('u1', 'd1')"
                ) == [(0,)]
     assert sql(node, "SELECT count(*) FROM events WHERE resource_id = 'unaudited'") == [(0,)]
+    assert sql(node, "SELECT count(*) FROM peers WHERE name = 'ghost'") == [(0,)]
     assert (await verify_audit(node)).ok
 
 
