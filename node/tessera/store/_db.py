@@ -78,6 +78,10 @@ async def open_pool(
         open=False,
         # A call waits this long for a connection, then answers UNAVAILABLE.
         timeout=cfg.unavailable_after_s,
+        # Reconnection backs off exponentially; ending each round of attempts after 10 s
+        # (the next call starts a new one) keeps the wait after PostgreSQL returns short,
+        # instead of up to half the outage.
+        reconnect_timeout=10.0,
         name="tessera",
     )
     try:
