@@ -122,8 +122,9 @@ class AuditWriter:
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
-        # True at start: a previous run may have left records unlinked.
+        # At start: a previous run may have left records unlinked.
         self._link_due = True
+        self._wake.set()
         self._metrics = _Metrics(registry) if registry is not None else None
 
     def start(self) -> None:
