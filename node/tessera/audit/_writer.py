@@ -59,8 +59,9 @@ def entry_of(outcome: CallOutcome, now: dt.datetime | None = None) -> AuditEntry
         identity=caller.uri if caller is not None else "",
         peer=caller.peer if caller is not None else "",
         grant=grant_name,
-        service=outcome.service,
-        method=outcome.method,
+        # Caller-chosen for unknown methods (they are audited too).
+        service=_clean(outcome.service, 200),
+        method=_clean(outcome.method, 200),
         kind=_clean(kind_of(outcome.request)),
         query_hash=query_hash(outcome.request),
         outcome=outcome_of(outcome.code).value,
@@ -122,9 +123,9 @@ class AuditWriter:
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
-        # At start: a previous run may have left records unlinked.
+        # A previous run may have left records unlinked: the first batch, the first effect
+        # or the first tick (LINK_INTERVAL_S) links them.
         self._link_due = True
-        self._wake.set()
         self._metrics = _Metrics(registry) if registry is not None else None
 
     def start(self) -> None:
