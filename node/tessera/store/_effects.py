@@ -55,11 +55,11 @@ def bind_audit_intent(intent: AuditIntent | None) -> None:
     _INTENT.set(intent)
 
 
-class _Current:
+class Current:
     """The default of `effect_transaction`: the intent the call path bound."""
 
 
-CURRENT: Final = _Current()
+CURRENT: Final = Current()
 
 
 async def write_pending_audit(conn: psycopg.AsyncConnection[Any], audit: AuditIntent) -> None:
@@ -77,7 +77,7 @@ async def write_pending_audit(conn: psycopg.AsyncConnection[Any], audit: AuditIn
 @asynccontextmanager
 async def effect_transaction(
     pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
-    audit: AuditIntent | _Current | None = CURRENT,
+    audit: AuditIntent | Current | None = CURRENT,
 ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """A transaction whose effect commits only together with its audit record.
 
@@ -86,7 +86,7 @@ async def effect_transaction(
     transaction. If the body raises, nothing is written and the call path records the
     failure as for any call.
     """
-    if isinstance(audit, _Current):
+    if isinstance(audit, Current):
         audit = _INTENT.get()
     if audit is not None and audit.is_committed:
         audit = None
