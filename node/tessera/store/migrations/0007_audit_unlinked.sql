@@ -19,7 +19,8 @@ BEGIN
 END
 $$;
 
--- As in 0003, and first links the unlinked rows (they were committed before this batch).
+-- As in 0005 (with the detail object), and first links the unlinked rows (they were
+-- committed before this batch).
 -- A call with nothing to append and nothing to link takes no lock and writes nothing.
 CREATE OR REPLACE FUNCTION tessera_audit_append(payloads bytea[]) RETURNS bigint
 LANGUAGE plpgsql AS $$
@@ -54,12 +55,13 @@ BEGIN
     END LOOP;
     INSERT INTO audit_log (sequence, time, identity, peer, grant_name, service, method, kind,
                            query_hash, outcome, status_code, bytes_out, latency_us, trace_id,
-                           reason, hash)
+                           reason, detail, hash)
     SELECT r.s,
            to_timestamp(((r.j->>0)::bigint / 1000000)::double precision)
                + ((r.j->>0)::bigint % 1000000) * interval '1 microsecond',
            r.j->>1, r.j->>2, r.j->>3, r.j->>4, r.j->>5, r.j->>6, r.j->>7, r.j->>8, r.j->>9,
-           (r.j->>10)::bigint, (r.j->>11)::bigint, r.j->>12, r.j->>13, r.h
+           (r.j->>10)::bigint, (r.j->>11)::bigint, r.j->>12, r.j->>13,
+           coalesce(r.j->14, '{{}}'::jsonb), r.h
     FROM (SELECT u.s, convert_from(u.p, 'UTF8')::jsonb AS j, u.h
           FROM unnest(seqs, payloads, hs) AS u(s, p, h)) AS r;
     UPDATE audit_head SET sequence = seq, hash = h WHERE id = 1;
