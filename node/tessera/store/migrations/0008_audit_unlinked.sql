@@ -28,25 +28,29 @@ DECLARE
     seq      bigint;
     h        bytea;
     pending  bytea[];
+    has_pending boolean;
     seqs     bigint[] := ARRAY[]::bigint[];
     hs       bytea[]  := ARRAY[]::bytea[];
     i        integer;
 BEGIN
-    IF coalesce(array_length(payloads, 1), 0) = 0
-            AND NOT EXISTS (SELECT 1 FROM audit_unlinked) THEN
+    -- Usually there is nothing to link: one cheap probe, and the batch goes on as in 0005.
+    has_pending := EXISTS (SELECT 1 FROM audit_unlinked);
+    IF coalesce(array_length(payloads, 1), 0) = 0 AND NOT has_pending THEN
         SELECT a.sequence INTO seq FROM audit_head a WHERE a.id = 1;
         RETURN seq;
     END IF;
     PERFORM set_config('synchronous_commit', 'on', true);
     SELECT a.sequence, a.hash INTO seq, h FROM audit_head a WHERE a.id = 1 FOR UPDATE;
-    WITH linked AS (
-        DELETE FROM audit_unlinked u
-        WHERE u.id IN (SELECT x.id FROM audit_unlinked x ORDER BY x.id LIMIT 10000)
-        RETURNING u.id, u.payload
-    )
-    SELECT coalesce(array_agg(l.payload ORDER BY l.id), ARRAY[]::bytea[]) INTO pending
-    FROM linked l;
-    payloads := pending || coalesce(payloads, ARRAY[]::bytea[]);
+    IF has_pending THEN
+        WITH linked AS (
+            DELETE FROM audit_unlinked u
+            WHERE u.id IN (SELECT x.id FROM audit_unlinked x ORDER BY x.id LIMIT 10000)
+            RETURNING u.id, u.payload
+        )
+        SELECT coalesce(array_agg(l.payload ORDER BY l.id), ARRAY[]::bytea[]) INTO pending
+        FROM linked l;
+        payloads := pending || coalesce(payloads, ARRAY[]::bytea[]);
+    END IF;
     FOR i IN 1 .. coalesce(array_length(payloads, 1), 0) LOOP
         seq := seq + 1;
         h := sha256(h || convert_to(seq::text || chr(10), 'UTF8') || payloads[i]);
