@@ -5,7 +5,7 @@ change) opens its transaction with `effect_transaction(pool)`. When the body has
 current call's audit record (`AuditIntent.payload()`, built at that moment) is inserted
 into `audit_unlinked` in the same transaction, with synchronous commit: either the effect
 and its record are both durable, or neither is. The audit writer later chains the row into
-`audit_log` (see migration 0008). The call path binds each call's intent
+`audit_log` (see migration 0009). The call path binds each call's intent
 (`bind_audit_intent`); code outside a call (or with audit off) has none and gets a plain
 transaction. A body that finds nothing to change should raise inside the transaction, so
 no success is recorded for it.
