@@ -2,7 +2,7 @@
 
 PYTHON ?= python3
 
-.PHONY: bench bench-quick bench-search bench-data mutation
+.PHONY: bench bench-quick bench-search bench-data mutation fuzz
 
 # Benchmarks (docs/benchmarks.md). Pass flags with BENCH_ARGS, e.g. BENCH_ARGS="--concurrency 64".
 bench:
@@ -29,3 +29,9 @@ bench-data:
 # minutes on 2 cores; not in CI). Kill rates: docs/testing.md.
 mutation:
 	bash scripts/mutation.sh
+
+# The call-path fuzz property (tests/integration/test_fuzz.py) with many more examples than
+# CI's 250: every RPC's descriptor, random and hostile values, random bytes. About 15 min.
+FUZZ_EXAMPLES ?= 20000
+fuzz:
+	TESSERA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest -q -o timeout=7200 tests/integration/test_fuzz.py

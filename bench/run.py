@@ -213,7 +213,8 @@ def compute_ratios(results: list[Measurement], levels: list[int],
             cpu = [b.cpu_us_per_call["server"] / a.cpu_us_per_call["server"] for a, b in pairs
                    if a.cpu_us_per_call.get("server") and "server" in b.cpu_us_per_call]
             if values:
-                found.append(RatioResult(r.label, level, statistics.median(values), r.minimum,
+                found.append(RatioResult(r.label, level, statistics.median(values),
+                                         r.minimum_at(level),
                                          len(values),
                                          statistics.median(cpu) if cpu else None))
     return found

@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tessera.audit import AuditEntry, AuditRow, query_hash, verify
+from tessera import store
+from tessera.audit import AuditEntry, AuditRow, payload, query_hash, verify, verify_log
+from tessera.config import StoreConfig
 from tessera_client import AsyncClient, Credentials
 from tessera_client.pb import admin_pb2, command_pb2, query_pb2, resources_pb2
 from tests.fixtures.nodes import NodeFactory, NodeProcess
@@ -100,6 +102,14 @@ def foreign_credentials(node: NodeProcess) -> Credentials:
         k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                         serialization.NoEncryption()),
     )
+
+
+async def linked(node: NodeProcess) -> None:
+    """Wait until every record committed with an effect is in the chain."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while sql(node, "SELECT count(*) FROM audit_unlinked") != [(0,)]:
+        assert asyncio.get_running_loop().time() < deadline, "records never linked"
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -260,6 +270,7 @@ async def _some_calls(node: NodeProcess, n: int) -> None:
     async with node.client() as c:
         for i in range(n):
             await c.command.Execute(put("w", "note", f"n{i}", f"k{i}"))
+    await linked(node)
 
 
 async def test_an_edited_row_makes_verify_fail_naming_it(node: NodeProcess) -> None:
@@ -311,12 +322,14 @@ async def test_prune_exports_old_rows_and_verification_stays_green(
 ) -> None:
     await _some_calls(node, 4)
     await asyncio.sleep(2.0)  # the rows above become older than the cut-off below
-    async with node.client() as c:
-        await c.query.Describe(query_pb2.DescribeRequest())
     export = tmp_path / "audit-2026-11.jsonl"
     res = tessera(node, "audit", "prune", "--older-than", "1s", "--export", str(export))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "pruned 4 audit records" in res.stdout
+    # A later call chains to the anchor pruning left. (Made after the prune: a loaded
+    # machine can take over a second to start the CLI, which would age this row too.)
+    async with node.client() as c:
+        await c.query.Describe(query_pb2.DescribeRequest())
 
     exported = [json.loads(line) for line in export.read_text().splitlines()]
     assert [r["sequence"] for r in exported] == [1, 2, 3, 4]
@@ -387,11 +400,13 @@ async def test_replicas_sharing_a_database_keep_one_linear_chain(
                                    for i in range(40)))
 
     await asyncio.gather(burst(a, "a"), burst(b, "b"))
+    # Each write's record committed with it; the writers link them into the chain soon.
+    await linked(a)
     assert sql(a, "SELECT count(*), min(sequence), max(sequence) FROM audit_log") == [(80, 1, 80)]
     assert (await verify_audit(a)).ok and (await verify_audit(b)).ok
 
 
-async def test_a_call_is_refused_when_its_audit_row_cannot_be_written(
+async def test_a_read_is_refused_when_its_audit_row_cannot_be_written(
     node: NodeProcess,
 ) -> None:
     async with node.client() as c:
@@ -399,13 +414,112 @@ async def test_a_call_is_refused_when_its_audit_row_cannot_be_written(
         sql(node, "ALTER TABLE audit_log RENAME TO audit_log_away")
         try:
             with pytest.raises(grpc.aio.AioRpcError) as exc:
-                await c.command.Execute(put("w", "task", "unaudited", "u1"))
+                await c.query.Describe(query_pb2.DescribeRequest())
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "audit" in (exc.value.details() or "")
         finally:
             sql(node, "ALTER TABLE audit_log_away RENAME TO audit_log")
         await c.query.Describe(query_pb2.DescribeRequest())
     assert (await verify_audit(node)).ok
+
+
+_REFUSE_AUDIT = """
+CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'audit refused by test trigger'; END $$;
+CREATE TRIGGER refuse_audit BEFORE INSERT ON {table}
+FOR EACH ROW EXECUTE FUNCTION refuse_audit();
+"""
+
+
+async def test_a_write_whose_audit_insert_fails_is_refused_and_absent_afterwards(
+    node: NodeProcess,
+) -> None:
+    async with node.client() as c:
+        await c.command.Execute(put("w", "task", "before", "b1"))
+        # Every audit insert fails: the record written with the effect, and the chained
+        # log the call path would fall back to.
+        sql(node, _REFUSE_AUDIT.format(table="audit_unlinked"))
+        sql(node, "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log"
+                  " FOR EACH ROW EXECUTE FUNCTION refuse_audit()")
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await c.command.Execute(put("w", "task", "unaudited", "u1"))
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "audit" in (exc.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await c.command.Execute(command_pb2.ExecuteRequest(
+                    idempotency_key="d1", delete_resource=command_pb2.DeleteResourceCommand(
+                        key=key("w", "task", "before"))))
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+            async with node.client("admin") as a:
+                with pytest.raises(grpc.aio.AioRpcError) as exc:
+                    await a.admin.InvitePeer(admin_pb2.InvitePeerRequest(name="ghost"))
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            sql(node, "DROP TRIGGER refuse_audit ON audit_log")
+            sql(node, "DROP TRIGGER refuse_audit ON audit_unlinked")
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.query.GetResource(query_pb2.GetResourceRequest(key=key("w", "task",
+                                                                           "unaudited")))
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        await c.query.GetResource(query_pb2.GetResourceRequest(key=key("w", "task", "before")))
+    assert sql(node, "SELECT count(*) FROM resources WHERE id = 'unaudited'") == [(0,)]
+    assert sql(node, "SELECT count(*) FROM operations WHERE idempotency_key IN ('u1', 'd1')"
+               ) == [(0,)]
+    assert sql(node, "SELECT count(*) FROM events WHERE resource_id = 'unaudited'") == [(0,)]
+    assert sql(node, "SELECT count(*) FROM peers WHERE name = 'ghost'") == [(0,)]
+    assert (await verify_audit(node)).ok
+
+
+async def test_a_write_whose_linked_record_fails_falls_back_to_a_failed_row(
+    node: NodeProcess,
+) -> None:
+    """Only the record committed with the effect fails: the write is refused and absent,
+    and the refusal itself is recorded in the chained log."""
+    async with node.client() as c:
+        sql(node, _REFUSE_AUDIT.format(table="audit_unlinked"))
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.command.Execute(put("w", "task", "half", "h1"))
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert sql(node, "SELECT count(*) FROM resources WHERE id = 'half'") == [(0,)]
+    rows = [r for r in await records(node) if r.method == "Execute"]
+    assert [(r.outcome, r.status_code, r.identity) for r in rows] == [
+        (FAILED, "UNAVAILABLE", CLIENT)]
+
+
+async def test_a_write_commits_its_record_with_it_and_the_chain_links_it(
+    node: NodeProcess,
+) -> None:
+    async with node.client() as c:
+        await c.command.Execute(put("w", "task", "linked", "l1"))
+    # The record committed in the write's transaction; the writer chains it soon after.
+    await linked(node)
+    rows = [r for r in await records(node) if r.method == "Execute"]
+    assert [(r.outcome, r.status_code, r.identity, r.kind) for r in rows] == [
+        (ALLOWED, "OK", CLIENT, "task")]
+    assert (await verify_audit(node)).ok
+
+
+async def test_a_record_left_unlinked_makes_verify_fail(pg_dsn: str) -> None:
+    """A record committed with its effect that no writer linked (its node died before, and
+    none ran since) is flagged; once linked, the chain verifies."""
+    cfg = StoreConfig(embedding_dimension=4)
+    pool = await store.open_pool(cfg, pg_dsn)
+    try:
+        await store.migrate(pool, cfg)
+        entry = AuditEntry(dt.datetime.now(dt.UTC), CLIENT, "", "", "tessera.v1.CommandService",
+                           "Execute", "task", "", "ALLOWED", "OK", 10, 5, "", "")
+        async with pool.connection() as conn:
+            await conn.execute("INSERT INTO audit_unlinked (payload, written_at)"
+                               " VALUES (%s, now() - interval '1 hour')", (payload(entry),))
+        verdict = await verify_log(pool)
+        assert not verdict.ok and "never linked" in verdict.message
+        async with pool.connection() as conn:
+            await conn.execute("SELECT tessera_audit_append(ARRAY[]::bytea[])")
+        verdict = await verify_log(pool)
+        assert verdict.ok and verdict.checked == 1
+    finally:
+        await pool.close()
 
 
 async def test_audit_can_be_switched_off_for_benchmarks(node_factory: NodeFactory) -> None:

@@ -117,3 +117,20 @@ async def test_close_writes_what_is_queued_then_refuses_new_rows() -> None:
     await closing
     await asyncio.gather(*calls)
     assert sum(len(b) for b in pool.batches) == 3
+
+
+async def test_an_effect_that_committed_its_record_asks_for_a_link_at_once() -> None:
+    pool = FakePool()
+    writer = await _started(pool)
+    intent = writer.intent(lambda: outcome(7))
+    row = json.loads(intent.payload())
+    assert row[5] == "GetResource" and row[9] == "OK"  # the call as it stands: succeeded
+    assert not intent.is_committed
+    intent.committed()  # what store.effect_transaction says after its COMMIT
+    assert intent.is_committed
+    for _ in range(100):
+        if pool.batches:
+            break
+        await asyncio.sleep(0.01)
+    assert pool.batches == [[]], "one link statement, no row of its own"
+    await writer.close()

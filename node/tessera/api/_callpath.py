@@ -3,6 +3,14 @@
 `CallPath` is a `grpc.aio` server interceptor that wraps each method handler, so the
 checks run with the call's `auth_context()` before the servicer sees the request.
 Servicers read the authenticated caller with `tessera.calls.current_caller()`.
+
+Requests arrive here as bytes and are decoded here, so a message that does not decode (a
+corrupt protobuf, invalid UTF-8) answers INVALID_ARGUMENT and is audited like any call;
+every decoded request then passes `check_message` (NUL characters, non-finite numbers,
+over-long strings, anywhere in it) before its servicer sees it. Unknown methods answer
+UNIMPLEMENTED and are audited too. A write with an effect commits its audit record in its
+own transaction (`tessera.calls.audit_intent()`); every other call's record is
+group-committed by the auditor before the call is answered.
 """
 
 from __future__ import annotations
@@ -17,10 +25,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from typing import Any
 
 import grpc
-import psycopg
-import psycopg_pool
+from google.protobuf.message import Message
 
 from tessera.api._drain import Drain
+from tessera.api._validate import check_message
 from tessera.calls import (
     OPEN_SERVICES,
     Access,
@@ -31,6 +39,7 @@ from tessera.calls import (
     KindAdmission,
     Limiter,
     authenticate,
+    bind_audit_intent,
     bind_caller,
     caller_or_none,
     required_access,
@@ -38,16 +47,18 @@ from tessera.calls import (
 )
 from tessera.core import errors
 from tessera.core.status import grpc_status, internal_status, status_code_of
+from tessera.store import STORE_UNAVAILABLE, AuditIntent, StoreHealth, unavailable
 
 log = logging.getLogger(__name__)
 
 
 class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Wraps every handler: authenticate, admit, rate-limit, audit, map errors to status.
+    """Wraps every handler: authenticate, admit, rate-limit, decode, check, audit, map errors.
 
-    The order is fixed here, once, for every method: identity -> admission (peer state,
-    grant) -> rate limit -> handler; the auditor sees every outcome, denials included,
-    and the call is answered only after its record is durable.
+    The order is fixed here, once, for every method: identity -> store up? -> admission
+    (peer state, grant) -> rate limit -> decode -> generic checks -> handler; the auditor
+    sees every outcome, denials included, and the call is answered only after its record
+    is durable.
     """
 
     def __init__(
@@ -61,6 +72,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         auditor: Auditor | None = None,
         identified: bool = True,
         drain: Drain | None = None,
+        store_health: StoreHealth | None = None,
     ) -> None:
         self.trust_domain = trust_domain
         self.denied_serials = denied_serials
@@ -73,6 +85,8 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.identified = identified
         #: Counts calls in flight and refuses new ones once the node stops.
         self.drain = drain
+        #: While PostgreSQL is known to be down, store-backed calls answer UNAVAILABLE at once.
+        self.store_health = store_health
 
     async def intercept_service(
         self,
@@ -80,34 +94,36 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
+        service, method = _split(details.method)
         if handler is None:
-            return handler
-        service, method = split_method(details.method)
+            # grpcio would answer UNIMPLEMENTED itself, unaudited: answer it here instead.
+            # A streaming handler serves any call shape; it reads no request.
+            return grpc.stream_stream_rpc_method_handler(self._stream_response(
+                _unimplemented(details.method), Access.ANY_AUTHENTICATED, service, method,
+                None, request_stream=True))
         access = required_access(service, method)
+        # Requests reach the wrapper as bytes (no deserializer): it decodes them itself.
+        decode = handler.request_deserializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary_response(handler.unary_unary, access, service, method),
-                request_deserializer=handler.request_deserializer,
+                self._unary_response(handler.unary_unary, access, service, method, decode),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream_response(handler.unary_stream, access, service, method),
-                request_deserializer=handler.request_deserializer,
+                self._stream_response(handler.unary_stream, access, service, method, decode),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary_response(handler.stream_unary, access, service, method,
-                                    request_stream=True),
-                request_deserializer=handler.request_deserializer,
+                self._unary_response(handler.stream_unary, access, service, method, decode,
+                                     request_stream=True),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._stream_response(handler.stream_stream, access, service, method,
-                                     request_stream=True),
-                request_deserializer=handler.request_deserializer,
+                self._stream_response(handler.stream_stream, access, service, method, decode,
+                                      request_stream=True),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -123,16 +139,37 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         uuid.uuid4().hex[:16], service, method, not_after=peer.not_after)
         bind_caller(caller)
         if access is not Access.ANY_AUTHENTICATED:
+            if self.store_health is not None:
+                self.store_health.check()
             caller = await self.admission.admit(caller, access)
             bind_caller(caller)
             if self.limiter is not None:
                 await self.limiter.check(caller)
         return caller
 
+    def _intent(self, context: grpc.aio.ServicerContext, service: str, method: str,
+                request: Any, started: float) -> AuditIntent | None:
+        """The record a write's effect commits with (see `tessera.calls.audit_intent`)."""
+        if self.auditor is None or service in OPEN_SERVICES:
+            bind_audit_intent(None)
+            return None
+        auditor = self.auditor
+
+        def outcome() -> CallOutcome:
+            return CallOutcome(
+                caller=caller_or_none(), service=service, method=method,
+                code=grpc.StatusCode.OK, reason="", request=request, response_bytes=0,
+                latency_s=time.perf_counter() - started, trace_id=_trace_id(context))
+
+        intent = auditor.intent(outcome)
+        bind_audit_intent(intent)
+        return intent
+
     async def _finish(
         self, context: grpc.aio.ServicerContext, service: str, method: str, request: Any,
         started: float, exc: BaseException | None, response: Any = None,
         response_bytes: int = 0, messages_out: int | None = None, cancelled: bool = False,
+        intent: AuditIntent | None = None,
     ) -> None:
         """Audit and count the outcome, then abort with the mapped status on error."""
         status: grpc.Status | None = None
@@ -142,11 +179,11 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if isinstance(exc, NotImplementedError):
             # The generated base servicer's answer for a method this server does not serve.
             exc = errors.Unimplemented(f"{service}/{method} is not served here")
-        if isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout):
-            # A database that went away (or is restarting) is UNAVAILABLE, never INTERNAL.
-            # (Bridge until the call path's store-health watch of issue 11 merges.)
-            exc = errors.Unavailable(f"PostgreSQL is unavailable ({type(exc).__name__}); "
-                                     "retry shortly")
+        elif exc is not None and isinstance(exc, STORE_UNAVAILABLE):
+            # The database did not answer: a retryable outage, never an internal error.
+            if self.store_health is not None:
+                self.store_health.suspect()
+            exc = unavailable(exc)
         if isinstance(exc, errors.TesseraError):
             status, code, reason = grpc_status(exc), status_code_of(exc), exc.reason
         elif exc is not None:
@@ -157,8 +194,13 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if response is not None and not response_bytes:
             response_bytes = response.ByteSize()
         elapsed = time.perf_counter() - started
-        if self.auditor is not None and service not in OPEN_SERVICES:
+        # A successful write committed its record with its effect: it is durable already.
+        committed = exc is None and intent is not None and intent.is_committed
+        if self.auditor is not None and service not in OPEN_SERVICES and not committed:
             try:
+                if self.store_health is not None:
+                    # No waiting for the pool while the database is known to be down.
+                    self.store_health.check()
                 await self.auditor.record(CallOutcome(
                     caller=caller_or_none(), service=service, method=method, code=code,
                     reason=reason, request=request, response_bytes=response_bytes,
@@ -185,39 +227,54 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             trace_id=_trace_id(context)))
 
     def _unary_response(self, behavior: Any, access: Access, service: str, method: str,
-                        *, request_stream: bool = False) -> Any:
+                        decode: Decoder | None, *, request_stream: bool = False) -> Any:
         """Wrap a handler that answers one message (unary, or client-streaming)."""
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            # A stream of requests has no single message for the audit's query hash.
-            audited = None if request_stream else request
+        async def wrapped(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            request: Any = None
+            intent: AuditIntent | None = None
             started = time.perf_counter()
             with self._tracked(stream=False):
                 try:
                     await self._enter(context, access, service, method)
-                    response = await behavior(request, context)
+                    if request_stream:
+                        request = None  # a stream has no single message for the query hash
+                        arg = _decoded_stream(raw, decode)
+                    else:
+                        request = arg = _decoded(raw, decode)
+                        _check(request, raw)
+                    intent = self._intent(context, service, method, request, started)
+                    response = await behavior(arg, context)
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
-                    await self._finish(context, service, method, audited, started, exc)
+                    await self._finish(context, service, method, request, started, exc)
                     raise  # unreachable: _finish aborted the call
-                await self._finish(context, service, method, audited, started, None, response)
+                await self._finish(context, service, method, request, started, None,
+                                   response, intent=intent)
                 return response
 
         return wrapped
 
     def _stream_response(self, behavior: Any, access: Access, service: str, method: str,
-                         *, request_stream: bool = False) -> Any:
+                         decode: Decoder | None, *, request_stream: bool = False) -> Any:
         """Wrap a handler that streams its answer (server-streaming, or bidi such as
         reflection, which too must see only authenticated, unrevoked callers)."""
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            audited = None if request_stream else request
+        async def wrapped(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            request: Any = None
+            intent: AuditIntent | None = None
             started = time.perf_counter()
             sent = count = 0
             with self._tracked(stream=True):
                 try:
                     await self._enter(context, access, service, method)
-                    await self._opened(context, service, method, audited, started)
-                    result = behavior(request, context)
+                    if request_stream:
+                        arg = _decoded_stream(raw, decode)
+                    else:
+                        request = arg = _decoded(raw, decode)
+                        _check(request, raw)
+                    await self._opened(context, service, method, request, started)
+                    intent = self._intent(context, service, method, request, started)
+                    result = behavior(arg, context)
                     if inspect.isawaitable(result):
                         # A handler that writes with context.write() (grpc's own health
                         # Watch) instead of yielding: it streams until it returns.
@@ -233,7 +290,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     if isinstance(exc, GeneratorExit) or self.drain is None \
                             or not self.drain.ending:
                         # A stream usually ends by its client leaving: audit that too.
-                        await self._finish(context, service, method, audited, started, None,
+                        await self._finish(context, service, method, request, started, None,
                                            response_bytes=sent, messages_out=count,
                                            cancelled=True)
                         raise
@@ -241,22 +298,71 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     task = asyncio.current_task()
                     if task is not None:
                         task.uncancel()
-                    await self._finish(context, service, method, audited, started,
+                    await self._finish(context, service, method, request, started,
                                        self.drain.ended_stream(), response_bytes=sent,
                                        messages_out=count)
                     raise  # unreachable: _finish aborted the call
                 except Exception as exc:
-                    await self._finish(context, service, method, audited, started, exc,
+                    await self._finish(context, service, method, request, started, exc,
                                        response_bytes=sent, messages_out=count)
                     raise  # unreachable: _finish aborted the call
-                await self._finish(context, service, method, audited, started, None,
-                                   response_bytes=sent, messages_out=count)
+                await self._finish(context, service, method, request, started, None,
+                                   response_bytes=sent, messages_out=count, intent=intent)
 
         return wrapped
 
     def _tracked(self, *, stream: bool) -> contextlib.AbstractContextManager[None]:
         return self.drain.track(stream=stream) if self.drain is not None \
             else contextlib.nullcontext()
+
+
+Decoder = Callable[[bytes], Any]
+
+
+def _split(full_method: str) -> tuple[str, str]:
+    """(service, method) of a method path, whatever a caller sent as the path."""
+    try:
+        return split_method(full_method)
+    except ValueError:
+        return "", full_method
+
+
+def _decoded(raw: Any, decode: Decoder | None) -> Any:
+    """The request message of `raw` bytes; InvalidArgument when it is not one."""
+    if decode is None or not isinstance(raw, bytes):
+        return raw
+    try:
+        message = decode(raw)
+    except Exception:
+        # upb raises DecodeError (and a few others) for corrupt wire data or invalid UTF-8.
+        owner = getattr(decode, "__self__", None)
+        name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "the request type")
+        raise errors.InvalidArgument([errors.FieldViolation(
+            "request", f"is not a valid {name} message (corrupt protobuf encoding, or a "
+                       "string that is not valid UTF-8)")]) from None
+    return message
+
+
+def _check(request: Any, wire: Any = None) -> None:
+    """The checks every request gets (see `check_message`)."""
+    if isinstance(request, Message):
+        check_message(request, wire if isinstance(wire, bytes) else None)
+
+
+async def _decoded_stream(raws: AsyncIterator[Any], decode: Decoder | None) -> AsyncIterator[Any]:
+    async for raw in raws:
+        message = _decoded(raw, decode)
+        _check(message, raw)
+        yield message
+
+
+def _unimplemented(full_method: str) -> Any:
+    """A streaming behaviour that answers UNIMPLEMENTED for a method nobody serves."""
+    async def behavior(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        raise errors.Unimplemented(f"method {full_method[:200]!r} is not served by this node")
+        yield  # pragma: no cover - makes this an async generator
+
+    return behavior
 
 
 def _trace_id(context: grpc.aio.ServicerContext) -> str:

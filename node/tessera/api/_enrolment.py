@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import grpc
@@ -34,6 +34,7 @@ from tessera.core.errors import (
 )
 from tessera.peering import Enrolled, FloodGuard, Peering, Rate, source_of
 from tessera.pki import ReloadableServerCredentials, TlsMaterial
+from tessera.store import AuditIntent
 from tessera_client.pb import admin_pb2, admin_pb2_grpc, resources_pb2
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,10 @@ class EnrolmentAuditor:
         reasons = self._counts.setdefault((window, source), {})
         key = outcome.reason or outcome.code.name
         reasons[key] = reasons.get(key, 0) + 1
+
+    def intent(self, outcome: Callable[[], CallOutcome]) -> AuditIntent:
+        """A redeemed token's record commits with the enrolment (`effect_transaction`)."""
+        return self.inner.intent(outcome)
 
     def start(self) -> None:
         """Write each window's rows once it has ended."""

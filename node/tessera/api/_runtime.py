@@ -22,7 +22,7 @@ from tessera.grants import GrantStore
 from tessera.peering import Peering
 from tessera.pki import NodeCertificates, ReloadableServerCredentials, SpiffeId
 from tessera.ratelimit import RateLimiter, RowBudgets
-from tessera.store import OperationStore, Pool, ResourceStore
+from tessera.store import OperationStore, Pool, ResourceStore, StoreHealth
 
 _UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "[::]", "")  # noqa: S104 - matching, not binding
 
@@ -80,6 +80,9 @@ class Runtime:
     events: EventService
     #: Grants' row budgets (None only in tests that build a Runtime without Valkey).
     budgets: RowBudgets | None = None
+    #: Whether PostgreSQL answers (probed); store-backed calls fail fast while it does not.
+    #: None only in tests that build a Runtime without a node.
+    store_health: StoreHealth | None = None
 
     @property
     def listen_address(self) -> str:

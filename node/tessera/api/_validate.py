@@ -6,8 +6,11 @@ import math
 import re
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tessera.core.errors import FieldViolation, InvalidArgument
@@ -97,3 +100,122 @@ class Checker:
             self.fail(field, f"must be between 0 and {MAX_PAGE_SIZE}, got {value}")
             return DEFAULT_PAGE_SIZE
         return value or DEFAULT_PAGE_SIZE
+
+
+#: The longest string any request field may hold (characters); fields have tighter limits
+#: in their methods' checks.
+MAX_STRING = 1 << 20
+#: Violations reported per request at most (a fuzzer's request can have thousands).
+_MAX_VIOLATIONS = 20
+_FLOAT_TYPES = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
+
+
+def check_message(message: Message, wire: bytes | None = None) -> None:
+    """The checks every request gets, whatever its method: raise InvalidArgument naming
+    each field that holds a string PostgreSQL cannot store (a NUL character) or too long,
+    or a number that is not finite (NaN, infinity), anywhere in the message, including
+    inside google.protobuf.Struct/Value attributes and filters.
+
+    With the message's `wire` bytes, most requests skip the walk: without a 0x00 byte no
+    string holds a NUL (U+0000 is encoded as that byte), no string is longer than the
+    whole message, and a type with no floating-point field anywhere has no number to check.
+    """
+    if (wire is not None and len(wire) <= MAX_STRING and b"\x00" not in wire
+            and not _has_numbers(message.DESCRIPTOR)):
+        return
+    out: list[FieldViolation] = []
+    _walk(message, "", out)
+    if out:
+        raise InvalidArgument(out[:_MAX_VIOLATIONS])
+
+
+_NUMBERS: dict[str, bool] = {}
+_NUMBER_TYPES = frozenset({"google.protobuf.Value", "google.protobuf.Struct",
+                           "google.protobuf.ListValue"})
+
+
+def _has_numbers(desc: Any) -> bool:
+    """Whether messages of this type can hold a floating-point number anywhere (cached)."""
+    found = _NUMBERS.get(desc.full_name)
+    if found is None:
+        _NUMBERS[desc.full_name] = False  # a recursive type does not loop
+        found = desc.full_name in _NUMBER_TYPES or any(
+            fd.type in _FLOAT_TYPES
+            or (fd.message_type is not None and _has_numbers(fd.message_type))
+            for fd in desc.fields)
+        _NUMBERS[desc.full_name] = found
+    return found
+
+
+def _name(text: str) -> str:
+    """A caller-chosen map key as it can appear in a field path."""
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
+def _join(prefix: str, part: str) -> str:
+    return f"{prefix}.{part}" if prefix else part
+
+
+def _string(field: str, value: str, out: list[FieldViolation]) -> None:
+    if "\x00" in value:
+        out.append(FieldViolation(field, "must not contain a NUL character"))
+    elif len(value) > MAX_STRING:
+        out.append(FieldViolation(field, f"must be at most {MAX_STRING} characters long"))
+
+
+def _number(field: str, value: float, out: list[FieldViolation]) -> None:
+    if not math.isfinite(value):
+        out.append(FieldViolation(field, "must be a finite number (not NaN or infinity)"))
+
+
+def _walk(message: Message, prefix: str, out: list[FieldViolation]) -> None:
+    if len(out) >= _MAX_VIOLATIONS:
+        return
+    full_name = message.DESCRIPTOR.full_name
+    if full_name == "google.protobuf.Struct":
+        for key, value in message.fields.items():  # type: ignore[attr-defined]
+            field = _join(prefix, _name(key))
+            _string(f"{field} (key)", key, out)
+            _walk(value, field, out)
+        return
+    if full_name == "google.protobuf.Value":
+        kind = message.WhichOneof("kind")
+        if kind == "number_value":
+            _number(prefix, message.number_value, out)  # type: ignore[attr-defined]
+        elif kind == "string_value":
+            _string(prefix, message.string_value, out)  # type: ignore[attr-defined]
+        elif kind in ("struct_value", "list_value"):
+            _walk(getattr(message, kind), prefix, out)
+        return
+    if full_name == "google.protobuf.ListValue":
+        for i, item in enumerate(message.values):  # type: ignore[attr-defined]
+            _walk(item, f"{prefix}[{i}]", out)
+        return
+    for fd, value in message.ListFields():
+        field = _join(prefix, fd.name)
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            value_fd = fd.message_type.fields_by_name["value"]
+            for key, item in value.items():
+                item_field = f"{field}[{_name(str(key))}]"
+                if isinstance(key, str):
+                    _string(f"{item_field} (key)", key, out)
+                _one(value_fd, item, item_field, out)
+        elif fd.is_repeated:
+            if fd.type in _FLOAT_TYPES:
+                # One violation for a vector, not one per element.
+                if not all(math.isfinite(v) for v in value):
+                    _number(field, math.nan, out)
+                continue
+            for i, item in enumerate(value):
+                _one(fd, item, f"{field}[{i}]", out)
+        else:
+            _one(fd, value, field, out)
+
+
+def _one(fd: FieldDescriptor, value: object, field: str, out: list[FieldViolation]) -> None:
+    if fd.type == FieldDescriptor.TYPE_STRING:
+        _string(field, value, out)  # type: ignore[arg-type]
+    elif fd.type in _FLOAT_TYPES:
+        _number(field, value, out)  # type: ignore[arg-type]
+    elif fd.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_GROUP):
+        _walk(value, field, out)  # type: ignore[arg-type]

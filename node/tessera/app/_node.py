@@ -267,7 +267,8 @@ def _grpc_server(rt: Runtime, metrics: Metrics, drain: Drain) -> grpc.aio.Server
         interceptors=[CallPath(cfg.node.trust_domain, denied_serials=rt.certificates.deny_list,
                                admission=GrantAdmission(rt.grants, cfg.store.never_shared_set),
                                on_done=metrics.rpc_done, limiter=rt.limiter,
-                               auditor=rt.auditor, drain=drain)],
+                               auditor=rt.auditor, drain=drain,
+                               store_health=rt.store_health)],
         options=[("grpc.so_reuseport", 0),
                  ("grpc.max_receive_message_length", 4 << 20),
                  *cfg.grpc.server_options(),
@@ -303,6 +304,20 @@ async def _start_enrolment(stack: contextlib.AsyncExitStack, rt: Runtime) -> Non
         options=rt.cfg.grpc.server_options(enrolment=True), limits=rt.cfg.enrolment)
     stack.push_async_callback(server.stop, cfg.shutdown_grace_s)
     rt.endpoints.enroll_address = dialable(f"{address.rpartition(':')[0]}:{port}")
+
+
+async def _watch_store(stack: contextlib.AsyncExitStack, watch: store.StoreHealth,
+                       health_servicer: health.aio.HealthServicer) -> None:
+    """Every service needs PostgreSQL: NOT_SERVING while it is down, SERVING once back."""
+    async def changed(up: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if up
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in [*SERVICE_NAMES, ""]:
+            await health_servicer.set(name, status)
+
+    watch.on_change = changed
+    watch.start()
+    stack.push_async_callback(watch.close)
 
 
 def _start_metrics_endpoint(stack: contextlib.AsyncExitStack, cfg: Config,
@@ -370,10 +385,13 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         stack.push_async_callback(limiter.close)
         # Always on outside benchmarks: each call waits until its audit row is durable.
         auditor = AuditWriter(pool, registry=metrics.registry,
-                              batch_delay_s=cfg.audit.batch_delay_ms / 1000) \
+                              batch_delay_s=cfg.audit.batch_delay_ms / 1000,
+                              connection_timeout_s=cfg.store.unavailable_after_s) \
             if cfg.audit.enabled else None
         tokens = PageTokens(_page_token_secret(paths))
         grants = GrantStore(pool)
+        store_health = store.StoreHealth(pool, interval_s=cfg.store.health_interval_s,
+                                         timeout_s=cfg.store.unavailable_after_s)
         endpoints = Endpoints()
         events = await _start_events(stack, cfg, pool, dsn, grants, certs, metrics)
         resources = store.ResourceStore(pool, origin=cfg.node.name)
@@ -403,6 +421,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
             budgets=RowBudgets(valkey, key_prefix=f"tessera:rb:{identity.uri}",
                                timeout_s=cfg.ratelimit.decision_timeout_ms / 1000,
                                on_valkey_failure=cfg.ratelimit.on_valkey_failure),
+            store_health=store_health,
         )
         drain = Drain()
         server = _grpc_server(rt, metrics, drain)
@@ -431,6 +450,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         await _start_enrolment(stack, rt)
         for name in [*SERVICE_NAMES, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await _watch_store(stack, store_health, health_servicer)
         _start_metrics_endpoint(stack, cfg, metrics)
         node = Node(rt, server, health_servicer, port, metrics, stack.pop_all(), drain)
     if not supervised:

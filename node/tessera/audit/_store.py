@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +14,12 @@ from psycopg import sql
 from tessera.audit._chain import AuditRow, ChainVerifier, Verdict, entry_from_row
 from tessera.store import Pool
 
+log = logging.getLogger(__name__)
 #: Rows fetched per round trip while verifying.
 _VERIFY_FETCH = 2000
+#: Records committed with their effects are linked within seconds; older unlinked ones
+#: mean no writer is linking them (or someone inserted them by hand).
+UNLINKED_GRACE_S = 60
 
 
 async def append(conn: psycopg.AsyncConnection[Any], payloads: Sequence[bytes]) -> int:
@@ -30,6 +35,20 @@ async def append(conn: psycopg.AsyncConnection[Any], payloads: Sequence[bytes]) 
     if not conn.autocommit:
         await conn.commit()
     return int(row["last"]) if row else 0
+
+
+async def link_pending(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Chain the records committed with effects, so a listing shows every answered call.
+
+    Costs one EXISTS probe when there is nothing to link. A failure leaves them for the
+    writer (and for verification to flag, if they stay).
+    """
+    try:
+        await conn.execute("SELECT tessera_audit_append(ARRAY[]::bytea[])")
+    except psycopg.OperationalError:
+        raise  # the database is unreachable: the call answers UNAVAILABLE
+    except psycopg.Error as exc:
+        log.warning("audit records not linked before listing: %s", type(exc).__name__)
 
 
 def row_of(record: dict[str, Any]) -> AuditRow:
@@ -66,6 +85,7 @@ async def list_rows(pool: Pool, f: AuditFilter, *, after: int, limit: int) -> li
         sql.SQL(" AND ").join(where))
     params.append(limit)
     async with pool.connection() as conn:
+        await link_pending(conn)
         cur = await conn.execute(query, params)
         return [row_of(r) for r in await cur.fetchall()]
 
@@ -90,4 +110,14 @@ async def verify_log(pool: Pool) -> Verdict:
             async for record in rows:
                 if not v.feed(row_of(record)):
                     break
-        return v.finish(int(head["sequence"]), bytes(head["hash"]))
+        verdict = v.finish(int(head["sequence"]), bytes(head["hash"]))
+        cur = await conn.execute(
+            "SELECT count(*) AS n, min(written_at) AS oldest FROM audit_unlinked"
+            " WHERE written_at < now() - make_interval(secs => %s)", (UNLINKED_GRACE_S,))
+        unlinked = await cur.fetchone()
+        if verdict.ok and unlinked is not None and unlinked["n"]:
+            return Verdict(False, verdict.checked, int(head["sequence"]) + 1, (
+                f"{unlinked['n']} audit records committed with their effects were never "
+                f"linked into the chain (the oldest from {unlinked['oldest'].isoformat()}); "
+                "a running node links them within seconds"))
+        return verdict

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 
 import psycopg
 import psycopg_pool
@@ -23,6 +24,29 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 512
 #: Seconds a batch waits for a pooled connection before its calls fail UNAVAILABLE.
 CONNECTION_TIMEOUT_S = 5.0
+#: Seconds between checks for records committed with effects but not linked yet (left by a
+#: replica that stopped before linking them); a finished effect asks for a link at once.
+LINK_INTERVAL_S = 5.0
+
+
+class _Pending:
+    """The record of one call in progress, for an effect's transaction to commit with."""
+
+    __slots__ = ("_outcome", "_writer", "is_committed")
+
+    def __init__(self, outcome: Callable[[], CallOutcome], writer: AuditWriter) -> None:
+        self._outcome = outcome
+        self._writer = writer
+        self.is_committed = False
+
+    def payload(self) -> bytes:
+        """The record as the call stands now: succeeded so far, latency until now."""
+        return payload(entry_of(self._outcome()))
+
+    def committed(self) -> None:
+        """The effect and this record committed: link it into the chain soon."""
+        self.is_committed = True
+        self._writer.link_soon()
 
 
 def entry_of(outcome: CallOutcome, now: dt.datetime | None = None) -> AuditEntry:
@@ -35,8 +59,9 @@ def entry_of(outcome: CallOutcome, now: dt.datetime | None = None) -> AuditEntry
         identity=caller.uri if caller is not None else "",
         peer=caller.peer if caller is not None else "",
         grant=grant_name,
-        service=outcome.service,
-        method=outcome.method,
+        # Caller-chosen for unknown methods (they are audited too).
+        service=_clean(outcome.service, 200),
+        method=_clean(outcome.method, 200),
         kind=_clean(kind_of(outcome.request)),
         query_hash=query_hash(outcome.request),
         outcome=outcome_of(outcome.code).value,
@@ -93,21 +118,33 @@ class AuditWriter:
     """
 
     def __init__(self, pool: Pool, *, registry: CollectorRegistry | None = None,
-                 max_batch: int = MAX_BATCH, batch_delay_s: float = 0.0) -> None:
+                 max_batch: int = MAX_BATCH, batch_delay_s: float = 0.0,
+                 connection_timeout_s: float = CONNECTION_TIMEOUT_S) -> None:
         self._pool = pool
+        self._connection_timeout_s = connection_timeout_s
         self._max_batch = max_batch
         self._batch_delay_s = batch_delay_s
         self._last_batch = 0
         self._queue: list[tuple[bytes, float, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._closing = False
+        # A previous run may have left records unlinked: the first batch, the first effect
+        # or the first tick (LINK_INTERVAL_S) links them.
+        self._link_due = True
         self._metrics = _Metrics(registry) if registry is not None else None
 
     def start(self) -> None:
         """Start the writer task."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="tessera-audit-writer")
+            self._ticker = asyncio.create_task(self._tick(), name="tessera-audit-linker")
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(LINK_INTERVAL_S)
+            self.link_soon()
 
     async def record(self, outcome: CallOutcome) -> None:
         """Queue the call's row; return once it is durable, else raise Unavailable."""
@@ -125,10 +162,21 @@ class AuditWriter:
         # the same; only the (cancelled) future is skipped.
         await fut
 
+    def intent(self, outcome: Callable[[], CallOutcome]) -> _Pending:
+        """A record the call's effect can commit with (see `tessera.store.effect_transaction`)."""
+        return _Pending(outcome, self)
+
+    def link_soon(self) -> None:
+        """Chain the records committed with effects at the next batch (no waiting caller)."""
+        self._link_due = True
+        self._wake.set()
+
     async def close(self) -> None:
         """Write what is queued, then stop; later records fail UNAVAILABLE."""
         self._closing = True
         self._wake.set()
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self._task is not None:
             await self._task
 
@@ -136,6 +184,9 @@ class AuditWriter:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._link_due and not self._queue:
+                # Every batch links too; this is for effects when no reads are queued.
+                await self._commit([])
             while self._queue:
                 if self._batch_delay_s and self._last_batch > 1 and \
                         len(self._queue) < self._max_batch:
@@ -150,8 +201,9 @@ class AuditWriter:
 
     async def _commit(self, batch: list[tuple[bytes, float, asyncio.Future[None]]]) -> None:
         error: BaseException | None = None
+        self._link_due = False
         try:
-            async with self._pool.connection(timeout=CONNECTION_TIMEOUT_S) as conn:
+            async with self._pool.connection(timeout=self._connection_timeout_s) as conn:
                 await append(conn, [p for p, _, _ in batch])
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
             log.error("audit batch of %d rows not written: %s", len(batch), type(exc).__name__)
@@ -162,6 +214,7 @@ class AuditWriter:
         done = time.perf_counter()
         m = self._metrics
         if error is not None:
+            self._link_due = True
             if m is not None:
                 m.failures.inc()
             failure = Unavailable("the audit log could not be written, so the call was not "
@@ -169,6 +222,8 @@ class AuditWriter:
             for _, _, fut in batch:
                 if not fut.done():
                     fut.set_exception(failure)
+            return
+        if not batch:
             return
         self._last_batch = len(batch)
         if m is not None:

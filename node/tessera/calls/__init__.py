@@ -24,6 +24,9 @@ from tessera.calls._caller import (
     split_method,
 )
 
+# The current call's pending audit record lives with the store's effect transactions.
+from tessera.store import audit_intent, bind_audit_intent
+
 __all__ = [
     "ADMIN_SERVICE",
     "OPEN_SERVICES",
@@ -36,8 +39,10 @@ __all__ = [
     "GrantAdmission",
     "KindAdmission",
     "Limiter",
+    "audit_intent",
     "authenticate",
     "authorize",
+    "bind_audit_intent",
     "bind_caller",
     "caller_or_none",
     "current_caller",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import enum
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -18,6 +18,7 @@ import grpc
 from tessera.core import errors
 from tessera.grants import Grant, Scope
 from tessera.pki import IdentityKind, PeerCertificate, SpiffeId, identity_from_pem
+from tessera.store import AuditIntent
 
 ADMIN_SERVICE = "tessera.v1.AdminService"
 #: Services that need no application identity beyond a verified certificate.
@@ -178,6 +179,10 @@ class Auditor(Protocol):
 
     async def record(self, outcome: CallOutcome) -> None:
         """Return once the record is durable."""
+        ...
+
+    def intent(self, outcome: Callable[[], CallOutcome]) -> AuditIntent:
+        """A record an effect can commit with; `outcome()` is the call as it stands."""
         ...
 
 

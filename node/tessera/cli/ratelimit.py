@@ -77,7 +77,11 @@ def node_checks(cfg: Config) -> list[doctor.Check]:
     with client as c:
         try:
             resp = c.admin.Doctor(admin_pb2.DoctorRequest(), timeout=5)
-        except grpc.RpcError:
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                # E.g. its PostgreSQL is down: the node says why in its answer.
+                return [doctor.Check("node", doctor.Level.RED,
+                                     f"the running node answers UNAVAILABLE: {exc.details()}")]
             return []
     return [doctor.Check(ch.name, _LEVELS.get(ch.status, doctor.Level.RED), ch.message,
                          {"backend": ch.details.fields["backend"].string_value}

@@ -70,6 +70,11 @@ class StoreConfig:
     embedding_model: str = ""
     #: Seconds a statement may run before it is cancelled.
     statement_timeout_s: float = 10.0
+    #: Seconds a call waits for a pooled connection before it answers UNAVAILABLE; also the
+    #: bound on the health probe. While PostgreSQL is known to be down calls fail at once.
+    unavailable_after_s: float = 2.0
+    #: Seconds between PostgreSQL health probes (faster while it is down, to notice recovery).
+    health_interval_s: float = 2.0
     #: Comma-separated resource kinds this node stores; others are refused.
     kinds: str = "task,note,memory,document,credential"
     #: Comma-separated kinds no grant can share, whatever it names (refused at creation
@@ -506,6 +511,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"store.metric: {s.metric!r} must be one of {', '.join(METRICS)}")
     if not 1 <= s.pool_min <= s.pool_max:
         raise ConfigError("store.pool_min/pool_max: need 1 <= pool_min <= pool_max")
+    if not 0.05 <= s.unavailable_after_s <= 60:
+        raise ConfigError("store.unavailable_after_s: must be between 0.05 and 60 seconds")
+    if not 0.1 <= s.health_interval_s <= 60:
+        raise ConfigError("store.health_interval_s: must be between 0.1 and 60 seconds")
     if s.dsn and not (s.dsn.startswith(("postgresql://", "postgres://")) or "=" in s.dsn):
         raise ConfigError("store.dsn: must be a postgresql:// URI or a libpq key=value DSN")
     bad = [k for k in s.kind_set if not re.match(r"^[a-z0-9._-]{1,64}$", k)]

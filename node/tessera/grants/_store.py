@@ -12,7 +12,7 @@ import psycopg
 
 from tessera.core.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated
 from tessera.grants._model import Grant, Peer, PeerState
-from tessera.store import Pool
+from tessera.store import Pool, effect_transaction
 
 #: NOTIFY channel announcing that a peer's grant or state changed; the payload is the
 #: peer's name. Open event streams of that peer re-check their admission at once.
@@ -112,9 +112,9 @@ class GrantStore:
         self, *, name: str, identity: str, token_id: uuid.UUID, secret_hash: bytes,
         expire_time: datetime,
     ) -> Peer:
-        """Create an INVITED peer and its token in one transaction."""
+        """Create an INVITED peer and its token in one transaction (with its audit record)."""
         try:
-            async with self.pool.connection() as conn, conn.transaction():
+            async with effect_transaction(self.pool) as conn:
                 cur = await conn.execute(
                     "INSERT INTO peers (name, identity, state) VALUES (%s, %s, 'INVITED')"
                     " RETURNING *",
@@ -153,7 +153,7 @@ class GrantStore:
         The conditional UPDATE is the single-use guarantee: of two concurrent redemptions
         only one matches `used_at IS NULL`.
         """
-        async with self.pool.connection() as conn, conn.transaction():
+        async with effect_transaction(self.pool) as conn:
             cur = await conn.execute(
                 "UPDATE enrolment_tokens SET used_at = now()"
                 " WHERE id = %s AND used_at IS NULL AND expire_time > now() RETURNING peer",
@@ -200,28 +200,28 @@ class GrantStore:
         self, name: str, state: PeerState, reason: str, *, allowed_from: Sequence[PeerState]
     ) -> Peer:
         """Move a peer to `state` if it is in one of `allowed_from`."""
-        async with self.pool.connection() as conn, conn.transaction():
+        async with effect_transaction(self.pool) as conn:
             cur = await conn.execute(
                 "UPDATE peers SET state = %s, state_reason = %s, updated_at = now()"
                 " WHERE name = %s AND state = ANY(%s::text[]) RETURNING *",
                 (state.value, reason, name, [s.value for s in allowed_from]),
             )
             row = await cur.fetchone()
-            if row is not None:
-                await conn.execute("SELECT pg_notify(%s, %s)", (GRANTS_CHANNEL, name))
-        if row is None:
-            peer = await self.get_peer(name)
-            raise FailedPrecondition(
-                f"peer {name} is {peer.state.value} and cannot become {state.value}",
-                reason="PEER_STATE",
-            )
+            if row is None:
+                # Raised inside the transaction: no change, so no success is recorded.
+                peer = await self.get_peer(name)
+                raise FailedPrecondition(
+                    f"peer {name} is {peer.state.value} and cannot become {state.value}",
+                    reason="PEER_STATE",
+                )
+            await conn.execute("SELECT pg_notify(%s, %s)", (GRANTS_CHANNEL, name))
         return _row_to_peer(row)
 
     # -- grants ---------------------------------------------------------------------
 
     async def create_grant(self, g: Grant) -> Grant:
         """Store a grant for an existing, not revoked peer; at most one live per peer."""
-        async with self.pool.connection() as conn, conn.transaction():
+        async with effect_transaction(self.pool) as conn:
             # Lock the peer so two concurrent CreateGrant calls cannot both pass the check.
             cur = await conn.execute(
                 "SELECT state FROM peers WHERE name = %s FOR UPDATE", (g.peer,)
@@ -287,15 +287,14 @@ class GrantStore:
 
     async def revoke_grant(self, name: str) -> Grant:
         """Revoke a grant (idempotent); the next call of its peer no longer finds it."""
-        async with self.pool.connection() as conn, conn.transaction():
+        async with effect_transaction(self.pool) as conn:
             cur = await conn.execute(
                 "UPDATE grants SET revoked_at = coalesce(revoked_at, now())"  # noqa: S608
                 f" WHERE id = %s RETURNING {_GRANT_COLUMNS}",
                 (grant_id(name),),
             )
             row = await cur.fetchone()
-            if row is not None:
-                await conn.execute("SELECT pg_notify(%s, %s)", (GRANTS_CHANNEL, row["peer"]))
-        if row is None:
-            raise NotFound(f"grant {name} does not exist")
+            if row is None:
+                raise NotFound(f"grant {name} does not exist")
+            await conn.execute("SELECT pg_notify(%s, %s)", (GRANTS_CHANNEL, row["peer"]))
         return _row_to_grant(row)

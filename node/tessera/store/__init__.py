@@ -1,6 +1,13 @@
 """PostgreSQL + pgvector storage: pool, migrations, resources, events, operations."""
 
 from tessera.store._db import migrate, migrations, open_pool, redact_dsn, schema_version
+from tessera.store._effects import (
+    AuditIntent,
+    audit_intent,
+    bind_audit_intent,
+    effect_transaction,
+    write_pending_audit,
+)
 from tessera.store._events import (
     EVENTS_CHANNEL,
     EventStore,
@@ -11,6 +18,7 @@ from tessera.store._events import (
     Subscription,
     append_events,
 )
+from tessera.store._health import STORE_UNAVAILABLE, StoreHealth, unavailable
 from tessera.store._operations import (
     DONE_STATES,
     OPERATION_EVENT_KIND,
@@ -41,6 +49,8 @@ __all__ = [
     "NOTHING",
     "OPERATIONS_CHANNEL",
     "OPERATION_EVENT_KIND",
+    "STORE_UNAVAILABLE",
+    "AuditIntent",
     "Effect",
     "EventStore",
     "ListQuery",
@@ -57,10 +67,14 @@ __all__ = [
     "ResourceKey",
     "ResourceStore",
     "SearchQuery",
+    "StoreHealth",
     "StoredEvent",
     "Subscription",
     "append_event",
     "append_events",
+    "audit_intent",
+    "bind_audit_intent",
+    "effect_transaction",
     "etag_of",
     "migrate",
     "migrations",
@@ -70,6 +84,8 @@ __all__ = [
     "schema_version",
     "search",
     "search_statement",
+    "unavailable",
     "vector_literal",
     "version_of_etag",
+    "write_pending_audit",
 ]

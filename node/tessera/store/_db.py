@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from importlib import resources as pkg_resources
 from typing import Any
@@ -71,9 +72,16 @@ async def open_pool(
             "options": f"-c statement_timeout={timeout_ms} -c hnsw.ef_search=100"
                        " -c hnsw.iterative_scan=relaxed_order",
             "autocommit": True,
+            # A host that does not answer at all fails a connection attempt this fast.
+            "connect_timeout": max(2, math.ceil(cfg.unavailable_after_s)),
         },
         open=False,
-        timeout=10.0,
+        # A call waits this long for a connection, then answers UNAVAILABLE.
+        timeout=cfg.unavailable_after_s,
+        # Reconnection backs off exponentially; ending each round of attempts after 10 s
+        # (the next call starts a new one) keeps the wait after PostgreSQL returns short,
+        # instead of up to half the outage.
+        reconnect_timeout=10.0,
         name="tessera",
     )
     try:

@@ -21,6 +21,7 @@ import psycopg
 from psycopg import sql
 
 from tessera.core.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from tessera.store._effects import effect_transaction
 from tessera.store._predicate import Predicate
 
 EVENTS_CHANNEL = "tessera_events"
@@ -179,7 +180,8 @@ class EventStore:
         """
         for _attempt in range(3):
             try:
-                async with self.pool.connection() as conn, conn.transaction():
+                # The publish and its audit record commit together, or neither does.
+                async with effect_transaction(self.pool) as conn:
                     return await self._publish(conn, events, actor)
             except psycopg.errors.UniqueViolation as exc:
                 # A concurrent publish with the same key committed first; ours rolled back.

@@ -19,6 +19,7 @@ from psycopg import sql
 
 from tessera.core.errors import FailedPrecondition, NotFound
 from tessera.core.pagination import query_hash
+from tessera.store._effects import effect_transaction
 from tessera.store._predicate import Predicate
 from tessera.store._resources import Pool, Resource, ResourceKey, ResourceStore, append_event
 
@@ -278,7 +279,9 @@ class OperationStore:
         """
         for _attempt in range(2):
             try:
-                async with self.pool.connection() as conn, conn.transaction():
+                # The call's audit record commits with the effect (a replay's with the
+                # replay): see store.effect_transaction.
+                async with effect_transaction(self.pool) as conn:
                     existing = await self._existing(conn, caller, idempotency_key, request_hash)
                     if existing is not None:
                         return existing
@@ -333,9 +336,10 @@ class OperationStore:
         """Store a long-running command as PENDING, once per (caller, key).
 
         Returns the operation and whether this call created it (only the creator may start
-        it). Concurrent duplicates wait on the unique key and get the one stored row.
+        it). Concurrent duplicates wait on the unique key and get the one stored row. The
+        call's audit record commits with the stored row.
         """
-        async with self.pool.connection() as conn, conn.transaction():
+        async with effect_transaction(self.pool) as conn:
             cur = await conn.execute(
                 "INSERT INTO operations (name, caller, idempotency_key, request_hash,"
                 " command_type, state, input, retry_safe)"
@@ -483,7 +487,7 @@ class OperationStore:
         op_id = operation_uuid(name)
         if op_id is None:
             raise NotFound(f"operation {name} does not exist")
-        async with self.pool.connection() as conn, conn.transaction():
+        async with effect_transaction(self.pool) as conn:
             cur = await conn.execute(
                 "UPDATE operations SET cancel_requested = true, updated_at = clock_timestamp(),"
                 " state = CASE WHEN state = 'PENDING' THEN 'CANCELLED' ELSE state END,"
@@ -500,11 +504,12 @@ class OperationStore:
             if row is not None:
                 what = "cancelled" if row["state"] == "CANCELLED" else "cancel_requested"
                 return await _changed(conn, row, what, cancel=row["state"] == "RUNNING")
-        op = await self.get(name, caller)
-        raise FailedPrecondition(
-            f"operation {name} is already done ({op.state}) and cannot be cancelled",
-            reason="OPERATION_DONE",
-        )
+            # Raised inside the transaction: nothing changed, so no success is recorded.
+            op = await self.get(name, caller)
+            raise FailedPrecondition(
+                f"operation {name} is already done ({op.state}) and cannot be cancelled",
+                reason="OPERATION_DONE",
+            )
 
     async def prune(self, older_than_s: float) -> int:
         """Delete operations finished more than `older_than_s` ago; how many."""
