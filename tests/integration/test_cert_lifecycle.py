@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ from tessera.pki._renewal import ManagedCertificate
 from tessera.pki.stepca._client import StepCAUnauthorized, StepCAUnavailable
 from tessera.pki.stepca._config import StepCAFiles, init_stepca
 from tessera.pki.stepca._issuer import StepCAIssuer
-from tessera_client.pb import admin_pb2, admin_pb2_grpc
+from tessera_client import AsyncClient, Client, Credentials
+from tessera_client.pb import admin_pb2, admin_pb2_grpc, query_pb2
 from tests.fixtures.stepca import (
     RunningStepCA,
     build_stepca,
@@ -410,6 +412,68 @@ async def test_node_renews_three_times_under_load_without_a_failed_call(
     ok = stepca_node.metrics.registry.get_sample_value(
         "tessera_certificate_renewals_total", {"identity": "node", "result": "ok"})
     assert ok is not None and ok >= 3
+
+
+async def test_clients_open_across_three_renewals_of_their_certificate_never_fail_a_call(
+    stepca_node: Node,
+) -> None:
+    """A long-lived sync and asyncio client on the node's renewed admin/client files."""
+    pki = NodePaths(stepca_node.runtime.cfg.node.data_dir).pki
+    assert stepca_node.certificates is not None
+    managed = stepca_node.certificates.managed
+    first_client = x509.load_pem_x509_certificates((pki / "client.crt").read_bytes())[0]
+    first_admin = x509.load_pem_x509_certificates((pki / "admin.crt").read_bytes())[0]
+    start = {n: managed[n].renewals for n in ("admin", "client")}
+    address = stepca_node.address
+    stop = threading.Event()
+    failures: list[str] = []
+    calls = {"async": 0, "sync": 0}
+
+    def sync_driver() -> int:
+        creds = Credentials.from_files(pki / "ca.crt", pki / "admin.crt", pki / "admin.key")
+        with Client(address, creds, server_name="localhost", reload_interval_s=0.2) as c:
+            while not stop.is_set():
+                try:
+                    c.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest(), timeout=5)
+                    calls["sync"] += 1
+                except grpc.RpcError as exc:
+                    failures.append(f"sync: {exc.code().name} {exc.details()}")
+                time.sleep(0.01)
+            return c.channel.generation
+
+    async def async_driver() -> int:
+        creds = Credentials.from_files(pki / "ca.crt", pki / "client.crt", pki / "client.key")
+        async with AsyncClient(address, creds, server_name="localhost",
+                               reload_interval_s=0.2) as c:
+            while not stop.is_set():
+                try:
+                    await c.query.ListResources(query_pb2.ListResourcesRequest(
+                        workspace="w"), timeout=5)
+                    calls["async"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(f"async: {exc.code().name} {exc.details()}")
+                await asyncio.sleep(0.01)
+            return c.channel.generation
+
+    sync_task = asyncio.create_task(asyncio.to_thread(sync_driver))
+    async_task = asyncio.create_task(async_driver())
+    try:
+        async def renewed_past_first_expiry() -> bool:
+            now = dt.datetime.now(dt.UTC)
+            return all(managed[n].renewals - start[n] >= 3 for n in start) and \
+                now > max(first_client.not_valid_after_utc, first_admin.not_valid_after_utc) \
+                + dt.timedelta(seconds=2)
+        await wait_for(renewed_past_first_expiry, 150,
+                       "three renewals of the admin and client certificates and their "
+                       "first certificates expired", 0.5)
+    finally:
+        stop.set()
+        generations = await asyncio.gather(sync_task, async_task)
+
+    assert failures == []
+    assert calls["sync"] > 50 and calls["async"] > 50
+    # Each client followed every renewal onto a new channel.
+    assert all(g >= 3 for g in generations), generations
 
 
 async def test_revoked_certificate_can_neither_renew_nor_call_even_on_an_open_channel(

@@ -29,6 +29,7 @@ from tessera.pki import (
     read_status,
     sans_of,
 )
+from tessera_client import AsyncFollowingChannel
 from tessera_client.pb import admin_pb2, admin_pb2_grpc
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
@@ -168,14 +169,16 @@ def _describe_file(name: str, cert: Path) -> dict[str, Any]:
     }
 
 
-def _local_admin_channel(data_dir: Path) -> grpc.aio.Channel | None:
-    """An mTLS channel to the node running on `data_dir` as its local admin; None if down."""
+def _local_admin_channel(data_dir: Path) -> AsyncFollowingChannel | None:
+    """An mTLS channel to the node running on `data_dir` as its local admin; None if down.
+
+    It follows the admin certificate's renewal like every other client channel.
+    """
     try:
         address, creds = local_node(data_dir)
     except Unavailable:
         return None
-    return grpc.aio.secure_channel(address, creds.channel_credentials(),
-                                   options=[("grpc.ssl_target_name_override", "localhost")])
+    return AsyncFollowingChannel(address, creds, server_name="localhost")
 
 
 async def _live_status(cfg: config.Config) -> dict[str, Any] | None:
