@@ -35,6 +35,8 @@ async def run_checks(rt: Runtime) -> list[doctor.Check]:
     status = rt.certificates.server_status()
     if status is not None:
         checks.append(doctor.check_renewal("certificate-renewal", status))
+    checks += [doctor.check_peer_certificate(st)
+               for _, st in sorted(rt.peer_renewal.refresh().items())]
     return checks
 
 

@@ -4,6 +4,7 @@ from tessera.core.checks import Check, Level, worst
 from tessera.doctor._checks import (
     CERT_WARN,
     check_certificate,
+    check_peer_certificate,
     check_postgres,
     check_renewal,
     check_valkey,
@@ -14,6 +15,7 @@ __all__ = [
     "Check",
     "Level",
     "check_certificate",
+    "check_peer_certificate",
     "check_postgres",
     "check_renewal",
     "check_valkey",

@@ -11,6 +11,7 @@ import psycopg
 from cryptography import x509
 
 from tessera.core.checks import Check, Level
+from tessera.peering import PeerCertStatus
 from tessera.pki import CertificateStatus
 from tessera.store import redact_dsn
 
@@ -133,3 +134,30 @@ def check_renewal(name: str, status: CertificateStatus,
                      f"({status.last_error})", details)
     return Check(name, Level.GREEN, f"{status.issuer} renews it at "
                  f"{status.renew_at.isoformat(timespec='seconds')}", details)
+
+
+def check_peer_certificate(status: PeerCertStatus, *, now: dt.datetime | None = None) -> Check:
+    """The certificate this node holds for calling one peer, renewed through that peer."""
+    now = now or dt.datetime.now(dt.UTC)
+    name = f"peer-certificate:{status.name}"
+    left = status.not_after - now
+    details: dict[str, Any] = {
+        "peer": status.name, "serial": format(status.serial, "x"),
+        "not_after": status.not_after.isoformat(), "renew_at": status.renew_at.isoformat(),
+        "state": status.state.value, "renewals": status.renewals, "failures": status.failures,
+        "seconds_left": int(left.total_seconds()),
+    }
+    if status.last_error:
+        details["last_error"] = status.last_error
+    if left <= dt.timedelta(0):
+        why = status.last_error or "no renewal attempt"
+        return Check(name, Level.RED, f"the certificate for calling peer {status.name} expired; "
+                     f"calls to it fail until it is joined again ({why})", details)
+    if status.failures or left < status.lifetime / 6:
+        return Check(name, Level.YELLOW, f"renewal through peer {status.name} is failing or "
+                     f"overdue; expires in {int(left.total_seconds())} s"
+                     + (f" ({status.last_error})" if status.last_error else ""), details)
+    until = status.not_after.isoformat(timespec="seconds")
+    renew = status.renew_at.isoformat(timespec="seconds")
+    return Check(name, Level.GREEN, f"valid until {until}, renewed through the peer at {renew}",
+                 details)

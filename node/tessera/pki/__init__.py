@@ -4,7 +4,7 @@ from tessera.pki._csr import KeyAndCsr, new_key_and_csr
 from tessera.pki._denylist import DenyList
 from tessera.pki._devca import DevCA, local_sans, needs_reissue
 from tessera.pki._enrol import Enrolment, credentials_valid, enrol
-from tessera.pki._files import write_atomic
+from tessera.pki._files import write_atomic, write_atomic_pair
 from tessera.pki._identity import IdentityKind, PeerCertificate, SpiffeId, identity_from_pem
 from tessera.pki._issuer import IssuedCertificate, Issuer
 from tessera.pki._node import NodeCertificates, ensure_enrolled, make_stepca_issuer
@@ -55,4 +55,5 @@ __all__ = [
     "resolve_node_name",
     "sans_of",
     "write_atomic",
+    "write_atomic_pair",
 ]
