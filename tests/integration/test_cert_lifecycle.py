@@ -610,7 +610,8 @@ async def test_a_revoked_own_certificate_heals_at_once_with_a_new_key_unless_dec
 
 async def test_a_server_certificate_past_its_expiry_is_never_served(tmp_path: Path) -> None:
     """When no renewed certificate arrived in time, new handshakes get no expired one."""
-    from tessera.pki import CredentialFiles, ReloadableServerCredentials, TlsMaterial
+    from tessera.core.paths import CredentialFiles
+    from tessera.pki import ReloadableServerCredentials, TlsMaterial
 
     ca = DevCA(tmp_path / "ca", TRUST_DOMAIN)
     server = CredentialFiles(tmp_path / "s.crt", tmp_path / "s.key", tmp_path / "ca.crt")
@@ -714,8 +715,25 @@ async def test_ca_down_at_renewal_degrades_and_recovers_when_it_returns(
     try:
         first = node.certificates.server_status()  # type: ignore[union-attr]
         assert first is not None
+
+        async def doctor_checks(channel: grpc.aio.Channel) -> dict[str, Any]:
+            resp = await admin_pb2_grpc.AdminServiceStub(channel).Doctor(
+                admin_pb2.DoctorRequest(), timeout=15)
+            return {c.name: c for c in resp.checks}
+
+        async with admin.channel(node.address) as channel:
+            checks = await doctor_checks(channel)
+        # Doctor sees the CA, and the renewal state of every local identity.
+        assert checks["step-ca"].status == admin_pb2.DoctorCheck.STATUS_GREEN
+        for name in ("certificate-renewal", "certificate-renewal:admin",
+                     "certificate-renewal:client"):
+            assert checks[name].status == admin_pb2.DoctorCheck.STATUS_GREEN, name
         dedicated_stepca.stop()
         async with admin.channel(node.address) as channel:
+            # The CA's outage shows at once, from its /health, not after a renewal failed.
+            checks = await doctor_checks(channel)
+            assert checks["step-ca"].status == admin_pb2.DoctorCheck.STATUS_YELLOW
+            assert "does not answer /health" in checks["step-ca"].message
             async def degraded() -> admin_pb2.CertificateStatus | None:
                 st = await cert_status(channel)
                 return st if st.state == admin_pb2.CertificateStatus.STATE_DEGRADED else None
@@ -738,6 +756,20 @@ async def test_ca_down_at_renewal_degrades_and_recovers_when_it_returns(
             assert cached.roots_pem() == ca.root_pem
             await cached.aclose()
 
+            # Renewal never cuts it close unnoticed: with less than 1/6 of the life left the
+            # urgent gauge is 1, and the capped backoff made several attempts by then.
+            def sample(name: str, labels: dict[str, str]) -> float:
+                return node.metrics.registry.get_sample_value(name, labels) or 0.0
+
+            async def urgent() -> bool:
+                return sample("tessera_certificate_renewal_urgent", {"identity": "node"}) == 1
+            await wait_for(urgent, 90, "the urgent-renewal gauge while the CA is down", 0.5)
+            managed = node.certificates.managed["node"]  # type: ignore[union-attr]
+            leaf = managed.status()
+            assert leaf.not_after > dt.datetime.now(dt.UTC)  # raised before expiry
+            assert sample("tessera_certificate_renewals_total",
+                          {"identity": "node", "result": "failed"}) >= 4
+
             dedicated_stepca.start()
 
             async def healthy() -> admin_pb2.CertificateStatus | None:
@@ -747,6 +779,7 @@ async def test_ca_down_at_renewal_degrades_and_recovers_when_it_returns(
             st = await wait_for(healthy, 40, "HEALTHY after the CA returned")
             assert int(st.serial, 16) != first.serial
             assert st.last_error == ""
+            assert sample("tessera_certificate_renewal_urgent", {"identity": "node"}) == 0
         async with admin.channel(node.address) as channel:
             await node_info(channel)  # a new handshake gets the renewed certificate
     finally:

@@ -7,7 +7,9 @@ from tessera.doctor._checks import (
     check_peer_certificate,
     check_postgres,
     check_renewal,
+    check_stepca,
     check_valkey,
+    renewal_check_name,
 )
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "check_peer_certificate",
     "check_postgres",
     "check_renewal",
+    "check_stepca",
     "check_valkey",
+    "renewal_check_name",
     "worst",
 ]
