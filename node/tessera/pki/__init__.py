@@ -18,7 +18,7 @@ from tessera.pki._renewal import (
 )
 from tessera.pki._revocations import CHANNEL as REVOCATIONS_CHANNEL
 from tessera.pki._revocations import record_revocation_at
-from tessera.pki._tls import ReloadableServerCredentials, TlsMaterial
+from tessera.pki._tls import ReloadableServerCredentials, TlsMaterial, expired_placeholder
 from tessera.pki.stepca import StepCAError, StepCAIssuer, init_stepca
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "derive_name",
     "enrol",
     "ensure_enrolled",
+    "expired_placeholder",
     "identity_from_pem",
     "init_stepca",
     "local_sans",

@@ -32,7 +32,7 @@ class TlsMaterial:
         return x509.load_pem_x509_certificates(self.chain_pem)[0]
 
 
-def _placeholder(roots_pem: bytes) -> grpc.ServerCertificateConfiguration:
+def expired_placeholder(roots_pem: bytes | None) -> grpc.ServerCertificateConfiguration:
     """A throwaway self-signed certificate that no client trusts.
 
     Served instead of a certificate past its expiry: gRPC keeps the previous
@@ -108,9 +108,9 @@ class ReloadableServerCredentials:
                 self._placeholder_served = False
             elif self.expired and not self._placeholder_served:
                 self._placeholder_served = True
-                return _placeholder(self._current.roots_pem)
+                return expired_placeholder(self._current.roots_pem)
             if config is not None and self.expired:
                 # Swapped to material that is already expired: the placeholder instead.
                 self._placeholder_served = True
-                return _placeholder(self._current.roots_pem)
+                return expired_placeholder(self._current.roots_pem)
         return config
