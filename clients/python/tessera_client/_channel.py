@@ -106,6 +106,10 @@ class _Follower:
             with contextlib.suppress(OSError):
                 self._stamp = creds.paths.stamp()
 
+    def due(self) -> bool:
+        """True when the files should be looked at again."""
+        return self.creds.paths is not None and time.monotonic() >= self._next_check
+
     def changed(self) -> Credentials | None:
         """New credentials when the files changed to a usable pair, else None."""
         paths = self.creds.paths
@@ -173,6 +177,8 @@ class _FollowingChannelBase(Generic[C]):
         return self._follower.creds
 
     def _refresh(self) -> None:
+        if not self._follower.due():
+            return  # the common case, without taking the lock
         with self._lock:
             fresh = self._follower.changed()
             if fresh is None:
