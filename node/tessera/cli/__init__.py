@@ -116,6 +116,10 @@ async def _stepca_check(cfg: config.Config, soonest: Any) -> doctor.Check:
         return doctor.Check("step-ca", doctor.Level.YELLOW,
                             f"step-ca at {cfg.ca.url} cannot be reached ({exc.message}); "
                             "renewals fail while it is down")
+    except (ConfigError, OSError) as exc:
+        what = exc.message if isinstance(exc, ConfigError) else type(exc).__name__
+        return doctor.Check("step-ca", doctor.Level.RED,
+                            f"the [ca] settings cannot be used ({what})")
     try:
         return await doctor.check_stepca(issuer, timeout_s=cfg.ca.timeout_s,
                                          soonest_expiry=soonest)
