@@ -197,10 +197,14 @@ async def test_default_nodes_derive_distinct_names_and_keep_them(
 # -- item 4: `tessera certs revoke` is in force on the next call when it returns -----------
 
 def revoke_cli(node: NodeProcess, serial: int) -> subprocess.CompletedProcess[str]:
-    """`tessera certs revoke --hex <serial>` against the node's data directory."""
+    """`tessera certs revoke --decommission --hex <serial>` against the node's data directory.
+
+    --decommission: the node would otherwise re-enrol its own revoked local identity at
+    once (and clients made from its files follow), which is not what is tested here.
+    """
     return subprocess.run(
-        [sys.executable, "-m", "tessera.cli", "certs", "revoke", "--hex", format(serial, "x"),
-         "--reason", "test", "--data-dir", str(node.data_dir)],
+        [sys.executable, "-m", "tessera.cli", "certs", "revoke", "--decommission", "--hex",
+         format(serial, "x"), "--reason", "test", "--data-dir", str(node.data_dir)],
         env=node.env, capture_output=True, text=True, timeout=60, check=False)
 
 

@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ from tessera.pki._renewal import ManagedCertificate
 from tessera.pki.stepca._client import StepCAUnauthorized, StepCAUnavailable
 from tessera.pki.stepca._config import StepCAFiles, init_stepca
 from tessera.pki.stepca._issuer import StepCAIssuer
-from tessera_client.pb import admin_pb2, admin_pb2_grpc
+from tessera_client import AsyncClient, Client, Credentials
+from tessera_client.pb import admin_pb2, admin_pb2_grpc, query_pb2
 from tests.fixtures.stepca import (
     RunningStepCA,
     build_stepca,
@@ -412,6 +414,70 @@ async def test_node_renews_three_times_under_load_without_a_failed_call(
     assert ok is not None and ok >= 3
 
 
+async def test_clients_open_across_three_renewals_of_their_certificate_never_fail_a_call(
+    stepca_node: Node,
+) -> None:
+    """A long-lived sync and asyncio client on the node's renewed admin/client files."""
+    pki = NodePaths(stepca_node.runtime.cfg.node.data_dir).pki
+    assert stepca_node.certificates is not None
+    managed = stepca_node.certificates.managed
+    first_client = x509.load_pem_x509_certificates((pki / "client.crt").read_bytes())[0]
+    first_admin = x509.load_pem_x509_certificates((pki / "admin.crt").read_bytes())[0]
+    start = {n: managed[n].renewals for n in ("admin", "client")}
+    address = stepca_node.address
+    stop = threading.Event()
+    failures: list[str] = []
+    calls = {"async": 0, "sync": 0}
+
+    def sync_driver() -> int:
+        creds = Credentials.from_files(pki / "ca.crt", pki / "admin.crt", pki / "admin.key")
+        with Client(address, creds, server_name="localhost", reload_interval_s=0.2) as c:
+            while not stop.is_set():
+                try:
+                    c.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest(), timeout=5)
+                    calls["sync"] += 1
+                except grpc.RpcError as exc:
+                    failures.append(f"sync: {exc.code().name} {exc.details()}")
+                time.sleep(0.01)
+            return c.channel.generation
+
+    async def async_driver() -> int:
+        creds = Credentials.from_files(pki / "ca.crt", pki / "client.crt", pki / "client.key")
+        async with AsyncClient(address, creds, server_name="localhost",
+                               reload_interval_s=0.2) as c:
+            while not stop.is_set():
+                try:
+                    await c.query.ListResources(query_pb2.ListResourcesRequest(
+                        workspace="w"), timeout=5)
+                    calls["async"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(f"async: {exc.code().name} {exc.details()}")
+                await asyncio.sleep(0.01)
+            return c.channel.generation
+
+    sync_task = asyncio.create_task(asyncio.to_thread(sync_driver))
+    async_task = asyncio.create_task(async_driver())
+    try:
+        async def renewed_past_first_expiry() -> bool:
+            now = dt.datetime.now(dt.UTC)
+            return all(managed[n].renewals - start[n] >= 3 for n in start) and \
+                now > max(first_client.not_valid_after_utc, first_admin.not_valid_after_utc) \
+                + dt.timedelta(seconds=2)
+        await wait_for(renewed_past_first_expiry, 150,
+                       "three renewals of the admin and client certificates and their "
+                       "first certificates expired", 0.5)
+    finally:
+        stop.set()
+        generations = await asyncio.gather(sync_task, async_task)
+
+    assert failures == []
+    assert calls["sync"] > 50 and calls["async"] > 50
+    print(f"clients across renewals: {calls} calls, channel generations {generations}, "
+          f"{len(failures)} failed")
+    # Each client followed every renewal onto a new channel.
+    assert all(g >= 3 for g in generations), generations
+
+
 async def test_revoked_certificate_can_neither_renew_nor_call_even_on_an_open_channel(
     stepca: RunningStepCA, stepca_node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -449,6 +515,150 @@ async def test_revoked_certificate_can_neither_renew_nor_call_even_on_an_open_ch
             await issuer.renew(victim.chain_pem, victim.key_pem)
     finally:
         await issuer.aclose()
+
+
+async def test_a_revoked_own_certificate_heals_at_once_with_a_new_key_unless_decommissioned(
+    stepca: RunningStepCA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = node_config(tmp_path / "data", stepca.url, stepca.files)
+    for key, value in {
+        "TESSERA_NODE_DATA_DIR": str(cfg.node.data_dir), "TESSERA_CA_URL": stepca.url,
+        "TESSERA_CA_ROOT_FINGERPRINT": stepca.fingerprint,
+        "TESSERA_CA_PROVISIONER_NAME": stepca.files.provisioner_name,
+        "TESSERA_CA_PROVISIONER_KEY_FILE": str(stepca.files.provisioner_key),
+    }.items():
+        monkeypatch.setenv(key, value)
+    prober = await issue_client(stepca, tmp_path, "prober")
+    node = await start_node(cfg)
+    pki = NodePaths(cfg.node.data_dir).pki
+    assert node.certificates is not None
+    managed = node.certificates.managed
+
+    def held(name: str) -> tuple[int, bytes]:
+        leaf = x509.load_pem_x509_certificates((pki / f"{name}.crt").read_bytes())[0]
+        return leaf.serial_number, (pki / f"{name}.key").read_bytes()
+
+    async def revoke(*argv: str) -> str:
+        capsys.readouterr()
+        assert await asyncio.to_thread(cli.main, ["certs", "revoke", *argv]) == 0
+        return capsys.readouterr().out
+
+    try:
+        creds = Credentials.from_files(pki / "ca.crt", pki / "admin.crt", pki / "admin.key")
+        async with AsyncClient(node.address, creds, server_name="localhost",
+                               reload_interval_s=0.2) as admin:
+            await admin.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest(), timeout=5)
+
+            # The node's server certificate and its admin certificate, revoked by the CLI:
+            # each is re-enrolled with a new key, and the new one is what is used.
+            for name in ("node", "admin"):
+                serial, key = held(name)
+                out = await revoke(format(serial, "x"))
+                assert f"re-enrols {name} with a new key" in out
+
+                async def healed(name: str = name, serial: int = serial,
+                                 key: bytes = key) -> bool:
+                    now_serial, now_key = held(name)
+                    return now_serial != serial and now_key != key
+                await wait_for(healed, 30, f"{name} re-enrolled after its revocation")
+            new_node_serial = held("node")[0]
+
+            async def serves_new() -> bool:
+                return await asyncio.to_thread(served_serial, node.port, prober,
+                                               tmp_path) == new_node_serial
+            await wait_for(serves_new, 10, "the re-enrolled server certificate served")
+
+            async def admin_works() -> bool:
+                try:
+                    await admin.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest(), timeout=5)
+                except grpc.aio.AioRpcError:
+                    return False
+                return True
+            await wait_for(admin_works, 10, "the open admin client to work again")
+            assert admin.channel.credentials.cert_pem == (pki / "admin.crt").read_bytes()
+
+            # A revoke that lost the race with a renewal names the earlier serial: it
+            # says a newer certificate is in force, and the node keeps that one.
+            earlier_node_serial = new_node_serial
+            new_node_serial = (await managed["node"].renew_now()).serial
+            out = await revoke(format(earlier_node_serial, "x"))
+            assert f"a newer one, serial {new_node_serial:x}, is in force" in out
+
+            # Revoked at the CA only: the renewal is refused as revoked, and re-enrols.
+            serial, key = held("client")
+            issuer = await make_stepca_issuer(cfg)
+            try:
+                await issuer.revoke(serial, reason="test")
+            finally:
+                await issuer.aclose()
+            status = await managed["client"].renew_now()
+            assert status.serial != serial and held("client")[1] != key
+            assert status.previous_serials[0] == serial
+
+            # --decommission: the node sees the revocation and does not heal it.
+            serial, _ = held("client")
+            out = await revoke(format(serial, "x"), "--decommission")
+            assert "decommissioned: the node will not re-enrol it" in out
+
+            async def refused_to_heal() -> bool:
+                return "decommissioned" in managed["client"].status().last_error
+            await wait_for(refused_to_heal, 10, "the node to see the decommissioned serial")
+            assert held("client")[0] == serial
+            assert held("node")[0] == new_node_serial
+    finally:
+        await node.stop(0.5)
+
+
+async def test_a_server_certificate_past_its_expiry_is_never_served(tmp_path: Path) -> None:
+    """When no renewed certificate arrived in time, new handshakes get no expired one."""
+    from tessera.core.paths import CredentialFiles
+    from tessera.pki import ReloadableServerCredentials, TlsMaterial
+
+    ca = DevCA(tmp_path / "ca", TRUST_DOMAIN)
+    server = CredentialFiles(tmp_path / "s.crt", tmp_path / "s.key", tmp_path / "ca.crt")
+    ca.issue_files(server, SpiffeId(TRUST_DOMAIN, IdentityKind.NODE, "short"),
+                   ttl=dt.timedelta(seconds=3), dns_names=("localhost",))
+    material = TlsMaterial.read(server.cert, server.key, server.ca)
+    short = material.leaf()
+    creds = ReloadableServerCredentials(material)
+    srv = grpc.aio.server()
+    port = srv.add_secure_port("127.0.0.1:0", creds.server_credentials())
+    await srv.start()
+
+    def presented() -> x509.Certificate:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # to see what is presented, trusted or not
+        ctx.set_alpn_protocols(["h2"])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock, \
+                ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der)
+
+    try:
+        # Handshakes fail at the client's certificate check (no client certificate
+        # here), after the server presented its own: that is all this looks at.
+        first = await asyncio.to_thread(_presented_or_none, presented)
+        assert first is not None and first.serial_number == short.serial_number
+
+        async def expired() -> bool:
+            return dt.datetime.now(dt.UTC) > short.not_valid_after_utc
+        await wait_for(expired, 30, "the short certificate to expire", 0.2)
+        after = await asyncio.to_thread(_presented_or_none, presented)
+        assert after is not None and after.serial_number != short.serial_number
+        assert after.subject.rfc4514_string() == "CN=tessera certificate expired"
+    finally:
+        await srv.stop(0)
+
+
+def _presented_or_none(probe: Any) -> x509.Certificate | None:
+    try:
+        cert: x509.Certificate = probe()
+    except (ssl.SSLError, OSError):
+        return None
+    return cert
 
 
 async def test_expired_or_foreign_certificates_cannot_call(
@@ -507,8 +717,25 @@ async def test_ca_down_at_renewal_degrades_and_recovers_when_it_returns(
     try:
         first = node.certificates.server_status()  # type: ignore[union-attr]
         assert first is not None
+
+        async def doctor_checks(channel: grpc.aio.Channel) -> dict[str, Any]:
+            resp = await admin_pb2_grpc.AdminServiceStub(channel).Doctor(
+                admin_pb2.DoctorRequest(), timeout=15)
+            return {c.name: c for c in resp.checks}
+
+        async with admin.channel(node.address) as channel:
+            checks = await doctor_checks(channel)
+        # Doctor sees the CA, and the renewal state of every local identity.
+        assert checks["step-ca"].status == admin_pb2.DoctorCheck.STATUS_GREEN
+        for name in ("certificate-renewal", "certificate-renewal:admin",
+                     "certificate-renewal:client"):
+            assert checks[name].status == admin_pb2.DoctorCheck.STATUS_GREEN, name
         dedicated_stepca.stop()
         async with admin.channel(node.address) as channel:
+            # The CA's outage shows at once, from its /health, not after a renewal failed.
+            checks = await doctor_checks(channel)
+            assert checks["step-ca"].status == admin_pb2.DoctorCheck.STATUS_YELLOW
+            assert "does not answer /health" in checks["step-ca"].message
             async def degraded() -> admin_pb2.CertificateStatus | None:
                 st = await cert_status(channel)
                 return st if st.state == admin_pb2.CertificateStatus.STATE_DEGRADED else None
@@ -531,6 +758,20 @@ async def test_ca_down_at_renewal_degrades_and_recovers_when_it_returns(
             assert cached.roots_pem() == ca.root_pem
             await cached.aclose()
 
+            # Renewal never cuts it close unnoticed: with less than 1/6 of the life left the
+            # urgent gauge is 1, and the capped backoff made several attempts by then.
+            def sample(name: str, labels: dict[str, str]) -> float:
+                return node.metrics.registry.get_sample_value(name, labels) or 0.0
+
+            async def urgent() -> bool:
+                return sample("tessera_certificate_renewal_urgent", {"identity": "node"}) == 1
+            await wait_for(urgent, 90, "the urgent-renewal gauge while the CA is down", 0.5)
+            managed = node.certificates.managed["node"]  # type: ignore[union-attr]
+            leaf = managed.status()
+            assert leaf.not_after > dt.datetime.now(dt.UTC)  # raised before expiry
+            assert sample("tessera_certificate_renewals_total",
+                          {"identity": "node", "result": "failed"}) >= 4
+
             dedicated_stepca.start()
 
             async def healthy() -> admin_pb2.CertificateStatus | None:
@@ -540,6 +781,7 @@ async def test_ca_down_at_renewal_degrades_and_recovers_when_it_returns(
             st = await wait_for(healthy, 40, "HEALTHY after the CA returned")
             assert int(st.serial, 16) != first.serial
             assert st.last_error == ""
+            assert sample("tessera_certificate_renewal_urgent", {"identity": "node"}) == 0
         async with admin.channel(node.address) as channel:
             await node_info(channel)  # a new handshake gets the renewed certificate
     finally:

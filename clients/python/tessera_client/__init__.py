@@ -3,6 +3,22 @@
 Generated stubs live in `tessera_client.pb`.
 """
 
-from tessera_client._channel import KEEPALIVE_TIME_MS, AsyncClient, Client, Credentials
+from tessera_client._channel import (
+    KEEPALIVE_TIME_MS,
+    AsyncClient,
+    AsyncFollowingChannel,
+    Client,
+    CredentialPaths,
+    Credentials,
+    FollowingChannel,
+)
 
-__all__ = ["KEEPALIVE_TIME_MS", "AsyncClient", "Client", "Credentials"]
+__all__ = [
+    "KEEPALIVE_TIME_MS",
+    "AsyncClient",
+    "AsyncFollowingChannel",
+    "Client",
+    "CredentialPaths",
+    "Credentials",
+    "FollowingChannel",
+]

@@ -15,7 +15,7 @@ from tessera.api._peers_admin import PeerGrantAdmin
 from tessera.api._ratelimit import rate_limit_status
 from tessera.api._runtime import Runtime
 from tessera.core.errors import FailedPrecondition, TesseraError, Unavailable, Unimplemented
-from tessera.pki import CertificateStatus, CertState
+from tessera.pki import CertificateStatus, CertState, StepCAIssuer
 from tessera_client.pb import admin_pb2, admin_pb2_grpc
 
 _LEVELS = {
@@ -32,9 +32,16 @@ async def run_checks(rt: Runtime) -> list[doctor.Check]:
     files = rt.server_files
     checks.append(doctor.check_certificate("certificate", files.cert, files.key))
     checks.append(rt.limiter.doctor_check())
-    status = rt.certificates.server_status()
-    if status is not None:
-        checks.append(doctor.check_renewal("certificate-renewal", status))
+    statuses = rt.certificates.statuses()
+    for name, status in statuses.items():  # node, admin, client
+        checks.append(doctor.check_renewal(doctor.renewal_check_name(name), status))
+    issuer = rt.certificates.issuer
+    if isinstance(issuer, StepCAIssuer):
+        soonest = min((st.not_after for st in statuses.values()), default=None)
+        checks.append(await doctor.check_stepca(issuer, timeout_s=rt.cfg.ca.timeout_s,
+                                                soonest_expiry=soonest))
+    checks += [doctor.check_peer_certificate(st)
+               for _, st in sorted(rt.peer_renewal.refresh().items())]
     return checks
 
 

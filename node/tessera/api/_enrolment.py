@@ -33,7 +33,7 @@ from tessera.core.errors import (
     TesseraError,
 )
 from tessera.peering import Enrolled, FloodGuard, Peering, Rate, source_of
-from tessera.pki import ReloadableServerCredentials, TlsMaterial
+from tessera.pki import ReloadableServerCredentials, TlsMaterial, expired_placeholder
 from tessera.store import AuditIntent
 from tessera_client.pb import admin_pb2, admin_pb2_grpc, resources_pb2
 
@@ -226,6 +226,7 @@ class _EnrollOnly(admin_pb2_grpc.AdminServiceServicer):
 def _server_only_credentials(creds: ReloadableServerCredentials) -> grpc.ServerCredentials:
     """Server TLS without client authentication that follows certificate rotation."""
     lock = threading.Lock()
+    # The generation handed over last; -1 once the expiry placeholder was.
     seen = [creds.generation]
 
     def config(m: TlsMaterial) -> grpc.ServerCertificateConfiguration:
@@ -234,6 +235,12 @@ def _server_only_credentials(creds: ReloadableServerCredentials) -> grpc.ServerC
     def fetch() -> grpc.ServerCertificateConfiguration | None:
         # Called by gRPC before each handshake; hand over a new config only on change.
         with lock:
+            if creds.expired:
+                # Like the mTLS listener: never present a certificate past its expiry.
+                if seen[0] == -1:
+                    return None
+                seen[0] = -1
+                return expired_placeholder(None)
             if creds.generation == seen[0]:
                 return None
             seen[0] = creds.generation

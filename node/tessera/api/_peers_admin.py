@@ -14,10 +14,10 @@ from tessera.api._enrolment import enroll_pb
 from tessera.api._runtime import Runtime
 from tessera.api._validate import MAX_NAME, WORKSPACE_RE, Checker
 from tessera.calls import current_caller
-from tessera.core.errors import FieldViolation, InvalidArgument
+from tessera.core.errors import FieldViolation, InvalidArgument, PermissionDenied
 from tessera.core.pagination import PageTokenError, query_hash
 from tessera.grants import ALL_WORKSPACES, Grant, Peer, PeerState
-from tessera.peering import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL
+from tessera.peering import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, PeerCertificateRenewal
 from tessera_client.pb import admin_pb2
 
 PEER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
@@ -25,6 +25,8 @@ COMMAND_TYPE_RE = re.compile(r"^[a-z0-9._-]{1,128}$")
 EVENT_TYPE_RE = re.compile(r"^[a-z0-9._*-]{1,128}$")
 GRANT_NAME_RE = re.compile(r"^grants/[0-9a-f-]{36}$")
 MAX_LIST = 100
+#: A P-256 CSR is well under 1 KiB.
+MAX_CSR_CHARS = 16 << 10
 
 _STATES = {
     PeerState.INVITED: admin_pb2.PEER_STATE_INVITED,
@@ -41,13 +43,26 @@ def peer_to_pb(rt: Runtime, p: Peer) -> admin_pb2.Peer:
         name=p.name, identity=identity_to_pb(rt.peering.identity_of(p.name)),
         address=p.address, state=_STATES[p.state], certificate_serial=p.certificate_serial,
         create_time=timestamp(p.created_at), update_time=timestamp(p.updated_at),
-        state_reason=p.state_reason,
+        state_reason=p.state_reason, certificate_expire_time=timestamp(p.certificate_not_after),
     )
 
 
 #: The window of a row budget given without one, and the longest window allowed.
 DEFAULT_ROW_BUDGET_WINDOW_S = 3600
 MAX_ROW_BUDGET_WINDOW_S = 30 * 86_400
+
+
+def joined_to_pb(rt: Runtime) -> list[admin_pb2.JoinedPeer]:
+    """The peers this node has joined, with the certificates it holds on them."""
+    renewal: PeerCertificateRenewal = rt.peer_renewal
+    return [
+        admin_pb2.JoinedPeer(
+            name=st.name, identity=st.identity, address=st.address, as_identity=st.as_identity,
+            certificate_serial=format(st.serial, "x"),
+            certificate_expire_time=timestamp(st.not_after), renew_time=timestamp(st.renew_at),
+            renewal_state=st.state.value, last_error=st.last_error)
+        for _, st in sorted(renewal.refresh().items())
+    ]
 
 
 def grant_to_pb(g: Grant) -> admin_pb2.Grant:
@@ -183,6 +198,25 @@ class PeerGrantAdmin:
         # Normally reached on the enrolment listener; an admin may call it here too.
         return await enroll_pb(self.rt.peering, request, identity_to_pb(self.rt.identity))
 
+    async def RenewPeerCertificate(
+        self, request: admin_pb2.RenewPeerCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RenewPeerCertificateResponse:
+        # Reached only by an admitted peer (Access.PEER): active, with a live grant.
+        caller = current_caller()
+        if not caller.peer:
+            raise PermissionDenied("only an admitted peer may renew its certificate",
+                                   reason="PEER_REQUIRED")
+        c = Checker()
+        if not request.csr_pem:
+            c.fail("csr_pem", "is required")
+        c.max_len("csr_pem", request.csr_pem, MAX_CSR_CHARS)
+        c.done()
+        renewed = await self.rt.peering.renew(
+            peer=caller.peer, presented_serial=caller.serial, csr_pem=request.csr_pem.encode())
+        return admin_pb2.RenewPeerCertificateResponse(
+            certificate_chain_pem=renewed.chain_pem.decode(),
+            trust_roots_pem=renewed.roots_pem.decode())
+
     async def ListPeers(
         self, request: admin_pb2.ListPeersRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListPeersResponse:
@@ -200,8 +234,9 @@ class PeerGrantAdmin:
             peers = peers[:size]
             token = self.rt.tokens.encode(query=qhash, caller=current_caller().uri,
                                           position=[peers[-1].name])
+        joined = joined_to_pb(self.rt) if not request.page_token else []
         return admin_pb2.ListPeersResponse(peers=[peer_to_pb(self.rt, p) for p in peers],
-                                           next_page_token=token)
+                                           next_page_token=token, joined=joined)
 
     async def GetPeer(
         self, request: admin_pb2.GetPeerRequest, context: grpc.aio.ServicerContext

@@ -19,7 +19,7 @@ from tessera.core.paths import CredentialFiles, NodePaths
 from tessera.events import EventService
 from tessera.federation import Federation
 from tessera.grants import GrantStore
-from tessera.peering import Peering
+from tessera.peering import PeerCertificateRenewal, Peering
 from tessera.pki import NodeCertificates, ReloadableServerCredentials, SpiffeId
 from tessera.ratelimit import RateLimiter, RowBudgets
 from tessera.store import OperationStore, Pool, ResourceStore, StoreHealth
@@ -68,6 +68,8 @@ class Runtime:
     federation: Federation
     grants: GrantStore
     peering: Peering
+    #: Renews the client certificates this node holds for calling its peers.
+    peer_renewal: PeerCertificateRenewal
     limiter: RateLimiter
     #: None only when audit is turned off (benchmarks).
     auditor: AuditWriter | None

@@ -46,7 +46,7 @@ from tessera.events import EventHub, EventService
 from tessera.federation import Federation
 from tessera.grants import GrantStore
 from tessera.observability import Metrics
-from tessera.peering import Peering, token_key
+from tessera.peering import PeerCertificateRenewal, Peering, token_key
 from tessera.pki import (
     DevCA,
     IdentityKind,
@@ -334,6 +334,13 @@ def _start_metrics_endpoint(stack: contextlib.AsyncExitStack, cfg: Config,
     stack.callback(close)
 
 
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel a background task and wait for it to end."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = "",
                      valkey_url: str = "", supervised: bool = False) -> Node:
     """Start everything a node needs and begin serving. Raises ConfigError/Unavailable.
@@ -378,6 +385,12 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
             breaker_cooldown_s=cfg.federation.breaker_cooldown_s,
         )
         stack.push_async_callback(federation.close)
+        # The certificates this node holds for calling its peers are renewed through them.
+        peer_renewal = PeerCertificateRenewal(paths.data_dir,
+                                              renew_fraction=cfg.ca.renew_fraction,
+                                              metrics=metrics)
+        peer_task = asyncio.create_task(peer_renewal.run())
+        stack.push_async_callback(_cancel, peer_task)
         # Keyed by the node's identity, not the process: replicas share every limit.
         limiter = RateLimiter(cfg.ratelimit, valkey, key_prefix=f"tessera:rl:{identity.uri}",
                               metrics=metrics)
@@ -416,7 +429,8 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
             issuer_kind=issuer_kind, dsn=dsn, valkey_url=valkey_url, server_files=server_files,
             certificates=certs, federation=federation, grants=grants,
             peering=_peering(cfg, identity, grants, tokens, credentials, certs, endpoints),
-            limiter=limiter, auditor=auditor, endpoints=endpoints, events=events,
+            peer_renewal=peer_renewal, limiter=limiter, auditor=auditor, endpoints=endpoints,
+            events=events,
             operations=operations, commands=commands, runner=runner,
             budgets=RowBudgets(valkey, key_prefix=f"tessera:rb:{identity.uri}",
                                timeout_s=cfg.ratelimit.decision_timeout_ms / 1000,

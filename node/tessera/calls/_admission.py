@@ -25,6 +25,8 @@ PEER_METHODS = frozenset({
     ("tessera.v1.EventService", "Subscribe"),
     ("tessera.v1.EventService", "Ack"),
     ("tessera.v1.EventService", "DeleteSubscription"),
+    # Its own certificate only (the servicer signs for the caller's identity).
+    ("tessera.v1.AdminService", "RenewPeerCertificate"),
 })
 
 _STATE_DENIALS = {

@@ -81,6 +81,12 @@ class Access(enum.Enum):
     ANY_AUTHENTICATED = "any"
     LOCAL = "local"
     ADMIN = "admin"
+    #: Peer nodes only, admitted by peer state and grant (renewing their certificate).
+    PEER = "peer"
+
+
+#: AdminService methods that only peers call (their own certificate), not admins.
+PEER_ADMIN_METHODS = frozenset({"RenewPeerCertificate"})
 
 
 def split_method(full_method: str) -> tuple[str, str]:
@@ -94,7 +100,7 @@ def required_access(service: str, method: str) -> Access:
     if service in OPEN_SERVICES:
         return Access.ANY_AUTHENTICATED
     if service == ADMIN_SERVICE:
-        return Access.ADMIN
+        return Access.PEER if method in PEER_ADMIN_METHODS else Access.ADMIN
     # Peers (kind "node") reach Query/Command only through a grant: the node's admission
     # (tessera.grants.GrantAdmission) lets them in by peer state, method and grant, and the
     # default KindAdmission lets no peer in at all (default deny).
@@ -105,6 +111,11 @@ def authorize(access: Access, identity: SpiffeId) -> None:
     """Raise PermissionDenied unless the identity's kind satisfies `access`."""
     if access is Access.ANY_AUTHENTICATED:
         return
+    if access is Access.PEER:
+        # Only an admission that checks peer state and grant may let a peer in; this
+        # kind check alone admits nobody.
+        raise errors.PermissionDenied(
+            "only an admitted peer node may call this method", reason="PEER_REQUIRED")
     if access is Access.ADMIN and identity.kind is not IdentityKind.ADMIN:
         raise errors.PermissionDenied(
             f"{identity.kind.value} identities may not call the AdminService",

@@ -66,9 +66,15 @@ async def _doctor(cfg: config.Config) -> list[doctor.Check]:
         # A running node writes its renewal state next to the certificate.
         from tessera.pki import read_status
 
-        renewal = read_status(paths.server)
-        if renewal is not None:
-            checks.append(doctor.check_renewal("certificate-renewal", renewal))
+        soonest = None
+        for name, files in (("node", paths.server), ("admin", paths.admin),
+                            ("client", paths.client)):
+            renewal = read_status(files)
+            if renewal is not None:
+                checks.append(doctor.check_renewal(doctor.renewal_check_name(name), renewal))
+                soonest = min(soonest or renewal.not_after, renewal.not_after)
+        if cfg.ca.url:
+            checks.append(await _stepca_check(cfg, soonest))
     return checks + _node_checks(paths)
 
 
@@ -100,6 +106,27 @@ def _node_checks(paths: NodePaths) -> list[doctor.Check]:
     return [doctor.Check("node", doctor.Level.GREEN, message, {"children": children})]
 
 
+async def _stepca_check(cfg: config.Config, soonest: Any) -> doctor.Check:
+    """Probe step-ca's /health with the node's pinned root."""
+    from tessera.pki import StepCAError, make_stepca_issuer
+
+    try:
+        issuer = await make_stepca_issuer(cfg)
+    except StepCAError as exc:
+        return doctor.Check("step-ca", doctor.Level.YELLOW,
+                            f"step-ca at {cfg.ca.url} cannot be reached ({exc.message}); "
+                            "renewals fail while it is down")
+    except (ConfigError, OSError) as exc:
+        what = exc.message if isinstance(exc, ConfigError) else type(exc).__name__
+        return doctor.Check("step-ca", doctor.Level.RED,
+                            f"the [ca] settings cannot be used ({what})")
+    try:
+        return await doctor.check_stepca(issuer, timeout_s=cfg.ca.timeout_s,
+                                         soonest_expiry=soonest)
+    finally:
+        await issuer.aclose()
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check dependencies; exit 1 on any red."""
     cfg = _load(args)
@@ -118,7 +145,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         tty = sys.stdout.isatty()
         for c in checks:
             mark = f"{_COLOURS[c.level]}{c.level.value:6}\033[0m" if tty else f"{c.level.value:6}"
-            print(f"{mark} {c.name:18} {c.message}")
+            print(f"{mark} {c.name:26} {c.message}")
         print(f"overall: {overall.value}")
     return 1 if overall is doctor.Level.RED else 0
 

@@ -29,6 +29,7 @@ from tessera.pki import (
     read_status,
     sans_of,
 )
+from tessera_client import AsyncFollowingChannel
 from tessera_client.pb import admin_pb2, admin_pb2_grpc
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
@@ -168,14 +169,16 @@ def _describe_file(name: str, cert: Path) -> dict[str, Any]:
     }
 
 
-def _local_admin_channel(data_dir: Path) -> grpc.aio.Channel | None:
-    """An mTLS channel to the node running on `data_dir` as its local admin; None if down."""
+def _local_admin_channel(data_dir: Path) -> AsyncFollowingChannel | None:
+    """An mTLS channel to the node running on `data_dir` as its local admin; None if down.
+
+    It follows the admin certificate's renewal like every other client channel.
+    """
     try:
         address, creds = local_node(data_dir)
     except Unavailable:
         return None
-    return grpc.aio.secure_channel(address, creds.channel_credentials(),
-                                   options=[("grpc.ssl_target_name_override", "localhost")])
+    return AsyncFollowingChannel(address, creds, server_name="localhost")
 
 
 async def _live_status(cfg: config.Config) -> dict[str, Any] | None:
@@ -280,10 +283,32 @@ def cmd_certs_renew(args: argparse.Namespace, cfg: config.Config) -> int:
     return 0
 
 
+def _own_serials(files: NodePaths) -> dict[str, tuple[int, tuple[int, ...], str]]:
+    """For node, admin and client: (current serial, earlier serials, identity URI)."""
+    out: dict[str, tuple[int, tuple[int, ...], str]] = {}
+    for name, f in (("node", files.server), ("admin", files.admin), ("client", files.client)):
+        try:
+            leaf = x509.load_pem_x509_certificates(f.cert.read_bytes())[0]
+        except (OSError, ValueError):
+            continue
+        status = read_status(f)
+        uris = [v for v in sans_of(leaf) if v.startswith("spiffe://")]
+        out[name] = (leaf.serial_number, status.previous_serials if status else (),
+                     uris[0] if uris else "")
+    return out
+
+
 def cmd_certs_revoke(args: argparse.Namespace, cfg: config.Config) -> int:
-    """Revoke a serial at the CA and put it on this node's deny list."""
+    """Revoke a serial at the CA and put it on this node's deny list.
+
+    When the serial is one of the node's own current certificates, the running node
+    re-enrols that identity at once with a new key, unless --decommission retires it.
+    """
+    identity = ""
     if args.cert:
-        serial = x509.load_pem_x509_certificates(Path(args.cert).read_bytes())[0].serial_number
+        leaf = x509.load_pem_x509_certificates(Path(args.cert).read_bytes())[0]
+        serial = leaf.serial_number
+        identity = next((v for v in sans_of(leaf) if v.startswith("spiffe://")), "")
     elif args.serial:
         try:
             serial = parse_serial(args.serial, hex_digits=args.hex)
@@ -294,6 +319,7 @@ def cmd_certs_revoke(args: argparse.Namespace, cfg: config.Config) -> int:
     from tessera.pki import DenyList
 
     files = NodePaths(cfg.node.data_dir)
+    before = _own_serials(files)
 
     async def run() -> None:
         issuer = await _issuer(cfg)
@@ -302,6 +328,10 @@ def cmd_certs_revoke(args: argparse.Namespace, cfg: config.Config) -> int:
         finally:
             await _close(issuer)
 
+    if args.decommission:
+        # Before the deny list: the running node must never see the serial revoked
+        # without also seeing that it is retired, or it would heal it.
+        DenyList(files.decommissioned).add([serial])
     # Deny first: if the CA cannot be reached the node still refuses the certificate.
     DenyList(files.deny_list).add([serial])
     # Both forms, so an operator sees which reading of an all-digit serial was taken.
@@ -309,7 +339,33 @@ def cmd_certs_revoke(args: argparse.Namespace, cfg: config.Config) -> int:
     _share_revocation(cfg, serial, args.reason)
     asyncio.run(run())
     print(f"serial {serial:x} revoked at the CA")
+    _say_what_is_in_force(serial, identity, before, _own_serials(files), args.decommission)
     return 0
+
+
+def _say_what_is_in_force(serial: int, identity: str,
+                          before: dict[str, tuple[int, tuple[int, ...], str]],
+                          after: dict[str, tuple[int, tuple[int, ...], str]],
+                          decommission: bool) -> None:
+    """Tell the operator whether the revoked serial was one of the node's own and what
+    certificate of that identity is in force now (a renewal may have raced the revoke)."""
+    for name, (current, earlier, uri) in before.items():
+        now_serial = after.get(name, (current, (), uri))[0]
+        was_current = serial == current
+        was_earlier = serial in earlier or (identity == uri and not was_current)
+        if not (was_current or was_earlier):
+            continue
+        if was_current and now_serial == serial:
+            if decommission:
+                print(f"{name} ({uri}) is decommissioned: the node will not re-enrol it; "
+                      "`tessera certs enroll --force` enrols it again")
+            else:
+                print(f"serial {serial:x} was the node's current {name} certificate: the "
+                      f"running node re-enrols {name} with a new key at once "
+                      "(--decommission retires an identity instead)")
+        else:
+            print(f"serial {serial:x} was an earlier {name} certificate; a newer one, serial "
+                  f"{now_serial:x}, is in force for {uri} and was not revoked")
 
 
 def _share_revocation(cfg: config.Config, serial: int, reason: str) -> None:
@@ -394,4 +450,7 @@ def add_parsers(
                    help="read the serial as hex even if it has only the digits 0-9")
     p.add_argument("--cert", help="revoke the certificate in this PEM file")
     p.add_argument("--reason", default="", help="reason recorded at the CA")
+    p.add_argument("--decommission", action="store_true",
+                   help="retire the identity: the node does not re-enrol a revoked "
+                        "certificate of its own")
     p.set_defaults(func=with_cfg(cmd_certs_revoke))

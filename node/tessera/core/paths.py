@@ -53,6 +53,11 @@ class NodePaths:
         return self.pki / "denied_serials.txt"
 
     @property
+    def decommissioned(self) -> Path:
+        """Serials revoked with `certs revoke --decommission`: never re-enrolled."""
+        return self.pki / "decommissioned_serials.txt"
+
+    @property
     def crl(self) -> Path:
         """The last CRL put in force (DER), loaded again at start."""
         return self.pki / "crl.der"

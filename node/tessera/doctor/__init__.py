@@ -4,9 +4,12 @@ from tessera.core.checks import Check, Level, worst
 from tessera.doctor._checks import (
     CERT_WARN,
     check_certificate,
+    check_peer_certificate,
     check_postgres,
     check_renewal,
+    check_stepca,
     check_valkey,
+    renewal_check_name,
 )
 
 __all__ = [
@@ -14,8 +17,11 @@ __all__ = [
     "Check",
     "Level",
     "check_certificate",
+    "check_peer_certificate",
     "check_postgres",
     "check_renewal",
+    "check_stepca",
     "check_valkey",
+    "renewal_check_name",
     "worst",
 ]

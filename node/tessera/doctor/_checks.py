@@ -11,7 +11,8 @@ import psycopg
 from cryptography import x509
 
 from tessera.core.checks import Check, Level
-from tessera.pki import CertificateStatus
+from tessera.peering import PeerCertStatus
+from tessera.pki import CertificateStatus, StepCAError, StepCAIssuer
 from tessera.store import redact_dsn
 
 #: A certificate closer to expiry than this is yellow.
@@ -133,3 +134,55 @@ def check_renewal(name: str, status: CertificateStatus,
                      f"({status.last_error})", details)
     return Check(name, Level.GREEN, f"{status.issuer} renews it at "
                  f"{status.renew_at.isoformat(timespec='seconds')}", details)
+
+
+async def check_stepca(issuer: StepCAIssuer, *, timeout_s: float = 5.0,
+                       soonest_expiry: dt.datetime | None = None) -> Check:
+    """step-ca answers /health (over TLS pinned to its root): yellow while it does not, so
+    an outage shows before a renewal fails."""
+    url = issuer.client.ca_url
+    try:
+        await asyncio.wait_for(issuer.client.health(), timeout_s)
+    except (StepCAError, TimeoutError, OSError) as exc:
+        left = ""
+        if soonest_expiry is not None:
+            secs = int((soonest_expiry - dt.datetime.now(dt.UTC)).total_seconds())
+            left = f"; the soonest certificate expires in {secs} s"
+        what = exc.message if isinstance(exc, StepCAError) else type(exc).__name__
+        return Check("step-ca", Level.YELLOW,
+                     f"step-ca at {url} does not answer /health ({what}): renewals and "
+                     f"re-enrolments fail while it is down{left}; check that it runs and "
+                     "that ca.url reaches it", {"url": url})
+    return Check("step-ca", Level.GREEN, f"step-ca at {url} is healthy", {"url": url})
+
+
+def renewal_check_name(identity: str) -> str:
+    """Doctor's name for the renewal check of the node's (or a local) identity."""
+    return "certificate-renewal" if identity == "node" else f"certificate-renewal:{identity}"
+
+
+def check_peer_certificate(status: PeerCertStatus, *, now: dt.datetime | None = None) -> Check:
+    """The certificate this node holds for calling one peer, renewed through that peer."""
+    now = now or dt.datetime.now(dt.UTC)
+    name = f"peer-certificate:{status.name}"
+    left = status.not_after - now
+    details: dict[str, Any] = {
+        "peer": status.name, "serial": format(status.serial, "x"),
+        "not_after": status.not_after.isoformat(), "renew_at": status.renew_at.isoformat(),
+        "state": status.state.value, "renewals": status.renewals, "failures": status.failures,
+        "seconds_left": int(left.total_seconds()),
+    }
+    if status.last_error:
+        details["last_error"] = status.last_error
+    if left <= dt.timedelta(0):
+        why = status.last_error or "no renewal attempt"
+        return Check(name, Level.RED, f"the certificate for calling peer {status.name} expired; "
+                     f"calls to it fail until it is joined again ({why})", details)
+    if status.failures or left < status.lifetime / 6:
+        return Check(name, Level.YELLOW, f"renewal through peer {status.name} is failing or "
+                     f"overdue; expires in {int(left.total_seconds())} s"
+                     + (f" ({status.last_error})" if status.last_error else ""), details)
+    until = status.not_after.isoformat(timespec="seconds")
+    renew = status.renew_at.isoformat(timespec="seconds")
+    return Check(name, Level.GREEN, f"valid until {until}, renewed through the peer at {renew}",
+                 details)

@@ -6,7 +6,10 @@ holds on it (which stand for the grant it was given), the verb, the kind and a h
 the request. The cache is a fallback, never a shortcut: a reachable peer is always
 asked, so a grant revoked on the peer takes effect on the very next call and is never
 answered from cache. A peer that refuses (grant revoked, peer revoked) has its cache
-flushed at once; so does a peer whose client certificate was rotated.
+flushed at once; so does a peer joined anew (its peer.json rewritten). A renewal of the
+client certificate keeps the identity and grant, so it keeps the cache and the client:
+the client follows the renewed files itself (new calls on a new channel, calls in flight
+finish on the old one).
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ _PEERS_TTL_S = 1.0
 
 
 def _cert_stamp(peer: OutboundPeer) -> tuple[int, int]:
-    """Changes when the client certificate the peer gave us is rotated."""
-    st = peer.cert.stat()
+    """Changes when the peer is joined anew (not on a renewal of the same identity)."""
+    st = (peer.directory / "peer.json").stat()
     return st.st_ino, st.st_mtime_ns
 
 
@@ -92,6 +95,7 @@ class Federation:
         self.breakers: dict[str, CircuitBreaker] = {}
         self._clients: dict[str, tuple[tuple[int, int], AsyncClient]] = {}
         self._peers: tuple[float, dict[str, OutboundPeer]] = (-_PEERS_TTL_S, {})
+        self._closing: set[asyncio.Task[None]] = set()
 
     def peers(self) -> dict[str, OutboundPeer]:
         """The peers this node can call; re-read at most once a second (joins happen live)."""
@@ -106,9 +110,11 @@ class Federation:
         if held is not None and held[0] == stamp:
             return held[1]
         if held is not None:
-            # grpcio channels cannot reload certificates: a rotation means a new channel,
-            # and whatever was cached under the old certificate goes too.
-            await held[1].close()
+            # Joined anew: possibly another grant, so whatever was cached goes too. Calls
+            # in flight on the old client get a grace period to finish.
+            task = asyncio.create_task(held[1].channel.close(grace=5.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
             await self.flush(peer.name)
         client = AsyncClient(peer.address, peer.credentials())
         self._clients[peer.name] = (stamp, client)
@@ -119,6 +125,8 @@ class Federation:
         for _, client in self._clients.values():
             await client.close()
         self._clients.clear()
+        for task in list(self._closing):
+            await task
 
     def _cache_key(self, peer: OutboundPeer, verb: str, kind: str, request: Message) -> str:
         digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()

@@ -31,6 +31,10 @@ class Peer:
     state_reason: str
     created_at: datetime
     updated_at: datetime
+    #: When the certificate last issued to the peer expires (None before enrolment).
+    certificate_not_after: datetime | None = None
+    #: The serial before `certificate_serial`, which may still renew once.
+    previous_certificate_serial: str = ""
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ def _row_to_peer(row: dict[str, Any]) -> Peer:
         name=row["name"], identity=row["identity"], address=row["address"],
         state=PeerState(row["state"]), certificate_serial=row["certificate_serial"],
         state_reason=row["state_reason"], created_at=row["created_at"],
-        updated_at=row["updated_at"],
+        updated_at=row["updated_at"], certificate_not_after=row.get("certificate_not_after"),
+        previous_certificate_serial=row.get("previous_certificate_serial") or "",
     )
 
 
@@ -147,7 +148,33 @@ class GrantStore:
             raise Unauthenticated("the enrolment token is not valid", reason="TOKEN_INVALID")
         return bytes(row["secret_hash"]), row["peer"], row["expired"], row["used"]
 
-    async def redeem(self, token_id: uuid.UUID, *, serial_hex: str, address: str) -> Peer:
+    async def renew_certificate(self, name: str, *, presented_hex: str, serial_hex: str,
+                                not_after: datetime) -> tuple[Peer, str] | None:
+        """Record a renewed peer certificate if the peer is ACTIVE and presented its current
+        (or, after a lost answer, its previous) serial; None when that no longer holds.
+        The previous serial renews once at most: after that only the current one does.
+
+        Also returns the serial that was current before (the one an answer was lost for,
+        when it is not the presented one)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE peers SET previous_certificate_serial = CASE"
+                "   WHEN certificate_serial = %(p)s THEN certificate_serial"
+                "   ELSE '' END,"
+                " certificate_serial = %(n)s, certificate_not_after = %(t)s, updated_at = now()"
+                " WHERE name = %(name)s AND state = 'ACTIVE'"
+                " AND %(p)s <> '' AND %(p)s IN (certificate_serial, previous_certificate_serial)"
+                " RETURNING *, (SELECT certificate_serial FROM peers WHERE name = %(name)s)"
+                " AS replaced_serial",
+                {"p": presented_hex, "n": serial_hex, "t": not_after, "name": name},
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return _row_to_peer(row), str(row["replaced_serial"] or "")
+
+    async def redeem(self, token_id: uuid.UUID, *, serial_hex: str, address: str,
+                     not_after: datetime | None = None) -> Peer:
         """Use a token once and activate its peer, atomically.
 
         The conditional UPDATE is the single-use guarantee: of two concurrent redemptions
@@ -165,8 +192,9 @@ class GrantStore:
                                        reason="TOKEN_USED")
             cur = await conn.execute(
                 "UPDATE peers SET state = 'ACTIVE', certificate_serial = %s, address = %s,"
-                " updated_at = now() WHERE name = %s AND state = 'INVITED' RETURNING *",
-                (serial_hex, address, row["peer"]),
+                " certificate_not_after = %s, updated_at = now()"
+                " WHERE name = %s AND state = 'INVITED' RETURNING *",
+                (serial_hex, address, not_after, row["peer"]),
             )
             peer = await cur.fetchone()
             if peer is None:

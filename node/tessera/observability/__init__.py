@@ -35,6 +35,28 @@ class Metrics:
             "1 for the current renewal state of each managed certificate, else 0.",
             ["identity", "state"], registry=self.registry,
         )
+        self.cert_renewal_urgent = Gauge(
+            "tessera_certificate_renewal_urgent",
+            "1 while a managed certificate has less than 1/6 of its lifetime left (renewal "
+            "is overdue: alert on it), else 0.",
+            ["identity"], registry=self.registry,
+        )
+        self.peer_cert_expiry = Gauge(
+            "tessera_peer_certificate_expiry_timestamp_seconds",
+            "Unix time at which the client certificate held for calling each peer expires.",
+            ["peer"], registry=self.registry,
+        )
+        self.peer_cert_renewals = Counter(
+            "tessera_peer_certificate_renewals_total",
+            "Renewals of the certificates held for calling peers, by peer and result.",
+            ["peer", "result"], registry=self.registry,
+        )
+        self.peer_cert_urgent = Gauge(
+            "tessera_peer_certificate_renewal_urgent",
+            "1 while the certificate held for calling a peer has less than 1/6 of its "
+            "lifetime left, else 0.",
+            ["peer"], registry=self.registry,
+        )
         self.denied_serials = Gauge(
             "tessera_denied_serials",
             "Certificate serials the node refuses, by source (deny_list, crl).",

@@ -2,6 +2,7 @@
 
 from tessera.peering._flood import FloodGuard, Rate, source_of
 from tessera.peering._join import OutboundPeer, join, load_outbound, peers_dir
+from tessera.peering._renew import PeerCertificateRenewal, PeerCertState, PeerCertStatus
 from tessera.peering._service import (
     DEFAULT_TOKEN_TTL,
     MAX_TOKEN_TTL,
@@ -21,6 +22,9 @@ __all__ = [
     "Invitation",
     "Invited",
     "OutboundPeer",
+    "PeerCertState",
+    "PeerCertStatus",
+    "PeerCertificateRenewal",
     "Peering",
     "Rate",
     "TokenError",

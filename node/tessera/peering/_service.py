@@ -150,7 +150,7 @@ class Peering:
             raise InvalidArgument([FieldViolation("csr_pem", str(exc))]) from None
         try:
             peer = await self.grants.redeem(inv.token_id, serial_hex=format(issued.serial, "x"),
-                                            address=address)
+                                            address=address, not_after=issued.not_after)
         except PermissionDenied:
             # Lost a race with another redemption (or the peer was revoked meanwhile):
             # the certificate just signed must never work.
@@ -159,6 +159,55 @@ class Peering:
             raise
         log.info("enrolled peer %s (certificate serial %x)", peer.name, issued.serial)
         return Enrolled(issued.chain_pem, self._roots_pem(), peer)
+
+    async def renew(self, *, peer: str, presented_serial: int, csr_pem: bytes) -> Enrolled:
+        """Sign a new client certificate for an admitted peer calling with its current one.
+
+        The call path has already checked the caller's certificate (TLS, trust domain, deny
+        list, validity), that the peer is ACTIVE and that its grant is live. Here: the CSR
+        names exactly the same identity with a P-256 key, and the certificate presented is
+        the one last issued (or the one before, when the answer to a renewal was lost).
+        """
+        identity = self.identity_of(peer)
+        check_csr(csr_pem, identity)  # P-256 only: the key this node's peers make
+        issuer = self._issuer()
+        if issuer is None:
+            raise FailedPrecondition("this node has no certificate issuer to sign peers with",
+                                     reason="NO_ISSUER")
+        presented = format(presented_serial, "x")
+        try:
+            issued = await issuer.sign(csr_pem, ttl=self.peer_cert_ttl)
+        except ValueError as exc:
+            raise InvalidArgument([FieldViolation("csr_pem", str(exc))]) from None
+        recorded = await self.grants.renew_certificate(
+            peer, presented_hex=presented, serial_hex=format(issued.serial, "x"),
+            not_after=issued.not_after)
+        if recorded is None:
+            # Revoked or suspended meanwhile, or an old certificate: what was just signed
+            # must never work.
+            self._deny(issued.serial)
+            await self._revoke_quietly(issued.serial, "renewal refused")
+            raise PermissionDenied(
+                f"peer {peer} may not renew: it is no longer active, or serial {presented} "
+                "is not its current certificate", reason="PEER_CERT_NOT_CURRENT")
+        updated, replaced = recorded
+        if replaced and replaced not in (presented, format(issued.serial, "x")):
+            # The answer for `replaced` never reached the peer: nobody may use it.
+            self._deny(int(replaced, 16))
+            await self._revoke_quietly(int(replaced, 16), "superseded before delivery")
+        log.info("renewed the certificate of peer %s: serial %s -> %x, valid until %s",
+                 updated.name, presented, issued.serial, issued.not_after.isoformat())
+        return Enrolled(issued.chain_pem, self._roots_pem(), updated)
+
+    async def _revoke_quietly(self, serial: int, reason: str) -> None:
+        issuer = self._issuer()
+        if issuer is None:
+            return
+        try:
+            await issuer.revoke(serial, reason=reason)
+        except Exception as exc:
+            # The deny list refuses it already; the CA's revocation is best effort.
+            log.warning("the issuer did not revoke serial %x (%s)", serial, type(exc).__name__)
 
     async def suspend(self, name: str, reason: str) -> Peer:
         """Refuse the peer's calls from its next call on."""

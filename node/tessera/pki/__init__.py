@@ -4,7 +4,7 @@ from tessera.pki._csr import KeyAndCsr, new_key_and_csr
 from tessera.pki._denylist import DenyList
 from tessera.pki._devca import DevCA, local_sans, needs_reissue
 from tessera.pki._enrol import Enrolment, credentials_valid, enrol
-from tessera.pki._files import write_atomic
+from tessera.pki._files import write_atomic, write_atomic_pair
 from tessera.pki._identity import IdentityKind, PeerCertificate, SpiffeId, identity_from_pem
 from tessera.pki._issuer import IssuedCertificate, Issuer
 from tessera.pki._node import NodeCertificates, ensure_enrolled, make_stepca_issuer
@@ -18,7 +18,7 @@ from tessera.pki._renewal import (
 )
 from tessera.pki._revocations import CHANNEL as REVOCATIONS_CHANNEL
 from tessera.pki._revocations import record_revocation_at
-from tessera.pki._tls import ReloadableServerCredentials, TlsMaterial
+from tessera.pki._tls import ReloadableServerCredentials, TlsMaterial, expired_placeholder
 from tessera.pki.stepca import StepCAError, StepCAIssuer, init_stepca
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "derive_name",
     "enrol",
     "ensure_enrolled",
+    "expired_placeholder",
     "identity_from_pem",
     "init_stepca",
     "local_sans",
@@ -55,4 +56,5 @@ __all__ = [
     "resolve_node_name",
     "sans_of",
     "write_atomic",
+    "write_atomic_pair",
 ]

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds between fetches of the CA's root (pinned by fingerprint).
 ROOT_REFRESH_S = 3600.0
+#: Seconds between looks for the node's own serials on its deny list (a file read only
+#: when it changed).
+OWN_REVOCATION_CHECK_S = 0.5
 
 
 def node_enrolment(cfg: Config) -> Enrolment:
@@ -179,12 +182,15 @@ class NodeCertificates:
         for name, target in (("admin", self.files.admin), ("client", self.files.client)):
             if target.cert.exists() and target.key.exists():
                 wanted[name] = (target, None)
+        decommissioned = DenyList(self.files.decommissioned)
         for name, (target, callback) in wanted.items():
             self.managed[name] = ManagedCertificate(
                 name, target, self.issuer, renew_fraction=self.cfg.ca.renew_fraction,
                 metrics=metrics, on_renewed=callback, can_reenrol=can_reenrol,
+                decommissioned=decommissioned.__contains__,
             )
             self._spawn(self.managed[name].run())
+        self._spawn(self._heal_own_revocations())
         if isinstance(self.issuer, StepCAIssuer):
             self._spawn(self._refresh_roots(self.issuer))
 
@@ -197,6 +203,20 @@ class NodeCertificates:
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self.tasks.append(asyncio.create_task(coro))
+
+    async def _heal_own_revocations(self) -> None:
+        """Re-enrol any of the node's own certificates as soon as its serial is denied
+        (`tessera certs revoke`, a CRL, another replica), unless decommissioned."""
+        while True:
+            for managed in self.managed.values():
+                serial = managed.serial
+                if serial in self.deny_list:
+                    managed.mark_revoked(serial)
+            await asyncio.sleep(OWN_REVOCATION_CHECK_S)
+
+    def statuses(self) -> dict[str, CertificateStatus]:
+        """Status of every managed certificate (node, admin, client)."""
+        return {name: m.status() for name, m in self.managed.items()}
 
     async def _refresh_roots(self, issuer: StepCAIssuer) -> None:
         while True:

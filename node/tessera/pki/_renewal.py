@@ -2,10 +2,16 @@
 
 Each `ManagedCertificate` renews its files at about `renew_fraction` of the lifetime
 (a little earlier, by a random jitter, so replicas do not renew in lockstep). A failed
-renewal is retried with capped exponential backoff; meanwhile the state is DEGRADED,
-a metric counts the failure, a warning is logged and `doctor` shows it. A certificate
-that expired is re-enrolled with the provisioner when the issuer can sign. Expiry is
-never silent: the state becomes EXPIRED and every attempt logs an error.
+renewal is retried with capped exponential backoff (capped so several attempts fit in
+what is left of the lifetime); meanwhile the state is DEGRADED, a metric counts the
+failure, a warning is logged and `doctor` shows it. Once less than 1/6 of the lifetime
+is left, `tessera_certificate_renewal_urgent{identity}` is 1.
+
+A certificate that was revoked (its serial on the node's deny list, or a renewal the CA
+refuses as revoked) or that expired is re-enrolled at once with the provisioner, with a
+new key, when the issuer can sign - unless its serial was decommissioned
+(`tessera certs revoke --decommission`). Expiry is never silent: the state becomes
+EXPIRED and every attempt logs an error.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tessera.core.errors import TesseraError
+from tessera.core.errors import FailedPrecondition, TesseraError
 from tessera.core.paths import CredentialFiles
 from tessera.observability import Metrics
 from tessera.pki._enrol import split_sans
@@ -32,7 +38,7 @@ from tessera.pki._files import write_atomic, write_atomic_pair
 from tessera.pki._identity import SpiffeId
 from tessera.pki._issuer import IssuedCertificate, Issuer
 from tessera.pki._tls import TlsMaterial
-from tessera.pki.stepca._client import make_csr, redact
+from tessera.pki.stepca._client import StepCAUnauthorized, make_csr, redact
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,8 @@ class CertificateStatus:
     last_error: str
     renewals: int
     failures: int
+    #: Serials this identity held before, newest first (`certs revoke` names them).
+    previous_serials: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (serial in hex, times in ISO 8601)."""
@@ -74,6 +82,7 @@ class CertificateStatus:
         for k in ("not_before", "not_after", "renew_at"):
             out[k] = getattr(self, k).isoformat()
         out["state"] = self.state.value
+        out["previous_serials"] = [format(v, "x") for v in self.previous_serials]
         return out
 
     @classmethod
@@ -88,6 +97,7 @@ class CertificateStatus:
             state=CertState(data["state"]), issuer=str(data["issuer"]),
             last_error=str(data["last_error"]), renewals=int(data["renewals"]),
             failures=int(data["failures"]),
+            previous_serials=tuple(int(str(v), 16) for v in data.get("previous_serials", ())),
         )
 
 
@@ -143,6 +153,7 @@ class ManagedCertificate:
         metrics: Metrics | None = None,
         on_renewed: Callable[[TlsMaterial], None] | None = None,
         can_reenrol: bool = False,
+        decommissioned: Callable[[int], bool] | None = None,
     ) -> None:
         self.name = name
         self.files = files
@@ -151,6 +162,11 @@ class ManagedCertificate:
         self.metrics = metrics
         self.on_renewed = on_renewed
         self.can_reenrol = can_reenrol
+        #: True for a serial the operator retired for good: never re-enrolled.
+        self.decommissioned = decommissioned or (lambda serial: False)
+        #: The serial found revoked (deny list, or a renewal refused as revoked).
+        self.revoked_serial: int | None = None
+        self.previous_serials: tuple[int, ...] = ()
         self.last_error = ""
         self.renewals = 0
         self.failures = 0
@@ -158,6 +174,8 @@ class ManagedCertificate:
         self._wake = asyncio.Event()
         self._leaf = self._read_leaf()
         self._renew_at = self._schedule(self._leaf)
+        if metrics is not None:
+            metrics.cert_renewal_urgent.labels(name).set_function(self.urgent)
         self._set_state(self._initial_state())
 
     # ------------------------------------------------------------------ state
@@ -169,6 +187,36 @@ class ManagedCertificate:
         lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
         jitter = lifetime * _RANDOM.uniform(0, JITTER_FRACTION)
         return leaf.not_valid_before_utc + lifetime * self.renew_fraction - jitter
+
+    def urgent(self) -> float:
+        """1.0 while less than 1/6 of the lifetime is left (renewal overdue), else 0.0."""
+        leaf = self._leaf
+        left = leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)
+        return 1.0 if left < (leaf.not_valid_after_utc - leaf.not_valid_before_utc) / 6 else 0.0
+
+    @property
+    def serial(self) -> int:
+        """Serial of the certificate held now."""
+        return self._leaf.serial_number
+
+    def mark_revoked(self, serial: int) -> bool:
+        """The certificate with `serial` was revoked: re-enrol now if it is the current
+        one and may be healed. True when a re-enrolment was scheduled."""
+        if serial != self._leaf.serial_number or self.revoked_serial == serial:
+            return False
+        self.revoked_serial = serial
+        if self.decommissioned(serial) or not self.can_reenrol:
+            why = ("decommissioned: it is not re-enrolled" if self.decommissioned(serial)
+                   else "no provisioner key to re-enrol with")
+            self.last_error = f"certificate {serial:x} revoked; {why}"
+            log.error("certificate %s (serial %x) was revoked; %s", self.name, serial, why)
+            self._set_state(CertState.DEGRADED)
+            return False
+        log.warning("certificate %s (serial %x) was revoked: re-enrolling with a new key",
+                    self.name, serial)
+        self.failures = 0
+        self._wake.set()
+        return True
 
     def _initial_state(self) -> CertState:
         if self._leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC):
@@ -194,7 +242,7 @@ class ManagedCertificate:
             sans=sans_of(leaf), not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc, renew_at=self._renew_at, state=state,
             issuer=self.issuer.kind, last_error=self.last_error, renewals=self.renewals,
-            failures=self.failures,
+            failures=self.failures, previous_serials=self.previous_serials,
         )
 
     def _persist(self) -> None:
@@ -206,11 +254,26 @@ class ManagedCertificate:
 
     # --------------------------------------------------------------- renewal
 
+    def _healable(self, serial: int) -> bool:
+        return self.can_reenrol and not self.decommissioned(serial)
+
     async def renew_now(self) -> CertificateStatus:
-        """Renew (or, if expired, re-enrol) once; raise on failure after recording it."""
+        """Renew (or, if expired or revoked, re-enrol) once; raise on failure after
+        recording it."""
         async with self._lock:
             try:
-                await self._renew()
+                try:
+                    await self._renew()
+                except StepCAUnauthorized:
+                    # The CA refuses to renew a revoked certificate: heal by enrolling
+                    # anew, at once, unless the operator decommissioned it.
+                    serial = self._leaf.serial_number
+                    if self.revoked_serial == serial or not self._healable(serial):
+                        raise
+                    log.warning("certificate %s (serial %x): renewal refused as revoked; "
+                                "re-enrolling with a new key", self.name, serial)
+                    self.revoked_serial = serial
+                    await self._renew()
             except Exception as exc:
                 self._failed(exc)
                 raise
@@ -222,11 +285,18 @@ class ManagedCertificate:
         key_pem = self.files.key.read_bytes()
         leaf = x509.load_pem_x509_certificates(chain_pem)[0]
         expired = leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC)
-        reenrol = expired and self.can_reenrol
+        revoked = self.revoked_serial == leaf.serial_number
+        if revoked and self.decommissioned(leaf.serial_number):
+            raise FailedPrecondition(
+                f"certificate {leaf.serial_number:x} was revoked and decommissioned; "
+                "enrol again with `tessera certs enroll --force` to use this identity",
+                reason="CERT_DECOMMISSIONED")
+        reenrol = (expired or revoked) and self.can_reenrol
         if reenrol:
-            # An expired certificate cannot prove itself over mTLS: enrol anew.
+            # An expired or revoked certificate cannot prove itself over mTLS: enrol anew,
+            # with a new key (the old one may be why it was revoked).
             key_pem, issued = await self._reenrol(leaf)
-            how = "re-enrolled"
+            how = "re-enrolled after revocation" if revoked else "re-enrolled"
         else:
             issued = await self.issuer.renew(chain_pem, key_pem)
             how = "renewed"
@@ -239,6 +309,7 @@ class ManagedCertificate:
         else:
             write_atomic(self.files.cert, issued.chain_pem)
         write_atomic(self.files.ca, self.issuer.roots_pem())
+        self.previous_serials = (leaf.serial_number, *self.previous_serials)[:8]
         self._leaf = new_leaf
         self._renew_at = self._schedule(new_leaf)
         self.renewals += 1
@@ -279,15 +350,20 @@ class ManagedCertificate:
 
     def _backoff_s(self) -> float:
         lifetime = self._leaf.not_valid_after_utc - self._leaf.not_valid_before_utc
-        # Short-lived certificates need quick retries; long-lived ones need no storm.
-        cap = max(1.0, min(300.0, lifetime.total_seconds() / 20))
+        left = self._leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)
+        # Short-lived certificates need quick retries; long-lived ones need no storm; and
+        # several attempts must still fit in what is left before expiry.
+        cap = max(1.0, min(300.0, lifetime.total_seconds() / 20, left.total_seconds() / 4))
         base: float = min(cap, 0.5 * 2 ** min(self.failures, 20))
         return base * _RANDOM.uniform(0.8, 1.0)
 
     async def run(self) -> None:
         """Renew on schedule until cancelled."""
         while True:
-            if self.failures:
+            if self.revoked_serial == self._leaf.serial_number and not self.failures \
+                    and self._healable(self._leaf.serial_number):
+                delay = 0.0  # revoked: re-enrol at once
+            elif self.failures:
                 delay = self._backoff_s()
             else:
                 delay = (self._renew_at - dt.datetime.now(dt.UTC)).total_seconds()

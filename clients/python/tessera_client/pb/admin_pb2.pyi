@@ -102,6 +102,7 @@ class Peer(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     STATE_REASON_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Peer name, unique on this node (the name part of its identity)."""
     address: _builtins.str
@@ -124,6 +125,10 @@ class Peer(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When its state last changed."""
 
+    @_builtins.property
+    def certificate_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the certificate this node last issued to the peer expires."""
+
     def __init__(
         self,
         *,
@@ -135,14 +140,121 @@ class Peer(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         state_reason: _builtins.str = ...,
+        certificate_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "identity", b"identity", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate_expire_time", b"certificate_expire_time", "create_time", b"create_time", "identity", b"identity", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "certificate_serial", b"certificate_serial", "create_time", b"create_time", "identity", b"identity", "name", b"name", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "certificate_expire_time", b"certificate_expire_time", "certificate_serial", b"certificate_serial", "create_time", b"create_time", "identity", b"identity", "name", b"name", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Peer: _TypeAlias = Peer  # noqa: Y015
+
+@_typing.final
+class JoinedPeer(_message.Message):
+    """A peer this node has joined (calls out to), with the client certificate it holds there."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    AS_IDENTITY_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_SERIAL_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    RENEW_TIME_FIELD_NUMBER: _builtins.int
+    RENEWAL_STATE_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Peer name (its directory under data_dir/peers)."""
+    identity: _builtins.str
+    """The peer's identity."""
+    address: _builtins.str
+    """Address this node calls it at."""
+    as_identity: _builtins.str
+    """This node's identity on the peer."""
+    certificate_serial: _builtins.str
+    """Serial (hex) of the client certificate held for calling it."""
+    renewal_state: _builtins.str
+    """Renewal state: healthy, degraded or expired."""
+    last_error: _builtins.str
+    """Last renewal error, secret-free; empty when the last attempt succeeded."""
+    @_builtins.property
+    def certificate_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When that certificate expires."""
+
+    @_builtins.property
+    def renew_time(self) -> _timestamp_pb2.Timestamp:
+        """When it is renewed next (through the peer)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        identity: _builtins.str = ...,
+        address: _builtins.str = ...,
+        as_identity: _builtins.str = ...,
+        certificate_serial: _builtins.str = ...,
+        certificate_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        renew_time: _timestamp_pb2.Timestamp | None = ...,
+        renewal_state: _builtins.str = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate_expire_time", b"certificate_expire_time", "renew_time", b"renew_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "as_identity", b"as_identity", "certificate_expire_time", b"certificate_expire_time", "certificate_serial", b"certificate_serial", "identity", b"identity", "last_error", b"last_error", "name", b"name", "renew_time", b"renew_time", "renewal_state", b"renewal_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinedPeer: _TypeAlias = JoinedPeer  # noqa: Y015
+
+@_typing.final
+class RenewPeerCertificateRequest(_message.Message):
+    """Request of RenewPeerCertificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSR_PEM_FIELD_NUMBER: _builtins.int
+    csr_pem: _builtins.str
+    """PEM CSR with a fresh P-256 key, naming exactly the caller's identity (URI SAN only)."""
+    def __init__(
+        self,
+        *,
+        csr_pem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewPeerCertificateRequest: _TypeAlias = RenewPeerCertificateRequest  # noqa: Y015
+
+@_typing.final
+class RenewPeerCertificateResponse(_message.Message):
+    """Response of RenewPeerCertificate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _builtins.int
+    TRUST_ROOTS_PEM_FIELD_NUMBER: _builtins.int
+    certificate_chain_pem: _builtins.str
+    """PEM chain of the new client certificate."""
+    trust_roots_pem: _builtins.str
+    """PEM roots to trust when calling this node."""
+    def __init__(
+        self,
+        *,
+        certificate_chain_pem: _builtins.str = ...,
+        trust_roots_pem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_chain_pem", b"certificate_chain_pem", "trust_roots_pem", b"trust_roots_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewPeerCertificateResponse: _TypeAlias = RenewPeerCertificateResponse  # noqa: Y015
 
 @_typing.final
 class InvitePeerRequest(_message.Message):
@@ -310,21 +422,27 @@ class ListPeersResponse(_message.Message):
 
     PEERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    JOINED_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page."""
     @_builtins.property
     def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Peer]:
         """The page."""
 
+    @_builtins.property
+    def joined(self) -> _containers.RepeatedCompositeFieldContainer[Global___JoinedPeer]:
+        """Peers this node has joined, with the certificates it holds on them (first page only)."""
+
     def __init__(
         self,
         *,
         peers: _abc.Iterable[Global___Peer] | None = ...,
         next_page_token: _builtins.str = ...,
+        joined: _abc.Iterable[Global___JoinedPeer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "peers", b"peers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["joined", b"joined", "next_page_token", b"next_page_token", "peers", b"peers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -46,6 +46,11 @@ class AdminServiceStub:
                 request_serializer=tessera_dot_v1_dot_admin__pb2.EnrollPeerRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_admin__pb2.EnrollPeerResponse.FromString,
                 _registered_method=True)
+        self.RenewPeerCertificate = channel.unary_unary(
+                '/tessera.v1.AdminService/RenewPeerCertificate',
+                request_serializer=tessera_dot_v1_dot_admin__pb2.RenewPeerCertificateRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_admin__pb2.RenewPeerCertificateResponse.FromString,
+                _registered_method=True)
         self.ListPeers = channel.unary_unary(
                 '/tessera.v1.AdminService/ListPeers',
                 request_serializer=tessera_dot_v1_dot_admin__pb2.ListPeersRequest.SerializeToString,
@@ -142,6 +147,15 @@ class AdminServiceServicer:
     def EnrollPeer(self, request, context):
         """Redeems an enrolment token: signs the joining node's CSR. Called over server-authenticated
         TLS (no client certificate yet); the token is the credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewPeerCertificate(self, request, context):
+        """Renews the client certificate this node issued to the calling peer. Called by the peer
+        over mTLS with its current, valid certificate; refused once the peer is suspended or
+        revoked or has no live grant. The CSR must name the same identity with a P-256 key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -271,6 +285,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.EnrollPeer,
                     request_deserializer=tessera_dot_v1_dot_admin__pb2.EnrollPeerRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_admin__pb2.EnrollPeerResponse.SerializeToString,
+            ),
+            'RenewPeerCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewPeerCertificate,
+                    request_deserializer=tessera_dot_v1_dot_admin__pb2.RenewPeerCertificateRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_admin__pb2.RenewPeerCertificateResponse.SerializeToString,
             ),
             'ListPeers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListPeers,
@@ -408,6 +427,33 @@ class AdminService:
             '/tessera.v1.AdminService/EnrollPeer',
             tessera_dot_v1_dot_admin__pb2.EnrollPeerRequest.SerializeToString,
             tessera_dot_v1_dot_admin__pb2.EnrollPeerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewPeerCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.AdminService/RenewPeerCertificate',
+            tessera_dot_v1_dot_admin__pb2.RenewPeerCertificateRequest.SerializeToString,
+            tessera_dot_v1_dot_admin__pb2.RenewPeerCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

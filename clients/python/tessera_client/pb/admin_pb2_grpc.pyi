@@ -40,6 +40,11 @@ class AdminServiceStub:
     """Redeems an enrolment token: signs the joining node's CSR. Called over server-authenticated
     TLS (no client certificate yet); the token is the credential.
     """
+    RenewPeerCertificate: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RenewPeerCertificateRequest, _admin_pb2.RenewPeerCertificateResponse]
+    """Renews the client certificate this node issued to the calling peer. Called by the peer
+    over mTLS with its current, valid certificate; refused once the peer is suspended or
+    revoked or has no live grant. The CSR must name the same identity with a P-256 key.
+    """
     ListPeers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPeersRequest, _admin_pb2.ListPeersResponse]
     """Lists peers."""
     GetPeer: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPeerRequest, _admin_pb2.Peer]
@@ -83,6 +88,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     EnrollPeer: _aio.UnaryUnaryMultiCallable[_admin_pb2.EnrollPeerRequest, _admin_pb2.EnrollPeerResponse]  # type: ignore[assignment]
     """Redeems an enrolment token: signs the joining node's CSR. Called over server-authenticated
     TLS (no client certificate yet); the token is the credential.
+    """
+    RenewPeerCertificate: _aio.UnaryUnaryMultiCallable[_admin_pb2.RenewPeerCertificateRequest, _admin_pb2.RenewPeerCertificateResponse]  # type: ignore[assignment]
+    """Renews the client certificate this node issued to the calling peer. Called by the peer
+    over mTLS with its current, valid certificate; refused once the peer is suspended or
+    revoked or has no live grant. The CSR must name the same identity with a P-256 key.
     """
     ListPeers: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPeersRequest, _admin_pb2.ListPeersResponse]  # type: ignore[assignment]
     """Lists peers."""
@@ -136,6 +146,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.EnrollPeerResponse, _abc.Awaitable[_admin_pb2.EnrollPeerResponse]]:
         """Redeems an enrolment token: signs the joining node's CSR. Called over server-authenticated
         TLS (no client certificate yet); the token is the credential.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewPeerCertificate(
+        self,
+        request: _admin_pb2.RenewPeerCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RenewPeerCertificateResponse, _abc.Awaitable[_admin_pb2.RenewPeerCertificateResponse]]:
+        """Renews the client certificate this node issued to the calling peer. Called by the peer
+        over mTLS with its current, valid certificate; refused once the peer is suspended or
+        revoked or has no live grant. The CSR must name the same identity with a P-256 key.
         """
 
     @_abc_1.abstractmethod
