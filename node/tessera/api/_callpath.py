@@ -100,7 +100,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             # A streaming handler serves any call shape; it reads no request.
             return grpc.stream_stream_rpc_method_handler(self._stream_response(
                 _unimplemented(details.method), Access.ANY_AUTHENTICATED, service, method,
-                None, request_stream=True))
+                None, request_stream=True, opens=False))
         access = required_access(service, method)
         # Requests reach the wrapper as bytes (no deserializer): it decodes them itself.
         decode = handler.request_deserializer
@@ -256,7 +256,8 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return wrapped
 
     def _stream_response(self, behavior: Any, access: Access, service: str, method: str,
-                         decode: Decoder | None, *, request_stream: bool = False) -> Any:
+                         decode: Decoder | None, *, request_stream: bool = False,
+                         opens: bool = True) -> Any:
         """Wrap a handler that streams its answer (server-streaming, or bidi such as
         reflection, which too must see only authenticated, unrevoked callers)."""
         async def wrapped(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -272,7 +273,8 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     else:
                         request = arg = _decoded(raw, decode)
                         _check(request, raw)
-                    await self._opened(context, service, method, request, started)
+                    if opens:  # not for a method that is not served: it opens nothing
+                        await self._opened(context, service, method, request, started)
                     intent = self._intent(context, service, method, request, started)
                     result = behavior(arg, context)
                     if inspect.isawaitable(result):
