@@ -1,58 +1,28 @@
-"""Prometheus metrics with an injected registry, so tests read exact values."""
+"""What an operator runs on: Prometheus metrics, OpenTelemetry tracing, structured logs.
 
-from __future__ import annotations
+Low in the layers (just above config), so every package can count, trace and log with it.
+"""
 
-import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from tessera.observability._logs import JsonFormatter, configure_logging, log_fields
+from tessera.observability._metrics import Metrics
+from tessera.observability._tracing import (
+    Tracing,
+    active_trace_id,
+    make_sampler,
+    span,
+    trace_metadata,
+    traced,
+)
 
-
-class Metrics:
-    """The node's metrics, registered in one registry."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        self.handled = Counter(
-            "grpc_server_handled_total", "RPCs completed on the server, by status code.",
-            ["grpc_service", "grpc_method", "grpc_code"], registry=self.registry,
-        )
-        self.handling = Histogram(
-            "grpc_server_handling_seconds", "Time to answer an RPC.",
-            ["grpc_service", "grpc_method"], registry=self.registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-        )
-        self.cert_expiry = Gauge(
-            "tessera_certificate_expiry_timestamp_seconds",
-            "Unix time at which the node's serving certificate expires.",
-            registry=self.registry,
-        )
-        self.cert_renewals = Counter(
-            "tessera_certificate_renewals_total",
-            "Certificate renewals and re-enrolments, by identity and result (ok, failed).",
-            ["identity", "result"], registry=self.registry,
-        )
-        self.cert_state = Gauge(
-            "tessera_certificate_state",
-            "1 for the current renewal state of each managed certificate, else 0.",
-            ["identity", "state"], registry=self.registry,
-        )
-        self.denied_serials = Gauge(
-            "tessera_denied_serials",
-            "Certificate serials the node refuses, by source (deny_list, crl).",
-            ["source"], registry=self.registry,
-        )
-        self.ratelimit_backend = Gauge(
-            "tessera_ratelimit_backend",
-            "1 for the backend deciding rate limits now (valkey, local), else 0.",
-            ["backend"], registry=self.registry,
-        )
-        self.ratelimit_decisions = Counter(
-            "tessera_ratelimit_decisions_total",
-            "Rate-limit decisions by grant ('local' for local identities), method class and "
-            "decision (allowed, rejected).",
-            ["grant", "method_class", "decision"], registry=self.registry,
-        )
-
-    def rpc_done(self, service: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        """Record one finished RPC."""
-        self.handled.labels(service, method, code.name).inc()
-        self.handling.labels(service, method).observe(seconds)
+__all__ = [
+    "JsonFormatter",
+    "Metrics",
+    "Tracing",
+    "active_trace_id",
+    "configure_logging",
+    "log_fields",
+    "make_sampler",
+    "span",
+    "trace_metadata",
+    "traced",
+]
