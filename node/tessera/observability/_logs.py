@@ -97,3 +97,5 @@ def configure_logging(fmt: str = "text", level: str | int = "INFO",
         old.close()
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    # Python's warnings go to stderr as text of their own: route them through the handler.
+    logging.captureWarnings(fmt == "json")

@@ -168,6 +168,7 @@ def span(name: str, kind: SpanKind = SpanKind.INTERNAL,
 
 
 def traced(name: str, kind: SpanKind = SpanKind.INTERNAL,
+           **attributes: str | int | float | bool,
            ) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
     """Decorate a coroutine function so each call is a child span named `name`."""
     def wrap(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -175,7 +176,7 @@ def traced(name: str, kind: SpanKind = SpanKind.INTERNAL,
         async def inner(*args: P.args, **kwargs: P.kwargs) -> T:
             if _TRACER.get() is None:
                 return await fn(*args, **kwargs)
-            with span(name, kind):
+            with span(name, kind, **attributes):
                 return await fn(*args, **kwargs)
         return inner
     return wrap
