@@ -19,6 +19,18 @@ from prometheus_client.registry import Collector
 BREAKER_STATES = ("closed", "half_open", "open")
 
 
+def grpc_code_label(code: grpc.StatusCode) -> str:
+    """The `grpc_code` label value as Go's gRPC servers write it: "OK", "NotFound"..."""
+    if code is grpc.StatusCode.CANCELLED:
+        return "Canceled"
+    if code is grpc.StatusCode.OK:
+        return "OK"
+    return "".join(part.capitalize() for part in code.name.split("_"))
+
+
+_CODE_LABELS = {code: grpc_code_label(code) for code in grpc.StatusCode}
+
+
 class Metrics:
     """The node's metrics, registered in one registry."""
 
@@ -86,7 +98,7 @@ class Metrics:
                  trace_id: str = "") -> None:
         """Record one finished RPC; a sampled call's trace id becomes the exemplar."""
         exemplar = {"trace_id": trace_id} if trace_id else None
-        self.handled.labels(service, method, code.name).inc(exemplar=exemplar)
+        self.handled.labels(service, method, _CODE_LABELS[code]).inc(exemplar=exemplar)
         self.handling.labels(service, method).observe(seconds, exemplar=exemplar)
 
     def watch_breakers(self, states: Callable[[], Mapping[str, str]]) -> None:
