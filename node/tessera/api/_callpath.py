@@ -197,7 +197,8 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if isinstance(exc, errors.TesseraError):
             status, code, reason = grpc_status(exc), status_code_of(exc), exc.reason
         elif exc is not None:
-            request_id = uuid.uuid4().hex[:16]
+            # The caller's request id, so the error, its log line and its span match.
+            request_id = getattr(caller_or_none(), "request_id", "") or uuid.uuid4().hex[:16]
             log.error("unhandled error in %s/%s (request id %s)", service, method, request_id,
                       exc_info=exc)
             status, code, reason = internal_status(request_id), grpc.StatusCode.INTERNAL, "INTERNAL"
