@@ -31,6 +31,8 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 
 def redact(text: str) -> str:
     """`text` with URL passwords and key=value secrets masked."""
+    if "=" not in text and ":" not in text:  # neither a URL nor key=value: nothing to mask
+        return text
     if "://" in text:
         text = _URL_PASSWORD.sub(r"\g<head>***", text)
     return _KEY_VALUE.sub(r"\g<head>\g<quote>***\g<quote>", text)

@@ -145,9 +145,9 @@ class Tracing:
         return traced
 
 
-@contextlib.contextmanager
 def span(name: str, kind: SpanKind = SpanKind.INTERNAL,
-         **attributes: str | int | float | bool) -> Iterator[Span | None]:
+         **attributes: str | int | float | bool,
+         ) -> contextlib.AbstractContextManager[Span | None]:
     """A child of the current span, when the running call is traced; else nothing.
 
     An exception marks the span as an error by its type only (its message may carry data
@@ -155,8 +155,16 @@ def span(name: str, kind: SpanKind = SpanKind.INTERNAL,
     """
     tracer = _TRACER.get()
     if tracer is None:
-        yield None
-        return
+        return _NO_SPAN  # tracing off: no generator, no allocation
+    return _child(tracer, name, kind, attributes)
+
+
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _child(tracer: Tracer, name: str, kind: SpanKind,
+           attributes: dict[str, str | int | float | bool]) -> Iterator[Span]:
     with tracer.start_as_current_span(name, kind=kind, attributes=attributes,
                                       record_exception=False,
                                       set_status_on_exception=False) as current:
