@@ -15,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionRequest
+from grpc_reflection.v1alpha.reflection_pb2_grpc import ServerReflectionStub
 
 from tessera_client.pb import query_pb2, resources_pb2
 from tests.fixtures.nodes import NodeFactory, NodeProcess
@@ -161,6 +163,18 @@ async def test_an_unsampled_node_is_not_forced_on_by_a_peers_sampled_flag(
     await access_line(quiet, "tessera.v1.QueryService/Describe", ids["quiet"])
     assert quiet.stop() == 0  # a stop exports whatever spans are still buffered
     assert {s.node for s in otlp_receiver.spans} == {"trusting"}
+
+    # A streaming call (reflection is bidi) gets its server span too.
+    header, streamed, _ = traceparent()
+    async with trusting.client() as client:
+        call = ServerReflectionStub(client.channel).ServerReflectionInfo(
+            iter([ServerReflectionRequest(list_services="")]),
+            metadata=(("traceparent", header),))
+        answers = [r async for r in call]
+        assert answers and answers[0].list_services_response.service
+    reflection = "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    await otlp_receiver.wait_for(lambda spans: any(
+        s.trace_id == streamed and s.name == reflection and s.kind == SERVER for s in spans))
 
 
 async def test_json_logs_parse_line_by_line_and_carry_no_secret(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -96,20 +97,42 @@ def test_redaction_masks_passwords_and_tokens(text: str, secret: str) -> None:
         "nothing secret in spiffe://tessera.local/node/a"
 
 
+@contextlib.contextmanager
+def _capture(fmt: str, *, access: bool = True) -> Iterator[io.StringIO]:
+    """Root logging into a buffer, restored afterwards."""
+    root, access_logger = logging.getLogger(), logging.getLogger("tessera.access")
+    saved = (list(root.handlers), root.level, access_logger.level)
+    buffer = io.StringIO()
+    configure_logging(fmt, "INFO", stream=buffer, access=access)
+    try:
+        yield buffer
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        access_logger.setLevel(saved[2])
+        logging.captureWarnings(False)
+
+
 @pytest.fixture
 def captured_json() -> Iterator[io.StringIO]:
-    """Root logging into a buffer as JSON, restored afterwards."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    buffer = io.StringIO()
-    configure_logging("json", "INFO", stream=buffer)
-    yield buffer
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in saved[0]:
-        root.addHandler(h)
-    root.setLevel(saved[1])
-    logging.captureWarnings(False)
+    """Root logging into a buffer as JSON."""
+    with _capture("json") as buffer:
+        yield buffer
+
+
+def test_access_lines_can_be_turned_off_and_text_is_masked_too() -> None:
+    with _capture("text", access=False) as buffer:
+        logging.getLogger("tessera.access").info("call done")
+        logging.getLogger("tessera.test").info("dsn postgresql://u:hunter22@db/x")
+    assert "call done" not in buffer.getvalue()
+    assert "postgresql://u:***@db/x" in buffer.getvalue() and "hunter22" not in \
+        buffer.getvalue()
+    with _capture("text") as buffer:
+        logging.getLogger("tessera.access").info("call done")
+    assert "call done" in buffer.getvalue()
 
 
 def test_json_lines_carry_fields_and_never_a_secret(captured_json: io.StringIO) -> None:

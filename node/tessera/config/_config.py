@@ -213,6 +213,8 @@ class LogConfig:
 
     #: "text" (for a terminal) or "json" (one object per line, for a log pipeline).
     format: str = "text"
+    #: One INFO line per finished call (logger `tessera.access`); false drops them.
+    access: bool = True
 
 
 @dataclass(frozen=True)

@@ -86,8 +86,11 @@ class _Text(logging.Formatter):
 
 
 def configure_logging(fmt: str = "text", level: str | int = "INFO",
-                      stream: TextIO | None = None) -> None:
-    """Send the root logger's records to `stream` (stderr) in `fmt` ('text' or 'json')."""
+                      stream: TextIO | None = None, *, access: bool = True) -> None:
+    """Send the root logger's records to `stream` (stderr) in `fmt` ('text' or 'json').
+
+    `access=False` drops the one-line-per-call records of the `tessera.access` logger.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r} must be one of {', '.join(FORMATS)}")
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -101,3 +104,4 @@ def configure_logging(fmt: str = "text", level: str | int = "INFO",
     root.setLevel(level.upper() if isinstance(level, str) else level)
     # Python's warnings go to stderr as text of their own: route them through the handler.
     logging.captureWarnings(fmt == "json")
+    logging.getLogger("tessera.access").setLevel(logging.NOTSET if access else logging.WARNING)
