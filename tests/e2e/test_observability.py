@@ -186,8 +186,10 @@ async def test_json_logs_parse_line_by_line_and_carry_no_secret(
     user, _, host = parts.netloc.rpartition("@")
     dsn = urlunsplit((parts.scheme, f"{user or 'postgres'}:{password}@{host}", parts.path,
                       parts.query, parts.fragment))
+    # DEBUG: the libraries' chattiest lines are checked too.
     node = node_factory(name="logs", env={"TESSERA_LOG_FORMAT": "json",
-                                          "TESSERA_STORE_DSN": dsn})
+                                          "TESSERA_STORE_DSN": dsn},
+                        options=["--log-level", "DEBUG"])
     header, trace_id, _ = traceparent()
     async with node.client() as client:
         await client.command.Execute(put_request("ws", "note", "n1"),
@@ -205,4 +207,5 @@ async def test_json_logs_parse_line_by_line_and_carry_no_secret(
     node.stop()
     records = json_lines(node)  # the shutdown lines too
     assert any(r["message"] == "tessera: stopped" for r in records)
+    assert any(r["level"] == "DEBUG" for r in records)
     assert password not in node.log()
