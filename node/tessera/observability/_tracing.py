@@ -18,15 +18,16 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -42,6 +43,9 @@ _TRACER: contextvars.ContextVar[Tracer | None] = contextvars.ContextVar(
 #: W3C trace context only: baggage is never sent to, nor taken from, peers.
 _PROPAGATOR = TraceContextTextMapPropagator()
 _HEADERS = frozenset({"traceparent", "tracestate"})
+#: How long a stopping node waits for its last spans to reach the collector.
+_CLOSE_FLUSH_S = 2.0
+log = logging.getLogger(__name__)
 
 
 def make_sampler(ratio: float, trust_remote_parent: bool) -> Sampler:
@@ -69,8 +73,9 @@ class Tracing:
         if not cfg.insecure:
             roots = Path(cfg.ca_file).read_bytes() if cfg.ca_file else None
             credentials = grpc.ssl_channel_credentials(roots)
-        exporter = OTLPSpanExporter(endpoint=cfg.endpoint, insecure=cfg.insecure,
-                                    credentials=credentials, timeout=cfg.export_timeout_s)
+        self._exporter = _Exporter(OTLPSpanExporter(
+            endpoint=cfg.endpoint, insecure=cfg.insecure, credentials=credentials,
+            timeout=cfg.export_timeout_s))
         self.provider = TracerProvider(
             sampler=make_sampler(cfg.sample_ratio, cfg.trust_remote_parent),
             resource=Resource.create({"service.name": cfg.service_name,
@@ -78,7 +83,7 @@ class Tracing:
                                       "tessera.node": node_name}),
         )
         self.provider.add_span_processor(BatchSpanProcessor(
-            exporter, schedule_delay_millis=cfg.export_delay_ms))
+            self._exporter, schedule_delay_millis=cfg.export_delay_ms))
         self.tracer = self.provider.get_tracer("tessera")
 
     @classmethod
@@ -92,9 +97,23 @@ class Tracing:
         return self.tracer is not None
 
     async def close(self) -> None:
-        """Export what is buffered, then stop the exporter."""
-        if self.provider is not None:
-            await asyncio.to_thread(self.provider.shutdown)
+        """Export what is buffered, waiting at most 2 s, then stop the exporter.
+
+        A collector that is down must not hold the node's stop for the exporter's retries
+        (up to `export_timeout_s`): past 2 s the export in flight is cut short.
+        """
+        provider = self.provider
+        if provider is None:
+            return
+        flush = asyncio.ensure_future(asyncio.to_thread(provider.force_flush))
+        try:
+            await asyncio.wait_for(asyncio.shield(flush), _CLOSE_FLUSH_S)
+        except TimeoutError:
+            log.warning("tracing: the collector took over %.0f s; the last spans are dropped",
+                        _CLOSE_FLUSH_S)
+        await asyncio.to_thread(self._exporter.shutdown)  # closes the channel: export ends
+        await asyncio.gather(flush, return_exceptions=True)
+        await asyncio.to_thread(provider.shutdown)
 
     @contextlib.contextmanager
     def server_span(self, name: str,
@@ -160,6 +179,25 @@ def span(name: str, kind: SpanKind = SpanKind.INTERNAL,
 
 
 _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+class _Exporter(SpanExporter):
+    """The OTLP exporter, whose shutdown may be called early (and then again, quietly)."""
+
+    def __init__(self, inner: OTLPSpanExporter) -> None:
+        self._inner = inner
+        self._closed = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self._inner.export(spans)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._inner.shutdown()
 
 
 @contextlib.contextmanager
