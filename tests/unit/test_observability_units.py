@@ -26,13 +26,13 @@ from tessera.observability import (
     Metrics,
     Tracing,
     configure_logging,
+    grpc_code_label,
     log_fields,
     make_sampler,
     span,
     trace_metadata,
 )
 from tessera.observability._logs import redact
-from tessera.observability._metrics import grpc_code_label
 
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 
