@@ -155,10 +155,14 @@ class AuditWriter:
 
     async def record(self, outcome: CallOutcome) -> int:
         """Queue the call's row; return its sequence once durable, else raise Unavailable."""
-        return await self.record_entry(entry_of(outcome))
+        return await self._append(entry_of(outcome))
 
-    async def record_entry(self, entry: AuditEntry) -> int:
-        """Queue a prepared row (an aggregate, say); return its sequence once durable."""
+    async def record_entry(self, entry: AuditEntry) -> None:
+        """Queue a prepared row (an aggregate, say); return once it is durable."""
+        await self._append(entry)
+
+    async def _append(self, entry: AuditEntry) -> int:
+        """Queue a row; its sequence once its batch has committed."""
         if self._closing or self._task is None or self._task.done():
             raise Unavailable("the audit log is not accepting records (the node is stopping); "
                               "retry on another replica")
