@@ -385,12 +385,14 @@ def _report(service: str, method: str, code: grpc.StatusCode, elapsed: float, tr
     peer = ""
     if caller is not None:
         peer = caller.peer or (caller.identity.name if caller.identity.kind.value == "node" else "")
-    access_log.info("%s/%s %s %.1f ms", service, method, code.name, elapsed * 1000,
-                    extra=log_fields(
-                        trace_id=trace_id, request_id=caller.request_id if caller else "",
-                        identity=caller.uri if caller else "", peer=peer,
-                        method=f"/{service}/{method}", code=code.name,
-                        duration_ms=round(elapsed * 1000, 3), audit_sequence=sequence))
+    # Health probes and reflection come every few seconds from load balancers: DEBUG.
+    access_log.log(logging.DEBUG if service in OPEN_SERVICES else logging.INFO,
+                   "%s/%s %s %.1f ms", service, method, code.name, elapsed * 1000,
+                   extra=log_fields(
+                       trace_id=trace_id, request_id=caller.request_id if caller else "",
+                       identity=caller.uri if caller else "", peer=peer,
+                       method=f"/{service}/{method}", code=code.name,
+                       duration_ms=round(elapsed * 1000, 3), audit_sequence=sequence))
     span = trace.get_current_span()
     if not span.is_recording():
         return False
