@@ -139,7 +139,8 @@ def test_dashboard_and_alerts_use_only_metrics_a_running_node_exports(
     # Both files cover the node's main signals, so a broken extractor cannot pass unseen.
     assert {"grpc_server_handled_total", "tessera_certificate_expiry_timestamp_seconds",
             "tessera_federation_breaker_state", "tessera_ratelimit_backend",
-            "tessera_audit_lag_seconds_bucket"} <= used.keys()
+            "tessera_audit_lag_seconds_bucket", "tessera_event_stream_max_lag_events"} <= \
+        used.keys()
     missing = {name: sorted(where) for name, where in used.items() if name not in exported}
     assert not missing, f"not exported by the node: {missing}"
 
