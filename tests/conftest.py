@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.nodes",
     "tests.fixtures.peers",
     "tests.fixtures.plugins",
+    "tests.fixtures.otlp",
 ]
 
 _skipped: list[str] = []

@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import Message
+from opentelemetry import trace
 
 from tessera.api._drain import Drain
 from tessera.api._validate import check_message
@@ -47,9 +48,16 @@ from tessera.calls import (
 )
 from tessera.core import errors
 from tessera.core.status import grpc_status, internal_status, status_code_of
+from tessera.observability import Tracing, active_trace_id, log_fields
 from tessera.store import STORE_UNAVAILABLE, AuditIntent, StoreHealth, unavailable
 
 log = logging.getLogger(__name__)
+#: One line per finished call (trace id, request id, identity, method, code, duration).
+access_log = logging.getLogger("tessera.access")
+#: Codes that mean the server failed the call (OpenTelemetry's rule for server spans).
+_SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL,
+                            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
 
 
 class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -66,13 +74,14 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         trust_domain: str,
         *,
         denied_serials: Container[int] = frozenset(),
-        on_done: Callable[[str, str, grpc.StatusCode, float], None] | None = None,
+        on_done: Callable[[str, str, grpc.StatusCode, float, str], None] | None = None,
         admission: Admission | None = None,
         limiter: Limiter | None = None,
         auditor: Auditor | None = None,
         identified: bool = True,
         drain: Drain | None = None,
         store_health: StoreHealth | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.trust_domain = trust_domain
         self.denied_serials = denied_serials
@@ -87,6 +96,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.drain = drain
         #: While PostgreSQL is known to be down, store-backed calls answer UNAVAILABLE at once.
         self.store_health = store_health
+        self.tracing = tracing or Tracing.disabled()
 
     async def intercept_service(
         self,
@@ -187,13 +197,15 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if isinstance(exc, errors.TesseraError):
             status, code, reason = grpc_status(exc), status_code_of(exc), exc.reason
         elif exc is not None:
-            request_id = uuid.uuid4().hex[:16]
+            # The caller's request id, so the error, its log line and its span match.
+            request_id = getattr(caller_or_none(), "request_id", "") or uuid.uuid4().hex[:16]
             log.error("unhandled error in %s/%s (request id %s)", service, method, request_id,
                       exc_info=exc)
             status, code, reason = internal_status(request_id), grpc.StatusCode.INTERNAL, "INTERNAL"
         if response is not None and not response_bytes:
             response_bytes = response.ByteSize()
         elapsed = time.perf_counter() - started
+        trace_id, sequence = active_trace_id() or _trace_id(context), None
         # A successful write committed its record with its effect: it is durable already.
         committed = exc is None and intent is not None and intent.is_committed
         if self.auditor is not None and service not in OPEN_SERVICES and not committed:
@@ -201,16 +213,17 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 if self.store_health is not None:
                     # No waiting for the pool while the database is known to be down.
                     self.store_health.check()
-                await self.auditor.record(CallOutcome(
+                sequence = await self.auditor.record(CallOutcome(
                     caller=caller_or_none(), service=service, method=method, code=code,
                     reason=reason, request=request, response_bytes=response_bytes,
-                    latency_s=elapsed, trace_id=_trace_id(context), messages_out=messages_out,
+                    latency_s=elapsed, trace_id=trace_id, messages_out=messages_out,
                 ))
             except errors.TesseraError as audit_exc:
                 # No call is answered unaudited: the caller gets the audit failure instead.
                 status, code = grpc_status(audit_exc), status_code_of(audit_exc)
+        sampled = _report(service, method, code, elapsed, trace_id, sequence)
         if self.on_done is not None:
-            self.on_done(service, method, code, elapsed)
+            self.on_done(service, method, code, elapsed, trace_id if sampled else "")
         if status is not None and not cancelled:
             await context.abort_with_status(status)
 
@@ -224,7 +237,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             caller=caller_or_none(), service=service, method=method,
             code=grpc.StatusCode.OK, reason="STREAM_OPENED", request=request,
             response_bytes=0, latency_s=time.perf_counter() - started,
-            trace_id=_trace_id(context)))
+            trace_id=active_trace_id() or _trace_id(context)))
 
     def _unary_response(self, behavior: Any, access: Access, service: str, method: str,
                         decode: Decoder | None, *, request_stream: bool = False) -> Any:
@@ -253,7 +266,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                                    response, intent=intent)
                 return response
 
-        return wrapped
+        return self.tracing.server_unary(f"{service}/{method}", wrapped)
 
     def _stream_response(self, behavior: Any, access: Access, service: str, method: str,
                          decode: Decoder | None, *, request_stream: bool = False,
@@ -311,7 +324,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await self._finish(context, service, method, request, started, None,
                                    response_bytes=sent, messages_out=count, intent=intent)
 
-        return wrapped
+        return self.tracing.server_stream(f"{service}/{method}", wrapped)
 
     def _tracked(self, *, stream: bool) -> contextlib.AbstractContextManager[None]:
         return self.drain.track(stream=stream) if self.drain is not None \
@@ -365,6 +378,37 @@ def _unimplemented(full_method: str) -> Any:
         yield  # pragma: no cover - makes this an async generator
 
     return behavior
+
+
+def _report(service: str, method: str, code: grpc.StatusCode, elapsed: float, trace_id: str,
+            sequence: int | None) -> bool:
+    """The call's access-log line and span attributes; True if the call's span is sampled."""
+    caller = caller_or_none()
+    peer = ""
+    if caller is not None:
+        peer = caller.peer or (caller.identity.name if caller.identity.kind.value == "node" else "")
+    # Health probes and reflection come every few seconds from load balancers: DEBUG.
+    access_log.log(logging.DEBUG if service in OPEN_SERVICES else logging.INFO,
+                   "%s/%s %s %.1f ms", service, method, code.name, elapsed * 1000,
+                   extra=log_fields(
+                       trace_id=trace_id, request_id=caller.request_id if caller else "",
+                       identity=caller.uri if caller else "", peer=peer,
+                       method=f"/{service}/{method}", code=code.name,
+                       duration_ms=round(elapsed * 1000, 3), audit_sequence=sequence))
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return False
+    span.set_attributes({
+        "rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
+        "rpc.grpc.status_code": code.value[0],
+        "tessera.caller.kind": caller.identity.kind.value if caller else "unauthenticated",
+        "tessera.caller.peer": peer, "tessera.request_id": caller.request_id if caller else "",
+    })
+    if sequence is not None:
+        span.set_attribute("tessera.audit.sequence", sequence)
+    if code in _SERVER_FAULTS:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+    return bool(span.get_span_context().trace_flags.sampled)
 
 
 def _trace_id(context: grpc.aio.ServicerContext) -> str:

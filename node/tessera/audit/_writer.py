@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import psycopg
 import psycopg_pool
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tessera.audit._chain import AuditEntry, kind_of, outcome_of, payload, query_hash
 from tessera.audit._store import append
@@ -106,6 +106,11 @@ class _Metrics:
             "Audit batches that could not be written (their calls answered UNAVAILABLE).",
             registry=registry,
         )
+        self.queue = Gauge(
+            "tessera_audit_queue_rows",
+            "Audit rows waiting to be committed (their calls are not answered yet).",
+            registry=registry,
+        )
 
 
 class AuditWriter:
@@ -125,7 +130,7 @@ class AuditWriter:
         self._max_batch = max_batch
         self._batch_delay_s = batch_delay_s
         self._last_batch = 0
-        self._queue: list[tuple[bytes, float, asyncio.Future[None]]] = []
+        self._queue: list[tuple[bytes, float, asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -134,6 +139,8 @@ class AuditWriter:
         # or the first tick (LINK_INTERVAL_S) links them.
         self._link_due = True
         self._metrics = _Metrics(registry) if registry is not None else None
+        if self._metrics is not None:
+            self._metrics.queue.set_function(lambda: len(self._queue))
 
     def start(self) -> None:
         """Start the writer task."""
@@ -146,21 +153,25 @@ class AuditWriter:
             await asyncio.sleep(LINK_INTERVAL_S)
             self.link_soon()
 
-    async def record(self, outcome: CallOutcome) -> None:
-        """Queue the call's row; return once it is durable, else raise Unavailable."""
-        await self.record_entry(entry_of(outcome))
+    async def record(self, outcome: CallOutcome) -> int:
+        """Queue the call's row; return its sequence once durable, else raise Unavailable."""
+        return await self._append(entry_of(outcome))
 
     async def record_entry(self, entry: AuditEntry) -> None:
         """Queue a prepared row (an aggregate, say); return once it is durable."""
+        await self._append(entry)
+
+    async def _append(self, entry: AuditEntry) -> int:
+        """Queue a row; its sequence once its batch has committed."""
         if self._closing or self._task is None or self._task.done():
             raise Unavailable("the audit log is not accepting records (the node is stopping); "
                               "retry on another replica")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append((payload(entry), time.perf_counter(), fut))
         self._wake.set()
         # If the call is cancelled while it waits, its row stays queued and is written all
         # the same; only the (cancelled) future is skipped.
-        await fut
+        return await fut
 
     def intent(self, outcome: Callable[[], CallOutcome]) -> _Pending:
         """A record the call's effect can commit with (see `tessera.store.effect_transaction`)."""
@@ -199,12 +210,13 @@ class AuditWriter:
             if self._closing:
                 return
 
-    async def _commit(self, batch: list[tuple[bytes, float, asyncio.Future[None]]]) -> None:
+    async def _commit(self, batch: list[tuple[bytes, float, asyncio.Future[int]]]) -> None:
         error: BaseException | None = None
         self._link_due = False
+        last = 0
         try:
             async with self._pool.connection(timeout=self._connection_timeout_s) as conn:
-                await append(conn, [p for p, _, _ in batch])
+                last = await append(conn, [p for p, _, _ in batch])
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
             log.error("audit batch of %d rows not written: %s", len(batch), type(exc).__name__)
             error = exc
@@ -228,8 +240,9 @@ class AuditWriter:
         self._last_batch = len(batch)
         if m is not None:
             m.batch.observe(len(batch))
-        for _, queued, fut in batch:
+        first = last - len(batch) + 1  # the batch's rows are chained in queue order
+        for i, (_, queued, fut) in enumerate(batch):
             if m is not None:
                 m.lag.observe(done - queued)
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(first + i)

@@ -188,8 +188,8 @@ class CallOutcome:
 class Auditor(Protocol):
     """Records every call durably before it is answered."""
 
-    async def record(self, outcome: CallOutcome) -> None:
-        """Return once the record is durable."""
+    async def record(self, outcome: CallOutcome) -> int | None:
+        """Return once the record is durable: its audit sequence, when the log has one."""
         ...
 
     def intent(self, outcome: Callable[[], CallOutcome]) -> AuditIntent:

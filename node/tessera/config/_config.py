@@ -186,6 +186,38 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry tracing, exported over OTLP/gRPC; off while `endpoint` is empty."""
+
+    #: host:port of an OTLP/gRPC receiver (an OpenTelemetry Collector, Tempo, Jaeger).
+    endpoint: str = ""
+    #: true sends spans without TLS (a collector on localhost or a sidecar).
+    insecure: bool = False
+    #: PEM roots the collector's certificate must chain to; empty uses the system roots.
+    ca_file: str = ""
+    #: Fraction (0 to 1) of traces sampled where they start, decided by trace id.
+    sample_ratio: float = 1.0
+    #: false ignores a caller's sampled flag (the ratio decides); true follows it.
+    trust_remote_parent: bool = False
+    #: service.name of the exported spans.
+    service_name: str = "tessera"
+    #: Milliseconds spans wait in the batch before they are sent.
+    export_delay_ms: int = 1000
+    #: Seconds one export may take.
+    export_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """The node's log lines (stderr)."""
+
+    #: "text" (for a terminal) or "json" (one object per line, for a log pipeline).
+    format: str = "text"
+    #: One INFO line per finished call (logger `tessera.access`); false drops them.
+    access: bool = True
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """Calling peers when a query fans out (`sources` ALL or PEERS)."""
 
@@ -353,6 +385,8 @@ class Config:
     operations: OperationsConfig = field(default_factory=OperationsConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def tier(self) -> str:
@@ -377,6 +411,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "operations": OperationsConfig,
     "agents": AgentsConfig,
     "events": EventsConfig,
+    "tracing": TracingConfig,
+    "log": LogConfig,
 }
 
 
@@ -546,6 +582,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("federation: peer_timeout_ms, cache_ttl_s, breaker_failures and "
                           "breaker_cooldown_s must all be positive")
     _validate_ratelimit(cfg)
+    _validate_observability(cfg)
     if not 0 <= cfg.audit.batch_delay_ms <= 100:
         raise ConfigError("audit.batch_delay_ms: must be between 0 and 100")
     for section, values in (("grpc", cfg.grpc), ("enrolment", cfg.enrolment)):
@@ -582,6 +619,25 @@ def _validate_events(cfg: Config) -> None:
         raise ConfigError("events.stream_buffer: must be between 1 and 10000")
     if not 0.05 <= e.keepalive_s <= 3600:
         raise ConfigError("events.keepalive_s: must be between 0.05 and 3600")
+
+
+def _validate_observability(cfg: Config) -> None:
+    """The [tracing] and [log] sections."""
+    t = cfg.tracing
+    if t.endpoint:
+        _check_hostport("tracing.endpoint", t.endpoint)
+    if t.ca_file and not Path(t.ca_file).is_file():
+        raise ConfigError(f"tracing.ca_file: {t.ca_file} does not exist or is not a file")
+    if not 0.0 <= t.sample_ratio <= 1.0:
+        raise ConfigError(f"tracing.sample_ratio: {t.sample_ratio} must be between 0 and 1")
+    if not 1 <= t.export_delay_ms <= 60_000:
+        raise ConfigError("tracing.export_delay_ms: must be between 1 and 60000")
+    if t.export_timeout_s <= 0:
+        raise ConfigError("tracing.export_timeout_s: must be positive")
+    if not t.service_name.strip():
+        raise ConfigError("tracing.service_name: must not be empty")
+    if cfg.log.format not in ("text", "json"):
+        raise ConfigError(f"log.format: {cfg.log.format!r} must be 'text' or 'json'")
 
 
 def _validate_ratelimit(cfg: Config) -> None:

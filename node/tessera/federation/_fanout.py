@@ -26,9 +26,11 @@ from typing import Any
 import grpc
 import redis.asyncio as redis
 from google.protobuf.message import Message
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tessera.core.errors import TesseraError
 from tessera.federation._breaker import CircuitBreaker
+from tessera.observability import Metrics, span, trace_metadata, traced
 from tessera.peering import OutboundPeer, load_outbound, peers_dir
 from tessera_client import AsyncClient
 from tessera_client.pb import resources_pb2
@@ -44,6 +46,10 @@ _DENIED_CODES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICA
 _REVOKED_CODES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
 #: How long the list of joined peers is reused before data_dir/peers is read again.
 _PEERS_TTL_S = 1.0
+_QUERY_SERVICE = "tessera.v1.QueryService"
+#: The outcome label of tessera_federation_peer_calls_total for each answer state.
+_OUTCOMES: dict[int, str] = {State.STATE_OK: "ok", State.STATE_DENIED: "denied",
+             State.STATE_OFFLINE: "offline", State.STATE_CACHED: "offline"}
 
 
 def _cert_stamp(peer: OutboundPeer) -> tuple[int, int]:
@@ -85,7 +91,7 @@ class Federation:
 
     def __init__(self, data_dir: Path, valkey: redis.Redis, *, timeout_s: float = 2.0,
                  cache_ttl_s: int = 30, breaker_failures: int = 3,
-                 breaker_cooldown_s: float = 10.0) -> None:
+                 breaker_cooldown_s: float = 10.0, metrics: Metrics | None = None) -> None:
         self.data_dir = data_dir
         self.valkey = valkey
         self.timeout_s = timeout_s
@@ -96,6 +102,14 @@ class Federation:
         self._clients: dict[str, tuple[tuple[int, int], AsyncClient]] = {}
         self._peers: tuple[float, dict[str, OutboundPeer]] = (-_PEERS_TTL_S, {})
         self._closing: set[asyncio.Task[None]] = set()
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch_breakers(self.breaker_states)
+
+    def breaker_states(self) -> dict[str, str]:
+        """Each called peer's breaker state now (closed, half_open, open)."""
+        now = time.monotonic()
+        return {name: b.state(now).value for name, b in self.breakers.items()}
 
     def peers(self) -> dict[str, OutboundPeer]:
         """The peers this node can call; re-read at most once a second (joins happen live)."""
@@ -133,6 +147,7 @@ class Federation:
         grant = hashlib.sha256(f"{peer.as_identity}|{_cert_stamp(peer)}".encode()).hexdigest()
         return f"{_CACHE_PREFIX}{peer.name}:{grant[:16]}:{verb}:{kind or '*'}:{digest}"
 
+    @traced("valkey flush peer cache", SpanKind.CLIENT)
     async def flush(self, peer: str) -> None:
         """Drop every cached answer of one peer."""
         try:
@@ -141,6 +156,7 @@ class Federation:
         except Exception as exc:  # Valkey down: entries expire by TTL anyway
             log.warning("could not flush the cache of peer %s: %s", peer, type(exc).__name__)
 
+    @traced("valkey GET", SpanKind.CLIENT)
     async def _cache_get(self, key: str, response_type: type[Message]) -> Message | None:
         try:
             raw = await self.valkey.get(key)
@@ -151,6 +167,7 @@ class Federation:
             log.warning("offline cache read failed: %s", type(exc).__name__)
             return None
 
+    @traced("valkey SET", SpanKind.CLIENT)
     async def _cache_put(self, key: str, response: Message) -> None:
         try:
             await self.valkey.set(key, response.SerializeToString(), ex=self.cache_ttl_s)
@@ -173,6 +190,27 @@ class Federation:
     async def _one(self, peer: OutboundPeer, method: str, request: Message,
                    response_type: type[Message], *, verb: str, kind: str,
                    cacheable: bool) -> SourceAnswer:
+        """One peer's answer, in a client span whose context the peer continues."""
+        started = time.perf_counter()
+        with span(f"{_QUERY_SERVICE}/{method}", SpanKind.CLIENT, **{
+                "rpc.system": "grpc", "rpc.service": _QUERY_SERVICE, "rpc.method": method,
+                "server.address": peer.address, "tessera.peer": peer.name}) as current:
+            answer = await self._ask(peer, method, request, response_type, verb=verb,
+                                     kind=kind, cacheable=cacheable)
+            if current is not None:
+                state = State.State.Name(State.State.ValueType(answer.state))
+                current.set_attribute("tessera.source.state", state)
+                if answer.state != State.STATE_OK:
+                    current.set_status(Status(StatusCode.ERROR, state))
+        if self.metrics is not None:
+            self.metrics.peer_calls.labels(peer.name, _OUTCOMES.get(answer.state, "error")).inc()
+            self.metrics.peer_call_seconds.labels(peer.name).observe(
+                time.perf_counter() - started)
+        return answer
+
+    async def _ask(self, peer: OutboundPeer, method: str, request: Message,
+                   response_type: type[Message], *, verb: str, kind: str,
+                   cacheable: bool) -> SourceAnswer:
         breaker = self.breakers.setdefault(
             peer.name, CircuitBreaker(self.breaker_failures, self.breaker_cooldown_s))
         key = self._cache_key(peer, verb, kind, request) if cacheable else ""
@@ -181,7 +219,8 @@ class Federation:
                                        "peer offline: circuit open, failing fast")
         try:
             client = await self._client(peer)
-            response = await getattr(client.query, method)(request, timeout=self.timeout_s)
+            response = await getattr(client.query, method)(
+                request, timeout=self.timeout_s, metadata=trace_metadata())
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code in _OFFLINE_CODES:
@@ -209,6 +248,8 @@ class Federation:
                        why: str) -> SourceAnswer:
         if key:
             cached = await self._cache_get(key, response_type)
+            if self.metrics is not None:
+                self.metrics.cache_lookups.labels(name, "miss" if cached is None else "hit").inc()
             if cached is not None:
                 return SourceAnswer(name, State.STATE_CACHED, f"{why}; served from cache",
                                     cached)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
+from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
 
 from tessera.calls import Caller
@@ -26,7 +27,7 @@ from tessera.config import METHOD_CLASSES, Limit, RateLimitConfig, parse_limits
 from tessera.core import errors
 from tessera.core.checks import Check, Level
 from tessera.grants import Grant
-from tessera.observability import Metrics
+from tessera.observability import Metrics, span
 from tessera.ratelimit import _script
 from tessera.ratelimit._gcra import MICROS, Decision, gcra
 from tessera.ratelimit._policy import effective_limit, method_class, subject_of
@@ -146,7 +147,12 @@ class RateLimiter:
         if limit.unlimited:
             return
         subject = subject_of(caller.uri, caller.grant)
-        decision = await self._decide(subject, klass, limit)
+        with span("ratelimit decide", SpanKind.INTERNAL,
+                  **{"tessera.ratelimit.class": klass}) as current:
+            decision = await self._decide(subject, klass, limit)
+            if current is not None:
+                current.set_attributes({"tessera.ratelimit.backend": self.backend,
+                                        "tessera.ratelimit.allowed": decision.allowed})
         label = subject if caller.grant is not None else "local"
         if self.metrics is not None:
             self._counter(label, klass, decision.allowed).inc()

@@ -10,10 +10,12 @@ from datetime import datetime
 from typing import Any, Literal
 
 import psycopg
+from opentelemetry.trace import SpanKind
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from tessera.core.errors import FailedPrecondition, NotFound, PermissionDenied
+from tessera.observability import traced
 from tessera.store._events import NewEvent, append_events
 from tessera.store._predicate import Predicate
 
@@ -163,6 +165,10 @@ def vector_literal(values: Sequence[float]) -> str:
     return "[" + ",".join(repr(float(v)) for v in values) + "]"
 
 
+#: Attributes of the store's spans.
+_DB = {"db.system": "postgresql"}
+
+
 class ResourceStore:
     """Reads and writes resources; every write appends its event in the same transaction."""
 
@@ -171,6 +177,7 @@ class ResourceStore:
         #: The node name recorded as the origin of resource events.
         self.origin = origin
 
+    @traced("store get", SpanKind.CLIENT, **_DB)
     async def get(self, key: ResourceKey, scope: Predicate | None = None) -> Resource:
         """One resource; NotFound if absent or outside `scope` (indistinguishably)."""
         where, params = _scoped(
@@ -185,6 +192,7 @@ class ResourceStore:
             raise NotFound(f"resource {key.workspace}/{key.kind}/{key.id} does not exist")
         return _row_to_resource(row)
 
+    @traced("store list", SpanKind.CLIENT, **_DB)
     async def list(self, q: ListQuery, scope: Predicate | None = None) -> list[Resource]:
         """Up to q.limit resources after q.after, in the query's order, inside `scope`."""
         where: list[sql.Composable] = []
@@ -228,6 +236,7 @@ class ResourceStore:
 
     # -- effects of built-in commands, applied inside the Execute transaction ----------
 
+    @traced("store put", SpanKind.CLIENT, **_DB)
     async def apply_put(
         self, conn: psycopg.AsyncConnection[Any], r: Resource, expected: int | None,
         create_only: bool, scope: Predicate | None = None,
@@ -290,6 +299,7 @@ class ResourceStore:
         assert row is not None
         return _row_to_resource(row)
 
+    @traced("store delete", SpanKind.CLIENT, **_DB)
     async def apply_delete(
         self, conn: psycopg.AsyncConnection[Any], key: ResourceKey, expected: int | None,
         allow_missing: bool, scope: Predicate | None = None,

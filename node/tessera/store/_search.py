@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
+from opentelemetry.trace import SpanKind
 from psycopg import sql
 
+from tessera.observability import traced
 from tessera.store._predicate import Predicate
 from tessera.store._resources import (
     _COLUMNS,
@@ -149,6 +151,7 @@ def search_statement(
     return query, params
 
 
+@traced("store search", SpanKind.CLIENT, **{"db.system": "postgresql"})
 async def search(
     pool: Pool, q: SearchQuery, *, metric: Metric, scope: Predicate | None = None
 ) -> list[tuple[Resource, float]]:
