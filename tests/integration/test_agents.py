@@ -475,3 +475,42 @@ async def test_a_peer_spawns_only_with_a_grant_that_lists_it_and_is_capped_per_g
     assert rows == [("spawn", grant_names[0][0]), ("kill", grant_names[0][0]),
                     ("end", grant_names[0][0])]
     assert agent_processes(agent_user.pw_uid) == []
+
+
+# -- review: caller values and agent output that the store or exec cannot take ----------
+
+_REVIEW_AGENTS = (
+    # An unbounded string param: its schema sets no maxLength.
+    '\n[agents.echo]\nexecutable = "/bin/echo"\nparams = ["text"]\n'
+    'schema = { type = "object", properties = { text = { type = "string" } } }\n'
+    'cwd = "/"\n'
+    # An agent whose output holds a NUL byte between two words.
+    '\n[agents.nul]\nexecutable = "/bin/sh"\n'
+    'args = ["-c", "printf \'before\\\\000after\\\\n\'"]\ncwd = "/"\n')
+
+
+async def test_a_value_too_long_for_the_command_line_is_refused_as_invalid_argument(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd) -> None:
+    node = agent_node(extra=_REVIEW_AGENTS)
+    async with node.client() as c:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await c.command.Execute(spawn("long-1", "echo", text="a" * 200_000))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "plugin.args.args.text" in bad_request_fields(err.value)
+        # A long value that fits still runs.
+        op = await c.command.Execute(spawn("long-2", "echo", text="b" * 20_000))
+    final = await done_op(node, op.name)
+    assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
+    assert "b" * 20_000 in output_of(node, op.name)
+    assert agent_processes(agent_user.pw_uid) == []
+
+
+async def test_a_nul_byte_in_agent_output_loses_no_output(
+        agent_node: Callable[..., NodeProcess]) -> None:
+    node = agent_node(extra=_REVIEW_AGENTS)
+    async with node.client() as c:
+        op = await c.command.Execute(spawn("nul-1", "nul"))
+    final = await done_op(node, op.name)
+    assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
+    out = output_of(node, op.name)
+    assert "before" in out and "after" in out, repr(out)

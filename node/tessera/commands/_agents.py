@@ -60,6 +60,9 @@ _ENV_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _SECRET_ENV = re.compile(r"(^TESSERA_)|KEY|SECRET|TOKEN|PASSWORD|PASSWD|DSN|CREDENTIAL")
 _SCALARS = {"string", "integer", "number", "boolean"}
 _READ = 65536
+#: The JSON-encoded argv rides in one argument of the wrapper, which the kernel caps at
+#: 128 KiB (MAX_ARG_STRLEN); longer values are the caller's error, not an exec failure.
+_ARGV_MAX = 64 * 1024
 _WRAPPER = Path(agent_wrapper.__file__)
 _AUDIT_SERVICE = "tessera.agents"
 
@@ -361,6 +364,13 @@ class Agents:
         if bad:
             raise InvalidArgument([FieldViolation(f"plugin.args.args.{bad[0]}",
                                                   "may not contain NUL")])
+        if len(json.dumps(spec.argv(values))) > _ARGV_MAX:
+            longest = max(values, key=lambda k: len(json.dumps(_text(values[k]))),
+                          default="")
+            raise InvalidArgument([FieldViolation(
+                f"plugin.args.args.{longest}" if longest else "plugin.args.args",
+                f"makes the agent's command line longer than {_ARGV_MAX} bytes "
+                "(JSON-encoded); send a shorter value")])
         return spec, values
 
     async def admit(self, adm: Admission) -> Mapping[str, Any]:
@@ -426,11 +436,16 @@ class Agents:
                        "as": spec.memory_mb << 20, "nofile": spec.open_files,
                        "nproc": spec.processes, "fsize": 64 << 20, "core": 0},
         }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", str(_WRAPPER), json.dumps(wrapper_spec),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, close_fds=True, start_new_session=True,
-            env=self._env(spec), cwd=spec.cwd)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", str(_WRAPPER), json.dumps(wrapper_spec),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, close_fds=True, start_new_session=True,
+                env=self._env(spec), cwd=spec.cwd)
+        except OSError as exc:
+            # Out of fds or processes, or the cwd went away: the node's state, not a bug.
+            raise CommandError(f"agent {spec.name} could not be started: {exc.strerror}",
+                               code=code_pb2.UNAVAILABLE, reason="AGENT_START_FAILED") from None
         started = start_ticks(proc.pid) or 0
         key = ctx.operation.removeprefix("operations/")
         record = self.runs_dir / f"{key}.json"
