@@ -30,7 +30,7 @@ from google.protobuf import struct_pb2
 
 from tessera.commands import kill_leftovers
 from tessera.commands.agent_wrapper import group_members
-from tessera_client.pb import command_pb2
+from tessera_client.pb import admin_pb2, command_pb2
 from tests.fixtures.nodes import TEST_DIMENSION, NodeProcess
 from tests.fixtures.pg import new_database
 from tests.integration.test_node_foundation import bad_request_fields
@@ -514,3 +514,30 @@ async def test_a_nul_byte_in_agent_output_loses_no_output(
     assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
     out = output_of(node, op.name)
     assert "before" in out and "after" in out, repr(out)
+
+
+async def test_revoking_a_peers_grant_kills_its_running_agent(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd,
+        peering: Any) -> None:
+    node = agent_node()
+    alpha = await peering.link(node, "alpha", kinds=["task"], workspaces=["*"],
+                               command_types=["agent.spawn"])
+    op = await alpha.command.Execute(spawn("rv-1", "probe", name="a", seconds=300))
+    pgid = await recorded_group(node, op.name)
+    async with node.client("admin") as admin:
+        grants = await admin.admin.ListGrants(admin_pb2.ListGrantsRequest(peer="alpha"))
+        (grant,) = grants.grants
+        await admin.admin.RevokeGrant(admin_pb2.RevokeGrantRequest(name=grant.name))
+    # The revoked peer can no longer cancel it; the node ends it on its own.
+    await gone(pgid, "the revoked peer's agent group to be killed")
+    uuid = op.name.removeprefix("operations/")
+
+    async def ended() -> tuple[Any, ...] | None:
+        rows = sql(node, "SELECT state, error_code, error_reason FROM operations"
+                         " WHERE name = %s AND state <> 'RUNNING'", (uuid,))
+        return rows[0] if rows else None
+
+    final = await until(ended, "the revoked peer's run to end")
+    assert final == ("FAILED", grpc.StatusCode.PERMISSION_DENIED.value[0],
+                     "AGENT_GRANT_REVOKED"), final
+    assert agent_processes(agent_user.pw_uid) == []

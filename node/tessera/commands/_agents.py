@@ -48,6 +48,7 @@ from tessera.commands._handler import (
 from tessera.commands._registry import _violations
 from tessera.config import AgentsConfig
 from tessera.core.errors import ConfigError, FieldViolation, InvalidArgument, ResourceExhausted
+from tessera.grants import GrantStore, PeerState
 from tessera.store import OperationStore
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ _READ = 65536
 #: The JSON-encoded argv rides in one argument of the wrapper, which the kernel caps at
 #: 128 KiB (MAX_ARG_STRLEN); longer values are the caller's error, not an exec failure.
 _ARGV_MAX = 64 * 1024
+#: How often a peer's running agent re-checks that its peer and grant still admit it.
+_GRANT_CHECK_S = 2.0
 _WRAPPER = Path(agent_wrapper.__file__)
 _AUDIT_SERVICE = "tessera.agents"
 
@@ -304,8 +307,9 @@ class Agents:
 
     def __init__(self, cfg: AgentsConfig, specs: Mapping[str, AgentSpec], user: AgentUser,
                  *, runs_dir: Path, operations: OperationStore,
-                 auditor: AuditWriter | None) -> None:
+                 auditor: AuditWriter | None, grants: GrantStore | None = None) -> None:
         self.cfg = cfg
+        self.grants = grants
         self.specs = dict(specs)
         self.user = user
         self.runs_dir = runs_dir
@@ -316,7 +320,8 @@ class Agents:
 
     @classmethod
     def from_config(cls, cfg: AgentsConfig, data_dir: Path, *, operations: OperationStore,
-                    auditor: AuditWriter | None) -> Agents | None:
+                    auditor: AuditWriter | None,
+                    grants: GrantStore | None = None) -> Agents | None:
         """The agent handler, or None when no agent is listed. ConfigError on a bad entry."""
         if not cfg.allow:
             return None
@@ -325,7 +330,8 @@ class Agents:
         check_data_dir_closed(data_dir, user)
         runs = data_dir / "agents"
         runs.mkdir(mode=0o700, exist_ok=True)
-        return cls(cfg, specs, user, runs_dir=runs, operations=operations, auditor=auditor)
+        return cls(cfg, specs, user, runs_dir=runs, operations=operations, auditor=auditor,
+                   grants=grants)
 
     def handler(self) -> CommandHandler:
         """The `agent.spawn` command type."""
@@ -481,10 +487,12 @@ class Agents:
             await ctx.progress(None, f"agent {spec.name} started (pid {proc.pid})")
             readers = [asyncio.create_task(self._pump(s, ctx, budget, truncated))
                        for s in (proc.stdout, proc.stderr) if s is not None]
-            try:
-                await asyncio.wait_for(proc.wait(), spec.time_limit_s)
-            except TimeoutError:
-                live.killed_by = "time limit"
+            reason = await self._wait(live)
+            if reason:
+                live.killed_by = reason
+                if reason != "time limit":
+                    await self._audit("kill", live, ctx.operation, "AGENT_KILLED",
+                                      {"pid": live.pgid, "killed_by": reason})
                 await self._terminate(live)
             # The wrapper reaps the group before it exits, so the pipes close; a process
             # that left the group could hold them open: stop reading after a moment.
@@ -503,6 +511,10 @@ class Agents:
             await ctx.output(f"\n[tessera: output truncated, {truncated[0]} bytes dropped]\n")
         if live.killed_by == "cancel" or ctx.cancelled.is_set():
             raise CommandCancelled
+        if live.killed_by == "grant":
+            raise CommandError(f"agent {spec.name} was killed: its caller's peer or grant "
+                               "no longer admits it", code=code_pb2.PERMISSION_DENIED,
+                               reason="AGENT_GRANT_REVOKED")
         if live.killed_by == "time limit":
             raise CommandError(f"agent {spec.name} exceeded its time limit of "
                                f"{spec.time_limit_s:g} s and was killed",
@@ -511,6 +523,39 @@ class Agents:
             raise CommandError(f"agent {spec.name} exited with status {code}",
                                code=code_pb2.ABORTED, reason="AGENT_EXIT_STATUS")
         return result
+
+    async def _wait(self, live: _Live) -> str:
+        """Wait for the run to end: "" when it did, "time limit" when its time ran out,
+        "grant" when its peer caller's grant was revoked or its peer suspended."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + live.spec.time_limit_s
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return "time limit"
+            try:
+                await asyncio.wait_for(asyncio.shield(live.proc.wait()),
+                                       min(left, _GRANT_CHECK_S))
+                return ""
+            except TimeoutError:
+                pass
+            if not await self._still_granted(live):
+                return "grant"
+
+    async def _still_granted(self, live: _Live) -> bool:
+        """False once a peer caller's grant is revoked (or replaced) or its peer is no
+        longer active; a local caller, or a store that cannot answer, keeps the run."""
+        if self.grants is None or live.grant in ("", "(local)"):
+            return True
+        try:
+            found = await self.grants.admission(live.caller)
+        except Exception as exc:
+            log.warning("agent %s: grant not re-checked: %s", live.spec.name,
+                        type(exc).__name__)
+            return True
+        return (found.peer is not None and found.peer.state is PeerState.ACTIVE
+                and found.grant is not None and found.grant.name == live.grant
+                and found.grant_live)
 
     async def _pump(self, stream: asyncio.StreamReader, ctx: CommandContext,
                     budget: list[int], truncated: list[int]) -> None:
