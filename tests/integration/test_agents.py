@@ -10,6 +10,7 @@ means the data directory kept it out, not that the path was unreachable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -541,3 +542,48 @@ async def test_revoking_a_peers_grant_kills_its_running_agent(
     assert final == ("FAILED", grpc.StatusCode.PERMISSION_DENIED.value[0],
                      "AGENT_GRANT_REVOKED"), final
     assert agent_processes(agent_user.pw_uid) == []
+
+
+async def test_the_grant_cap_holds_across_two_node_processes_sharing_a_store(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd,
+        pg_server: str) -> None:
+    dsn = new_database(pg_server)
+    nodes = [agent_node(max_per_grant=1, dsn=dsn), agent_node(max_per_grant=1, dsn=dsn)]
+
+    async def try_spawn(node: NodeProcess, key: str) -> str:
+        async with node.client() as c:
+            try:
+                op = await c.command.Execute(spawn(key, "probe", name="x", seconds=300))
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                return ""
+            return op.name
+
+    # Both processes admit at once: local callers share the "(local)" grant cap of 1.
+    names = await asyncio.gather(*(try_spawn(n, f"cap-{i}-{j}") for j in range(4)
+                                   for i, n in enumerate(nodes)))
+    accepted = [n for n in names if n]
+    uuids = [n.removeprefix("operations/") for n in accepted]
+
+    async def settled() -> list[tuple[Any, ...]] | None:
+        rows = sql(node_a, "SELECT name::text, state FROM operations WHERE name::text = ANY(%s)",
+                   (uuids,))
+        records = sum(len(list((n.data_dir / "agents").glob("*.json"))) for n in nodes)
+        running = [r for r in rows if r[1] == "RUNNING"]
+        pending = [r for r in rows if r[1] == "PENDING"]
+        return rows if not pending and records == len(running) else None
+
+    node_a = nodes[0]
+    rows = await until(settled, "every accepted run to start or be refused")
+    running = [r for r in rows if r[1] == "RUNNING"]
+    try:
+        assert len(running) <= 1, rows
+    finally:
+        for node in nodes:
+            async with node.client() as c:
+                for name in accepted:
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await c.command.CancelOperation(
+                            command_pb2.CancelOperationRequest(name=name))
+        await until(lambda: _async(not agent_processes(agent_user.pw_uid) or None),
+                    "every agent to be gone")
