@@ -31,7 +31,7 @@ from google.protobuf import struct_pb2
 
 from tessera.commands import kill_leftovers
 from tessera.commands.agent_wrapper import group_members
-from tessera_client.pb import admin_pb2, command_pb2
+from tessera_client.pb import admin_pb2, command_pb2, resources_pb2
 from tests.fixtures.nodes import TEST_DIMENSION, NodeProcess
 from tests.fixtures.pg import new_database
 from tests.integration.test_node_foundation import bad_request_fields
@@ -587,3 +587,31 @@ async def test_the_grant_cap_holds_across_two_node_processes_sharing_a_store(
                             command_pb2.CancelOperationRequest(name=name))
         await until(lambda: _async(not agent_processes(agent_user.pw_uid) or None),
                     "every agent to be gone")
+
+
+async def test_nan_and_infinity_are_refused_for_a_number_param(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd) -> None:
+    node = agent_node(extra='\n[agents.num]\nexecutable = "/bin/echo"\nparams = ["x"]\n'
+                            'schema = { type = "object", properties = { x = { type = "number",'
+                            ' minimum = 0, maximum = 10 } } }\ncwd = "/"\n')
+    async with node.client() as c:
+        for i, bad in enumerate((float("nan"), float("inf"), float("-inf"))):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.command.Execute(spawn(f"num-{i}", "num", x=bad))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert "plugin.args" in bad_request_fields(err.value)
+        # A resource attribute likewise.
+        attrs = struct_pb2.Struct()
+        attrs.update({"n": float("nan")})
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await c.command.Execute(command_pb2.ExecuteRequest(
+                idempotency_key="num-put", put_resource=command_pb2.PutResourceCommand(
+                    resource=resources_pb2.Resource(workspace="acme", kind="task", id="n1",
+                                                    title="t", attributes=attrs))))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "put_resource.resource.attributes" in bad_request_fields(err.value)
+        op = await c.command.Execute(spawn("num-ok", "num", x=2.5))
+    final = await done_op(node, op.name)
+    assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
+    assert "-- 2.5" in output_of(node, op.name)
+    assert agent_processes(agent_user.pw_uid) == []
