@@ -615,3 +615,16 @@ async def test_nan_and_infinity_are_refused_for_a_number_param(
     assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
     assert "-- 2.5" in output_of(node, op.name)
     assert agent_processes(agent_user.pw_uid) == []
+
+
+async def test_a_trailing_newline_does_not_pass_an_anchored_pattern(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd) -> None:
+    node = agent_node()
+    async with node.client() as c:
+        for i, bad in enumerate(("tessera\n", "tessera\n\n", "a\nb")):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.command.Execute(spawn(f"nl-{i}", "probe", name=bad))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, repr(bad)
+            assert "plugin.args.args.name" in bad_request_fields(err.value)
+    assert sql(node, "SELECT count(*) FROM operations")[0][0] == 0
+    assert agent_processes(agent_user.pw_uid) == []

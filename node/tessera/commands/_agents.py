@@ -192,10 +192,28 @@ def parse_agents(cfg: AgentsConfig, data_dir: Path) -> dict[str, AgentSpec]:
             max_per_node=int(numbers["max_per_node"]),
             memory_mb=int(numbers["memory_mb"]), open_files=int(numbers["open_files"]),
             processes=int(numbers["processes"]),
-            validator=jsonschema.Draft202012Validator(
-                schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER),
+            validator=_Validator(schema, format_checker=_Validator.FORMAT_CHECKER),
         )
     return specs
+
+
+def _ecma_pattern(validator: Any, pattern: str, instance: Any,
+                  schema: Mapping[str, Any]) -> Any:
+    """`pattern` as JSON Schema means it (ECMA-262): `$` matches only at the very end.
+
+    Python's `$` also matches before a final newline, so "name\n" passed `^[a-z]+$` and
+    reached the agent's command line. A value ending in a newline is matched with a NUL
+    appended (NUL is refused anyway), which no `$` can match before.
+    """
+    if not validator.is_type(instance, "string"):
+        return
+    probe = instance + "\0" if instance.endswith("\n") else instance
+    if re.search(pattern, probe) is None:
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator: Any = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+    jsonschema.Draft202012Validator, {"pattern": _ecma_pattern})
 
 
 def _closed_schema(name: str, schema: dict[str, Any], params: list[str]) -> dict[str, Any]:
