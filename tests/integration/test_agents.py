@@ -628,3 +628,18 @@ async def test_a_trailing_newline_does_not_pass_an_anchored_pattern(
             assert "plugin.args.args.name" in bad_request_fields(err.value)
     assert sql(node, "SELECT count(*) FROM operations")[0][0] == 0
     assert agent_processes(agent_user.pw_uid) == []
+
+
+def test_a_schema_type_list_stops_the_start_with_one_line_naming_it(
+        agent_node: Callable[..., NodeProcess]) -> None:
+    node = agent_node(extra='\n[agents.typelist]\nexecutable = "/bin/echo"\nparams = ["x"]\n'
+                            'schema = { type = "object", properties = { x = { type = '
+                            '["string", "integer"] } } }\ncwd = "/"\n', start=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "serve", "--data-dir", str(node.data_dir),
+         "--listen", "127.0.0.1:0"], env=node.env, capture_output=True, text=True,
+        timeout=DEADLINE_S, check=False)
+    assert done.returncode != 0
+    said = [ln for ln in (done.stdout + done.stderr).splitlines() if "agents.typelist" in ln]
+    assert len(said) == 1 and "must have a scalar type" in said[0], said
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]

@@ -229,7 +229,7 @@ def _closed_schema(name: str, schema: dict[str, Any], params: list[str]) -> dict
         raise _entry_error(name, "schema properties must be exactly the params")
     for p, sub in props.items():
         kind = sub.get("type") if isinstance(sub, dict) else None
-        if kind not in _SCALARS:
+        if not isinstance(kind, str) or kind not in _SCALARS:
             raise _entry_error(name, f"schema property {p} must have a scalar type "
                                      f"({', '.join(sorted(_SCALARS))})")
     # Nothing but the declared values ever reaches the command line.
