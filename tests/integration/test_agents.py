@@ -643,3 +643,20 @@ def test_a_schema_type_list_stops_the_start_with_one_line_naming_it(
     said = [ln for ln in (done.stdout + done.stderr).splitlines() if "agents.typelist" in ln]
     assert len(said) == 1 and "must have a scalar type" in said[0], said
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+async def test_a_graceful_stop_leaves_no_process_that_left_the_group(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd) -> None:
+    node = agent_node(extra='\n[agents.stay]\nexecutable = "/bin/sh"\n'
+                            'args = ["-c", "setsid -f /bin/sleep 300; echo left; sleep 300"]\n'
+                            'cwd = "/"\n')
+    async with node.client() as c:
+        op = await c.command.Execute(spawn("stay-1", "stay"))
+    pgid = await recorded_group(node, op.name)
+    await until(lambda: _async("left" in output_of(node, op.name) or None),
+                "the agent to start a process in its own session")
+    outside = [p for p in agent_processes(agent_user.pw_uid) if os.getpgid(p) != pgid]
+    assert outside, "no agent process outside the group"
+    node.stop()  # SIGTERM: the node ends its runs on the way out
+    await until(lambda: _async(not agent_processes(agent_user.pw_uid) or None),
+                "every agent process, also the one in its own session, to be gone")

@@ -488,10 +488,18 @@ class Agents:
 
     def _end(self, ctx: CommandContext, live: _Live) -> None:
         """Whatever ended the run (even an interrupted task): nothing is left of it."""
-        kill_group(live.pgid, live.started)
         if live.proc.returncode is None:
+            # The wrapper still runs (the task was interrupted: node stopping, lease
+            # lost). Only it can find what left the group (reparented to it): SIGUSR1 makes
+            # it kill all of that and exit. SIGKILL to it would hand those to init.
             with contextlib.suppress(ProcessLookupError):
-                live.proc.kill()
+                live.proc.send_signal(signal.SIGUSR1)
+            for pid in _group(live.pgid, live.started):
+                if pid != live.proc.pid:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+        else:
+            kill_group(live.pgid, live.started)
         self._live.pop(ctx.operation, None)
         live.record.unlink(missing_ok=True)
 
