@@ -599,7 +599,7 @@ async def test_nan_and_infinity_are_refused_for_a_number_param(
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await c.command.Execute(spawn(f"num-{i}", "num", x=bad))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-            assert "plugin.args" in bad_request_fields(err.value)
+            assert any(f.startswith("plugin.args") for f in bad_request_fields(err.value))
         # A resource attribute likewise.
         attrs = struct_pb2.Struct()
         attrs.update({"n": float("nan")})
@@ -609,7 +609,8 @@ async def test_nan_and_infinity_are_refused_for_a_number_param(
                     resource=resources_pb2.Resource(workspace="acme", kind="task", id="n1",
                                                     title="t", attributes=attrs))))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-        assert "put_resource.resource.attributes" in bad_request_fields(err.value)
+        assert any(f.startswith("put_resource.resource.attributes")
+                   for f in bad_request_fields(err.value))
         op = await c.command.Execute(spawn("num-ok", "num", x=2.5))
     final = await done_op(node, op.name)
     assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final

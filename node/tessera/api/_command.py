@@ -83,11 +83,6 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
         c.max_len(f"{field}.resource.team", r.team, MAX_NAME)
         c.max_len(f"{field}.resource.attributes", r.attributes.SerializeToString(),
                   MAX_ATTRIBUTES)
-        try:
-            struct_to_dict(r.attributes)
-        except ValueError:
-            c.fail(f"{field}.resource.attributes",
-                   "must hold only finite numbers (no NaN or infinity)")
         c.embedding(f"{field}.resource.embedding", r.embedding,
                     self.rt.cfg.store.embedding_dimension)
         expected = _check_etag(c, f"{field}.expected_etag", cmd.expected_etag)
@@ -180,12 +175,7 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
                                   "ExecuteRequest")
         c.done()
         assert reg is not None
-        try:
-            args = struct_to_dict(cmd.args)
-        except ValueError:
-            # NaN and infinity have no JSON form (nor a place in the store).
-            raise InvalidArgument([FieldViolation(
-                "plugin.args", "must hold only finite numbers (no NaN or infinity)")]) from None
+        args = struct_to_dict(cmd.args)
         self.rt.commands.validate(cmd.type, args)
         stored = args
         request_hash = query_hash({"plugin": cmd.type, "args": args})
