@@ -10,6 +10,7 @@ means the data directory kept it out, not that the path was unreachable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -30,7 +31,7 @@ from google.protobuf import struct_pb2
 
 from tessera.commands import kill_leftovers
 from tessera.commands.agent_wrapper import group_members
-from tessera_client.pb import command_pb2
+from tessera_client.pb import admin_pb2, command_pb2, resources_pb2
 from tests.fixtures.nodes import TEST_DIMENSION, NodeProcess
 from tests.fixtures.pg import new_database
 from tests.integration.test_node_foundation import bad_request_fields
@@ -475,3 +476,188 @@ async def test_a_peer_spawns_only_with_a_grant_that_lists_it_and_is_capped_per_g
     assert rows == [("spawn", grant_names[0][0]), ("kill", grant_names[0][0]),
                     ("end", grant_names[0][0])]
     assert agent_processes(agent_user.pw_uid) == []
+
+
+# -- review: caller values and agent output that the store or exec cannot take ----------
+
+_REVIEW_AGENTS = (
+    # An unbounded string param: its schema sets no maxLength.
+    '\n[agents.echo]\nexecutable = "/bin/echo"\nparams = ["text"]\n'
+    'schema = { type = "object", properties = { text = { type = "string" } } }\n'
+    'cwd = "/"\n'
+    # An agent whose output holds a NUL byte between two words.
+    '\n[agents.nul]\nexecutable = "/bin/sh"\n'
+    'args = ["-c", "printf \'before\\\\000after\\\\n\'"]\ncwd = "/"\n')
+
+
+async def test_a_value_too_long_for_the_command_line_is_refused_as_invalid_argument(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd) -> None:
+    node = agent_node(extra=_REVIEW_AGENTS)
+    async with node.client() as c:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await c.command.Execute(spawn("long-1", "echo", text="a" * 200_000))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "plugin.args.args.text" in bad_request_fields(err.value)
+        # A long value that fits still runs.
+        op = await c.command.Execute(spawn("long-2", "echo", text="b" * 20_000))
+    final = await done_op(node, op.name)
+    assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
+    assert "b" * 20_000 in output_of(node, op.name)
+    assert agent_processes(agent_user.pw_uid) == []
+
+
+async def test_a_nul_byte_in_agent_output_loses_no_output(
+        agent_node: Callable[..., NodeProcess]) -> None:
+    node = agent_node(extra=_REVIEW_AGENTS)
+    async with node.client() as c:
+        op = await c.command.Execute(spawn("nul-1", "nul"))
+    final = await done_op(node, op.name)
+    assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
+    out = output_of(node, op.name)
+    assert "before" in out and "after" in out, repr(out)
+
+
+async def test_revoking_a_peers_grant_kills_its_running_agent(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd,
+        peering: Any) -> None:
+    node = agent_node()
+    alpha = await peering.link(node, "alpha", kinds=["task"], workspaces=["*"],
+                               command_types=["agent.spawn"])
+    op = await alpha.command.Execute(spawn("rv-1", "probe", name="a", seconds=300))
+    pgid = await recorded_group(node, op.name)
+    async with node.client("admin") as admin:
+        grants = await admin.admin.ListGrants(admin_pb2.ListGrantsRequest(peer="alpha"))
+        (grant,) = grants.grants
+        await admin.admin.RevokeGrant(admin_pb2.RevokeGrantRequest(name=grant.name))
+    # The revoked peer can no longer cancel it; the node ends it on its own.
+    await gone(pgid, "the revoked peer's agent group to be killed")
+    uuid = op.name.removeprefix("operations/")
+
+    async def ended() -> tuple[Any, ...] | None:
+        rows = sql(node, "SELECT state, error_code, error_reason FROM operations"
+                         " WHERE name = %s AND state <> 'RUNNING'", (uuid,))
+        return rows[0] if rows else None
+
+    final = await until(ended, "the revoked peer's run to end")
+    assert final == ("FAILED", grpc.StatusCode.PERMISSION_DENIED.value[0],
+                     "AGENT_GRANT_REVOKED"), final
+    assert agent_processes(agent_user.pw_uid) == []
+
+
+async def test_the_grant_cap_holds_across_two_node_processes_sharing_a_store(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd,
+        pg_server: str) -> None:
+    dsn = new_database(pg_server)
+    nodes = [agent_node(max_per_grant=1, dsn=dsn), agent_node(max_per_grant=1, dsn=dsn)]
+
+    async def try_spawn(node: NodeProcess, key: str) -> str:
+        async with node.client() as c:
+            try:
+                op = await c.command.Execute(spawn(key, "probe", name="x", seconds=300))
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                return ""
+            return op.name
+
+    # Both processes admit at once: local callers share the "(local)" grant cap of 1.
+    names = await asyncio.gather(*(try_spawn(n, f"cap-{i}-{j}") for j in range(4)
+                                   for i, n in enumerate(nodes)))
+    accepted = [n for n in names if n]
+    uuids = [n.removeprefix("operations/") for n in accepted]
+
+    async def settled() -> list[tuple[Any, ...]] | None:
+        rows = sql(node_a, "SELECT name::text, state FROM operations WHERE name::text = ANY(%s)",
+                   (uuids,))
+        records = sum(len(list((n.data_dir / "agents").glob("*.json"))) for n in nodes)
+        running = [r for r in rows if r[1] == "RUNNING"]
+        pending = [r for r in rows if r[1] == "PENDING"]
+        return rows if not pending and records == len(running) else None
+
+    node_a = nodes[0]
+    rows = await until(settled, "every accepted run to start or be refused")
+    running = [r for r in rows if r[1] == "RUNNING"]
+    try:
+        assert len(running) <= 1, rows
+    finally:
+        for node in nodes:
+            async with node.client() as c:
+                for name in accepted:
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await c.command.CancelOperation(
+                            command_pb2.CancelOperationRequest(name=name))
+        await until(lambda: _async(not agent_processes(agent_user.pw_uid) or None),
+                    "every agent to be gone")
+
+
+async def test_nan_and_infinity_are_refused_for_a_number_param(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd) -> None:
+    node = agent_node(extra='\n[agents.num]\nexecutable = "/bin/echo"\nparams = ["x"]\n'
+                            'schema = { type = "object", properties = { x = { type = "number",'
+                            ' minimum = 0, maximum = 10 } } }\ncwd = "/"\n')
+    async with node.client() as c:
+        for i, bad in enumerate((float("nan"), float("inf"), float("-inf"))):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.command.Execute(spawn(f"num-{i}", "num", x=bad))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert any(f.startswith("plugin.args") for f in bad_request_fields(err.value))
+        # A resource attribute likewise.
+        attrs = struct_pb2.Struct()
+        attrs.update({"n": float("nan")})
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await c.command.Execute(command_pb2.ExecuteRequest(
+                idempotency_key="num-put", put_resource=command_pb2.PutResourceCommand(
+                    resource=resources_pb2.Resource(workspace="acme", kind="task", id="n1",
+                                                    title="t", attributes=attrs))))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert any(f.startswith("put_resource.resource.attributes")
+                   for f in bad_request_fields(err.value))
+        op = await c.command.Execute(spawn("num-ok", "num", x=2.5))
+    final = await done_op(node, op.name)
+    assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
+    assert "-- 2.5" in output_of(node, op.name)
+    assert agent_processes(agent_user.pw_uid) == []
+
+
+async def test_a_trailing_newline_does_not_pass_an_anchored_pattern(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd) -> None:
+    node = agent_node()
+    async with node.client() as c:
+        for i, bad in enumerate(("tessera\n", "tessera\n\n", "a\nb")):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.command.Execute(spawn(f"nl-{i}", "probe", name=bad))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, repr(bad)
+            assert "plugin.args.args.name" in bad_request_fields(err.value)
+    assert sql(node, "SELECT count(*) FROM operations")[0][0] == 0
+    assert agent_processes(agent_user.pw_uid) == []
+
+
+def test_a_schema_type_list_stops_the_start_with_one_line_naming_it(
+        agent_node: Callable[..., NodeProcess]) -> None:
+    node = agent_node(extra='\n[agents.typelist]\nexecutable = "/bin/echo"\nparams = ["x"]\n'
+                            'schema = { type = "object", properties = { x = { type = '
+                            '["string", "integer"] } } }\ncwd = "/"\n', start=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "serve", "--data-dir", str(node.data_dir),
+         "--listen", "127.0.0.1:0"], env=node.env, capture_output=True, text=True,
+        timeout=DEADLINE_S, check=False)
+    assert done.returncode != 0
+    said = [ln for ln in (done.stdout + done.stderr).splitlines() if "agents.typelist" in ln]
+    assert len(said) == 1 and "must have a scalar type" in said[0], said
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+async def test_a_graceful_stop_leaves_no_process_that_left_the_group(
+        agent_node: Callable[..., NodeProcess], agent_user: pwd.struct_passwd) -> None:
+    node = agent_node(extra='\n[agents.stay]\nexecutable = "/bin/sh"\n'
+                            'args = ["-c", "setsid -f /bin/sleep 300; echo left; sleep 300"]\n'
+                            'cwd = "/"\n')
+    async with node.client() as c:
+        op = await c.command.Execute(spawn("stay-1", "stay"))
+    pgid = await recorded_group(node, op.name)
+    await until(lambda: _async("left" in output_of(node, op.name) or None),
+                "the agent to start a process in its own session")
+    outside = [p for p in agent_processes(agent_user.pw_uid) if os.getpgid(p) != pgid]
+    assert outside, "no agent process outside the group"
+    node.stop()  # SIGTERM: the node ends its runs on the way out
+    await until(lambda: _async(not agent_processes(agent_user.pw_uid) or None),
+                "every agent process, also the one in its own session, to be gone")

@@ -179,20 +179,26 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
         self.rt.commands.validate(cmd.type, args)
         stored = args
         request_hash = query_hash({"plugin": cmd.type, "args": args})
-        # A retry of a stored operation gets it back; only a new one is admitted (a retry
-        # must not be refused because its own run fills the cap).
-        if reg.handler.admit is not None \
-                and await self.rt.operations.by_key(caller, key, request_hash) is None:
-            grant = current_caller().grant
-            admitted = await reg.handler.admit(Admission(
-                command_type=cmd.type, caller=caller, args=args,
-                grant=grant.name if grant is not None else ""))
-            stored = {**args, "_admission": dict(admitted)}
-        op, created = await self.rt.operations.create_pending(
-            caller=caller, idempotency_key=key, command_type=cmd.type,
-            request_hash=request_hash, input=stored,
-            retry_safe=reg.handler.retry_safe,
-        )
+        async with contextlib.AsyncExitStack() as admitting:
+            if reg.handler.admit is not None:
+                # Admission counts what is active, then the insert adds to it: one step
+                # for every node process on this store, or concurrent calls all pass.
+                await admitting.enter_async_context(
+                    self.rt.operations.exclusive(f"tessera.admit:{cmd.type}"))
+            # A retry of a stored operation gets it back; only a new one is admitted (a
+            # retry must not be refused because its own run fills the cap).
+            if reg.handler.admit is not None \
+                    and await self.rt.operations.by_key(caller, key, request_hash) is None:
+                grant = current_caller().grant
+                admitted = await reg.handler.admit(Admission(
+                    command_type=cmd.type, caller=caller, args=args,
+                    grant=grant.name if grant is not None else ""))
+                stored = {**args, "_admission": dict(admitted)}
+            op, created = await self.rt.operations.create_pending(
+                caller=caller, idempotency_key=key, command_type=cmd.type,
+                request_hash=request_hash, input=stored,
+                retry_safe=reg.handler.retry_safe,
+            )
         if created:
             await self.rt.runner.submit(op)
         return operation_to_pb(op)

@@ -416,7 +416,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         commands = Registry.default()
         # Allow-listed agent runs (agent.spawn); a wrong entry stops the start here.
         agents = Agents.from_config(cfg.agents, paths.data_dir, operations=operations,
-                                    auditor=auditor)
+                                    auditor=auditor, grants=grants)
         if agents is not None:
             agents.kill_leftovers()
             commands.register(agents.handler(), source="builtin")

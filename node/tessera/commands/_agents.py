@@ -48,6 +48,7 @@ from tessera.commands._handler import (
 from tessera.commands._registry import _violations
 from tessera.config import AgentsConfig
 from tessera.core.errors import ConfigError, FieldViolation, InvalidArgument, ResourceExhausted
+from tessera.grants import GrantStore, PeerState
 from tessera.store import OperationStore
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,11 @@ _ENV_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _SECRET_ENV = re.compile(r"(^TESSERA_)|KEY|SECRET|TOKEN|PASSWORD|PASSWD|DSN|CREDENTIAL")
 _SCALARS = {"string", "integer", "number", "boolean"}
 _READ = 65536
+#: The JSON-encoded argv rides in one argument of the wrapper, which the kernel caps at
+#: 128 KiB (MAX_ARG_STRLEN); longer values are the caller's error, not an exec failure.
+_ARGV_MAX = 64 * 1024
+#: How often a peer's running agent re-checks that its peer and grant still admit it.
+_GRANT_CHECK_S = 2.0
 _WRAPPER = Path(agent_wrapper.__file__)
 _AUDIT_SERVICE = "tessera.agents"
 
@@ -186,10 +192,28 @@ def parse_agents(cfg: AgentsConfig, data_dir: Path) -> dict[str, AgentSpec]:
             max_per_node=int(numbers["max_per_node"]),
             memory_mb=int(numbers["memory_mb"]), open_files=int(numbers["open_files"]),
             processes=int(numbers["processes"]),
-            validator=jsonschema.Draft202012Validator(
-                schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER),
+            validator=_Validator(schema, format_checker=_Validator.FORMAT_CHECKER),
         )
     return specs
+
+
+def _ecma_pattern(validator: Any, pattern: str, instance: Any,
+                  schema: Mapping[str, Any]) -> Any:
+    """`pattern` as JSON Schema means it (ECMA-262): `$` matches only at the very end.
+
+    Python's `$` also matches before a final newline, so "name\n" passed `^[a-z]+$` and
+    reached the agent's command line. A value ending in a newline is matched with a NUL
+    appended (NUL is refused anyway), which no `$` can match before.
+    """
+    if not validator.is_type(instance, "string"):
+        return
+    probe = instance + "\0" if instance.endswith("\n") else instance
+    if re.search(pattern, probe) is None:
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator: Any = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+    jsonschema.Draft202012Validator, {"pattern": _ecma_pattern})
 
 
 def _closed_schema(name: str, schema: dict[str, Any], params: list[str]) -> dict[str, Any]:
@@ -205,7 +229,7 @@ def _closed_schema(name: str, schema: dict[str, Any], params: list[str]) -> dict
         raise _entry_error(name, "schema properties must be exactly the params")
     for p, sub in props.items():
         kind = sub.get("type") if isinstance(sub, dict) else None
-        if kind not in _SCALARS:
+        if not isinstance(kind, str) or kind not in _SCALARS:
             raise _entry_error(name, f"schema property {p} must have a scalar type "
                                      f"({', '.join(sorted(_SCALARS))})")
     # Nothing but the declared values ever reaches the command line.
@@ -301,8 +325,9 @@ class Agents:
 
     def __init__(self, cfg: AgentsConfig, specs: Mapping[str, AgentSpec], user: AgentUser,
                  *, runs_dir: Path, operations: OperationStore,
-                 auditor: AuditWriter | None) -> None:
+                 auditor: AuditWriter | None, grants: GrantStore | None = None) -> None:
         self.cfg = cfg
+        self.grants = grants
         self.specs = dict(specs)
         self.user = user
         self.runs_dir = runs_dir
@@ -313,7 +338,8 @@ class Agents:
 
     @classmethod
     def from_config(cls, cfg: AgentsConfig, data_dir: Path, *, operations: OperationStore,
-                    auditor: AuditWriter | None) -> Agents | None:
+                    auditor: AuditWriter | None,
+                    grants: GrantStore | None = None) -> Agents | None:
         """The agent handler, or None when no agent is listed. ConfigError on a bad entry."""
         if not cfg.allow:
             return None
@@ -322,7 +348,8 @@ class Agents:
         check_data_dir_closed(data_dir, user)
         runs = data_dir / "agents"
         runs.mkdir(mode=0o700, exist_ok=True)
-        return cls(cfg, specs, user, runs_dir=runs, operations=operations, auditor=auditor)
+        return cls(cfg, specs, user, runs_dir=runs, operations=operations, auditor=auditor,
+                   grants=grants)
 
     def handler(self) -> CommandHandler:
         """The `agent.spawn` command type."""
@@ -361,6 +388,13 @@ class Agents:
         if bad:
             raise InvalidArgument([FieldViolation(f"plugin.args.args.{bad[0]}",
                                                   "may not contain NUL")])
+        if len(json.dumps(spec.argv(values))) > _ARGV_MAX:
+            longest = max(values, key=lambda k: len(json.dumps(_text(values[k]))),
+                          default="")
+            raise InvalidArgument([FieldViolation(
+                f"plugin.args.args.{longest}" if longest else "plugin.args.args",
+                f"makes the agent's command line longer than {_ARGV_MAX} bytes "
+                "(JSON-encoded); send a shorter value")])
         return spec, values
 
     async def admit(self, adm: Admission) -> Mapping[str, Any]:
@@ -426,11 +460,16 @@ class Agents:
                        "as": spec.memory_mb << 20, "nofile": spec.open_files,
                        "nproc": spec.processes, "fsize": 64 << 20, "core": 0},
         }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", str(_WRAPPER), json.dumps(wrapper_spec),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, close_fds=True, start_new_session=True,
-            env=self._env(spec), cwd=spec.cwd)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", str(_WRAPPER), json.dumps(wrapper_spec),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, close_fds=True, start_new_session=True,
+                env=self._env(spec), cwd=spec.cwd)
+        except OSError as exc:
+            # Out of fds or processes, or the cwd went away: the node's state, not a bug.
+            raise CommandError(f"agent {spec.name} could not be started: {exc.strerror}",
+                               code=code_pb2.UNAVAILABLE, reason="AGENT_START_FAILED") from None
         started = start_ticks(proc.pid) or 0
         key = ctx.operation.removeprefix("operations/")
         record = self.runs_dir / f"{key}.json"
@@ -449,10 +488,18 @@ class Agents:
 
     def _end(self, ctx: CommandContext, live: _Live) -> None:
         """Whatever ended the run (even an interrupted task): nothing is left of it."""
-        kill_group(live.pgid, live.started)
         if live.proc.returncode is None:
+            # The wrapper still runs (the task was interrupted: node stopping, lease
+            # lost). Only it can find what left the group (reparented to it): SIGUSR1 makes
+            # it kill all of that and exit. SIGKILL to it would hand those to init.
             with contextlib.suppress(ProcessLookupError):
-                live.proc.kill()
+                live.proc.send_signal(signal.SIGUSR1)
+            for pid in _group(live.pgid, live.started):
+                if pid != live.proc.pid:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+        else:
+            kill_group(live.pgid, live.started)
         self._live.pop(ctx.operation, None)
         live.record.unlink(missing_ok=True)
 
@@ -466,10 +513,12 @@ class Agents:
             await ctx.progress(None, f"agent {spec.name} started (pid {proc.pid})")
             readers = [asyncio.create_task(self._pump(s, ctx, budget, truncated))
                        for s in (proc.stdout, proc.stderr) if s is not None]
-            try:
-                await asyncio.wait_for(proc.wait(), spec.time_limit_s)
-            except TimeoutError:
-                live.killed_by = "time limit"
+            reason = await self._wait(live)
+            if reason:
+                live.killed_by = reason
+                if reason != "time limit":
+                    await self._audit("kill", live, ctx.operation, "AGENT_KILLED",
+                                      {"pid": live.pgid, "killed_by": reason})
                 await self._terminate(live)
             # The wrapper reaps the group before it exits, so the pipes close; a process
             # that left the group could hold them open: stop reading after a moment.
@@ -488,6 +537,10 @@ class Agents:
             await ctx.output(f"\n[tessera: output truncated, {truncated[0]} bytes dropped]\n")
         if live.killed_by == "cancel" or ctx.cancelled.is_set():
             raise CommandCancelled
+        if live.killed_by == "grant":
+            raise CommandError(f"agent {spec.name} was killed: its caller's peer or grant "
+                               "no longer admits it", code=code_pb2.PERMISSION_DENIED,
+                               reason="AGENT_GRANT_REVOKED")
         if live.killed_by == "time limit":
             raise CommandError(f"agent {spec.name} exceeded its time limit of "
                                f"{spec.time_limit_s:g} s and was killed",
@@ -496,6 +549,39 @@ class Agents:
             raise CommandError(f"agent {spec.name} exited with status {code}",
                                code=code_pb2.ABORTED, reason="AGENT_EXIT_STATUS")
         return result
+
+    async def _wait(self, live: _Live) -> str:
+        """Wait for the run to end: "" when it did, "time limit" when its time ran out,
+        "grant" when its peer caller's grant was revoked or its peer suspended."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + live.spec.time_limit_s
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return "time limit"
+            try:
+                await asyncio.wait_for(asyncio.shield(live.proc.wait()),
+                                       min(left, _GRANT_CHECK_S))
+                return ""
+            except TimeoutError:
+                pass
+            if not await self._still_granted(live):
+                return "grant"
+
+    async def _still_granted(self, live: _Live) -> bool:
+        """False once a peer caller's grant is revoked (or replaced) or its peer is no
+        longer active; a local caller, or a store that cannot answer, keeps the run."""
+        if self.grants is None or live.grant in ("", "(local)"):
+            return True
+        try:
+            found = await self.grants.admission(live.caller)
+        except Exception as exc:
+            log.warning("agent %s: grant not re-checked: %s", live.spec.name,
+                        type(exc).__name__)
+            return True
+        return (found.peer is not None and found.peer.state is PeerState.ACTIVE
+                and found.grant is not None and found.grant.name == live.grant
+                and found.grant_live)
 
     async def _pump(self, stream: asyncio.StreamReader, ctx: CommandContext,
                     budget: list[int], truncated: list[int]) -> None:

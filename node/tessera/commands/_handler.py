@@ -88,6 +88,8 @@ class CommandContext:
         """
         if not text:
             return
+        # The event store (jsonb) cannot hold NUL: one in a chunk lost the whole chunk.
+        text = text.replace("\0", "\ufffd")
         self._buffer.append(text)
         self._buffered += len(text)
         if self._buffered >= OUTPUT_CHUNK:

@@ -7,9 +7,11 @@ watchers in any node process wake up and re-read the table.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from tessera.core.errors import FailedPrecondition, NotFound
+from tessera.core.errors import FailedPrecondition, NotFound, Unavailable
 from tessera.core.pagination import query_hash
 from tessera.store._effects import effect_transaction
 from tessera.store._predicate import Predicate
@@ -528,6 +530,31 @@ class OperationStore:
         was used for another request) — e.g. to answer a retry before re-admitting it."""
         async with self.pool.connection() as conn:
             return await self._existing(conn, caller, idempotency_key, request_hash)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, key: str, wait_s: float = 10.0) -> AsyncIterator[None]:
+        """Hold the cluster-wide advisory lock `key` (every node process on this store):
+        e.g. so a cap's count and the insert it admits are one step for all of them.
+
+        A waiter holds no pooled connection (it retries pg_try_advisory_lock), so callers
+        piling up cannot drain the pool; Unavailable after `wait_s`.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT pg_try_advisory_lock(hashtext(%s)) AS ok", (key,))
+                row = await cur.fetchone()
+                if row is not None and row["ok"]:
+                    try:
+                        yield
+                    finally:
+                        await conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+                    return
+            if loop.time() > deadline:
+                raise Unavailable(f"busy admitting other {key} calls; retry shortly")
+            await asyncio.sleep(0.02)
 
     async def count_active(self, command_type: str, input_contains: Mapping[str, Any]) -> int:
         """PENDING or RUNNING operations of a type whose input contains `input_contains`
