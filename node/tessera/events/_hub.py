@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +132,11 @@ class EventHub:
         self._lock_mutex = asyncio.Lock()
         self._held: set[int] = set()
         self._unlocks: set[asyncio.Task[None]] = set()
+        #: Re-checks a peer's admission, raising TesseraError if it no longer holds (set by
+        #: the event service). Run by the hub itself on a grant change, so a stream parked
+        #: at a yield (its consumer not reading) ends too, not only at its next loop step.
+        self.checker: Callable[[Caller], Awaitable[None]] | None = None
+        self._checks: set[asyncio.Task[None]] = set()
         self.metrics = _Metrics(registry or CollectorRegistry(), self)
         self._listening_once = asyncio.Event()
 
@@ -152,9 +157,9 @@ class EventHub:
         self.closed = True
         for handle in list(self.streams):
             handle.end(Unavailable("the node is shutting down; reconnect to resume"))
-        for task in self._tasks:
+        for task in [*self._tasks, *self._checks]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._checks]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
@@ -267,10 +272,30 @@ class EventHub:
     # -- signals --------------------------------------------------------------------------
 
     def _wake_all(self, *, recheck: bool = False) -> None:
-        for handle in self.streams:
+        for handle in list(self.streams):
             if recheck and handle.caller.peer:
-                handle.recheck = True
+                self._recheck(handle)
             handle.wake.set()
+
+    def _recheck(self, handle: StreamHandle) -> None:
+        """Make a peer stream re-check its admission, and check it here too: a stream
+        mid-page or parked in flow control takes no loop step, so it would go on delivering
+        the page it read under the old grant."""
+        handle.recheck = True
+        handle.wake.set()
+        if self.checker is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._check_handle(handle, self.checker))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    @staticmethod
+    async def _check_handle(handle: StreamHandle,
+                            checker: Callable[[Caller], Awaitable[None]]) -> None:
+        try:
+            await checker(handle.caller)
+        except TesseraError as exc:
+            handle.end(exc)
 
     def on_events(self, payload: str) -> None:
         """New events were committed: wake every stream."""
@@ -280,10 +305,9 @@ class EventHub:
 
     def on_grant_change(self, peer: str) -> None:
         """A peer's grant or state changed: its streams re-check their admission now."""
-        for handle in self.streams:
+        for handle in list(self.streams):
             if handle.caller.peer == peer:
-                handle.recheck = True
-                handle.wake.set()
+                self._recheck(handle)
 
     def on_revoked_serial(self, payload: str, denied: Callable[[int], None]) -> None:
         """A certificate serial was revoked: the streams it opened end."""

@@ -91,6 +91,7 @@ class EventService:
         self.cfg = cfg
         self.denied_serials = denied_serials
         self._log_id: uuid.UUID | None = None
+        hub.checker = self._recheck
 
     async def log_id(self) -> uuid.UUID:
         """The id of this node's log (fixed once the schema exists)."""
