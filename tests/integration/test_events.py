@@ -481,3 +481,35 @@ async def test_a_revoked_stream_whose_consumer_stopped_reading_is_released(
             assert loop.time() < deadline, "the parked stream was never released"
             await asyncio.sleep(0.2)
         idle.cancel()
+
+
+async def test_open_streams_are_capped_per_caller(node: NodeProcess) -> None:
+    # Each open stream may hold a page of events (stream_buffer x max_payload_bytes) while
+    # its consumer is slow: a caller opening streams without end would exhaust the node.
+    cap = 16  # events.max_streams_per_caller
+    async with node.client() as c, node.client("admin") as other:
+        calls = [subscribe(c, start=NOW) for _ in range(cap)]
+        for call in calls:
+            assert await opened(call)
+        extra = subscribe(c, start=NOW)
+        assert not await opened(extra)
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await extra.read()
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_streams_per_caller" in (exc.value.details() or "")
+        # The cap is per caller: another identity still subscribes.
+        theirs = subscribe(other, start=NOW)
+        assert await opened(theirs)
+        theirs.cancel()
+        calls[0].cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:  # the cancelled stream leaves the node in the background
+            again = subscribe(c, start=NOW)
+            if await opened(again):
+                break
+            assert loop.time() < deadline, "a closed stream still counted against the cap"
+            await asyncio.sleep(0.1)
+        again.cancel()
+        for call in calls[1:]:
+            call.cancel()

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from tessera.calls import Caller
 from tessera.config import EventsConfig
-from tessera.core.errors import PermissionDenied, TesseraError, Unavailable
+from tessera.core.errors import PermissionDenied, ResourceExhausted, TesseraError, Unavailable
 from tessera.grants import GRANTS_CHANNEL
 from tessera.pki import REVOCATIONS_CHANNEL
 from tessera.store import EVENTS_CHANNEL, EventStore
@@ -171,9 +171,16 @@ class EventHub:
     # -- streams ------------------------------------------------------------------------
 
     def register(self, caller: Caller) -> StreamHandle:
-        """Track a new stream; Unavailable once the hub is closing."""
+        """Track a new stream; Unavailable once the hub is closing, ResourceExhausted
+        beyond the caller's open streams (each may hold a page of events in memory)."""
         if self.closed:
             raise Unavailable("the node is shutting down; reconnect to another replica")
+        cap = self.cfg.max_streams_per_caller
+        if sum(1 for h in self.streams if h.caller.uri == caller.uri) >= cap:
+            raise ResourceExhausted(
+                f"this caller already has {cap} open streams on this node, the most "
+                "allowed (events.max_streams_per_caller); close one first",
+                retry_after_s=1.0, subject=caller.uri)
         handle = StreamHandle(caller, position=self.head, task=asyncio.current_task())
         self.streams.add(handle)
         self.metrics.streams.labels(_who(caller)).inc()
