@@ -94,6 +94,11 @@ async def test_publish_is_idempotent_per_key_and_refuses_a_reused_key(node: Node
     (event("Task.Done"), "type"),
     (event("task.done", subject=("acme", "nokind", "x")), "subject.kind"),
     (event("task.done", blob="x" * 70_000), "data"),
+    # What jsonb cannot store is the caller's mistake, not an INTERNAL error.
+    (event("task.done", v=float("nan")), "data"),
+    (event("task.done", v=float("-inf")), "data"),
+    (event("task.done", s="a\x00b"), "data"),
+    (event("task.done", **{"k\x00": 1}), "data"),
 ])
 async def test_publish_refuses_invalid_events_naming_the_field(
     node: NodeProcess, request_: events_pb2.PublishRequest, field: str,

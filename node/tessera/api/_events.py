@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -49,6 +51,25 @@ def envelope(d: Delivery, node: str) -> events_pb2.EventEnvelope:
     return msg
 
 
+def _json_problem(value: Any) -> str | None:
+    """Why a payload cannot be stored as JSON (jsonb), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "holds a NaN or infinite number, which JSON cannot represent"
+    if isinstance(value, str) and "\x00" in value:
+        return "holds a NUL character (\\u0000), which stored JSON cannot represent"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            problem = _json_problem(k) or _json_problem(v)
+            if problem:
+                return problem
+    if isinstance(value, list):
+        for v in value:
+            problem = _json_problem(v)
+            if problem:
+                return problem
+    return None
+
+
 class EventServicer(events_pb2_grpc.EventServiceServicer):
     """Converts protobuf to the event service's types and back."""
 
@@ -72,9 +93,17 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             k = r.subject
             check_key(c, f"{field}subject", k.workspace, k.kind, k.id, self.kinds)
             ws, kind, rid = k.workspace, k.kind, k.id
-        data = struct_to_dict(r.data)
+        try:
+            data = struct_to_dict(r.data)
+        except ValueError:  # protobuf refuses NaN and infinities in a Struct's JSON form
+            data = {}
+            c.fail(f"{field}data", "holds a NaN or infinite number, which JSON cannot "
+                                   "represent")
         size = len(json.dumps(data, separators=(",", ":")))
-        if size > self.max_payload_bytes:
+        problem = _json_problem(data)
+        if problem:
+            c.fail(f"{field}data", problem)
+        elif size > self.max_payload_bytes:
             c.fail(f"{field}data", f"is {size} bytes as JSON; at most "
                                    f"{self.max_payload_bytes} are allowed")
         request_hash = query_hash({"type": r.type, "subject": [ws, kind, rid], "data": data})
