@@ -249,3 +249,41 @@ async def test_a_parked_peer_stream_ends_when_its_grant_is_revoked(
         assert loop.time() < deadline, "the parked peer stream outlived its revocation"
         await asyncio.sleep(0.2)
     call.cancel()
+
+
+async def test_a_parked_peer_stream_ends_when_its_grant_expires(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    # No notification and no step of the stream: only the clock can end it.
+    mport = free_port()
+    node = node_factory(name="b", env={"TESSERA_METRICS_LISTEN_ADDRESS": f"127.0.0.1:{mport}"})
+
+    def streams() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            if line.startswith('tessera_event_streams{caller="peer"} '):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    async with node.client() as local:
+        await local.command.Execute(put_request("acme", "task", "t1"))
+    expire_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=20)
+    expire = timestamp_pb2.Timestamp()
+    expire.FromDatetime(expire_at)
+    peer = await peering.link(node, "a", kinds=["task"], workspaces=["acme"],
+                              event_types=["task.*"], expire_time=expire)
+    call = subscribe(peer, "task.*", start=events_pb2.START_POSITION_NOW)
+    assert await opened(call)
+    async with node.client() as local:
+        await publish_many(local, [event("task.step", subject=("acme", "task", "t1"), n=i,
+                                         pad="x" * 4000) for i in range(3000)],
+                           batch=500)
+    assert dt.datetime.now(dt.UTC) < expire_at, "the stream was not parked before the expiry"
+    assert await asyncio.to_thread(streams) == 1.0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20 + WAIT_S
+    while await asyncio.to_thread(streams) != 0.0:
+        assert loop.time() < deadline, "the parked peer stream outlived its grant"
+        await asyncio.sleep(0.2)
+    call.cancel()

@@ -205,6 +205,7 @@ class EventService:
             predicate = scope.predicate()
         key: int | None = None
         handle: StreamHandle | None = None
+        timer: asyncio.TimerHandle | None = None
         try:
             if params.name:
                 key = lock_key(caller.uri, params.name)
@@ -222,10 +223,19 @@ class EventService:
             handle = self.hub.register(caller)
             handle.lock_key = key
             handle.position = position
+            deadline, why = _deadline(caller)
+            if deadline is not None:
+                # Ended by the clock too, not only at its next step: a stream parked in
+                # flow control takes none, and would hold its page past the expiry.
+                delay = max(0.0, (deadline - datetime.now(UTC)).total_seconds())
+                timer = asyncio.get_running_loop().call_later(
+                    delay, handle.end, _expired(why))
             yield Delivery(None, await self.cursor_of(position), opened=True)
             async for item in self._run(handle, scope, position, like, grant_like, predicate):
                 yield item
         finally:
+            if timer is not None:
+                timer.cancel()
             if handle is not None:
                 self.hub.unregister(handle)
             if key is not None:
@@ -299,8 +309,7 @@ class EventService:
         if handle.caller.serial in self.denied_serials:
             raise PermissionDenied("the client certificate was revoked", reason="CERT_REVOKED")
         if deadline is not None and datetime.now(UTC) >= deadline:
-            what = "certificate" if why == "CERT_EXPIRED" else "grant"
-            raise PermissionDenied(f"the {what} expired", reason=why)
+            raise _expired(why)
 
     async def _recheck(self, caller: Caller) -> None:
         """A peer's admission, again: its peer state and grant must still be the same."""
@@ -323,6 +332,11 @@ class EventService:
                                    reason="GRANT_REVOKED")
         if not found.grant_live:
             raise PermissionDenied("the grant expired", reason="GRANT_EXPIRED")
+
+
+def _expired(why: str) -> PermissionDenied:
+    what = "certificate" if why == "CERT_EXPIRED" else "grant"
+    return PermissionDenied(f"the {what} expired", reason=why)
 
 
 def _deadline(caller: Caller) -> tuple[datetime | None, str]:
