@@ -287,3 +287,47 @@ async def test_a_parked_peer_stream_ends_when_its_grant_expires(
         assert loop.time() < deadline, "the parked peer stream outlived its grant"
         await asyncio.sleep(0.2)
     call.cancel()
+
+
+async def test_a_busy_peer_stream_rechecks_its_grant_without_a_notification(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    # A revocation whose NOTIFY this process never heard (committed while the stream was
+    # being set up, or while LISTEN was silently down): the periodic re-check must catch
+    # it even when events keep flowing, not only on an idle stream.
+    import uuid
+
+    import psycopg
+
+    node = node_factory(name="b", env={"TESSERA_EVENTS_KEEPALIVE_S": "1"})
+    async with node.client() as local:
+        await local.command.Execute(put_request("acme", "task", "t1"))
+    token = await peering.invite(node, "a")
+    grant = await peering.grant(node, "a", kinds=["task"], workspaces=["acme"],
+                                event_types=["task.*"])
+    joined = await peering.join_dir(token, peering.tmp_path / "peer-a")
+    peer = joined.client()
+    peering.clients.append(peer)
+    call = subscribe(peer, "task.*", start=events_pb2.START_POSITION_NOW)
+    assert await opened(call)
+    async with await psycopg.AsyncConnection.connect(node.env["TESSERA_STORE_DSN"],
+                                                     autocommit=True) as conn:
+        # As RevokeGrant does, minus its pg_notify: the signal is lost.
+        await conn.execute("UPDATE grants SET revoked_at = now() WHERE id = %s",
+                           (uuid.UUID(grant.name.removeprefix("grants/")),))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    async with node.client() as local:
+        n = 0
+        while True:
+            assert loop.time() < deadline, "the stream kept delivering under a revoked grant"
+            n += 1
+            await local.events.Publish(event("task.step", subject=("acme", "task", "t1"), n=n))
+            try:
+                msg = await asyncio.wait_for(call.read(), 5)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert reason_of(exc) == "GRANT_REVOKED"
+                break
+            assert msg is not grpc.aio.EOF
+            await asyncio.sleep(0.2)

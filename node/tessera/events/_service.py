@@ -248,11 +248,24 @@ class EventService:
         deadline, deadline_reason = _deadline(caller)
         keepalive = self.cfg.keepalive_s
         last_sent = time.monotonic()
+        # A peer's admission is checked again when the hub says so, and at least every
+        # `keepalive` seconds whether or not events flow: the fallback for a missed
+        # notification (one committed while this stream was being set up, or while LISTEN
+        # was down unnoticed). The first step checks it: the stream was set up after the
+        # call's admission, and a notification before its registration reached no one.
+        last_check = -keepalive
+
+        async def recheck_due() -> None:
+            nonlocal last_check
+            if handle.recheck or (caller.peer
+                                  and time.monotonic() - last_check >= keepalive):
+                handle.recheck = False
+                last_check = time.monotonic()
+                await self._recheck(caller)
+
         while True:
             self._check(handle, deadline, deadline_reason)
-            if handle.recheck:
-                handle.recheck = False
-                await self._recheck(caller)
+            await recheck_due()
             handle.wake.clear()  # before the read: a wake during it triggers another read
             page = await self._read(after=position, like=like, grant_like=grant_like,
                                     predicate=predicate)
@@ -261,6 +274,7 @@ class EventService:
             self.hub.head = max(self.hub.head, page.state.head)
             for event in page.events:
                 self._check(handle, deadline, deadline_reason)
+                await recheck_due()
                 yield Delivery(event, await self.cursor_of(event.sequence))
                 self.hub.delivered(handle)
                 last_sent = time.monotonic()
@@ -270,8 +284,7 @@ class EventService:
                 continue  # more to read now: a full page, or the scan window ended early
             idle = time.monotonic() - last_sent
             if idle >= keepalive:
-                if caller.peer:
-                    await self._recheck(caller)  # the fallback for a missed notification
+                await recheck_due()
                 self._check(handle, deadline, deadline_reason)
                 yield Delivery(None, await self.cursor_of(position))
                 last_sent = time.monotonic()
