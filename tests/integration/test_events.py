@@ -477,7 +477,8 @@ async def test_a_revoked_stream_whose_consumer_stopped_reading_is_released(
     async with node.client("client") as reader, node.client("admin") as writer:
         idle = subscribe(reader, start=BEGINNING)  # never read: parked in flow control
         assert await opened(idle)
-        await publish_many(writer, [event("fill.up", n=i, pad="x" * 4000) for i in range(3000)])
+        await publish_many(writer, [event("fill.up", n=i, pad="x" * 4000) for i in range(3000)],
+                           batch=500)
         assert await asyncio.to_thread(streams) == 1.0
         assert await record_revocation_at(node.env["TESSERA_STORE_DSN"], serial, "test")
         loop = asyncio.get_running_loop()
@@ -518,3 +519,23 @@ async def test_open_streams_are_capped_per_caller(node: NodeProcess) -> None:
         again.cancel()
         for call in calls[1:]:
             call.cancel()
+
+
+async def test_a_batch_whose_response_would_not_fit_is_refused_before_it_commits(
+    node: NodeProcess,
+) -> None:
+    # The response echoes every event (data, cursor, id, actor): a request just under the
+    # 4 MiB limit used to commit and then answer more than a default client can receive.
+    async with node.client() as c:
+        before = (await c.events.Publish(event("mark.before"))).event.sequence
+        # 4,165,000 bytes: under the node's 4 MiB request limit, its response is not.
+        big = [event("bulk.item", subject=("acme", "task", "t1"), n=i, pad="x" * 4100)
+               for i in range(1000)]
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.events.PublishBatch(events_pb2.PublishBatchRequest(events=big))
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "events" in bad_fields(exc.value)
+        after = (await c.events.Publish(event("mark.after"))).event.sequence
+        assert after == before + 1  # nothing of the refused batch was appended
+        ok = await c.events.PublishBatch(events_pb2.PublishBatchRequest(events=big[:500]))
+        assert len(ok.events) == 500

@@ -24,6 +24,11 @@ from tessera_client.pb import events_pb2, events_pb2_grpc, resources_pb2
 OPEN_HEADER = "tessera-stream-open"
 #: Most type patterns one subscription may name.
 MAX_PATTERNS = 32
+#: Largest message a default gRPC client receives (a PublishBatch response included).
+RESPONSE_LIMIT = 4 << 20
+#: Bytes an envelope may add to a published event besides its source and actor (cursor,
+#: id, sequence, time, and their tags and lengths): an upper bound.
+ENVELOPE_OVERHEAD = 128
 #: Durable subscription names: short, printable, no spaces.
 SUBSCRIPTION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _STARTS = {
@@ -128,6 +133,15 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         if len(request.events) > self.max_batch:
             c.fail("events", f"holds {len(request.events)} events; at most "
                              f"{self.max_batch} per batch")
+            c.done()
+        size = request.ByteSize()
+        per_event = ENVELOPE_OVERHEAD + len(self.node) + len(current_caller().uri)
+        budget = RESPONSE_LIMIT - per_event * len(request.events)
+        if size > budget:
+            # The response echoes every event with its cursor, id and actor: refused now,
+            # or the batch commits and a default client cannot read the answer.
+            c.fail("events", f"is {size} bytes; a batch of {len(request.events)} events may "
+                             f"be at most {budget} so that its response fits in 4 MiB")
             c.done()
         events = [self._new_event(c, f"events[{i}].", r) for i, r in enumerate(request.events)]
         c.done()
