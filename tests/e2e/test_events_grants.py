@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import urllib.request
 
 import grpc
 import pytest
@@ -16,9 +17,10 @@ from google.protobuf import timestamp_pb2
 
 from tessera_client import AsyncClient
 from tessera_client.pb import admin_pb2, events_pb2
-from tests.fixtures.events import WAIT_S, event, opened, read_until, subscribe
+from tests.fixtures.events import WAIT_S, event, opened, publish_many, read_until, subscribe
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering, put_request, reason_of
+from tests.fixtures.valkey import free_port
 
 #: B's data: (workspace, kind, id, team, owner).
 SEED = [
@@ -201,3 +203,131 @@ async def test_a_peer_keeps_a_durable_subscription_of_its_own(
     rest = await read_until(again, lambda e: e.id == nxt.id)
     again.cancel()
     assert [e.subject.id for e in rest] == ["p1", "t1"]  # after t3, nothing acked again
+
+
+@pytest.mark.parametrize("how", ["revoke_grant", "suspend_peer"])
+async def test_a_parked_peer_stream_ends_when_its_grant_is_revoked(
+    node_factory: NodeFactory, peering: Peering, how: str,
+) -> None:
+    # A peer that stops reading mid-page parks its stream at a yield, in gRPC flow control.
+    # The revocation must still end it: otherwise, once the peer reads again, the rest of
+    # the page read under the old grant is delivered after the revocation committed.
+    mport = free_port()
+    node = node_factory(name="b", env={"TESSERA_METRICS_LISTEN_ADDRESS": f"127.0.0.1:{mport}"})
+
+    def streams() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            if line.startswith('tessera_event_streams{caller="peer"} '):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    async with node.client() as local:
+        await local.command.Execute(put_request("acme", "task", "t1"))
+    token = await peering.invite(node, "a")
+    grant = await peering.grant(node, "a", kinds=["task"], workspaces=["acme"],
+                                event_types=["task.*"])
+    joined = await peering.join_dir(token, peering.tmp_path / "peer-a")
+    peer = joined.client()
+    peering.clients.append(peer)
+    call = subscribe(peer, "task.*", start=events_pb2.START_POSITION_NOW)
+    assert await opened(call)
+    async with node.client() as local:
+        await publish_many(local, [event("task.step", subject=("acme", "task", "t1"), n=i,
+                                         pad="x" * 4000) for i in range(3000)],
+                           batch=500)
+    assert await asyncio.to_thread(streams) == 1.0
+    async with node.client("admin") as admin:
+        if how == "revoke_grant":
+            await admin.admin.RevokeGrant(admin_pb2.RevokeGrantRequest(name=grant.name))
+        else:
+            await admin.admin.SuspendPeer(admin_pb2.SuspendPeerRequest(name="a", reason="t"))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while await asyncio.to_thread(streams) != 0.0:
+        assert loop.time() < deadline, "the parked peer stream outlived its revocation"
+        await asyncio.sleep(0.2)
+    call.cancel()
+
+
+async def test_a_parked_peer_stream_ends_when_its_grant_expires(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    # No notification and no step of the stream: only the clock can end it.
+    mport = free_port()
+    node = node_factory(name="b", env={"TESSERA_METRICS_LISTEN_ADDRESS": f"127.0.0.1:{mport}"})
+
+    def streams() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            if line.startswith('tessera_event_streams{caller="peer"} '):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    async with node.client() as local:
+        await local.command.Execute(put_request("acme", "task", "t1"))
+    expire_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=20)
+    expire = timestamp_pb2.Timestamp()
+    expire.FromDatetime(expire_at)
+    peer = await peering.link(node, "a", kinds=["task"], workspaces=["acme"],
+                              event_types=["task.*"], expire_time=expire)
+    call = subscribe(peer, "task.*", start=events_pb2.START_POSITION_NOW)
+    assert await opened(call)
+    async with node.client() as local:
+        await publish_many(local, [event("task.step", subject=("acme", "task", "t1"), n=i,
+                                         pad="x" * 4000) for i in range(3000)],
+                           batch=500)
+    assert dt.datetime.now(dt.UTC) < expire_at, "the stream was not parked before the expiry"
+    assert await asyncio.to_thread(streams) == 1.0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20 + WAIT_S
+    while await asyncio.to_thread(streams) != 0.0:
+        assert loop.time() < deadline, "the parked peer stream outlived its grant"
+        await asyncio.sleep(0.2)
+    call.cancel()
+
+
+async def test_a_busy_peer_stream_rechecks_its_grant_without_a_notification(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    # A revocation whose NOTIFY this process never heard (committed while the stream was
+    # being set up, or while LISTEN was silently down): the periodic re-check must catch
+    # it even when events keep flowing, not only on an idle stream.
+    import uuid
+
+    import psycopg
+
+    node = node_factory(name="b", env={"TESSERA_EVENTS_KEEPALIVE_S": "1"})
+    async with node.client() as local:
+        await local.command.Execute(put_request("acme", "task", "t1"))
+    token = await peering.invite(node, "a")
+    grant = await peering.grant(node, "a", kinds=["task"], workspaces=["acme"],
+                                event_types=["task.*"])
+    joined = await peering.join_dir(token, peering.tmp_path / "peer-a")
+    peer = joined.client()
+    peering.clients.append(peer)
+    call = subscribe(peer, "task.*", start=events_pb2.START_POSITION_NOW)
+    assert await opened(call)
+    async with await psycopg.AsyncConnection.connect(node.env["TESSERA_STORE_DSN"],
+                                                     autocommit=True) as conn:
+        # As RevokeGrant does, minus its pg_notify: the signal is lost.
+        await conn.execute("UPDATE grants SET revoked_at = now() WHERE id = %s",
+                           (uuid.UUID(grant.name.removeprefix("grants/")),))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    async with node.client() as local:
+        n = 0
+        while True:
+            assert loop.time() < deadline, "the stream kept delivering under a revoked grant"
+            n += 1
+            await local.events.Publish(event("task.step", subject=("acme", "task", "t1"), n=n))
+            try:
+                msg = await asyncio.wait_for(call.read(), 5)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert reason_of(exc) == "GRANT_REVOKED"
+                break
+            assert msg is not grpc.aio.EOF
+            await asyncio.sleep(0.2)

@@ -94,6 +94,11 @@ async def test_publish_is_idempotent_per_key_and_refuses_a_reused_key(node: Node
     (event("Task.Done"), "type"),
     (event("task.done", subject=("acme", "nokind", "x")), "subject.kind"),
     (event("task.done", blob="x" * 70_000), "data"),
+    # What jsonb cannot store is the caller's mistake, not an INTERNAL error.
+    (event("task.done", v=float("nan")), "data"),
+    (event("task.done", v=float("-inf")), "data"),
+    (event("task.done", s="a\x00b"), "data"),
+    (event("task.done", **{"k\x00": 1}), "data"),
 ])
 async def test_publish_refuses_invalid_events_naming_the_field(
     node: NodeProcess, request_: events_pb2.PublishRequest, field: str,
@@ -472,7 +477,8 @@ async def test_a_revoked_stream_whose_consumer_stopped_reading_is_released(
     async with node.client("client") as reader, node.client("admin") as writer:
         idle = subscribe(reader, start=BEGINNING)  # never read: parked in flow control
         assert await opened(idle)
-        await publish_many(writer, [event("fill.up", n=i, pad="x" * 4000) for i in range(3000)])
+        await publish_many(writer, [event("fill.up", n=i, pad="x" * 4000) for i in range(3000)],
+                           batch=500)
         assert await asyncio.to_thread(streams) == 1.0
         assert await record_revocation_at(node.env["TESSERA_STORE_DSN"], serial, "test")
         loop = asyncio.get_running_loop()
@@ -481,3 +487,55 @@ async def test_a_revoked_stream_whose_consumer_stopped_reading_is_released(
             assert loop.time() < deadline, "the parked stream was never released"
             await asyncio.sleep(0.2)
         idle.cancel()
+
+
+async def test_open_streams_are_capped_per_caller(node: NodeProcess) -> None:
+    # Each open stream may hold a page of events (stream_buffer x max_payload_bytes) while
+    # its consumer is slow: a caller opening streams without end would exhaust the node.
+    cap = 16  # events.max_streams_per_caller
+    async with node.client() as c, node.client("admin") as other:
+        calls = [subscribe(c, start=NOW) for _ in range(cap)]
+        for call in calls:
+            assert await opened(call)
+        extra = subscribe(c, start=NOW)
+        assert not await opened(extra)
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await extra.read()
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_streams_per_caller" in (exc.value.details() or "")
+        # The cap is per caller: another identity still subscribes.
+        theirs = subscribe(other, start=NOW)
+        assert await opened(theirs)
+        theirs.cancel()
+        calls[0].cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:  # the cancelled stream leaves the node in the background
+            again = subscribe(c, start=NOW)
+            if await opened(again):
+                break
+            assert loop.time() < deadline, "a closed stream still counted against the cap"
+            await asyncio.sleep(0.1)
+        again.cancel()
+        for call in calls[1:]:
+            call.cancel()
+
+
+async def test_a_batch_whose_response_would_not_fit_is_refused_before_it_commits(
+    node: NodeProcess,
+) -> None:
+    # The response echoes every event (data, cursor, id, actor): a request just under the
+    # 4 MiB limit used to commit and then answer more than a default client can receive.
+    async with node.client() as c:
+        before = (await c.events.Publish(event("mark.before"))).event.sequence
+        # 4,165,000 bytes: under the node's 4 MiB request limit, its response is not.
+        big = [event("bulk.item", subject=("acme", "task", "t1"), n=i, pad="x" * 4100)
+               for i in range(1000)]
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.events.PublishBatch(events_pb2.PublishBatchRequest(events=big))
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "events" in bad_fields(exc.value)
+        after = (await c.events.Publish(event("mark.after"))).event.sequence
+        assert after == before + 1  # nothing of the refused batch was appended
+        ok = await c.events.PublishBatch(events_pb2.PublishBatchRequest(events=big[:500]))
+        assert len(ok.events) == 500

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -22,6 +24,11 @@ from tessera_client.pb import events_pb2, events_pb2_grpc, resources_pb2
 OPEN_HEADER = "tessera-stream-open"
 #: Most type patterns one subscription may name.
 MAX_PATTERNS = 32
+#: Largest message a default gRPC client receives (a PublishBatch response included).
+RESPONSE_LIMIT = 4 << 20
+#: Bytes an envelope may add to a published event besides its source and actor (cursor,
+#: id, sequence, time, and their tags and lengths): an upper bound.
+ENVELOPE_OVERHEAD = 128
 #: Durable subscription names: short, printable, no spaces.
 SUBSCRIPTION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _STARTS = {
@@ -49,6 +56,25 @@ def envelope(d: Delivery, node: str) -> events_pb2.EventEnvelope:
     return msg
 
 
+def _json_problem(value: Any) -> str | None:
+    """Why a payload cannot be stored as JSON (jsonb), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "holds a NaN or infinite number, which JSON cannot represent"
+    if isinstance(value, str) and "\x00" in value:
+        return "holds a NUL character (\\u0000), which stored JSON cannot represent"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            problem = _json_problem(k) or _json_problem(v)
+            if problem:
+                return problem
+    if isinstance(value, list):
+        for v in value:
+            problem = _json_problem(v)
+            if problem:
+                return problem
+    return None
+
+
 class EventServicer(events_pb2_grpc.EventServiceServicer):
     """Converts protobuf to the event service's types and back."""
 
@@ -72,9 +98,17 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             k = r.subject
             check_key(c, f"{field}subject", k.workspace, k.kind, k.id, self.kinds)
             ws, kind, rid = k.workspace, k.kind, k.id
-        data = struct_to_dict(r.data)
+        try:
+            data = struct_to_dict(r.data)
+        except ValueError:  # protobuf refuses NaN and infinities in a Struct's JSON form
+            data = {}
+            c.fail(f"{field}data", "holds a NaN or infinite number, which JSON cannot "
+                                   "represent")
         size = len(json.dumps(data, separators=(",", ":")))
-        if size > self.max_payload_bytes:
+        problem = _json_problem(data)
+        if problem:
+            c.fail(f"{field}data", problem)
+        elif size > self.max_payload_bytes:
             c.fail(f"{field}data", f"is {size} bytes as JSON; at most "
                                    f"{self.max_payload_bytes} are allowed")
         request_hash = query_hash({"type": r.type, "subject": [ws, kind, rid], "data": data})
@@ -99,6 +133,15 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         if len(request.events) > self.max_batch:
             c.fail("events", f"holds {len(request.events)} events; at most "
                              f"{self.max_batch} per batch")
+            c.done()
+        size = request.ByteSize()
+        per_event = ENVELOPE_OVERHEAD + len(self.node) + len(current_caller().uri)
+        budget = RESPONSE_LIMIT - per_event * len(request.events)
+        if size > budget:
+            # The response echoes every event with its cursor, id and actor: refused now,
+            # or the batch commits and a default client cannot read the answer.
+            c.fail("events", f"is {size} bytes; a batch of {len(request.events)} events may "
+                             f"be at most {budget} so that its response fits in 4 MiB")
             c.done()
         events = [self._new_event(c, f"events[{i}].", r) for i, r in enumerate(request.events)]
         c.done()

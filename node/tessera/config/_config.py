@@ -360,6 +360,9 @@ class EventsConfig:
     max_batch: int = 1000
     #: Most durable subscriptions one caller may have.
     max_subscriptions_per_caller: int = 100
+    #: Most Subscribe streams one caller may hold open on one process: each holds up to
+    #: `stream_buffer` events (a page) while its consumer is slow, so they are capped.
+    max_streams_per_caller: int = 16
     #: Events a stream reads from the database at a time: its whole buffer, whatever the
     #: consumer's speed (a slow consumer holds the stream back by gRPC flow control).
     stream_buffer: int = 256
@@ -615,6 +618,8 @@ def _validate_events(cfg: Config) -> None:
         raise ConfigError("events.max_batch: must be between 1 and 10000")
     if e.max_subscriptions_per_caller < 1:
         raise ConfigError("events.max_subscriptions_per_caller: must be at least 1")
+    if e.max_streams_per_caller < 1:
+        raise ConfigError("events.max_streams_per_caller: must be at least 1")
     if not 1 <= e.stream_buffer <= 10_000:
         raise ConfigError("events.stream_buffer: must be between 1 and 10000")
     if not 0.05 <= e.keepalive_s <= 3600:

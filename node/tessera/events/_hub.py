@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from tessera.calls import Caller
 from tessera.config import EventsConfig
-from tessera.core.errors import PermissionDenied, TesseraError, Unavailable
+from tessera.core.errors import PermissionDenied, ResourceExhausted, TesseraError, Unavailable
 from tessera.grants import GRANTS_CHANNEL
 from tessera.pki import REVOCATIONS_CHANNEL
 from tessera.store import EVENTS_CHANNEL, EventStore
@@ -132,6 +132,11 @@ class EventHub:
         self._lock_mutex = asyncio.Lock()
         self._held: set[int] = set()
         self._unlocks: set[asyncio.Task[None]] = set()
+        #: Re-checks a peer's admission, raising TesseraError if it no longer holds (set by
+        #: the event service). Run by the hub itself on a grant change, so a stream parked
+        #: at a yield (its consumer not reading) ends too, not only at its next loop step.
+        self.checker: Callable[[Caller], Awaitable[None]] | None = None
+        self._checks: set[asyncio.Task[None]] = set()
         self.metrics = _Metrics(registry or CollectorRegistry(), self)
         self._listening_once = asyncio.Event()
 
@@ -152,9 +157,9 @@ class EventHub:
         self.closed = True
         for handle in list(self.streams):
             handle.end(Unavailable("the node is shutting down; reconnect to resume"))
-        for task in self._tasks:
+        for task in [*self._tasks, *self._checks]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._checks]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
@@ -166,9 +171,16 @@ class EventHub:
     # -- streams ------------------------------------------------------------------------
 
     def register(self, caller: Caller) -> StreamHandle:
-        """Track a new stream; Unavailable once the hub is closing."""
+        """Track a new stream; Unavailable once the hub is closing, ResourceExhausted
+        beyond the caller's open streams (each may hold a page of events in memory)."""
         if self.closed:
             raise Unavailable("the node is shutting down; reconnect to another replica")
+        cap = self.cfg.max_streams_per_caller
+        if sum(1 for h in self.streams if h.caller.uri == caller.uri) >= cap:
+            raise ResourceExhausted(
+                f"this caller already has {cap} open streams on this node, the most "
+                "allowed (events.max_streams_per_caller); close one first",
+                retry_after_s=1.0, subject=caller.uri)
         handle = StreamHandle(caller, position=self.head, task=asyncio.current_task())
         self.streams.add(handle)
         self.metrics.streams.labels(_who(caller)).inc()
@@ -267,10 +279,30 @@ class EventHub:
     # -- signals --------------------------------------------------------------------------
 
     def _wake_all(self, *, recheck: bool = False) -> None:
-        for handle in self.streams:
+        for handle in list(self.streams):
             if recheck and handle.caller.peer:
-                handle.recheck = True
+                self._recheck(handle)
             handle.wake.set()
+
+    def _recheck(self, handle: StreamHandle) -> None:
+        """Make a peer stream re-check its admission, and check it here too: a stream
+        mid-page or parked in flow control takes no loop step, so it would go on delivering
+        the page it read under the old grant."""
+        handle.recheck = True
+        handle.wake.set()
+        if self.checker is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._check_handle(handle, self.checker))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    @staticmethod
+    async def _check_handle(handle: StreamHandle,
+                            checker: Callable[[Caller], Awaitable[None]]) -> None:
+        try:
+            await checker(handle.caller)
+        except TesseraError as exc:
+            handle.end(exc)
 
     def on_events(self, payload: str) -> None:
         """New events were committed: wake every stream."""
@@ -280,10 +312,9 @@ class EventHub:
 
     def on_grant_change(self, peer: str) -> None:
         """A peer's grant or state changed: its streams re-check their admission now."""
-        for handle in self.streams:
+        for handle in list(self.streams):
             if handle.caller.peer == peer:
-                handle.recheck = True
-                handle.wake.set()
+                self._recheck(handle)
 
     def on_revoked_serial(self, payload: str, denied: Callable[[int], None]) -> None:
         """A certificate serial was revoked: the streams it opened end."""

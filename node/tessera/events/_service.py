@@ -91,6 +91,7 @@ class EventService:
         self.cfg = cfg
         self.denied_serials = denied_serials
         self._log_id: uuid.UUID | None = None
+        hub.checker = self._recheck
 
     async def log_id(self) -> uuid.UUID:
         """The id of this node's log (fixed once the schema exists)."""
@@ -204,6 +205,7 @@ class EventService:
             predicate = scope.predicate()
         key: int | None = None
         handle: StreamHandle | None = None
+        timer: asyncio.TimerHandle | None = None
         try:
             if params.name:
                 key = lock_key(caller.uri, params.name)
@@ -221,10 +223,19 @@ class EventService:
             handle = self.hub.register(caller)
             handle.lock_key = key
             handle.position = position
+            deadline, why = _deadline(caller)
+            if deadline is not None:
+                # Ended by the clock too, not only at its next step: a stream parked in
+                # flow control takes none, and would hold its page past the expiry.
+                delay = max(0.0, (deadline - datetime.now(UTC)).total_seconds())
+                timer = asyncio.get_running_loop().call_later(
+                    delay, handle.end, _expired(why))
             yield Delivery(None, await self.cursor_of(position), opened=True)
             async for item in self._run(handle, scope, position, like, grant_like, predicate):
                 yield item
         finally:
+            if timer is not None:
+                timer.cancel()
             if handle is not None:
                 self.hub.unregister(handle)
             if key is not None:
@@ -237,11 +248,24 @@ class EventService:
         deadline, deadline_reason = _deadline(caller)
         keepalive = self.cfg.keepalive_s
         last_sent = time.monotonic()
+        # A peer's admission is checked again when the hub says so, and at least every
+        # `keepalive` seconds whether or not events flow: the fallback for a missed
+        # notification (one committed while this stream was being set up, or while LISTEN
+        # was down unnoticed). The first step checks it: the stream was set up after the
+        # call's admission, and a notification before its registration reached no one.
+        last_check = -keepalive
+
+        async def recheck_due() -> None:
+            nonlocal last_check
+            if handle.recheck or (caller.peer
+                                  and time.monotonic() - last_check >= keepalive):
+                handle.recheck = False
+                last_check = time.monotonic()
+                await self._recheck(caller)
+
         while True:
             self._check(handle, deadline, deadline_reason)
-            if handle.recheck:
-                handle.recheck = False
-                await self._recheck(caller)
+            await recheck_due()
             handle.wake.clear()  # before the read: a wake during it triggers another read
             page = await self._read(after=position, like=like, grant_like=grant_like,
                                     predicate=predicate)
@@ -250,6 +274,7 @@ class EventService:
             self.hub.head = max(self.hub.head, page.state.head)
             for event in page.events:
                 self._check(handle, deadline, deadline_reason)
+                await recheck_due()
                 yield Delivery(event, await self.cursor_of(event.sequence))
                 self.hub.delivered(handle)
                 last_sent = time.monotonic()
@@ -259,8 +284,7 @@ class EventService:
                 continue  # more to read now: a full page, or the scan window ended early
             idle = time.monotonic() - last_sent
             if idle >= keepalive:
-                if caller.peer:
-                    await self._recheck(caller)  # the fallback for a missed notification
+                await recheck_due()
                 self._check(handle, deadline, deadline_reason)
                 yield Delivery(None, await self.cursor_of(position))
                 last_sent = time.monotonic()
@@ -298,8 +322,7 @@ class EventService:
         if handle.caller.serial in self.denied_serials:
             raise PermissionDenied("the client certificate was revoked", reason="CERT_REVOKED")
         if deadline is not None and datetime.now(UTC) >= deadline:
-            what = "certificate" if why == "CERT_EXPIRED" else "grant"
-            raise PermissionDenied(f"the {what} expired", reason=why)
+            raise _expired(why)
 
     async def _recheck(self, caller: Caller) -> None:
         """A peer's admission, again: its peer state and grant must still be the same."""
@@ -322,6 +345,11 @@ class EventService:
                                    reason="GRANT_REVOKED")
         if not found.grant_live:
             raise PermissionDenied("the grant expired", reason="GRANT_EXPIRED")
+
+
+def _expired(why: str) -> PermissionDenied:
+    what = "certificate" if why == "CERT_EXPIRED" else "grant"
+    return PermissionDenied(f"the {what} expired", reason=why)
 
 
 def _deadline(caller: Caller) -> tuple[datetime | None, str]:
