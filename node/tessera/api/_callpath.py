@@ -105,6 +105,11 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         service, method = _split(details.method)
+        if handler is None and not self.identified:
+            # The enrolment listener's callers have no certificate: a method it does not
+            # serve costs them no audit row (grpcio answers UNIMPLEMENTED), so unknown
+            # methods cannot flood the log past the enrolment rate limit.
+            return None
         if handler is None:
             # grpcio would answer UNIMPLEMENTED itself, unaudited: answer it here instead.
             # A streaming handler serves any call shape; it reads no request.
