@@ -169,7 +169,7 @@ class _FollowingChannelBase(Generic[C]):
         self.close_grace_s = close_grace_s
         self.current: C = make(creds)
         self.generation = 0
-        self._callables: dict[tuple[str, str], tuple[int, Any]] = {}
+        self._callables: dict[tuple[str, str, tuple[tuple[str, Any], ...]], tuple[int, Any]] = {}
 
     @property
     def credentials(self) -> Credentials:
@@ -194,7 +194,8 @@ class _FollowingChannelBase(Generic[C]):
 
     def _callable(self, kind: str, method: str, kwargs: dict[str, Any]) -> Any:
         self._refresh()
-        key = (kind, method)
+        # The serializers are part of the key: one path may be called typed and raw.
+        key = (kind, method, tuple(sorted(kwargs.items())))
         held = self._callables.get(key)
         if held is not None and held[0] == self.generation:
             return held[1]
