@@ -35,26 +35,8 @@ PR_SET_CHILD_SUBREAPER = 36
 WRAPPER_FAILED = 126
 
 
-def group_members(pgid: int) -> list[int]:
-    """Pids in process group `pgid` (from /proc), excluding this process."""
-    me = os.getpid()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and int(fields[2]) == pgid:
-            found.append(int(entry))
-    return found
-
-
-def children_of(ppid: int) -> list[int]:
-    """Pids whose parent is `ppid` (from /proc)."""
+def _processes() -> list[tuple[int, list[str]]]:
+    """(pid, the stat fields after the command name) of every process in /proc."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -64,10 +46,20 @@ def children_of(ppid: int) -> list[int]:
                 stat = f.read().decode(errors="replace")
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 1 and int(fields[1]) == ppid:
-            found.append(int(entry))
+        found.append((int(entry), stat[stat.rfind(")") + 2:].split()))
     return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids in process group `pgid` (from /proc), excluding this process."""
+    me = os.getpid()
+    return [pid for pid, fields in _processes()
+            if pid != me and len(fields) > 2 and int(fields[2]) == pgid]
+
+
+def children_of(ppid: int) -> list[int]:
+    """Pids whose parent is `ppid` (from /proc)."""
+    return [pid for pid, fields in _processes() if len(fields) > 1 and int(fields[1]) == ppid]
 
 
 def kill_group_except_me() -> None:
