@@ -484,7 +484,7 @@ async def test_cli_invites_grants_lists_and_revokes(
     assert joined.returncode == 0, joined.stderr
     assert json.loads(joined.stdout)["name"] == "b"
     listed = json.loads(tessera_cli(b, "peers", "list").stdout)
-    assert [(p["name"], p["state"]) for p in listed["peers"]] == [("a", "PEER_STATE_ACTIVE")]
+    assert [(p["name"], p["state"]) for p in listed["peers"]] == [("a", "ACTIVE")]
     shown = json.loads(tessera_cli(b, "grants", "show", grant["name"]).stdout)
     assert shown["peer"] == "a"
     async with peering.outbound(a, "b").client() as peer:

@@ -273,8 +273,8 @@ async def test_admin_view_shows_effective_limits_and_recent_rejections(
         capture_output=True, text=True, env=node.env, timeout=60)
     assert res.returncode == 0, res.stderr
     shown = json.loads(res.stdout)
-    read = next(x for x in shown["limits"] if x["methodClass"] == "read")
-    assert int(read["recentRejections"]) == refused and read["limit"]["ratePerS"] == 2
+    read = next(x for x in shown["limits"] if x["method_class"] == "read")
+    assert int(read["recent_rejections"]) == refused and read["limit"]["rate_per_s"] == 2
 
 
 # -- Valkey failure ----------------------------------------------------------------------

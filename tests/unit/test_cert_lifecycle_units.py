@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from tessera import config
-from tessera.cli.certs import parse_duration
+from tessera.cli.ca import parse_duration
 from tessera.core.errors import ConfigError
 from tessera.core.paths import CredentialFiles
 from tessera.observability import Metrics

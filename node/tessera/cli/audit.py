@@ -8,53 +8,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from tessera.audit import parse_age, prune
-from tessera.cli._client import local_node
-from tessera.config import Config
-from tessera.core.errors import ConfigError, TesseraError
+from tessera.cli._command import Command, Env
+from tessera.cli._output import enum_name
+from tessera.core.errors import ConfigError
 from tessera.core.paths import NodePaths
 
-Load = Callable[[argparse.Namespace], Config]
-EmbeddedDsn = Callable[[NodePaths], "str | None"]
-
 _OUTCOMES = ("allowed", "denied", "rate-limited", "failed")
-
-
-def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None], load: Load,
-                 embedded_dsn: EmbeddedDsn) -> None:
-    """Add the `audit` command and its subcommands to the `tessera` parser."""
-    audit = sub.add_parser("audit", help="query, verify and prune the audit log")
-    asub = audit.add_subparsers(dest="audit_command", required=True)
-
-    p = asub.add_parser("list", help="audit records, oldest first (needs a running node)")
-    common(p)
-    p.add_argument("--address", default=None, help="host:port of the node (default: node.json)")
-    p.add_argument("--peer", default="", help="only calls of this peer")
-    p.add_argument("--grant", default="", help="only calls under this grant")
-    p.add_argument("--outcome", choices=_OUTCOMES, default=None)
-    p.add_argument("--since", default=None,
-                   help="only records at or after this: an age (1h, 7d) or an ISO 8601 time")
-    p.add_argument("--until", default=None, help="only records before this (age or ISO time)")
-    p.add_argument("--limit", type=int, default=100, help="most records to print (0: all)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=lambda a: _rpc(_list, a, load(a)))
-
-    p = asub.add_parser("verify", help="check the hash chain (needs a running node)")
-    common(p)
-    p.add_argument("--address", default=None, help="host:port of the node (default: node.json)")
-    p.set_defaults(func=lambda a: _rpc(_verify, a, load(a)))
-
-    p = asub.add_parser("prune", help="export and delete records older than an age")
-    common(p)
-    p.add_argument("--older-than", required=True, help="age, e.g. 30d, 12h, 90m")
-    p.add_argument("--export", type=Path, default=None,
-                   help="write the removed records to this new JSON-lines file first")
-    p.set_defaults(func=lambda a: _prune(a, load(a), embedded_dsn))
 
 
 def _when(text: str, flag: str) -> dt.datetime:
@@ -70,31 +32,20 @@ def _when(text: str, flag: str) -> dt.datetime:
     return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
-def _rpc(command: Callable[[argparse.Namespace, Config], int], args: argparse.Namespace,
-         cfg: Config) -> int:
-    """Run a command that calls the node; a failed call becomes one line, not a traceback."""
-    import grpc
-
-    try:
-        return command(args, cfg)
-    except grpc.RpcError as exc:
-        code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
-        details = exc.details() if hasattr(exc, "details") else ""
-        raise TesseraError(f"the node answered {code}: {details}") from None
+def _list_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peer", default="", help="only calls of this peer")
+    p.add_argument("--grant", default="", help="only calls under this grant")
+    p.add_argument("--outcome", choices=_OUTCOMES, default=None)
+    p.add_argument("--since", default=None,
+                   help="only records at or after this: an age (1h, 7d) or an ISO 8601 time")
+    p.add_argument("--until", default=None, help="only records before this (age or ISO time)")
+    p.add_argument("--limit", type=int, default=100, help="most records to print (0: all)")
 
 
-def _client(args: argparse.Namespace, cfg: Config) -> Any:
-    from tessera_client import Client
-
-    address, creds = local_node(cfg.node.data_dir)
-    return Client(args.address or address, creds, server_name="localhost")
-
-
-def _list(args: argparse.Namespace, cfg: Config) -> int:
-    from google.protobuf import json_format
-
+def _list(env: Env) -> int:
     from tessera_client.pb import admin_pb2
 
+    args, out = env.args, env.out
     req = admin_pb2.ListAuditRecordsRequest(peer=args.peer, grant=args.grant)
     if args.outcome:
         name = "DENIED_BY_POLICY" if args.outcome == "denied" else args.outcome.upper()
@@ -104,47 +55,55 @@ def _list(args: argparse.Namespace, cfg: Config) -> int:
     if args.until:
         req.end_time.FromDatetime(_when(args.until, "--until"))
     printed = 0
-    with _client(args, cfg) as c:
+    with env.node().client() as c:
         while True:
             req.page_size = 1000 if not args.limit else min(1000, args.limit - printed)
             resp = c.admin.ListAuditRecords(req)
             for r in resp.records:
-                if args.json:
-                    print(json_format.MessageToJson(r, indent=None,
-                                                    preserving_proto_field_name=True))
+                if out.json:
+                    out.data(r, compact=True)
                 else:
                     who = r.identity or "(unauthenticated)"
-                    outcome = admin_pb2.AuditOutcome.Name(r.outcome).removeprefix(
-                        "AUDIT_OUTCOME_")
-                    print(f"{r.sequence:>8} {r.time.ToJsonString()} {outcome:16} "
-                          f"{r.status_code:18} {who} {r.service}/{r.method}"
-                          + (f" kind={r.kind}" if r.kind else "")
-                          + (f" peer={r.peer}" if r.peer else "")
-                          + (f" grant={r.grant}" if r.grant else "")
-                          + (f" reason={r.reason}" if r.reason and r.status_code != "OK" else ""))
+                    outcome = enum_name(admin_pb2.AuditOutcome, r.outcome)
+                    out.line(f"{r.sequence:>8} {r.time.ToJsonString()} {outcome:16} "
+                             f"{r.status_code:18} {who} {r.service}/{r.method}"
+                             + (f" kind={r.kind}" if r.kind else "")
+                             + (f" peer={r.peer}" if r.peer else "")
+                             + (f" grant={r.grant}" if r.grant else "")
+                             + (f" reason={r.reason}"
+                                if r.reason and r.status_code != "OK" else ""))
                 printed += 1
             if not resp.next_page_token or (args.limit and printed >= args.limit):
                 return 0
             req.page_token = resp.next_page_token
 
 
-def _verify(args: argparse.Namespace, cfg: Config) -> int:
+def _verify(env: Env) -> int:
     from tessera_client.pb import admin_pb2
 
-    with _client(args, cfg) as c:
+    with env.node().client() as c:
         resp = c.admin.VerifyAudit(admin_pb2.VerifyAuditRequest())
     if resp.ok:
-        print(f"audit chain ok: {resp.checked} records verified")
+        env.out.line(f"audit chain ok: {resp.checked} records verified")
         return 0
-    print(f"audit chain BROKEN at record {resp.first_bad_sequence}: {resp.message} "
-          f"({resp.checked} records before it verified)", file=sys.stderr)
+    env.out.warn(f"audit chain BROKEN at record {resp.first_bad_sequence}: {resp.message} "
+                 f"({resp.checked} records before it verified)")
     return 1
 
 
-def _prune(args: argparse.Namespace, cfg: Config, embedded_dsn: EmbeddedDsn) -> int:
-    cutoff = dt.datetime.now(dt.UTC) - parse_age(args.older_than)
+def _prune_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--older-than", required=True, help="age, e.g. 30d, 12h, 90m")
+    p.add_argument("--export", type=Path, default=None,
+                   help="write the removed records to this new JSON-lines file first")
+
+
+def _prune(env: Env) -> int:
+    from tessera.embedded import running_postgres_dsn
+
+    cfg = env.cfg
+    cutoff = dt.datetime.now(dt.UTC) - parse_age(env.args.older_than)
     paths = NodePaths(cfg.node.data_dir)
-    dsn = cfg.store.dsn or embedded_dsn(paths)
+    dsn = cfg.store.dsn or running_postgres_dsn(paths.pgdata)
     pg = None
     if not dsn:
         from tessera.embedded import EmbeddedPostgres
@@ -152,12 +111,17 @@ def _prune(args: argparse.Namespace, cfg: Config, embedded_dsn: EmbeddedDsn) -> 
         pg = EmbeddedPostgres(paths.pgdata)
         dsn = pg.start()
     try:
-        result = prune(dsn, cutoff, args.export)
+        result = prune(dsn, cutoff, env.args.export)
     finally:
         if pg is not None:
             pg.stop()
     where = f", exported to {result.exported_to}" if result.exported_to else ""
-    print(f"pruned {result.pruned} audit records older than {cutoff.isoformat()}{where}; "
-          f"verification now starts after record {result.anchor_sequence}")
+    env.out.line(f"pruned {result.pruned} audit records older than {cutoff.isoformat()}{where}; "
+                 f"verification now starts after record {result.anchor_sequence}")
     return 0
 
+
+LIST = Command("audit records, oldest first (needs a running node)", _list, flags=_list_flags,
+               json=True, address=True, json_help="one JSON object per line")
+VERIFY = Command("check the hash chain (needs a running node)", _verify, address=True)
+PRUNE = Command("export and delete records older than an age", _prune, flags=_prune_flags)

@@ -1,14 +1,11 @@
-"""`tessera ca init` and `tessera certs enroll|status|renew|revoke`."""
+"""`tessera certs enroll|status|renew|revoke`: the node's own certificates."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime as dt
-import json
 import re
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,8 @@ import grpc
 from cryptography import x509
 
 from tessera import config
-from tessera.cli._client import local_node
+from tessera.cli._command import Command, Env
+from tessera.cli._output import Printer, enum_name, rfc3339
 from tessera.core.errors import ConfigError, FailedPrecondition, TesseraError, Unavailable
 from tessera.core.paths import NodePaths
 from tessera.pki import (
@@ -29,23 +27,7 @@ from tessera.pki import (
     read_status,
     sans_of,
 )
-from tessera_client import AsyncFollowingChannel
 from tessera_client.pb import admin_pb2, admin_pb2_grpc
-
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    """'24h', '5m', '90s', '1h30m' -> timedelta; ValueError otherwise."""
-    pos, total = 0, 0.0
-    for m in _DURATION_RE.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m[1]) * {"h": 3600, "m": 60, "s": 1}[m[2]]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"{text!r} is not a duration like 24h, 5m, 90s or 1h30m")
-    return dt.timedelta(seconds=total)
 
 
 def parse_serial(text: str, *, hex_digits: bool = False) -> int:
@@ -69,52 +51,6 @@ def parse_serial(text: str, *, hex_digits: bool = False) -> int:
     return serial
 
 
-# ------------------------------------------------------------------------ ca init
-
-
-def cmd_ca_init(args: argparse.Namespace) -> int:
-    """Write a step-ca configuration and say how to start it."""
-    from tessera.pki import init_stepca
-
-    try:
-        ttls = [parse_duration(v) for v in (args.min_ttl, args.default_ttl, args.max_ttl)]
-    except ValueError as exc:
-        raise ConfigError(f"--min-ttl/--default-ttl/--max-ttl: {exc}") from None
-    try:
-        files = init_stepca(
-            args.dir, address=args.address, provisioner_name=args.provisioner,
-            min_cert_ttl=ttls[0], default_cert_ttl=ttls[1], max_cert_ttl=ttls[2],
-            dns_names=args.dns or None, overwrite=args.force,
-        )
-    except FileExistsError:
-        raise ConfigError(f"--dir: {args.dir} already holds a step-ca configuration; "
-                          "pass --force to replace it") from None
-    except ValueError as exc:
-        raise ConfigError(f"ca init: {exc}") from None
-    print(f"wrote a step-ca configuration in {files.directory}:")
-    for label, path in (("config", files.ca_json), ("root", files.root_cert),
-                        ("intermediate", files.intermediate_cert),
-                        ("intermediate key", files.intermediate_key),
-                        ("root key", files.root_key), ("key password", files.password_file),
-                        ("provisioner key", files.provisioner_key)):
-        if path is not None:
-            print(f"  {label:17} {path}")
-    print(f"root fingerprint (SHA-256): {files.root_fingerprint}")
-    print("start it with:")
-    print(f"  step-ca --password-file {files.password_file} {files.ca_json}")
-    print("then configure the node (TOML):")
-    print("  [ca]")
-    print(f'  url = "{files.ca_url}"')
-    print(f'  root_fingerprint = "{files.root_fingerprint}"')
-    print(f'  provisioner_name = "{files.provisioner_name}"')
-    print(f'  provisioner_key_file = "{files.provisioner_key}"')
-    print("move the root key offline; the provisioner key lets its holder enrol any identity")
-    return 0
-
-
-# ------------------------------------------------------------------------- certs
-
-
 async def _issuer(cfg: config.Config) -> Issuer:
     if cfg.ca.url:
         return await make_stepca_issuer(cfg)
@@ -128,8 +64,9 @@ async def _close(issuer: Issuer) -> None:
         await issuer.aclose()
 
 
-def cmd_certs_enroll(args: argparse.Namespace, cfg: config.Config) -> int:
+def _enroll(env: Env) -> int:
     """Enrol the node (and local admin/client) with step-ca into data_dir/pki."""
+    cfg, out = env.cfg, env.out
     if not cfg.ca.url:
         raise ConfigError("ca.url: set it (and ca.root_fingerprint) to enrol with step-ca")
 
@@ -137,7 +74,7 @@ def cmd_certs_enroll(args: argparse.Namespace, cfg: config.Config) -> int:
         issuer = await make_stepca_issuer(cfg)
         try:
             files = NodePaths(cfg.node.data_dir)
-            if args.force:
+            if env.args.force:
                 for f in (files.server, files.admin, files.client):
                     f.cert.unlink(missing_ok=True)
             return await ensure_enrolled(cfg, files, issuer)
@@ -147,10 +84,10 @@ def cmd_certs_enroll(args: argparse.Namespace, cfg: config.Config) -> int:
     done = asyncio.run(run())
     pki = NodePaths(cfg.node.data_dir).pki
     if not done:
-        print(f"certificates in {pki} are valid; nothing to do (--force enrols again)")
+        out.line(f"certificates in {pki} are valid; nothing to do (--force enrols again)")
     for name in done:
         leaf = x509.load_pem_x509_certificates((pki / f"{name}.crt").read_bytes())[0]
-        print(f"enrolled {name}: serial {leaf.serial_number:x}, "
+        out.line(f"enrolled {name}: serial {leaf.serial_number:x}, "
               f"valid until {leaf.not_valid_after_utc.isoformat()}")
     return 0
 
@@ -163,28 +100,17 @@ def _describe_file(name: str, cert: Path) -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC)
     return {
         "name": name, "file": str(cert), "serial": format(leaf.serial_number, "x"),
-        "sans": list(sans_of(leaf)), "not_before": leaf.not_valid_before_utc.isoformat(),
-        "not_after": leaf.not_valid_after_utc.isoformat(),
+        "sans": list(sans_of(leaf)), "not_before": rfc3339(leaf.not_valid_before_utc),
+        "not_after": rfc3339(leaf.not_valid_after_utc),
         "seconds_left": int((leaf.not_valid_after_utc - now).total_seconds()),
     }
 
 
-def _local_admin_channel(data_dir: Path) -> AsyncFollowingChannel | None:
-    """An mTLS channel to the node running on `data_dir` as its local admin; None if down.
-
-    It follows the admin certificate's renewal like every other client channel.
-    """
-    try:
-        address, creds = local_node(data_dir)
-    except Unavailable:
-        return None
-    return AsyncFollowingChannel(address, creds, server_name="localhost")
-
-
-async def _live_status(cfg: config.Config) -> dict[str, Any] | None:
+async def _live_status(env: Env) -> dict[str, Any] | None:
     """GetCertificateStatus from the running node, with the local admin certificate."""
-    channel = _local_admin_channel(cfg.node.data_dir)
-    if channel is None:
+    try:
+        channel = env.node().channel()
+    except Unavailable:
         return None
     async with channel:
         try:
@@ -194,15 +120,16 @@ async def _live_status(cfg: config.Config) -> dict[str, Any] | None:
             return {"error": f"{exc.code().name}: {exc.details()}"}
     return {
         "serial": st.serial, "sans": list(st.sans),
-        "not_after": st.not_after.ToDatetime(dt.UTC).isoformat(),
-        "renew_time": st.renew_time.ToDatetime(dt.UTC).isoformat(),
-        "state": admin_pb2.CertificateStatus.State.Name(st.state).removeprefix("STATE_").lower(),
+        "not_after": rfc3339(st.not_after.ToDatetime(dt.UTC)),
+        "renew_time": rfc3339(st.renew_time.ToDatetime(dt.UTC)),
+        "state": enum_name(admin_pb2.CertificateStatus.State, st.state).lower(),
         "issuer": st.issuer, "last_error": st.last_error,
     }
 
 
-def cmd_certs_status(args: argparse.Namespace, cfg: config.Config) -> int:
+def _status(env: Env) -> int:
     """Show serial, SANs, expiry and renewal state; ask the running node when it is up."""
+    cfg, out = env.cfg, env.out
     files = NodePaths(cfg.node.data_dir)
     report: dict[str, Any] = {"issuer": "step-ca" if cfg.ca.url else
                               "external" if cfg.tls.cert_file else "dev-ca", "certificates": []}
@@ -211,46 +138,49 @@ def cmd_certs_status(args: argparse.Namespace, cfg: config.Config) -> int:
         renewal = read_status(f)
         if renewal is not None and "serial" in entry:
             entry["renewal"] = {"state": renewal.state.value,
-                                "renew_at": renewal.renew_at.isoformat(),
+                                "renew_at": rfc3339(renewal.renew_at),
                                 "last_error": renewal.last_error,
                                 "renewals": renewal.renewals}
         report["certificates"].append(entry)
-    report["node"] = asyncio.run(_live_status(cfg))
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"issuer: {report['issuer']}")
+    report["node"] = asyncio.run(_live_status(env))
+    out.result(report, lambda: _print_status(out, report))
+    return 0
+
+
+def _print_status(out: Printer, report: dict[str, Any]) -> None:
+    out.line(f"issuer: {report['issuer']}")
     for e in report["certificates"]:
         if "error" in e:
-            print(f"{e['name']:7} {e['file']}: {e['error']}")
+            out.line(f"{e['name']:7} {e['file']}: {e['error']}")
             continue
-        print(f"{e['name']:7} serial {e['serial']}")
-        print(f"        SANs       {', '.join(e['sans'])}")
-        print(f"        expires    {e['not_after']} (in {e['seconds_left']} s)")
+        out.line(f"{e['name']:7} serial {e['serial']}")
+        out.line(f"        SANs       {', '.join(e['sans'])}")
+        out.line(f"        expires    {e['not_after']} (in {e['seconds_left']} s)")
         r = e.get("renewal")
         if r:
-            print(f"        renewal    {r['state']}, next at {r['renew_at']}, "
+            out.line(f"        renewal    {r['state']}, next at {r['renew_at']}, "
                   f"{r['renewals']} done" + (f", last error: {r['last_error']}"
                                               if r["last_error"] else ""))
     live = report["node"]
     if live is None:
-        print("node: not running (no node.json or admin certificate)")
+        out.line("node: not running (no node.json or admin certificate)")
     elif "error" in live:
-        print(f"node: not reachable ({live['error']})")
+        out.line(f"node: not reachable ({live['error']})")
     else:
-        print(f"node: serving serial {live['serial']}, state {live['state']}, "
+        out.line(f"node: serving serial {live['serial']}, state {live['state']}, "
               f"renews at {live['renew_time']}"
               + (f", last error: {live['last_error']}" if live["last_error"] else ""))
-    return 0
 
 
-def cmd_certs_renew(args: argparse.Namespace, cfg: config.Config) -> int:
+def _renew(env: Env) -> int:
     """Renew now: through the running node (RotateCertificate), else the files directly."""
+    cfg, out = env.cfg, env.out
     paths = NodePaths(cfg.node.data_dir)
 
     async def via_node() -> str | None:
-        channel = _local_admin_channel(paths.data_dir)
-        if channel is None:
+        try:
+            channel = env.node().channel()
+        except Unavailable:
             return None
         async with channel:
             try:
@@ -276,9 +206,9 @@ def cmd_certs_renew(args: argparse.Namespace, cfg: config.Config) -> int:
 
     serial = asyncio.run(via_node())
     if serial is not None:
-        print(f"the running node now serves serial {serial}")
+        out.line(f"the running node now serves serial {serial}")
         return 0
-    print(f"renewed {paths.server.cert}: serial {asyncio.run(offline())} "
+    out.line(f"renewed {paths.server.cert}: serial {asyncio.run(offline())} "
           "(the node was not running)")
     return 0
 
@@ -298,12 +228,13 @@ def _own_serials(files: NodePaths) -> dict[str, tuple[int, tuple[int, ...], str]
     return out
 
 
-def cmd_certs_revoke(args: argparse.Namespace, cfg: config.Config) -> int:
+def _revoke(env: Env) -> int:
     """Revoke a serial at the CA and put it on this node's deny list.
 
     When the serial is one of the node's own current certificates, the running node
     re-enrols that identity at once with a new key, unless --decommission retires it.
     """
+    args, cfg, out = env.args, env.cfg, env.out
     identity = ""
     if args.cert:
         leaf = x509.load_pem_x509_certificates(Path(args.cert).read_bytes())[0]
@@ -335,15 +266,16 @@ def cmd_certs_revoke(args: argparse.Namespace, cfg: config.Config) -> int:
     # Deny first: if the CA cannot be reached the node still refuses the certificate.
     DenyList(files.deny_list).add([serial])
     # Both forms, so an operator sees which reading of an all-digit serial was taken.
-    print(f"serial {serial:x} (decimal {serial}) is on the deny list {files.deny_list}")
-    _share_revocation(cfg, serial, args.reason)
+    out.line(f"serial {serial:x} (decimal {serial}) is on the deny list {files.deny_list}")
+    _share_revocation(out, cfg, serial, args.reason)
     asyncio.run(run())
-    print(f"serial {serial:x} revoked at the CA")
-    _say_what_is_in_force(serial, identity, before, _own_serials(files), args.decommission)
+    out.line(f"serial {serial:x} revoked at the CA")
+    _say_what_is_in_force(out, serial, identity, before, _own_serials(files),
+                          args.decommission)
     return 0
 
 
-def _say_what_is_in_force(serial: int, identity: str,
+def _say_what_is_in_force(out: Printer, serial: int, identity: str,
                           before: dict[str, tuple[int, tuple[int, ...], str]],
                           after: dict[str, tuple[int, tuple[int, ...], str]],
                           decommission: bool) -> None:
@@ -357,18 +289,18 @@ def _say_what_is_in_force(serial: int, identity: str,
             continue
         if was_current and now_serial == serial:
             if decommission:
-                print(f"{name} ({uri}) is decommissioned: the node will not re-enrol it; "
+                out.line(f"{name} ({uri}) is decommissioned: the node will not re-enrol it; "
                       "`tessera certs enroll --force` enrols it again")
             else:
-                print(f"serial {serial:x} was the node's current {name} certificate: the "
+                out.line(f"serial {serial:x} was the node's current {name} certificate: the "
                       f"running node re-enrols {name} with a new key at once "
                       "(--decommission retires an identity instead)")
         else:
-            print(f"serial {serial:x} was an earlier {name} certificate; a newer one, serial "
+            out.line(f"serial {serial:x} was an earlier {name} certificate; a newer one, serial "
                   f"{now_serial:x}, is in force for {uri} and was not revoked")
 
 
-def _share_revocation(cfg: config.Config, serial: int, reason: str) -> None:
+def _share_revocation(out: Printer, cfg: config.Config, serial: int, reason: str) -> None:
     """Tell every replica sharing the database at once, and wait until each confirms.
 
     The database is store.dsn, or the embedded PostgreSQL of this data directory when the
@@ -382,7 +314,7 @@ def _share_revocation(cfg: config.Config, serial: int, reason: str) -> None:
 
     dsn = cfg.store.dsn or running_postgres_dsn(NodePaths(cfg.node.data_dir).pgdata)
     if not dsn:
-        print("no database to announce it on (store.dsn unset, no embedded node running): "
+        out.line("no database to announce it on (store.dsn unset, no embedded node running): "
               "a node started on this data directory refuses it from its start")
         return
     try:
@@ -391,58 +323,26 @@ def _share_revocation(cfg: config.Config, serial: int, reason: str) -> None:
     except (psycopg.Error, OSError) as exc:
         # Not fatal: the node using this data directory reads its deny-list file within a
         # second and pushes it to the table, and the CA revocation below still happens.
-        print(f"warning: could not record serial {serial:x} in revoked_certificates at "
-              f"{redact_dsn(dsn)} ({type(exc).__name__}); the node of this data directory "
-              "refuses it within a second, other replicas once it syncs its deny list",
-              file=sys.stderr)
+        out.warn(f"warning: could not record serial {serial:x} in revoked_certificates at "
+                 f"{redact_dsn(dsn)} ({type(exc).__name__}); the node of this data directory "
+                 "refuses it within a second, other replicas once it syncs its deny list")
         return
     if delivery.complete:
-        print(f"serial {serial:x} is refused by every replica sharing the database "
+        out.line(f"serial {serial:x} is refused by every replica sharing the database "
               f"({delivery.acknowledged} of {delivery.listeners} confirmed)")
     else:
-        print(f"warning: serial {serial:x} confirmed by {delivery.acknowledged} of "
-              f"{delivery.listeners} replicas; the others refuse it once they reload the "
-              "table (at most 30 s)", file=sys.stderr)
+        out.warn(f"warning: serial {serial:x} confirmed by {delivery.acknowledged} of "
+                 f"{delivery.listeners} replicas; the others refuse it once they reload the "
+                 "table (at most 30 s)")
 
 
-def add_parsers(
-    sub: Any,
-    common: Callable[[argparse.ArgumentParser], None],
-    load: Callable[[argparse.Namespace], config.Config],
-) -> None:
-    """Register `ca` and `certs` under the top-level subcommands."""
-    ca = sub.add_parser("ca", help="set up a step-ca for Tessera nodes")
-    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
-    p = ca_sub.add_parser("init", help="write a step-ca configuration (root, provisioner)")
-    p.add_argument("--dir", type=Path, required=True, help="directory to write into")
-    p.add_argument("--address", default="127.0.0.1:9000", help="host:port step-ca listens on")
-    p.add_argument("--provisioner", default="tessera", help="JWK provisioner name")
-    p.add_argument("--default-ttl", default="24h", help="default certificate lifetime")
-    p.add_argument("--min-ttl", default="5m", help="shortest lifetime a node may request")
-    p.add_argument("--max-ttl", default="24h", help="longest lifetime a node may request")
-    p.add_argument("--dns", action="append", help="a name clients use for the CA (repeat)")
-    p.add_argument("--force", action="store_true", help="replace an existing configuration")
-    p.set_defaults(func=cmd_ca_init)
 
-    certs = sub.add_parser("certs", help="the node's certificates: enroll, status, renew, revoke")
-    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
 
-    def with_cfg(fn: Callable[[argparse.Namespace, config.Config], int]) -> Any:
-        return lambda args: fn(args, load(args))
-
-    p = certs_sub.add_parser("enroll", help="enrol with step-ca (ca.url) into data_dir/pki")
-    common(p)
+def _enroll_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="enrol even if the files are valid")
-    p.set_defaults(func=with_cfg(cmd_certs_enroll))
-    p = certs_sub.add_parser("status", help="serial, SANs, expiry and renewal state")
-    common(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=with_cfg(cmd_certs_status))
-    p = certs_sub.add_parser("renew", help="renew the node certificate now")
-    common(p)
-    p.set_defaults(func=with_cfg(cmd_certs_renew))
-    p = certs_sub.add_parser("revoke", help="revoke a certificate and deny it on this node")
-    common(p)
+
+
+def _revoke_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("serial", nargs="?",
                    help="serial: hex as `certs status` shows it (0x prefix, a-f or colons "
                         "mark hex), otherwise decimal; --hex for all-digit hex")
@@ -453,4 +353,9 @@ def add_parsers(
     p.add_argument("--decommission", action="store_true",
                    help="retire the identity: the node does not re-enrol a revoked "
                         "certificate of its own")
-    p.set_defaults(func=with_cfg(cmd_certs_revoke))
+
+
+ENROLL = Command("enrol with step-ca (ca.url) into data_dir/pki", _enroll, flags=_enroll_flags)
+STATUS = Command("serial, SANs, expiry and renewal state", _status, json=True)
+RENEW = Command("renew the node certificate now", _renew)
+REVOKE = Command("revoke a certificate and deny it on this node", _revoke, flags=_revoke_flags)

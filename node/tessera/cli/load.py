@@ -16,14 +16,16 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import grpc
 
-from tessera_client import AsyncClient, Credentials
+from tessera.cli._client import LocalNode, NoNode, local_node
+from tessera.cli._command import Command, Env
+from tessera.core.errors import Unavailable
 from tessera_client.pb import command_pb2, resources_pb2
 
 _FIELDS = {"workspace", "kind", "id", "title", "body", "attributes", "embedding", "owner", "team"}
@@ -107,15 +109,14 @@ class _Progress:
 
 async def load_file(
     path: Path,
-    address: str,
-    creds: Credentials,
+    node: LocalNode,
     *,
     concurrency: int = 16,
     batch_size: int = 500,
     restart: bool = False,
     progress: TextIO = sys.stderr,
 ) -> LoadReport:
-    """Load `path` into the node at `address`; resumes from the checkpoint unless `restart`."""
+    """Load `path` into `node`; resumes from the checkpoint unless `restart`."""
     checkpoint = path.with_name(path.name + ".tessera-load.json")
     start = 0
     if checkpoint.exists() and not restart:
@@ -129,7 +130,7 @@ async def load_file(
         )
     bar = _Progress(total, progress)
     started = time.monotonic()
-    async with AsyncClient(address, creds) as client:
+    async with node.async_client() as client:
         batch: list[tuple[int, str]] = []
 
         async def send(number: int, text: str, sem: asyncio.Semaphore) -> None:
@@ -185,45 +186,8 @@ def summary(report: LoadReport) -> str:
     return "\n".join(lines)
 
 
-
-def cmd_load(args: argparse.Namespace, data_dir: Path) -> int:
-    """The `tessera load` command."""
-    from tessera.cli._client import node_state
-    from tessera.core.errors import Unavailable
-
-    state: dict[str, str] = {}
-    if (data_dir / "node.json").exists():
-        try:
-            state = node_state(data_dir)
-        except Unavailable as exc:  # stale: name it rather than dial a dead port
-            print(f"tessera load: {exc.message}", file=sys.stderr)
-            return 2
-    address = args.address or state.get("address")
-    ca = args.ca or state.get("ca")
-    cert = args.cert or state.get("client_cert")
-    key = args.key or state.get("client_key")
-    if not (address and ca and cert and key):
-        print(f"tessera load: no running node found in {data_dir} (node.json); "
-              "give --address, --ca, --cert and --key", file=sys.stderr)
-        return 2
-    if not args.file.is_file():
-        print(f"tessera load: {args.file} does not exist", file=sys.stderr)
-        return 2
-    report = asyncio.run(load_file(
-        args.file, address, Credentials.from_files(ca, cert, key),
-        concurrency=args.concurrency, batch_size=args.batch_size, restart=args.restart,
-    ))
-    print(summary(report))
-    return 1 if report.bad else 0
-
-
-def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None],
-               data_dir_of: Callable[[argparse.Namespace], Path]) -> None:
-    """Register `tessera load`."""
-    p = sub.add_parser("load", help="import resources from a JSONL file into a running node")
-    common(p)
+def _load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, help="JSONL file, one resource per line")
-    p.add_argument("--address", help="node host:port (default: from the data dir's node.json)")
     p.add_argument("--ca", help="trusted roots PEM (default: the node's)")
     p.add_argument("--cert", help="client certificate PEM (default: the local client's)")
     p.add_argument("--key", help="client key PEM")
@@ -231,4 +195,31 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None],
     p.add_argument("--batch-size", type=int, default=500,
                    help="lines per checkpoint (default 500)")
     p.add_argument("--restart", action="store_true", help="ignore the checkpoint, start over")
-    p.set_defaults(func=lambda args: cmd_load(args, data_dir_of(args)))
+
+
+def _load(env: Env) -> int:
+    """The `tessera load` command."""
+    args, out = env.args, env.out
+    try:
+        node = local_node(env.data_dir, "client", address=args.node_address, ca=args.ca,
+                          cert=args.cert, key=args.key)
+    except NoNode:
+        out.warn(f"tessera load: no running node found in {env.data_dir} (node.json); "
+                 "give --address, --ca, --cert and --key")
+        return 2
+    except Unavailable as exc:  # stale: name it rather than dial a dead port
+        out.warn(f"tessera load: {exc.message}")
+        return 2
+    if not args.file.is_file():
+        out.warn(f"tessera load: {args.file} does not exist")
+        return 2
+    report = asyncio.run(load_file(
+        args.file, node, concurrency=args.concurrency, batch_size=args.batch_size,
+        restart=args.restart,
+    ))
+    out.line(summary(report))
+    return 1 if report.bad else 0
+
+
+LOAD = Command("import resources from a JSONL file into a running node", _load,
+               flags=_load_flags, address=True)

@@ -1,0 +1,99 @@
+"""`tessera grants create|list|show|revoke`: what a peer may read, call and follow.
+
+Every command calls the running node's AdminService with the local admin certificate;
+output is JSON, for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime, timedelta
+
+from tessera.cli._command import Command, Env
+from tessera_client.pb import admin_pb2
+
+
+def _split(text: str | None) -> list[str]:
+    return [v.strip() for v in (text or "").split(",") if v.strip()]
+
+
+def _grant_from_args(a: argparse.Namespace) -> admin_pb2.Grant:
+    g = admin_pb2.Grant(
+        peer=a.peer, kinds=_split(a.kinds), excluded_kinds=_split(a.exclude_kinds),
+        workspaces=_split(a.workspaces), teams=_split(a.teams), subject_user=a.subject_user,
+        include_personal=a.include_personal, row_cap=a.row_cap,
+        command_types=_split(a.commands), event_types=_split(a.events),
+    )
+    if a.rate or a.burst:
+        g.rate_limit.rate_per_s = a.rate
+        g.rate_limit.burst = a.burst
+    if a.row_budget:
+        g.row_budget = a.row_budget
+    if a.row_budget_window_s:
+        g.row_budget_window.seconds = a.row_budget_window_s
+    if a.expires_in_s:
+        g.expire_time.FromDatetime(datetime.now(UTC) + timedelta(seconds=a.expires_in_s))
+    return g
+
+
+def _create_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peer", required=True)
+    p.add_argument("--kinds", required=True, help="comma-separated kinds")
+    p.add_argument("--exclude-kinds", default="")
+    p.add_argument("--workspaces", default="", help="comma-separated, '*' for all")
+    p.add_argument("--teams", default="")
+    p.add_argument("--subject-user", default="")
+    p.add_argument("--include-personal", action="store_true")
+    p.add_argument("--row-cap", type=int, default=0, help="most rows per page")
+    p.add_argument("--row-budget", type=int, default=0,
+                   help="most rows the peer may read per --row-budget-window-s, on every "
+                        "replica together (0: no budget)")
+    p.add_argument("--row-budget-window-s", type=int, default=0,
+                   help="rolling window of --row-budget in seconds (default 3600)")
+    p.add_argument("--commands", default="", help="e.g. resource.put,resource.delete")
+    p.add_argument("--events", default="", help="event type patterns, e.g. task.*")
+    p.add_argument("--rate", type=float, default=0.0, help="calls per second")
+    p.add_argument("--burst", type=int, default=0)
+    p.add_argument("--expires-in-s", type=int, default=0)
+
+
+def _create(env: Env) -> int:
+    with env.node().client() as c:
+        env.out.data(c.admin.CreateGrant(
+            admin_pb2.CreateGrantRequest(grant=_grant_from_args(env.args))))
+    return 0
+
+
+def _list_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peer", default="")
+    p.add_argument("--include-revoked", action="store_true")
+
+
+def _list(env: Env) -> int:
+    with env.node().client() as c:
+        env.out.data(c.admin.ListGrants(admin_pb2.ListGrantsRequest(
+            peer=env.args.peer, include_revoked=env.args.include_revoked)))
+    return 0
+
+
+def _name_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="grants/<uuid>")
+
+
+def _show(env: Env) -> int:
+    with env.node().client() as c:
+        env.out.data(c.admin.GetGrant(admin_pb2.GetGrantRequest(name=env.args.name)))
+    return 0
+
+
+def _revoke(env: Env) -> int:
+    with env.node().client() as c:
+        env.out.data(c.admin.RevokeGrant(admin_pb2.RevokeGrantRequest(name=env.args.name)))
+    return 0
+
+
+CREATE = Command("grant a peer access (default deny for the rest)", _create, flags=_create_flags)
+LIST = Command("list grants", _list, flags=_list_flags)
+SHOW = Command("show one grant", _show, flags=_name_flag)
+REVOKE = Command("revoke a grant (effective on the peer's next call)", _revoke,
+                 flags=_name_flag)

@@ -1,0 +1,70 @@
+"""`tessera serve` and `tessera migrate`: run the node, or only bring its schema up to date."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from tessera.cli._command import Command, Env
+from tessera.core.paths import NodePaths
+from tessera.observability import configure_logging
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", default=None, help="host:port to listen on (0 picks a port)")
+    p.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help="text (default) or json: one object per line (also TESSERA_LOG_FORMAT)")
+
+
+def _serve(env: Env) -> int:
+    from tessera.app import serve
+
+    cfg = env.cfg
+    # [log] may come from the file or the environment, so logging is set up again here.
+    configure_logging(cfg.log.format, env.args.log_level, access=cfg.log.access)
+    return asyncio.run(serve(cfg, log_level=env.args.log_level))
+
+
+def _migrate(env: Env) -> int:
+    from tessera import store
+    from tessera.app import DataDirLock, prepare_data_dir
+    from tessera.embedded import EmbeddedPostgres
+
+    cfg = env.cfg
+
+    async def run() -> int:
+        paths = NodePaths(cfg.node.data_dir)
+        pg = None
+        lock: DataDirLock | None = None
+        dsn = cfg.store.dsn
+        if not dsn:
+            # The embedded PostgreSQL belongs to whoever holds the data directory.
+            prepare_data_dir(paths)
+            lock = DataDirLock(paths.lock_file)
+            lock.acquire()
+            pg = EmbeddedPostgres(paths.pgdata)
+            try:
+                dsn = pg.start()
+            except BaseException:
+                lock.release()
+                raise
+        try:
+            pool = await store.open_pool(cfg.store, dsn)
+            try:
+                return await store.migrate(pool, cfg.store)
+            finally:
+                await pool.close()
+        finally:
+            if pg is not None:
+                await asyncio.to_thread(pg.stop)
+            if lock is not None:
+                lock.release()
+
+    version = asyncio.run(run())
+    env.out.line(f"schema at version {version}")
+    return 0
+
+
+SERVE = Command("run the node (embedded tier when nothing is configured)", _serve,
+                flags=_serve_flags)
+MIGRATE = Command("apply database migrations and exit", _migrate)
