@@ -30,7 +30,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from tessera.commands import kill_leftovers
-from tessera.commands.agent_wrapper import group_members
+from tessera.commands.agent_wrapper import children_of, group_members
 from tessera_client.pb import admin_pb2, command_pb2, resources_pb2
 from tests.fixtures.nodes import TEST_DIMENSION, NodeProcess
 from tests.fixtures.pg import new_database
@@ -40,6 +40,8 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 PROBE = REPO / "examples" / "agents" / "probe.sh"
 AGENT_USER = "tessera-agent"
+#: The default agents.uid_range: the fixture's nodes leave it as it comes.
+AGENT_UIDS = range(1_900_000_000, 1_900_065_536)
 DEADLINE_S = 60.0
 FAST = {
     "TESSERA_OPERATIONS_LEASE_TTL_S": "2",
@@ -88,7 +90,7 @@ def agent_node(agent_user: pwd.struct_passwd, pg_server: str,
     nodes: list[NodeProcess] = []
 
     def make(*, max_per_grant: int = 1, dsn: str | None = None, extra: str = "",
-             start: bool = True) -> NodeProcess:
+             start: bool = True, shared_user: bool = False) -> NodeProcess:
         data = base / f"data-{len(nodes)}"
         config = base / f"tessera-{len(nodes)}.toml"
         fixed = _toml(["--try-read", str(data / "pki" / "node.key"), "--try-read", str(control),
@@ -98,7 +100,11 @@ def agent_node(agent_user: pwd.struct_passwd, pg_server: str,
                   f"schema = {_schema()}\n"
                   f"env = [\"LANG\"]\ncwd = {_toml(str(work))}\n")
         config.write_text(
-            f"[agents]\nuser = {_toml(AGENT_USER)}\nkill_grace_s = 2\n\n"
+            # By default one uid per run (agents.uid_range as it comes); shared_user
+            # runs every agent as the one account, the configuration before uid ranges.
+            "[agents]\n" + (f"uid_range = \"\"\nuser = {_toml(AGENT_USER)}\n" if shared_user
+                            else "") + "kill_grace_s = 2\n\n"
+            
             f"[agents.probe]\n{common}"
             f"args = {fixed}\n"
             f"time_limit_s = 120\noutput_limit_bytes = 100000\n"
@@ -153,16 +159,25 @@ def output_of(node: NodeProcess, name: str) -> str:
     return "".join(r[0] or "" for r in rows)
 
 
-def agent_processes(uid: int) -> list[int]:
-    """Pids running as the agent user."""
+def uids_of(pid: int) -> set[int]:
+    """Every uid (real, effective, saved, filesystem) of a process; empty when gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return set()
+    line = next(ln for ln in text.splitlines() if ln.startswith("Uid:"))
+    return {int(v) for v in line.split()[1:]}
+
+
+def agent_processes() -> list[int]:
+    """Pids running as an agent: a uid of the default range or the shared account."""
+    shared = pwd.getpwnam(AGENT_USER).pw_uid
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    found.append(int(entry))
-            except OSError:
-                pass
+            uids = uids_of(int(entry))
+            if shared in uids or any(u in AGENT_UIDS for u in uids):
+                found.append(int(entry))
     return found
 
 
@@ -241,7 +256,7 @@ async def test_only_allow_listed_agents_and_schema_values_are_accepted_and_nothi
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert sql(node, "SELECT count(*) FROM operations")[0][0] == 0
     assert not list((node.data_dir / "agents").glob("*.json"))
-    assert agent_processes(agent_user.pw_uid) == []
+    assert agent_processes() == []
 
 
 def test_a_wrong_allow_list_entry_stops_the_start_with_one_line_naming_it(
@@ -272,7 +287,10 @@ async def test_an_agent_runs_as_the_agent_user_without_the_nodes_keys_or_environ
     assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
     out = output_of(node, op.name)
     assert "hello tessera" in out
-    assert f"uid={agent_user.pw_uid} gid={agent_user.pw_gid} groups={agent_user.pw_gid}\n" in out
+    ids = next(ln for ln in out.splitlines() if ln.startswith("uid="))
+    uid = int(ids.split()[0].removeprefix("uid="))
+    # A uid of its own from the range, no account, its gid the same, no other group.
+    assert uid in AGENT_UIDS and ids == f"uid={uid} gid={uid} groups={uid}", ids
     assert f"read {key_file}: denied" in out
     assert "control.txt: allowed" in out  # the path was reachable; the data dir said no
     assert "signal parent: denied" in out  # the wrapper that cleans up is out of its reach
@@ -345,7 +363,7 @@ async def test_cancel_kills_the_whole_group_and_the_grant_cap_refuses_a_second_r
     final = await done_op(node, op.name)
     assert final.state == command_pb2.OPERATION_STATE_CANCELLED, final
     await gone(pgid, "the agent's group to be gone")
-    assert agent_processes(agent_user.pw_uid) == []
+    assert agent_processes() == []
     methods = [r[0] for r in sql(node, "SELECT method FROM audit_log WHERE service ="
                                        " 'tessera.agents' ORDER BY sequence")]
     assert methods == ["spawn", "kill", "end"]
@@ -369,7 +387,7 @@ async def test_a_killed_node_leaves_no_agent_and_its_run_ends_after_restart(
     final = await done_op(node, op.name)
     assert final.state == command_pb2.OPERATION_STATE_FAILED, final
     assert final.error.code == grpc.StatusCode.ABORTED.value[0]
-    assert agent_processes(agent_user.pw_uid) == []
+    assert agent_processes() == []
     assert not list((node.data_dir / "agents").glob("*.json"))
 
 
@@ -383,7 +401,7 @@ async def test_a_run_beyond_its_time_limit_is_killed_and_fails(
     assert final.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert "time limit" in final.error.message
     assert "waiting 300 s" in output_of(node, op.name)
-    assert agent_processes(agent_user.pw_uid) == []
+    assert agent_processes() == []
 
 
 async def test_a_process_that_leaves_the_group_is_still_killed(
@@ -394,7 +412,7 @@ async def test_a_process_that_leaves_the_group_is_still_killed(
     final = await done_op(node, op.name)
     assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
     # setsid -f put sleep in a new session; the wrapper (a subreaper) killed it anyway.
-    assert agent_processes(agent_user.pw_uid) == []
+    assert agent_processes() == []
 
 
 def test_a_restarted_node_kills_a_recorded_group_that_still_matches(tmp_path: Path) -> None:
@@ -475,7 +493,7 @@ async def test_a_peer_spawns_only_with_a_grant_that_lists_it_and_is_capped_per_g
                      " ORDER BY sequence")
     assert rows == [("spawn", grant_names[0][0]), ("kill", grant_names[0][0]),
                     ("end", grant_names[0][0])]
-    assert agent_processes(agent_user.pw_uid) == []
+    assert agent_processes() == []
 
 
 # -- review: caller values and agent output that the store or exec cannot take ----------
@@ -503,7 +521,7 @@ async def test_a_value_too_long_for_the_command_line_is_refused_as_invalid_argum
     final = await done_op(node, op.name)
     assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
     assert "b" * 20_000 in output_of(node, op.name)
-    assert agent_processes(agent_user.pw_uid) == []
+    assert agent_processes() == []
 
 
 async def test_a_nul_byte_in_agent_output_loses_no_output(
@@ -541,7 +559,7 @@ async def test_revoking_a_peers_grant_kills_its_running_agent(
     final = await until(ended, "the revoked peer's run to end")
     assert final == ("FAILED", grpc.StatusCode.PERMISSION_DENIED.value[0],
                      "AGENT_GRANT_REVOKED"), final
-    assert agent_processes(agent_user.pw_uid) == []
+    assert agent_processes() == []
 
 
 async def test_the_grant_cap_holds_across_two_node_processes_sharing_a_store(
@@ -585,7 +603,7 @@ async def test_the_grant_cap_holds_across_two_node_processes_sharing_a_store(
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await c.command.CancelOperation(
                             command_pb2.CancelOperationRequest(name=name))
-        await until(lambda: _async(not agent_processes(agent_user.pw_uid) or None),
+        await until(lambda: _async(not agent_processes() or None),
                     "every agent to be gone")
 
 
@@ -615,7 +633,7 @@ async def test_nan_and_infinity_are_refused_for_a_number_param(
     final = await done_op(node, op.name)
     assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
     assert "-- 2.5" in output_of(node, op.name)
-    assert agent_processes(agent_user.pw_uid) == []
+    assert agent_processes() == []
 
 
 async def test_a_trailing_newline_does_not_pass_an_anchored_pattern(
@@ -628,7 +646,7 @@ async def test_a_trailing_newline_does_not_pass_an_anchored_pattern(
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, repr(bad)
             assert "plugin.args.args.name" in bad_request_fields(err.value)
     assert sql(node, "SELECT count(*) FROM operations")[0][0] == 0
-    assert agent_processes(agent_user.pw_uid) == []
+    assert agent_processes() == []
 
 
 def test_a_schema_type_list_stops_the_start_with_one_line_naming_it(
@@ -656,8 +674,53 @@ async def test_a_graceful_stop_leaves_no_process_that_left_the_group(
     pgid = await recorded_group(node, op.name)
     await until(lambda: _async("left" in output_of(node, op.name) or None),
                 "the agent to start a process in its own session")
-    outside = [p for p in agent_processes(agent_user.pw_uid) if os.getpgid(p) != pgid]
+    outside = [p for p in agent_processes() if os.getpgid(p) != pgid]
     assert outside, "no agent process outside the group"
     node.stop()  # SIGTERM: the node ends its runs on the way out
-    await until(lambda: _async(not agent_processes(agent_user.pw_uid) or None),
+    await until(lambda: _async(not agent_processes() or None),
                 "every agent process, also the one in its own session, to be gone")
+
+
+# -- one uid per run: runs of different callers cannot touch each other -------------------
+
+_SIGNAL_AGENT = (
+    '\n[agents.signal]\nexecutable = "/bin/sh"\nparams = ["pid"]\n'
+    'schema = { type = "object", properties = { pid = { type = "integer", minimum = 2 } } }\n'
+    # sh -c SCRIPT -- PID: $0 is "--", $1 the pid another caller's agent runs as.
+    'args = ["-c", "echo uid=$(id -u); if kill -TERM \\"$1\\"; then echo signal: sent;'
+    ' else echo signal: refused; fi; if cat /proc/$1/environ >/dev/null; then'
+    ' echo environ: read; else echo environ: denied; fi"]\n'
+    'cwd = "/"\n')
+
+
+def agent_of_group(pgid: int) -> int:
+    """The agent process of a run: the wrapper's (the group leader's) child."""
+    (pid,) = children_of(pgid)
+    return pid
+
+
+async def test_one_callers_agent_cannot_signal_or_read_another_callers_agent(
+        agent_node: Callable[..., NodeProcess], peering: Any) -> None:
+    node = agent_node(extra=_SIGNAL_AGENT)
+    alpha = await peering.link(node, "alpha", kinds=["task"], workspaces=["*"],
+                               command_types=["agent.spawn"])
+    victim_op = await alpha.command.Execute(spawn("victim-1", "probe", name="b", seconds=300))
+    pgid = await recorded_group(node, victim_op.name)
+    victim = agent_of_group(pgid)
+    (victim_uid,) = uids_of(victim)
+    async with node.client() as c:
+        op = await c.command.Execute(spawn("attack-1", "signal", pid=victim))
+    final = await done_op(node, op.name)
+    assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
+    out = output_of(node, op.name)
+    attacker_uid = int(out.split("uid=", 1)[1].split()[0])
+    assert "Operation not permitted" in out and "signal: refused" in out, out
+    assert "environ: denied" in out, out
+    # Both ran as distinct uids of the range, neither root nor the node's.
+    assert victim_uid in AGENT_UIDS and attacker_uid in AGENT_UIDS
+    assert victim_uid != attacker_uid
+    # The victim lives on, as itself; its caller ends it.
+    assert uids_of(victim) == {victim_uid}
+    await alpha.command.CancelOperation(command_pb2.CancelOperationRequest(name=victim_op.name))
+    await gone(pgid, "the victim's group to be gone after its caller cancelled it")
+    assert agent_processes() == []

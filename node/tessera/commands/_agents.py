@@ -20,11 +20,14 @@ import asyncio
 import codecs
 import contextlib
 import datetime as dt
+import fcntl
+import grp
 import json
 import logging
 import os
 import pwd
 import re
+import secrets
 import signal
 import stat
 import sys
@@ -114,11 +117,33 @@ def _text(value: Any) -> str:
 
 @dataclass(frozen=True)
 class AgentUser:
-    """The account agents run as."""
+    """The account one run executes as."""
 
     name: str
     uid: int
     gid: int
+
+
+#: Ids an agent never gets: root, nobody / nogroup, and the "no id" values of 16 bits.
+_NEVER_IDS = frozenset({0, 65534, 65535})
+#: Ids above this confuse tools that read them as signed 32-bit numbers.
+_MAX_ID = 2**31 - 2
+
+
+@dataclass(frozen=True)
+class UidRange:
+    """`agents.uid_range`: each run gets a uid (and the same gid) of its own from here."""
+
+    low: int
+    high: int
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, int) and self.low <= uid <= self.high
+
+    @property
+    def size(self) -> int:
+        """How many ids the range holds."""
+        return self.high - self.low + 1
 
 
 def _entry_error(name: str, message: str) -> ConfigError:
@@ -236,11 +261,42 @@ def _closed_schema(name: str, schema: dict[str, Any], params: list[str]) -> dict
     return {**schema, "additionalProperties": False}
 
 
+def _need_root(setting: str) -> None:
+    if os.geteuid() != 0:
+        raise ConfigError(f"{setting}: switching agents to another uid needs a node started "
+                          "as root (it drops privileges only in the agent's wrapper)")
+
+
+def parse_uid_range(text: str) -> UidRange:
+    """`agents.uid_range` as LOW-HIGH; ConfigError unless it is a usable range."""
+    low_text, sep, high_text = text.strip().partition("-")
+    if not sep or not low_text.strip().isdigit() or not high_text.strip().isdigit():
+        raise ConfigError(f"agents.uid_range: {text!r} is not LOW-HIGH (e.g. "
+                          "1900000000-1900065535)")
+    rng = UidRange(int(low_text), int(high_text))
+    if rng.low > rng.high or rng.high > _MAX_ID:
+        raise ConfigError(f"agents.uid_range: {text!r} must have LOW <= HIGH <= {_MAX_ID}")
+    bad = sorted(i for i in (*_NEVER_IDS, os.geteuid(), os.getegid()) if i in rng)
+    if bad:
+        raise ConfigError(f"agents.uid_range: {text!r} holds {bad[0]} (root, nobody or the "
+                          "node's own id); use ids no account has, e.g. 1900000000-1900065535")
+    return rng
+
+
+def agent_identity(cfg: AgentsConfig) -> UidRange | AgentUser:
+    """A uid range (one uid per run) or, with `uid_range` empty, the one shared account."""
+    if cfg.uid_range.strip():
+        rng = parse_uid_range(cfg.uid_range)
+        _need_root("agents.uid_range")
+        return rng
+    return agent_user(cfg)
+
+
 def agent_user(cfg: AgentsConfig) -> AgentUser:
     """The configured agent account; ConfigError if missing, root, or the node's own."""
     if not cfg.user:
-        raise ConfigError("agents.user: agents are listed but no user to run them as; set "
-                          "agents.user to an unprivileged account")
+        raise ConfigError("agents.user: agents.uid_range is empty and no user is set to run "
+                          "agents as; set agents.uid_range (one uid per run) or agents.user")
     try:
         pw = pwd.getpwnam(cfg.user)
     except KeyError:
@@ -252,21 +308,94 @@ def agent_user(cfg: AgentsConfig) -> AgentUser:
     if pw.pw_uid == os.geteuid():
         raise ConfigError(f"agents.user: {cfg.user} is the node's own account, which can "
                           "read its keys; use a separate unprivileged account")
-    if os.geteuid() != 0:
-        raise ConfigError("agents.user: switching to the agent account needs a node started "
-                          "as root (it drops to agents.user only in the agent's wrapper)")
+    _need_root("agents.user")
     return AgentUser(cfg.user, pw.pw_uid, pw.pw_gid)
 
 
-def check_data_dir_closed(data_dir: Path, user: AgentUser) -> None:
-    """ConfigError unless the agent user can neither read nor enter the data directory."""
+def check_data_dir_closed(data_dir: Path, who: UidRange | AgentUser) -> None:
+    """ConfigError unless no agent uid or gid can read or enter the data directory."""
     st = data_dir.stat()
-    readable = st.st_uid == user.uid or st.st_mode & stat.S_IRWXO \
-        or (st.st_gid == user.gid and st.st_mode & stat.S_IRWXG)
+    if isinstance(who, UidRange):
+        name = f"the uids of agents.uid_range {who.low}-{who.high}"
+        readable = st.st_uid in who or bool(st.st_mode & stat.S_IRWXO) \
+            or (st.st_gid in who and bool(st.st_mode & stat.S_IRWXG))
+    else:
+        name = who.name
+        readable = st.st_uid == who.uid or bool(st.st_mode & stat.S_IRWXO) \
+            or (st.st_gid == who.gid and bool(st.st_mode & stat.S_IRWXG))
     if readable:
-        raise ConfigError(f"agents.user: the data directory {data_dir} is open to "
-                          f"{user.name} (mode {stat.S_IMODE(st.st_mode):o}); make it 0700 "
-                          "and owned by the node's account")
+        raise ConfigError(f"agents: the data directory {data_dir} is open to {name} "
+                          f"(mode {stat.S_IMODE(st.st_mode):o}); make it 0700 and owned by "
+                          "the node's account")
+
+
+def ids_in_use() -> set[int]:
+    """Every uid and gid (real, effective, saved, filesystem) of a live process."""
+    found: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/status").read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith(("Uid:", "Gid:")):
+                found.update(int(v) for v in line.split()[1:])
+    return found
+
+
+def _has_entry(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        try:
+            grp.getgrgid(uid)
+        except KeyError:
+            return False
+    return True
+
+
+class UidClaims:
+    """Hands out one uid per run from a range, across the node's serving processes.
+
+    A uid is free when no passwd or group entry names it, no live process has it (as any
+    of its ids) and no other run holds its claim: an flock on `<runs>/uids/<uid>`, which
+    the kernel drops when the holder dies. Search starts at a random place in the range,
+    so a uid (and any file a run left behind) is seldom reused soon.
+    """
+
+    #: Uids tried per run before giving up with RESOURCE_EXHAUSTED.
+    ATTEMPTS = 256
+
+    def __init__(self, rng: UidRange, directory: Path) -> None:
+        self.range = rng
+        self.directory = directory
+        directory.mkdir(mode=0o700, exist_ok=True)
+
+    def claim(self) -> tuple[AgentUser, int]:
+        """A free uid and the descriptor holding its claim (close it to release)."""
+        busy = ids_in_use()
+        start = secrets.randbelow(self.range.size)
+        for step in range(min(self.ATTEMPTS, self.range.size)):
+            uid = self.range.low + (start + step) % self.range.size
+            if uid in busy or _has_entry(uid):
+                continue
+            fd = os.open(self.directory / str(uid), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC,
+                         0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            if uid in ids_in_use():
+                # A run of a sibling that ended a moment ago left a process behind.
+                os.close(fd)
+                continue
+            return AgentUser(f"uid {uid}", uid, uid), fd
+        raise CommandError("no free uid in agents.uid_range for another agent run; widen "
+                           "the range or wait for a run to end",
+                           code=code_pb2.RESOURCE_EXHAUSTED, reason="AGENT_NO_UID")
 
 
 # -- process groups -------------------------------------------------------------------
@@ -317,20 +446,24 @@ class _Live:
     caller: str
     grant: str
     record: Path
+    user: AgentUser
+    #: The flock holding this run's uid (UidClaims), -1 with the one shared account.
+    claim_fd: int = -1
     killed_by: str = ""
 
 
 class Agents:
     """The agent handler: admission, spawn, streaming, kill, restart cleanup."""
 
-    def __init__(self, cfg: AgentsConfig, specs: Mapping[str, AgentSpec], user: AgentUser,
-                 *, runs_dir: Path, operations: OperationStore,
+    def __init__(self, cfg: AgentsConfig, specs: Mapping[str, AgentSpec],
+                 ids: UidRange | AgentUser, *, runs_dir: Path, operations: OperationStore,
                  auditor: AuditWriter | None, grants: GrantStore | None = None) -> None:
         self.cfg = cfg
         self.grants = grants
         self.specs = dict(specs)
-        self.user = user
+        self.ids = ids
         self.runs_dir = runs_dir
+        self.claims = UidClaims(ids, runs_dir / "uids") if isinstance(ids, UidRange) else None
         self.ops = operations
         self.auditor = auditor
         self._live: dict[str, _Live] = {}
@@ -344,11 +477,11 @@ class Agents:
         if not cfg.allow:
             return None
         specs = parse_agents(cfg, data_dir)
-        user = agent_user(cfg)
-        check_data_dir_closed(data_dir, user)
+        ids = agent_identity(cfg)
+        check_data_dir_closed(data_dir, ids)
         runs = data_dir / "agents"
         runs.mkdir(mode=0o700, exist_ok=True)
-        return cls(cfg, specs, user, runs_dir=runs, operations=operations, auditor=auditor,
+        return cls(cfg, specs, ids, runs_dir=runs, operations=operations, auditor=auditor,
                    grants=grants)
 
     def handler(self) -> CommandHandler:
@@ -453,8 +586,13 @@ class Agents:
     async def _spawn(self, ctx: CommandContext, spec: AgentSpec, values: Mapping[str, Any],
                      grant: str) -> _Live:
         """Start the wrapper; record and register the run before anything else awaits."""
+        if self.claims is None:
+            assert isinstance(self.ids, AgentUser)
+            user, claim_fd = self.ids, -1
+        else:
+            user, claim_fd = self.claims.claim()
         wrapper_spec = {
-            "argv": spec.argv(values), "uid": self.user.uid, "gid": self.user.gid,
+            "argv": spec.argv(values), "uid": user.uid, "gid": user.gid,
             "parent": os.getpid(),
             "limits": {"cpu": max(1, int(spec.time_limit_s) + 1),
                        "as": spec.memory_mb << 20, "nofile": spec.open_files,
@@ -468,17 +606,19 @@ class Agents:
                 env=self._env(spec), cwd=spec.cwd)
         except OSError as exc:
             # Out of fds or processes, or the cwd went away: the node's state, not a bug.
+            if claim_fd >= 0:
+                os.close(claim_fd)
             raise CommandError(f"agent {spec.name} could not be started: {exc.strerror}",
                                code=code_pb2.UNAVAILABLE, reason="AGENT_START_FAILED") from None
         started = start_ticks(proc.pid) or 0
         key = ctx.operation.removeprefix("operations/")
         record = self.runs_dir / f"{key}.json"
-        live = _Live(spec, proc, proc.pid, started, ctx.caller, grant, record)
+        live = _Live(spec, proc, proc.pid, started, ctx.caller, grant, record, user, claim_fd)
         self._live[ctx.operation] = live
         try:
             record.write_text(json.dumps({
                 "pgid": proc.pid, "start_ticks": started, "agent": spec.name,
-                "operation": ctx.operation,
+                "operation": ctx.operation, "uid": user.uid,
                 # Which serving process ran it: a sibling's live runs are not leftovers.
                 "owner_pid": os.getpid(), "owner_start_ticks": start_ticks(os.getpid())}))
         except OSError:
@@ -502,6 +642,10 @@ class Agents:
             kill_group(live.pgid, live.started)
         self._live.pop(ctx.operation, None)
         live.record.unlink(missing_ok=True)
+        if live.claim_fd >= 0:
+            # Only now that nothing of the run is left may another run get its uid.
+            os.close(live.claim_fd)
+            live.claim_fd = -1
 
     async def _follow(self, ctx: CommandContext, live: _Live) -> Mapping[str, Any]:
         """Stream the run's output (bounded) until it ends; its result or error."""
@@ -509,7 +653,8 @@ class Agents:
         budget = [spec.output_limit_bytes]
         truncated = [0]
         try:
-            await self._audit("spawn", live, ctx.operation, "AGENT_SPAWNED", {"pid": proc.pid})
+            await self._audit("spawn", live, ctx.operation, "AGENT_SPAWNED",
+                              {"pid": proc.pid, "uid": live.user.uid})
             await ctx.progress(None, f"agent {spec.name} started (pid {proc.pid})")
             readers = [asyncio.create_task(self._pump(s, ctx, budget, truncated))
                        for s in (proc.stdout, proc.stderr) if s is not None]

@@ -335,7 +335,11 @@ class AgentsConfig:
     entries when the node starts (a wrong one stops the start, named in one line).
     """
 
-    #: Unprivileged account every agent runs as; required once an agent is listed.
+    #: Each run gets its own uid (and the same gid) from this inclusive range "LOW-HIGH":
+    #: one with no passwd or group entry, no live process and no other live run, so one
+    #: run cannot signal, trace or read another. Empty: every run is `user` (not isolated).
+    uid_range: str = "1900000000-1900065535"
+    #: Unprivileged account every agent runs as when `uid_range` is empty.
     user: str = ""
     #: Seconds between SIGTERM and SIGKILL when a run is cancelled or killed.
     kill_grace_s: float = 5.0
