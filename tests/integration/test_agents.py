@@ -724,3 +724,71 @@ async def test_one_callers_agent_cannot_signal_or_read_another_callers_agent(
     await alpha.command.CancelOperation(command_pb2.CancelOperationRequest(name=victim_op.name))
     await gone(pgid, "the victim's group to be gone after its caller cancelled it")
     assert agent_processes() == []
+
+
+# -- agent.status and agent.kill: command types on the caller's own runs -------------------
+
+
+def target(key: str, command_type: str, operation: str) -> command_pb2.ExecuteRequest:
+    s = struct_pb2.Struct()
+    s.update({"operation": operation})
+    return command_pb2.ExecuteRequest(
+        idempotency_key=key, plugin=command_pb2.PluginCommand(type=command_type, args=s))
+
+
+async def test_status_and_kill_commands_reach_only_the_callers_own_run(
+        agent_node: Callable[..., NodeProcess], peering: Any) -> None:
+    node = agent_node()
+    alpha = await peering.link(node, "alpha", kinds=["task"], workspaces=["*"],
+                               command_types=["agent.spawn"])
+    beta = await peering.link(node, "beta", kinds=["task"], workspaces=["*"],
+                              command_types=["resource.put"])
+    async with node.client() as c:
+        run = await c.command.Execute(spawn("own-1", "probe", name="a", seconds=300))
+        pgid = await recorded_group(node, run.name)
+        status = await c.command.Execute(target("st-1", "agent.status", run.name))
+        said = (await done_op(node, status.name)).output
+        assert said["state"] == "RUNNING" and said["agent"] == "probe", said
+        assert said["pid"] == pgid and said["pgid"] == pgid and said["uid"] in AGENT_UIDS
+    # Another caller (a peer whose grant allows agent.spawn, so status and kill too) is
+    # told the run does not exist; a peer without agent.spawn may not ask at all.
+    for verb in ("agent.status", "agent.kill"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await alpha.command.Execute(target(f"x-{verb}", verb, run.name))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await beta.command.Execute(target(f"y-{verb}", verb, run.name))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value.details()
+    assert len(group_members(pgid)) >= 2  # still running
+    denied = sql(node, "SELECT method, outcome, status_code, reason FROM audit_log WHERE"
+                       " service = 'tessera.agents' AND outcome <> 'ALLOWED' ORDER BY sequence")
+    assert denied == [("status", "DENIED_BY_POLICY", "NOT_FOUND", "AGENT_RUN_NOT_FOUND"),
+                      ("kill", "DENIED_BY_POLICY", "NOT_FOUND", "AGENT_RUN_NOT_FOUND")]
+    # The peer's own run: status and kill come with its agent.spawn grant.
+    own = await alpha.command.Execute(spawn("p-1", "probe", name="p", seconds=300))
+    peer_pgid = await recorded_group(node, own.name)
+    peer_kill = await alpha.command.Execute(target("p-kill", "agent.kill", own.name))
+    await gone(peer_pgid, "the peer's run to be killed by its agent.kill")
+
+    async def peer_done() -> command_pb2.Operation | None:
+        got = await alpha.command.GetOperation(
+            command_pb2.GetOperationRequest(name=peer_kill.name))
+        return got if got.done else None
+
+    assert (await until(peer_done, "the peer's agent.kill")).output["state"] == "CANCELLED"
+    # The caller kills its own run: the whole group goes, the run ends CANCELLED.
+    async with node.client() as c:
+        kill = await c.command.Execute(target("kill-1", "agent.kill", run.name))
+    killed = await done_op(node, kill.name)
+    assert killed.state == command_pb2.OPERATION_STATE_SUCCEEDED, killed
+    assert killed.output["state"] == "CANCELLED", killed.output
+    await gone(pgid, "the killed run's group to be gone")
+    assert (await done_op(node, run.name)).state == command_pb2.OPERATION_STATE_CANCELLED
+    async with node.client() as c:
+        after = await c.command.Execute(target("st-2", "agent.status", run.name))
+    said = (await done_op(node, after.name)).output
+    assert said["state"] == "CANCELLED" and "pid" not in said, said
+    kills = sql(node, "SELECT identity FROM audit_log WHERE service = 'tessera.agents'"
+                      " AND method = 'kill' AND outcome = 'ALLOWED'")
+    assert len(kills) == 2
+    assert agent_processes() == []

@@ -28,7 +28,7 @@ from tessera.api._validate import (
 )
 from tessera.calls import current_caller, peer_scope
 from tessera.commands import Admission
-from tessera.core.errors import FieldViolation, InvalidArgument
+from tessera.core.errors import FieldViolation, InvalidArgument, PermissionDenied
 from tessera.core.pagination import PageTokenError, query_hash
 from tessera.grants import DELETE, PUT, Scope
 from tessera.store import Resource, ResourceKey, version_of_etag
@@ -160,9 +160,14 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
 
     async def _execute_plugin(self, c: Checker, cmd: command_pb2.PluginCommand, caller: str,
                               key: str, scope: Scope | None) -> command_pb2.Operation:
-        if scope is not None:
-            scope.check_command(cmd.type)
         reg = self.rt.commands.get(cmd.type) if cmd.type else None
+        if scope is not None:
+            try:
+                scope.check_command(cmd.type)
+            except PermissionDenied:
+                if reg is None or not reg.handler.granted_with:
+                    raise
+                scope.check_command(reg.handler.granted_with)
         if not cmd.type:
             c.fail("plugin.type", "is required")
         elif reg is None:

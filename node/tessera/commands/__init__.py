@@ -1,7 +1,9 @@
 """Commands and their operations: the handler registry (built-ins and `tessera.commands`
 entry-point plugins), and the runner that executes long-running handlers under leases."""
 
+from tessera.commands._agents import KILL as AGENT_KILL
 from tessera.commands._agents import SPAWN as AGENT_SPAWN
+from tessera.commands._agents import STATUS as AGENT_STATUS
 from tessera.commands._agents import Agents, AgentSpec, kill_leftovers, parse_agents
 from tessera.commands._handler import (
     Admission,
@@ -17,7 +19,9 @@ from tessera.commands._registry import BUILTINS, ENTRY_POINT_GROUP, Registered, 
 from tessera.commands._runner import Runner
 
 __all__ = [
+    "AGENT_KILL",
     "AGENT_SPAWN",
+    "AGENT_STATUS",
     "BUILTINS",
     "ENTRY_POINT_GROUP",
     "Admission",

@@ -50,13 +50,27 @@ from tessera.commands._handler import (
 )
 from tessera.commands._registry import _violations
 from tessera.config import AgentsConfig
-from tessera.core.errors import ConfigError, FieldViolation, InvalidArgument, ResourceExhausted
+from tessera.core.errors import (
+    ConfigError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from tessera.grants import GrantStore, PeerState
-from tessera.store import OperationStore
+from tessera.store import Operation, OperationStore
 
 log = logging.getLogger(__name__)
 
 SPAWN = "agent.spawn"
+STATUS = "agent.status"
+KILL = "agent.kill"
+#: How often agent.kill looks whether the run it cancelled has ended.
+_KILL_POLL_S = 0.2
+_TARGET_SCHEMA = {
+    "type": "object", "required": ["operation"], "additionalProperties": False,
+    "properties": {"operation": {"type": "string", "pattern": "^operations/[0-9a-f-]{36}$"}}}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _ENV_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
@@ -500,6 +514,90 @@ class Agents:
             retry_safe=False,
         )
 
+    def handlers(self) -> list[CommandHandler]:
+        """`agent.spawn`, and `agent.status` and `agent.kill` on the caller's own runs."""
+        return [
+            self.handler(),
+            CommandHandler(
+                type=STATUS, run=self.status, admit=self.admit_target, granted_with=SPAWN,
+                input_schema=_TARGET_SCHEMA, timeout_s=30.0, retry_safe=True,
+                description="The state of one of the caller's agent runs (operation): "
+                            "state, exit status, and pid, pgid and uid while it runs."),
+            CommandHandler(
+                type=KILL, run=self.kill, admit=self.admit_target, granted_with=SPAWN,
+                input_schema=_TARGET_SCHEMA, retry_safe=True,
+                timeout_s=self.cfg.kill_grace_s + 60.0,
+                description="End one of the caller's agent runs: SIGTERM to its process "
+                            "group, SIGKILL after agents.kill_grace_s; the run's final "
+                            "state is the output."),
+        ]
+
+    async def _target(self, caller: str, grant: str, command_type: str,
+                      args: Mapping[str, Any]) -> Operation:
+        """The caller's own agent run named by `operation`; NotFound (audited) otherwise:
+        another caller's run is indistinguishable from none."""
+        name = str(args.get("operation", ""))
+        try:
+            op = await self.ops.get(name, caller)
+            if op.command_type != SPAWN:
+                raise NotFound(f"operation {name} is not an agent run")
+        except NotFound:
+            await self._audit_entry(
+                command_type.removeprefix("agent."), caller, grant, "",
+                {"operation": name}, outcome="DENIED_BY_POLICY", status="NOT_FOUND",
+                reason="AGENT_RUN_NOT_FOUND")
+            raise
+        return op
+
+    async def admit_target(self, adm: Admission) -> Mapping[str, Any]:
+        """Refuse before anything is stored: the run must be the caller's own."""
+        await self._target(adm.caller, adm.grant, adm.command_type, adm.args)
+        return {"grant": adm.grant or "(local)"}
+
+    def _describe(self, op: Operation) -> dict[str, Any]:
+        """What agent.status answers (to the run's own caller only)."""
+        agent = str((op.input or {}).get("agent", ""))
+        out: dict[str, Any] = {"operation": op.name, "agent": agent, "state": op.state}
+        if op.output is not None and "exit_code" in op.output:
+            out["exit_code"] = op.output["exit_code"]
+            out["truncated_bytes"] = op.output.get("truncated_bytes", 0)
+        if op.error is not None:
+            out["error"] = {"code": op.error.code, "reason": op.error.reason,
+                            "message": op.error.message}
+        if not op.done:
+            try:
+                rec = json.loads((self.runs_dir / f"{op.uuid}.json").read_text())
+                if _alive(rec.get("pgid"), rec.get("start_ticks")):
+                    out.update(pid=int(rec["pgid"]), pgid=int(rec["pgid"]),
+                               uid=int(rec.get("uid", self._shared_uid())))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # not started yet, or ended a moment ago
+        return out
+
+    def _shared_uid(self) -> int:
+        return self.ids.uid if isinstance(self.ids, AgentUser) else -1
+
+    async def status(self, ctx: CommandContext) -> Mapping[str, Any]:
+        """agent.status: the run as its operation says, with its process while it runs."""
+        grant = str((ctx.args.get("_admission") or {}).get("grant", ""))
+        op = await self._target(ctx.caller, grant, STATUS, ctx.args)
+        return self._describe(op)
+
+    async def kill(self, ctx: CommandContext) -> Mapping[str, Any]:
+        """agent.kill: cancel the run (its whole group: SIGTERM, SIGKILL after the grace)
+        and wait until it has ended; its final state is the output."""
+        grant = str((ctx.args.get("_admission") or {}).get("grant", ""))
+        op = await self._target(ctx.caller, grant, KILL, ctx.args)
+        if not op.done:
+            with contextlib.suppress(FailedPrecondition):  # it ended meanwhile
+                await self.ops.request_cancel(op.name, ctx.caller)
+        while not op.done:
+            if ctx.cancelled.is_set():
+                raise CommandCancelled
+            await asyncio.sleep(_KILL_POLL_S)
+            op = await self.ops.get(op.name, ctx.caller)
+        return self._describe(op)
+
     # -- admission -------------------------------------------------------------------
 
     def _resolve(self, args: Mapping[str, Any]) -> tuple[AgentSpec, dict[str, Any]]:
@@ -769,14 +867,21 @@ class Agents:
 
     async def _audit(self, what: str, live: _Live, operation: str, reason: str,
                      detail: Mapping[str, Any]) -> None:
+        await self._audit_entry(what, live.caller, live.grant, live.spec.name,
+                                {"agent": live.spec.name, "operation": operation, **detail},
+                                reason=reason)
+
+    async def _audit_entry(self, what: str, caller: str, grant: str, agent: str,
+                           detail: Mapping[str, Any], *, reason: str,
+                           outcome: str = "ALLOWED", status: str = "OK") -> None:
         if self.auditor is None:
             return
         entry = AuditEntry(
-            time=dt.datetime.now(dt.UTC), identity=live.caller, peer="",
-            grant="" if live.grant == "(local)" else live.grant, service=_AUDIT_SERVICE,
-            method=what, kind=live.spec.name, query_hash="", outcome="ALLOWED",
-            status_code="OK", bytes_out=0, latency_us=0, trace_id="", reason=reason,
-            detail={"agent": live.spec.name, "operation": operation, **detail})
+            time=dt.datetime.now(dt.UTC), identity=caller, peer="",
+            grant="" if grant == "(local)" else grant, service=_AUDIT_SERVICE,
+            method=what, kind=agent, query_hash="", outcome=outcome,
+            status_code=status, bytes_out=0, latency_us=0, trace_id="", reason=reason,
+            detail=dict(detail))
         try:
             await self.auditor.record_entry(entry)
         except Exception as exc:

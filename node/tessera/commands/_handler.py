@@ -159,6 +159,9 @@ class CommandHandler:
     on_cancel: CancelHook | None = None
     #: Optional check of each Execute before anything is stored or started.
     admit: Admit | None = None
+    #: A peer's grant that names this other type allows this one too (agent.status and
+    #: agent.kill come with agent.spawn: they reach only the caller's own runs).
+    granted_with: str = ""
 
     @property
     def long_running(self) -> bool:

