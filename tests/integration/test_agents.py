@@ -321,7 +321,8 @@ async def test_an_agent_runs_as_the_agent_user_without_the_nodes_keys_or_environ
     assert "hello cli\n" in watched.stdout and "line 0 of 1" in watched.stdout
     name = watched.stderr.strip().splitlines()[0]
     status = cli("status", name)
-    assert status.returncode == 0 and '"SUCCEEDED"' in status.stdout
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["state"] == "SUCCEEDED", status.stdout
     refused = cli("spawn", "probe", "--arg", "name=NOT-LOWER")
     assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
 

