@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tessera.commands import parse_agents
+from tessera.commands import UidRange, parse_agents, parse_uid_range
 from tessera.config import AgentsConfig
 from tessera.core.errors import ConfigError
 
@@ -73,3 +74,16 @@ def test_nothing_inside_the_data_directory_runs_or_is_a_working_directory(
         parse_agents(AgentsConfig(allow={"a": entry(executable=str(exe))}), tmp_path / "data")
     with pytest.raises(ConfigError, match="cwd must be outside the data directory"):
         parse_agents(AgentsConfig(allow={"a": entry(cwd=str(inside))}), tmp_path / "data")
+
+
+def test_a_uid_range_is_parsed_and_never_holds_root_nobody_or_the_node() -> None:
+    rng = parse_uid_range("1900000000-1900065535")
+    assert rng == UidRange(1_900_000_000, 1_900_065_535) and rng.size == 65536
+    assert 1_900_000_000 in rng and 1_899_999_999 not in rng
+    for text, says in (("100", "is not LOW-HIGH"), ("a-b", "is not LOW-HIGH"),
+                       ("20-10", "LOW <= HIGH"), ("1-4294967294", "LOW <= HIGH"),
+                       ("0-10", "holds 0"), ("65000-66000", "holds 65534"),
+                       (f"{os.geteuid()}-{os.geteuid()}", f"holds {os.geteuid()}")):
+        with pytest.raises(ConfigError) as err:
+            parse_uid_range(text)
+        assert str(err.value).startswith("agents.uid_range: ") and says in str(err.value), text

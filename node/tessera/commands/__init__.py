@@ -4,7 +4,14 @@ entry-point plugins), and the runner that executes long-running handlers under l
 from tessera.commands._agents import KILL as AGENT_KILL
 from tessera.commands._agents import SPAWN as AGENT_SPAWN
 from tessera.commands._agents import STATUS as AGENT_STATUS
-from tessera.commands._agents import Agents, AgentSpec, kill_leftovers, parse_agents
+from tessera.commands._agents import (
+    Agents,
+    AgentSpec,
+    UidRange,
+    kill_leftovers,
+    parse_agents,
+    parse_uid_range,
+)
 from tessera.commands._handler import (
     Admission,
     Admit,
@@ -37,6 +44,8 @@ __all__ = [
     "Registry",
     "Run",
     "Runner",
+    "UidRange",
     "kill_leftovers",
     "parse_agents",
+    "parse_uid_range",
 ]

@@ -708,6 +708,11 @@ class Agents:
                 os.close(claim_fd)
             raise CommandError(f"agent {spec.name} could not be started: {exc.strerror}",
                                code=code_pb2.UNAVAILABLE, reason="AGENT_START_FAILED") from None
+        except BaseException:
+            # Interrupted (node stopping): a uid still used by a process is skipped anyway.
+            if claim_fd >= 0:
+                os.close(claim_fd)
+            raise
         started = start_ticks(proc.pid) or 0
         key = ctx.operation.removeprefix("operations/")
         record = self.runs_dir / f"{key}.json"
