@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.rpc import code_pb2
 
-from tessera.commands import UidRange, parse_agents, parse_uid_range
+from tessera.commands import CommandError, UidClaims, UidRange, parse_agents, parse_uid_range
 from tessera.config import AgentsConfig
 from tessera.core.errors import ConfigError
 
@@ -87,3 +88,19 @@ def test_a_uid_range_is_parsed_and_never_holds_root_nobody_or_the_node() -> None
         with pytest.raises(ConfigError) as err:
             parse_uid_range(text)
         assert str(err.value).startswith("agents.uid_range: ") and says in str(err.value), text
+
+
+def test_a_claimed_uid_is_not_handed_out_twice_and_its_claim_file_goes_with_it(
+        tmp_path: Path) -> None:
+    claims = UidClaims(UidRange(1_900_000_007, 1_900_000_007), tmp_path / "uids")
+    user, fd = claims.claim()
+    assert (user.uid, user.gid) == (1_900_000_007, 1_900_000_007)
+    # Another claimant (its own open file, as a sibling process has) finds none free.
+    with pytest.raises(CommandError) as err:
+        UidClaims(claims.range, tmp_path / "uids").claim()
+    assert err.value.code == code_pb2.RESOURCE_EXHAUSTED and err.value.reason == "AGENT_NO_UID"
+    claims.release(user.uid, fd)
+    assert list((tmp_path / "uids").iterdir()) == []
+    again, fd = claims.claim()
+    assert again.uid == user.uid
+    claims.release(again.uid, fd)

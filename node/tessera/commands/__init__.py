@@ -7,6 +7,7 @@ from tessera.commands._agents import STATUS as AGENT_STATUS
 from tessera.commands._agents import (
     Agents,
     AgentSpec,
+    UidClaims,
     UidRange,
     kill_leftovers,
     parse_agents,
@@ -44,6 +45,7 @@ __all__ = [
     "Registry",
     "Run",
     "Runner",
+    "UidClaims",
     "UidRange",
     "kill_leftovers",
     "parse_agents",

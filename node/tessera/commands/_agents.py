@@ -140,6 +140,8 @@ class AgentUser:
 
 #: Ids an agent never gets: root, nobody / nogroup, and the "no id" values of 16 bits.
 _NEVER_IDS = frozenset({0, 65534, 65535})
+#: Where every node on this host claims its runs' uids (one flock per uid).
+_HOST_CLAIMS = Path("/run/tessera-agent-uids")
 #: Ids above this confuse tools that read them as signed 32-bit numbers.
 _MAX_ID = 2**31 - 2
 
@@ -374,9 +376,10 @@ class UidClaims:
     """Hands out one uid per run from a range, across the node's serving processes.
 
     A uid is free when no passwd or group entry names it, no live process has it (as any
-    of its ids) and no other run holds its claim: an flock on `<runs>/uids/<uid>`, which
-    the kernel drops when the holder dies. Search starts at a random place in the range,
-    so a uid (and any file a run left behind) is seldom reused soon.
+    of its ids) and no other run on this host holds its claim: an flock on
+    `/run/tessera-agent-uids/<uid>`, which the kernel drops when the holder dies. The
+    search starts at a random place in the range, so a uid (and any file a run left
+    behind) is seldom reused soon.
     """
 
     #: Uids tried per run before giving up with RESOURCE_EXHAUSTED.
@@ -386,6 +389,22 @@ class UidClaims:
         self.range = rng
         self.directory = directory
         directory.mkdir(mode=0o700, exist_ok=True)
+        st = directory.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() \
+                or stat.S_IMODE(st.st_mode) & 0o077:
+            raise ConfigError(f"agents.uid_range: {directory} (where runs claim their uids) "
+                              "must be a directory of the node's account, mode 0700")
+
+    @classmethod
+    def on_host(cls, rng: UidRange, fallback: Path) -> UidClaims:
+        """Claims shared by every node on this host (/run, emptied at boot), so two nodes
+        with overlapping ranges never hand one uid to two runs; else under `fallback`."""
+        if _HOST_CLAIMS.parent.is_dir():
+            return cls(rng, _HOST_CLAIMS)
+        log.warning("%s does not exist: agent uids are claimed under %s, so another node on "
+                    "this host needs a disjoint agents.uid_range", _HOST_CLAIMS.parent,
+                    fallback)
+        return cls(rng, fallback)
 
     def claim(self) -> tuple[AgentUser, int]:
         """A free uid and the descriptor holding its claim (close it to release)."""
@@ -395,10 +414,13 @@ class UidClaims:
             uid = self.range.low + (start + step) % self.range.size
             if uid in busy or _has_entry(uid):
                 continue
-            fd = os.open(self.directory / str(uid), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC,
-                         0o600)
+            path = self.directory / str(uid)
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # A released claim is unlinked: a lock on that old file claims nothing.
+                if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                    raise FileNotFoundError(path)
             except OSError:
                 os.close(fd)
                 continue
@@ -410,6 +432,12 @@ class UidClaims:
         raise CommandError("no free uid in agents.uid_range for another agent run; widen "
                            "the range or wait for a run to end",
                            code=code_pb2.RESOURCE_EXHAUSTED, reason="AGENT_NO_UID")
+
+    def release(self, uid: int, fd: int) -> None:
+        """Give a uid back (its file goes first, while still locked, so none piles up)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.directory / str(uid))
+        os.close(fd)
 
 
 # -- process groups -------------------------------------------------------------------
@@ -477,7 +505,8 @@ class Agents:
         self.specs = dict(specs)
         self.ids = ids
         self.runs_dir = runs_dir
-        self.claims = UidClaims(ids, runs_dir / "uids") if isinstance(ids, UidRange) else None
+        self.claims = UidClaims.on_host(ids, runs_dir / "uids") \
+            if isinstance(ids, UidRange) else None
         self.ops = operations
         self.auditor = auditor
         self._live: dict[str, _Live] = {}
@@ -704,14 +733,12 @@ class Agents:
                 env=self._env(spec), cwd=spec.cwd)
         except OSError as exc:
             # Out of fds or processes, or the cwd went away: the node's state, not a bug.
-            if claim_fd >= 0:
-                os.close(claim_fd)
+            self._release(user, claim_fd)
             raise CommandError(f"agent {spec.name} could not be started: {exc.strerror}",
                                code=code_pb2.UNAVAILABLE, reason="AGENT_START_FAILED") from None
         except BaseException:
             # Interrupted (node stopping): a uid still used by a process is skipped anyway.
-            if claim_fd >= 0:
-                os.close(claim_fd)
+            self._release(user, claim_fd)
             raise
         started = start_ticks(proc.pid) or 0
         key = ctx.operation.removeprefix("operations/")
@@ -729,6 +756,10 @@ class Agents:
             raise
         return live
 
+    def _release(self, user: AgentUser, claim_fd: int) -> None:
+        if claim_fd >= 0 and self.claims is not None:
+            self.claims.release(user.uid, claim_fd)
+
     def _end(self, ctx: CommandContext, live: _Live) -> None:
         """Whatever ended the run (even an interrupted task): nothing is left of it."""
         if live.proc.returncode is None:
@@ -745,10 +776,9 @@ class Agents:
             kill_group(live.pgid, live.started)
         self._live.pop(ctx.operation, None)
         live.record.unlink(missing_ok=True)
-        if live.claim_fd >= 0:
-            # Only now that nothing of the run is left may another run get its uid.
-            os.close(live.claim_fd)
-            live.claim_fd = -1
+        # Only now that nothing of the run is left may another run get its uid.
+        self._release(live.user, live.claim_fd)
+        live.claim_fd = -1
 
     async def _follow(self, ctx: CommandContext, live: _Live) -> Mapping[str, Any]:
         """Stream the run's output (bounded) until it ends; its result or error."""
