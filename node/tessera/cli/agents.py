@@ -2,8 +2,10 @@
 
 `list` reads the allow-list from the configuration (no node needed). The others call the
 running node's CommandService with the local client certificate: `spawn` executes
-`agent.spawn` (an operation), `status` is GetOperation, `kill` is CancelOperation (the
-whole process group: SIGTERM, then SIGKILL after agents.kill_grace_s).
+`agent.spawn` (an operation), `status` executes `agent.status` (state, exit status, and
+pid, pgid and uid while it runs), `kill` executes `agent.kill` (the whole process group:
+SIGTERM, then SIGKILL after agents.kill_grace_s) and waits until the run has ended. Each
+prints the answer as JSON.
 """
 
 from __future__ import annotations
@@ -33,9 +35,14 @@ def _list(env: Env) -> int:
          "max_per_node": s.max_per_node, "description": s.description}
         for s in specs.values()]
     if out.json:
-        out.data({"user": cfg.agents.user, "agents": rows})
+        out.data({"uid_range": cfg.agents.uid_range, "user": cfg.agents.user,
+                  "agents": rows})
         return 0
-    out.line(f"agents run as: {cfg.agents.user or '(agents.user is not set)'}")
+    if cfg.agents.uid_range.strip():
+        out.line(f"agents run as: one uid per run from {cfg.agents.uid_range} (gid = uid)")
+    else:
+        out.line(f"agents run as: {cfg.agents.user or '(agents.user is not set)'} (one "
+                 "shared account: runs are not isolated from each other)")
     for r in rows:
         line = " ".join([r["executable"], *r["args"], "--", *(f"<{p}>" for p in r["params"])])
         out.line(f"{r['name']:16} {line}")
@@ -60,6 +67,8 @@ def _spawn_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", default="", help="idempotency key (default: a new one)")
     p.add_argument("--watch", action="store_true",
                    help="stream the agent's output; exit 0 if the run succeeded, else 1")
+    p.add_argument("--name-only", action="store_true",
+                   help="print only the operation's name (for status and kill)")
 
 
 def _spawn(env: Env) -> int:
@@ -79,6 +88,9 @@ def _spawn(env: Env) -> int:
     # Operations belong to their caller: spawn, status and kill use one local identity.
     with env.node("client").client() as c:
         op = c.command.Execute(request)
+        if a.name_only and not a.watch:
+            out.line(op.name)
+            return 0
         if not a.watch:
             out.data(op)
             return 0
@@ -99,21 +111,36 @@ def _operation_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("operation", help="operations/<uuid>, as spawn printed")
 
 
-def _status(env: Env) -> int:
+def _on_run(env: Env, command_type: str) -> int:
+    """Execute agent.status or agent.kill on one run, wait for its answer, print it."""
+    args = struct_pb2.Struct()
+    args.update({"operation": env.args.operation})
+    request = command_pb2.ExecuteRequest(
+        idempotency_key=f"agents-cli-{uuid.uuid4()}",
+        plugin=command_pb2.PluginCommand(type=command_type, args=args))
     with env.node("client").client() as c:
-        env.out.data(c.command.GetOperation(
-            command_pb2.GetOperationRequest(name=env.args.operation)))
+        op = c.command.Execute(request)
+        for msg in c.command.WatchOperation(command_pb2.WatchOperationRequest(name=op.name)):
+            op = msg
+    if op.state != command_pb2.OPERATION_STATE_SUCCEEDED:
+        state = enum_name(command_pb2.OperationState, op.state)
+        env.out.warn(f"tessera: {command_type} {op.name} {state}: {op.error.message}")
+        return 1
+    env.out.data(op.output)
     return 0
+
+
+def _status(env: Env) -> int:
+    return _on_run(env, "agent.status")
 
 
 def _kill(env: Env) -> int:
-    with env.node("client").client() as c:
-        env.out.data(c.command.CancelOperation(
-            command_pb2.CancelOperationRequest(name=env.args.operation)))
-    return 0
+    return _on_run(env, "agent.kill")
 
 
 LIST = Command("the allow-list as this configuration defines it", _list, json=True)
 SPAWN = Command("start an agent; prints its operation", _spawn, flags=_spawn_flags)
-STATUS = Command("show an agent run (its operation)", _status, flags=_operation_flag)
-KILL = Command("end an agent run: its whole process group", _kill, flags=_operation_flag)
+STATUS = Command("show an agent run: state, exit status; pid, pgid, uid while it runs",
+                 _status, flags=_operation_flag)
+KILL = Command("end an agent run (its whole process group); waits until it ended",
+               _kill, flags=_operation_flag)
