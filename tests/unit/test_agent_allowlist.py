@@ -103,4 +103,8 @@ def test_a_claimed_uid_is_not_handed_out_twice_and_its_claim_file_goes_with_it(
     assert list((tmp_path / "uids").iterdir()) == []
     again, fd = claims.claim()
     assert again.uid == user.uid
+    # A claim file nobody holds (its node was killed) is swept; a held one is not.
+    (tmp_path / "uids" / "1900000100").touch()
+    assert claims.sweep() == 1
+    assert [p.name for p in (tmp_path / "uids").iterdir()] == ["1900000007"]
     claims.release(again.uid, fd)

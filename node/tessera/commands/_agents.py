@@ -433,6 +433,27 @@ class UidClaims:
                            "the range or wait for a run to end",
                            code=code_pb2.RESOURCE_EXHAUSTED, reason="AGENT_NO_UID")
 
+    def sweep(self) -> int:
+        """Remove claim files nobody holds (left by a killed node); how many went."""
+        removed = 0
+        for path in self.directory.iterdir():
+            if not path.name.isdigit():
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass  # held by a live run, or gone meanwhile
+            finally:
+                os.close(fd)
+        return removed
+
     def release(self, uid: int, fd: int) -> None:
         """Give a uid back (its file goes first, while still locked, so none piles up)."""
         with contextlib.suppress(OSError):
@@ -926,7 +947,10 @@ class Agents:
 
     def kill_leftovers(self) -> int:
         """Kill groups recorded by an earlier process of this node that still match."""
-        return kill_leftovers(self.runs_dir)
+        killed = kill_leftovers(self.runs_dir)
+        if self.claims is not None:
+            self.claims.sweep()
+        return killed
 
 
 def _alive(pid: Any, ticks: Any) -> bool:
