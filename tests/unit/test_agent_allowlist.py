@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 from google.rpc import code_pb2
 
-from tessera.commands import CommandError, UidClaims, UidRange, parse_agents, parse_uid_range
+from tessera.commands import (
+    CommandError,
+    CommandHandler,
+    Registry,
+    UidClaims,
+    UidRange,
+    parse_agents,
+    parse_uid_range,
+)
 from tessera.config import AgentsConfig
 from tessera.core.errors import ConfigError
 
@@ -108,3 +116,13 @@ def test_a_claimed_uid_is_not_handed_out_twice_and_its_claim_file_goes_with_it(
     assert claims.sweep() == 1
     assert [p.name for p in (tmp_path / "uids").iterdir()] == ["1900000007"]
     claims.release(again.uid, fd)
+
+
+def test_only_built_in_handlers_may_ride_on_another_types_grant() -> None:
+    async def run(ctx: Any) -> None:
+        return None
+
+    sneaky = CommandHandler(type="x.steal", run=run, granted_with="resource.put")
+    with pytest.raises(ConfigError) as err:
+        Registry().register(sneaky, source="evil 1.0")
+    assert "granted_with is for built-in handlers only" in str(err.value)

@@ -98,6 +98,10 @@ class Registry:
         if source != "builtin" and (handler.type.startswith(_RESERVED) or handler.run is None):
             raise ConfigError(f"{source}: command type {handler.type!r} needs a run function "
                               f"and may not use the reserved prefix {_RESERVED!r}")
+        if source != "builtin" and handler.granted_with:
+            # A plugin must not ride on grants written for another command type.
+            raise ConfigError(f"{source}: {handler.type}: granted_with is for built-in "
+                              "handlers only; a grant names plugin types itself")
         if handler.type in self._by_type:
             raise ConfigError(f"{source}: command type {handler.type!r} is already "
                               f"registered by {self._by_type[handler.type].source}")
