@@ -167,6 +167,8 @@ class RateLimiter:
         tat_key, rej_prefix = _script.keys_for(self.prefix, subject, klass)
         if self.backend == VALKEY:
             try:
+                # The one bound on a decision: the batcher has no timer of its own, and
+                # abandons a round trip once no decision waits for it.
                 async with asyncio.timeout(self._timeout_s):
                     r = await self._batcher.decide((tat_key, rej_prefix, klass, limit.interval_us,
                                                     limit.tolerance_us, self._rejection_ttl_s))

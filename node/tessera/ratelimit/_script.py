@@ -145,30 +145,31 @@ class Line:
     as its replies can no longer be matched to requests; the next use reconnects.
     """
 
-    def __init__(self, conn: Any, *, limit_s: float) -> None:
+    def __init__(self, conn: Any) -> None:
         self._conn = conn
-        self.limit_s = limit_s
         self.busy = False
 
     @classmethod
-    def of(cls, valkey: redis.Redis, *, limit_s: float) -> Line | None:
+    def of(cls, valkey: redis.Redis) -> Line | None:
         """A line with the client's connection settings; None for clients without a pool."""
         pool: Any = getattr(valkey, "connection_pool", None)
         make = getattr(pool, "connection_class", None)
         if make is None:
             return None
-        # Each use is bounded as a whole by `limit_s`, so the per-socket timeouts (one
-        # timer task per write) are not needed on top.
-        return cls(make(**{**pool.connection_kwargs, "socket_timeout": None}), limit_s=limit_s)
+        # No per-socket timeouts (one timer task per write): a use lasts only as long as a
+        # decision waits for it, and the waiting caller bounds that (see Batcher).
+        return cls(make(**{**pool.connection_kwargs, "socket_timeout": None}))
 
     async def call(self, batch: list[Args]) -> list[ScriptResult]:
-        """Run the decisions; raises NoScriptError (nothing ran) or a connection error."""
+        """Run the decisions; raises NoScriptError (nothing ran) or a connection error.
+
+        Unbounded by itself: cancel it to give up (which drops the connection).
+        """
         self.busy = True
         try:
-            async with asyncio.timeout(self.limit_s):
-                await self._conn.send_packed_command(b"".join(_pack(a) for a in batch),
-                                                     check_health=False)
-                return [_result(await self._conn.read_response()) for _ in batch]
+            await self._conn.send_packed_command(b"".join(_pack(a) for a in batch),
+                                                 check_health=False)
+            return [_result(await self._conn.read_response()) for _ in batch]
         except BaseException:
             await self._conn.disconnect(nowait=True)
             raise
@@ -188,6 +189,12 @@ class Batcher:
     (like Nagle's algorithm); an idle limiter sends a lone decision at once, inline, as a
     plain EVALSHA. A round trip older than `stall_s` no longer holds the others back, so a
     hung connection cannot stall every call behind it.
+
+    The batcher has no timer of its own: the caller of `decide` owns the timeout (the
+    limiter's `decision_timeout_ms`) and gives up by cancelling. A lone decision's round trip
+    is cancelled with it; a batch's is cancelled once every decision in it has given up.
+    Either way the connection is dropped, so nothing stays parked on a server that does not
+    answer.
     """
 
     def __init__(self, valkey: redis.Redis, *, stall_s: float) -> None:
@@ -198,7 +205,7 @@ class Batcher:
         self._scheduled = False
         self._inflight = 0
         self._busy_since = 0.0
-        self._line = Line.of(valkey, limit_s=max(1.0, 4 * stall_s))
+        self._line = Line.of(valkey)
 
     def _blocked(self, now: float) -> bool:
         return self._inflight > 0 and now - self._busy_since <= self.stall_s
@@ -239,11 +246,26 @@ class Batcher:
         if not self._pending:
             return
         loop = asyncio.get_running_loop()
-        batch, self._pending = self._pending, []
+        # Decisions whose callers already gave up are not sent at all.
+        batch = [(args, fut) for args, fut in self._pending if not fut.done()]
+        self._pending = []
+        if not batch:
+            return
         self._started(loop)
         task = loop.create_task(self._send(batch))
         self._tasks.add(task)  # keep a reference until done
         task.add_done_callback(self._tasks.discard)
+        waiting = len(batch)
+
+        def gave_up(fut: asyncio.Future[ScriptResult]) -> None:
+            nonlocal waiting
+            if fut.cancelled():  # its caller timed out and decided without us
+                waiting -= 1
+                if waiting == 0 and not task.done():
+                    task.cancel()  # nobody waits for the answer any more
+
+        for _, fut in batch:
+            fut.add_done_callback(gave_up)
 
     async def _send(self, batch: list[tuple[Args, asyncio.Future[ScriptResult]]]) -> None:
         results: list[ScriptResult | BaseException]
