@@ -38,6 +38,7 @@ from tests.fixtures.peers import (
     reason_of,
     rkey,
 )
+from tests.fixtures.waiting import wait_until
 
 #: B's data: (workspace, kind, id, team, owner).
 SEED = [
@@ -205,7 +206,9 @@ async def test_enrolment_tokens_are_single_use_expiring_and_unforgeable(
     assert "already used" in err.details()
 
     short = await peering.invite(b, "late", ttl_s=1)
-    await asyncio.sleep(1.5)
+    # The node set the expiry at most 1 s after this moment (one clock: same machine).
+    expires_by = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    await wait_until(lambda: dt.datetime.now(dt.UTC) > expires_by, "the token's TTL is over")
     await expect_error(peering.join_dir(short), grpc.StatusCode.UNAUTHENTICATED,
                        "TOKEN_EXPIRED")
 
@@ -568,12 +571,13 @@ async def test_an_expired_grant_is_refused_and_a_raced_token_enrols_once(
     assert {reason_of(e) for e in lost} == {"TOKEN_USED"}
 
     expire = timestamp_pb2.Timestamp()
-    expire.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2))
+    expire_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
+    expire.FromDatetime(expire_at)
     await peering.grant(b, "racer", kinds=["task"], workspaces=["acme"], expire_time=expire)
     async with won[0].client() as peer:
         request = query_pb2.GetResourceRequest(key=rkey("acme", "task", "t1"))
         assert (await peer.query.GetResource(request)).resource.id == "t1"
-        await asyncio.sleep(2.5)
+        await wait_until(lambda: dt.datetime.now(dt.UTC) > expire_at, "the grant has expired")
         await expect_error(peer.query.GetResource(request), grpc.StatusCode.PERMISSION_DENIED,
                            "GRANT_EXPIRED")
 

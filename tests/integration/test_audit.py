@@ -25,6 +25,7 @@ from tessera_client import AsyncClient, Credentials
 from tessera_client.pb import admin_pb2, command_pb2, query_pb2, resources_pb2
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering
+from tests.fixtures.waiting import wait_until
 
 CLIENT = "spiffe://tessera.local/client/local"
 ADMIN = "spiffe://tessera.local/admin/admin"
@@ -266,6 +267,15 @@ async def test_list_filters_by_outcome_and_time_and_pages_with_tokens(node: Node
     assert res.returncode == 0 and res.stdout == "", res.stderr
 
 
+async def aged(node: NodeProcess, age: dt.timedelta = dt.timedelta(seconds=1)) -> None:
+    """Wait until every audit row so far is older than `age` by the wall clock: `audit
+    prune --older-than` cuts at its own wall clock minus the age, and it starts later."""
+    ((newest,),) = sql(node, "SELECT max(time) FROM audit_log")
+    assert isinstance(newest, dt.datetime)
+    await wait_until(lambda: dt.datetime.now(dt.UTC) - age > newest,
+                     f"the audit rows are older than {age}")
+
+
 async def _some_calls(node: NodeProcess, n: int) -> None:
     async with node.client() as c:
         for i in range(n):
@@ -321,7 +331,7 @@ async def test_prune_exports_old_rows_and_verification_stays_green(
     node: NodeProcess, tmp_path: Path
 ) -> None:
     await _some_calls(node, 4)
-    await asyncio.sleep(2.0)  # the rows above become older than the cut-off below
+    await aged(node)  # the rows above become older than the cut-off below
     export = tmp_path / "audit-2026-11.jsonl"
     res = tessera(node, "audit", "prune", "--older-than", "1s", "--export", str(export))
     assert res.returncode == 0, res.stdout + res.stderr
@@ -361,7 +371,7 @@ async def test_prune_refuses_to_delete_rows_whose_chain_is_broken(
 ) -> None:
     await _some_calls(node, 3)
     sql(node, "UPDATE audit_log SET method = 'Forged' WHERE sequence = 2")
-    await asyncio.sleep(1.5)
+    await aged(node)
     export = tmp_path / "x.jsonl"
     res = tessera(node, "audit", "prune", "--older-than", "1s", "--export", str(export))
     assert res.returncode != 0 and "record 2" in res.stderr
@@ -554,7 +564,7 @@ async def test_a_real_prune_chains_its_anchor_and_moving_it_later_is_detected(
     node: NodeProcess, tmp_path: Path
 ) -> None:
     await _some_calls(node, 4)
-    await asyncio.sleep(1.5)  # the rows above become older than the cut-off below
+    await aged(node)  # the rows above become older than the cut-off below
     await _some_calls(node, 3)
     res = tessera(node, "audit", "prune", "--older-than", "1s")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -572,6 +582,6 @@ async def test_a_real_prune_chains_its_anchor_and_moving_it_later_is_detected(
     result = await verify_audit(node)
     assert not result.ok and "anchor was moved" in result.message
     # ... and a prune refuses to launder it into a fresh anchor.
-    await asyncio.sleep(1.5)
+    await aged(node)
     again = tessera(node, "audit", "prune", "--older-than", "1s")
     assert again.returncode != 0 and "anchor" in again.stderr

@@ -28,6 +28,7 @@ from tessera_client.pb import (
     resources_pb2,
 )
 from tests.fixtures.nodes import TEST_DIMENSION, NodeFactory, NodeProcess
+from tests.fixtures.waiting import wait_until
 
 
 def put(ws: str, kind: str, rid: str, key: str, **fields: object) -> command_pb2.ExecuteRequest:
@@ -379,13 +380,13 @@ def test_doctor_is_red_and_redacts_the_password_when_postgres_is_unreachable(
 async def test_a_certificate_that_expires_on_an_open_connection_is_refused(
     node: NodeProcess, tmp_path: Path
 ) -> None:
-    import asyncio
-
     creds = _issue_from_dev_ca(node, ["spiffe://tessera.local/client/brief"], tmp_path,
                                lifetime=dt.timedelta(seconds=3))
+    not_after = x509.load_pem_x509_certificate(creds.cert_pem).not_valid_after_utc
     async with AsyncClient(node.address, creds) as c:
         await c.query.Describe(query_pb2.DescribeRequest())
-        await asyncio.sleep(4)
+        await wait_until(lambda: dt.datetime.now(dt.UTC) > not_after,
+                         "the client certificate has expired")
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.query.Describe(query_pb2.DescribeRequest())
         assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -16,6 +16,7 @@ from tessera.audit import AuditWriter
 from tessera.calls import CallOutcome
 from tessera.core.errors import Unavailable
 from tessera_client.pb import query_pb2, resources_pb2
+from tests.fixtures.waiting import wait_until
 
 
 class FakeConn:
@@ -26,6 +27,7 @@ class FakeConn:
         self.autocommit = True
 
     async def execute(self, query: str, params: tuple[list[bytes]], **_: Any) -> FakeConn:
+        self.pool.entered += 1
         await self.pool.gate.wait()
         if self.pool.fail:
             raise psycopg.OperationalError("server closed the connection")
@@ -44,6 +46,8 @@ class FakePool:
         self.gate = asyncio.Event()
         self.gate.set()
         self.fail = False
+        #: Commits started (each waits at the gate while it is closed).
+        self.entered = 0
 
     @asynccontextmanager
     async def connection(self, **_: object) -> AsyncIterator[FakeConn]:
@@ -64,15 +68,20 @@ async def _started(pool: FakePool) -> AuditWriter:
     return writer
 
 
+def queued(writer: AuditWriter) -> int:
+    """Rows waiting for a commit (what the writer's tessera_audit_queue_rows gauge shows)."""
+    return len(writer._queue)
+
+
 async def test_rows_queued_during_a_commit_share_the_next_one() -> None:
     pool = FakePool()
     writer = await _started(pool)
     pool.gate.clear()
     first = asyncio.create_task(writer.record(outcome(0)))
-    await asyncio.sleep(0.01)  # the first batch is now committing
+    await wait_until(lambda: pool.entered == 1, "the first batch is committing")
     rest = [asyncio.create_task(writer.record(outcome(i))) for i in range(1, 6)]
-    await asyncio.sleep(0.01)
-    assert not first.done(), "no call returns before its commit"
+    await wait_until(lambda: queued(writer) == 5, "the other rows are queued")
+    assert pool.entered == 1 and not first.done(), "no call returns before its commit"
     pool.gate.set()
     await asyncio.gather(first, *rest)
     assert [len(b) for b in pool.batches] == [1, 5]
@@ -96,7 +105,7 @@ async def test_a_cancelled_call_still_gets_its_row() -> None:
     writer = await _started(pool)
     pool.gate.clear()
     call = asyncio.create_task(writer.record(outcome(0, grpc.StatusCode.CANCELLED)))
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: pool.entered == 1, "the row's batch is committing")
     call.cancel()
     pool.gate.set()
     await writer.close()
@@ -108,9 +117,9 @@ async def test_close_writes_what_is_queued_then_refuses_new_rows() -> None:
     writer = await _started(pool)
     pool.gate.clear()
     calls = [asyncio.create_task(writer.record(outcome(i))) for i in range(3)]
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: pool.entered == 1, "the first batch is committing")
     closing = asyncio.create_task(writer.close())
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: writer._closing, "close() has begun")
     with pytest.raises(Unavailable):
         await writer.record(outcome(9))
     pool.gate.set()
@@ -128,9 +137,6 @@ async def test_an_effect_that_committed_its_record_asks_for_a_link_at_once() -> 
     assert not intent.is_committed
     intent.committed()  # what store.effect_transaction says after its COMMIT
     assert intent.is_committed
-    for _ in range(100):
-        if pool.batches:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: pool.batches, "the link statement ran")
     assert pool.batches == [[]], "one link statement, no row of its own"
     await writer.close()

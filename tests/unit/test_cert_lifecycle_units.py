@@ -28,6 +28,7 @@ from tessera.pki.stepca._client import StepCAUnavailable
 from tessera.pki.stepca._config import private_jwk_from_key
 from tessera.pki.stepca._issuer import token_claims
 from tessera.pki.stepca._provisioner import load_provisioner_key
+from tests.fixtures.waiting import wait_until
 
 TD = "example.org"
 
@@ -192,6 +193,13 @@ def test_bootstrap_token_claims_are_read_without_echoing_a_bad_token() -> None:
 # ---------------------------------------------------------------------- renewal
 
 
+async def expired(cert: Path) -> None:
+    """Wait until the wall clock is past the certificate's notAfter (polled, no guessed sleep)."""
+    leaf = x509.load_pem_x509_certificate(await asyncio.to_thread(cert.read_bytes))
+    await wait_until(lambda: dt.datetime.now(dt.UTC) > leaf.not_valid_after_utc,
+                     "the certificate has expired")
+
+
 def _dev_files(tmp_path: Path, *, ttl: dt.timedelta) -> tuple[DevCA, CredentialFiles]:
     ca = DevCA(tmp_path / "ca", TD)
     files = CredentialFiles(tmp_path / "n.crt", tmp_path / "n.key", tmp_path / "ca.crt")
@@ -254,9 +262,7 @@ async def test_expired_certificate_is_re_enrolled_with_a_new_key(tmp_path: Path)
     ca, files = _dev_files(tmp_path, ttl=dt.timedelta(seconds=1))
     old_key = files.key.read_bytes()
     m = ManagedCertificate("node", files, ca, can_reenrol=True)
-    leaf = x509.load_pem_x509_certificate(files.cert.read_bytes())
-    left = (leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
-    await asyncio.sleep(max(0.0, left) + 0.1)
+    await expired(files.cert)
     status = await m.renew_now()
     assert status.state is CertState.HEALTHY
     assert files.key.read_bytes() != old_key
@@ -583,7 +589,7 @@ async def test_re_enrolment_leaves_a_matching_pair(tmp_path: Path) -> None:
 
     ca, files = _dev_files(tmp_path, ttl=dt.timedelta(seconds=1))
     m = ManagedCertificate("node", files, ca, can_reenrol=True)
-    await asyncio.sleep(1.2)
+    await expired(files.cert)
     await m.renew_now()
     assert credentials_valid(files, ca.roots_pem())
     assert files.key.stat().st_mode & 0o777 == 0o600

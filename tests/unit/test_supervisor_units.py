@@ -68,12 +68,15 @@ async def test_the_drain_refuses_new_calls_but_not_health_and_waits_for_calls_in
     drain = Drain()
     release = asyncio.Event()
 
+    entered = asyncio.Event()
+
     async def call() -> None:
         with drain.track(stream=False):
+            entered.set()
             await release.wait()
 
     task = asyncio.ensure_future(call())
-    await asyncio.sleep(0)
+    await asyncio.wait_for(entered.wait(), 30)
     assert drain.in_flight == 1
     drain.begin()
     with pytest.raises(errors.Unavailable) as exc:
