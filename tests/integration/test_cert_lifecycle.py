@@ -48,6 +48,7 @@ from tests.fixtures.stepca import (
     free_loopback_port,
     wait_healthy,
 )
+from tests.fixtures.waiting import wait_until
 
 TRUST_DOMAIN = "tessera.local"
 #: Renew at 60 % of the lifetime: step-ca backdates by 1 min, so its 60 s certificates
@@ -97,9 +98,14 @@ class ClientCert:
         return x509.load_pem_x509_certificates(self.chain_pem)[0].serial_number
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        """A new mTLS channel (a new TLS handshake on first use)."""
+        """A new mTLS channel (a new TLS handshake on first use).
+
+        Its own subchannel pool: by default gRPC shares one connection among channels of
+        the same target and settings in a process, and there would be no new handshake.
+        """
         creds = grpc.ssl_channel_credentials(self.root_pem, self.key_pem, self.chain_pem)
-        return grpc.aio.secure_channel(address, creds)
+        return grpc.aio.secure_channel(address, creds,
+                                       options=[("grpc.use_local_subchannel_pool", 1)])
 
 
 async def issue_client(
@@ -412,6 +418,68 @@ async def test_node_renews_three_times_under_load_without_a_failed_call(
     ok = stepca_node.metrics.registry.get_sample_value(
         "tessera_certificate_renewals_total", {"identity": "node", "result": "ok"})
     assert ok is not None and ok >= 3
+
+
+#: Callers each opening a new channel (a new TLS handshake) for every call.
+SWARM = 64
+
+
+async def test_a_renewal_amid_64_callers_making_new_handshakes_fails_no_call(
+    stepca: RunningStepCA, tmp_path: Path
+) -> None:
+    """A renewal triggered at a known moment, while 64 callers each keep opening a fresh
+    mTLS connection per call: no call fails before, during or after the swap, and new
+    handshakes are served the new certificate."""
+    # A node of its own with the default renewal schedule: the renewal below is the test's.
+    node = await start_node(node_config(tmp_path / "data", stepca.url, stepca.files))
+    try:
+        admin = await issue_client(stepca, tmp_path, "swarm")
+        assert node.certificates is not None
+        manager = node.certificates.managed["node"]
+        cert_file = node_files(node.runtime.cfg).server.cert
+        before = await asyncio.to_thread(served_serial, node.port, admin, tmp_path)
+        failures: list[str] = []
+        calls = [0] * SWARM
+        after = [0] * SWARM
+        renewed = asyncio.Event()
+        stop = asyncio.Event()
+
+        async def caller(i: int) -> None:
+            while not stop.is_set():
+                started_after = renewed.is_set()
+                try:
+                    async with admin.channel(node.address) as channel:
+                        await node_info(channel)
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(f"{exc.code().name} {exc.details()}")
+                    continue
+                calls[i] += 1
+                if started_after:
+                    after[i] += 1  # a handshake begun once the renewal had completed
+
+        callers = [asyncio.create_task(caller(i)) for i in range(SWARM)]
+        try:
+            await wait_until(lambda: min(calls) >= 2 or failures,
+                             "every caller is making calls", timeout_s=120)
+            renewals = manager.renewals
+            status = await manager.renew_now()  # amid the handshakes
+            renewed.set()
+            await wait_until(lambda: min(after) >= 2 or failures,
+                             "every caller made new handshakes after the renewal",
+                             timeout_s=120)
+        finally:
+            stop.set()
+            await asyncio.gather(*callers)
+        assert failures == [], failures[:5]
+        assert manager.renewals > renewals and status.serial != before
+        now_on_disk = x509.load_pem_x509_certificates(cert_file.read_bytes())[0].serial_number
+        served = await asyncio.to_thread(served_serial, node.port, admin, tmp_path)
+        # The renewed certificate (or a later scheduled one), never the one from before.
+        assert served == now_on_disk and served != before
+        async with admin.channel(node.address) as channel:
+            assert int((await cert_status(channel)).serial, 16) == served
+    finally:
+        await node.stop(0.5)
 
 
 async def test_clients_open_across_three_renewals_of_their_certificate_never_fail_a_call(
