@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -18,11 +19,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from tessera.audit import query_hash
+from tessera import store
+from tessera.audit import AuditEntry, payload, query_hash
+from tessera.config import StoreConfig
 from tessera.embedded import EmbeddedPostgres
 from tessera_client.pb import command_pb2, query_pb2, resources_pb2
 from tests.fixtures.nodes import NodeFactory
@@ -129,3 +133,35 @@ async def test_audit_rows_survive_killing_postgresql_right_after_the_answers(
     assert done.returncode == 0, done.stderr
     hashes = json.loads(done.stdout.strip().splitlines()[-1])
     assert sorted(hashes) == sorted(query_hash(r) for r in requests)
+
+
+async def synchronous_commit(conn: Any) -> str:
+    cur = await conn.execute("SELECT current_setting('synchronous_commit') AS value")
+    row = await cur.fetchone()
+    return str(row["value"] if isinstance(row, dict) else row[0])
+
+
+async def test_audit_writes_commit_synchronously_whatever_the_session_says(pg_dsn: str) -> None:
+    """Both audit functions force synchronous_commit on for their own transaction, even in
+    a session (or a server) configured with it off: the setting in force is checked where it
+    matters, inside the transaction, with no crash needed."""
+    cfg = StoreConfig(embedding_dimension=4)
+    pool = await store.open_pool(cfg, pg_dsn)
+    try:
+        await store.migrate(pool, cfg)
+        entry = AuditEntry(dt.datetime.now(dt.UTC), CLIENT, "", "", "tessera.v1.CommandService",
+                           "Execute", "task", "", "ALLOWED", "OK", 10, 5, "", "")
+        for call in ("SELECT tessera_audit_append(ARRAY[%s]::bytea[])",
+                     "SELECT tessera_audit_pending(%s)"):
+            async with pool.connection() as conn:
+                await conn.execute("SET synchronous_commit = off")
+                try:
+                    async with conn.transaction(force_rollback=True):
+                        await conn.execute(call, (payload(entry),))
+                        assert await synchronous_commit(conn) == "on", call
+                    # Local to the transaction: the session's own setting is left alone.
+                    assert await synchronous_commit(conn) == "off"
+                finally:
+                    await conn.execute("RESET synchronous_commit")
+    finally:
+        await pool.close()
