@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -468,6 +470,52 @@ async def test_valkey_dying_mid_run_fails_no_call_and_the_node_returns_to_it(
     log = node.log()
     assert log.count("using the local limiter") == 1, log
     assert log.count("Valkey answers again after") == 1, log
+
+
+async def test_a_valkey_that_stops_answering_leaves_calls_to_the_local_limiter(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    """A real Valkey, SIGSTOPped: connections stay open and nothing is answered. Calls
+    still return, decided by the local limiter. (Without the decision timeout they hang:
+    the calls' own 30 s deadline is only a hang guard, not a measurement.)"""
+    own = ValkeyProcess(tmp_path / "own-valkey", free_port())
+    own.start()
+    assert own.proc is not None
+    mport = free_port()
+    try:
+        # One call per 100 s: Valkey's budget, once spent, cannot refill during the test.
+        node = node_factory(name=unique_name("rl-stop"), env=limited_env(
+            "read=0.01/3", TESSERA_VALKEY_URL=own.url,
+            TESSERA_METRICS_LISTEN_ADDRESS=f"127.0.0.1:{mport}",
+            TESSERA_RATELIMIT_PROBE_MAX_INTERVAL_S="0.5"))
+        async with node.client() as c:
+            async def outcome() -> str:
+                try:
+                    await c.query.Describe(query_pb2.DescribeRequest(), timeout=30)
+                except grpc.aio.AioRpcError as err:
+                    return err.code().name
+                return "OK"
+
+            assert [await outcome() for _ in range(4)] == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"]
+            os.kill(own.proc.pid, signal.SIGSTOP)
+            try:
+                # Valkey would refuse this subject now, and cannot answer anyway: an
+                # admitted call was decided by the local limiter (a fresh burst of 3).
+                assert await outcome() == "OK"
+                seen: list[str] = []
+
+                async def switched() -> bool:
+                    seen.append(await outcome())  # calls keep returning meanwhile
+                    return await on_backend(mport, "local")
+
+                await wait_until(switched, "the node switched to its local limiter")
+                assert set(seen) <= {"OK", "RESOURCE_EXHAUSTED"}, seen
+            finally:
+                os.kill(own.proc.pid, signal.SIGCONT)
+            await wait_until(lambda: on_backend(mport, "valkey"), "the node returned to Valkey")
+            # Valkey decides again, and its budget for the subject is still spent.
+            assert await outcome() == "RESOURCE_EXHAUSTED"
+    finally:
+        own.stop()
 
 
 # -- peers: limited per grant ------------------------------------------------------------
