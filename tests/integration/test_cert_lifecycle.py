@@ -671,7 +671,7 @@ async def test_a_revoked_own_certificate_heals_at_once_with_a_new_key_unless_dec
 
             async def refused_to_heal() -> bool:
                 return "decommissioned" in managed["client"].status().last_error
-            await wait_for(refused_to_heal, 10, "the node to see the decommissioned serial")
+            await wait_for(refused_to_heal, 30, "the node to see the decommissioned serial")
             assert held("client")[0] == serial
             assert held("node")[0] == new_node_serial
     finally:
