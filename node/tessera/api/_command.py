@@ -16,6 +16,7 @@ from tessera.api._convert import (
     snapshot_to_pb,
     struct_to_dict,
 )
+from tessera.api._forward import Forwarder
 from tessera.api._query import check_key
 from tessera.api._runtime import Runtime
 from tessera.api._validate import (
@@ -65,6 +66,7 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self.forwarder = Forwarder(rt)
 
     def _check_put(self, c: Checker, field: str, cmd: command_pb2.PutResourceCommand,
                    scope: Scope | None) -> tuple[Resource, int | None, bool] | None:
@@ -95,6 +97,16 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
     async def Execute(
         self, request: command_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
     ) -> command_pb2.Operation:
+        if request.target:
+            # First, before anything is read or stored: only a local tool may have this
+            # node act on a peer; a peer asking for it is refused (no onward relay).
+            who = current_caller()
+            if not who.is_local:
+                raise PermissionDenied(
+                    "a peer may not have this node execute a command on another node "
+                    "(ExecuteRequest.target is for local callers)",
+                    reason="FORWARD_NOT_ALLOWED")
+            return await self.forwarder.execute(who, request)
         c = Checker()
         c.pattern("idempotency_key", request.idempotency_key, IDEMPOTENCY_RE,
                   "1-128 printable ASCII characters without spaces")
@@ -213,6 +225,8 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
     ) -> command_pb2.Operation:
         _check_operation_name(request.name)
         op = await self.rt.operations.get(request.name, current_caller().uri)
+        if op.forward_peer:
+            return await self.forwarder.get(op)
         return operation_to_pb(op)
 
     async def ListOperations(
@@ -256,7 +270,12 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
         self, request: command_pb2.CancelOperationRequest, context: grpc.aio.ServicerContext
     ) -> command_pb2.Operation:
         _check_operation_name(request.name)
-        op = await self.rt.operations.request_cancel(request.name, current_caller().uri)
+        caller = current_caller()
+        # The caller's own operation or NOT_FOUND, before anything is forwarded.
+        mine = await self.rt.operations.get(request.name, caller.uri)
+        if mine.forward_peer:
+            return await self.forwarder.cancel(caller, mine)
+        op = await self.rt.operations.request_cancel(request.name, caller.uri)
         return operation_to_pb(op)
 
     async def ListCommandTypes(
@@ -276,6 +295,11 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
         _check_operation_name(request.name)
         caller = current_caller().uri
         ops = self.rt.operations
+        mine = await ops.get(request.name, caller)  # the caller's own, or NOT_FOUND
+        if mine.forward_peer:
+            async for relayed in self.forwarder.watch(mine):
+                yield relayed
+            return
         async with self.rt.runner.watch(request.name) as changed:
             after = await ops.last_change(request.name)
             op = await ops.get(request.name, caller)

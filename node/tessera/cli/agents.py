@@ -6,6 +6,12 @@ running node's CommandService with the local client certificate: `spawn` execute
 pid, pgid and uid while it runs), `kill` executes `agent.kill` (the whole process group:
 SIGTERM, then SIGKILL after agents.kill_grace_s) and waits until the run has ended. Each
 prints the answer as JSON.
+
+`spawn --target PEER` runs the agent on a joined peer through the local node
+(docs/commands.md, "Commands to peers"). `status` and `kill` of such a run go through
+the local node too: they read and cancel the relayed operation (GetOperation,
+CancelOperation), since the peer's agent.status and agent.kill name the peer's own
+operation, which only the local node knows.
 """
 
 from __future__ import annotations
@@ -65,6 +71,9 @@ def _spawn_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
                    help="a declared argument (VALUE is JSON if it parses, else a string)")
     p.add_argument("--key", default="", help="idempotency key (default: a new one)")
+    p.add_argument("--target", default="", metavar="PEER",
+                   help="run it on this joined peer, through the local node (under the "
+                        "grant the peer gave this node)")
     p.add_argument("--watch", action="store_true",
                    help="stream the agent's output; exit 0 if the run succeeded, else 1")
     p.add_argument("--name-only", action="store_true",
@@ -84,7 +93,7 @@ def _spawn(env: Env) -> int:
     args.update({"agent": a.agent, "args": values})
     request = command_pb2.ExecuteRequest(
         idempotency_key=a.key or f"agents-cli-{uuid.uuid4()}",
-        plugin=command_pb2.PluginCommand(type="agent.spawn", args=args))
+        plugin=command_pb2.PluginCommand(type="agent.spawn", args=args), target=a.target)
     # Operations belong to their caller: spawn, status and kill use one local identity.
     with env.node("client").client() as c:
         op = c.command.Execute(request)
@@ -119,6 +128,10 @@ def _on_run(env: Env, command_type: str) -> int:
         idempotency_key=f"agents-cli-{uuid.uuid4()}",
         plugin=command_pb2.PluginCommand(type=command_type, args=args))
     with env.node("client").client() as c:
+        run = c.command.GetOperation(command_pb2.GetOperationRequest(
+            name=env.args.operation))
+        if run.target:
+            return _on_forwarded(env, c, run, command_type)
         op = c.command.Execute(request)
         for msg in c.command.WatchOperation(command_pb2.WatchOperationRequest(name=op.name)):
             op = msg
@@ -127,6 +140,16 @@ def _on_run(env: Env, command_type: str) -> int:
         env.out.warn(f"tessera: {command_type} {op.name} {state}: {op.error.message}")
         return 1
     env.out.data(op.output)
+    return 0
+
+
+def _on_forwarded(env: Env, c: Any, run: command_pb2.Operation, command_type: str) -> int:
+    """Status or kill of a run on a peer: its relayed operation (kill waits for its end)."""
+    if command_type == "agent.kill" and not run.done:
+        c.command.CancelOperation(command_pb2.CancelOperationRequest(name=run.name))
+        for msg in c.command.WatchOperation(command_pb2.WatchOperationRequest(name=run.name)):
+            run = msg
+    env.out.data(run)
     return 0
 
 

@@ -61,9 +61,28 @@ class Unauthenticated(TesseraError):
 
 
 class FailedPrecondition(TesseraError):
-    """The system is not in a state that allows the call (version mismatch, reused key)."""
+    """The system is not in a state that allows the call (version mismatch, reused key).
+
+    `violations`, when given, name the request fields the state refuses (a BadRequest
+    detail besides the ErrorInfo), e.g. a `target` peer that has not been joined.
+    """
 
     reason = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, *, reason: str | None = None,
+                 violations: Sequence[FieldViolation] = ()) -> None:
+        super().__init__(message, reason=reason)
+        self.violations = list(violations)
+
+
+class Relayed(TesseraError):
+    """A peer's refusal passed on as it came: its google.rpc code, and its serialized
+    google.rpc.Status (message and details such as BadRequest or ErrorInfo)."""
+
+    def __init__(self, code: int, message: str, status: bytes, *, reason: str) -> None:
+        super().__init__(message, reason=reason)
+        self.code = code
+        self.status = status
 
 
 class OutOfRange(TesseraError):

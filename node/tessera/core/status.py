@@ -30,6 +30,8 @@ _CODES: list[tuple[type[errors.TesseraError], int]] = [
 
 def code_of(exc: errors.TesseraError) -> int:
     """The google.rpc code of a domain error."""
+    if isinstance(exc, errors.Relayed):
+        return exc.code
     for cls, code in _CODES:
         if isinstance(exc, cls):
             return int(code)
@@ -38,7 +40,16 @@ def code_of(exc: errors.TesseraError) -> int:
 
 def to_status(exc: errors.TesseraError) -> status_pb2.Status:
     """A google.rpc.Status with the details that help the caller act."""
+    if isinstance(exc, errors.Relayed):
+        relayed = status_pb2.Status.FromString(exc.status) if exc.status \
+            else status_pb2.Status()
+        relayed.code, relayed.message = exc.code, exc.message
+        return relayed
     status = status_pb2.Status(code=code_of(exc), message=exc.message)
+    if isinstance(exc, errors.FailedPrecondition) and exc.violations:
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in exc.violations]))
     if isinstance(exc, errors.InvalidArgument):
         detail = error_details_pb2.BadRequest(
             field_violations=[

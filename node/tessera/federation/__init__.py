@@ -2,6 +2,7 @@
 
 from tessera.federation._breaker import BreakerState, CircuitBreaker
 from tessera.federation._fanout import (
+    FORWARD_TIMEOUT_S,
     Federation,
     SourceAnswer,
     load_peers,
@@ -9,6 +10,7 @@ from tessera.federation._fanout import (
 from tessera.federation._merge import merge_sorted
 
 __all__ = [
+    "FORWARD_TIMEOUT_S",
     "BreakerState",
     "CircuitBreaker",
     "Federation",

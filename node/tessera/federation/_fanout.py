@@ -10,6 +10,9 @@ flushed at once; so does a peer joined anew (its peer.json rewritten). A renewal
 client certificate keeps the identity and grant, so it keeps the cache and the client:
 the client follows the renewed files itself (new calls on a new channel, calls in flight
 finish on the old one).
+
+Commands to peers (`command`, `command_stream`) use the same channel and breaker; they are
+never cached, and a peer's refusal is relayed as the peer gave it.
 """
 
 from __future__ import annotations
@@ -18,17 +21,25 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import redis.asyncio as redis
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from tessera.core.errors import TesseraError
+from tessera.core.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    PermissionDenied,
+    Relayed,
+    TesseraError,
+    Unavailable,
+)
 from tessera.federation._breaker import CircuitBreaker
 from tessera.observability import Metrics, span, trace_metadata, traced
 from tessera.peering import OutboundPeer, load_outbound, peers_dir
@@ -47,6 +58,13 @@ _REVOKED_CODES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTIC
 #: How long the list of joined peers is reused before data_dir/peers is read again.
 _PEERS_TTL_S = 1.0
 _QUERY_SERVICE = "tessera.v1.QueryService"
+_COMMAND_SERVICE = "tessera.v1.CommandService"
+#: Seconds a forwarded Execute, GetOperation or CancelOperation may take on the peer (an
+#: admission there may wait for its cap's lock); WatchOperation streams without one.
+FORWARD_TIMEOUT_S = 15.0
+#: A peer's answers that say it failed, not the caller: UNAVAILABLE here, never UNKNOWN.
+_FAULT_CODES = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+                grpc.StatusCode.DATA_LOSS, grpc.StatusCode.CANCELLED)
 #: The outcome label of tessera_federation_peer_calls_total for each answer state.
 _OUTCOMES: dict[int, str] = {State.STATE_OK: "ok", State.STATE_DENIED: "denied",
              State.STATE_OFFLINE: "offline", State.STATE_CACHED: "offline"}
@@ -243,6 +261,106 @@ class Federation:
         if cacheable:
             await self._cache_put(key, response)
         return SourceAnswer(peer.name, State.STATE_OK, "", response)
+
+    # -- commands to peers (CommandService over the same channel and breaker) --------
+
+    def _forward_breaker(self, name: str) -> CircuitBreaker:
+        breaker = self.breakers.setdefault(
+            name, CircuitBreaker(self.breaker_failures, self.breaker_cooldown_s))
+        if not breaker.allow(time.monotonic()):
+            raise Unavailable(f"peer {name} is offline (its circuit is open after failed "
+                              "calls); retry shortly", reason="PEER_UNAVAILABLE")
+        return breaker
+
+    def joined(self, name: str) -> OutboundPeer:
+        """The joined peer `name`; FailedPrecondition naming the field `target` if none."""
+        peer = self.peers().get(name)
+        if peer is None:
+            raise FailedPrecondition(
+                f"no peer named {name!r} has been joined", reason="PEER_NOT_JOINED",
+                violations=[FieldViolation("target", f"not a joined peer; joined peers: "
+                                           f"{', '.join(sorted(self.peers())) or 'none'}")])
+        return peer
+
+    async def command(self, name: str, method: str, request: Message) -> Any:
+        """Call `CommandService.<method>` on peer `name` as this node (its grant there).
+
+        The peer's refusals come back as they came (`Relayed`: code, message, details);
+        an unreachable peer is Unavailable, never UNKNOWN.
+        """
+        peer = self.joined(name)
+        breaker = self._forward_breaker(name)
+        with span(f"{_COMMAND_SERVICE}/{method}", SpanKind.CLIENT, **{
+                "rpc.system": "grpc", "rpc.service": _COMMAND_SERVICE, "rpc.method": method,
+                "server.address": peer.address, "tessera.peer": name}):
+            try:
+                client = await self._client(peer)
+                response = await getattr(client.command, method)(
+                    request, timeout=FORWARD_TIMEOUT_S, metadata=trace_metadata())
+            except grpc.aio.AioRpcError as exc:
+                raise self._refusal(name, breaker, exc) from None
+            except OSError as exc:  # unreadable credentials
+                raise Unavailable(f"the credentials for peer {name} are unusable "
+                                  f"({type(exc).__name__})", reason="PEER_CREDENTIALS") from None
+        breaker.success()
+        return response
+
+    async def command_stream(self, name: str, method: str,
+                             request: Message) -> AsyncIterator[Any]:
+        """Stream `CommandService.<method>` of peer `name` (WatchOperation), as `command`."""
+        peer = self.joined(name)
+        breaker = self._forward_breaker(name)
+        try:
+            client = await self._client(peer)
+        except OSError as exc:
+            raise Unavailable(f"the credentials for peer {name} are unusable "
+                              f"({type(exc).__name__})", reason="PEER_CREDENTIALS") from None
+        call = getattr(client.command, method)(request, metadata=trace_metadata())
+        try:
+            first = True
+            async for message in call:
+                if first:
+                    breaker.success()
+                    first = False
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise self._refusal(name, breaker, exc) from None
+        finally:
+            call.cancel()  # the local caller left (or the stream ended): end the peer's
+
+    def _refusal(self, name: str, breaker: CircuitBreaker,
+                 exc: grpc.aio.AioRpcError) -> TesseraError:
+        """The local error for a peer's failed answer."""
+        code = exc.code()
+        details = (exc.details() or "")[:1000]
+        if code in _OFFLINE_CODES:
+            breaker.failure(time.monotonic())
+            return Unavailable(f"peer {name} is unreachable ({code.name}): {details}; "
+                               "retry (the same idempotency key never runs a command twice)",
+                               reason="PEER_UNAVAILABLE")
+        breaker.success()  # it answered: the transport is fine
+        # (A refused command says nothing about the read grant: the query cache stays.)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return PermissionDenied(f"peer {name} did not accept this node's certificate: "
+                                    f"{details}", reason="PEER_REFUSED_NODE")
+        if code in _FAULT_CODES:
+            return Unavailable(f"peer {name} failed the call ({code.name}): {details}",
+                               reason="PEER_FAILED")
+        raw = dict(exc.trailing_metadata() or ()).get("grpc-status-details-bin")
+        reason, status = code.name, b""
+        if isinstance(raw, bytes):
+            try:
+                parsed = status_pb2.Status.FromString(raw)
+            except DecodeError:
+                parsed = None
+            if parsed is not None:
+                status = raw
+                for detail in parsed.details:
+                    if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                        info = error_details_pb2.ErrorInfo()
+                        detail.Unpack(info)
+                        reason = info.reason[:64] or reason
+        return Relayed(int(code.value[0]), f"peer {name}: {details}", status, reason=reason)
 
     async def _offline(self, name: str, key: str, response_type: type[Message],
                        why: str) -> SourceAnswer:

@@ -21,7 +21,7 @@ from psycopg import sql
 
 from tessera.core.errors import FailedPrecondition, NotFound, Unavailable
 from tessera.core.pagination import query_hash
-from tessera.store._effects import effect_transaction
+from tessera.store._effects import AuditIntent, effect_transaction
 from tessera.store._predicate import Predicate
 from tessera.store._resources import Pool, Resource, ResourceKey, ResourceStore, append_event
 
@@ -30,8 +30,15 @@ OPERATIONS_CHANNEL = "tessera_operations"
 #: Event kind of operation events; their resource_id is the operation's uuid.
 OPERATION_EVENT_KIND = "operation"
 DONE_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+#: State of a local caller's operation that runs on a peer (ExecuteRequest.target). No
+#: runner claims, recovers or counts it; its state is the peer's, read through the peer.
+FORWARDED = "FORWARDED"
 
 _UNIQUE_KEY = "operations_caller_idempotency_key_key"
+
+
+class _Gone(Exception):
+    """Rolls an effect transaction back when the row it should change is not there."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,10 @@ class Operation:
     input: dict[str, Any] | None = None
     #: The runner (node process) holding the lease of a running operation.
     lease_owner: str | None = None
+    #: For a FORWARDED operation: the peer it runs on, and the peer's operation name
+    #: (empty until the peer accepted it).
+    forward_peer: str = ""
+    forward_operation: str = ""
 
     @property
     def done(self) -> bool:
@@ -132,6 +143,8 @@ def _row_to_operation(row: dict[str, Any]) -> Operation:
         retry_safe=bool(row.get("retry_safe")),
         input=row.get("input"),
         lease_owner=row.get("lease_owner"),
+        forward_peer=row.get("forward_peer") or "",
+        forward_operation=row.get("forward_operation") or "",
     )
 
 
@@ -357,6 +370,68 @@ class OperationStore:
                 return existing, False
             return await _changed(conn, row, "pending"), True
 
+    # -- commands to peers ----------------------------------------------------------
+
+    async def create_forward(self, *, caller: str, idempotency_key: str, command_type: str,
+                             request_hash: str, peer: str) -> Operation:
+        """Reserve (caller, key) for a command executed on `peer`: a FORWARDED row, or the
+        one already stored for the same request (FailedPrecondition for another request).
+
+        Nothing runs here and no runner ever claims it (claims take PENDING rows only).
+        """
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "INSERT INTO operations (name, caller, idempotency_key, request_hash,"
+                " command_type, state, forward_peer)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (caller, idempotency_key) DO NOTHING RETURNING *",
+                (uuid.uuid4(), caller, idempotency_key, request_hash, command_type,
+                 FORWARDED, peer),
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                return _row_to_operation(row)
+            existing = await self._existing(conn, caller, idempotency_key, request_hash)
+            assert existing is not None
+            return existing
+
+    async def forwarded(self, name: str, remote: str,
+                        audit: AuditIntent | None) -> Operation | None:
+        """Record that the peer accepted a FORWARDED operation as `remote`, with `audit`
+        (the forwarding record) in the same transaction. None when the reservation is gone
+        or maps to another remote operation."""
+        try:
+            async with effect_transaction(self.pool, audit) as conn:
+                cur = await conn.execute(
+                    "UPDATE operations SET forward_operation = %s,"
+                    " updated_at = clock_timestamp() WHERE name = %s AND state = %s"
+                    " AND (forward_operation IS NULL OR forward_operation = %s) RETURNING *",
+                    (remote, operation_uuid(name), FORWARDED, remote),
+                )
+                row = await cur.fetchone()
+                if row is None:
+                    raise _Gone  # inside: the audit record is not written either
+                return _row_to_operation(row)
+        except _Gone:
+            return None
+
+    async def drop_forward(self, name: str) -> None:
+        """Forget a reservation the peer refused (its key is free again)."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "DELETE FROM operations WHERE name = %s AND state = %s"
+                " AND forward_operation IS NULL", (operation_uuid(name), FORWARDED))
+
+    async def touch_forward(self, name: str, *, done: bool,
+                            audit: AuditIntent | None = None) -> None:
+        """Note a relayed change of a FORWARDED operation (with `audit`, e.g. a forwarded
+        cancel's record, in the same transaction); `done` starts its retention."""
+        async with effect_transaction(self.pool, audit) as conn:
+            await conn.execute(
+                "UPDATE operations SET updated_at = clock_timestamp(), finished_at ="
+                " CASE WHEN %s THEN coalesce(finished_at, now()) ELSE finished_at END"
+                " WHERE name = %s AND state = %s", (done, operation_uuid(name), FORWARDED))
+
     # -- the runner ------------------------------------------------------------------
 
     async def claim(self, name: str, owner: str, lease_s: float) -> Operation | None:
@@ -516,9 +591,13 @@ class OperationStore:
     async def prune(self, older_than_s: float) -> int:
         """Delete operations finished more than `older_than_s` ago; how many."""
         async with self.pool.connection() as conn:
+            # A forwarded operation never seen done is kept as long, from its creation
+            # (the peer prunes its own operation by then).
             cur = await conn.execute(
                 "DELETE FROM operations"
-                " WHERE finished_at < now() - make_interval(secs => %s)", (older_than_s,)
+                " WHERE finished_at < now() - make_interval(secs => %s)"
+                " OR (state = %s AND created_at < now() - make_interval(secs => %s))",
+                (older_than_s, FORWARDED, older_than_s)
             )
             return cur.rowcount
 
@@ -607,9 +686,12 @@ class OperationStore:
         self, caller: str, *, limit: int, after: Sequence[Any] | None, state: str = "",
         command_type: str = "",
     ) -> list[Operation]:
-        """The caller's operations, newest first, optionally of one state and type."""
-        params: list[Any] = [caller]
-        where = "caller = %s"
+        """The caller's operations, newest first, optionally of one state and type.
+
+        FORWARDED operations are not listed (their state is the peer's); they are read
+        by name."""
+        params: list[Any] = [caller, FORWARDED]
+        where = "caller = %s AND state <> %s"
         if state:
             where += " AND state = %s"
             params.append(state)

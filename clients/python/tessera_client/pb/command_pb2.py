@@ -29,15 +29,15 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from tessera_client.pb import resources_pb2 as tessera_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tessera/v1/command.proto\x12\ntessera.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1atessera/v1/resources.proto\"h\n\x12PutResourceCommand\x12&\n\x08resource\x18\x01 \x01(\x0b\x32\x14.tessera.v1.Resource\x12\x15\n\rexpected_etag\x18\x02 \x01(\t\x12\x13\n\x0b\x63reate_only\x18\x03 \x01(\x08\"k\n\x15\x44\x65leteResourceCommand\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.tessera.v1.ResourceKey\x12\x15\n\rexpected_etag\x18\x02 \x01(\t\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\"H\n\x18\x42\x61tchPutResourcesCommand\x12,\n\x04puts\x18\x01 \x03(\x0b\x32\x1e.tessera.v1.PutResourceCommand\"D\n\rPluginCommand\x12\x0c\n\x04type\x18\x01 \x01(\t\x12%\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x9c\x02\n\x0e\x45xecuteRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x36\n\x0cput_resource\x18\x02 \x01(\x0b\x32\x1e.tessera.v1.PutResourceCommandH\x00\x12<\n\x0f\x64\x65lete_resource\x18\x03 \x01(\x0b\x32!.tessera.v1.DeleteResourceCommandH\x00\x12+\n\x06plugin\x18\x04 \x01(\x0b\x32\x19.tessera.v1.PluginCommandH\x00\x12\x43\n\x13\x62\x61tch_put_resources\x18\x05 \x01(\x0b\x32$.tessera.v1.BatchPutResourcesCommandH\x00\x42\t\n\x07\x63ommand\"K\n\x0eResourceResult\x12&\n\x08resource\x18\x01 \x01(\x0b\x32\x14.tessera.v1.Resource\x12\x11\n\tnot_found\x18\x02 \x01(\x08\"9\n\x0e\x42\x61tchPutResult\x12\'\n\tresources\x18\x01 \x03(\x0b\x32\x14.tessera.v1.Resource\"5\n\x11OperationProgress\x12\x0f\n\x07percent\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbb\x04\n\tOperation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ommand_type\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.tessera.v1.OperationState\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12,\n\x06result\x18\x05 \x01(\x0b\x32\x1a.tessera.v1.ResourceResultH\x00\x12#\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12)\n\x06output\x18\x0c \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x32\n\x0c\x62\x61tch_result\x18\r \x01(\x0b\x32\x1a.tessera.v1.BatchPutResultH\x00\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x65vent_sequence\x18\x0b \x01(\x03\x12/\n\x08progress\x18\x0e \x01(\x0b\x32\x1d.tessera.v1.OperationProgress\x12\x18\n\x10\x63\x61ncel_requested\x18\x0f \x01(\x08\x12\x10\n\x08\x61ttempts\x18\x10 \x01(\x05\x12\x14\n\x0coutput_chunk\x18\x11 \x01(\tB\t\n\x07outcome\"#\n\x13GetOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x7f\n\x15ListOperationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.tessera.v1.OperationState\x12\x14\n\x0c\x63ommand_type\x18\x04 \x01(\t\"\\\n\x16ListOperationsResponse\x12)\n\noperations\x18\x01 \x03(\x0b\x32\x15.tessera.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16\x43\x61ncelOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15WatchOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17ListCommandTypesRequest\"\xc7\x01\n\x0b\x43ommandType\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x12\n\nretry_safe\x18\x06 \x01(\x08\x12\x13\n\x0b\x63\x61ncel_hook\x18\x07 \x01(\x08\x12\x14\n\x0clong_running\x18\x08 \x01(\x08\"J\n\x18ListCommandTypesResponse\x12.\n\rcommand_types\x18\x01 \x03(\x0b\x32\x17.tessera.v1.CommandType*\xc5\x01\n\x0eOperationState\x12\x1f\n\x1bOPERATION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17OPERATION_STATE_PENDING\x10\x01\x12\x1b\n\x17OPERATION_STATE_RUNNING\x10\x02\x12\x1d\n\x19OPERATION_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16OPERATION_STATE_FAILED\x10\x04\x12\x1d\n\x19OPERATION_STATE_CANCELLED\x10\x05\x32\xea\x03\n\x0e\x43ommandService\x12<\n\x07\x45xecute\x12\x1a.tessera.v1.ExecuteRequest\x1a\x15.tessera.v1.Operation\x12\x46\n\x0cGetOperation\x12\x1f.tessera.v1.GetOperationRequest\x1a\x15.tessera.v1.Operation\x12W\n\x0eListOperations\x12!.tessera.v1.ListOperationsRequest\x1a\".tessera.v1.ListOperationsResponse\x12L\n\x0f\x43\x61ncelOperation\x12\".tessera.v1.CancelOperationRequest\x1a\x15.tessera.v1.Operation\x12L\n\x0eWatchOperation\x12!.tessera.v1.WatchOperationRequest\x1a\x15.tessera.v1.Operation0\x01\x12]\n\x10ListCommandTypes\x12#.tessera.v1.ListCommandTypesRequest\x1a$.tessera.v1.ListCommandTypesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tessera/v1/command.proto\x12\ntessera.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1atessera/v1/resources.proto\"h\n\x12PutResourceCommand\x12&\n\x08resource\x18\x01 \x01(\x0b\x32\x14.tessera.v1.Resource\x12\x15\n\rexpected_etag\x18\x02 \x01(\t\x12\x13\n\x0b\x63reate_only\x18\x03 \x01(\x08\"k\n\x15\x44\x65leteResourceCommand\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.tessera.v1.ResourceKey\x12\x15\n\rexpected_etag\x18\x02 \x01(\t\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\"H\n\x18\x42\x61tchPutResourcesCommand\x12,\n\x04puts\x18\x01 \x03(\x0b\x32\x1e.tessera.v1.PutResourceCommand\"D\n\rPluginCommand\x12\x0c\n\x04type\x18\x01 \x01(\t\x12%\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xac\x02\n\x0e\x45xecuteRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x36\n\x0cput_resource\x18\x02 \x01(\x0b\x32\x1e.tessera.v1.PutResourceCommandH\x00\x12<\n\x0f\x64\x65lete_resource\x18\x03 \x01(\x0b\x32!.tessera.v1.DeleteResourceCommandH\x00\x12+\n\x06plugin\x18\x04 \x01(\x0b\x32\x19.tessera.v1.PluginCommandH\x00\x12\x43\n\x13\x62\x61tch_put_resources\x18\x05 \x01(\x0b\x32$.tessera.v1.BatchPutResourcesCommandH\x00\x12\x0e\n\x06target\x18\x06 \x01(\tB\t\n\x07\x63ommand\"K\n\x0eResourceResult\x12&\n\x08resource\x18\x01 \x01(\x0b\x32\x14.tessera.v1.Resource\x12\x11\n\tnot_found\x18\x02 \x01(\x08\"9\n\x0e\x42\x61tchPutResult\x12\'\n\tresources\x18\x01 \x03(\x0b\x32\x14.tessera.v1.Resource\"5\n\x11OperationProgress\x12\x0f\n\x07percent\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xcb\x04\n\tOperation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ommand_type\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.tessera.v1.OperationState\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12,\n\x06result\x18\x05 \x01(\x0b\x32\x1a.tessera.v1.ResourceResultH\x00\x12#\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12)\n\x06output\x18\x0c \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x32\n\x0c\x62\x61tch_result\x18\r \x01(\x0b\x32\x1a.tessera.v1.BatchPutResultH\x00\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x65vent_sequence\x18\x0b \x01(\x03\x12/\n\x08progress\x18\x0e \x01(\x0b\x32\x1d.tessera.v1.OperationProgress\x12\x18\n\x10\x63\x61ncel_requested\x18\x0f \x01(\x08\x12\x10\n\x08\x61ttempts\x18\x10 \x01(\x05\x12\x14\n\x0coutput_chunk\x18\x11 \x01(\t\x12\x0e\n\x06target\x18\x12 \x01(\tB\t\n\x07outcome\"#\n\x13GetOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x7f\n\x15ListOperationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.tessera.v1.OperationState\x12\x14\n\x0c\x63ommand_type\x18\x04 \x01(\t\"\\\n\x16ListOperationsResponse\x12)\n\noperations\x18\x01 \x03(\x0b\x32\x15.tessera.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16\x43\x61ncelOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15WatchOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17ListCommandTypesRequest\"\xc7\x01\n\x0b\x43ommandType\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12\x12\n\nretry_safe\x18\x06 \x01(\x08\x12\x13\n\x0b\x63\x61ncel_hook\x18\x07 \x01(\x08\x12\x14\n\x0clong_running\x18\x08 \x01(\x08\"J\n\x18ListCommandTypesResponse\x12.\n\rcommand_types\x18\x01 \x03(\x0b\x32\x17.tessera.v1.CommandType*\xc5\x01\n\x0eOperationState\x12\x1f\n\x1bOPERATION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17OPERATION_STATE_PENDING\x10\x01\x12\x1b\n\x17OPERATION_STATE_RUNNING\x10\x02\x12\x1d\n\x19OPERATION_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16OPERATION_STATE_FAILED\x10\x04\x12\x1d\n\x19OPERATION_STATE_CANCELLED\x10\x05\x32\xea\x03\n\x0e\x43ommandService\x12<\n\x07\x45xecute\x12\x1a.tessera.v1.ExecuteRequest\x1a\x15.tessera.v1.Operation\x12\x46\n\x0cGetOperation\x12\x1f.tessera.v1.GetOperationRequest\x1a\x15.tessera.v1.Operation\x12W\n\x0eListOperations\x12!.tessera.v1.ListOperationsRequest\x1a\".tessera.v1.ListOperationsResponse\x12L\n\x0f\x43\x61ncelOperation\x12\".tessera.v1.CancelOperationRequest\x1a\x15.tessera.v1.Operation\x12L\n\x0eWatchOperation\x12!.tessera.v1.WatchOperationRequest\x1a\x15.tessera.v1.Operation0\x01\x12]\n\x10ListCommandTypes\x12#.tessera.v1.ListCommandTypesRequest\x1a$.tessera.v1.ListCommandTypesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera_client.pb.command_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPERATIONSTATE']._serialized_start=2212
-  _globals['_OPERATIONSTATE']._serialized_end=2409
+  _globals['_OPERATIONSTATE']._serialized_start=2244
+  _globals['_OPERATIONSTATE']._serialized_end=2441
   _globals['_PUTRESOURCECOMMAND']._serialized_start=156
   _globals['_PUTRESOURCECOMMAND']._serialized_end=260
   _globals['_DELETERESOURCECOMMAND']._serialized_start=262
@@ -47,31 +47,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLUGINCOMMAND']._serialized_start=445
   _globals['_PLUGINCOMMAND']._serialized_end=513
   _globals['_EXECUTEREQUEST']._serialized_start=516
-  _globals['_EXECUTEREQUEST']._serialized_end=800
-  _globals['_RESOURCERESULT']._serialized_start=802
-  _globals['_RESOURCERESULT']._serialized_end=877
-  _globals['_BATCHPUTRESULT']._serialized_start=879
-  _globals['_BATCHPUTRESULT']._serialized_end=936
-  _globals['_OPERATIONPROGRESS']._serialized_start=938
-  _globals['_OPERATIONPROGRESS']._serialized_end=991
-  _globals['_OPERATION']._serialized_start=994
-  _globals['_OPERATION']._serialized_end=1565
-  _globals['_GETOPERATIONREQUEST']._serialized_start=1567
-  _globals['_GETOPERATIONREQUEST']._serialized_end=1602
-  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1604
-  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1731
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1733
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1825
-  _globals['_CANCELOPERATIONREQUEST']._serialized_start=1827
-  _globals['_CANCELOPERATIONREQUEST']._serialized_end=1865
-  _globals['_WATCHOPERATIONREQUEST']._serialized_start=1867
-  _globals['_WATCHOPERATIONREQUEST']._serialized_end=1904
-  _globals['_LISTCOMMANDTYPESREQUEST']._serialized_start=1906
-  _globals['_LISTCOMMANDTYPESREQUEST']._serialized_end=1931
-  _globals['_COMMANDTYPE']._serialized_start=1934
-  _globals['_COMMANDTYPE']._serialized_end=2133
-  _globals['_LISTCOMMANDTYPESRESPONSE']._serialized_start=2135
-  _globals['_LISTCOMMANDTYPESRESPONSE']._serialized_end=2209
-  _globals['_COMMANDSERVICE']._serialized_start=2412
-  _globals['_COMMANDSERVICE']._serialized_end=2902
+  _globals['_EXECUTEREQUEST']._serialized_end=816
+  _globals['_RESOURCERESULT']._serialized_start=818
+  _globals['_RESOURCERESULT']._serialized_end=893
+  _globals['_BATCHPUTRESULT']._serialized_start=895
+  _globals['_BATCHPUTRESULT']._serialized_end=952
+  _globals['_OPERATIONPROGRESS']._serialized_start=954
+  _globals['_OPERATIONPROGRESS']._serialized_end=1007
+  _globals['_OPERATION']._serialized_start=1010
+  _globals['_OPERATION']._serialized_end=1597
+  _globals['_GETOPERATIONREQUEST']._serialized_start=1599
+  _globals['_GETOPERATIONREQUEST']._serialized_end=1634
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1636
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1763
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1765
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1857
+  _globals['_CANCELOPERATIONREQUEST']._serialized_start=1859
+  _globals['_CANCELOPERATIONREQUEST']._serialized_end=1897
+  _globals['_WATCHOPERATIONREQUEST']._serialized_start=1899
+  _globals['_WATCHOPERATIONREQUEST']._serialized_end=1936
+  _globals['_LISTCOMMANDTYPESREQUEST']._serialized_start=1938
+  _globals['_LISTCOMMANDTYPESREQUEST']._serialized_end=1963
+  _globals['_COMMANDTYPE']._serialized_start=1966
+  _globals['_COMMANDTYPE']._serialized_end=2165
+  _globals['_LISTCOMMANDTYPESRESPONSE']._serialized_start=2167
+  _globals['_LISTCOMMANDTYPESRESPONSE']._serialized_end=2241
+  _globals['_COMMANDSERVICE']._serialized_start=2444
+  _globals['_COMMANDSERVICE']._serialized_end=2934
 # @@protoc_insertion_point(module_scope)

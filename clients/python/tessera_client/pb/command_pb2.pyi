@@ -187,9 +187,16 @@ class ExecuteRequest(_message.Message):
     DELETE_RESOURCE_FIELD_NUMBER: _builtins.int
     PLUGIN_FIELD_NUMBER: _builtins.int
     BATCH_PUT_RESOURCES_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Client-chosen key, 1-128 printable ASCII characters. Required: the same key (per caller)
     returns the same operation and never applies the command twice.
+    """
+    target: _builtins.str
+    """Name of a joined peer: this node executes the command on that peer, over its mTLS peer
+    channel and under the grant the peer gave this node, and relays the peer's operation.
+    Only local identities (client, admin) may set it; a peer that sets it is refused
+    (PERMISSION_DENIED): a node never forwards on a peer's behalf. Empty: run here.
     """
     @_builtins.property
     def put_resource(self) -> Global___PutResourceCommand:
@@ -215,10 +222,11 @@ class ExecuteRequest(_message.Message):
         delete_resource: Global___DeleteResourceCommand | None = ...,
         plugin: Global___PluginCommand | None = ...,
         batch_put_resources: Global___BatchPutResourcesCommand | None = ...,
+        target: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch_put_resources", b"batch_put_resources", "command", b"command", "delete_resource", b"delete_resource", "plugin", b"plugin", "put_resource", b"put_resource"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_put_resources", b"batch_put_resources", "command", b"command", "delete_resource", b"delete_resource", "idempotency_key", b"idempotency_key", "plugin", b"plugin", "put_resource", b"put_resource"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_put_resources", b"batch_put_resources", "command", b"command", "delete_resource", b"delete_resource", "idempotency_key", b"idempotency_key", "plugin", b"plugin", "put_resource", b"put_resource", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["put_resource", "delete_resource", "plugin", "batch_put_resources"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
@@ -327,6 +335,7 @@ class Operation(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     OUTPUT_CHUNK_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Server-assigned name, "operations/<uuid>"."""
     command_type: _builtins.str
@@ -350,6 +359,10 @@ class Operation(_message.Message):
     output_chunk: _builtins.str
     """WatchOperation only: output the handler emitted since the previous message (e.g. lines
     of a child process), in order. Also kept as `operation.output` events.
+    """
+    target: _builtins.str
+    """The peer the operation runs on, when it was executed with ExecuteRequest.target; this
+    node relays its state (GetOperation, WatchOperation, CancelOperation). Empty: local.
     """
     @_builtins.property
     def result(self) -> Global___ResourceResult:
@@ -399,10 +412,11 @@ class Operation(_message.Message):
         cancel_requested: _builtins.bool = ...,
         attempts: _builtins.int = ...,
         output_chunk: _builtins.str = ...,
+        target: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch_result", b"batch_result", "create_time", b"create_time", "error", b"error", "outcome", b"outcome", "output", b"output", "progress", b"progress", "result", b"result", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch_result", b"batch_result", "caller", b"caller", "cancel_requested", b"cancel_requested", "command_type", b"command_type", "create_time", b"create_time", "done", b"done", "error", b"error", "event_sequence", b"event_sequence", "idempotency_key", b"idempotency_key", "name", b"name", "outcome", b"outcome", "output", b"output", "output_chunk", b"output_chunk", "progress", b"progress", "result", b"result", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch_result", b"batch_result", "caller", b"caller", "cancel_requested", b"cancel_requested", "command_type", b"command_type", "create_time", b"create_time", "done", b"done", "error", b"error", "event_sequence", b"event_sequence", "idempotency_key", b"idempotency_key", "name", b"name", "outcome", b"outcome", "output", b"output", "output_chunk", b"output_chunk", "progress", b"progress", "result", b"result", "state", b"state", "target", b"target", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error", "output", "batch_result"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015

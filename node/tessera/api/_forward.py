@@ -1,0 +1,177 @@
+"""Commands to peers: a local caller's Execute with `target`, and its relayed operation.
+
+Trust model (docs/security.md, "Commands to peers"):
+
+- Only local identities (client, admin) may set `target`; the servicer refuses a peer
+  before calling anything here, so a node is never a relay for a third party.
+- The peer sees this node's identity and applies the grant it gave this node; it knows
+  nothing of the local caller. So every local caller gets its own remote operation: the
+  remote idempotency key is SHA-256 over a domain tag, the caller's identity, a zero byte
+  and the caller's key. Two callers with one key never share a remote operation, and a
+  caller's retry finds its own again.
+- The local row (state FORWARDED) belongs to the caller like any operation; Get, Watch and
+  Cancel look it up by (name, caller) first, so another local caller gets NOT_FOUND and
+  never reaches the peer. The peer's operation name is never accepted from a caller.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tessera import audit
+from tessera.api._runtime import Runtime
+from tessera.api._validate import IDEMPOTENCY_RE, Checker
+from tessera.calls import Caller
+from tessera.core.errors import TesseraError, Unavailable
+from tessera.core.pagination import query_hash
+from tessera.store import Operation
+from tessera_client.pb import command_pb2
+
+#: Domain separation of remote idempotency keys (versioned: a change makes new keys).
+KEY_DOMAIN = b"tessera/forwarded-command/v1\x00"
+#: Audit records of forwarding (besides each call's own record).
+AUDIT_SERVICE = "tessera.forward"
+_MAX_TARGET = 128
+_TYPES = {"put_resource": "resource.put", "delete_resource": "resource.delete",
+          "batch_put_resources": "resource.batch_put"}
+
+
+def remote_key(caller: str, key: str) -> str:
+    """The idempotency key this node uses on the peer for `caller`'s `key`."""
+    return hashlib.sha256(KEY_DOMAIN + caller.encode() + b"\x00" + key.encode()).hexdigest()
+
+
+class _Record:
+    """A forwarding audit record, committed with the local row's change."""
+
+    def __init__(self, entry: audit.AuditEntry, writer: audit.AuditWriter) -> None:
+        self._entry = entry
+        self._writer = writer
+        self.is_committed = False
+
+    def payload(self) -> bytes:
+        return audit.payload(self._entry)
+
+    def committed(self) -> None:
+        self.is_committed = True
+        self._writer.link_soon()
+
+
+class Forwarder:
+    """Executes commands on peers for local callers and relays their operations."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def _record(self, caller: Caller, what: str, op: Operation,
+                remote: str) -> _Record | None:
+        if self.rt.auditor is None:
+            return None
+        return _Record(audit.AuditEntry(
+            time=dt.datetime.now(dt.UTC), identity=caller.uri, peer="", grant="",
+            service=AUDIT_SERVICE, method=what, kind=op.command_type[:128], query_hash="",
+            outcome=audit.Outcome.ALLOWED.value, status_code="OK", bytes_out=0,
+            latency_us=0, trace_id="", reason="FORWARDED",
+            detail={"target": op.forward_peer, "operation": op.name,
+                    "remote_operation": remote,
+                    "remote_idempotency_key": remote_key(caller.uri, op.idempotency_key)}),
+            self.rt.auditor)
+
+    async def execute(self, caller: Caller,
+                      request: command_pb2.ExecuteRequest) -> command_pb2.Operation:
+        """Execute `request` on its target peer; the local (relayed) operation."""
+        assert caller.is_local  # the servicer refused everyone else already
+        c = Checker()
+        c.pattern("idempotency_key", request.idempotency_key, IDEMPOTENCY_RE,
+                  "1-128 printable ASCII characters without spaces")
+        c.max_len("target", request.target, _MAX_TARGET)
+        which = request.WhichOneof("command")
+        if which is None:
+            c.fail("command", "one of put_resource, delete_resource, batch_put_resources or "
+                              "plugin is required")
+        elif which == "plugin" and not request.plugin.type:
+            c.fail("plugin.type", "is required")
+        c.done()
+        target = request.target
+        # The peer checks the command itself (type, grant, schema): this node may not
+        # even have the handler. Here: the peer is joined, and the key is the caller's.
+        bare = command_pb2.ExecuteRequest()
+        bare.CopyFrom(request)
+        bare.ClearField("idempotency_key")
+        command_type = request.plugin.type if which == "plugin" else _TYPES[str(which)]
+        request_hash = query_hash({"forward": bare.SerializeToString(deterministic=True).hex()})
+        self.rt.federation.joined(target)  # before anything is stored
+        op = await self.rt.operations.create_forward(
+            caller=caller.uri, idempotency_key=request.idempotency_key,
+            command_type=command_type, request_hash=request_hash, peer=target)
+        if op.forward_operation:
+            # A retry of an accepted request: the peer's operation as it is now.
+            return await self._get(op)
+        outgoing = command_pb2.ExecuteRequest()
+        outgoing.CopyFrom(request)
+        outgoing.ClearField("target")
+        outgoing.idempotency_key = remote_key(caller.uri, request.idempotency_key)
+        try:
+            remote = await self.rt.federation.command(target, "Execute", outgoing)
+        except Unavailable:
+            # The peer may have accepted it: keep the reservation; the caller's retry
+            # (same key, so the same remote key) finds the peer's operation.
+            raise
+        except TesseraError:
+            await self.rt.operations.drop_forward(op.name)
+            raise
+        stored = await self.rt.operations.forwarded(
+            op.name, remote.name, self._record(caller, "Execute", op, remote.name))
+        if stored is None:
+            raise Unavailable("the operation changed while it was forwarded; execute again "
+                              "with the same idempotency key", reason="FORWARD_CONFLICT")
+        return await self._relayed(stored, remote)
+
+    async def _relayed(self, op: Operation,
+                       remote: command_pb2.Operation) -> command_pb2.Operation:
+        """The peer's operation as the local caller sees it: under the local name, key and
+        caller, with `target`; state, progress, output and error as the peer gave them."""
+        msg = command_pb2.Operation()
+        msg.CopyFrom(remote)
+        msg.name, msg.idempotency_key, msg.caller = op.name, op.idempotency_key, op.caller
+        msg.target = op.forward_peer
+        if msg.done and op.forward_operation:
+            await self.rt.operations.touch_forward(op.name, done=True)
+        return msg
+
+    def _remote_name(self, op: Operation) -> str:
+        if not op.forward_operation:
+            raise Unavailable(f"peer {op.forward_peer} has not confirmed {op.name} yet; "
+                              "execute it again with the same idempotency key",
+                              reason="FORWARD_UNCONFIRMED")
+        return op.forward_operation
+
+    async def _get(self, op: Operation) -> command_pb2.Operation:
+        remote = await self.rt.federation.command(
+            op.forward_peer, "GetOperation",
+            command_pb2.GetOperationRequest(name=self._remote_name(op)))
+        return await self._relayed(op, remote)
+
+    async def get(self, op: Operation) -> command_pb2.Operation:
+        """GetOperation of the caller's forwarded operation (looked up by the caller)."""
+        return await self._get(op)
+
+    async def cancel(self, caller: Caller, op: Operation) -> command_pb2.Operation:
+        """CancelOperation on the peer; audited here with the caller, peer and remote name."""
+        name = self._remote_name(op)
+        remote = await self.rt.federation.command(
+            op.forward_peer, "CancelOperation", command_pb2.CancelOperationRequest(name=name))
+        await self.rt.operations.touch_forward(
+            op.name, done=remote.done, audit=self._record(caller, "CancelOperation", op, name))
+        return await self._relayed(op, remote)
+
+    async def watch(self, op: Operation) -> AsyncIterator[command_pb2.Operation]:
+        """WatchOperation on the peer, each message relayed (output chunks included)."""
+        stream: AsyncIterator[Any] = self.rt.federation.command_stream(
+            op.forward_peer, "WatchOperation",
+            command_pb2.WatchOperationRequest(name=self._remote_name(op)))
+        async for remote in stream:
+            yield await self._relayed(op, remote)
