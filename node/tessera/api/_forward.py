@@ -25,7 +25,7 @@ from tessera import audit
 from tessera.api._runtime import Runtime
 from tessera.api._validate import IDEMPOTENCY_RE, Checker
 from tessera.calls import Caller
-from tessera.core.errors import TesseraError, Unavailable
+from tessera.core.errors import PermissionDenied, TesseraError, Unavailable
 from tessera.core.pagination import query_hash
 from tessera.store import Operation
 from tessera_client.pb import command_pb2
@@ -83,7 +83,9 @@ class Forwarder:
     async def execute(self, caller: Caller,
                       request: command_pb2.ExecuteRequest) -> command_pb2.Operation:
         """Execute `request` on its target peer; the local (relayed) operation."""
-        assert caller.is_local  # the servicer refused everyone else already
+        if not caller.is_local:  # the servicer refused peers already; never rely on it
+            raise PermissionDenied("only local identities may execute a command on a peer",
+                                   reason="FORWARD_NOT_ALLOWED")
         c = Checker()
         c.pattern("idempotency_key", request.idempotency_key, IDEMPOTENCY_RE,
                   "1-128 printable ASCII characters without spaces")
