@@ -6,7 +6,7 @@ import hashlib
 
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from tessera.api._forward import remote_key
+from tessera.api import remote_key
 from tessera.core.errors import FailedPrecondition, FieldViolation, Relayed
 from tessera.core.status import code_of, to_status
 

@@ -7,6 +7,7 @@ from tessera.api._command import CommandServicer
 from tessera.api._drain import SHUTTING_DOWN, Drain
 from tessera.api._enrolment import EnrolmentAuditor, start_enroll_listener
 from tessera.api._events import EventServicer
+from tessera.api._forward import remote_key
 from tessera.api._query import QueryServicer
 from tessera.api._runtime import Endpoints, Runtime, dialable
 
@@ -22,6 +23,7 @@ __all__ = [
     "QueryServicer",
     "Runtime",
     "dialable",
+    "remote_key",
     "run_checks",
     "start_enroll_listener",
 ]
