@@ -151,6 +151,9 @@ async def test_a_local_tool_executes_on_a_peer_through_its_node_and_only_it_sees
         err = await rpc_error(tool.command.GetOperation(
             command_pb2.GetOperationRequest(name=rows[0][0])))
         assert err.code() == grpc.StatusCode.NOT_FOUND
+        # Listing shows local operations only (a forwarded one's state is b's).
+        listed = await tool.command.ListOperations(command_pb2.ListOperationsRequest())
+        assert op.name not in [o.name for o in listed.operations]
         # The owner reads and watches it through a; cancelling a done one is relayed.
         mine = await tool.command.GetOperation(command_pb2.GetOperationRequest(name=op.name))
         assert mine.name == op.name and mine.done and mine.target == "b"

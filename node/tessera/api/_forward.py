@@ -27,7 +27,7 @@ from tessera.api._validate import IDEMPOTENCY_RE, Checker
 from tessera.calls import Caller
 from tessera.core.errors import PermissionDenied, TesseraError, Unavailable
 from tessera.core.pagination import query_hash
-from tessera.store import Operation
+from tessera.store import Operation, operation_uuid
 from tessera_client.pb import command_pb2
 
 #: Domain separation of remote idempotency keys (versioned: a change makes new keys).
@@ -125,6 +125,11 @@ class Forwarder:
         except TesseraError:
             await self.rt.operations.drop_forward(op.name)
             raise
+        if not remote.name.startswith("operations/") or len(remote.name) > 100 \
+                or operation_uuid(remote.name) is None:
+            raise Unavailable(f"peer {target} answered an operation name this node cannot "
+                              "use; execute again with the same idempotency key",
+                              reason="PEER_FAILED")
         stored = await self.rt.operations.forwarded(
             op.name, remote.name, self._record(caller, "Execute", op, remote.name))
         if stored is None:

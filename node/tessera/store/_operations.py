@@ -591,15 +591,18 @@ class OperationStore:
     async def prune(self, older_than_s: float) -> int:
         """Delete operations finished more than `older_than_s` ago; how many."""
         async with self.pool.connection() as conn:
-            # A forwarded operation never seen done is kept as long, from its creation
-            # (the peer prunes its own operation by then).
             cur = await conn.execute(
                 "DELETE FROM operations"
-                " WHERE finished_at < now() - make_interval(secs => %s)"
-                " OR (state = %s AND created_at < now() - make_interval(secs => %s))",
-                (older_than_s, FORWARDED, older_than_s)
+                " WHERE finished_at < now() - make_interval(secs => %s)", (older_than_s,)
             )
-            return cur.rowcount
+            pruned = cur.rowcount
+            # A forwarded operation never seen done is kept as long, from its creation
+            # (its peer has pruned its own operation by then).
+            cur = await conn.execute(
+                "DELETE FROM operations WHERE state = %s"
+                " AND created_at < now() - make_interval(secs => %s)", (FORWARDED, older_than_s)
+            )
+            return pruned + cur.rowcount
 
     # -- reads -----------------------------------------------------------------------
 

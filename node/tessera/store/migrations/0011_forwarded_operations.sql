@@ -4,3 +4,5 @@
 ALTER TABLE operations
     ADD COLUMN forward_peer      text,
     ADD COLUMN forward_operation text;
+-- Pruning finds forwarded rows never seen done by age.
+CREATE INDEX operations_forwarded_idx ON operations (created_at) WHERE state = 'FORWARDED';
