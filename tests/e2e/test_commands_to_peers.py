@@ -210,6 +210,50 @@ async def test_a_local_tool_executes_on_a_peer_through_its_node_and_only_it_sees
         assert err.code() == grpc.StatusCode.UNAVAILABLE and "peer b" in (err.details() or "")
 
 
+async def test_forwarded_operations_are_pruned_done_or_never_confirmed(
+        node_factory: NodeFactory, peering: Peering) -> None:
+    b = node_factory(name="b")
+    # A retention of about a second on a: pruning runs every half of it.
+    a = node_factory(name="a", env={**FAST, "TESSERA_OPERATIONS_RETENTION_H": "0.0003"})
+    token = await peering.invite(b, "a")
+    await peering.grant(b, "a", kinds=["task"], workspaces=["shared"],
+                        command_types=["resource.put"])
+    assert peering.join_cli(token, a).returncode == 0
+    put = put_request("shared", "task", "t1", key="k-old")
+    put.target = "b"
+
+    def rows(key: str) -> list[tuple[Any, ...]]:
+        return sql(a, "SELECT state, forward_operation FROM operations"
+                      " WHERE idempotency_key = %s", (key,))
+
+    async with a.client() as tool:
+        op = await tool.command.Execute(put)
+        assert op.done and rows("k-old")[0][0] == "FORWARDED"
+
+        async def pruned() -> bool:
+            try:
+                await tool.command.GetOperation(command_pb2.GetOperationRequest(name=op.name))
+            except grpc.aio.AioRpcError as exc:
+                return exc.code() == grpc.StatusCode.NOT_FOUND
+            return False
+
+        await until(pruned, "the done forwarded operation to be pruned on a")
+        assert rows("k-old") == []
+        b.stop()
+        late = put_request("shared", "task", "t2", key="k-late")
+        late.target = "b"
+        err = await rpc_error(tool.command.Execute(late))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        # Kept for a retry with the same key (b may have accepted it), then pruned.
+        assert rows("k-late") == [("FORWARDED", None)]
+        await until(lambda: _async(rows("k-late") == []),
+                    "the unconfirmed forwarded operation to be pruned on a")
+
+
+async def _async(value: T) -> T:
+    return value
+
+
 async def test_a_peer_that_sets_target_is_refused_and_audited_and_nothing_runs(
         node_factory: NodeFactory, peering: Peering) -> None:
     b = node_factory(name="b")
