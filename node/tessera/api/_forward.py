@@ -145,8 +145,8 @@ class Forwarder:
         msg.CopyFrom(remote)
         msg.name, msg.idempotency_key, msg.caller = op.name, op.idempotency_key, op.caller
         msg.target = op.forward_peer
-        if msg.done and op.forward_operation:
-            await self.rt.operations.touch_forward(op.name, done=True)
+        if msg.done and op.forward_operation and op.finished_at is None:
+            await self.rt.operations.touch_forward(op.name, done=True)  # retention starts
         return msg
 
     def _remote_name(self, op: Operation) -> str:

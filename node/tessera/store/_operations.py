@@ -94,6 +94,8 @@ class Operation:
     #: (empty until the peer accepted it).
     forward_peer: str = ""
     forward_operation: str = ""
+    #: When it finished (for a FORWARDED one: when this node first saw it done).
+    finished_at: datetime | None = None
 
     @property
     def done(self) -> bool:
@@ -145,6 +147,7 @@ def _row_to_operation(row: dict[str, Any]) -> Operation:
         lease_owner=row.get("lease_owner"),
         forward_peer=row.get("forward_peer") or "",
         forward_operation=row.get("forward_operation") or "",
+        finished_at=row.get("finished_at"),
     )
 
 
