@@ -2,8 +2,9 @@
 
 Two real nodes: a tool on A puts resources on B through A (ExecuteRequest.target) and
 reads them back through A (GetOperation relayed), against the same calls made by a tool
-on B itself, in one run. Prints latencies and ratios; asserts only that every call did
-what it should (timing is not a pass/fail matter on a shared machine).
+on B itself and by A's node identity calling B directly (the hop A adds), in one run.
+Prints latencies and ratios; asserts only that every call did what it should (timing is
+not a pass/fail matter on a shared machine).
 Run: pytest tests/bench/test_forward_cost.py -q -s
 """
 
@@ -14,7 +15,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 
-from tessera_client.pb import command_pb2
+from tessera_client.pb import admin_pb2, command_pb2
 from tests.fixtures.nodes import NodeFactory
 from tests.fixtures.peers import Peering, put_request
 
@@ -41,10 +42,20 @@ async def test_forwarded_execute_and_get_cost(node_factory: NodeFactory,
     a = node_factory(name="a")
     token = await peering.invite(b, "a")
     await peering.grant(b, "a", kinds=["task"], workspaces=["shared"],
-                        command_types=["resource.put"])
+                        command_types=["resource.put"],
+                        # Sequential calls here outrun the default peer limit (20/s).
+                        rate_limit=admin_pb2.RateLimit(rate_per_s=10_000, burst=10_000))
     assert peering.join_cli(token, a).returncode == 0
+    as_a = peering.outbound(a, "b").client()  # a's own peer channel, for a baseline
+    peering.clients.append(as_a)
     async with a.client() as via_a, b.client() as on_b:
-        names: dict[str, list[str]] = {"direct": [], "forwarded": []}
+        names: dict[str, list[str]] = {"direct": [], "forwarded": [], "peer": []}
+
+        async def as_peer(i: int) -> None:
+            op = await as_a.command.Execute(put_request("shared", "task", f"p{i}",
+                                                        key=f"p{i}"))
+            assert op.state == command_pb2.OPERATION_STATE_SUCCEEDED
+            names["peer"].append(op.name)
 
         async def direct(i: int) -> None:
             op = await on_b.command.Execute(put_request("shared", "task", f"d{i}",
@@ -61,7 +72,9 @@ async def test_forwarded_execute_and_get_cost(node_factory: NodeFactory,
 
         await _timed(10, lambda i: direct(10_000 + i))  # warm both channels and pools
         await _timed(10, lambda i: forwarded(10_000 + i))
+        await _timed(10, lambda i: as_peer(10_000 + i))
         results = {"execute direct": await _timed(CALLS, direct),
+                   "execute as peer": await _timed(CALLS, as_peer),
                    "execute forwarded": await _timed(CALLS, forwarded)}
 
         async def get_direct(i: int) -> None:
@@ -73,7 +86,12 @@ async def test_forwarded_execute_and_get_cost(node_factory: NodeFactory,
                 name=names["forwarded"][i]))
             assert op.done and op.target == "b"
 
+        async def get_as_peer(i: int) -> None:
+            await as_a.command.GetOperation(command_pb2.GetOperationRequest(
+                name=names["peer"][i]))
+
         results["get direct"] = await _timed(CALLS, get_direct)
+        results["get as peer"] = await _timed(CALLS, get_as_peer)
         results["get forwarded"] = await _timed(CALLS, get_forwarded)
     load = os.getloadavg()[0]
     print(f"\n{CALLS} sequential calls each, 1-minute load {load:.1f} on {os.cpu_count()} CPUs")
@@ -81,6 +99,7 @@ async def test_forwarded_execute_and_get_cost(node_factory: NodeFactory,
         p50, p95 = _summary(ms)
         print(f"{what:20} p50 {p50:7.2f} ms  p95 {p95:7.2f} ms")
     for verb in ("execute", "get"):
-        ratio = statistics.median(results[f"{verb} forwarded"]) \
-            / statistics.median(results[f"{verb} direct"])
-        print(f"{verb}: forwarded / direct p50 = {ratio:.2f}")
+        for base in ("direct", "as peer"):
+            ratio = statistics.median(results[f"{verb} forwarded"]) \
+                / statistics.median(results[f"{verb} {base}"])
+            print(f"{verb}: forwarded / {base} p50 = {ratio:.2f}")

@@ -197,6 +197,11 @@ async def test_a_local_tool_executes_on_a_peer_through_its_node_and_only_it_sees
         (theirs.caller, "Execute", "b", n) for n, k in b_ops.items()
         if k == remote_key(theirs.caller, "k1")}
     assert all(r[7]["operation"] in (op.name, theirs.name) for r in forwarded)
+    # ... besides each call's own record (committed with the forwarding record).
+    calls = await audit_rows(a, "service = 'tessera.v1.CommandService' AND method = 'Execute'"
+                                " AND status_code = 'OK' AND identity = %s", (me,),
+                             "a's records of the tool's Execute calls")
+    assert len(calls) == 2 and all(r[1] == "" and r[2] == "" for r in calls)  # k1 twice
 
     # b down: UNAVAILABLE naming the peer, never UNKNOWN.
     b.stop()

@@ -21,7 +21,7 @@ from psycopg import sql
 
 from tessera.core.errors import FailedPrecondition, NotFound, Unavailable
 from tessera.core.pagination import query_hash
-from tessera.store._effects import AuditIntent, effect_transaction
+from tessera.store._effects import AuditIntent, effect_transaction, write_pending_audit
 from tessera.store._predicate import Predicate
 from tessera.store._resources import Pool, Resource, ResourceKey, ResourceStore, append_event
 
@@ -400,11 +400,13 @@ class OperationStore:
 
     async def forwarded(self, name: str, remote: str,
                         audit: AuditIntent | None) -> Operation | None:
-        """Record that the peer accepted a FORWARDED operation as `remote`, with `audit`
-        (the forwarding record) in the same transaction. None when the reservation is gone
-        or maps to another remote operation."""
+        """Record that the peer accepted a FORWARDED operation as `remote`; `audit` (the
+        forwarding record) and the call's own record commit in the same transaction. None
+        when the reservation is gone or maps to another remote operation."""
         try:
-            async with effect_transaction(self.pool, audit) as conn:
+            async with effect_transaction(self.pool) as conn:
+                if audit is not None:
+                    await write_pending_audit(conn, audit)
                 cur = await conn.execute(
                     "UPDATE operations SET forward_operation = %s,"
                     " updated_at = clock_timestamp() WHERE name = %s AND state = %s"
@@ -413,10 +415,12 @@ class OperationStore:
                 )
                 row = await cur.fetchone()
                 if row is None:
-                    raise _Gone  # inside: the audit record is not written either
-                return _row_to_operation(row)
+                    raise _Gone  # inside: the audit records are not written either
         except _Gone:
             return None
+        if audit is not None:
+            audit.committed()
+        return _row_to_operation(row)
 
     async def drop_forward(self, name: str) -> None:
         """Forget a reservation the peer refused (its key is free again)."""
