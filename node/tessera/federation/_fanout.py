@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ _COMMAND_SERVICE = "tessera.v1.CommandService"
 #: Seconds a forwarded Execute, GetOperation or CancelOperation may take on the peer (an
 #: admission there may wait for its cap's lock); WatchOperation streams without one.
 FORWARD_TIMEOUT_S = 15.0
+#: A reason relayed from a peer's ErrorInfo (else the code's name is used).
+_REASON_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 #: A peer's answers that say it failed, not the caller: UNAVAILABLE here, never UNKNOWN.
 _FAULT_CODES = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
                 grpc.StatusCode.DATA_LOSS, grpc.StatusCode.CANCELLED)
@@ -359,7 +362,10 @@ class Federation:
                     if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                         info = error_details_pb2.ErrorInfo()
                         detail.Unpack(info)
-                        reason = info.reason[:64] or reason
+                        # The peer's word lands in this node's audit log: a stable
+                        # name only, nothing else it chose.
+                        if _REASON_RE.fullmatch(info.reason):
+                            reason = info.reason
         return Relayed(int(code.value[0]), f"peer {name}: {details}", status, reason=reason)
 
     async def _offline(self, name: str, key: str, response_type: type[Message],
