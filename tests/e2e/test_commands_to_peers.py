@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import pwd
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from tessera_client.pb import admin_pb2, command_pb2, query_pb2
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering, bad_fields, put_request, reason_of, rkey
 from tests.integration.test_agents import (  # noqa: F401 - fixtures used by name
+    AGENT_UIDS,
     agent_node,
     agent_user,
     gone,
@@ -324,7 +326,8 @@ async def test_a_local_tool_spawns_watches_and_kills_an_agent_on_a_peer(
         assert last.done and last.state == command_pb2.OPERATION_STATE_SUCCEEDED, last
         assert last.output["exit_code"] == 0
         assert "hello remote\n" in out and "line 1 of 2" in out
-        assert f"uid={agent_user.pw_uid} " in out
+        ids = next(ln for ln in out.splitlines() if ln.startswith("uid="))
+        assert int(ids.split()[0].removeprefix("uid=")) in AGENT_UIDS, ids
 
         # A second run, cancelled through a: its process group on b is gone.
         long = await tool.command.Execute(spawn("run-2", "probe", b_name, name="sleepy",
@@ -362,15 +365,43 @@ async def test_a_local_tool_spawns_watches_and_kills_an_agent_on_a_peer(
         assert [(r[0], r[7]["target"], r[7]["remote_operation"]) for r in kills] == [
             (me, b_name, remote)]
 
-        # The same through the command line of a.
-        cli = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "tessera.cli", "agents", "spawn", "probe", "--target",
-             b_name, "--arg", "name=cli", "--arg", "lines=1", "--watch",
-             "--data-dir", str(a.data_dir)],
-            env=a.env, text=True, capture_output=True, timeout=DEADLINE_S, check=False)
-        assert cli.returncode == 0, cli.stderr
-        assert "hello cli\n" in cli.stdout and "line 0 of 1" in cli.stdout
+        # a's own agent.status / agent.kill do not mistake it for a run on a.
+        for command_type in ("agent.status", "agent.kill"):
+            s = struct_pb2.Struct()
+            s.update({"operation": long.name})
+            err = await rpc_error(tool.command.Execute(command_pb2.ExecuteRequest(
+                idempotency_key=f"local-{command_type}",
+                plugin=command_pb2.PluginCommand(type=command_type, args=s))))
+            assert err.code() in (grpc.StatusCode.NOT_FOUND,
+                                  grpc.StatusCode.INVALID_ARGUMENT), err
+
+        # The same through the command line of a: spawn, status and kill of a run on b.
+        async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "tessera.cli", "agents", *args,
+                 "--data-dir", str(a.data_dir)],
+                env=a.env, text=True, capture_output=True, timeout=DEADLINE_S, check=False)
+
+        watched = await cli("spawn", "probe", "--target", b_name, "--arg", "name=cli",
+                            "--arg", "lines=1", "--watch")
+        assert watched.returncode == 0, watched.stderr
+        assert "hello cli\n" in watched.stdout and "line 0 of 1" in watched.stdout
+        started = await cli("spawn", "probe", "--target", b_name, "--arg", "name=later",
+                            "--arg", "seconds=300", "--name-only")
+        assert started.returncode == 0, started.stderr
+        name = started.stdout.strip()
+        [(remote3,)] = sql(b, "SELECT 'operations/' || name FROM operations"
+                              " ORDER BY created_at DESC LIMIT 1")
+        pgid3 = await recorded_group(b, remote3)
+        status = await cli("status", name)
+        assert status.returncode == 0, status.stderr
+        shown = json.loads(status.stdout)
+        assert shown["target"] == b_name and shown["state"] == "RUNNING"
+        killed = await cli("kill", name)
+        assert killed.returncode == 0, killed.stderr
+        assert json.loads(killed.stdout)["state"] == "CANCELLED"
+        await gone(pgid3, "the agent killed through a's command line to be gone on b")
 
         # b's grant without agent.spawn: refused on b, audited there with peer and grant.
         async with b.client("admin") as admin:

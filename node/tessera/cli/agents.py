@@ -23,6 +23,10 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
+# An operation's error carries google.rpc details (ErrorInfo...): their types must be
+# known to print it as JSON.
+from google.rpc import error_details_pb2  # noqa: F401
+
 from tessera.cli._command import Command, Env
 from tessera.cli._output import enum_name
 from tessera_client.pb import command_pb2

@@ -591,6 +591,9 @@ class Agents:
             op = await self.ops.get(name, caller)
             if op.command_type != SPAWN:
                 raise NotFound(f"operation {name} is not an agent run")
+            if op.forward_peer:  # runs on a peer: read or cancel it (relayed) instead
+                raise NotFound(f"operation {name} is an agent run on peer {op.forward_peer}, "
+                               "not here; use GetOperation / CancelOperation of it")
         except NotFound:
             await self._audit_entry(
                 command_type.removeprefix("agent."), caller, grant, "",
