@@ -365,6 +365,18 @@ async def test_a_local_tool_spawns_watches_and_kills_an_agent_on_a_peer(
         assert [(r[0], r[7]["target"], r[7]["remote_operation"]) for r in kills] == [
             (me, b_name, remote)]
 
+        # agent.status / agent.kill name b's operation: b would check it against a, the
+        # owner of every local caller's remote runs, so a does not forward them.
+        for command_type in ("agent.status", "agent.kill"):
+            s = struct_pb2.Struct()
+            s.update({"operation": remote})
+            err = await rpc_error(tool.command.Execute(command_pb2.ExecuteRequest(
+                idempotency_key=f"fwd-{command_type}", target=b_name,
+                plugin=command_pb2.PluginCommand(type=command_type, args=s))))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+            assert bad_fields(err) == ["plugin.type"]
+        assert sql(b, "SELECT count(*) FROM operations WHERE command_type <> 'agent.spawn'") \
+            == [(0,)]
         # a's own agent.status / agent.kill do not mistake it for a run on a.
         for command_type in ("agent.status", "agent.kill"):
             s = struct_pb2.Struct()

@@ -35,6 +35,11 @@ KEY_DOMAIN = b"tessera/forwarded-command/v1\x00"
 #: Audit records of forwarding (besides each call's own record).
 AUDIT_SERVICE = "tessera.forward"
 _MAX_TARGET = 128
+#: Command types whose argument names another operation (of the caller, on the node that
+#: runs them). Forwarded, the peer would resolve it against this node's identity, which
+#: owns every local caller's remote operations, so they are not forwarded: a forwarded
+#: run is read and cancelled through its local name instead.
+_BY_OPERATION_NAME = frozenset({"agent.status", "agent.kill"})
 _TYPES = {"put_resource": "resource.put", "delete_resource": "resource.delete",
           "batch_put_resources": "resource.batch_put"}
 
@@ -96,6 +101,12 @@ class Forwarder:
                               "plugin is required")
         elif which == "plugin" and not request.plugin.type:
             c.fail("plugin.type", "is required")
+        elif which == "plugin" and request.plugin.type in _BY_OPERATION_NAME:
+            # The peer would check the named operation against this node, which owns every
+            # local caller's remote operations: one tool could reach another's run.
+            c.fail("plugin.type", f"{request.plugin.type} names the peer's operation and "
+                                  "cannot be forwarded; use GetOperation / CancelOperation "
+                                  "of the run's name on this node")
         c.done()
         target = request.target
         # The peer checks the command itself (type, grant, schema): this node may not
