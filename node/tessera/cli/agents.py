@@ -21,6 +21,7 @@ import json
 import uuid
 from typing import Any
 
+import grpc
 from google.protobuf import struct_pb2
 
 # An operation's error carries google.rpc details (ErrorInfo...): their types must be
@@ -132,9 +133,12 @@ def _on_run(env: Env, command_type: str) -> int:
         idempotency_key=f"agents-cli-{uuid.uuid4()}",
         plugin=command_pb2.PluginCommand(type=command_type, args=args))
     with env.node("client").client() as c:
-        run = c.command.GetOperation(command_pb2.GetOperationRequest(
-            name=env.args.operation))
-        if run.target:
+        try:
+            run = c.command.GetOperation(command_pb2.GetOperationRequest(
+                name=env.args.operation))
+        except grpc.RpcError:
+            run = None  # not the caller's (or not a name): agent.status/kill says so
+        if run is not None and run.target:
             return _on_forwarded(env, c, run, command_type)
         op = c.command.Execute(request)
         for msg in c.command.WatchOperation(command_pb2.WatchOperationRequest(name=op.name)):
