@@ -16,9 +16,8 @@ import json
 import pwd
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import psycopg
@@ -28,6 +27,7 @@ from google.protobuf import struct_pb2
 from tessera_client.pb import admin_pb2, command_pb2, query_pb2
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering, bad_fields, put_request, reason_of, rkey
+from tests.fixtures.waiting import wait_until
 from tests.integration.test_agents import (  # noqa: F401 - fixtures used by name
     AGENT_UIDS,
     agent_node,
@@ -36,7 +36,6 @@ from tests.integration.test_agents import (  # noqa: F401 - fixtures used by nam
     recorded_group,
 )
 
-T = TypeVar("T")
 DEADLINE_S = 60.0
 FAST = {"TESSERA_FEDERATION_PEER_TIMEOUT_MS": "1500",
         "TESSERA_FEDERATION_BREAKER_FAILURES": "2",
@@ -54,17 +53,6 @@ def sql(node: NodeProcess, query: str, params: tuple[Any, ...] = ()) -> list[tup
         return conn.execute(query, params).fetchall()
 
 
-async def until(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
-    end = time.monotonic() + DEADLINE_S
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def audit_rows(node: NodeProcess, where: str, params: tuple[Any, ...],
                      what: str) -> list[tuple[Any, ...]]:
     """Audit rows matching `where`, once at least one is linked into the chain."""
@@ -72,7 +60,7 @@ async def audit_rows(node: NodeProcess, where: str, params: tuple[Any, ...],
         query = ("SELECT identity, peer, grant_name, service, method, status_code, reason,"  # noqa: S608
                  f" detail FROM audit_log WHERE {where} ORDER BY sequence")
         return sql(node, query, params) or None
-    return await until(probe, what)
+    return await wait_until(probe, what)
 
 
 async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
@@ -244,7 +232,7 @@ async def test_forwarded_operations_are_pruned_done_or_never_confirmed(
                 return exc.code() == grpc.StatusCode.NOT_FOUND
             return False
 
-        await until(pruned, "the done forwarded operation to be pruned on a")
+        await wait_until(pruned, "the done forwarded operation to be pruned on a")
         assert rows("k-old") == []
         b.stop()
         late = put_request("shared", "task", "t2", key="k-late")
@@ -253,12 +241,9 @@ async def test_forwarded_operations_are_pruned_done_or_never_confirmed(
         assert err.code() == grpc.StatusCode.UNAVAILABLE
         # Kept for a retry with the same key (b may have accepted it), then pruned.
         assert rows("k-late") == [("FORWARDED", None)]
-        await until(lambda: _async(rows("k-late") == []),
-                    "the unconfirmed forwarded operation to be pruned on a")
-
-
-async def _async(value: T) -> T:
-    return value
+        await wait_until(lambda: rows("k-late") == [],
+                         "the unconfirmed forwarded operation to be pruned on a",
+                         timeout_s=DEADLINE_S)
 
 
 async def test_a_peer_that_sets_target_is_refused_and_audited_and_nothing_runs(
@@ -349,7 +334,7 @@ async def test_a_local_tool_spawns_watches_and_kills_an_agent_on_a_peer(
                 command_pb2.GetOperationRequest(name=long.name))
             return got if got.done else None
 
-        final = await until(ended, "the cancelled run to end")
+        final = await wait_until(ended, "the cancelled run to end")
         assert final.state == command_pb2.OPERATION_STATE_CANCELLED, final
         await gone(pgid, "the cancelled agent's processes on b to be gone")
 
