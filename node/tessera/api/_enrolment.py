@@ -254,20 +254,25 @@ async def start_enroll_listener(
     address: str, peering: Peering, node: resources_pb2.Identity,
     creds: ReloadableServerCredentials, *, auditor: Auditor | None = None,
     options: Sequence[tuple[str, int]] = (), limits: EnrolmentConfig | None = None,
+    processes: int = 1,
 ) -> tuple[grpc.aio.Server, int]:
     """Bind and start the enrolment listener; returns the server and its port.
 
     `options` are the connection limits (handshake timeout, connection cap): this
     listener takes connections from anyone, so they matter most here. `limits` bound the
     attempts whose token does not verify; `auditor` should then be an EnrolmentAuditor.
+    With `processes` > 1 (the node's serving processes) the port is shared with
+    SO_REUSEPORT and each process enforces its share of those limits.
     """
     limits = limits or EnrolmentConfig()
+    n = max(1, processes)
     guard = FloodGuard(
-        Rate(limits.unverified_per_source_per_s, limits.unverified_per_source_burst),
-        Rate(limits.unverified_per_s, limits.unverified_burst))
+        Rate(limits.unverified_per_source_per_s / n,
+             max(1, limits.unverified_per_source_burst // n)),
+        Rate(limits.unverified_per_s / n, max(1, limits.unverified_burst // n)))
     server = grpc.aio.server(
         interceptors=[CallPath(node.trust_domain, auditor=auditor, identified=False)],
-        options=[("grpc.so_reuseport", 0),
+        options=[("grpc.so_reuseport", 1 if n > 1 else 0),
                  ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                  ("grpc.max_connection_idle_ms", IDLE_CLOSE_MS),
                  ("grpc.max_connection_age_ms", MAX_AGE_MS),

@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -79,6 +80,10 @@ from tessera_client.pb import (
 )
 
 log = logging.getLogger(__name__)
+
+#: The lease of the jobs that run once per node: pruning events and finished operations,
+#: renewing the certificates held for calling peers.
+JOBS_LEASE = "tessera-node-jobs"
 
 SERVICE_NAMES = [
     query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
@@ -152,6 +157,8 @@ class Node:
     stack: contextlib.AsyncExitStack
     #: Calls in flight, and the switch that refuses new ones when the node stops.
     drain: Drain
+    #: Port of this process's metrics endpoint (None when metrics are off).
+    metrics_port: int | None = None
 
     @property
     def certificates(self) -> NodeCertificates:
@@ -267,18 +274,19 @@ def _peering(cfg: Config, identity: SpiffeId, grants: GrantStore, tokens: PageTo
 
 
 async def _start_events(stack: contextlib.AsyncExitStack, cfg: Config, pool: Pool, dsn: str,
-                        grants: GrantStore, certs: NodeCertificates,
-                        metrics: Metrics) -> EventService:
+                        grants: GrantStore, certs: NodeCertificates, metrics: Metrics,
+                        prune_here: Callable[[], bool]) -> EventService:
     """The event log's service, with its listener and pruner running."""
     event_store = store.EventStore(pool, origin=cfg.node.name)
     hub = EventHub(dsn, event_store, cfg.events, registry=metrics.registry)
+    hub.prune_here = prune_here
     await hub.start()
     stack.push_async_callback(hub.close)
     return EventService(event_store, hub, grants, cfg.events, denied_serials=certs.deny_list)
 
 
 def _grpc_server(rt: Runtime, metrics: Metrics, drain: Drain,
-                 tracing: Tracing) -> grpc.aio.Server:
+                 tracing: Tracing, *, reuse_port: bool) -> grpc.aio.Server:
     cfg = rt.cfg
     server = grpc.aio.server(
         interceptors=[CallPath(cfg.node.trust_domain, denied_serials=rt.certificates.deny_list,
@@ -286,7 +294,9 @@ def _grpc_server(rt: Runtime, metrics: Metrics, drain: Drain,
                                on_done=metrics.rpc_done, limiter=rt.limiter,
                                auditor=rt.auditor, drain=drain,
                                store_health=rt.store_health, tracing=tracing)],
-        options=[("grpc.so_reuseport", 0),
+        # Sharing the port is for the node's own serving processes only, after the
+        # supervisor found it free: a second node must never silently share it.
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0),
                  ("grpc.max_receive_message_length", 4 << 20),
                  *cfg.grpc.server_options(),
                  # Connections re-handshake hourly, so rotated roots and CRL-era
@@ -303,7 +313,8 @@ def _grpc_server(rt: Runtime, metrics: Metrics, drain: Drain,
     return server
 
 
-async def _start_enrolment(stack: contextlib.AsyncExitStack, rt: Runtime) -> None:
+async def _start_enrolment(stack: contextlib.AsyncExitStack, rt: Runtime,
+                           processes: int) -> None:
     """The enrolment listener (server-only TLS, EnrollPeer only)."""
     cfg = rt.cfg.node
     address = cfg.enroll_listen_address or f"{cfg.listen_address.rpartition(':')[0]}:0"
@@ -318,7 +329,8 @@ async def _start_enrolment(stack: contextlib.AsyncExitStack, rt: Runtime) -> Non
         stack.push_async_callback(auditor.close)
     server, port = await start_enroll_listener(
         address, rt.peering, node, rt.credentials, auditor=auditor,
-        options=rt.cfg.grpc.server_options(enrolment=True), limits=rt.cfg.enrolment)
+        options=rt.cfg.grpc.server_options(enrolment=True), limits=rt.cfg.enrolment,
+        processes=processes)
     stack.push_async_callback(server.stop, cfg.shutdown_grace_s)
     rt.endpoints.enroll_address = dialable(f"{address.rpartition(':')[0]}:{port}")
 
@@ -338,10 +350,14 @@ async def _watch_store(stack: contextlib.AsyncExitStack, watch: store.StoreHealt
 
 
 def _start_metrics_endpoint(stack: contextlib.AsyncExitStack, cfg: Config,
-                            metrics: Metrics) -> None:
+                            metrics: Metrics, *, private: bool) -> int | None:
+    """The metrics endpoint; its port. A `private` one (one of several serving processes)
+    listens on loopback on a free port, for the supervisor to gather the node's metrics."""
     if not cfg.metrics.listen_address:
-        return
+        return None
     host, _, port = cfg.metrics.listen_address.rpartition(":")
+    if private:
+        host, port = "127.0.0.1", "0"
     http_server, _ = start_http_server(int(port), addr=host, registry=metrics.registry)
 
     def close() -> None:
@@ -349,6 +365,7 @@ def _start_metrics_endpoint(stack: contextlib.AsyncExitStack, cfg: Config,
         http_server.server_close()
 
     stack.callback(close)
+    return int(http_server.server_port)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -359,13 +376,18 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = "",
-                     valkey_url: str = "", supervised: bool = False) -> Node:
+                     valkey_url: str = "", supervised: bool = False,
+                     workers: int = 1) -> Node:
     """Start everything a node needs and begin serving. Raises ConfigError/Unavailable.
 
     `dsn` and `valkey_url` are the supervisor's embedded services; without them (and
     without store.dsn / valkey.url) the embedded services run in this process. A
     `supervised` node leaves the data directory's mode and node.json to the supervisor
     (making the directory private again would lock its PostgreSQL out of its files).
+    `workers` > 1: this is one of that many serving processes of the node, sharing its
+    ports (SO_REUSEPORT, set only then), splitting the local rate-limit fallback, running
+    the pruning jobs only while it holds the node's jobs lease, and serving its metrics
+    privately for the supervisor.
 
     Each component registers its close right after it opens, so a start that fails half-way
     (a port in use, a CRL missing) and a normal stop run one teardown, in reverse order.
@@ -409,11 +431,15 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         peer_renewal = PeerCertificateRenewal(paths.data_dir,
                                               renew_fraction=cfg.ca.renew_fraction,
                                               metrics=metrics)
-        peer_task = asyncio.create_task(peer_renewal.run())
+        # Jobs that run once per node (and per database): one process holds the lease.
+        jobs = store.Lease(dsn, JOBS_LEASE)
+        jobs.start()
+        stack.push_async_callback(jobs.close)
+        peer_task = asyncio.create_task(jobs.while_held(peer_renewal.run))
         stack.push_async_callback(_cancel, peer_task)
         # Keyed by the node's identity, not the process: replicas share every limit.
         limiter = RateLimiter(cfg.ratelimit, valkey, key_prefix=f"tessera:rl:{identity.uri}",
-                              metrics=metrics)
+                              metrics=metrics, processes=workers)
         await limiter.start()
         stack.push_async_callback(limiter.close)
         # Always on outside benchmarks: each call waits until its audit row is durable.
@@ -426,7 +452,8 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         store_health = store.StoreHealth(pool, interval_s=cfg.store.health_interval_s,
                                          timeout_s=cfg.store.unavailable_after_s)
         endpoints = Endpoints()
-        events = await _start_events(stack, cfg, pool, dsn, grants, certs, metrics)
+        events = await _start_events(stack, cfg, pool, dsn, grants, certs, metrics,
+                                     prune_here=lambda: jobs.held)
         resources = store.ResourceStore(pool, origin=cfg.node.name)
         operations = store.OperationStore(pool, resources)
         commands = Registry.default()
@@ -440,6 +467,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         # Before serving, so an accepted operation can start at once; closed after the
         # server stopped, releasing what still runs here (nothing stays RUNNING).
         runner = Runner(operations, commands, cfg.operations, dsn=dsn, node_name=cfg.node.name)
+        runner.prune_here = lambda: jobs.held
         await runner.start()
         stack.push_async_callback(runner.close)
         rt = Runtime(
@@ -455,11 +483,12 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
             operations=operations, commands=commands, runner=runner,
             budgets=RowBudgets(valkey, key_prefix=f"tessera:rb:{identity.uri}",
                                timeout_s=cfg.ratelimit.decision_timeout_ms / 1000,
-                               on_valkey_failure=cfg.ratelimit.on_valkey_failure),
+                               on_valkey_failure=cfg.ratelimit.on_valkey_failure,
+                               processes=workers),
             store_health=store_health,
         )
         drain = Drain()
-        server = _grpc_server(rt, metrics, drain, tracing)
+        server = _grpc_server(rt, metrics, drain, tracing, reuse_port=workers > 1)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -482,12 +511,13 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         # Stopped by Node.stop with the grace period; this is for a failed start.
         stack.push_async_callback(server.stop, 0)
         endpoints.listen_address = f"{cfg.node.listen_address.rpartition(':')[0]}:{port}"
-        await _start_enrolment(stack, rt)
+        await _start_enrolment(stack, rt, workers)
         for name in [*SERVICE_NAMES, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         await _watch_store(stack, store_health, health_servicer)
-        _start_metrics_endpoint(stack, cfg, metrics)
-        node = Node(rt, server, health_servicer, port, metrics, stack.pop_all(), drain)
+        metrics_port = _start_metrics_endpoint(stack, cfg, metrics, private=workers > 1)
+        node = Node(rt, server, health_servicer, port, metrics, stack.pop_all(), drain,
+                    metrics_port)
     if not supervised:
         write_atomic(paths.state_file, json.dumps(node.state(), indent=2).encode())
     return node

@@ -35,7 +35,7 @@ async def _run(cfg: config.Config, spec: dict[str, Any], ready_fd: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     node = await start_node(cfg, dsn=spec["dsn"], valkey_url=spec["valkey_url"],
-                            supervised=True)
+                            supervised=True, workers=int(spec.get("workers", 1)))
     checks: set[asyncio.Task[None]] = set()
 
     def postgres_restarted() -> None:
@@ -47,7 +47,8 @@ async def _run(cfg: config.Config, spec: dict[str, Any], ready_fd: int) -> None:
     loop.add_signal_handler(signal.SIGUSR1, postgres_restarted)
     host = (cfg.node.enroll_listen_address or cfg.node.listen_address).rpartition(":")[0]
     bound = {"listen": node.runtime.listen_address,
-             "enroll": f"{host}:{node.runtime.endpoints.enroll_address.rpartition(':')[2]}"}
+             "enroll": f"{host}:{node.runtime.endpoints.enroll_address.rpartition(':')[2]}",
+             "metrics_port": node.metrics_port}
     # A supervisor that stopped while this process started has closed its end already.
     with contextlib.suppress(BrokenPipeError), os.fdopen(ready_fd, "wb") as ready:
         ready.write(json.dumps({**node.state(), "bound": bound}).encode())

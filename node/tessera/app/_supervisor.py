@@ -8,7 +8,15 @@ supervisor killed with SIGKILL takes its children with it.
 
 A serving process learns its configuration and the embedded services' DSN and URL from
 a private pipe, and reports readiness (its address) on another; the supervisor then writes
-node.json, with its own pid. The design allows N serving processes (`_SERVING`); one runs.
+node.json, with its own pid.
+
+`node.workers` (`--workers N`) serving processes run. With more than one, the supervisor
+first binds the listen and enrolment ports itself without SO_REUSEPORT - the check that
+nobody, another node included, holds them - then marks its (never listening) sockets
+SO_REUSEPORT and keeps them for the node's life; only then do the serving processes bind
+the same ports with SO_REUSEPORT. One serving process never sets it, so a second node can
+never silently share a node's port. The kernel spreads new connections over the serving
+processes; the supervisor serves the node's merged metrics (see `_metrics`).
 
 SIGINT/SIGTERM: each serving process stops gracefully (health NOT_SERVING, calls in flight
 finish within node.shutdown_grace_s), then Valkey and PostgreSQL stop, then the lock goes.
@@ -24,6 +32,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,9 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from tessera.app._lock import DataDirLock
+from tessera.app._metrics import start_node_metrics
 from tessera.app._node import prepare_data_dir
 from tessera.config import Config
-from tessera.core.errors import TesseraError, Unavailable
+from tessera.core.errors import ConfigError, TesseraError, Unavailable
 from tessera.core.paths import NodePaths
 from tessera.embedded import (
     EmbeddedPostgres,
@@ -49,9 +59,6 @@ from tessera.pki import resolve_node_name, write_atomic
 
 log = logging.getLogger(__name__)
 
-#: Serving processes per node. The supervisor is written for N; the listening socket is
-#: not yet shared between processes (that comes with `--workers`), so it runs one.
-_SERVING = 1
 #: Seconds a service gets to become ready after it is spawned.
 _READY_TIMEOUT_S = 60.0
 #: Restart backoff: first pause, longest pause, and how long a child must have run for
@@ -197,6 +204,37 @@ async def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+def reserve_port(setting: str, address: str) -> socket.socket:
+    """Bind `address` (port 0: a free port) without SO_REUSEPORT, which fails if anyone
+    holds it, then set SO_REUSEPORT so the node's serving processes can bind it too.
+
+    The socket never listens (no connection reaches it) and is kept for the node's life,
+    so no other node can take the port between the check and the serving processes'
+    binds, or while one of them restarts.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{setting}: cannot resolve {address} ({exc.strerror})") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(sockaddr)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"{setting}: cannot bind {address} ({exc.strerror}); another "
+                          "process (or node) uses it: choose a free port") from None
+    return sock
+
+
+def _with_port(address: str, sock: socket.socket) -> str:
+    return f"{address.rpartition(':')[0]}:{sock.getsockname()[1]}"
+
+
 class Supervisor:
     """Runs one node on one data directory (whose lock the caller holds)."""
 
@@ -208,6 +246,12 @@ class Supervisor:
         self.valkey_url = cfg.valkey.url
         self._config = _flatten(cfg)
         self._state: dict[str, Any] = {}
+        self.workers = cfg.node.worker_count
+        #: The ports held for the serving processes (only with several of them).
+        self._reserved: list[socket.socket] = []
+        #: Each serving process's private metrics port, by its index.
+        self._metrics_ports: dict[int, int] = {}
+        self._metrics_server: Any = None
         #: node.json is written only once the node has printed where it serves.
         self._announced = False
 
@@ -252,7 +296,7 @@ class Supervisor:
             spec_r, spec_w = os.pipe()
             ready_r, ready_w = os.pipe()
             spec = {"config": self._config, "dsn": self.dsn, "valkey_url": self.valkey_url,
-                    "log_level": self.log_level}
+                    "log_level": self.log_level, "workers": self.workers}
             try:
                 # --data-dir only names the process for `ps`; the spec is what it runs.
                 proc = spawn([sys.executable, "-m", "tessera.app._serving",
@@ -279,6 +323,8 @@ class Supervisor:
             # A restarted serving process takes the same ports, so node.json stays true.
             self._config["node.listen_address"] = bound["listen"]
             self._config["node.enroll_listen_address"] = bound["enroll"]
+            if bound.get("metrics_port"):
+                self._metrics_ports[index] = int(bound["metrics_port"])
             self._state = state
             log.debug("serving process %d (pid %d) is ready", index, proc.pid)
             return proc
@@ -300,7 +346,8 @@ class Supervisor:
 
     def _write_status(self) -> None:
         children = {child.name: child.status() for _, child in self.services}
-        children.update({c.name: c.status() for c in self.serving})
+        for i, c in enumerate(self.serving):
+            children[c.name] = {**c.status(), "metrics_port": self._metrics_ports.get(i)}
         self.paths.run.mkdir(mode=0o700, exist_ok=True)
         write_atomic(self.paths.supervisor_state, json.dumps(
             {"pid": os.getpid(), "children": children}, indent=2).encode())
@@ -314,17 +361,42 @@ class Supervisor:
             self.dsn = await self._start_service(EmbeddedPostgres(self.paths.pgdata))
         if not self.valkey_url:
             self.valkey_url = await self._start_service(EmbeddedValkey(self.paths.valkey))
-        for i in range(_SERVING):
-            child = Child(f"serving-{i}", f"serving process {i}", self._serving_launcher(i),
-                          signal.SIGTERM, self._write_status)
-            self.serving.append(child)
-            await child.start()
+        for i in range(self.workers):
+            self.serving.append(Child(f"serving-{i}", f"serving process {i}",
+                                      self._serving_launcher(i), signal.SIGTERM,
+                                      self._write_status))
+        # The first alone: it migrates the schema and makes the certificates the others
+        # then find in place.
+        await self.serving[0].start()
+        await asyncio.gather(*(c.start() for c in self.serving[1:]))
+        if self.workers > 1 and self.cfg.metrics.listen_address:
+            self._metrics_server = start_node_metrics(
+                self.cfg.metrics.listen_address,
+                lambda: [self._metrics_ports[i] for i in sorted(self._metrics_ports)])
+
+    def _reserve_ports(self) -> None:
+        """With several serving processes, hold their shared ports (see module doc)."""
+        if self.workers <= 1:
+            return
+        n = self.cfg.node
+        listen = reserve_port("node.listen_address", n.listen_address)
+        self._reserved.append(listen)
+        self._config["node.listen_address"] = _with_port(n.listen_address, listen)
+        enroll_at = n.enroll_listen_address or f"{n.listen_address.rpartition(':')[0]}:0"
+        enroll = reserve_port("node.enroll_listen_address", enroll_at)
+        self._reserved.append(enroll)
+        self._config["node.enroll_listen_address"] = _with_port(enroll_at, enroll)
 
     async def _stop(self) -> None:
         # Serving processes first (they drain within the grace period), then the services
         # they use, in reverse order of start.
         grace = self.cfg.node.shutdown_grace_s
         await asyncio.gather(*(c.stop(grace + _SERVICE_STOP_S) for c in self.serving))
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        for sock in self._reserved:
+            sock.close()
         for _, child in reversed(self.services):
             await child.stop(_SERVICE_STOP_S)
 
@@ -333,7 +405,10 @@ class Supervisor:
         cfg = self.cfg
         # node.json of a node that was killed: nobody serves there now.
         self.paths.state_file.unlink(missing_ok=True)
-        _say(cfg, f"tessera: starting node {cfg.node.name} ({cfg.tier} tier) in "
+        # Before anything starts: a port someone holds is a one-line configuration error.
+        self._reserve_ports()
+        workers = f", {self.workers} serving processes" if self.workers > 1 else ""
+        _say(cfg, f"tessera: starting node {cfg.node.name} ({cfg.tier} tier{workers}) in "
                   f"{cfg.node.data_dir}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -54,6 +54,7 @@ class Env:
         overrides: dict[str, Any] = {
             "node.data_dir": getattr(self.args, "data_dir", None),
             "node.listen_address": getattr(self.args, "listen", None),
+            "node.workers": getattr(self.args, "workers", None),
             "log.format": getattr(self.args, "log_format", None),
         }
         return config.load(self.args.config, overrides=overrides)

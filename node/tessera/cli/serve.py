@@ -12,6 +12,9 @@ from tessera.observability import configure_logging
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default=None, help="host:port to listen on (0 picks a port)")
+    p.add_argument("--workers", default=None,
+                   help="serving processes: a number, or 'auto' for one per core "
+                        "(also node.workers; default 1)")
     p.add_argument("--log-format", choices=("text", "json"), default=None,
                    help="text (default) or json: one object per line (also TESSERA_LOG_FORMAT)")
 

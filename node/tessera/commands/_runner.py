@@ -23,7 +23,7 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,8 @@ class Runner:
         self._orphans: set[asyncio.Task[Operation | None]] = set()
         #: Operations this process accepted while full, oldest first.
         self._backlog: collections.deque[str] = collections.deque()
+        #: False while another process of the node prunes finished operations.
+        self.prune_here: Callable[[], bool] = lambda: True
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -416,7 +418,7 @@ class Runner:
                     if claimed is None:
                         break
                     self._start(claimed)
-                if loop.time() >= next_prune:
+                if loop.time() >= next_prune and self.prune_here():
                     pruned = await self.ops.prune(self.cfg.retention_h * 3600)
                     if pruned:
                         log.info("pruned %d finished operations", pruned)

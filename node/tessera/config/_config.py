@@ -50,6 +50,16 @@ class NodeConfig:
     enroll_listen_address: str = ""
     #: Seconds in-flight calls get to finish on SIGTERM.
     shutdown_grace_s: float = 10.0
+    #: Serving processes (`tessera serve --workers`): a positive number, or "auto" for the
+    #: host's cores. More than one share the listen ports with SO_REUSEPORT.
+    workers: str = "1"
+
+    @property
+    def worker_count(self) -> int:
+        """`workers` resolved: "auto" is the number of cores this process may use."""
+        if self.workers.strip().lower() == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return int(self.workers)
 
 
 @dataclass(frozen=True)
@@ -447,6 +457,9 @@ def _coerce(setting: str, kind: Any, raw: Any) -> Any:
                 return False
             raise ValueError
         if kind in (str, "str"):
+            if setting.startswith("node.workers") and isinstance(raw, int) \
+                    and not isinstance(raw, bool):
+                return str(raw)  # `workers = 4` in TOML, beside `workers = "auto"`
             if not isinstance(raw, str):
                 raise ValueError
             return raw
@@ -548,6 +561,10 @@ def validate(cfg: Config) -> None:
         _check_hostport("node.advertised_address", n.advertised_address)
     if n.enroll_listen_address:
         _check_hostport("node.enroll_listen_address", n.enroll_listen_address)
+    w = n.workers.strip().lower()
+    if w != "auto" and not (w.isdigit() and 1 <= int(w) <= 256):
+        raise ConfigError(f"node.workers: {n.workers!r} must be a number from 1 to 256 or "
+                          "'auto' (one per core)")
     if not 1 <= s.embedding_dimension <= 16000:
         raise ConfigError("store.embedding_dimension: must be between 1 and 16000")
     if s.metric not in METRICS:

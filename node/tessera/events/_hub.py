@@ -138,6 +138,8 @@ class EventHub:
         self.checker: Callable[[Caller], Awaitable[None]] | None = None
         self._checks: set[asyncio.Task[None]] = set()
         self.metrics = _Metrics(registry or CollectorRegistry(), self)
+        #: False while another process of the node prunes the log.
+        self.prune_here: Callable[[], bool] = lambda: True
         self._listening_once = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -372,6 +374,9 @@ class EventHub:
             return
         while True:
             started = time.monotonic()
+            if not self.prune_here():  # another process of the node prunes
+                await asyncio.sleep(cfg.prune_interval_s)
+                continue
             try:
                 n = await self.store.prune(max_age_s=cfg.retention_max_age_s,
                                            max_count=cfg.retention_max_count)

@@ -205,10 +205,13 @@ class NodeCertificates:
         self.tasks.append(asyncio.create_task(coro))
 
     async def _heal_own_revocations(self) -> None:
-        """Re-enrol any of the node's own certificates as soon as its serial is denied
-        (`tessera certs revoke`, a CRL, another replica), unless decommissioned."""
+        """Adopt certificates another serving process renewed; re-enrol any of the node's
+        own certificates as soon as its serial is denied (`tessera certs revoke`, a CRL,
+        another replica), unless decommissioned."""
         while True:
             for managed in self.managed.values():
+                # Another serving process of the node may have renewed the files.
+                managed.adopt_from_disk()
                 serial = managed.serial
                 if serial in self.deny_list:
                     managed.mark_revoked(serial)

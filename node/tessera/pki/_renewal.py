@@ -12,17 +12,26 @@ refuses as revoked) or that expired is re-enrolled at once with the provisioner,
 new key, when the issuer can sign - unless its serial was decommissioned
 (`tessera certs revoke --decommission`). Expiry is never silent: the state becomes
 EXPIRED and every attempt logs an error.
+
+Several serving processes of one node (`--workers`) manage the same files: a renewal
+runs under an exclusive file lock beside the certificate, and a process that finds the
+files renewed by another one (on its next look, every half second, or when it takes the
+lock to renew) adopts them instead of renewing again. So the node renews once and every
+process serves the new certificate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import enum
+import fcntl
 import json
 import logging
+import os
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +141,19 @@ def status_file(files: CredentialFiles) -> Path:
     return files.cert.with_suffix(".renewal.json")
 
 
+def lock_file(files: CredentialFiles) -> Path:
+    """Held while one process of the node renews these files."""
+    return files.cert.with_suffix(".renewal.lock")
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 def read_status(files: CredentialFiles) -> CertificateStatus | None:
     """The renewal state a running node last wrote for these files, if any."""
     try:
@@ -172,6 +194,7 @@ class ManagedCertificate:
         self.failures = 0
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._stamp = _stamp(files.cert)
         self._leaf = self._read_leaf()
         self._renew_at = self._schedule(self._leaf)
         if metrics is not None:
@@ -257,10 +280,58 @@ class ManagedCertificate:
     def _healable(self, serial: int) -> bool:
         return self.can_reenrol and not self.decommissioned(serial)
 
-    async def renew_now(self) -> CertificateStatus:
+    def adopt_from_disk(self) -> bool:
+        """Take the certificate another process of the node wrote to the files, if the
+        files changed and hold a valid pair for another serial. True when adopted."""
+        stamp = _stamp(self.files.cert)
+        if stamp is None or stamp == self._stamp:
+            return False
+        try:
+            chain_pem = self.files.cert.read_bytes()
+            key_pem = self.files.key.read_bytes()
+            leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+            check_issued(leaf, key_pem, sans_of(self._leaf))
+            roots_pem = self.files.ca.read_bytes()
+        except (OSError, ValueError):
+            return False  # half written (the key not yet beside it): the next look
+        self._stamp = stamp
+        if leaf.serial_number == self._leaf.serial_number:
+            return False
+        self.previous_serials = (self._leaf.serial_number, *self.previous_serials)[:8]
+        self._leaf = leaf
+        self._renew_at = self._schedule(leaf)
+        self.failures = 0
+        self.last_error = ""
+        if self.on_renewed is not None:
+            self.on_renewed(TlsMaterial(chain_pem, key_pem, roots_pem))
+        log.info("certificate %s renewed by another process of the node: serial %x",
+                 self.name, leaf.serial_number)
+        self._set_state(CertState.HEALTHY)
+        self._wake.set()
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _files_locked(self) -> AsyncIterator[None]:
+        """The node-wide renewal lock of these files (polled: never blocks the loop)."""
+        fd = os.open(lock_file(self.files), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    async def renew_now(self, *, force: bool = True) -> CertificateStatus:
         """Renew (or, if expired or revoked, re-enrol) once; raise on failure after
-        recording it."""
-        async with self._lock:
+        recording it. Unless `force`d, files another process renewed meanwhile are
+        adopted instead."""
+        async with self._lock, self._files_locked():
+            if self.adopt_from_disk() and not force:
+                return self.status()
             try:
                 try:
                     await self._renew()
@@ -304,11 +375,13 @@ class ManagedCertificate:
         # Nothing is written unless the new certificate fits: a pair that does not match
         # (or names other SANs) would break the next handshake or change our identity.
         check_issued(new_leaf, key_pem, sans_of(leaf))
+        # The CA file first: a process adopting the new pair reads the roots beside it.
+        write_atomic(self.files.ca, self.issuer.roots_pem())
         if reenrol:
             write_atomic_pair(self.files.cert, issued.chain_pem, self.files.key, key_pem)
         else:
             write_atomic(self.files.cert, issued.chain_pem)
-        write_atomic(self.files.ca, self.issuer.roots_pem())
+        self._stamp = _stamp(self.files.cert)
         self.previous_serials = (leaf.serial_number, *self.previous_serials)[:8]
         self._leaf = new_leaf
         self._renew_at = self._schedule(new_leaf)
@@ -375,7 +448,7 @@ class ManagedCertificate:
                 except TimeoutError:
                     pass
             try:
-                await self.renew_now()
+                await self.renew_now(force=False)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: S110 - recorded, logged and counted in _failed

@@ -14,6 +14,7 @@ from tessera.ratelimit._limiter import (
     LimitStatus,
     LocalGcra,
     RateLimiter,
+    share_of,
 )
 from tessera.ratelimit._policy import effective_limit, grant_limit, method_class, subject_of
 
@@ -35,5 +36,6 @@ __all__ = [
     "grant_limit",
     "method_class",
     "parse_limits",
+    "share_of",
     "subject_of",
 ]

@@ -137,11 +137,12 @@ class RowBudgets:
     """Reserves and settles rows against grants' budgets, in Valkey (see module doc)."""
 
     def __init__(self, valkey: redis.Redis, *, key_prefix: str, timeout_s: float = 0.2,
-                 on_valkey_failure: str = "local") -> None:
+                 on_valkey_failure: str = "local", processes: int = 1) -> None:
         self.valkey = valkey
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
         self.on_valkey_failure = on_valkey_failure
+        self.processes = processes
         self.local = LocalBudgets()
         self._reserve = valkey.register_script(_RESERVE)
         self._settle = valkey.register_script(_SETTLE)
@@ -167,7 +168,9 @@ class RowBudgets:
                                   "answer); retry") from None
             log.warning("row budget of %s checked locally: Valkey failed (%s)", grant,
                         type(exc).__name__)
-            granted, retry_s, member = self.local.reserve(grant, budget, window_s, want,
+            # Each of the node's serving processes spends its share of the budget.
+            share = max(1, budget // self.processes)
+            granted, retry_s, member = self.local.reserve(grant, share, window_s, want,
                                                           time.monotonic())
             backend = "local"
         if int(granted) <= 0:

@@ -76,10 +76,23 @@ class LimitStatus:
     classes: list[ClassStatus]
 
 
-class LocalGcra:
-    """The same GCRA in process memory, on this replica's monotonic clock."""
+def share_of(limit: Limit, processes: int) -> Limit:
+    """This process's share of a node-wide limit when `processes` decide it apart: the
+    rate and the burst divided (a burst of at least one), so together they never admit
+    more than the node's limit (beyond a burst smaller than `processes`)."""
+    if processes <= 1 or limit.unlimited:
+        return limit
+    return Limit(limit.rate_per_s / processes, max(1, limit.burst // processes))
 
-    def __init__(self) -> None:
+
+class LocalGcra:
+    """The same GCRA in process memory, on this replica's monotonic clock.
+
+    `processes` serving processes of one node (`--workers`) each decide their share.
+    """
+
+    def __init__(self, processes: int = 1) -> None:
+        self.processes = processes
         self._tat: dict[str, int] = {}
         self._rejections: dict[tuple[str, str], deque[float]] = {}
 
@@ -89,6 +102,7 @@ class LocalGcra:
         if len(self._tat) >= _LOCAL_SWEEP_AT:
             # Keys whose TAT has passed carry no state: a fresh key behaves the same.
             self._tat = {k: v for k, v in self._tat.items() if v > now}
+        limit = share_of(limit, self.processes)
         d = gcra(self._tat.get(key), now, limit.interval_us, limit.tolerance_us)
         if d.allowed:
             self._tat[key] = d.tat_us
@@ -115,7 +129,7 @@ class RateLimiter:
     """Implements `tessera.calls.Limiter` for every admitted call."""
 
     def __init__(self, cfg: RateLimitConfig, valkey: redis.Redis, *, key_prefix: str,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, processes: int = 1) -> None:
         self.cfg = cfg
         self.valkey = valkey
         self.prefix = key_prefix
@@ -124,7 +138,8 @@ class RateLimiter:
             "ratelimit.local_limits", cfg.local_limits)
         self.peer_limits = parse_limits("default", DEFAULT_PEER) | parse_limits(
             "ratelimit.peer_limits", cfg.peer_limits)
-        self.local = LocalGcra()
+        # Valkey's limit is shared by every process; the fallback is split between them.
+        self.local = LocalGcra(processes)
         self.backend = VALKEY
         self.last_error = ""
         self.down_since: dt.datetime | None = None

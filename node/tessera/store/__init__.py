@@ -19,6 +19,7 @@ from tessera.store._events import (
     append_events,
 )
 from tessera.store._health import STORE_UNAVAILABLE, StoreHealth, unavailable
+from tessera.store._lease import LEASE_APP, Lease
 from tessera.store._operations import (
     DONE_STATES,
     OPERATION_EVENT_KIND,
@@ -46,6 +47,7 @@ from tessera.store._search import Metric, SearchQuery, search, search_statement
 __all__ = [
     "DONE_STATES",
     "EVENTS_CHANNEL",
+    "LEASE_APP",
     "NOTHING",
     "OPERATIONS_CHANNEL",
     "OPERATION_EVENT_KIND",
@@ -53,6 +55,7 @@ __all__ = [
     "AuditIntent",
     "Effect",
     "EventStore",
+    "Lease",
     "ListQuery",
     "LogState",
     "Metric",
