@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.fixtures.peers",
     "tests.fixtures.plugins",
     "tests.fixtures.otlp",
+    "tests.fixtures.external",
 ]
 
 _skipped: list[str] = []
