@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 import grpc
 import pytest
 
+from tessera.core.paths import NodePaths
 from tessera_client.pb import (
     admin_pb2,
     admin_pb2_grpc,
@@ -76,8 +77,8 @@ async def test_two_nodes_of_two_workers_on_external_servers_stay_correct(
     for node in (a, b):  # neither embedded service runs, nor was ever set up
         children = set(_children_of(node))
         assert children == {"serving-0", "serving-1"}, children
-        assert not (node.data_dir / "pgdata").exists()
-        assert not (node.data_dir / "valkey").exists()
+        assert not NodePaths(node.data_dir).pgdata.exists()
+        assert not NodePaths(node.data_dir).valkey.exists()
     creds = _credentials(a)
     addresses = [a.address, b.address]
 

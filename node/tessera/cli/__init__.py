@@ -4,7 +4,7 @@ Layout (modelled on SPIRE's cmd/spire-server/cli/cli.go):
 
 - `COMMANDS` below is THE table: `"noun verb"` (or a single word such as `"serve"`) maps to
   a `Command`. Nothing else registers commands; `build_parser()` builds argparse from it.
-- One module per noun (`serve`, `doctor`, `load`, `ca`, `certs`, `peers`, `grants`,
+- One module per noun (`serve`, `tier`, `doctor`, `load`, `ca`, `certs`, `peers`, `grants`,
   `audit`, `ratelimit`, `commands`, `agents`, `events`) holds that noun's handlers and
   flags, and exports one `Command` per verb (`certs.REVOKE`, `peers.LIST`, ...).
 - `_command.py`: `Command(help, run, flags=..., data_dir=True, json=False, address=False)`
@@ -66,6 +66,7 @@ from tessera.cli import (
     peers,
     ratelimit,
     serve,
+    tier,
 )
 from tessera.cli._client import LocalNode, local_node, node_state
 from tessera.cli._command import Command, Env
@@ -90,6 +91,7 @@ NOUNS: dict[str, str] = {
 COMMANDS: dict[str, Command] = {
     "serve": serve.SERVE,
     "migrate": serve.MIGRATE,
+    "migrate-tier": tier.MIGRATE_TIER,
     "doctor": doctor.DOCTOR,
     "ca init": ca.INIT,
     "certs enroll": certs.ENROLL,

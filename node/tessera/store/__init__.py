@@ -43,6 +43,7 @@ from tessera.store._resources import (
     version_of_etag,
 )
 from tessera.store._search import Metric, SearchQuery, search, search_statement
+from tessera.store._tier import TableCopy, TierCopy, copy_database
 
 __all__ = [
     "DONE_STATES",
@@ -73,10 +74,13 @@ __all__ = [
     "StoreHealth",
     "StoredEvent",
     "Subscription",
+    "TableCopy",
+    "TierCopy",
     "append_event",
     "append_events",
     "audit_intent",
     "bind_audit_intent",
+    "copy_database",
     "effect_transaction",
     "etag_of",
     "migrate",
