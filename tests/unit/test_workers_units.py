@@ -80,3 +80,30 @@ def test_a_reserved_port_refuses_a_plain_bind_and_admits_the_node_s_processes() 
             reserve_port("node.listen_address", f"127.0.0.1:{port}")
     finally:
         held.close()
+
+
+def test_a_port_held_only_by_closed_connections_can_be_reserved() -> None:
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server side closes first: its end lingers in TIME_WAIT
+        assert client.recv(1) == b""
+        client.close()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # what a plain check would have refused
+    held = reserve_port("node.listen_address", f"127.0.0.1:{port}")
+    try:
+        # Another node is still refused the port; the node's own processes still bind it.
+        with pytest.raises(ConfigError, match="cannot bind"):
+            reserve_port("node.listen_address", f"127.0.0.1:{port}")
+        with socket.socket() as worker:
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            worker.bind(("127.0.0.1", port))
+            worker.listen()
+    finally:
+        held.close()

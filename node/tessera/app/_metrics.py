@@ -26,6 +26,8 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from tessera.core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 #: Gauges that are per-process amounts: the node's value is the sum.
@@ -102,5 +104,9 @@ def start_node_metrics(address: str, ports: Callable[[], list[int]]) -> WSGIServ
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServingMetrics(ports))
     host, _, port = address.rpartition(":")
-    server, _ = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    try:
+        server, _ = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"metrics.listen_address: cannot bind {address} ({exc.strerror}); "
+                          "choose a free port") from None
     return server

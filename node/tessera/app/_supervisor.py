@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -222,7 +223,23 @@ def reserve_port(setting: str, address: str) -> socket.socket:
     family, kind, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
-        sock.bind(sockaddr)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            # Connections of a node that just stopped linger in TIME_WAIT and refuse a
+            # plain bind. SO_REUSEADDR passes over those but still fails on any listener
+            # and on any socket bound without it (every node's reservation).
+            sock.close()
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            # Cleared once bound: another node's check passes over it no more than over
+            # a plain reservation (checked by the kernel at each later bind).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+            log.info("%s: %s is held only by closed connections (TIME_WAIT); taking it",
+                     setting, address)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     except OSError as exc:
         sock.close()
