@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ import grpc
 import psycopg
 import pytest
 from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tessera_client.pb import (
@@ -337,3 +339,67 @@ async def test_auto_workers_is_one_per_core(node_factory: NodeFactory) -> None:
     assert len(node.serving_pids) == len(os.sched_getaffinity(0))
     async with node.client() as c:
         await c.command.Execute(_put("auto"))
+
+
+async def test_sigterm_lets_calls_in_flight_on_every_worker_finish(
+    node_factory: NodeFactory,
+) -> None:
+    # 16 connections: all on one of the two processes has p = 2**-15. Calls are held on a
+    # table lock until both processes are draining, then released: every one answers.
+    node = node_factory(env=_workers_env(2, TESSERA_STORE_POOL_MAX="20",
+                                         TESSERA_NODE_SHUTDOWN_GRACE_S="120",
+                                         TESSERA_STORE_STATEMENT_TIMEOUT_S="120"))
+    dsn = node.env["TESSERA_STORE_DSN"]
+    async with node.client() as c:
+        await c.command.Execute(_put("held"))
+    creds = _credentials(node)
+    channels = [grpc.aio.secure_channel(node.address, creds, options=[
+        ("grpc.use_local_subchannel_pool", 1), ("grpc.ssl_target_name_override", "localhost")])
+        for _ in range(16)]
+    try:
+        with psycopg.connect(dsn, autocommit=True) as watcher, psycopg.connect(dsn) as locker:
+            locker.execute("LOCK TABLE resources IN ACCESS EXCLUSIVE MODE")
+            calls = [asyncio.ensure_future(query_pb2_grpc.QueryServiceStub(ch).GetResource(
+                _get("held"), timeout=300)) for ch in channels]
+
+            def waiting() -> int:
+                row = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND backend_type = 'client backend' AND datname = current_database()"
+                ).fetchone()
+                return int(row[0]) if row else 0
+
+            await poll("16 calls waiting on the lock", lambda: waiting() == 16)
+            pids = node.serving_pids
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGTERM)
+            # Asked on each held call's own connection: its process is draining.
+            for ch in channels:
+                await apoll_not_serving(ch)
+            locker.commit()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        for ch in channels:
+            await ch.close()
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert failed == [], failed
+    assert node.proc.wait(60) == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+async def apoll_not_serving(channel: grpc.aio.Channel) -> None:
+    """Wait until the process behind this connection reports NOT_SERVING (or is gone)."""
+    health = health_pb2_grpc.HealthStub(channel)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        try:
+            r = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            if r.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                return
+        await asyncio.sleep(0.05)
+    pytest.fail("a serving process never began its graceful stop")
