@@ -132,8 +132,11 @@ async def test_a_rate_limit_holds_across_two_nodes_of_two_workers(
 ) -> None:
     # One identity, one Valkey: the node-wide burst of 10 reads is spent once, whichever
     # of the four processes each call reaches (a refill of one per 1000 s is negligible).
+    # A generous decision timeout: on a loaded machine a 50 ms stall would send a call to
+    # the local fallback, which is another test's subject.
     a, b = _two_replicas(node_factory, external_services,
-                         TESSERA_RATELIMIT_LOCAL_LIMITS="read=0.001/10")
+                         TESSERA_RATELIMIT_LOCAL_LIMITS="read=0.001/10",
+                         TESSERA_RATELIMIT_DECISION_TIMEOUT_MS="5000")
     async with a.client() as c:
         await c.command.Execute(_put("limited"))
     creds = _credentials(a)
