@@ -13,12 +13,10 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
-import pytest
 
 from tessera.core.paths import NodePaths
 from tessera_client.pb import (
@@ -30,6 +28,7 @@ from tessera_client.pb import (
 )
 from tests.fixtures.external import ExternalServices, external_database
 from tests.fixtures.nodes import NodeFactory, NodeProcess
+from tests.fixtures.waiting import wait_until
 from tests.integration.test_workers import (
     _credentials,
     _get,
@@ -124,7 +123,8 @@ async def test_two_nodes_of_two_workers_on_external_servers_stay_correct(
             assert verdict.ok, verdict.message
             return verdict.checked >= 24 + 24 + 16
 
-        await apoll("every call's audit row in the verified chain", linked)
+        await wait_until(linked, "every call's audit row in the verified chain",
+                         timeout_s=60)
 
 
 async def test_a_rate_limit_holds_across_two_nodes_of_two_workers(
@@ -176,17 +176,6 @@ async def test_no_password_of_the_external_servers_in_logs_or_doctor(
     for node in (a, b):
         node.stop()
         assert secret not in node.log()
-
-
-async def apoll(what: str, ready: Callable[[], Awaitable[bool]],
-                deadline_s: float = 60.0) -> None:
-    """Wait until `await ready()` is true, or fail naming what did not happen."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if await ready():
-            return
-        await asyncio.sleep(0.2)
-    pytest.fail(f"gave up waiting: {what}")
 
 
 def _children_of(node: NodeProcess) -> list[str]:

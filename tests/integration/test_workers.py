@@ -17,7 +17,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,7 +40,7 @@ from tessera_client.pb import (
 )
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.valkey import free_port
-from tests.integration.test_supervisor import poll
+from tests.fixtures.waiting import wait_until
 
 #: Fresh connections per check: with two processes, all landing on one has p = 2**-31.
 _CONNECTIONS = 32
@@ -184,7 +183,7 @@ async def test_a_killed_worker_is_restarted_and_sigterm_stops_every_worker(
         return bool(child.get("running") and child.get("pid") != victim
                     and child.get("restarts") == 1 and child["pid"] in state["serving_pids"])
 
-    await poll("the killed serving process restarted", back)
+    await wait_until(back, "the killed serving process restarted", timeout_s=60)
     pids = [c["pid"] for c in _serving(node)]
     async with node.client() as c:
         await c.command.Execute(_put("after-restart"))
@@ -284,7 +283,8 @@ async def test_rotate_certificate_through_one_worker_is_served_by_every_worker(
             ("tessera_certificate_expiry_timestamp_seconds", ())) == expiry
             for c in _serving(node))
 
-    await poll("every serving process took the rotated certificate", every_worker_has_it)
+    await wait_until(every_worker_has_it, "every serving process took the rotated certificate",
+                     timeout_s=60)
     assert {_served_serial(node) for _ in range(_CONNECTIONS)} == {new}
     # Renewed once for the node: one process renewed, the other adopted the files.
     renewals = [_scrape(c["metrics_port"]).get(
@@ -308,8 +308,8 @@ async def test_pruning_runs_in_one_worker_and_moves_when_it_dies(
 ) -> None:
     node = node_factory(env=_workers_env(2))
     dsn = node.env["TESSERA_STORE_DSN"]
-    await poll("one serving process holds the jobs lease",
-               lambda: len(_lease_holders(dsn)) == 1)
+    await wait_until(lambda: len(_lease_holders(dsn)) == 1,
+                     "one serving process holds the jobs lease", timeout_s=60)
     holder = _lease_holders(dsn)[0]
     assert holder in node.serving_pids
     os.kill(holder, signal.SIGKILL)
@@ -319,9 +319,10 @@ async def test_pruning_runs_in_one_worker_and_moves_when_it_dies(
         alive = [c["pid"] for c in _serving(node) if c["running"]]
         return len(holders) == 1 and holders[0] != holder and holders[0] in alive
 
-    await poll("another serving process took the jobs lease", moved)
+    await wait_until(moved, "another serving process took the jobs lease", timeout_s=60)
     # Still exactly one, with both processes running again.
-    await poll("the killed process is back", lambda: all(c["running"] for c in _serving(node)))
+    await wait_until(lambda: all(c["running"] for c in _serving(node)),
+                     "the killed process is back", timeout_s=60)
     assert len(_lease_holders(dsn)) == 1
 
 
@@ -369,7 +370,7 @@ async def test_sigterm_lets_calls_in_flight_on_every_worker_finish(
                 ).fetchone()
                 return int(row[0]) if row else 0
 
-            await poll("16 calls waiting on the lock", lambda: waiting() == 16)
+            await wait_until(lambda: waiting() == 16, "16 calls waiting on the lock", timeout_s=60)
             pids = node.serving_pids
             assert node.proc is not None
             node.proc.send_signal(signal.SIGTERM)
@@ -392,14 +393,12 @@ async def test_sigterm_lets_calls_in_flight_on_every_worker_finish(
 async def apoll_not_serving(channel: grpc.aio.Channel) -> None:
     """Wait until the process behind this connection reports NOT_SERVING (or is gone)."""
     health = health_pb2_grpc.HealthStub(channel)
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
+
+    async def draining() -> bool:
         try:
             r = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-            if r.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                return
         except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.UNAVAILABLE:
-                return
-        await asyncio.sleep(0.05)
-    pytest.fail("a serving process never began its graceful stop")
+            return exc.code() is grpc.StatusCode.UNAVAILABLE
+        return r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    await wait_until(draining, "a serving process began its graceful stop", timeout_s=60)
