@@ -50,6 +50,18 @@ SETUP = re.compile(r"<!-- doc-test-setup: (.+?) -->")
 FENCE = re.compile(r"^```(sh|bash|python)\s*$")
 PORT = re.compile(r"\b(5005\d)\b")
 _DOC_TIMEOUT_S = 420.0
+
+#: What a document's output must show beyond every block exiting 0: the point of the doc.
+EXPECT: dict[str, list[str]] = {
+    "README.md": ['"title": "hello"', "loaded 5 resources", "audit chain ok", "\nhello\n"],
+    "quickstart-two-nodes.md": ['"source": "bob"', '"title": "release checklist"',
+                                "peer=alice"],
+    "federation.md": ['"source": "b"', " b        release checklist"],
+    "api.md": ['"title": "ship it"', '"checks"'],
+    "audit.md": ["audit chain ok", "pruned 0 audit records"],
+    "load.md": ["loaded 5 resources"],
+    "events.md": ["published ", '"type":"build.finished"'],
+}
 _STOP_TIMEOUT_S = 60.0
 
 
@@ -103,9 +115,23 @@ def setups(doc: Path) -> list[str]:
     return SETUP.findall(doc.read_text(encoding="utf-8"))
 
 
+#: Documents whose runnable blocks a dedicated test runs, with checks of its own (not run
+#: here a second time).
+DEDICATED = {
+    "commands.md": REPO / "tests" / "integration" / "test_agent_docs.py",
+}
+
+
 def runnable_documents() -> list[Path]:
-    """Documents with at least one runnable block."""
-    return [d for d in documents() if any(b.runnable for b in blocks(d))]
+    """Documents with at least one runnable block (but for the DEDICATED ones)."""
+    return [d for d in documents()
+            if d.name not in DEDICATED and any(b.runnable for b in blocks(d))]
+
+
+def test_dedicated_doc_tests_exist() -> None:
+    for doc, test in DEDICATED.items():
+        assert test.is_file(), f"{doc}: its dedicated test {test} is gone; run it here again"
+        assert doc in test.read_text(), f"{test} does not name {doc}"
 
 
 def test_every_example_is_run_or_says_why_not() -> None:
@@ -234,3 +260,5 @@ def test_document_runs_as_pasted(doc: Path, tmp_path: Path) -> None:
         f"{doc.name} did not run as pasted (exit {code}); ports {ports}\n{output[-6000:]}"
         + (f"\n--- node log ---\n{node_log[-3000:]}" if node_log else ""))
     assert "=== doc-test: all blocks ran" in output
+    missing = [e for e in EXPECT.get(doc.name, []) if e not in output]
+    assert not missing, f"{doc.name} ran but did not show {missing}:\n{output[-6000:]}"

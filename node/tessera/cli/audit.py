@@ -13,7 +13,7 @@ from pathlib import Path
 from tessera.audit import parse_age, prune
 from tessera.cli._command import Command, Env
 from tessera.cli._output import enum_name
-from tessera.core.errors import ConfigError
+from tessera.core.errors import ConfigError, TesseraError
 from tessera.core.paths import NodePaths
 
 _OUTCOMES = ("allowed", "denied", "rate-limited", "failed")
@@ -93,15 +93,32 @@ def _verify(env: Env) -> int:
 
 def _prune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--older-than", required=True, help="age, e.g. 30d, 12h, 90m")
-    p.add_argument("--export", type=Path, default=None,
-                   help="write the removed records to this new JSON-lines file first")
+    p.add_argument("--export", default=None, metavar="FILE|DIR/",
+                   help="write the removed records to this new JSON-lines file first (a "
+                        "directory, existing or ending in /, gets audit-<time>.jsonl; "
+                        "missing directories are created)")
+
+
+def export_path(export: Path, raw: str, now: dt.datetime) -> Path:
+    """The file `--export` names: inside it when it is a directory; its parents created."""
+    if export.is_dir() or raw.endswith(("/", "\\")):
+        export = export / f"audit-{now.strftime('%Y%m%dT%H%M%SZ')}.jsonl"
+    try:
+        export.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TesseraError(f"--export: cannot create the directory {export.parent} "
+                           f"({exc.strerror})") from None
+    return export
 
 
 def _prune(env: Env) -> int:
     from tessera.embedded import running_postgres_dsn
 
     cfg = env.cfg
-    cutoff = dt.datetime.now(dt.UTC) - parse_age(env.args.older_than)
+    now = dt.datetime.now(dt.UTC)
+    cutoff = now - parse_age(env.args.older_than)
+    raw = env.args.export
+    export = None if raw is None else export_path(Path(raw).expanduser(), raw, now)
     paths = NodePaths(cfg.node.data_dir)
     dsn = cfg.store.dsn or running_postgres_dsn(paths.pgdata)
     pg = None
@@ -111,7 +128,7 @@ def _prune(env: Env) -> int:
         pg = EmbeddedPostgres(paths.pgdata)
         dsn = pg.start()
     try:
-        result = prune(dsn, cutoff, env.args.export)
+        result = prune(dsn, cutoff, export)
     finally:
         if pg is not None:
             pg.stop()

@@ -160,11 +160,15 @@ class _Progress:
         self.total, self.out, self.started = total, out, time.monotonic()
         self.tty = out.isatty()
         self.last = 0.0
+        self.printed = -1
 
     def update(self, done: int, bad: int, *, final: bool = False) -> None:
         now = time.monotonic()
         if not final and now - self.last < (0.2 if self.tty else 5.0):
             return
+        if final and not self.tty and done == self.printed:
+            return  # the last line said it already
+        self.printed = done
         self.last = now
         elapsed = max(now - self.started, 1e-9)
         rate = done / elapsed
