@@ -125,7 +125,7 @@ def _add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
          cmd: Command) -> None:
     p = parent.add_parser(name, help=cmd.help)
     if cmd.data_dir:
-        p.add_argument("--data-dir", type=Path, default=None,
+        p.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
                        help=f"data directory (default {config.DEFAULT_DATA_DIR})")
     cmd.flags(p)
     if cmd.address:
@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML configuration file (also TESSERA_CONFIG)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    # --data-dir works before the subcommand and after it: the subcommand's copy leaves
+    # the attribute alone unless given (SUPPRESS), so this one is not overwritten.
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"data directory (default {config.DEFAULT_DATA_DIR})")
     sub = parser.add_subparsers(dest="noun", required=True)
     verbs: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
     for path, cmd in COMMANDS.items():

@@ -13,6 +13,7 @@ import asyncio
 import grpc
 from google.protobuf import duration_pb2
 
+from tessera.cli._client import node_state
 from tessera.cli._command import Command, Env
 from tessera.core.errors import TesseraError
 from tessera.peering import join
@@ -46,6 +47,13 @@ def _join_flags(p: argparse.ArgumentParser) -> None:
 
 def _join(env: Env) -> int:
     a = env.args
+    try:
+        # The token is single-use: spend it only for a node that can use the peer.
+        node_state(env.data_dir)
+    except TesseraError as exc:
+        env.out.warn(f"tessera: {exc.message}\ntessera: the token was not used; it stays "
+                     "valid until it expires")
+        return 1
     try:
         peer = asyncio.run(join(a.token, env.data_dir, callback_address=a.address,
                                 local_name=a.local_name, replace=a.replace))
