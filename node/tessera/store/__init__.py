@@ -29,7 +29,7 @@ from tessera.store._operations import (
     OperationStore,
     operation_uuid,
 )
-from tessera.store._predicate import NOTHING, Predicate
+from tessera.store._predicate import NOTHING, Predicate, any_of
 from tessera.store._resources import (
     ListQuery,
     Pool,
@@ -70,6 +70,7 @@ __all__ = [
     "StoreHealth",
     "StoredEvent",
     "Subscription",
+    "any_of",
     "append_event",
     "append_events",
     "audit_intent",
