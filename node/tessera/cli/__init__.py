@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -66,6 +67,7 @@ from tessera.cli import (
     peers,
     ratelimit,
     serve,
+    status,
 )
 from tessera.cli._client import LocalNode, local_node, node_state
 from tessera.cli._command import Command, Env
@@ -90,6 +92,7 @@ NOUNS: dict[str, str] = {
 COMMANDS: dict[str, Command] = {
     "serve": serve.SERVE,
     "migrate": serve.MIGRATE,
+    "status": status.STATUS,
     "doctor": doctor.DOCTOR,
     "ca init": ca.INIT,
     "certs enroll": certs.ENROLL,
@@ -111,6 +114,7 @@ COMMANDS: dict[str, Command] = {
     "grants list": grants.LIST,
     "grants show": grants.SHOW,
     "grants revoke": grants.REVOKE,
+    "grants preview": grants.PREVIEW,
     "commands list": commands.LIST,
     "agents list": agents.LIST,
     "agents spawn": agents.SPAWN,
@@ -183,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tessera ... | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 __all__ = [
