@@ -55,7 +55,8 @@ _DOC_TIMEOUT_S = 420.0
 EXPECT: dict[str, list[str]] = {
     "README.md": ['"title": "hello"', "loaded 5 resources", "audit chain ok", "\nhello\n"],
     "quickstart-two-nodes.md": ['"source": "bob"', '"title": "release checklist"',
-                                "peer=alice"],
+                                "peer=alice", "peers out    bob",
+                                "alice can read 1 local row now", "rows in scope  1 (task 1)"],
     "federation.md": ['"source": "b"', " b        release checklist"],
     "api.md": ['"title": "ship it"', '"checks"'],
     "audit.md": ["audit chain ok", "pruned 0 audit records"],

@@ -119,7 +119,8 @@ def _preview_text(env: Env, resp: admin_pb2.PreviewGrantsResponse) -> None:
         out.line(f"{peer} can see nothing: no grant in force "
                  f"(`tessera grants create --peer {peer} ...`)")
         return
-    out.line(f"{peer} can read {resp.rows_in_scope:,} local rows now, under "
+    n = resp.rows_in_scope
+    out.line(f"{peer} can read {n:,} local row{'s' if n != 1 else ''} now, under "
              f"{len(resp.grants)} grant{'s' if len(resp.grants) != 1 else ''}:")
     for p in resp.grants:
         g = p.grant
