@@ -53,7 +53,8 @@ _DOC_TIMEOUT_S = 420.0
 
 #: What a document's output must show beyond every block exiting 0: the point of the doc.
 EXPECT: dict[str, list[str]] = {
-    "README.md": ['"title": "hello"', "loaded 5 resources", "audit chain ok", "\nhello\n"],
+    "README.md": ['"title": "hello"', "loaded 5 resources", "audit chain ok", "\nhello\n",
+                  "status       running (pid"],
     "quickstart-two-nodes.md": ['"source": "bob"', '"title": "release checklist"',
                                 "peer=alice", "peers out    bob",
                                 "alice can read 1 local row now", "rows in scope  1 (task 1)"],
