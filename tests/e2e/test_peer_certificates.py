@@ -157,7 +157,7 @@ async def test_a_to_b_calls_never_fail_across_three_renewals_of_the_peer_certifi
     # Renewals go on meanwhile: what is shown is what the file held before or after.
     held_before = leaf_of(cert_file).serial_number
     out = (await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "tessera.cli", "peers", "list",
+        subprocess.run, [sys.executable, "-m", "tessera.cli", "peers", "list", "--json",
                          "--data-dir", str(a.data_dir)], env=a.env, capture_output=True,
         text=True, timeout=60, check=True)).stdout
     joined = json.loads(out)["joined"]

@@ -486,7 +486,7 @@ async def test_cli_invites_grants_lists_and_revokes(
     joined = tessera_cli(a, "peers", "join", token)
     assert joined.returncode == 0, joined.stderr
     assert json.loads(joined.stdout)["name"] == "b"
-    listed = json.loads(tessera_cli(b, "peers", "list").stdout)
+    listed = json.loads(tessera_cli(b, "peers", "list", "--json").stdout)
     assert [(p["name"], p["state"]) for p in listed["peers"]] == [("a", "ACTIVE")]
     shown = json.loads(tessera_cli(b, "grants", "show", grant["name"]).stdout)
     assert shown["peer"] == "a"

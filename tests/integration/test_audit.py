@@ -260,7 +260,8 @@ async def test_list_filters_by_outcome_and_time_and_pages_with_tokens(node: Node
     res = tessera(node, "audit", "list", "--outcome", "denied")
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("GetNodeInfo") == 5 and "ADMIN_REQUIRED" in res.stdout
-    res = tessera(node, "audit", "list", "--since", "1h", "--limit", "3", "--json")
+    res = tessera(node, "audit", "list", "--since", "1h", "--limit", "3", "--json",
+                   "--oldest-first")
     assert res.returncode == 0, res.stderr
     assert [json.loads(line)["sequence"] for line in res.stdout.splitlines()] == ["1", "2", "3"]
     res = tessera(node, "audit", "list", "--until", "2000-01-01T00:00:00")

@@ -68,3 +68,50 @@ async def test_load_resumes_from_its_checkpoint_and_never_applies_twice(
     # Starting over re-sends every line, but idempotency keys make it a no-op.
     assert _load(node, path, "--restart").returncode == 0
     assert await _count(node) == [1] * 25
+
+
+def _no_traceback(res: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in res.stderr + res.stdout, res.stderr
+
+
+async def test_load_waits_out_the_nodes_rate_limit_instead_of_failing(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    # 20 puts a second, bursts of 5: 60 lines at 16 in flight are refused many times.
+    node = node_factory(env={"TESSERA_RATELIMIT_LOCAL_LIMITS": "command=20/5"})
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(_line(i) for i in range(60)) + "\n")
+    res = _load(node, path)
+    _no_traceback(res)
+    assert res.returncode == 0, res.stderr
+    assert "loaded 60 resources" in res.stdout
+    assert "the node's rate limit refused" in res.stdout  # it was limited, and waited
+    assert await _count(node) == [1] * 60
+
+
+async def test_load_paced_by_rate_below_the_limit_is_never_refused(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    node = node_factory(env={"TESSERA_RATELIMIT_LOCAL_LIMITS": "command=40/10"})
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(_line(i) for i in range(30)) + "\n")
+    res = _load(node, path, "--rate", "10", "--concurrency", "4")
+    _no_traceback(res)
+    assert res.returncode == 0, res.stderr
+    assert "loaded 30 resources" in res.stdout
+    assert "rate limit refused" not in res.stdout
+    assert len(await _count(node)) == 30
+
+
+async def test_load_on_the_default_rate_limit_loads_everything(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """The node's defaults (command=500/s, burst 1000): 1,500 puts at 64 in flight."""
+    node = node_factory()
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(_line(i) for i in range(1500)) + "\n")
+    res = _load(node, path, "--concurrency", "64")
+    _no_traceback(res)
+    assert res.returncode == 0, res.stderr
+    assert "loaded 1,500 resources" in res.stdout
+

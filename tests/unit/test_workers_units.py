@@ -10,7 +10,7 @@ import pytest
 from tessera import config
 from tessera.app._metrics import merge
 from tessera.app._supervisor import reserve_port
-from tessera.core.errors import ConfigError
+from tessera.core.errors import AddressInUse, ConfigError
 from tessera.ratelimit import Limit, LocalGcra, share_of
 
 
@@ -76,7 +76,7 @@ def test_a_reserved_port_refuses_a_plain_bind_and_admits_the_node_s_processes() 
             worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             worker.bind(("127.0.0.1", port))
             worker.listen()
-        with pytest.raises(ConfigError, match="cannot bind"):
+        with pytest.raises(AddressInUse, match="cannot listen on"):
             reserve_port("node.listen_address", f"127.0.0.1:{port}")
     finally:
         held.close()
@@ -98,7 +98,7 @@ def test_a_port_held_only_by_closed_connections_can_be_reserved() -> None:
     held = reserve_port("node.listen_address", f"127.0.0.1:{port}")
     try:
         # Another node is still refused the port; the node's own processes still bind it.
-        with pytest.raises(ConfigError, match="cannot bind"):
+        with pytest.raises(AddressInUse, match="cannot listen on"):
             reserve_port("node.listen_address", f"127.0.0.1:{port}")
         with socket.socket() as worker:
             worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -63,28 +63,40 @@ class AuditAdmin:
         end = c.timestamp("end_time", request.end_time, request.HasField("end_time"))
         if start is not None and end is not None and start > end:
             c.fail("end_time", "must not be before start_time")
+        if request.after_sequence < 0:
+            c.fail("after_sequence", "must be 0 or a record's sequence")
         c.done()
         f = audit.AuditFilter(peer=request.peer, grant=request.grant, outcome=outcome,
                               start=start, end=end)
         qhash = filter_hash({"peer": f.peer, "grant": f.grant, "outcome": f.outcome,
                              "start": start.isoformat() if start else None,
-                             "end": end.isoformat() if end else None})
+                             "end": end.isoformat() if end else None,
+                             "newest_first": request.newest_first,
+                             "after_sequence": request.after_sequence})
         caller = current_caller().uri
-        after = 0
+        after = request.after_sequence
+        # Newest first pages downwards: the token holds the smallest sequence returned.
+        before: int | None = None
         if request.page_token:
             try:
                 position = self.rt.tokens.decode(request.page_token, query=qhash, caller=caller)
-                after = int(position[0])
+                if request.newest_first:
+                    before = int(position[0])
+                else:
+                    after = int(position[0])
             except (PageTokenError, IndexError, TypeError, ValueError) as exc:
                 raise InvalidArgument([FieldViolation("page_token", str(exc))]) from None
-        rows = await audit.list_rows(self.rt.pool, f, after=after, limit=page_size + 1)
+        rows = await audit.list_rows(self.rt.pool, f, after=after, limit=page_size + 1,
+                                     newest_first=request.newest_first, before=before)
         token = ""
         if len(rows) > page_size:
             rows = rows[:page_size]
             token = self.rt.tokens.encode(query=qhash, caller=caller,
                                           position=[rows[-1].sequence])
+        total = (await audit.count_rows(self.rt.pool, f, after=request.after_sequence)
+                 if request.include_total_size else 0)
         return admin_pb2.ListAuditRecordsResponse(
-            records=[record_to_pb(r) for r in rows], next_page_token=token)
+            records=[record_to_pb(r) for r in rows], next_page_token=token, total_size=total)
 
     async def VerifyAudit(
         self, request: admin_pb2.VerifyAuditRequest, context: grpc.aio.ServicerContext

@@ -16,8 +16,9 @@ from tessera.api._validate import MAX_NAME, WORKSPACE_RE, Checker
 from tessera.calls import current_caller
 from tessera.core.errors import FieldViolation, InvalidArgument, PermissionDenied
 from tessera.core.pagination import PageTokenError, query_hash
-from tessera.grants import ALL_WORKSPACES, Grant, Peer, PeerState
+from tessera.grants import ALL_WORKSPACES, Grant, Peer, PeerState, Scope
 from tessera.peering import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, PeerCertificateRenewal
+from tessera.store import Predicate, any_of
 from tessera_client.pb import admin_pb2
 
 PEER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
@@ -300,3 +301,38 @@ class PeerGrantAdmin:
     ) -> admin_pb2.Grant:
         _check_grant_name(request.name)
         return grant_to_pb(await self.rt.grants.revoke_grant(request.name))
+
+    async def PreviewGrants(
+        self, request: admin_pb2.PreviewGrantsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.PreviewGrantsResponse:
+        c = Checker()
+        c.pattern("peer", request.peer, PEER_NAME_RE, "a peer name (1-64 of [a-z0-9-])")
+        c.done()
+        await self.rt.grants.get_peer(request.peer)  # NotFound names an unknown peer
+        now = datetime.now(UTC)
+        grants, after = [], None
+        while True:  # every grant of the peer, page by page
+            page = await self.rt.grants.list_grants(peer=request.peer, include_revoked=False,
+                                                    limit=MAX_LIST + 1, after=after)
+            grants += page[:MAX_LIST]
+            if len(page) <= MAX_LIST:
+                break
+            last = page[MAX_LIST - 1]
+            after = [last.created_at, last.name.removeprefix("grants/")]
+        never = self.rt.cfg.store.never_shared_set
+        out = admin_pb2.PreviewGrantsResponse()
+        conditions: list[Predicate] = []
+        for g in grants:
+            if g.expire_time is not None and g.expire_time <= now:
+                continue
+            scope = Scope.of(g, never)
+            predicate = scope.predicate()
+            by_kind = await self.rt.store.count_by_kind(predicate)
+            conditions.append(predicate)
+            out.grants.append(admin_pb2.GrantPreview(
+                grant=grant_to_pb(g), readable_kinds=sorted(scope.kinds),
+                rows_in_scope=sum(by_kind.values()), rows_by_kind=by_kind))
+        if conditions:
+            union = any_of(conditions)
+            out.rows_in_scope = sum((await self.rt.store.count_by_kind(union)).values())
+        return out

@@ -45,7 +45,7 @@ from tessera.app._lock import DataDirLock
 from tessera.app._metrics import start_node_metrics
 from tessera.app._node import prepare_data_dir
 from tessera.config import Config
-from tessera.core.errors import ConfigError, TesseraError, Unavailable
+from tessera.core.errors import AddressInUse, ConfigError, TesseraError, Unavailable
 from tessera.core.paths import NodePaths
 from tessera.embedded import (
     EmbeddedPostgres,
@@ -243,8 +243,11 @@ def reserve_port(setting: str, address: str) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"{setting}: cannot bind {address} ({exc.strerror}); another "
-                          "process (or node) uses it: choose a free port") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"cannot listen on {address}: another process (another "
+                               f"node?) already listens there; stop it, or choose a free "
+                               f"port with {setting}") from None
+        raise ConfigError(f"{setting}: cannot bind {address} ({exc.strerror})") from None
     return sock
 
 
@@ -470,6 +473,35 @@ def _say(cfg: Config, text: str) -> None:
         print(text, flush=True)
 
 
+def check_ports_free(cfg: Config) -> None:
+    """Raise AddressInUse, naming the port and the fix, when a fixed port is taken.
+
+    Checked before anything starts, so a taken port is one line, not a "configuration
+    error" after certificates, migrations and gRPC's own bind log. Port 0 (any free port)
+    and addresses this machine cannot bind at all are left to the real bind.
+    """
+    for setting, flag, address in (
+            ("node.listen_address", "--listen or ", cfg.node.listen_address),
+            ("node.enroll_listen_address", "", cfg.node.enroll_listen_address),
+            ("metrics.listen_address", "", cfg.metrics.listen_address)):
+        host, _, port_text = (address or "").rpartition(":")
+        host = host.strip("[]")
+        if not port_text.isdigit() or int(port_text) == 0:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As gRPC binds: a port in TIME_WAIT after a stop is free to use.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host or "0.0.0.0", int(port_text)))  # noqa: S104 - a probe
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise AddressInUse(
+                        f"cannot listen on {address}: another process (another node?) "
+                        f"already listens there; stop it, or choose a free port with "
+                        f"{flag}{setting}") from None
+
+
 async def serve(cfg: Config, *, log_level: str = "INFO") -> int:
     """Run a node until SIGINT or SIGTERM, then stop it gracefully; the exit code.
 
@@ -481,6 +513,7 @@ async def serve(cfg: Config, *, log_level: str = "INFO") -> int:
     lock = DataDirLock(paths.lock_file)
     lock.acquire()
     try:
+        check_ports_free(cfg)
         # Once, here: the serving processes get the name with the rest of the settings.
         cfg = resolve_node_name(cfg)
         try:

@@ -22,7 +22,7 @@ from tessera.audit._chain import (
     verify,
 )
 from tessera.audit._prune import PruneResult, parse_age, prune
-from tessera.audit._store import AuditFilter, list_rows, verify_log
+from tessera.audit._store import AuditFilter, count_rows, list_rows, verify_log
 from tessera.audit._writer import AuditWriter, entry_of
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Verdict",
     "canonical",
     "chain_hash",
+    "count_rows",
     "entry_of",
     "extend",
     "kind_of",

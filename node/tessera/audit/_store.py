@@ -67,10 +67,9 @@ class AuditFilter:
     end: dt.datetime | None = None
 
 
-async def list_rows(pool: Pool, f: AuditFilter, *, after: int, limit: int) -> list[AuditRow]:
-    """Rows matching `f` with sequence > `after`, oldest first."""
-    where: list[sql.Composable] = [sql.SQL("sequence > %s")]
-    params: list[Any] = [after]
+def _where(f: AuditFilter) -> tuple[list[sql.Composable], list[Any]]:
+    where: list[sql.Composable] = []
+    params: list[Any] = []
     for column, value in (("peer", f.peer), ("grant_name", f.grant), ("outcome", f.outcome)):
         if value:
             where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
@@ -81,13 +80,40 @@ async def list_rows(pool: Pool, f: AuditFilter, *, after: int, limit: int) -> li
     if f.end is not None:
         where.append(sql.SQL("time < %s"))
         params.append(f.end)
-    query = sql.SQL("SELECT * FROM audit_log WHERE {} ORDER BY sequence LIMIT %s").format(
-        sql.SQL(" AND ").join(where))
+    return where, params
+
+
+async def list_rows(pool: Pool, f: AuditFilter, *, after: int, limit: int,
+                    newest_first: bool = False, before: int | None = None) -> list[AuditRow]:
+    """Rows matching `f` with sequence > `after` (and < `before`), oldest first, or newest
+    first with `newest_first`."""
+    where, params = _where(f)
+    where.append(sql.SQL("sequence > %s"))
+    params.append(after)
+    if before is not None:
+        where.append(sql.SQL("sequence < %s"))
+        params.append(before)
+    order = sql.SQL("DESC" if newest_first else "ASC")
+    query = sql.SQL("SELECT * FROM audit_log WHERE {} ORDER BY sequence {} LIMIT %s").format(
+        sql.SQL(" AND ").join(where), order)
     params.append(limit)
     async with pool.connection() as conn:
         await link_pending(conn)
         cur = await conn.execute(query, params)
         return [row_of(r) for r in await cur.fetchall()]
+
+
+async def count_rows(pool: Pool, f: AuditFilter, *, after: int = 0) -> int:
+    """How many rows match `f` (with sequence > `after`)."""
+    where, params = _where(f)
+    where.append(sql.SQL("sequence > %s"))
+    params.append(after)
+    query = sql.SQL("SELECT count(*) FROM audit_log WHERE {}").format(
+        sql.SQL(" AND ").join(where))
+    async with pool.connection() as conn:
+        cur = await conn.execute(query, params)
+        row = await cur.fetchone()
+    return int(row["count"]) if row is not None else 0
 
 
 async def verify_log(pool: Pool) -> Verdict:

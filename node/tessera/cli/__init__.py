@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,7 @@ from tessera.cli import (
     ca,
     certs,
     commands,
+    completion,
     doctor,
     events,
     grants,
@@ -66,6 +68,7 @@ from tessera.cli import (
     peers,
     ratelimit,
     serve,
+    status,
     tier,
 )
 from tessera.cli._client import LocalNode, local_node, node_state
@@ -92,6 +95,7 @@ COMMANDS: dict[str, Command] = {
     "serve": serve.SERVE,
     "migrate": serve.MIGRATE,
     "migrate-tier": tier.MIGRATE_TIER,
+    "status": status.STATUS,
     "doctor": doctor.DOCTOR,
     "ca init": ca.INIT,
     "certs enroll": certs.ENROLL,
@@ -113,6 +117,7 @@ COMMANDS: dict[str, Command] = {
     "grants list": grants.LIST,
     "grants show": grants.SHOW,
     "grants revoke": grants.REVOKE,
+    "grants preview": grants.PREVIEW,
     "commands list": commands.LIST,
     "agents list": agents.LIST,
     "agents spawn": agents.SPAWN,
@@ -120,6 +125,7 @@ COMMANDS: dict[str, Command] = {
     "agents kill": agents.KILL,
     "events tail": events.TAIL,
     "events publish": events.PUBLISH,
+    "completion": completion.COMPLETION,
 }
 
 
@@ -127,7 +133,7 @@ def _add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
          cmd: Command) -> None:
     p = parent.add_parser(name, help=cmd.help)
     if cmd.data_dir:
-        p.add_argument("--data-dir", type=Path, default=None,
+        p.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
                        help=f"data directory (default {config.DEFAULT_DATA_DIR})")
     cmd.flags(p)
     if cmd.address:
@@ -145,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML configuration file (also TESSERA_CONFIG)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    # --data-dir works before the subcommand and after it: the subcommand's copy leaves
+    # the attribute alone unless given (SUPPRESS), so this one is not overwritten.
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"data directory (default {config.DEFAULT_DATA_DIR})")
     sub = parser.add_subparsers(dest="noun", required=True)
     verbs: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
     for path, cmd in COMMANDS.items():
@@ -181,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tessera ... | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 __all__ = [

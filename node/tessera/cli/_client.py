@@ -8,6 +8,7 @@ channel from the `LocalNode` this returns. Doctor reads node.json through `node_
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,11 +25,29 @@ class NoNode(Unavailable):
     """No node.json under the data directory: no node has served there (or it stopped)."""
 
 
-def node_state(data_dir: Path) -> dict[str, Any]:
+def _answers(address: str, timeout_s: float = 2.0) -> str | None:
+    """None if something accepts TCP connections at host:port, else why not."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except ValueError:
+        return f"{address!r} is not host:port"
+    except ConnectionRefusedError:
+        return "nothing listens there"
+    except TimeoutError:
+        return f"no answer in {timeout_s:g} s"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+def node_state(data_dir: Path, *, probe: bool = True) -> dict[str, Any]:
     """node.json of the node running on `data_dir`.
 
-    Raises NoNode when there is none, Unavailable with the fix when it is stale: the node
-    that wrote it (a pid no longer running) was killed without cleaning up.
+    Raises NoNode when there is none, Unavailable with the fix when it is stale (the node
+    that wrote it, a pid no longer running, was killed without cleaning up), or, with
+    `probe`, when nothing answers at its address: one line that says so, not gRPC
+    transport text.
     """
     paths = NodePaths(data_dir)
     try:
@@ -42,6 +61,13 @@ def node_state(data_dir: Path) -> dict[str, Any]:
         raise Unavailable(
             f"{paths.state_file} is stale: the node that wrote it (pid {pid}) is not "
             "running; start it with `tessera serve`") from None
+    why = _answers(str(state.get("address", ""))) if probe else None
+    if why is not None:
+        raise Unavailable(
+            f"the node of {data_dir} (pid {pid}) does not answer on {state.get('address')} "
+            f"({why}); it may be starting or shutting down: `tessera doctor --data-dir "
+            f"{data_dir}` shows its state; if it stays so, stop pid {pid} and start it "
+            f"again with `tessera serve --data-dir {data_dir}`")
     return state
 
 
@@ -83,7 +109,8 @@ def local_node(data_dir: Path, who: Who = "admin", *, address: str | None = None
         state: dict[str, Any] = {"address": address}
         server_name = None
     else:
-        state = node_state(data_dir)
+        # With --address the node.json address is not the one called: not probed.
+        state = node_state(data_dir, probe=not address)
         server_name = "localhost"
     try:
         creds = Credentials.from_files(ca or files.ca, cert or files.cert, key or files.key)

@@ -77,6 +77,35 @@ def rfc3339(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+_UNITS = (("year", 365 * 86400), ("month", 30 * 86400), ("day", 86400), ("hour", 3600),
+          ("minute", 60), ("second", 1))
+
+
+def human_delta(seconds: float) -> str:
+    """A duration for people, in its largest whole unit: '29 days', '3 hours', '1 minute'."""
+    seconds = abs(seconds)
+    for unit, size in _UNITS:
+        if seconds >= size or unit == "second":
+            n = int(seconds // size)
+            return f"{n} {unit}{'' if n == 1 else 's'}"
+    raise AssertionError("unreachable")
+
+
+def human_when(t: Any, now: dt.datetime | None = None) -> str:
+    """'in 29 days' or '3 hours ago' for a datetime or protobuf Timestamp ('' if unset)."""
+    if t is None:
+        return ""
+    if hasattr(t, "ToDatetime"):
+        if not (t.seconds or t.nanos):
+            return ""
+        t = t.ToDatetime(tzinfo=dt.UTC)
+    t = t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+    delta = (t - (now or dt.datetime.now(dt.UTC))).total_seconds()
+    if abs(delta) < 1:
+        return "now"
+    return f"in {human_delta(delta)}" if delta > 0 else f"{human_delta(delta)} ago"
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, message.Message):
         return to_json(value)

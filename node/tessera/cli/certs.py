@@ -14,7 +14,7 @@ from cryptography import x509
 
 from tessera import config
 from tessera.cli._command import Command, Env
-from tessera.cli._output import Printer, enum_name, rfc3339
+from tessera.cli._output import Printer, enum_name, human_delta, rfc3339
 from tessera.core.errors import ConfigError, FailedPrecondition, TesseraError, Unavailable
 from tessera.core.paths import NodePaths
 from tessera.pki import (
@@ -155,7 +155,9 @@ def _print_status(out: Printer, report: dict[str, Any]) -> None:
             continue
         out.line(f"{e['name']:7} serial {e['serial']}")
         out.line(f"        SANs       {', '.join(e['sans'])}")
-        out.line(f"        expires    {e['not_after']} (in {e['seconds_left']} s)")
+        left = e["seconds_left"]
+        when = f"in {human_delta(left)}" if left > 0 else f"expired {human_delta(left)} ago"
+        out.line(f"        expires    {e['not_after']} ({when})")
         r = e.get("renewal")
         if r:
             out.line(f"        renewal    {r['state']}, next at {r['renew_at']}, "

@@ -6,6 +6,12 @@ Each line is one JSON object with `workspace`, `kind`, `id` and optionally `titl
 carries an idempotency key derived from the line, and progress is checkpointed next to
 the file, so an interrupted load resumes where it stopped and never applies a line twice.
 Bad lines are reported by number and skipped; the rest still load.
+
+The node's rate limit is honoured: a put answered RESOURCE_EXHAUSTED waits the
+`google.rpc.RetryInfo` delay (or the `retry-after` trailer; exponential backoff when it
+names none) and is sent again, and every sender holds off until then, so a load slows to
+the node's rate instead of failing. `--rate` paces the puts below the limit from the
+start. The format is documented in docs/load.md; examples/resources.jsonl is a sample.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from pathlib import Path
 from typing import TextIO
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from tessera.cli._client import LocalNode, NoNode, local_node
 from tessera.cli._command import Command, Env
-from tessera.core.errors import Unavailable
+from tessera.core.errors import TesseraError, Unavailable
 from tessera_client.pb import command_pb2, resources_pb2
 
 _FIELDS = {"workspace", "kind", "id", "title", "body", "attributes", "embedding", "owner", "team"}
@@ -40,6 +47,71 @@ class LoadReport:
     skipped_before: int = 0
     bad: list[tuple[int, str]] = field(default_factory=list)
     elapsed_s: float = 0.0
+    #: Puts the node refused for its rate limit (each sent again after the wait it named).
+    rate_limited: int = 0
+    #: Seconds the senders held off for the rate limit (wall clock, not summed per put).
+    waited_s: float = 0.0
+
+
+#: A put refused this many times in a row for the rate limit (or an unreachable node)
+#: ends the load; the checkpoint lets the same command resume.
+MAX_ATTEMPTS = 12
+_BACKOFF_START_S = 0.05
+_BACKOFF_MAX_S = 10.0
+
+
+class LoadAborted(TesseraError):
+    """The node refused the load in a way no retry fixes (or kept refusing)."""
+
+    reason = "LOAD_ABORTED"
+
+
+def retry_delay(exc: grpc.aio.AioRpcError) -> float | None:
+    """The wait a RESOURCE_EXHAUSTED answer asks for: RetryInfo, else `retry-after`."""
+    metadata = dict(exc.trailing_metadata() or ())
+    raw = metadata.get("grpc-status-details-bin")
+    if isinstance(raw, bytes):
+        try:
+            details = status_pb2.Status.FromString(raw).details
+        except ValueError:
+            details = []
+        for detail in details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                return float(info.retry_delay.ToNanoseconds()) / 1e9
+    after = metadata.get("retry-after")
+    try:
+        return float(after) if isinstance(after, str) else None
+    except ValueError:
+        return None
+
+
+class _Pacer:
+    """When the next put may leave: `--rate` spacing, and a shared hold after a refusal."""
+
+    def __init__(self, rate: float, report: LoadReport) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.next_slot = time.monotonic()
+        self.hold_until = 0.0
+        self.report = report
+
+    async def wait_turn(self) -> None:
+        now = time.monotonic()
+        start = max(now, self.hold_until)
+        if self.interval:
+            start = max(start, self.next_slot)
+            self.next_slot = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    def hold(self, delay_s: float) -> None:
+        """Every sender waits `delay_s` from now (the node's own estimate)."""
+        now = time.monotonic()
+        until = now + delay_s
+        if until > self.hold_until:
+            self.report.waited_s += until - max(now, self.hold_until)
+            self.hold_until = until
 
 
 def parse_line(text: str) -> command_pb2.ExecuteRequest:
@@ -88,11 +160,15 @@ class _Progress:
         self.total, self.out, self.started = total, out, time.monotonic()
         self.tty = out.isatty()
         self.last = 0.0
+        self.printed = -1
 
     def update(self, done: int, bad: int, *, final: bool = False) -> None:
         now = time.monotonic()
         if not final and now - self.last < (0.2 if self.tty else 5.0):
             return
+        if final and not self.tty and done == self.printed:
+            return  # the last line said it already
+        self.printed = done
         self.last = now
         elapsed = max(now - self.started, 1e-9)
         rate = done / elapsed
@@ -114,9 +190,14 @@ async def load_file(
     concurrency: int = 16,
     batch_size: int = 500,
     restart: bool = False,
+    rate: float = 0.0,
     progress: TextIO = sys.stderr,
 ) -> LoadReport:
-    """Load `path` into `node`; resumes from the checkpoint unless `restart`."""
+    """Load `path` into `node`; resumes from the checkpoint unless `restart`.
+
+    `rate` (puts per second, 0: as fast as the node admits) paces the puts. Raises
+    LoadAborted (the checkpoint kept) when the node refuses in a way no retry fixes.
+    """
     checkpoint = path.with_name(path.name + ".tessera-load.json")
     start = 0
     if checkpoint.exists() and not restart:
@@ -129,9 +210,43 @@ async def load_file(
             1 for i, line in enumerate(fh, 1) if i <= start and line.strip()
         )
     bar = _Progress(total, progress)
+    pacer = _Pacer(rate, report)
     started = time.monotonic()
     async with node.async_client() as client:
         batch: list[tuple[int, str]] = []
+
+        async def put(number: int, request: command_pb2.ExecuteRequest) -> None:
+            backoff = _BACKOFF_START_S
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                await pacer.wait_turn()
+                try:
+                    await client.command.Execute(request, timeout=30)
+                    report.loaded += 1
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                    if code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                grpc.StatusCode.FAILED_PRECONDITION):
+                        report.bad.append((number, f"{code.name}: {exc.details()}"))
+                        return
+                    if code not in (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    grpc.StatusCode.UNAVAILABLE):
+                        raise LoadAborted(
+                            f"line {number}: the node answered {code.name}: "
+                            f"{exc.details()}") from None
+                    if attempt == MAX_ATTEMPTS:
+                        what = ("rate-limited" if code is grpc.StatusCode.RESOURCE_EXHAUSTED
+                                else "unavailable")
+                        raise LoadAborted(
+                            f"line {number}: the node was {what} {MAX_ATTEMPTS} times in a "
+                            f"row ({exc.details()})") from None
+                    delay = retry_delay(exc) if code is grpc.StatusCode.RESOURCE_EXHAUSTED \
+                        else None
+                    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        report.rate_limited += 1
+                    # The node's own estimate when it gives one; else back off exponentially.
+                    pacer.hold(delay if delay is not None else backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
 
         async def send(number: int, text: str, sem: asyncio.Semaphore) -> None:
             async with sem:
@@ -140,19 +255,17 @@ async def load_file(
                 except ValueError as exc:
                     report.bad.append((number, str(exc)))
                     return
-                try:
-                    await client.command.Execute(request, timeout=30)
-                    report.loaded += 1
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
-                                      grpc.StatusCode.FAILED_PRECONDITION):
-                        report.bad.append((number, f"{exc.code().name}: {exc.details()}"))
-                        return
-                    raise
+                await put(number, request)
 
         async def flush() -> None:
             sem = asyncio.Semaphore(concurrency)
-            await asyncio.gather(*(send(n, t, sem) for n, t in batch))
+            try:
+                # A put that aborts the load cancels the others of its batch.
+                async with asyncio.TaskGroup() as group:
+                    for n, t in batch:
+                        group.create_task(send(n, t, sem))
+            except* LoadAborted as aborted:
+                raise aborted.exceptions[0] from None
             # Every line up to the batch's last has now been applied or reported.
             checkpoint.write_text(json.dumps({"lines_done": batch[-1][0]}))
             batch.clear()
@@ -179,6 +292,9 @@ def summary(report: LoadReport) -> str:
         f"({report.loaded / max(report.elapsed_s, 1e-9):,.0f}/s); "
         f"{report.skipped_before:,} lines were already loaded; {len(report.bad)} bad lines skipped"
     ]
+    if report.rate_limited:
+        lines.append(f"the node's rate limit refused {report.rate_limited:,} puts; each was "
+                     f"sent again after the wait it named ({report.waited_s:.1f}s in all)")
     for number, why in report.bad[:20]:
         lines.append(f"  line {number}: {why}")
     if len(report.bad) > 20:
@@ -195,6 +311,9 @@ def _load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=500,
                    help="lines per checkpoint (default 500)")
     p.add_argument("--restart", action="store_true", help="ignore the checkpoint, start over")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="most puts per second (default 0: as fast as the node admits; a "
+                        "put refused for the node's rate limit waits and is sent again)")
 
 
 def _load(env: Env) -> int:
@@ -213,10 +332,18 @@ def _load(env: Env) -> int:
     if not args.file.is_file():
         out.warn(f"tessera load: {args.file} does not exist")
         return 2
-    report = asyncio.run(load_file(
-        args.file, node, concurrency=args.concurrency, batch_size=args.batch_size,
-        restart=args.restart,
-    ))
+    if args.rate < 0 or args.concurrency < 1 or args.batch_size < 1:
+        out.warn("tessera load: --rate must be >= 0, --concurrency and --batch-size >= 1")
+        return 2
+    try:
+        report = asyncio.run(load_file(
+            args.file, node, concurrency=args.concurrency, batch_size=args.batch_size,
+            restart=args.restart, rate=args.rate,
+        ))
+    except LoadAborted as exc:
+        out.warn(f"\ntessera load: stopped: {exc.message}; lines before the last "
+                 "checkpoint are loaded, and the same command resumes from there")
+        return 1
     out.line(summary(report))
     return 1 if report.bad else 0
 

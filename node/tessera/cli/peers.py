@@ -13,7 +13,9 @@ import asyncio
 import grpc
 from google.protobuf import duration_pb2
 
+from tessera.cli._client import node_state
 from tessera.cli._command import Command, Env
+from tessera.cli._output import Column, enum_name, human_when
 from tessera.core.errors import TesseraError
 from tessera.peering import join
 from tessera_client.pb import admin_pb2
@@ -47,6 +49,13 @@ def _join_flags(p: argparse.ArgumentParser) -> None:
 def _join(env: Env) -> int:
     a = env.args
     try:
+        # The token is single-use: spend it only for a node that can use the peer.
+        node_state(env.data_dir)
+    except TesseraError as exc:
+        env.out.warn(f"tessera: {exc.message}\ntessera: the token was not used; it stays "
+                     "valid until it expires")
+        return 1
+    try:
         peer = asyncio.run(join(a.token, env.data_dir, callback_address=a.address,
                                 local_name=a.local_name, replace=a.replace))
     except grpc.aio.AioRpcError as exc:
@@ -66,8 +75,43 @@ def _list_flags(p: argparse.ArgumentParser) -> None:
 
 def _list(env: Env) -> int:
     with env.node().client() as c:
-        env.out.data(c.admin.ListPeers(admin_pb2.ListPeersRequest(page_size=env.args.page_size)))
+        resp = c.admin.ListPeers(admin_pb2.ListPeersRequest(page_size=env.args.page_size))
+    env.out.result(resp, lambda: _list_tables(env, resp))
     return 0
+
+
+def _list_tables(env: Env, resp: admin_pb2.ListPeersResponse) -> None:
+    """Both directions: who calls this node, and whom this node has joined."""
+    out = env.out
+    out.line("Peers that call this node (invited here):")
+    if resp.peers:
+        out.table([{
+            "name": p.name, "state": enum_name(admin_pb2.PeerState, p.state),
+            "identity": p.identity.uri, "expires": human_when(p.certificate_expire_time),
+            "since": human_when(p.create_time), "reason": p.state_reason,
+        } for p in resp.peers], _INBOUND)
+    else:
+        out.line("  (none: `tessera peers invite NAME` creates one)")
+    out.line("")
+    out.line("Peers this node has joined (calls out to):")
+    if resp.joined:
+        out.table([{
+            "name": j.name, "address": j.address, "as": j.as_identity,
+            "expires": human_when(j.certificate_expire_time), "renewal": j.renewal_state,
+            "error": j.last_error,
+        } for j in resp.joined], _OUTBOUND)
+    else:
+        out.line("  (none: `tessera peers join TOKEN` joins one)")
+    if resp.next_page_token:
+        out.warn("more inbound peers than --page-size; raise it to see them all")
+
+
+_INBOUND = (Column("NAME", "name"), Column("STATE", "state"), Column("IDENTITY", "identity"),
+            Column("CERT EXPIRES", "expires"), Column("SINCE", "since"),
+            Column("REASON", "reason"))
+_OUTBOUND = (Column("NAME", "name"), Column("ADDRESS", "address"), Column("AS", "as"),
+             Column("CERT EXPIRES", "expires"), Column("RENEWAL", "renewal"),
+             Column("LAST ERROR", "error"))
 
 
 def _name_flag(p: argparse.ArgumentParser) -> None:
@@ -104,7 +148,8 @@ def _revoke(env: Env) -> int:
 INVITE = Command("create a peer and print its single-use token", _invite, flags=_invite_flags)
 JOIN = Command("redeem a token from another node and record that peer", _join,
                flags=_join_flags)
-LIST = Command("list peers", _list, flags=_list_flags)
+LIST = Command("list the peers that call this node and those it has joined", _list,
+               flags=_list_flags, json=True)
 SHOW = Command("show one peer", _show, flags=_name_flag)
 SUSPEND = Command("refuse a peer's calls", _suspend, flags=_name_reason_flags)
 REVOKE = Command("revoke a peer and its certificate", _revoke, flags=_name_reason_flags)

@@ -114,6 +114,12 @@ class Unavailable(TesseraError):
     reason = "UNAVAILABLE"
 
 
+class AddressInUse(TesseraError):
+    """A port the node should listen on is taken by another process (not a wrong setting)."""
+
+    reason = "ADDRESS_IN_USE"
+
+
 class ConfigError(TesseraError):
     """The configuration is wrong; the message names the setting and the fix."""
 

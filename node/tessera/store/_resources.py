@@ -192,6 +192,15 @@ class ResourceStore:
             raise NotFound(f"resource {key.workspace}/{key.kind}/{key.id} does not exist")
         return _row_to_resource(row)
 
+    @traced("store count", SpanKind.CLIENT, **_DB)
+    async def count_by_kind(self, scope: Predicate) -> dict[str, int]:
+        """How many resources are inside `scope`, by kind (kinds with none left out)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                sql.SQL("SELECT kind, count(*) AS n FROM resources WHERE {} GROUP BY kind")
+                .format(scope.condition), tuple(scope.params))
+            return {str(r["kind"]): int(r["n"]) for r in await cur.fetchall()}
+
     @traced("store list", SpanKind.CLIENT, **_DB)
     async def list(self, q: ListQuery, scope: Predicate | None = None) -> list[Resource]:
         """Up to q.limit resources after q.after, in the query's order, inside `scope`."""

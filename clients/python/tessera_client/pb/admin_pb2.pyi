@@ -772,6 +772,116 @@ class GetGrantRequest(_message.Message):
 Global___GetGrantRequest: _TypeAlias = GetGrantRequest  # noqa: Y015
 
 @_typing.final
+class PreviewGrantsRequest(_message.Message):
+    """Request of PreviewGrants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    """The peer whose view to show (its grants in force)."""
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewGrantsRequest: _TypeAlias = PreviewGrantsRequest  # noqa: Y015
+
+@_typing.final
+class GrantPreview(_message.Message):
+    """What one grant lets its peer read, as of now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RowsByKindEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    GRANT_FIELD_NUMBER: _builtins.int
+    READABLE_KINDS_FIELD_NUMBER: _builtins.int
+    ROWS_IN_SCOPE_FIELD_NUMBER: _builtins.int
+    ROWS_BY_KIND_FIELD_NUMBER: _builtins.int
+    rows_in_scope: _builtins.int
+    """Local rows in the grant's scope now."""
+    @_builtins.property
+    def grant(self) -> Global___Grant:
+        """The grant."""
+
+    @_builtins.property
+    def readable_kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Kinds readable: granted, minus excluded, minus kinds never shared."""
+
+    @_builtins.property
+    def rows_by_kind(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """rows_in_scope by kind."""
+
+    def __init__(
+        self,
+        *,
+        grant: Global___Grant | None = ...,
+        readable_kinds: _abc.Iterable[_builtins.str] | None = ...,
+        rows_in_scope: _builtins.int = ...,
+        rows_by_kind: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "readable_kinds", b"readable_kinds", "rows_by_kind", b"rows_by_kind", "rows_in_scope", b"rows_in_scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantPreview: _TypeAlias = GrantPreview  # noqa: Y015
+
+@_typing.final
+class PreviewGrantsResponse(_message.Message):
+    """Response of PreviewGrants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTS_FIELD_NUMBER: _builtins.int
+    ROWS_IN_SCOPE_FIELD_NUMBER: _builtins.int
+    rows_in_scope: _builtins.int
+    """Local rows the peer can read under any of its grants."""
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantPreview]:
+        """One per grant in force (not revoked, not expired)."""
+
+    def __init__(
+        self,
+        *,
+        grants: _abc.Iterable[Global___GrantPreview] | None = ...,
+        rows_in_scope: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "rows_in_scope", b"rows_in_scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewGrantsResponse: _TypeAlias = PreviewGrantsResponse  # noqa: Y015
+
+@_typing.final
 class RevokeGrantRequest(_message.Message):
     """Request of RevokeGrant."""
 
@@ -899,6 +1009,9 @@ class ListAuditRecordsRequest(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    INCLUDE_TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     peer: _builtins.str
     """Only this peer."""
     grant: _builtins.str
@@ -909,6 +1022,12 @@ class ListAuditRecordsRequest(_message.Message):
     """Maximum records; 0 means 100."""
     page_token: _builtins.str
     """Token from a previous response."""
+    newest_first: _builtins.bool
+    """Newest first (default: oldest first)."""
+    after_sequence: _builtins.int
+    """Only records with a greater sequence (to follow the log: the last sequence seen)."""
+    include_total_size: _builtins.bool
+    """Count every record matching the filters into total_size (a scan of them)."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only records at or after this time."""
@@ -927,10 +1046,13 @@ class ListAuditRecordsRequest(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        newest_first: _builtins.bool = ...,
+        after_sequence: _builtins.int = ...,
+        include_total_size: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "grant", b"grant", "outcome", b"outcome", "page_size", b"page_size", "page_token", b"page_token", "peer", b"peer", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "end_time", b"end_time", "grant", b"grant", "include_total_size", b"include_total_size", "newest_first", b"newest_first", "outcome", b"outcome", "page_size", b"page_size", "page_token", b"page_token", "peer", b"peer", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -944,21 +1066,25 @@ class ListAuditRecordsResponse(_message.Message):
 
     RECORDS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page."""
+    total_size: _builtins.int
+    """Records matching the filters on all pages together, with include_total_size."""
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRecord]:
-        """The page, oldest first."""
+        """The page, oldest first (newest first with newest_first)."""
 
     def __init__(
         self,
         *,
         records: _abc.Iterable[Global___AuditRecord] | None = ...,
         next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "records", b"records", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -131,6 +131,11 @@ class AdminServiceStub:
                 request_serializer=tessera_dot_v1_dot_admin__pb2.GetRateLimitStatusRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_admin__pb2.RateLimitStatus.FromString,
                 _registered_method=True)
+        self.PreviewGrants = channel.unary_unary(
+                '/tessera.v1.AdminService/PreviewGrants',
+                request_serializer=tessera_dot_v1_dot_admin__pb2.PreviewGrantsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_admin__pb2.PreviewGrantsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -273,6 +278,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreviewGrants(self, request, context):
+        """Shows what a peer can see under its grants: each grant and how many local rows are
+        in its scope now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -370,6 +383,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetRateLimitStatus,
                     request_deserializer=tessera_dot_v1_dot_admin__pb2.GetRateLimitStatusRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_admin__pb2.RateLimitStatus.SerializeToString,
+            ),
+            'PreviewGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewGrants,
+                    request_deserializer=tessera_dot_v1_dot_admin__pb2.PreviewGrantsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_admin__pb2.PreviewGrantsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -886,6 +904,33 @@ class AdminService:
             '/tessera.v1.AdminService/GetRateLimitStatus',
             tessera_dot_v1_dot_admin__pb2.GetRateLimitStatusRequest.SerializeToString,
             tessera_dot_v1_dot_admin__pb2.RateLimitStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.AdminService/PreviewGrants',
+            tessera_dot_v1_dot_admin__pb2.PreviewGrantsRequest.SerializeToString,
+            tessera_dot_v1_dot_admin__pb2.PreviewGrantsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,10 @@ class AdminServiceStub:
     """Reloads configuration that can change without a restart (grants cache, CRL, limits)."""
     GetRateLimitStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetRateLimitStatusRequest, _admin_pb2.RateLimitStatus]
     """Shows the effective rate limits of a grant or local identity and its recent rejections."""
+    PreviewGrants: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PreviewGrantsRequest, _admin_pb2.PreviewGrantsResponse]
+    """Shows what a peer can see under its grants: each grant and how many local rows are
+    in its scope now.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -126,6 +130,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Reloads configuration that can change without a restart (grants cache, CRL, limits)."""
     GetRateLimitStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetRateLimitStatusRequest, _admin_pb2.RateLimitStatus]  # type: ignore[assignment]
     """Shows the effective rate limits of a grant or local identity and its recent rejections."""
+    PreviewGrants: _aio.UnaryUnaryMultiCallable[_admin_pb2.PreviewGrantsRequest, _admin_pb2.PreviewGrantsResponse]  # type: ignore[assignment]
+    """Shows what a peer can see under its grants: each grant and how many local rows are
+    in its scope now.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Peers, grants, audit, certificates and the node itself."""
@@ -286,5 +294,15 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RateLimitStatus, _abc.Awaitable[_admin_pb2.RateLimitStatus]]:
         """Shows the effective rate limits of a grant or local identity and its recent rejections."""
+
+    @_abc_1.abstractmethod
+    def PreviewGrants(
+        self,
+        request: _admin_pb2.PreviewGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PreviewGrantsResponse, _abc.Awaitable[_admin_pb2.PreviewGrantsResponse]]:
+        """Shows what a peer can see under its grants: each grant and how many local rows are
+        in its scope now.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
