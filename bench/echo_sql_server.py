@@ -27,13 +27,23 @@ import grpc
 
 from bench.targets import ECHO_METHOD, SEED_ID, SEED_KIND, SEED_WORKSPACE
 
-#: The node's GetResource statement for a local caller (no scope), as `ResourceStore.get`
-#: sends it.
-READ_SQL = (
+#: The node's GetResource statement for a local caller (no scope) before issue 24, when
+#: the node read the embedding through vector_send() in text-format results.
+READ_SQL_TEXT = (
     "SELECT workspace, kind, id, title, body, attributes, vector_send(embedding) AS embedding,"
     " owner, team, version, created_at, updated_at"
     " FROM resources WHERE workspace = %s AND kind = %s AND id = %s"
 )
+
+
+def read_statement() -> tuple[Any, bool]:
+    """The statement `ResourceStore.get` sends for an unscoped caller, and whether it asks
+    for binary results: the node's own composed SQL where it has one."""
+    try:
+        from tessera.store._resources import _GET_SQL
+    except ImportError:
+        return READ_SQL_TEXT, False
+    return _GET_SQL, True
 
 
 async def open_pool(dsn: str, pool_max: int) -> Any:
@@ -75,10 +85,14 @@ async def serve(args: argparse.Namespace) -> None:
     pool = await open_pool(args.dsn, args.pool_max)
     answer = await response_bytes(pool)
     key = (SEED_WORKSPACE, SEED_KIND, SEED_ID)
+    statement, binary = read_statement()
+    async with pool.connection() as conn:
+        if not isinstance(statement, str):
+            statement = statement.as_string(conn)
 
     async def read(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async with pool.connection() as conn:
-            cur = await conn.execute(READ_SQL, key)
+            cur = await conn.execute(statement, key, binary=binary)
             row = await cur.fetchone()
         if row is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "resource vanished")

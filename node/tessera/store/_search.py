@@ -19,7 +19,7 @@ from tessera.store._resources import (
     Pool,
     Resource,
     _row_to_resource,
-    vector_literal,
+    to_vector,
 )
 
 Metric = Literal["cosine", "l2", "inner_product"]
@@ -49,10 +49,10 @@ class SearchQuery:
 def score_expression(metric: Metric) -> str:
     """SQL turning the metric's distance into a score where higher is better."""
     if metric == "cosine":
-        return "1 - (embedding <=> %s::vector)"
+        return "1 - (embedding <=> %b::vector)"
     if metric == "l2":
-        return "-(embedding <-> %s::vector)"
-    return "-(embedding <#> %s::vector)"  # <#> is the negative inner product
+        return "-(embedding <-> %b::vector)"
+    return "-(embedding <#> %b::vector)"  # <#> is the negative inner product
 
 
 #: ef_search every pooled connection starts with (see store.open_pool): searches with
@@ -91,11 +91,11 @@ def _vector_hits(q: SearchQuery, metric: Metric, where: sql.Composable, wparams:
                  limit: int, cols: sql.Composable) -> tuple[sql.Composable, list[Any]]:
     """Nearest rows by the index's own operator, so the HNSW index serves the ORDER BY."""
     assert q.embedding is not None
-    vec = vector_literal(q.embedding)
+    vec = to_vector(q.embedding)  # binary, as pgvector's own wire form
     score = sql.SQL(score_expression(metric))
     query = sql.SQL(
         "SELECT {cols}, {score} AS score FROM resources WHERE embedding IS NOT NULL AND {where}"
-        " ORDER BY embedding {op} %s::vector LIMIT %s"
+        " ORDER BY embedding {op} %b::vector LIMIT %s"
     ).format(cols=cols, score=score, where=where, op=sql.SQL(_OPERATOR[metric]))
     return query, [vec, *wparams, vec, limit]
 
@@ -160,12 +160,12 @@ async def search(
     async with pool.connection() as conn:
         ef = ef_search_for(q.k)
         if q.embedding is None or ef == DEFAULT_EF_SEARCH:
-            cur = await conn.execute(cast(sql.Composed, query), params)
+            cur = await conn.execute(cast(sql.Composed, query), params, binary=True)
             rows = await cur.fetchall()
         else:
             async with conn.transaction():
                 await conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
-                cur = await conn.execute(cast(sql.Composed, query), params)
+                cur = await conn.execute(cast(sql.Composed, query), params, binary=True)
                 rows = await cur.fetchall()
     hits = [(_row_to_resource(r), float(r["score"])) for r in rows]
     if q.min_score is not None:
