@@ -59,3 +59,47 @@ def test_resource_to_pb_matches_the_generic_construction() -> None:
     bare = resource_to_pb(Resource(workspace="w", kind="task", id="b"))
     assert bare.HasField("attributes") and not bare.HasField("create_time")
     assert not bare.embedding
+
+
+# -- the search statement, cached per query shape (store/_search.py) ----------------------
+
+@given(k=st.integers(1, 200), vector=st.booleans(), text=st.text(min_size=1, max_size=5),
+       use_text=st.booleans(), workspace=st.sampled_from(["", "w1"]),
+       kind=st.sampled_from(["", "task"]), attributes=st.sampled_from([{}, {"p": 1}]),
+       since=st.sampled_from([None, dt.datetime(2026, 1, 1, tzinfo=dt.UTC)]),
+       embeddings=st.booleans(), scoped=st.booleans(),
+       metric=st.sampled_from(["cosine", "l2", "inner_product"]))
+def test_cached_search_statement_equals_the_composed_one(
+        k: int, vector: bool, text: str, use_text: bool, workspace: str, kind: str,
+        attributes: dict[str, Any], since: dt.datetime | None, embeddings: bool, scoped: bool,
+        metric: Any) -> None:
+    from psycopg import sql
+
+    from tessera.store import Predicate, SearchQuery, search_statement
+    from tessera.store._search import composed_statement
+
+    if not vector and not use_text:
+        use_text = True
+    q = SearchQuery(k=k, embedding=[0.5, -0.25] if vector else None,
+                    text=text if use_text else "", workspace=workspace, kind=kind,
+                    attributes=attributes, updated_since=since, include_embeddings=embeddings)
+    scope = Predicate(sql.SQL("(kind = ANY(%s::text[]) AND owner <> %s)"),
+                      (["task"], "bob")) if scoped else None
+    fast, fast_params = search_statement(q, metric=metric, scope=scope)
+    slow, slow_params = composed_statement(q, metric=metric, scope=scope)
+    assert fast.as_string() == slow.as_string()
+    assert fast_params == slow_params
+
+
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=50))
+def test_all_finite_agrees_with_the_element_wise_check(values: list[float]) -> None:
+    from tessera.api._validate import all_finite
+
+    assert all_finite(values) == all(math.isfinite(v) for v in values)
+
+
+def test_all_finite_with_an_overflowing_sum_of_finite_values() -> None:
+    from tessera.api._validate import all_finite
+
+    assert all_finite([1.7e308, 1.7e308])
+    assert not all_finite([1.7e308, 1.7e308, math.nan])
