@@ -51,6 +51,32 @@ _PROBE_FIRST_S = 0.2
 #: Timeouts for this long with no answer in between mean Valkey is unusable; shorter runs
 #: are a busy event loop or a slow moment, and only the calls caught in them go local.
 _TIMEOUTS_BEFORE_SWITCH_S = 1.0
+#: A lease takes at most this share of a limit's budget over one second (burst + rate) from
+#: Valkey in one decision, so replicas stay within a few percent of the shared limit.
+LEASE_SHARE = 0.01
+_ALLOWED = Decision(True, 0, 0)
+
+
+def lease_size(limit: Limit) -> int:
+    """Admissions one Valkey decision may take at once for `limit` (1: no leasing)."""
+    return max(1, int(LEASE_SHARE * (limit.rate_per_s + limit.burst)))
+
+
+class _Lease:
+    """Admissions already charged in Valkey, spent by this replica without asking again.
+
+    A lease lives only as long as the rate takes to earn it (n intervals), so an unused
+    rest cannot turn into a later burst. The rest of an expired lease is given back to
+    Valkey (a decision of negative cost) by the next call that finds it, so a caller well
+    under its limit does not burn the budget on leases it cannot use.
+    """
+
+    __slots__ = ("expires", "limit", "remaining")
+
+    def __init__(self, limit: Limit, remaining: int, expires: float) -> None:
+        self.limit = limit
+        self.remaining = remaining
+        self.expires = expires
 
 
 @dataclass(frozen=True)
@@ -149,6 +175,11 @@ class RateLimiter:
         self._last_answer = time.monotonic()
         self._batcher = _script.Batcher(valkey, stall_s=self._timeout_s)
         self._counters: dict[tuple[str, str, bool], Any] = {}
+        self._leases: dict[str, _Lease] = {}
+        #: Keys with a lease request in flight: concurrent misses ask for one call each,
+        #: so a busy key does not lease many batches at once and leave most unused.
+        self._leasing: set[str] = set()
+        self._refunds: set[asyncio.Task[None]] = set()
         self._set_backend_gauge()
 
     # -- the call path ----------------------------------------------------------------
@@ -181,13 +212,35 @@ class RateLimiter:
     async def _decide(self, subject: str, klass: str, limit: Limit) -> Decision:
         tat_key, rej_prefix = _script.keys_for(self.prefix, subject, klass)
         if self.backend == VALKEY:
+            lease = self._leases.get(tat_key)
+            if lease is not None:
+                if lease.remaining > 0 and lease.limit == limit \
+                        and time.monotonic() < lease.expires:
+                    lease.remaining -= 1
+                    return _ALLOWED
+                del self._leases[tat_key]
+                if lease.remaining > 0:
+                    self._refund((tat_key, rej_prefix, klass, lease.limit.interval_us,
+                                  lease.limit.tolerance_us, self._rejection_ttl_s,
+                                  -lease.remaining))
+            want = lease_size(limit)
+            if want > 1 and tat_key in self._leasing:
+                want = 1
+            if want > 1:
+                self._leasing.add(tat_key)
             try:
                 # The one bound on a decision: the batcher has no timer of its own, and
                 # abandons a round trip once no decision waits for it.
                 async with asyncio.timeout(self._timeout_s):
                     r = await self._batcher.decide((tat_key, rej_prefix, klass, limit.interval_us,
-                                                    limit.tolerance_us, self._rejection_ttl_s))
+                                                    limit.tolerance_us, self._rejection_ttl_s,
+                                                    want))
                 self._last_answer = time.monotonic()
+                if r.granted > 1 and self.backend == VALKEY:
+                    # Earned at the rate in granted intervals: spend it within that time.
+                    self._leases[tat_key] = _Lease(
+                        limit, r.granted - 1,
+                        self._last_answer + r.granted * limit.interval_us / MICROS)
                 return Decision(r.allowed, r.retry_after_us, 0)
             except TimeoutError as exc:
                 if time.monotonic() - self._last_answer >= _TIMEOUTS_BEFORE_SWITCH_S:
@@ -196,12 +249,26 @@ class RateLimiter:
                     return self._decide_locally(tat_key, subject, klass, limit)
             except (RedisError, OSError) as exc:
                 self._valkey_failed(exc)
+            finally:
+                if want > 1:
+                    self._leasing.discard(tat_key)
         if self.backend == CLOSED:
             raise errors.Unavailable(
                 "rate limiting is unavailable (Valkey does not answer) and the node is "
                 "configured to refuse calls meanwhile; retry shortly",
                 reason="RATE_LIMITER_UNAVAILABLE")
         return self._decide_locally(tat_key, subject, klass, limit)
+
+    def _refund(self, args: _script.Args) -> None:
+        """Give an expired lease's unused admissions back, without holding up the call."""
+        async def send() -> None:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self._timeout_s):
+                    await self._batcher.decide(args)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._refunds.add(task)
+        task.add_done_callback(self._refunds.discard)
 
     def _decide_locally(self, key: str, subject: str, klass: str, limit: Limit) -> Decision:
         d = self.local.decide(key, limit)
@@ -224,6 +291,7 @@ class RateLimiter:
         if self.backend != VALKEY:
             return
         self.backend = LOCAL if self.cfg.on_valkey_failure == LOCAL else CLOSED
+        self._leases.clear()
         self.last_error = _describe(exc, self._timeout_s)
         self.down_since = dt.datetime.now(dt.UTC)
         if self.backend == LOCAL:
@@ -279,6 +347,8 @@ class RateLimiter:
 
     async def close(self) -> None:
         """Stop the probe task and let decisions in flight finish."""
+        if self._refunds:
+            await asyncio.gather(*self._refunds, return_exceptions=True)
         await self._batcher.close()
         if self._probe is not None:
             self._probe.cancel()
