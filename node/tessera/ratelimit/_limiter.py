@@ -176,9 +176,9 @@ class RateLimiter:
         self._batcher = _script.Batcher(valkey, stall_s=self._timeout_s)
         self._counters: dict[tuple[str, str, bool], Any] = {}
         self._leases: dict[str, _Lease] = {}
-        #: Keys with a lease request in flight: concurrent misses ask for one call each,
-        #: so a busy key does not lease many batches at once and leave most unused.
-        self._leasing: set[str] = set()
+        #: Keys with a lease request in flight, and its completion: concurrent misses wait
+        #: for it instead of asking Valkey too (one lease at a time per key).
+        self._leasing: dict[str, asyncio.Future[None]] = {}
         self._refunds: set[asyncio.Task[None]] = set()
         self._set_backend_gauge()
 
@@ -212,22 +212,24 @@ class RateLimiter:
     async def _decide(self, subject: str, klass: str, limit: Limit) -> Decision:
         tat_key, rej_prefix = _script.keys_for(self.prefix, subject, klass)
         if self.backend == VALKEY:
-            lease = self._leases.get(tat_key)
-            if lease is not None:
-                if lease.remaining > 0 and lease.limit == limit \
-                        and time.monotonic() < lease.expires:
-                    lease.remaining -= 1
-                    return _ALLOWED
-                del self._leases[tat_key]
-                if lease.remaining > 0:
-                    self._refund((tat_key, rej_prefix, klass, lease.limit.interval_us,
-                                  lease.limit.tolerance_us, self._rejection_ttl_s,
-                                  -lease.remaining))
+            if self._take(tat_key, rej_prefix, klass, limit):
+                return _ALLOWED
+            pending = self._leasing.get(tat_key)
             want = lease_size(limit)
-            if want > 1 and tat_key in self._leasing:
+            if pending is not None:
+                # A lease for this key is on its way: wait for it rather than ask Valkey
+                # too; if it brings nothing to spare, decide this call on its own.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(pending), self._timeout_s)
+                if self.backend != VALKEY:  # Valkey failed meanwhile
+                    return await self._decide(subject, klass, limit)
+                if self._take(tat_key, rej_prefix, klass, limit):
+                    return _ALLOWED
                 want = 1
+            lease_asked: asyncio.Future[None] | None = None
             if want > 1:
-                self._leasing.add(tat_key)
+                lease_asked = asyncio.get_running_loop().create_future()
+                self._leasing[tat_key] = lease_asked
             try:
                 # The one bound on a decision: the batcher has no timer of its own, and
                 # abandons a round trip once no decision waits for it.
@@ -250,14 +252,30 @@ class RateLimiter:
             except (RedisError, OSError) as exc:
                 self._valkey_failed(exc)
             finally:
-                if want > 1:
-                    self._leasing.discard(tat_key)
+                if lease_asked is not None:
+                    del self._leasing[tat_key]
+                    lease_asked.set_result(None)
         if self.backend == CLOSED:
             raise errors.Unavailable(
                 "rate limiting is unavailable (Valkey does not answer) and the node is "
                 "configured to refuse calls meanwhile; retry shortly",
                 reason="RATE_LIMITER_UNAVAILABLE")
         return self._decide_locally(tat_key, subject, klass, limit)
+
+    def _take(self, tat_key: str, rej_prefix: str, klass: str, limit: Limit) -> bool:
+        """Admit one call from this key's lease, if it has one left and unexpired; an
+        expired lease's rest is given back."""
+        lease = self._leases.get(tat_key)
+        if lease is None:
+            return False
+        if lease.remaining > 0 and lease.limit == limit and time.monotonic() < lease.expires:
+            lease.remaining -= 1
+            return True
+        del self._leases[tat_key]
+        if lease.remaining > 0:
+            self._refund((tat_key, rej_prefix, klass, lease.limit.interval_us,
+                          lease.limit.tolerance_us, self._rejection_ttl_s, -lease.remaining))
+        return False
 
     def _refund(self, args: _script.Args) -> None:
         """Give an expired lease's unused admissions back, without holding up the call."""
