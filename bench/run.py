@@ -54,6 +54,8 @@ class RatioResult:
     #: Denominator's server CPU per call over the numerator's (median over rounds): the QPS
     #: ratio if each server were CPU-bound on a core of its own; other load moves it less.
     cpu_value: float | None = None
+    #: The target of cpu_value, if any.
+    cpu_minimum: float | None = None
 
     @property
     def passed(self) -> bool | None:
@@ -169,8 +171,11 @@ def report(facts: dict[str, str], settings: dict[str, Any], results: list[Measur
         out.append(f"  ratio {r.label} (QPS, {r.concurrency} in flight{over}): "
                    f"{r.value:5.2f}{goal}")
         if r.cpu_value is not None:
+            cpu_goal = "" if r.cpu_minimum is None else (
+                f"   target >= {r.cpu_minimum:.2f}   "
+                f"{'PASS' if r.cpu_value >= r.cpu_minimum else 'MISS'}")
             out.append(f"      by server CPU per call: {r.cpu_value:5.2f} (the ratio if each "
-                       "server had a core to itself)")
+                       f"server had a core to itself){cpu_goal}")
     out.append("")
     out.append("memory (read after the last measurement; MB = 10^6 bytes):")
     node = mem.get("node")
@@ -180,7 +185,7 @@ def report(facts: dict[str, str], settings: dict[str, Any], results: list[Measur
                    f"{mb(node.peak_rss_kb):.1f} MB, now {mb(node.rss_kb):.1f} MB   "
                    f"target <= {NODE_RSS_MAX_MB:.0f} MB   {verdict}")
     for key, label in (("postgresql", "embedded PostgreSQL"), ("valkey", "embedded Valkey"),
-                       ("echo", "echo server")):
+                       ("echo", "echo server"), ("echo-sql", "echo+SQL server")):
         g = mem.get(key)
         if g is None or not g.pids:
             continue
@@ -216,7 +221,8 @@ def compute_ratios(results: list[Measurement], levels: list[int],
                 found.append(RatioResult(r.label, level, statistics.median(values),
                                          r.minimum_at(level),
                                          len(values),
-                                         statistics.median(cpu) if cpu else None))
+                                         statistics.median(cpu) if cpu else None,
+                                         r.cpu_minimum))
     return found
 
 
@@ -316,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
             mem["node"] = memory.group_memory("node", [node.pid])
             for group, pids in embedded_pids(node).items():
                 mem[group] = memory.group_memory(group, pids)
-        if "echo" in stack.endpoints:
-            mem["echo"] = memory.group_memory("echo", [stack.endpoints["echo"].pid])
+        for name in ("echo", "echo-sql"):
+            if name in stack.endpoints:
+                mem[name] = memory.group_memory(name, [stack.endpoints[name].pid])
         print(report(facts, settings, results, ratios, mem, node_pid, failures), flush=True)
         if args.json:
             args.json.write_text(json.dumps({

@@ -214,15 +214,20 @@ def start_node(stack: Stack, name: str, env: dict[str, str] | None = None) -> En
     pid = int(str(state["pid"]))
     if pid != managed.proc.pid:
         raise BenchError(f"{name}: node.json names pid {pid}, but we started {managed.proc.pid}")
+    # `tessera serve` is a supervisor; the calls are served by its serving process(es).
+    # With one serving process that process is the server measured; with several, the
+    # supervisor and all its descendants (the embedded Valkey included).
+    serving = [int(p) for p in state.get("serving_pids") or []]  # type: ignore[attr-defined]
+    server_pid = serving[0] if len(serving) == 1 else pid
     pg_pid, vk_pid = _read_pid(pg_pidfile), _read_pid(vk_pidfile)
-    groups = [CpuGroup("server", pid)]
+    groups = [CpuGroup("server", server_pid, tree=len(serving) > 1)]
     if pg_pid:
         groups.append(CpuGroup("postgresql", pg_pid, tree=True))
     if vk_pid:
         groups.append(CpuGroup("valkey", vk_pid))
     return Endpoint(
         name=name, address=str(state["address"]), ca=Path(str(state["ca"])),
-        cert=Path(str(state["client_cert"])), key=Path(str(state["client_key"])), pid=pid,
+        cert=Path(str(state["client_cert"])), key=Path(str(state["client_key"])), pid=server_pid,
         extras={"data_dir": data_dir, "pki": data_dir / "pki"}, cpu_groups=tuple(groups),
     )
 
@@ -280,3 +285,41 @@ def _echo(stack: Stack) -> Endpoint:
     pid = int(str(state["pid"]))
     return Endpoint(name="echo", address=str(state["address"]), ca=node.ca, cert=node.cert,
                     key=node.key, pid=pid, cpu_groups=(CpuGroup("server", pid),))
+
+
+def _seed_node(node: Endpoint) -> None:
+    """Put the benchmark's resource on the node through its API (idempotent)."""
+    import asyncio
+
+    from bench.client import secure_channel
+    from bench.targets import seed_resource
+
+    async def seed() -> None:
+        async with secure_channel(node.address, node.ca, node.cert, node.key,
+                                  node.server_name) as channel:
+            await seed_resource(channel)
+
+    asyncio.run(seed())
+
+
+@server("echo-sql", requires=("node",))
+def _echo_sql(stack: Stack) -> Endpoint:
+    """The echo server plus the node's point SELECT through a psycopg pool, against the
+    node's PostgreSQL, with the node's certificate, key and CA (bench/echo_sql_server.py)."""
+    from bench.gen_data import embedded_dsn
+
+    node = stack.endpoints["node"]
+    _seed_node(node)
+    pki = node.extras["pki"]
+    ready = stack.root / "echo-sql.json"
+    argv = [stack.python, "-m", "bench.echo_sql_server", "--listen", "127.0.0.1:0",
+            "--cert", str(pki / "node.crt"), "--key", str(pki / "node.key"),
+            "--ca", str(pki / "ca.crt"), "--dsn", embedded_dsn(node.extras["data_dir"]),
+            "--ready-file", str(ready)]
+    managed = stack.spawn("echo-sql", argv, stack.child_env())
+    managed.stop_timeout_s = 10.0
+    state = _wait_for_file(ready, managed, timeout_s=60)
+    pid = int(str(state["pid"]))
+    pg = [g for g in node.cpu_groups if g.name == "postgresql"]
+    return Endpoint(name="echo-sql", address=str(state["address"]), ca=node.ca, cert=node.cert,
+                    key=node.key, pid=pid, cpu_groups=(CpuGroup("server", pid), *pg))

@@ -17,7 +17,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -295,6 +295,118 @@ async def test_batched_decisions_are_exact_and_survive_a_forgotten_script(
     finally:
         await batcher.close()
         await vk.aclose()
+
+
+@dataclass
+class _LeaseTally:
+    admitted: int = 0
+    refused: int = 0
+    #: Send and answer times of every admitted call.
+    admitted_at: list[tuple[float, float]] = field(default_factory=list)
+
+
+async def test_a_lease_is_charged_in_full_or_not_at_all(valkey_url: str) -> None:
+    vk = redis.Redis.from_url(valkey_url)
+    try:
+        limit = Limit(1, 10)  # ten calls' tolerance, one per second
+        tat_key, rej = script.keys_for("test:rl:lease", uuid.uuid4().hex, "read")
+        args = (tat_key, rej, "read", limit.interval_us, limit.tolerance_us, 120)
+        lease = await script.run_many(vk, [(*args, 7)])
+        assert isinstance(lease[0], script.ScriptResult)
+        assert (lease[0].allowed, lease[0].granted) == (True, 7)
+        # Three left: a lease of 7 falls back to one call, three times, then a refusal
+        # whose retry-after is the one-call refusal's.
+        rest = await script.run_many(vk, [(*args, 7)] * 4)
+        assert [(r.allowed, r.granted) for r in rest if isinstance(r, script.ScriptResult)] \
+            == [(True, 1)] * 3 + [(False, 0)]
+        refused = rest[3]
+        assert isinstance(refused, script.ScriptResult)
+        assert 0 < refused.retry_after_us <= limit.interval_us
+    finally:
+        await vk.aclose()
+
+
+async def _hammer_limiters(valkey_url: str, limits: str, seconds: float
+                           ) -> tuple[_LeaseTally, int]:
+    """Two limiters (replicas) sharing one Valkey, 8 tasks calling `check` back to back;
+    the tally and how many Valkey decisions admitted something."""
+    from prometheus_client import CollectorRegistry
+
+    from tessera.calls import Caller
+    from tessera.config import RateLimitConfig
+    from tessera.core.errors import ResourceExhausted
+    from tessera.observability import Metrics
+    from tessera.pki import SpiffeId
+    from tessera.pki._identity import IdentityKind
+    from tessera.ratelimit import RateLimiter
+
+    prefix = f"test:rl:replicas:{uuid.uuid4().hex[:8]}"
+    cfg = RateLimitConfig(local_limits=limits)
+    clients = [redis.Redis.from_url(valkey_url) for _ in range(2)]
+    limiters = [RateLimiter(cfg, c, key_prefix=prefix, metrics=Metrics(CollectorRegistry()))
+                for c in clients]
+    caller = Caller(SpiffeId("tessera.local", IdentityKind.CLIENT, "local"), 1, "", "r",
+                    "tessera.v1.QueryService", "GetResource")
+    admitting_trips = 0
+    for lim in limiters:
+        await lim.start()
+        decide = lim._batcher.decide
+
+        async def counted(args: script.Args, decide: object = decide) -> script.ScriptResult:
+            nonlocal admitting_trips
+            result: script.ScriptResult = await decide(args)  # type: ignore[operator]
+            admitting_trips += result.granted > 0  # not a lease's give-back
+            return result
+
+        lim._batcher.decide = counted  # type: ignore[method-assign]
+    tally = _LeaseTally()
+    deadline = time.monotonic() + seconds
+
+    async def one(lim: RateLimiter) -> None:
+        while time.monotonic() < deadline:
+            sent = time.monotonic()
+            try:
+                await lim.check(caller)
+            except ResourceExhausted:
+                tally.refused += 1
+                await asyncio.sleep(0)
+                continue
+            tally.admitted += 1
+            tally.admitted_at.append((sent, time.monotonic()))
+
+    try:
+        await asyncio.gather(*(one(limiters[i % 2]) for i in range(8)))
+    finally:
+        for lim, c in zip(limiters, clients, strict=True):
+            await lim.close()
+            await c.aclose()
+    return tally, admitting_trips
+
+
+async def test_leasing_replicas_at_their_limit_stay_within_two_percent(
+        valkey_url: str) -> None:
+    """At a limit where a decision may lease 1 % of the budget (22 calls), two saturated
+    replicas still admit burst + rate x window within 2 %: a lease is taken only when the
+    whole of it fits, else the decision is the one-call decision."""
+    from tessera.ratelimit._limiter import lease_size
+
+    rate, burst = 2000, 200
+    assert lease_size(Limit(rate, burst)) == 22
+    tally, _ = await _hammer_limiters(valkey_url, f"read={rate}/{burst}", 2.0)
+    # Admitted calls are burst + rate x the window they were admitted in, within 2 %: each
+    # decision happened between a call's send and its answer, whose middle estimates it.
+    assert tally.refused > 0, "the tasks never hit the limit; the test proves nothing"
+    middles = sorted((s + a) / 2 for s, a in tally.admitted_at)
+    expected = burst + rate * (middles[-1] - middles[0])
+    assert abs(tally.admitted - expected) <= 0.02 * expected, (tally.admitted, expected)
+
+
+async def test_leasing_replicas_under_their_limit_ask_valkey_for_few_calls(
+        valkey_url: str) -> None:
+    """Under the limit most admissions come from a lease, without a Valkey round trip."""
+    tally, admitting_trips = await _hammer_limiters(valkey_url, "read=200000/200000", 1.0)
+    assert tally.refused == 0 and tally.admitted > 100
+    assert admitting_trips < tally.admitted / 4, (admitting_trips, tally.admitted)
 
 
 # -- exactness across concurrent clients and replicas -----------------------------------

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Container
@@ -150,8 +151,9 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if not self.identified:
             return None
         peer = authenticate(context.auth_context(), self.trust_domain, self.denied_serials)
+        # 16 random hex digits, as uuid4().hex[:16] gave, for a quarter of its cost.
         caller = Caller(peer.identity, peer.serial, peer.fingerprint_sha256,
-                        uuid.uuid4().hex[:16], service, method, not_after=peer.not_after)
+                        os.urandom(8).hex(), service, method, not_after=peer.not_after)
         bind_caller(caller)
         if access is not Access.ANY_AUTHENTICATED:
             if self.store_health is not None:
@@ -393,13 +395,14 @@ def _report(service: str, method: str, code: grpc.StatusCode, elapsed: float, tr
     if caller is not None:
         peer = caller.peer or (caller.identity.name if caller.identity.kind.value == "node" else "")
     # Health probes and reflection come every few seconds from load balancers: DEBUG.
-    access_log.log(logging.DEBUG if service in OPEN_SERVICES else logging.INFO,
-                   "%s/%s %s %.1f ms", service, method, code.name, elapsed * 1000,
-                   extra=log_fields(
-                       trace_id=trace_id, request_id=caller.request_id if caller else "",
-                       identity=caller.uri if caller else "", peer=peer,
-                       method=f"/{service}/{method}", code=code.name,
-                       duration_ms=round(elapsed * 1000, 3), audit_sequence=sequence))
+    level = logging.DEBUG if service in OPEN_SERVICES else logging.INFO
+    if access_log.isEnabledFor(level):  # the fields are built only for a line written
+        access_log.log(level, "%s/%s %s %.1f ms", service, method, code.name, elapsed * 1000,
+                       extra=log_fields(
+                           trace_id=trace_id, request_id=caller.request_id if caller else "",
+                           identity=caller.uri if caller else "", peer=peer,
+                           method=f"/{service}/{method}", code=code.name,
+                           duration_ms=round(elapsed * 1000, 3), audit_sequence=sequence))
     span = trace.get_current_span()
     if not span.is_recording():
         return False

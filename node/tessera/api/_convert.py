@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import struct
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -48,16 +49,95 @@ def value_to_python(value: struct_pb2.Value) -> Any:
 
 def resource_to_pb(r: Resource, *, source: str = "local") -> resources_pb2.Resource:
     """Domain resource to protobuf."""
-    msg = resources_pb2.Resource(
-        workspace=r.workspace, kind=r.kind, id=r.id, title=r.title, body=r.body,
-        attributes=dict_to_struct(r.attributes), embedding=r.embedding or [],
-        owner=r.owner, team=r.team, version=r.version, etag=r.etag, source=source,
-    )
-    if r.created_at is not None:
-        msg.create_time.FromDatetime(r.created_at)
-    if r.updated_at is not None:
-        msg.update_time.FromDatetime(r.updated_at)
+    msg = resources_pb2.Resource()
+    fill_resource(msg, r, source=source)
     return msg
+
+
+def fill_resource(msg: resources_pb2.Resource, r: Resource, *, source: str = "local") -> None:
+    """Set an empty `msg` (e.g. a new `hits.add().resource`) to `r`, without a copy.
+
+    This runs once per returned row, so it avoids protobuf's Python-level helpers: the
+    attributes are encoded as Struct wire bytes and parsed by the C runtime, timestamps set
+    as seconds and nanos.
+    """
+    msg.workspace = r.workspace
+    msg.kind = r.kind
+    msg.id = r.id
+    msg.title = r.title
+    msg.body = r.body
+    msg.attributes.ParseFromString(struct_bytes(r.attributes))
+    if r.embedding:
+        msg.embedding.extend(r.embedding)
+    msg.owner = r.owner
+    msg.team = r.team
+    msg.version = r.version
+    msg.etag = r.etag
+    msg.source = source
+    if r.created_at is not None:
+        _set_time(msg.create_time, r.created_at)
+    if r.updated_at is not None:
+        _set_time(msg.update_time, r.updated_at)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
+
+
+def _set_time(ts: timestamp_pb2.Timestamp, value: datetime) -> None:
+    """`ts.FromDatetime(value)` (naive values are UTC), without its calendar arithmetic."""
+    d = value - (_NAIVE_EPOCH if value.tzinfo is None else _EPOCH)
+    ts.seconds = d.days * 86400 + d.seconds
+    ts.nanos = d.microseconds * 1000
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _BYTE[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_BYTE = [bytes([i]) for i in range(0x80)]
+_DOUBLE = struct.Struct("<d")
+
+
+def _value_bytes(v: Any) -> bytes:
+    """google.protobuf.Value wire bytes of a JSON value (as `Struct.update` would set it)."""
+    if v is None:
+        return b"\x08\x00"  # null_value = NULL_VALUE
+    if v is True:
+        return b"\x20\x01"  # bool_value
+    if v is False:
+        return b"\x20\x00"
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return b"\x11" + _DOUBLE.pack(float(v))  # number_value
+    if isinstance(v, str):
+        data = v.encode()
+        return b"\x1a" + _varint(len(data)) + data  # string_value
+    if isinstance(v, dict):
+        data = struct_bytes(v)
+        return b"\x2a" + _varint(len(data)) + data  # struct_value
+    if isinstance(v, list | tuple):
+        data = b"".join(b"\x0a" + _varint(len(e)) + e for e in map(_value_bytes, v))
+        return b"\x32" + _varint(len(data)) + data  # list_value
+    raise ValueError(f"unexpected type {type(v).__name__} in attributes")
+
+
+def struct_bytes(value: dict[str, Any]) -> bytes:
+    """google.protobuf.Struct wire bytes of a JSON object: `dict_to_struct(value)`'s bytes,
+    up to the order of map entries."""
+    out = []
+    for k, v in value.items():
+        key = k.encode()
+        val = _value_bytes(v)
+        entry = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(val)) + val
+        out.append(b"\x0a" + _varint(len(entry)) + entry)
+    return b"".join(out)
 
 
 def resource_from_pb(msg: resources_pb2.Resource) -> Resource:

@@ -10,8 +10,8 @@ from tessera import __version__
 from tessera.api._convert import (
     command_type_to_pb,
     dict_to_struct,
+    fill_resource,
     identity_to_pb,
-    resource_to_pb,
     value_to_python,
 )
 from tessera.api._fanout import fan_get, fan_list, fan_search
@@ -118,7 +118,9 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             served = 1
         finally:
             await self._settle(reservation, served)
-        return query_pb2.GetResourceResponse(resource=resource_to_pb(resource))
+        response = query_pb2.GetResourceResponse()
+        fill_resource(response.resource, resource)
+        return response
 
     async def ListResources(
         self, request: query_pb2.ListResourcesRequest, context: grpc.aio.ServicerContext
@@ -201,9 +203,11 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 assert last.updated_at is not None
                 position.insert(0, last.updated_at.isoformat())
             next_token = self.rt.tokens.encode(query=qhash, caller=caller, position=position)
-        return query_pb2.ListResourcesResponse(
-            resources=[resource_to_pb(r) for r in rows], next_page_token=next_token
-        )
+        response = query_pb2.ListResourcesResponse(next_page_token=next_token)
+        add = response.resources.add
+        for r in rows:
+            fill_resource(add(), r)
+        return response
 
     async def SearchResources(
         self, request: query_pb2.SearchResourcesRequest, context: grpc.aio.ServicerContext

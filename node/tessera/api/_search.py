@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any, cast
 
-from tessera.api._convert import resource_to_pb, value_to_python
+from tessera.api._convert import fill_resource, value_to_python
 from tessera.api._runtime import Runtime
 from tessera.api._validate import WORKSPACE_RE, Checker
 from tessera.store import Metric, Predicate, SearchQuery, search
@@ -63,6 +63,9 @@ async def search_resources(
     if q.k > max_k:
         q = dataclasses.replace(q, k=max_k)
     hits = await search(rt.pool, q, metric=cast(Metric, rt.cfg.store.metric), scope=scope)
-    return query_pb2.SearchResourcesResponse(hits=[
-        query_pb2.SearchHit(resource=resource_to_pb(r), score=score) for r, score in hits
-    ])
+    response = query_pb2.SearchResourcesResponse()
+    add = response.hits.add
+    for r, score in hits:
+        hit = add(score=score)  # filled in place: no per-hit message copies
+        fill_resource(hit.resource, r)
+    return response

@@ -10,6 +10,7 @@ at stored data, so a denial reveals nothing the caller did not already say.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -85,7 +86,14 @@ class Scope:
         return ALLOW
 
     def predicate(self) -> Predicate:
-        """The same decision as SQL over `resources` columns."""
+        """The same decision as SQL over `resources` columns.
+
+        Built once per scope (scopes are immutable and shared by a grant's calls), not on
+        every read: composing the SQL and sorting the lists is per-call work otherwise.
+        """
+        return _predicate(self)
+
+    def _build_predicate(self) -> Predicate:
         if not self.kinds:
             return NOTHING
         parts: list[sql.Composable] = [sql.SQL("kind = ANY(%s::text[])")]
@@ -147,3 +155,8 @@ class Scope:
     def page_size(self, requested: int) -> int:
         """The page size actually served: the row cap bounds every page."""
         return min(requested, self.row_cap) if self.row_cap > 0 else requested
+
+
+@functools.lru_cache(maxsize=1024)
+def _predicate(scope: Scope) -> Predicate:
+    return scope._build_predicate()

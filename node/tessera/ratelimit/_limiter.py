@@ -51,6 +51,32 @@ _PROBE_FIRST_S = 0.2
 #: Timeouts for this long with no answer in between mean Valkey is unusable; shorter runs
 #: are a busy event loop or a slow moment, and only the calls caught in them go local.
 _TIMEOUTS_BEFORE_SWITCH_S = 1.0
+#: A lease takes at most this share of a limit's budget over one second (burst + rate) from
+#: Valkey in one decision, so replicas stay within a few percent of the shared limit.
+LEASE_SHARE = 0.01
+_ALLOWED = Decision(True, 0, 0)
+
+
+def lease_size(limit: Limit) -> int:
+    """Admissions one Valkey decision may take at once for `limit` (1: no leasing)."""
+    return max(1, int(LEASE_SHARE * (limit.rate_per_s + limit.burst)))
+
+
+class _Lease:
+    """Admissions already charged in Valkey, spent by this replica without asking again.
+
+    A lease lives only as long as the rate takes to earn it (n intervals), so an unused
+    rest cannot turn into a later burst. The rest of an expired lease is given back to
+    Valkey (a decision of negative cost) by the next call that finds it, so a caller well
+    under its limit does not burn the budget on leases it cannot use.
+    """
+
+    __slots__ = ("expires", "limit", "remaining")
+
+    def __init__(self, limit: Limit, remaining: int, expires: float) -> None:
+        self.limit = limit
+        self.remaining = remaining
+        self.expires = expires
 
 
 @dataclass(frozen=True)
@@ -149,6 +175,11 @@ class RateLimiter:
         self._last_answer = time.monotonic()
         self._batcher = _script.Batcher(valkey, stall_s=self._timeout_s)
         self._counters: dict[tuple[str, str, bool], Any] = {}
+        self._leases: dict[str, _Lease] = {}
+        #: Keys with a lease request in flight, and its completion: concurrent misses wait
+        #: for it instead of asking Valkey too (one lease at a time per key).
+        self._leasing: dict[str, asyncio.Future[None]] = {}
+        self._refunds: set[asyncio.Task[None]] = set()
         self._set_backend_gauge()
 
     # -- the call path ----------------------------------------------------------------
@@ -181,13 +212,37 @@ class RateLimiter:
     async def _decide(self, subject: str, klass: str, limit: Limit) -> Decision:
         tat_key, rej_prefix = _script.keys_for(self.prefix, subject, klass)
         if self.backend == VALKEY:
+            if self._take(tat_key, rej_prefix, klass, limit):
+                return _ALLOWED
+            pending = self._leasing.get(tat_key)
+            want = lease_size(limit)
+            if pending is not None:
+                # A lease for this key is on its way: wait for it rather than ask Valkey
+                # too; if it brings nothing to spare, decide this call on its own.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(pending), self._timeout_s)
+                if self.backend != VALKEY:  # Valkey failed meanwhile
+                    return await self._decide(subject, klass, limit)
+                if self._take(tat_key, rej_prefix, klass, limit):
+                    return _ALLOWED
+                want = 1
+            lease_asked: asyncio.Future[None] | None = None
+            if want > 1:
+                lease_asked = asyncio.get_running_loop().create_future()
+                self._leasing[tat_key] = lease_asked
             try:
                 # The one bound on a decision: the batcher has no timer of its own, and
                 # abandons a round trip once no decision waits for it.
                 async with asyncio.timeout(self._timeout_s):
                     r = await self._batcher.decide((tat_key, rej_prefix, klass, limit.interval_us,
-                                                    limit.tolerance_us, self._rejection_ttl_s))
+                                                    limit.tolerance_us, self._rejection_ttl_s,
+                                                    want))
                 self._last_answer = time.monotonic()
+                if r.granted > 1 and self.backend == VALKEY:
+                    # Earned at the rate in granted intervals: spend it within that time.
+                    self._leases[tat_key] = _Lease(
+                        limit, r.granted - 1,
+                        self._last_answer + r.granted * limit.interval_us / MICROS)
                 return Decision(r.allowed, r.retry_after_us, 0)
             except TimeoutError as exc:
                 if time.monotonic() - self._last_answer >= _TIMEOUTS_BEFORE_SWITCH_S:
@@ -196,12 +251,42 @@ class RateLimiter:
                     return self._decide_locally(tat_key, subject, klass, limit)
             except (RedisError, OSError) as exc:
                 self._valkey_failed(exc)
+            finally:
+                if lease_asked is not None:
+                    del self._leasing[tat_key]
+                    lease_asked.set_result(None)
         if self.backend == CLOSED:
             raise errors.Unavailable(
                 "rate limiting is unavailable (Valkey does not answer) and the node is "
                 "configured to refuse calls meanwhile; retry shortly",
                 reason="RATE_LIMITER_UNAVAILABLE")
         return self._decide_locally(tat_key, subject, klass, limit)
+
+    def _take(self, tat_key: str, rej_prefix: str, klass: str, limit: Limit) -> bool:
+        """Admit one call from this key's lease, if it has one left and unexpired; an
+        expired lease's rest is given back."""
+        lease = self._leases.get(tat_key)
+        if lease is None:
+            return False
+        if lease.remaining > 0 and lease.limit == limit and time.monotonic() < lease.expires:
+            lease.remaining -= 1
+            return True
+        del self._leases[tat_key]
+        if lease.remaining > 0:
+            self._refund((tat_key, rej_prefix, klass, lease.limit.interval_us,
+                          lease.limit.tolerance_us, self._rejection_ttl_s, -lease.remaining))
+        return False
+
+    def _refund(self, args: _script.Args) -> None:
+        """Give an expired lease's unused admissions back, without holding up the call."""
+        async def send() -> None:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self._timeout_s):
+                    await self._batcher.decide(args)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._refunds.add(task)
+        task.add_done_callback(self._refunds.discard)
 
     def _decide_locally(self, key: str, subject: str, klass: str, limit: Limit) -> Decision:
         d = self.local.decide(key, limit)
@@ -224,6 +309,7 @@ class RateLimiter:
         if self.backend != VALKEY:
             return
         self.backend = LOCAL if self.cfg.on_valkey_failure == LOCAL else CLOSED
+        self._leases.clear()
         self.last_error = _describe(exc, self._timeout_s)
         self.down_since = dt.datetime.now(dt.UTC)
         if self.backend == LOCAL:
@@ -279,6 +365,8 @@ class RateLimiter:
 
     async def close(self) -> None:
         """Stop the probe task and let decisions in flight finish."""
+        if self._refunds:
+            await asyncio.gather(*self._refunds, return_exceptions=True)
         await self._batcher.close()
         if self._probe is not None:
             self._probe.cancel()

@@ -14,7 +14,10 @@ from redis.exceptions import NoScriptError
 
 # KEYS[1]: the TAT of one (subject, method class).
 # KEYS[2]: prefix of the subject's rejection keys (same hash tag, so the same slot).
-# ARGV: interval_us, tolerance_us, rejection_ttl_s, method_class, [now_us].
+# ARGV: interval_us, tolerance_us, rejection_ttl_s, method_class, [now_us], [cost].
+# cost > 1 asks for a lease of that many admissions at once (all or, failing that, one:
+# a refusal is then exactly the one-call refusal, with its retry-after); the reply's 4th
+# element says how many were granted. A negative cost gives back a lease's unused rest.
 # The clock is the server's TIME, so replicas with skewed clocks share one timeline.
 # Numbers are written with %d: Lua's default number format keeps only 14 digits, fewer
 # than a microsecond timestamp has. An explicit now_us (tests, replays) keeps the state
@@ -30,14 +33,20 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+local cost = tonumber(ARGV[6] or '1') or 1
 local tat = now
 local stored = redis.call('GET', KEYS[1])
 if stored then
   tat = tonumber(stored)
   if tat < now then tat = now end
 end
-local new_tat = tat + interval
+local new_tat = tat + interval * cost
 local allow_at = new_tat - tolerance
+if allow_at > now and cost > 1 then
+  cost = 1
+  new_tat = tat + interval
+  allow_at = new_tat - tolerance
+end
 if allow_at > now then
   local bucket = KEYS[2] .. ':' .. string.format('%d', math.floor(now / 60000000))
   redis.call('HINCRBY', bucket, ARGV[4], 1)
@@ -45,13 +54,13 @@ if allow_at > now then
   local last = KEYS[2] .. ':last'
   redis.call('HSET', last, ARGV[4], string.format('%d', now))
   redis.call('EXPIRE', last, ARGV[3])
-  return {0, allow_at - now, now}
+  return {0, allow_at - now, now, 0}
 end
 local ttl = math.ceil((new_tat - now) / 1000)
 if explicit then ttl = 60000 end
 if ttl < 1 then ttl = 1 end
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', ttl)
-return {1, 0, now}
+return {1, 0, now, cost}
 """
 
 SHA1 = hashlib.sha1(LUA.encode(), usedforsecurity=False).hexdigest()
@@ -65,6 +74,8 @@ class ScriptResult:
     retry_after_us: int
     #: The server's clock at the decision, in microseconds since 1970.
     now_us: int
+    #: Admissions granted (more than one for a lease; 0 when refused).
+    granted: int = 1
 
 
 @functools.lru_cache(maxsize=4096)
@@ -74,21 +85,29 @@ def keys_for(prefix: str, subject: str, method_class: str) -> tuple[str, str]:
     return f"{prefix}:{tag}:{method_class}", f"{prefix}:{tag}:rej"
 
 
-#: (tat_key, rej_prefix, method_class, interval_us, tolerance_us, rejection_ttl_s)
-Args = tuple[str, str, str, int, int, int]
+#: (tat_key, rej_prefix, method_class, interval_us, tolerance_us, rejection_ttl_s[, cost])
+Args = tuple[str, str, str, int, int, int] | tuple[str, str, str, int, int, int, int]
 
 
 def _result(reply: Any) -> ScriptResult:
-    return ScriptResult(bool(int(reply[0])), int(reply[1]), int(reply[2]))
+    allowed = bool(int(reply[0]))
+    granted = int(reply[3]) if len(reply) > 3 else int(allowed)
+    return ScriptResult(allowed, int(reply[1]), int(reply[2]), granted)
+
+
+def _cost(args: Args) -> int:
+    return args[6] if len(args) > 6 else 1
 
 
 async def run(valkey: redis.Redis, tat_key: str, rej_prefix: str, method_class: str,
               interval_us: int, tolerance_us: int, rejection_ttl_s: int,
-              now_us: int | None = None) -> ScriptResult:
+              now_us: int | None = None, *, cost: int = 1) -> ScriptResult:
     """One decision: EVALSHA, loading the script when the server does not know it."""
     args: list[str | int] = [interval_us, tolerance_us, rejection_ttl_s, method_class]
-    if now_us is not None:
-        args.append(now_us)
+    if now_us is not None or cost != 1:
+        args.append("" if now_us is None else now_us)
+    if cost != 1:
+        args.append(cost)
     try:
         reply = await valkey.evalsha(SHA1, 2, tat_key, rej_prefix, *args)
     except NoScriptError:
@@ -108,8 +127,9 @@ async def run_many(valkey: redis.Redis, batch: list[Args]) -> list[ScriptResult 
     for attempt in range(2):
         async with valkey.pipeline(transaction=False) as pipe:
             for i in todo:
-                k1, k2, klass, interval, tolerance, ttl = batch[i]
-                pipe.evalsha(SHA1, 2, k1, k2, interval, tolerance, ttl, klass)
+                k1, k2, klass, interval, tolerance, ttl = batch[i][:6]
+                pipe.evalsha(SHA1, 2, k1, k2, interval, tolerance, ttl, klass, "",
+                             _cost(batch[i]))
             answers = await pipe.execute(raise_on_error=False)
         missing = []
         for i, answer in zip(todo, answers, strict=True):
@@ -126,15 +146,15 @@ async def run_many(valkey: redis.Redis, batch: list[Args]) -> list[ScriptResult 
 
 def _pack(args: Args) -> bytes:
     """EVALSHA of one decision as RESP bytes."""
-    k1, k2, klass, interval, tolerance, ttl = args
+    k1, k2, klass, interval, tolerance, ttl = args[:6]
     out = [_EVALSHA_PREFIX]
-    for a in (k1, k2, str(interval), str(tolerance), str(ttl), klass):
+    for a in (k1, k2, str(interval), str(tolerance), str(ttl), klass, "", str(_cost(args))):
         b = a.encode()
         out.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(out)
 
 
-_EVALSHA_PREFIX = b"*9\r\n$7\r\nEVALSHA\r\n$40\r\n" + SHA1.encode() + b"\r\n$1\r\n2\r\n"
+_EVALSHA_PREFIX = b"*11\r\n$7\r\nEVALSHA\r\n$40\r\n" + SHA1.encode() + b"\r\n$1\r\n2\r\n"
 
 
 class Line:
@@ -298,7 +318,8 @@ class Batcher:
                 pass
             return list(await self._line.call(batch))
         if len(batch) == 1:
-            return [await run(self.valkey, *batch[0])]
+            one = batch[0]
+            return [await run(self.valkey, *one[:6], cost=_cost(one))]
         return await run_many(self.valkey, batch)
 
     async def close(self) -> None:

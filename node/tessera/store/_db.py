@@ -10,8 +10,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from pgvector.psycopg.vector import register_vector_info
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
+from psycopg.types import TypeInfo
 from psycopg_pool import AsyncConnectionPool
 
 from tessera.config import StoreConfig
@@ -60,10 +62,12 @@ async def open_pool(
 ) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
     """Open the pool and check one connection works; raises Unavailable with a safe message."""
     timeout_ms = int(cfg.statement_timeout_s * 1000)
+    vector = _VectorType()
     pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
         dsn,
         min_size=cfg.pool_min,
         max_size=cfg.pool_max,
+        configure=vector.configure,
         kwargs={
             "row_factory": dict_row,
             # Search defaults (pgvector GUCs, accepted as placeholders until the
@@ -95,10 +99,45 @@ async def open_pool(
     return pool
 
 
+class _VectorType:
+    """Registers pgvector's psycopg adapter on each new connection of one pool.
+
+    Embeddings then travel in pgvector's binary form both ways (`Vector` parameters are
+    dumped with `vector_recv`'s layout, `vector` columns in binary results load as
+    `Vector`), with no text literal built or parsed. The type's oid is looked up once per
+    pool; on a fresh database the extension appears only with migration 0001, so until
+    then connections stay unregistered and `migrate` replaces them afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.info: TypeInfo | None = None
+
+    async def configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        info = self.info
+        if info is None:
+            info = await TypeInfo.fetch(conn, "vector")
+            if info is None:
+                return
+            self.info = info
+        register_vector_info(conn, info)
+
+
 async def migrate(
     pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], cfg: StoreConfig
 ) -> int:
     """Apply pending migrations; returns the schema version. Idempotent and replica-safe."""
+    before, after = await _migrate(pool, cfg)
+    if before == 0:
+        # The vector type may have been created just now: connections opened before it
+        # have no adapter for it, so the pool replaces them.
+        await pool.drain()
+    return after
+
+
+async def _migrate(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], cfg: StoreConfig
+) -> tuple[int, int]:
+    """Apply pending migrations; returns the schema version before and after them."""
     async with pool.connection() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         await conn.execute(
@@ -108,7 +147,7 @@ async def migrate(
         )
         cur = await conn.execute("SELECT coalesce(max(version), 0) AS v FROM schema_migrations")
         row = await cur.fetchone()
-        current = int(row["v"]) if row else 0
+        current = before = int(row["v"]) if row else 0
         params = {"dimension": cfg.embedding_dimension, "opclass": _OPCLASS[cfg.metric]}
         for version, name, text in migrations():
             if version <= current:
@@ -122,7 +161,7 @@ async def migrate(
         await _check_meta(conn, "embedding_dimension", str(cfg.embedding_dimension),
                           "store.embedding_dimension")
         await _check_meta(conn, "metric", cfg.metric, "store.metric")
-    return current
+    return before, current
 
 
 async def _check_meta(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -11,6 +10,7 @@ from typing import Any, Literal
 
 import psycopg
 from opentelemetry.trace import SpanKind
+from pgvector import Vector
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
@@ -108,14 +108,19 @@ class ListQuery:
 
 
 _COLUMNS = sql.SQL(
-    "workspace, kind, id, title, body, attributes, vector_send(embedding) AS embedding,"
+    "workspace, kind, id, title, body, attributes, embedding,"
     " owner, team, version, created_at, updated_at"
 )
 #: The same columns without the embedding, for answers that do not return it.
 _COLUMNS_NO_EMBEDDING = sql.SQL(
-    "workspace, kind, id, title, body, attributes, NULL::bytea AS embedding,"
+    "workspace, kind, id, title, body, attributes, NULL::vector AS embedding,"
     " owner, team, version, created_at, updated_at"
 )
+#: GetResource's statement for an unscoped caller, composed once: the SQL text is then the
+#: same bytes on every call, which psycopg prepares on each connection after a few uses.
+_GET_SQL = sql.SQL(
+    "SELECT {} FROM resources WHERE workspace = %s AND kind = %s AND id = %s"
+).format(_COLUMNS)
 
 
 def _scoped(
@@ -141,27 +146,44 @@ def _existing_row_inside(scope: Predicate | None) -> sql.Composable:
     ).format(scope.condition)
 
 
-def vector_from_binary(data: bytes) -> list[float]:
+def vector_from_binary(data: bytes | memoryview) -> list[float]:
     """pgvector's binary form (vector_send): uint16 dimension, uint16 unused, float4 each."""
-    (dim,) = struct.unpack_from(">H", data)
-    return list(struct.unpack_from(f">{dim}f", data, 4))
+    return Vector.from_binary(data).to_list()
+
+
+def embedding_of(value: Any) -> list[float] | None:
+    """A `vector` column's value as floats.
+
+    Results are read in binary, where pgvector's adapter (registered on every pooled
+    connection, see `open_pool`) gives a `Vector`; raw bytes or text only come from a
+    connection without the adapter.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Vector):
+        return value.to_list()
+    if isinstance(value, bytes | memoryview):
+        return vector_from_binary(value)
+    return Vector.from_text(str(value)).to_list()
+
+
+def to_vector(values: Sequence[float]) -> Vector:
+    """An embedding as a parameter: sent in pgvector's binary form (`%b`), no text."""
+    return Vector(values if isinstance(values, list) else list(values))
 
 
 def _row_to_resource(row: dict[str, Any]) -> Resource:
-    # Embeddings travel in pgvector's binary form: parsing 384 numbers from text cost
-    # more than the rest of reading a row.
-    emb = row["embedding"]
     return Resource(
         workspace=row["workspace"], kind=row["kind"], id=row["id"], title=row["title"],
         body=row["body"], attributes=row["attributes"],
-        embedding=vector_from_binary(emb) if emb else None,
+        embedding=embedding_of(row["embedding"]),
         owner=row["owner"], team=row["team"], version=row["version"],
         created_at=row["created_at"], updated_at=row["updated_at"],
     )
 
 
 def vector_literal(values: Sequence[float]) -> str:
-    """pgvector's text form of a vector."""
+    """pgvector's text form of a vector (for tools and SQL shells; the node sends binary)."""
     return "[" + ",".join(repr(float(v)) for v in values) + "]"
 
 
@@ -180,13 +202,17 @@ class ResourceStore:
     @traced("store get", SpanKind.CLIENT, **_DB)
     async def get(self, key: ResourceKey, scope: Predicate | None = None) -> Resource:
         """One resource; NotFound if absent or outside `scope` (indistinguishably)."""
-        where, params = _scoped(
-            sql.SQL("workspace = %s AND kind = %s AND id = %s"),
-            (key.workspace, key.kind, key.id), scope)
+        query: sql.Composable
+        if scope is None:
+            query, params = _GET_SQL, (key.workspace, key.kind, key.id)
+        else:
+            where, params = _scoped(
+                sql.SQL("workspace = %s AND kind = %s AND id = %s"),
+                (key.workspace, key.kind, key.id), scope)
+            query = sql.SQL("SELECT {} FROM resources WHERE {}").format(_COLUMNS, where)
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                sql.SQL("SELECT {} FROM resources WHERE {}").format(_COLUMNS, where), params
-            )
+            # Binary results: the embedding arrives in pgvector's binary form.
+            cur = await conn.execute(query, params, binary=True)
             row = await cur.fetchone()
         if row is None:
             raise NotFound(f"resource {key.workspace}/{key.kind}/{key.id} does not exist")
@@ -239,7 +265,7 @@ class ResourceStore:
         )
         params.append(q.limit)
         async with self.pool.connection() as conn:
-            cur = await conn.execute(query, params)
+            cur = await conn.execute(query, params, binary=True)
             rows = await cur.fetchall()
         return [_row_to_resource(r) for r in rows]
 
@@ -252,14 +278,15 @@ class ResourceStore:
     ) -> Resource:
         """Create or replace `r`; raises FailedPrecondition / PermissionDenied."""
         values = (r.workspace, r.kind, r.id, r.title, r.body, json.dumps(r.attributes),
-                  vector_literal(r.embedding) if r.embedding else None, r.owner, r.team)
+                  to_vector(r.embedding) if r.embedding else None, r.owner, r.team)
         insert = sql.SQL(
             "INSERT INTO resources (workspace, kind, id, title, body, attributes, embedding,"
-            " owner, team) VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s::vector, %s, %s)"
+            " owner, team) VALUES (%s, %s, %s, %s, %s, %s::jsonb, %b::vector, %s, %s)"
         )
         if create_only:
             cur = await conn.execute(
-                insert + sql.SQL(" ON CONFLICT DO NOTHING RETURNING {}").format(_COLUMNS), values
+                insert + sql.SQL(" ON CONFLICT DO NOTHING RETURNING {}").format(_COLUMNS), values,
+                binary=True,
             )
             row = await cur.fetchone()
             if row is None:
@@ -271,12 +298,13 @@ class ResourceStore:
             cur = await conn.execute(
                 sql.SQL(
                     "UPDATE resources SET title = %s, body = %s, attributes = %s::jsonb,"
-                    " embedding = %s::vector, owner = %s, team = %s, version = version + 1,"
+                    " embedding = %b::vector, owner = %s, team = %s, version = version + 1,"
                     " updated_at = now() WHERE workspace = %s AND kind = %s AND id = %s"
                     " AND version = %s AND {} RETURNING {}"
                 ).format(scope.condition if scope else sql.SQL("TRUE"), _COLUMNS),
                 (*values[3:], r.workspace, r.kind, r.id, expected,
                  *(scope.params if scope else ())),
+                binary=True,
             )
             row = await cur.fetchone()
             if row is None:
@@ -295,6 +323,7 @@ class ResourceStore:
                     " WHERE {} RETURNING {}"
                 ).format(_existing_row_inside(scope), _COLUMNS),
                 (*values, *(scope.params if scope else ())),
+                binary=True,
             )
             row = await cur.fetchone()
             if row is None:
@@ -323,6 +352,7 @@ class ResourceStore:
                 " RETURNING {}"
             ).format(where, _COLUMNS),
             (*params, expected, expected),
+            binary=True,
         )
         row = await cur.fetchone()
         if row is not None:

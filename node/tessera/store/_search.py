@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from tessera.store._resources import (
     Pool,
     Resource,
     _row_to_resource,
-    vector_literal,
+    to_vector,
 )
 
 Metric = Literal["cosine", "l2", "inner_product"]
@@ -49,10 +50,10 @@ class SearchQuery:
 def score_expression(metric: Metric) -> str:
     """SQL turning the metric's distance into a score where higher is better."""
     if metric == "cosine":
-        return "1 - (embedding <=> %s::vector)"
+        return "1 - (embedding <=> %b::vector)"
     if metric == "l2":
-        return "-(embedding <-> %s::vector)"
-    return "-(embedding <#> %s::vector)"  # <#> is the negative inner product
+        return "-(embedding <-> %b::vector)"
+    return "-(embedding <#> %b::vector)"  # <#> is the negative inner product
 
 
 #: ef_search every pooled connection starts with (see store.open_pool): searches with
@@ -91,11 +92,11 @@ def _vector_hits(q: SearchQuery, metric: Metric, where: sql.Composable, wparams:
                  limit: int, cols: sql.Composable) -> tuple[sql.Composable, list[Any]]:
     """Nearest rows by the index's own operator, so the HNSW index serves the ORDER BY."""
     assert q.embedding is not None
-    vec = vector_literal(q.embedding)
+    vec = to_vector(q.embedding)  # binary, as pgvector's own wire form
     score = sql.SQL(score_expression(metric))
     query = sql.SQL(
         "SELECT {cols}, {score} AS score FROM resources WHERE embedding IS NOT NULL AND {where}"
-        " ORDER BY embedding {op} %s::vector LIMIT %s"
+        " ORDER BY embedding {op} %b::vector LIMIT %s"
     ).format(cols=cols, score=score, where=where, op=sql.SQL(_OPERATOR[metric]))
     return query, [vec, *wparams, vec, limit]
 
@@ -114,7 +115,56 @@ def _text_hits(q: SearchQuery, where: sql.Composable, wparams: list[Any], limit:
 def search_statement(
     q: SearchQuery, *, metric: Metric, scope: Predicate | None = None
 ) -> tuple[sql.Composable, list[Any]]:
-    """The one statement `search` runs for `q`, with its parameters."""
+    """The one statement `search` runs for `q`, with its parameters.
+
+    The SQL depends only on the query's shape (which filters are set, the scope's
+    condition), so it is composed once per shape and kept as text; the parameters are
+    built per call, in the order `composed_statement` puts them.
+    """
+    condition = None if scope is None else scope.condition.as_string()
+    text = _statement_text(metric, q.include_embeddings, q.embedding is not None, bool(q.text),
+                           bool(q.workspace), bool(q.kind), bool(q.attributes),
+                           q.updated_since is not None, condition)
+    return sql.SQL(text), _statement_params(q, scope)
+
+
+def _statement_params(q: SearchQuery, scope: Predicate | None) -> list[Any]:
+    """The parameters of `composed_statement(q, ...)`, without composing its SQL."""
+    wparams: list[Any] = [v for v in (q.workspace, q.kind) if v]
+    if q.attributes:
+        wparams.append(json.dumps(q.attributes))
+    if q.updated_since is not None:
+        wparams.append(q.updated_since)
+    if scope is not None:
+        wparams.extend(scope.params)
+    if q.embedding is not None:
+        vec = to_vector(q.embedding)
+        if not q.text:
+            return [vec, *wparams, vec, q.k]
+        cand = q.k * CANDIDATES_PER_K
+        return [vec, *wparams, vec, cand, q.text, *wparams, cand, q.k]
+    return [q.text, *wparams, q.k]
+
+
+@functools.lru_cache(maxsize=512)
+def _statement_text(metric: Metric, include_embeddings: bool, vector: bool, text: bool,
+                    workspace: bool, kind: bool, attributes: bool, updated_since: bool,
+                    condition: str | None) -> str:
+    """The SQL of one query shape (placeholder values stand in for the real ones)."""
+    shape = SearchQuery(
+        k=1, embedding=[0.0] if vector else None, text="x" if text else "",
+        workspace="w" if workspace else "", kind="k" if kind else "",
+        attributes={"a": 1} if attributes else {},
+        updated_since=datetime.min if updated_since else None,
+        include_embeddings=include_embeddings)
+    scope = None if condition is None else Predicate(sql.SQL(condition))
+    return composed_statement(shape, metric=metric, scope=scope)[0].as_string()
+
+
+def composed_statement(
+    q: SearchQuery, *, metric: Metric, scope: Predicate | None = None
+) -> tuple[sql.Composable, list[Any]]:
+    """`search_statement`'s statement, composed from its parts (once per shape)."""
     where, wparams = _filters(q, scope)
     keys = sql.SQL("workspace, kind, id")
     cols = _COLUMNS if q.include_embeddings else _COLUMNS_NO_EMBEDDING
@@ -160,12 +210,12 @@ async def search(
     async with pool.connection() as conn:
         ef = ef_search_for(q.k)
         if q.embedding is None or ef == DEFAULT_EF_SEARCH:
-            cur = await conn.execute(cast(sql.Composed, query), params)
+            cur = await conn.execute(cast(sql.Composed, query), params, binary=True)
             rows = await cur.fetchall()
         else:
             async with conn.transaction():
                 await conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
-                cur = await conn.execute(cast(sql.Composed, query), params)
+                cur = await conn.execute(cast(sql.Composed, query), params, binary=True)
                 rows = await cur.fetchall()
     hits = [(_row_to_resource(r), float(r["score"])) for r in rows]
     if q.min_score is not None:
