@@ -9,9 +9,11 @@ from tessera.api._enrolment import EnrolmentAuditor, start_enroll_listener
 from tessera.api._events import EventServicer
 from tessera.api._forward import remote_key
 from tessera.api._query import QueryServicer
+from tessera.api._reload import RELOADED_FILE, Reloader, ReloadResult, saved_settings
 from tessera.api._runtime import Endpoints, Runtime, dialable
 
 __all__ = [
+    "RELOADED_FILE",
     "SHUTTING_DOWN",
     "AdminServicer",
     "CallPath",
@@ -21,9 +23,12 @@ __all__ = [
     "EnrolmentAuditor",
     "EventServicer",
     "QueryServicer",
+    "ReloadResult",
+    "Reloader",
     "Runtime",
     "dialable",
     "remote_key",
     "run_checks",
+    "saved_settings",
     "start_enroll_listener",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, NoReturn
 
 import grpc
 from cryptography import x509
@@ -14,7 +13,7 @@ from tessera.api._convert import dict_to_struct, identity_to_pb, timestamp
 from tessera.api._peers_admin import PeerGrantAdmin
 from tessera.api._ratelimit import rate_limit_status
 from tessera.api._runtime import Runtime
-from tessera.core.errors import FailedPrecondition, TesseraError, Unavailable, Unimplemented
+from tessera.core.errors import FailedPrecondition, TesseraError, Unavailable
 from tessera.pki import CertificateStatus, CertState, StepCAIssuer
 from tessera_client.pb import admin_pb2, admin_pb2_grpc
 
@@ -45,20 +44,23 @@ async def run_checks(rt: Runtime) -> list[doctor.Check]:
     return checks
 
 
-def _later(feature: str) -> Any:
-    async def method(self: Any, request: Any, context: grpc.aio.ServicerContext) -> NoReturn:
-        raise Unimplemented(f"{feature} is not implemented yet")
-
-    return method
-
-
 class AdminServicer(AuditAdmin, PeerGrantAdmin, admin_pb2_grpc.AdminServiceServicer):
     """Administers the node."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    Reload = _later("Reload")
+    async def Reload(
+        self, request: admin_pb2.ReloadRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ReloadResponse:
+        if self.rt.reloader is None:
+            raise FailedPrecondition("this node cannot reload its configuration",
+                                     reason="NO_CONFIG_SOURCE")
+        result = await self.rt.reloader.reload_node(self.rt.pool)
+        return admin_pb2.ReloadResponse(
+            reloaded=result.reloaded, not_reloaded=result.not_reloaded,
+            processes_applied=result.processes_applied,
+            processes_missing=result.processes_missing or [])
 
     async def GetRateLimitStatus(
         self, request: admin_pb2.GetRateLimitStatusRequest, context: grpc.aio.ServicerContext

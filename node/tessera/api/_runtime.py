@@ -11,6 +11,7 @@ from datetime import datetime
 
 import redis.asyncio as redis
 
+from tessera.api._reload import Reloader
 from tessera.audit import AuditWriter
 from tessera.commands import Registry, Runner
 from tessera.config import Config
@@ -85,6 +86,8 @@ class Runtime:
     #: Whether PostgreSQL answers (probed); store-backed calls fail fast while it does not.
     #: None only in tests that build a Runtime without a node.
     store_health: StoreHealth | None = None
+    #: Applies `AdminService.Reload` and SIGHUP (None only in tests without a node).
+    reloader: Reloader | None = None
 
     @property
     def listen_address(self) -> str:

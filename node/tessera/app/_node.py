@@ -32,6 +32,7 @@ from tessera.api import (
     EnrolmentAuditor,
     EventServicer,
     QueryServicer,
+    Reloader,
     Runtime,
     dialable,
     start_enroll_listener,
@@ -39,7 +40,7 @@ from tessera.api import (
 from tessera.audit import AuditWriter
 from tessera.calls import GrantAdmission
 from tessera.commands import Agents, Registry, Runner
-from tessera.config import Config
+from tessera.config import Config, ConfigSource
 from tessera.core.errors import ConfigError, Unauthenticated
 from tessera.core.pagination import PageTokens
 from tessera.core.paths import CredentialFiles, NodePaths
@@ -375,9 +376,31 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
+def serving_pids(paths: NodePaths) -> list[int]:
+    """The pids of the node's live serving processes, as the supervisor last wrote them."""
+    try:
+        children = json.loads(paths.supervisor_state.read_text()).get("children", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [int(c["pid"]) for name, c in sorted(children.items())
+            if name.startswith("serving-") and c.get("running") and c.get("pid")]
+
+
+@dataclass(frozen=True)
+class ReloadSpec:
+    """What a node needs to reload its configuration: where it came from, the
+    configuration as first loaded (before the node name and ports were resolved), the
+    --log-level default and the node's reload scope (one `tessera serve`)."""
+
+    source: ConfigSource | None
+    loaded: Config
+    log_level: str = "INFO"
+    scope: str = ""
+
+
 async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = "",
                      valkey_url: str = "", supervised: bool = False,
-                     workers: int = 1) -> Node:
+                     workers: int = 1, reload: ReloadSpec | None = None) -> Node:
     """Start everything a node needs and begin serving. Raises ConfigError/Unavailable.
 
     `dsn` and `valkey_url` are the supervisor's embedded services; without them (and
@@ -470,6 +493,20 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         runner.prune_here = lambda: jobs.held
         await runner.start()
         stack.push_async_callback(runner.close)
+        budgets = RowBudgets(valkey, key_prefix=f"tessera:rb:{identity.uri}",
+                             timeout_s=cfg.ratelimit.decision_timeout_ms / 1000,
+                             on_valkey_failure=cfg.ratelimit.on_valkey_failure,
+                             processes=workers)
+        reload = reload or ReloadSpec(None, cfg)
+        reloader = Reloader(applied=reload.loaded, source=reload.source, limiter=limiter,
+                            budgets=budgets, certificates=certs, credentials=credentials,
+                            server_files=server_files, default_log_level=reload.log_level,
+                            run_dir=paths.run, peers=lambda: serving_pids(paths))
+        if workers > 1 and reload.scope:
+            # The other serving processes apply a Reload taken by this one.
+            reloader.channel = store.ReloadChannel(dsn, reload.scope, reloader.apply_request)
+            await reloader.channel.start()
+            stack.push_async_callback(reloader.channel.close)
         rt = Runtime(
             cfg=cfg, paths=paths, identity=identity, pool=pool,
             store=resources, tokens=tokens, valkey=valkey,
@@ -481,11 +518,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
             peer_renewal=peer_renewal, limiter=limiter, auditor=auditor, endpoints=endpoints,
             events=events,
             operations=operations, commands=commands, runner=runner,
-            budgets=RowBudgets(valkey, key_prefix=f"tessera:rb:{identity.uri}",
-                               timeout_s=cfg.ratelimit.decision_timeout_ms / 1000,
-                               on_valkey_failure=cfg.ratelimit.on_valkey_failure,
-                               processes=workers),
-            store_health=store_health,
+            budgets=budgets, store_health=store_health, reloader=reloader,
         )
         drain = Drain()
         server = _grpc_server(rt, metrics, drain, tracing, reuse_port=workers > 1)

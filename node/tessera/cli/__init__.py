@@ -4,8 +4,8 @@ Layout (modelled on SPIRE's cmd/spire-server/cli/cli.go):
 
 - `COMMANDS` below is THE table: `"noun verb"` (or a single word such as `"serve"`) maps to
   a `Command`. Nothing else registers commands; `build_parser()` builds argparse from it.
-- One module per noun (`serve`, `tier`, `doctor`, `load`, `ca`, `certs`, `peers`, `grants`,
-  `audit`, `ratelimit`, `commands`, `agents`, `events`) holds that noun's handlers and
+- One module per noun (`serve`, `tier`, `doctor`, `reload`, `load`, `ca`, `certs`, `peers`,
+  `grants`, `audit`, `ratelimit`, `commands`, `agents`, `events`) holds that noun's handlers and
   flags, and exports one `Command` per verb (`certs.REVOKE`, `peers.LIST`, ...).
 - `_command.py`: `Command(help, run, flags=..., data_dir=True, json=False, address=False)`
   is the one registration signature; `run(env) -> exit code`. `Env` carries `env.args`,
@@ -67,6 +67,7 @@ from tessera.cli import (
     load,
     peers,
     ratelimit,
+    reload,
     serve,
     status,
     tier,
@@ -97,6 +98,7 @@ COMMANDS: dict[str, Command] = {
     "migrate-tier": tier.MIGRATE_TIER,
     "status": status.STATUS,
     "doctor": doctor.DOCTOR,
+    "reload": reload.RELOAD,
     "ca init": ca.INIT,
     "certs enroll": certs.ENROLL,
     "certs status": certs.STATUS,

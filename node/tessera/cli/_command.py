@@ -8,6 +8,7 @@ in `tessera/cli/__init__.py`. Its `run(env)` gets the parsed arguments, the conf
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -51,13 +52,24 @@ class Env:
     @cached_property
     def cfg(self) -> config.Config:
         """The configuration: file, environment, then command-line overrides."""
-        overrides: dict[str, Any] = {
+        return config.load(self.args.config, overrides=self._overrides())
+
+    def _overrides(self) -> dict[str, Any]:
+        return {
             "node.data_dir": getattr(self.args, "data_dir", None),
             "node.listen_address": getattr(self.args, "listen", None),
             "node.workers": getattr(self.args, "workers", None),
             "log.format": getattr(self.args, "log_format", None),
         }
-        return config.load(self.args.config, overrides=overrides)
+
+    def config_source(self) -> config.ConfigSource:
+        """Where `cfg` comes from, for a node that reads it again on reload: the file,
+        the TESSERA_* environment and these command-line overrides."""
+        environ = {k: v for k, v in os.environ.items() if k.startswith("TESSERA_")}
+        path = self.args.config or environ.pop("TESSERA_CONFIG", None)
+        overrides = {k: str(v) for k, v in self._overrides().items() if v is not None}
+        return config.ConfigSource(str(Path(path).resolve()) if path else None, environ,
+                                   overrides)
 
     @property
     def data_dir(self) -> Path:

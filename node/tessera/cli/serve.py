@@ -25,7 +25,7 @@ def _serve(env: Env) -> int:
     cfg = env.cfg
     # [log] may come from the file or the environment, so logging is set up again here.
     configure_logging(cfg.log.format, env.args.log_level, access=cfg.log.access)
-    return asyncio.run(serve(cfg, log_level=env.args.log_level))
+    return asyncio.run(serve(cfg, log_level=env.args.log_level, source=env.config_source()))
 
 
 def _migrate(env: Env) -> int:

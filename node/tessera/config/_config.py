@@ -26,6 +26,9 @@ DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "tessera"
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
 _DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 METRICS = ("cosine", "l2", "inner_product")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Sections applied by a reload (`AdminService.Reload`, SIGHUP) without a restart.
+RELOADABLE_SECTIONS = ("ratelimit", "log")
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,9 @@ class LogConfig:
     format: str = "text"
     #: One INFO line per finished call (logger `tessera.access`); false drops them.
     access: bool = True
+    #: DEBUG, INFO, WARNING or ERROR; empty uses `tessera --log-level` (default INFO).
+    #: Changeable with `tessera reload` (or SIGHUP), like the rest of this section.
+    level: str = ""
 
 
 @dataclass(frozen=True)
@@ -664,6 +670,8 @@ def _validate_observability(cfg: Config) -> None:
         raise ConfigError("tracing.service_name: must not be empty")
     if cfg.log.format not in ("text", "json"):
         raise ConfigError(f"log.format: {cfg.log.format!r} must be 'text' or 'json'")
+    if cfg.log.level and cfg.log.level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log.level: {cfg.log.level!r} must be one of {', '.join(LOG_LEVELS)}")
 
 
 def _validate_ratelimit(cfg: Config) -> None:
@@ -729,3 +737,56 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where a node's configuration came from, so a reload can read it again: the file
+    (`--config` or TESSERA_CONFIG), the TESSERA_* environment and the command-line
+    overrides as they were at start."""
+
+    path: str | None = None
+    environ: Mapping[str, str] = field(default_factory=dict)
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Config:
+        """The configuration as these sources give it now (raises ConfigError)."""
+        return load(Path(self.path) if self.path else None, environ=dict(self.environ),
+                    overrides=dict(self.overrides))
+
+    def to_json(self) -> dict[str, Any]:
+        """For the supervisor's spec to a serving process."""
+        return {"path": self.path, "environ": dict(self.environ),
+                "overrides": {k: str(v) for k, v in self.overrides.items() if v is not None}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ConfigSource:
+        """The inverse of `to_json`."""
+        return cls(data.get("path"), dict(data.get("environ") or {}),
+                   dict(data.get("overrides") or {}))
+
+
+def flatten(cfg: Config) -> dict[str, str]:
+    """The configuration as `section.field` values, which `load(overrides=...)` parses back."""
+    out: dict[str, str] = {}
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            v = getattr(values, f.name)
+            if isinstance(v, Mapping):
+                # Nested tables (the agent allow-list) travel as JSON.
+                out[f"{section.name}.{f.name}"] = json.dumps(v, sort_keys=True)
+                continue
+            out[f"{section.name}.{f.name}"] = str(v).lower() if isinstance(v, bool) else str(v)
+    return out
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """The `section.field` names whose values differ, in order."""
+    a, b = flatten(old), flatten(new)
+    return [k for k in b if a.get(k) != b[k]]
+
+
+def with_reloadable(base: Config, new: Config) -> Config:
+    """`base` with the reloadable sections taken from `new`."""
+    return dataclasses.replace(base, **{s: getattr(new, s) for s in RELOADABLE_SECTIONS})

@@ -217,6 +217,47 @@ class NodeCertificates:
                     managed.mark_revoked(serial)
             await asyncio.sleep(OWN_REVOCATION_CHECK_S)
 
+    async def reread(self, credentials: ReloadableServerCredentials,
+                     server_files: CredentialFiles) -> tuple[list[str], list[str]]:
+        """A reload: read the deny list, the configured CRL and the certificate files
+        again now. (what was re-read, what could not be: "name: why")."""
+        done, failed = ["deny_list"], []
+        self.deny_list.reload()
+        c = self.cfg.ca
+        if c.crl_file or c.crl_url:
+            if await refresh_crl(self.deny_list, crl_file=c.crl_file, crl_url=c.crl_url,
+                                 roots_pem=credentials.material.roots_pem,
+                                 timeout_s=c.timeout_s):
+                done.append("crl")
+            else:
+                failed.append("crl: the CRL could not be loaded; the previous one stays in "
+                              "force (see the node's log)")
+        if self.managed:  # renewed files (by another process or by hand) are adopted
+            for managed in self.managed.values():
+                managed.adopt_from_disk()
+            done.append("certificate_files")
+            return done, failed
+        try:
+            material = await asyncio.to_thread(
+                TlsMaterial.read, server_files.cert, server_files.key, server_files.ca)
+            leaf = material.leaf()
+            key = serialization.load_pem_private_key(material.key_pem, None)
+            if key.public_key().public_bytes(
+                    serialization.Encoding.DER,
+                    serialization.PublicFormat.SubjectPublicKeyInfo) != leaf.public_key(
+                    ).public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo):
+                raise ValueError("the key does not match the certificate")
+        except (OSError, ValueError, TypeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            failed.append(f"certificate_files: {server_files.cert} not re-read ({why}); "
+                          "the served certificate is unchanged")
+            return done, failed
+        if material != credentials.material:
+            credentials.swap(material)
+        done.append("certificate_files")
+        return done, failed
+
     def statuses(self) -> dict[str, CertificateStatus]:
         """Status of every managed certificate (node, admin, client)."""
         return {name: m.status() for name, m in self.managed.items()}

@@ -182,6 +182,22 @@ class RateLimiter:
         self._refunds: set[asyncio.Task[None]] = set()
         self._set_backend_gauge()
 
+    def reconfigure(self, cfg: RateLimitConfig) -> None:
+        """Apply a reloaded [ratelimit] section from the next decision on (the limits
+        themselves, on/off, the fallback mode and the timeouts). Valkey's state (each
+        subject's TAT) is kept: a lowered limit applies to what was already used."""
+        self.cfg = cfg
+        self.local_limits = parse_limits("default", DEFAULT_LOCAL) | parse_limits(
+            "ratelimit.local_limits", cfg.local_limits)
+        self.peer_limits = parse_limits("default", DEFAULT_PEER) | parse_limits(
+            "ratelimit.peer_limits", cfg.peer_limits)
+        self._timeout_s = cfg.decision_timeout_ms / 1000
+        self._rejection_ttl_s = cfg.recent_window_s + 60
+        self._batcher.stall_s = self._timeout_s
+        if self.backend != VALKEY:  # Valkey is down: the fallback mode may have changed
+            self.backend = LOCAL if cfg.on_valkey_failure == LOCAL else CLOSED
+            self._set_backend_gauge()
+
     # -- the call path ----------------------------------------------------------------
 
     async def check(self, caller: Caller) -> None:

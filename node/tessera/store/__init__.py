@@ -31,6 +31,7 @@ from tessera.store._operations import (
     operation_uuid,
 )
 from tessera.store._predicate import NOTHING, Predicate, any_of
+from tessera.store._reload import ReloadChannel
 from tessera.store._resources import (
     ListQuery,
     Pool,
@@ -67,6 +68,7 @@ __all__ = [
     "Page",
     "Pool",
     "Predicate",
+    "ReloadChannel",
     "Resource",
     "ResourceKey",
     "ResourceStore",

@@ -1455,18 +1455,38 @@ class ReloadResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RELOADED_FIELD_NUMBER: _builtins.int
+    NOT_RELOADED_FIELD_NUMBER: _builtins.int
+    PROCESSES_APPLIED_FIELD_NUMBER: _builtins.int
+    PROCESSES_MISSING_FIELD_NUMBER: _builtins.int
+    processes_applied: _builtins.int
+    """Serving processes of the node that applied the reload, this one included."""
     @_builtins.property
     def reloaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """What was reloaded."""
+        """What was reloaded: the changed settings ("ratelimit.local_limits") and what was
+        re-read ("deny_list", "crl", "certificate_files").
+        """
+
+    @_builtins.property
+    def not_reloaded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Changed settings that were not applied, each "setting: why" (most need a restart of
+        `tessera serve`).
+        """
+
+    @_builtins.property
+    def processes_missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Serving processes (by pid) that did not confirm within the bound, each "pid: why"."""
 
     def __init__(
         self,
         *,
         reloaded: _abc.Iterable[_builtins.str] | None = ...,
+        not_reloaded: _abc.Iterable[_builtins.str] | None = ...,
+        processes_applied: _builtins.int = ...,
+        processes_missing: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reloaded", b"reloaded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["not_reloaded", b"not_reloaded", "processes_applied", b"processes_applied", "processes_missing", b"processes_missing", "reloaded", b"reloaded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

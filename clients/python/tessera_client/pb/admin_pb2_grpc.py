@@ -265,7 +265,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reload(self, request, context):
-        """Reloads configuration that can change without a restart (grants cache, CRL, limits).
+        """Re-reads the node's configuration file and applies what can change without a restart
+        (rate limits, logging, deny list, CRL, certificate files) in every serving process.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -74,7 +74,9 @@ class AdminServiceStub:
     Doctor: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DoctorRequest, _admin_pb2.DoctorResponse]
     """Runs the node's health checks."""
     Reload: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReloadRequest, _admin_pb2.ReloadResponse]
-    """Reloads configuration that can change without a restart (grants cache, CRL, limits)."""
+    """Re-reads the node's configuration file and applies what can change without a restart
+    (rate limits, logging, deny list, CRL, certificate files) in every serving process.
+    """
     GetRateLimitStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetRateLimitStatusRequest, _admin_pb2.RateLimitStatus]
     """Shows the effective rate limits of a grant or local identity and its recent rejections."""
     PreviewGrants: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PreviewGrantsRequest, _admin_pb2.PreviewGrantsResponse]
@@ -127,7 +129,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     Doctor: _aio.UnaryUnaryMultiCallable[_admin_pb2.DoctorRequest, _admin_pb2.DoctorResponse]  # type: ignore[assignment]
     """Runs the node's health checks."""
     Reload: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReloadRequest, _admin_pb2.ReloadResponse]  # type: ignore[assignment]
-    """Reloads configuration that can change without a restart (grants cache, CRL, limits)."""
+    """Re-reads the node's configuration file and applies what can change without a restart
+    (rate limits, logging, deny list, CRL, certificate files) in every serving process.
+    """
     GetRateLimitStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetRateLimitStatusRequest, _admin_pb2.RateLimitStatus]  # type: ignore[assignment]
     """Shows the effective rate limits of a grant or local identity and its recent rejections."""
     PreviewGrants: _aio.UnaryUnaryMultiCallable[_admin_pb2.PreviewGrantsRequest, _admin_pb2.PreviewGrantsResponse]  # type: ignore[assignment]
@@ -285,7 +289,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ReloadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ReloadResponse, _abc.Awaitable[_admin_pb2.ReloadResponse]]:
-        """Reloads configuration that can change without a restart (grants cache, CRL, limits)."""
+        """Re-reads the node's configuration file and applies what can change without a restart
+        (rate limits, logging, deny list, CRL, certificate files) in every serving process.
+        """
 
     @_abc_1.abstractmethod
     def GetRateLimitStatus(
