@@ -746,7 +746,8 @@ class ConfigSource:
     overrides as they were at start."""
 
     path: str | None = None
-    environ: Mapping[str, str] = field(default_factory=dict)
+    #: Not in repr(): it may hold a DSN with its password.
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def load(self) -> Config:

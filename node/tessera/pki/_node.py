@@ -96,6 +96,15 @@ async def ensure_enrolled(cfg: Config, files: NodePaths, issuer: StepCAIssuer) -
     return done
 
 
+def _uris(cert: x509.Certificate) -> list[str]:
+    """The URI SANs (the SPIFFE identity) of a certificate."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return sorted(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
 @dataclass
 class NodeCertificates:
     """Everything the node does with certificates while it runs."""
@@ -248,6 +257,9 @@ class NodeCertificates:
                     ).public_bytes(serialization.Encoding.DER,
                                    serialization.PublicFormat.SubjectPublicKeyInfo):
                 raise ValueError("the key does not match the certificate")
+            if _uris(leaf) != _uris(credentials.material.leaf()):
+                raise ValueError("the certificate names another identity; the node's "
+                                 "identity changes only with a restart")
         except (OSError, ValueError, TypeError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else str(exc)
             failed.append(f"certificate_files: {server_files.cert} not re-read ({why}); "
