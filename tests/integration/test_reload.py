@@ -11,19 +11,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+from tessera.core.paths import CredentialFiles, NodePaths
+from tessera.pki import DevCA, SpiffeId
 from tessera_client.pb import admin_pb2, admin_pb2_grpc, query_pb2, query_pb2_grpc, resources_pb2
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering, reason_of
@@ -232,4 +239,65 @@ async def test_sighup_reloads_every_worker_and_a_restarted_worker_keeps_the_relo
 
     await wait_until(both_up, "both serving processes answer with the reloaded limit",
                      timeout_s=60)
+    assert node.stop() == 0
+
+
+def _served_serial(node: NodeProcess) -> int:
+    """The serial of the certificate a new TLS connection is shown."""
+    ctx = ssl.create_default_context(cafile=str(node.pki / "ca.crt"))
+    ctx.load_cert_chain(node.pki / "admin.crt", node.pki / "admin.key")
+    ctx.check_hostname = False
+    host, _, port = node.address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+async def test_reload_serves_replaced_certificate_files_on_every_worker(
+    node_factory: NodeFactory, tmp_path: Path,
+) -> None:
+    # The node's first start makes its development CA; it then serves fixed files
+    # (tls.cert_file), which an operator replaces and reloads.
+    node, _ = _node(node_factory, tmp_path)
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    for name in ("node.crt", "node.key", "ca.crt"):
+        shutil.copy(node.pki / name, tls / name)
+    assert node.stop() == 0
+    node.env.update(TESSERA_TLS_CERT_FILE=str(tls / "node.crt"),
+                    TESSERA_TLS_KEY_FILE=str(tls / "node.key"),
+                    TESSERA_TLS_CA_FILE=str(tls / "ca.crt"))
+    node.start()
+    old = _served_serial(node)
+    ca = DevCA(NodePaths(node.data_dir).dev_ca, "tessera.local")
+    files = CredentialFiles(tls / "node.crt", tls / "node.key", tls / "ca.crt")
+
+    # Another identity in the files is refused; the old certificate stays.
+    await asyncio.to_thread(ca.issue_files, files, SpiffeId.parse(
+        "spiffe://tessera.local/node/other"), ttl=timedelta(hours=1),
+        dns_names=("localhost",), ip_addresses=("127.0.0.1",))
+    resp = await _reload(node)
+    assert [s.partition(":")[0] for s in resp.not_reloaded] == ["certificate_files"]
+    assert "identity" in resp.not_reloaded[0]
+    assert {_served_serial(node) for _ in range(_CONNECTIONS)} == {old}
+
+    issued = await asyncio.to_thread(ca.issue_files, files, SpiffeId.parse(
+        "spiffe://tessera.local/node/tessera"), ttl=timedelta(hours=1),
+        dns_names=("localhost",), ip_addresses=("127.0.0.1",))
+    new = x509.load_pem_x509_certificates(issued.chain_pem)[0].serial_number
+    resp = await _reload(node)
+    assert "certificate_files" in resp.reloaded and list(resp.not_reloaded) == []
+    assert resp.processes_applied == 2
+    before = _per_worker(node, "GetNodeInfo")
+    serials = set()
+    for _ in range(_CONNECTIONS):
+        serials.add(await asyncio.to_thread(_served_serial, node))
+        async with _fresh(node) as ch:
+            await admin_pb2_grpc.AdminServiceStub(ch).GetNodeInfo(admin_pb2.GetNodeInfoRequest(),
+                                                                  timeout=30)
+    assert serials == {new}
+    after = _per_worker(node, "GetNodeInfo")
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
     assert node.stop() == 0
