@@ -54,7 +54,7 @@ _DOC_TIMEOUT_S = 420.0
 #: What a document's output must show beyond every block exiting 0: the point of the doc.
 EXPECT: dict[str, list[str]] = {
     "README.md": ['"title": "hello"', "loaded 5 resources", "audit chain ok", "\nhello\n",
-                  "status       running (pid"],
+                  "status       running (pid", "reloaded in 1 serving process(es)"],
     "quickstart-two-nodes.md": ['"source": "bob"', '"title": "release checklist"',
                                 "peer=alice", "peers out    bob",
                                 "alice can read 1 local row now", "rows in scope  1 (task 1)"],
