@@ -16,9 +16,10 @@ Trust model (docs/security.md, "Commands to peers"):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from tessera import audit
@@ -187,9 +188,15 @@ class Forwarder:
         return await self._relayed(op, remote)
 
     async def watch(self, op: Operation) -> AsyncIterator[command_pb2.Operation]:
-        """WatchOperation on the peer, each message relayed (output chunks included)."""
-        stream: AsyncIterator[Any] = self.rt.federation.command_stream(
+        """WatchOperation on the peer, each message relayed (output chunks included), up
+        to the first done one: a watch ends there, whatever the peer sends after it (a
+        peer that kept streaming would hold this node's and the caller's stream open)."""
+        stream: AsyncGenerator[Any, None] = self.rt.federation.command_stream(
             op.forward_peer, "WatchOperation",
             command_pb2.WatchOperationRequest(name=self._remote_name(op)))
-        async for remote in stream:
-            yield await self._relayed(op, remote)
+        async with contextlib.aclosing(stream):  # ends the peer's stream at once
+            async for remote in stream:
+                relayed = await self._relayed(op, remote)
+                yield relayed
+                if relayed.done:
+                    return

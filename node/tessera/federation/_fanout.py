@@ -22,7 +22,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,7 +309,7 @@ class Federation:
         return response
 
     async def command_stream(self, name: str, method: str,
-                             request: Message) -> AsyncIterator[Any]:
+                             request: Message) -> AsyncGenerator[Any, None]:
         """Stream `CommandService.<method>` of peer `name` (WatchOperation), as `command`."""
         peer = self.joined(name)
         breaker = self._forward_breaker(name)

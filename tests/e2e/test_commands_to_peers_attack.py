@@ -1,0 +1,139 @@
+"""Attacks on commands to peers (ExecuteRequest.target), with real nodes.
+
+A malicious peer is played by a gRPC server holding B's own certificate, started on B's
+address after B (really joined by A) stopped: A reaches it exactly as it reached B, over
+mTLS, under the grant B gave A. What it answers is chosen by the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from tessera_client.pb import command_pb2, command_pb2_grpc
+from tests.e2e.test_commands_to_peers import _joined, audit_rows, rpc_error, sql
+from tests.fixtures.nodes import NodeFactory, NodeProcess
+from tests.fixtures.peers import Peering, put_request, reason_of
+from tests.fixtures.waiting import wait_until
+
+RUNNING = command_pb2.OPERATION_STATE_RUNNING
+SUCCEEDED = command_pb2.OPERATION_STATE_SUCCEEDED
+
+
+class EvilB(command_pb2_grpc.CommandServiceServicer):
+    """A peer that keeps streaming after an operation is done, and never closes."""
+
+    def __init__(self) -> None:
+        self.watching = 0
+        self.watches = 0
+
+    async def Execute(self, request: command_pb2.ExecuteRequest,
+                      context: grpc.aio.ServicerContext) -> command_pb2.Operation:
+        if request.idempotency_key and request.put_resource.resource.id == "evil-error":
+            # A refusal crafted to land in A's audit and logs.
+            info = any_pb2.Any()
+            info.Pack(error_details_pb2.ErrorInfo(reason="OK\nFORGED audit line",
+                                                  domain="tessera.dev"))
+            await context.abort_with_status(rpc_status.to_status(status_pb2.Status(
+                code=code_pb2.PERMISSION_DENIED, message="\x1b[2J" + "x" * 2000,
+                details=[info])))
+        return command_pb2.Operation(name=f"operations/{uuid.uuid4()}",
+                                     command_type="resource.put", state=RUNNING)
+
+    async def GetOperation(self, request: command_pb2.GetOperationRequest,
+                           context: grpc.aio.ServicerContext) -> command_pb2.Operation:
+        return command_pb2.Operation(name=request.name, state=RUNNING)
+
+    async def WatchOperation(self, request: command_pb2.WatchOperationRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[command_pb2.Operation]:
+        self.watching += 1
+        self.watches += 1
+        try:
+            yield command_pb2.Operation(name=request.name, state=RUNNING)
+            for i in range(5):
+                yield command_pb2.Operation(name=request.name, state=SUCCEEDED, done=True,
+                                            output_chunk=f"after done {i}\n")
+            await asyncio.Event().wait()  # and never ends
+        finally:
+            self.watching -= 1
+
+
+async def evil_in_place_of(b: NodeProcess, servicer: EvilB) -> grpc.aio.Server:
+    """Stop b; serve `servicer` on b's address with b's certificate (A cannot tell)."""
+    address = b.address
+    b.stop()
+    server = grpc.aio.server()
+    command_pb2_grpc.add_CommandServiceServicer_to_server(servicer, server)
+    creds = grpc.ssl_server_credentials(
+        [((b.pki / "node.key").read_bytes(), (b.pki / "node.crt").read_bytes())],
+        root_certificates=(b.pki / "ca.crt").read_bytes(), require_client_auth=True)
+    server.add_secure_port(address, creds)
+    await server.start()
+    return server
+
+
+@pytest.fixture
+async def evil(node_factory: NodeFactory, peering: Peering
+               ) -> AsyncIterator[tuple[NodeProcess, EvilB]]:
+    b = node_factory(name="b")
+    a, _grant = await _joined(node_factory, peering, b, command_types=["resource.put"])
+    servicer = EvilB()
+    server = await evil_in_place_of(b, servicer)
+    try:
+        yield a, servicer
+    finally:
+        await server.stop(grace=None)
+
+
+async def test_a_relayed_watch_ends_at_the_first_done_and_releases_the_peer_stream(
+        evil: tuple[NodeProcess, EvilB]) -> None:
+    """Attack: B keeps a WatchOperation open after its operation is done (more `done`
+    messages, then silence). A relayed every one (a DB write each) and held the stream
+    while the tool waited for an end that never came (`agents spawn --watch`, `agents
+    kill` hang). A's Watch ends with the first done message, and its stream to B ends."""
+    a, servicer = evil
+    put = put_request("shared", "task", "t1", key="k-watch")
+    put.target = "b"
+    async with a.client() as tool:
+        op = await tool.command.Execute(put)
+        assert op.target == "b" and not op.done
+        seen: list[command_pb2.Operation] = []
+        async for msg in tool.command.WatchOperation(
+                command_pb2.WatchOperationRequest(name=op.name)):
+            seen.append(msg)
+            if sum(m.done for m in seen) > 1:
+                break  # the relay went on after done
+        assert [m.done for m in seen] == [False, True], seen
+        assert all(m.name == op.name for m in seen)
+        await wait_until(lambda: servicer.watches == 1 and servicer.watching == 0,
+                         "a to end its stream to b once the operation was done")
+
+
+async def test_a_peer_cannot_write_into_the_audit_log_or_terminal_of_the_caller_node(
+        evil: tuple[NodeProcess, EvilB]) -> None:
+    """Held: B's refusal with a forged ErrorInfo reason (newline) and a long message with
+    terminal escapes. A relays the code; its audit keeps a code-name reason only, and the
+    message is bounded."""
+    a, _servicer = evil
+    put = put_request("shared", "task", "evil-error", key="k-evil")
+    put.target = "b"
+    async with a.client() as tool:
+        err = await rpc_error(tool.command.Execute(put))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason_of(err) == "OK\nFORGED audit line"  # the peer's word, relayed as it is
+    assert len(err.details() or "") < 1100
+    rows = await audit_rows(a, "service = 'tessera.v1.CommandService' AND method = 'Execute'"
+                               " AND status_code = 'PERMISSION_DENIED'", (),
+                            "a's record of the refused forward")
+    assert [r[6] for r in rows] == ["PERMISSION_DENIED"]
+    assert "FORGED" not in a.log()
+    assert sql(a, "SELECT count(*) FROM operations WHERE idempotency_key = 'k-evil'") \
+        == [(0,)]
