@@ -179,7 +179,8 @@ async def test_a_local_tool_executes_on_a_peer_through_its_node_and_only_it_sees
             == [(0,)]
 
     # a audits the forwarding: the local caller, the target and b's operation.
-    forwarded = await audit_rows(a, "service = 'tessera.forward'", (), "a's forward records")
+    forwarded = await audit_rows(a, "service = 'tessera.forward' AND reason = 'FORWARDED'", (),
+                                 "a's forward records")
     b_ops = {r[0]: r[1] for r in sql(b, "SELECT 'operations/' || name, idempotency_key"
                                         " FROM operations")}
     assert {(r[0], r[4], r[7]["target"], r[7]["remote_operation"]) for r in forwarded} == {

@@ -18,7 +18,13 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tessera_client.pb import command_pb2, command_pb2_grpc
-from tests.e2e.test_commands_to_peers import _joined, audit_rows, rpc_error, sql
+from tests.e2e.test_commands_to_peers import (
+    _joined,
+    audit_rows,
+    remote_key,
+    rpc_error,
+    sql,
+)
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering, put_request, reason_of
 from tests.fixtures.waiting import wait_until
@@ -33,6 +39,7 @@ class EvilB(command_pb2_grpc.CommandServiceServicer):
     def __init__(self) -> None:
         self.watching = 0
         self.watches = 0
+        self.accepted: list[str] = []
 
     async def Execute(self, request: command_pb2.ExecuteRequest,
                       context: grpc.aio.ServicerContext) -> command_pb2.Operation:
@@ -44,6 +51,10 @@ class EvilB(command_pb2_grpc.CommandServiceServicer):
             await context.abort_with_status(rpc_status.to_status(status_pb2.Status(
                 code=code_pb2.PERMISSION_DENIED, message="\x1b[2J" + "x" * 2000,
                 details=[info])))
+        if request.put_resource.resource.id == "lost-answer":
+            # Accepted (it runs here), but the answer never reaches A.
+            self.accepted.append(request.idempotency_key)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
         return command_pb2.Operation(name=f"operations/{uuid.uuid4()}",
                                      command_type="resource.put", state=RUNNING)
 
@@ -137,3 +148,28 @@ async def test_a_peer_cannot_write_into_the_audit_log_or_terminal_of_the_caller_
     assert "FORGED" not in a.log()
     assert sql(a, "SELECT count(*) FROM operations WHERE idempotency_key = 'k-evil'") \
         == [(0,)]
+
+
+async def test_a_command_sent_to_a_peer_is_audited_on_the_sender_before_any_answer(
+        evil: tuple[NodeProcess, EvilB]) -> None:
+    """Attack (audit gap): B accepts a command but its answer is lost (or B refuses it).
+    A's only `tessera.forward` record was written on B's success, so B's audit showed a
+    command from A under a remote key that no record on A tied to a local caller, and a
+    refusal on A named no target. A now records every attempt (caller, target, local
+    operation, remote key) with the reservation, before the command leaves."""
+    a, servicer = evil
+    put = put_request("shared", "task", "lost-answer", key="k-lost")
+    put.target = "b"
+    async with a.client() as tool:
+        err = await rpc_error(tool.command.Execute(put))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        refused = put_request("shared", "task", "evil-error", key="k-refused")
+        refused.target = "b"
+        err = await rpc_error(tool.command.Execute(refused))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    [(caller,)] = sql(a, "SELECT caller FROM operations WHERE idempotency_key = 'k-lost'")
+    assert servicer.accepted == [remote_key(caller, "k-lost")]
+    rows = await audit_rows(a, "service = 'tessera.forward'", (), "a's forwarding records")
+    sent = {(r[0], r[4], r[7]["target"], r[7]["remote_idempotency_key"]) for r in rows}
+    assert (caller, "Execute", "b", remote_key(caller, "k-lost")) in sent
+    assert (caller, "Execute", "b", remote_key(caller, "k-refused")) in sent

@@ -72,18 +72,21 @@ class Forwarder:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    def _record(self, caller: Caller, what: str, op: Operation,
-                remote: str) -> _Record | None:
+    def _record(self, caller: Caller, what: str, op: Operation, remote: str,
+                reason: str = "FORWARDED") -> _Record | None:
+        """A `tessera.forward` record: FORWARDING when a command is about to be sent (its
+        remote operation unknown yet), FORWARDED once the peer named its operation."""
         if self.rt.auditor is None:
             return None
+        detail = {"target": op.forward_peer, "operation": op.name,
+                  "remote_idempotency_key": remote_key(caller.uri, op.idempotency_key)}
+        if remote:
+            detail["remote_operation"] = remote
         return _Record(audit.AuditEntry(
             time=dt.datetime.now(dt.UTC), identity=caller.uri, peer="", grant="",
             service=AUDIT_SERVICE, method=what, kind=op.command_type[:128], query_hash="",
             outcome=audit.Outcome.ALLOWED.value, status_code="OK", bytes_out=0,
-            latency_us=0, trace_id="", reason="FORWARDED",
-            detail={"target": op.forward_peer, "operation": op.name,
-                    "remote_operation": remote,
-                    "remote_idempotency_key": remote_key(caller.uri, op.idempotency_key)}),
+            latency_us=0, trace_id="", reason=reason, detail=detail),
             self.rt.auditor)
 
     async def execute(self, caller: Caller,
@@ -118,9 +121,13 @@ class Forwarder:
         command_type = request.plugin.type if which == "plugin" else _TYPES[str(which)]
         request_hash = query_hash({"forward": bare.SerializeToString(deterministic=True).hex()})
         self.rt.federation.joined(target)  # before anything is stored
+        # The attempt is audited with the reservation, before anything is sent: the peer
+        # may accept a command whose answer never comes back (or refuse it), and its audit
+        # names only this node; this record ties the remote key to the local caller.
         op = await self.rt.operations.create_forward(
             caller=caller.uri, idempotency_key=request.idempotency_key,
-            command_type=command_type, request_hash=request_hash, peer=target)
+            command_type=command_type, request_hash=request_hash, peer=target,
+            audit=lambda row: self._record(caller, "Execute", row, "", reason="FORWARDING"))
         if op.forward_operation:
             # A retry of an accepted request: the peer's operation as it is now.
             return await self._get(op)

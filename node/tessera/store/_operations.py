@@ -375,13 +375,18 @@ class OperationStore:
 
     # -- commands to peers ----------------------------------------------------------
 
-    async def create_forward(self, *, caller: str, idempotency_key: str, command_type: str,
-                             request_hash: str, peer: str) -> Operation:
+    async def create_forward(
+        self, *, caller: str, idempotency_key: str, command_type: str, request_hash: str,
+        peer: str, audit: Callable[[Operation], AuditIntent | None] | None = None,
+    ) -> Operation:
         """Reserve (caller, key) for a command executed on `peer`: a FORWARDED row, or the
         one already stored for the same request (FailedPrecondition for another request).
+        `audit(op)` (the record of this attempt to send it) commits with the reservation,
+        so a command never leaves this node unaudited, whatever the peer answers.
 
         Nothing runs here and no runner ever claims it (claims take PENDING rows only).
         """
+        record: AuditIntent | None = None
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "INSERT INTO operations (name, caller, idempotency_key, request_hash,"
@@ -393,10 +398,18 @@ class OperationStore:
             )
             row = await cur.fetchone()
             if row is not None:
-                return _row_to_operation(row)
-            existing = await self._existing(conn, caller, idempotency_key, request_hash)
-            assert existing is not None
-            return existing
+                op = _row_to_operation(row)
+            else:
+                found = await self._existing(conn, caller, idempotency_key, request_hash)
+                assert found is not None
+                op = found
+            if audit is not None and not op.forward_operation:
+                record = audit(op)
+                if record is not None:
+                    await write_pending_audit(conn, record)
+        if record is not None:
+            record.committed()
+        return op
 
     async def forwarded(self, name: str, remote: str,
                         audit: AuditIntent | None) -> Operation | None:
