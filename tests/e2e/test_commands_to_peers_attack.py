@@ -173,3 +173,32 @@ async def test_a_command_sent_to_a_peer_is_audited_on_the_sender_before_any_answ
     sent = {(r[0], r[4], r[7]["target"], r[7]["remote_idempotency_key"]) for r in rows}
     assert (caller, "Execute", "b", remote_key(caller, "k-lost")) in sent
     assert (caller, "Execute", "b", remote_key(caller, "k-refused")) in sent
+
+
+async def test_a_peer_that_fails_fast_costs_no_reservation(
+        node_factory: NodeFactory, peering: Peering) -> None:
+    """Attack (rows piling up): with B down and its circuit open, A sends nothing, yet each
+    Execute with a new key stored a FORWARDED reservation that no retry could ever use
+    (kept for the whole retention, 7 days by default). A refuses before reserving now;
+    the reservations of attempts that did go out stay (B may have accepted them)."""
+    b = node_factory(name="b")
+    a = node_factory(name="a", env={"TESSERA_FEDERATION_BREAKER_FAILURES": "2",
+                                    "TESSERA_FEDERATION_BREAKER_COOLDOWN_S": "600"})
+    token = await peering.invite(b, "a")
+    await peering.grant(b, "a", kinds=["task"], workspaces=["shared"],
+                        command_types=["resource.put"])
+    assert peering.join_cli(token, a).returncode == 0
+    b.stop()
+    async with a.client() as tool:
+        reasons = []
+        for i in range(6):
+            put = put_request("shared", "task", f"t{i}", key=f"k-down-{i}")
+            put.target = "b"
+            err = await rpc_error(tool.command.Execute(put))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+            assert "peer b" in (err.details() or "")
+            reasons.append(reason_of(err))
+    assert reasons == ["PEER_UNAVAILABLE"] * 6
+    kept = sql(a, "SELECT idempotency_key FROM operations WHERE state = 'FORWARDED'"
+                  " ORDER BY idempotency_key")
+    assert kept == [("k-down-0",), ("k-down-1",)]  # the two that were sent

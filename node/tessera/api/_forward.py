@@ -120,7 +120,9 @@ class Forwarder:
         bare.ClearField("idempotency_key")
         command_type = request.plugin.type if which == "plugin" else _TYPES[str(which)]
         request_hash = query_hash({"forward": bare.SerializeToString(deterministic=True).hex()})
-        self.rt.federation.joined(target)  # before anything is stored
+        # Before anything is stored: a peer not joined, or one whose circuit is open (the
+        # call would send nothing), leaves no reservation behind.
+        self.rt.federation.sendable(target)
         # The attempt is audited with the reservation, before anything is sent: the peer
         # may accept a command whose answer never comes back (or refuse it), and its audit
         # names only this node; this record ties the remote key to the local caller.

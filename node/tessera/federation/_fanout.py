@@ -41,7 +41,7 @@ from tessera.core.errors import (
     TesseraError,
     Unavailable,
 )
-from tessera.federation._breaker import CircuitBreaker
+from tessera.federation._breaker import BreakerState, CircuitBreaker
 from tessera.observability import Metrics, span, trace_metadata, traced
 from tessera.peering import OutboundPeer, load_outbound, peers_dir
 from tessera_client import AsyncClient
@@ -283,6 +283,17 @@ class Federation:
                 f"no peer named {name!r} has been joined", reason="PEER_NOT_JOINED",
                 violations=[FieldViolation("target", f"not a joined peer; joined peers: "
                                            f"{', '.join(sorted(self.peers())) or 'none'}")])
+        return peer
+
+    def sendable(self, name: str) -> OutboundPeer:
+        """`joined(name)`, and Unavailable while its circuit is open (a call would fail
+        fast, sending nothing): checked before anything is stored for a forward. Does
+        not take the half-open probe (the call itself does)."""
+        peer = self.joined(name)
+        breaker = self.breakers.get(name)
+        if breaker is not None and breaker.state(time.monotonic()) is BreakerState.OPEN:
+            raise Unavailable(f"peer {name} is offline (its circuit is open after failed "
+                              "calls); retry shortly", reason="PEER_UNAVAILABLE")
         return peer
 
     async def command(self, name: str, method: str, request: Message) -> Any:
