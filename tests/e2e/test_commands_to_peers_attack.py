@@ -17,6 +17,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from tessera.api import MAX_FORWARDED_WATCHES
 from tessera_client.pb import command_pb2, command_pb2_grpc
 from tests.e2e.test_commands_to_peers import (
     _joined,
@@ -40,6 +41,7 @@ class EvilB(command_pb2_grpc.CommandServiceServicer):
         self.watching = 0
         self.watches = 0
         self.accepted: list[str] = []
+        self.endless: set[str] = set()
 
     async def Execute(self, request: command_pb2.ExecuteRequest,
                       context: grpc.aio.ServicerContext) -> command_pb2.Operation:
@@ -55,8 +57,10 @@ class EvilB(command_pb2_grpc.CommandServiceServicer):
             # Accepted (it runs here), but the answer never reaches A.
             self.accepted.append(request.idempotency_key)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
-        return command_pb2.Operation(name=f"operations/{uuid.uuid4()}",
-                                     command_type="resource.put", state=RUNNING)
+        name = f"operations/{uuid.uuid4()}"
+        if request.put_resource.resource.id == "endless":
+            self.endless.add(name)
+        return command_pb2.Operation(name=name, command_type="resource.put", state=RUNNING)
 
     async def GetOperation(self, request: command_pb2.GetOperationRequest,
                            context: grpc.aio.ServicerContext) -> command_pb2.Operation:
@@ -69,6 +73,8 @@ class EvilB(command_pb2_grpc.CommandServiceServicer):
         self.watches += 1
         try:
             yield command_pb2.Operation(name=request.name, state=RUNNING)
+            if request.name in self.endless:
+                await asyncio.Event().wait()
             for i in range(5):
                 yield command_pb2.Operation(name=request.name, state=SUCCEEDED, done=True,
                                             output_chunk=f"after done {i}\n")
@@ -202,3 +208,41 @@ async def test_a_peer_that_fails_fast_costs_no_reservation(
     kept = sql(a, "SELECT idempotency_key FROM operations WHERE state = 'FORWARDED'"
                   " ORDER BY idempotency_key")
     assert kept == [("k-down-0",), ("k-down-1",)]  # the two that were sent
+
+
+async def test_one_local_caller_cannot_fill_the_channel_to_a_peer_with_watches(
+        evil: tuple[NodeProcess, EvilB]) -> None:
+    """Attack (DoS): every forwarded WatchOperation is a stream on A's one channel to B,
+    shared by all of A's callers and by fan-out. One local tool could open them without
+    bound (each held while B's run lasts) until B's max_concurrent_streams stalls every
+    other tool's calls to B (and their timeouts open the circuit). A caps the relayed
+    watches per local caller; another caller is not affected."""
+    a, servicer = evil
+    put = put_request("shared", "task", "endless", key="k-endless")
+    put.target = "b"
+    async with a.client() as tool, a.client("admin") as other:
+        op = await tool.command.Execute(put)
+        theirs = await other.command.Execute(put)
+        calls = []
+        for _ in range(MAX_FORWARDED_WATCHES):
+            call = tool.command.WatchOperation(command_pb2.WatchOperationRequest(name=op.name))
+            first = await call.read()
+            assert first.name == op.name and not first.done
+            calls.append(call)
+        one_more = tool.command.WatchOperation(command_pb2.WatchOperationRequest(name=op.name))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await one_more.read()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert servicer.watching == MAX_FORWARDED_WATCHES
+        # Another local caller still reaches B.
+        call = other.command.WatchOperation(command_pb2.WatchOperationRequest(name=theirs.name))
+        assert (await call.read()).name == theirs.name
+        call.cancel()
+        # Closing one frees its place (and its stream to B).
+        calls.pop().cancel()
+        await wait_until(lambda: servicer.watching == MAX_FORWARDED_WATCHES - 1,
+                         "a to end the stream to b of the watch its caller left")
+        again = tool.command.WatchOperation(command_pb2.WatchOperationRequest(name=op.name))
+        assert (await again.read()).name == op.name
+        for c in (*calls, again):
+            c.cancel()

@@ -7,12 +7,13 @@ from tessera.api._command import CommandServicer
 from tessera.api._drain import SHUTTING_DOWN, Drain
 from tessera.api._enrolment import EnrolmentAuditor, start_enroll_listener
 from tessera.api._events import EventServicer
-from tessera.api._forward import remote_key
+from tessera.api._forward import MAX_FORWARDED_WATCHES, remote_key
 from tessera.api._query import QueryServicer
 from tessera.api._reload import RELOADED_FILE, Reloader, ReloadResult, saved_settings
 from tessera.api._runtime import Endpoints, Runtime, dialable
 
 __all__ = [
+    "MAX_FORWARDED_WATCHES",
     "RELOADED_FILE",
     "SHUTTING_DOWN",
     "AdminServicer",

@@ -297,7 +297,7 @@ class CommandServicer(command_pb2_grpc.CommandServiceServicer):
         ops = self.rt.operations
         mine = await ops.get(request.name, caller)  # the caller's own, or NOT_FOUND
         if mine.forward_peer:
-            async for relayed in self.forwarder.watch(mine):
+            async for relayed in self.forwarder.watch(current_caller(), mine):
                 yield relayed
             return
         async with self.rt.runner.watch(request.name) as changed:

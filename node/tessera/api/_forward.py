@@ -26,7 +26,12 @@ from tessera import audit
 from tessera.api._runtime import Runtime
 from tessera.api._validate import IDEMPOTENCY_RE, Checker
 from tessera.calls import Caller
-from tessera.core.errors import PermissionDenied, TesseraError, Unavailable
+from tessera.core.errors import (
+    PermissionDenied,
+    ResourceExhausted,
+    TesseraError,
+    Unavailable,
+)
 from tessera.core.pagination import query_hash
 from tessera.store import Operation, operation_uuid
 from tessera_client.pb import command_pb2
@@ -36,6 +41,9 @@ KEY_DOMAIN = b"tessera/forwarded-command/v1\x00"
 #: Audit records of forwarding (besides each call's own record).
 AUDIT_SERVICE = "tessera.forward"
 _MAX_TARGET = 128
+#: Relayed WatchOperation streams one local caller may hold open at once (per process):
+#: each is a stream on this node's one channel to the peer, shared by every caller.
+MAX_FORWARDED_WATCHES = 16
 #: Command types whose argument names another operation (of the caller, on the node that
 #: runs them). Forwarded, the peer would resolve it against this node's identity, which
 #: owns every local caller's remote operations, so they are not forwarded: a forwarded
@@ -71,6 +79,8 @@ class Forwarder:
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        #: Relayed watches open now, per local caller (see MAX_FORWARDED_WATCHES).
+        self._watching: dict[str, int] = {}
 
     def _record(self, caller: Caller, what: str, op: Operation, remote: str,
                 reason: str = "FORWARDED") -> _Record | None:
@@ -196,16 +206,31 @@ class Forwarder:
             op.name, done=remote.done, audit=self._record(caller, "CancelOperation", op, name))
         return await self._relayed(op, remote)
 
-    async def watch(self, op: Operation) -> AsyncIterator[command_pb2.Operation]:
+    async def watch(self, caller: Caller,
+                    op: Operation) -> AsyncIterator[command_pb2.Operation]:
         """WatchOperation on the peer, each message relayed (output chunks included), up
         to the first done one: a watch ends there, whatever the peer sends after it (a
         peer that kept streaming would hold this node's and the caller's stream open)."""
-        stream: AsyncGenerator[Any, None] = self.rt.federation.command_stream(
-            op.forward_peer, "WatchOperation",
-            command_pb2.WatchOperationRequest(name=self._remote_name(op)))
-        async with contextlib.aclosing(stream):  # ends the peer's stream at once
-            async for remote in stream:
-                relayed = await self._relayed(op, remote)
-                yield relayed
-                if relayed.done:
-                    return
+        remote_name = self._remote_name(op)
+        held = self._watching.get(caller.uri, 0)
+        if held >= MAX_FORWARDED_WATCHES:
+            # One caller must not fill the channel to the peer that all callers share.
+            raise ResourceExhausted(
+                f"this caller already watches {held} operations on peers through this "
+                "node, the most allowed; close one first", retry_after_s=1.0,
+                subject=caller.uri)
+        self._watching[caller.uri] = held + 1
+        try:
+            stream: AsyncGenerator[Any, None] = self.rt.federation.command_stream(
+                op.forward_peer, "WatchOperation",
+                command_pb2.WatchOperationRequest(name=remote_name))
+            async with contextlib.aclosing(stream):  # ends the peer's stream at once
+                async for remote in stream:
+                    relayed = await self._relayed(op, remote)
+                    yield relayed
+                    if relayed.done:
+                        return
+        finally:
+            left = self._watching.pop(caller.uri, 1) - 1
+            if left > 0:
+                self._watching[caller.uri] = left
