@@ -27,7 +27,7 @@ from tests.e2e.test_commands_to_peers import (
     sql,
 )
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import Peering, put_request, reason_of
+from tests.fixtures.peers import Peering, bad_fields, put_request, reason_of
 from tests.fixtures.waiting import wait_until
 
 RUNNING = command_pb2.OPERATION_STATE_RUNNING
@@ -42,6 +42,7 @@ class EvilB(command_pb2_grpc.CommandServiceServicer):
         self.watches = 0
         self.accepted: list[str] = []
         self.endless: set[str] = set()
+        self.server: grpc.aio.Server | None = None
 
     async def Execute(self, request: command_pb2.ExecuteRequest,
                       context: grpc.aio.ServicerContext) -> command_pb2.Operation:
@@ -104,6 +105,7 @@ async def evil(node_factory: NodeFactory, peering: Peering
     a, _grant = await _joined(node_factory, peering, b, command_types=["resource.put"])
     servicer = EvilB()
     server = await evil_in_place_of(b, servicer)
+    servicer.server = server
     try:
         yield a, servicer
     finally:
@@ -246,3 +248,62 @@ async def test_one_local_caller_cannot_fill_the_channel_to_a_peer_with_watches(
         assert (await again.read()).name == op.name
         for c in (*calls, again):
             c.cancel()
+
+
+async def test_a_peer_going_away_mid_watch_is_unavailable_naming_it(
+        evil: tuple[NodeProcess, EvilB]) -> None:
+    """Held: B stops while A relays a watch: UNAVAILABLE naming the peer, not UNKNOWN."""
+    a, servicer = evil
+    put = put_request("shared", "task", "endless", key="k-gone")
+    put.target = "b"
+    async with a.client() as tool:
+        op = await tool.command.Execute(put)
+        call = tool.command.WatchOperation(command_pb2.WatchOperationRequest(name=op.name))
+        assert (await call.read()).name == op.name
+        assert servicer.server is not None
+        await servicer.server.stop(grace=None)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "peer b" in (err.value.details() or "")
+
+
+async def test_odd_targets_and_requests_get_field_errors_never_unknown(
+        node_factory: NodeFactory, peering: Peering) -> None:
+    """Held: lookalike, padded, path-like, over-long targets; missing parts of a forwarded
+    request; names that are not operations. Each answer names the field; nothing stored."""
+    b = node_factory(name="b")
+    a, _grant = await _joined(node_factory, peering, b, command_types=["resource.put"])
+    async with a.client() as tool:
+        for target, code, field in [
+                (" b", grpc.StatusCode.FAILED_PRECONDITION, "target"),
+                ("b ", grpc.StatusCode.FAILED_PRECONDITION, "target"),
+                ("B", grpc.StatusCode.FAILED_PRECONDITION, "target"),
+                ("\u0431", grpc.StatusCode.FAILED_PRECONDITION, "target"),  # Cyrillic be
+                ("b\u200b", grpc.StatusCode.FAILED_PRECONDITION, "target"),
+                ("../b", grpc.StatusCode.FAILED_PRECONDITION, "target"),
+                ("peers/b", grpc.StatusCode.FAILED_PRECONDITION, "target"),
+                ("*", grpc.StatusCode.FAILED_PRECONDITION, "target"),
+                ("b" * 129, grpc.StatusCode.INVALID_ARGUMENT, "target")]:
+            put = put_request("shared", "task", "t", key="k-odd")
+            put.target = target
+            err = await rpc_error(tool.command.Execute(put))
+            assert err.code() == code, (target, err)
+            assert bad_fields(err) == [field], (target, err)
+        for request, field in [
+                (command_pb2.ExecuteRequest(target="b"), "idempotency_key"),
+                (command_pb2.ExecuteRequest(target="b", idempotency_key="k"), "command"),
+                (command_pb2.ExecuteRequest(target="b", idempotency_key="k",
+                                            plugin=command_pb2.PluginCommand()),
+                 "plugin.type")]:
+            err = await rpc_error(tool.command.Execute(request))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+            assert field in bad_fields(err), err
+        for name in ("operations/x", "operations/" + "0" * 89, "nope"):
+            for call in (tool.command.GetOperation(command_pb2.GetOperationRequest(name=name)),
+                         tool.command.CancelOperation(
+                             command_pb2.CancelOperationRequest(name=name))):
+                err = await rpc_error(call)
+                assert err.code() in (grpc.StatusCode.NOT_FOUND,
+                                      grpc.StatusCode.INVALID_ARGUMENT), (name, err)
+    assert sql(a, "SELECT count(*) FROM operations") == [(0,)]
