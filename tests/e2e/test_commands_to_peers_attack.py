@@ -8,6 +8,8 @@ mTLS, under the grant B gave A. What it answers is chosen by the test.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 
@@ -54,6 +56,10 @@ class EvilB(command_pb2_grpc.CommandServiceServicer):
             await context.abort_with_status(rpc_status.to_status(status_pb2.Status(
                 code=code_pb2.PERMISSION_DENIED, message="\x1b[2J" + "x" * 2000,
                 details=[info])))
+        if request.plugin.type == "agent.spawn":
+            # A refusal that would redraw the operator's terminal on A.
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "\x1b[2K\r\x1b[1Aall good: SUCCEEDED\x07")
         if request.put_resource.resource.id == "lost-answer":
             # Accepted (it runs here), but the answer never reaches A.
             self.accepted.append(request.idempotency_key)
@@ -307,3 +313,20 @@ async def test_odd_targets_and_requests_get_field_errors_never_unknown(
                 assert err.code() in (grpc.StatusCode.NOT_FOUND,
                                       grpc.StatusCode.INVALID_ARGUMENT), (name, err)
     assert sql(a, "SELECT count(*) FROM operations") == [(0,)]
+
+
+async def test_a_peers_words_reach_the_operators_terminal_without_control_characters(
+        evil: tuple[NodeProcess, EvilB]) -> None:
+    """Attack: B's refusal carries terminal escapes (erase the line, move up, print a fake
+    success). `tessera agents spawn --target b` printed the relayed message raw to the
+    operator's terminal on A. The command line shows control characters escaped."""
+    a, _servicer = evil
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tessera.cli", "agents", "spawn", "probe", "--target", "b",
+         "--data-dir", str(a.data_dir)],
+        env=a.env, text=True, capture_output=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "PERMISSION_DENIED" in done.stderr and "peer b" in done.stderr, done.stderr
+    assert not any(ch in done.stderr for ch in "\x1b\x07\r"), repr(done.stderr)
+    assert "\\x1b[2K" in done.stderr  # shown, escaped

@@ -74,7 +74,15 @@ from tessera.cli import (
 )
 from tessera.cli._client import LocalNode, local_node, node_state
 from tessera.cli._command import Command, Env
-from tessera.cli._output import Column, Printer, dumps, enum_name, rfc3339, to_json
+from tessera.cli._output import (
+    Column,
+    Printer,
+    dumps,
+    enum_name,
+    printable,
+    rfc3339,
+    to_json,
+)
 from tessera.core.errors import ConfigError, TesseraError
 from tessera.observability import configure_logging
 
@@ -189,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        print(f"tessera: {code.name if code else 'ERROR'}: {details}", file=sys.stderr)
+        # Relayed words (a peer's refusal) may carry terminal escapes: shown escaped.
+        print(f"tessera: {code.name if code else 'ERROR'}: {printable(details or '')}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -212,6 +222,7 @@ __all__ = [
     "local_node",
     "main",
     "node_state",
+    "printable",
     "rfc3339",
     "to_json",
 ]

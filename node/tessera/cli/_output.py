@@ -14,6 +14,7 @@ import enum
 import json
 import re
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -140,6 +141,17 @@ class Column:
     show: Callable[[Any], str] = str
 
 
+def printable(text: str) -> str:
+    """`text` for a terminal: control and format characters (escape sequences, bell,
+    carriage return, bidi overrides) shown escaped, newlines and tabs kept. For words the
+    node relays from elsewhere (a peer's refusal or error) that must not redraw the
+    operator's screen."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf")
+                   else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 class Printer:
     """Prints a command's results: JSON when the command runs with --json, else text."""
 
@@ -162,8 +174,9 @@ class Printer:
         print(text, file=self.out, flush=flush)
 
     def warn(self, text: str) -> None:
-        """A line for the operator on stderr (progress, warnings, refusals)."""
-        print(text, file=self.err)
+        """A line for the operator on stderr (progress, warnings, refusals); control
+        characters escaped (see `printable`)."""
+        print(printable(text), file=self.err)
 
     def data(self, value: Any, *, compact: bool = False, flush: bool = False) -> None:
         """JSON of a message or JSON-able value, whatever --json says (for scripts)."""

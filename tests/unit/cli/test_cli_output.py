@@ -62,3 +62,11 @@ def test_every_command_of_the_table_parses_and_every_noun_has_help() -> None:
             parser.parse_args([*path.split(), "--help"])
         assert done.value.code == 0, path
         assert command.help
+
+
+def test_printable_escapes_what_could_redraw_a_terminal_and_keeps_lines() -> None:
+    from tessera.cli import printable
+
+    assert printable("plain text, é ✓") == "plain text, é ✓"
+    assert printable("a\nb\tc") == "a\nb\tc"
+    assert printable("\x1b[2K\rok\x07\u202e\x9b") == "\\x1b[2K\\rok\\x07\\u202e\\x9b"
