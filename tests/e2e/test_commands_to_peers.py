@@ -347,9 +347,15 @@ async def test_a_local_tool_spawns_watches_and_kills_an_agent_on_a_peer(
                                        " method = 'Execute'", (), "b's Execute records")
         assert {(r[1], r[2], r[5]) for r in executed} == {("a", grant, "OK")}
         kills = await audit_rows(a, "service = 'tessera.forward' AND method ="
-                                    " 'CancelOperation'", (), "a's forwarded cancel")
+                                    " 'CancelOperation' AND reason = 'FORWARDED'", (),
+                                 "a's forwarded cancel")
         assert [(r[0], r[7]["target"], r[7]["remote_operation"]) for r in kills] == [
             (me, b_name, remote)]
+        # ... recorded before it was sent, too (b's answer might never have come).
+        sent = sql(a, "SELECT identity, detail->>'remote_operation' FROM audit_log WHERE"
+                      " service = 'tessera.forward' AND method = 'CancelOperation'"
+                      " AND reason = 'FORWARDING'")
+        assert sent == [(me, remote)]
 
         # agent.status / agent.kill name b's operation: b would check it against a, the
         # owner of every local caller's remote runs, so a does not forward them.

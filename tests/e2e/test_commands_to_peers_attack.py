@@ -45,6 +45,7 @@ class EvilB(command_pb2_grpc.CommandServiceServicer):
         self.accepted: list[str] = []
         self.endless: set[str] = set()
         self.server: grpc.aio.Server | None = None
+        self.cancelled: list[str] = []
 
     async def Execute(self, request: command_pb2.ExecuteRequest,
                       context: grpc.aio.ServicerContext) -> command_pb2.Operation:
@@ -68,6 +69,12 @@ class EvilB(command_pb2_grpc.CommandServiceServicer):
         if request.put_resource.resource.id == "endless":
             self.endless.add(name)
         return command_pb2.Operation(name=name, command_type="resource.put", state=RUNNING)
+
+    async def CancelOperation(self, request: command_pb2.CancelOperationRequest,
+                              context: grpc.aio.ServicerContext) -> command_pb2.Operation:
+        # Cancelled here, but the answer never reaches A.
+        self.cancelled.append(request.name)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
 
     async def GetOperation(self, request: command_pb2.GetOperationRequest,
                            context: grpc.aio.ServicerContext) -> command_pb2.Operation:
@@ -330,3 +337,25 @@ async def test_a_peers_words_reach_the_operators_terminal_without_control_charac
     assert "PERMISSION_DENIED" in done.stderr and "peer b" in done.stderr, done.stderr
     assert not any(ch in done.stderr for ch in "\x1b\x07\r"), repr(done.stderr)
     assert "\\x1b[2K" in done.stderr  # shown, escaped
+
+
+async def test_a_cancel_sent_to_a_peer_is_audited_on_the_sender_before_any_answer(
+        evil: tuple[NodeProcess, EvilB]) -> None:
+    """Attack (audit gap): B cancels a run but its answer is lost. A wrote its
+    `tessera.forward` CancelOperation record only after B's answer, so B's audit showed a
+    cancel from A that no record on A tied to a local caller. Recorded before it leaves."""
+    a, servicer = evil
+    put = put_request("shared", "task", "endless", key="k-cancel")
+    put.target = "b"
+    async with a.client() as tool:
+        op = await tool.command.Execute(put)
+        err = await rpc_error(tool.command.CancelOperation(
+            command_pb2.CancelOperationRequest(name=op.name)))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+    [(remote,)] = sql(a, "SELECT forward_operation FROM operations"
+                         " WHERE idempotency_key = 'k-cancel'")
+    assert servicer.cancelled == [remote]
+    rows = await audit_rows(a, "service = 'tessera.forward' AND method = 'CancelOperation'",
+                            (), "a's record of the cancel it sent")
+    assert [(r[0], r[7]["target"], r[7]["operation"], r[7]["remote_operation"])
+            for r in rows] == [(op.caller, "b", op.name, remote)]

@@ -200,6 +200,10 @@ class Forwarder:
     async def cancel(self, caller: Caller, op: Operation) -> command_pb2.Operation:
         """CancelOperation on the peer; audited here with the caller, peer and remote name."""
         name = self._remote_name(op)
+        # Recorded before it leaves: B may cancel and its answer never come back.
+        await self.rt.operations.touch_forward(
+            op.name, done=False,
+            audit=self._record(caller, "CancelOperation", op, name, reason="FORWARDING"))
         remote = await self.rt.federation.command(
             op.forward_peer, "CancelOperation", command_pb2.CancelOperationRequest(name=name))
         await self.rt.operations.touch_forward(
