@@ -319,7 +319,18 @@ async def test_odd_targets_and_requests_get_field_errors_never_unknown(
                 err = await rpc_error(call)
                 assert err.code() in (grpc.StatusCode.NOT_FOUND,
                                       grpc.StatusCode.INVALID_ARGUMENT), (name, err)
+    # A peer of a: any non-empty target, however it is spelled, is refused first.
+    as_peer = await peering.link(a, "p", kinds=["task"], workspaces=["shared"],
+                                 command_types=["resource.put"])
+    for target in (" ", "\u200b", "b", "B", "\t", "a"):
+        put = put_request("shared", "task", "t", key="k-peer")
+        put.target = target
+        err = await rpc_error(as_peer.command.Execute(put))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (target, err)
+        assert reason_of(err) == "FORWARD_NOT_ALLOWED", (target, err)
     assert sql(a, "SELECT count(*) FROM operations") == [(0,)]
+    assert sql(a, "SELECT count(*) FROM audit_log WHERE service = 'tessera.forward'") \
+        == [(0,)]
 
 
 async def test_a_peers_words_reach_the_operators_terminal_without_control_characters(
