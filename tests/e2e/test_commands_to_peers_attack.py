@@ -123,6 +123,8 @@ async def evil(node_factory: NodeFactory, peering: Peering
         yield a, servicer
     finally:
         await server.stop(grace=None)
+    # Whatever the peer answered, a never failed internally (UNKNOWN / INTERNAL).
+    assert "unhandled error" not in a.log()
 
 
 async def test_a_relayed_watch_ends_at_the_first_done_and_releases_the_peer_stream(
@@ -331,6 +333,7 @@ async def test_odd_targets_and_requests_get_field_errors_never_unknown(
     assert sql(a, "SELECT count(*) FROM operations") == [(0,)]
     assert sql(a, "SELECT count(*) FROM audit_log WHERE service = 'tessera.forward'") \
         == [(0,)]
+    assert "unhandled error" not in a.log()
 
 
 async def test_a_peers_words_reach_the_operators_terminal_without_control_characters(
