@@ -20,7 +20,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tessera.api import MAX_FORWARDED_WATCHES
-from tessera_client.pb import command_pb2, command_pb2_grpc
+from tessera_client.pb import admin_pb2, command_pb2, command_pb2_grpc
 from tests.e2e.test_commands_to_peers import (
     _joined,
     audit_rows,
@@ -373,3 +373,34 @@ async def test_a_cancel_sent_to_a_peer_is_audited_on_the_sender_before_any_answe
                             (), "a's record of the cancel it sent")
     assert [(r[0], r[7]["target"], r[7]["operation"], r[7]["remote_operation"])
             for r in rows] == [(op.caller, "b", op.name, remote)]
+
+
+async def test_a_suspended_or_revoked_sender_is_refused_by_the_peer_and_keeps_nothing(
+        node_factory: NodeFactory, peering: Peering) -> None:
+    """Held: B suspends, then revokes, A. A forwarded Execute is refused as B refused it
+    (PERMISSION_DENIED, never UNKNOWN), A keeps no reservation, and Get/Cancel of an
+    earlier forwarded operation are refused the same way."""
+    b = node_factory(name="b")
+    a, _grant = await _joined(node_factory, peering, b, command_types=["resource.put"])
+    async with a.client() as tool, b.client("admin") as admin:
+        put = put_request("shared", "task", "t0", key="k-before")
+        put.target = "b"
+        before = await tool.command.Execute(put)
+        for i, (change, request) in enumerate([
+                (admin.admin.SuspendPeer, admin_pb2.SuspendPeerRequest(name="a")),
+                (admin.admin.RevokePeer, admin_pb2.RevokePeerRequest(name="a"))]):
+            await change(request)
+            put = put_request("shared", "task", f"t{i + 1}", key=f"k-after-{i}")
+            put.target = "b"
+            err = await rpc_error(tool.command.Execute(put))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+            assert sql(a, "SELECT count(*) FROM operations WHERE idempotency_key = %s",
+                       (f"k-after-{i}",)) == [(0,)]
+            for call in (tool.command.GetOperation(
+                    command_pb2.GetOperationRequest(name=before.name)),
+                         tool.command.CancelOperation(
+                    command_pb2.CancelOperationRequest(name=before.name))):
+                err = await rpc_error(call)
+                assert err.code() in (grpc.StatusCode.PERMISSION_DENIED,
+                                      grpc.StatusCode.FAILED_PRECONDITION), err
+    assert "unhandled error" not in a.log()
