@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import grpc
+import psycopg
 from cryptography import x509
 
 from tessera import __version__, doctor
@@ -15,6 +16,7 @@ from tessera.api._ratelimit import rate_limit_status
 from tessera.api._runtime import Runtime
 from tessera.core.errors import FailedPrecondition, TesseraError, Unavailable
 from tessera.pki import CertificateStatus, CertState, StepCAIssuer
+from tessera.store import FollowStore
 from tessera_client.pb import admin_pb2, admin_pb2_grpc
 
 _LEVELS = {
@@ -41,6 +43,11 @@ async def run_checks(rt: Runtime) -> list[doctor.Check]:
                                                 soonest_expiry=soonest))
     checks += [doctor.check_peer_certificate(st)
                for _, st in sorted(rt.peer_renewal.refresh().items())]
+    try:
+        follows = await FollowStore(rt.pool).list()
+    except (psycopg.Error, OSError):
+        follows = []  # the postgresql check above already says why
+    checks += [doctor.check_follow(f) for f in follows if f.enabled]
     return checks
 
 

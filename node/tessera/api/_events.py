@@ -16,7 +16,14 @@ from tessera.api._query import check_key
 from tessera.api._validate import IDEMPOTENCY_RE, Checker
 from tessera.calls import current_caller, peer_scope
 from tessera.core.pagination import query_hash
-from tessera.events import Delivery, EventService, Start, SubscribeParams, type_problem
+from tessera.events import (
+    LOCAL_ORIGIN,
+    Delivery,
+    EventService,
+    Start,
+    SubscribeParams,
+    type_problem,
+)
 from tessera.store import NewEvent, StoredEvent
 from tessera_client.pb import events_pb2, events_pb2_grpc, resources_pb2
 
@@ -31,6 +38,8 @@ RESPONSE_LIMIT = 4 << 20
 ENVELOPE_OVERHEAD = 128
 #: Durable subscription names: short, printable, no spaces.
 SUBSCRIPTION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: A followed peer's name in an `origins` filter (the peer-name form).
+ORIGIN_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
 _STARTS = {
     events_pb2.START_POSITION_UNSPECIFIED: Start.UNSPECIFIED,
     events_pb2.START_POSITION_BEGINNING: Start.BEGINNING,
@@ -45,14 +54,16 @@ def envelope(d: Delivery, node: str) -> events_pb2.EventEnvelope:
     e = d.event
     if e is None:
         return events_pb2.EventEnvelope(cursor=d.cursor, heartbeat=True)
+    # A received event keeps its origin's id and time; its source is the followed peer.
     msg = events_pb2.EventEnvelope(
         sequence=e.sequence, cursor=d.cursor, type=e.type, data=dict_to_struct(e.data),
-        source=e.origin or node, actor=e.actor, id=str(e.id),
+        source=e.peer or e.origin or node, actor=e.actor,
+        id=str(e.origin_id if e.received and e.origin_id else e.id),
     )
     if e.has_subject:
         msg.subject.CopyFrom(resources_pb2.ResourceKey(
             workspace=e.workspace, kind=e.kind, id=e.resource_id))
-    msg.time.FromDatetime(e.created_at)
+    msg.time.FromDatetime(e.origin_time if e.received and e.origin_time else e.created_at)
     return msg
 
 
@@ -170,9 +181,16 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             c.fail("type_patterns", f"at most {MAX_PATTERNS} patterns")
         if request.cursor and start != Start.CURSOR:
             c.fail("cursor", "is only read with start START_POSITION_CURSOR")
+        if len(request.origins) > MAX_PATTERNS:
+            c.fail("origins", f"at most {MAX_PATTERNS} origins")
+        for i, origin in enumerate(request.origins):
+            if origin != LOCAL_ORIGIN and not ORIGIN_RE.match(origin):
+                c.fail(f"origins[{i}]", "must be 'local' or a followed peer's name "
+                                        "(1-64 of [a-z0-9-])")
         c.done()
         params = SubscribeParams(tuple(request.type_patterns), start or Start.UNSPECIFIED,
-                                 request.cursor, request.subscription)
+                                 request.cursor, request.subscription,
+                                 tuple(request.origins))
         stream = self.service.subscribe(caller, scope, params)
         async with contextlib.aclosing(stream):
             async for delivery in stream:

@@ -14,11 +14,21 @@ from tessera.api._enrolment import enroll_pb
 from tessera.api._runtime import Runtime
 from tessera.api._validate import MAX_NAME, WORKSPACE_RE, Checker
 from tessera.calls import current_caller
-from tessera.core.errors import FieldViolation, InvalidArgument, PermissionDenied
+from tessera.core.errors import (
+    FieldViolation,
+    InvalidArgument,
+    PermissionDenied,
+)
 from tessera.core.pagination import PageTokenError, query_hash
+from tessera.events import LOCAL_ORIGIN, pattern_problem
 from tessera.grants import ALL_WORKSPACES, Grant, Peer, PeerState, Scope
-from tessera.peering import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, PeerCertificateRenewal
-from tessera.store import Predicate, any_of
+from tessera.peering import (
+    DEFAULT_TOKEN_TTL,
+    MAX_TOKEN_TTL,
+    PeerCertificateRenewal,
+    load_outbound,
+)
+from tessera.store import Follow, FollowStore, Predicate, any_of
 from tessera_client.pb import admin_pb2
 
 PEER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
@@ -150,6 +160,24 @@ def _check_peer_name(name: str) -> None:
     c.done()
 
 
+#: Most type patterns one follow may name.
+MAX_FOLLOW_PATTERNS = 32
+
+
+def follow_to_pb(f: Follow) -> admin_pb2.PeerFollow:
+    """A follow row as protobuf (lag: origin time of the newest event to its storing)."""
+    lag = 0.0
+    if f.last_event_time is not None and f.last_received_at is not None:
+        lag = max(0.0, (f.last_received_at - f.last_event_time).total_seconds())
+    return admin_pb2.PeerFollow(
+        peer=f.peer, enabled=f.enabled, type_patterns=f.type_patterns, cursor=f.cursor,
+        state=f.state if f.enabled else "stopped", last_error=f.last_error,
+        received=f.received, duplicates=f.duplicates,
+        last_event_time=timestamp(f.last_event_time),
+        last_received_time=timestamp(f.last_received_at), lag_seconds=lag,
+        update_time=timestamp(f.updated_at))
+
+
 def _check_grant_name(name: str) -> None:
     c = Checker()
     c.pattern("name", name, GRANT_NAME_RE, "grants/<uuid>")
@@ -236,8 +264,58 @@ class PeerGrantAdmin:
             token = self.rt.tokens.encode(query=qhash, caller=current_caller().uri,
                                           position=[peers[-1].name])
         joined = joined_to_pb(self.rt) if not request.page_token else []
+        follows = ([follow_to_pb(f) for f in await self._follows().list()]
+                   if not request.page_token else [])
         return admin_pb2.ListPeersResponse(peers=[peer_to_pb(self.rt, p) for p in peers],
-                                           next_page_token=token, joined=joined)
+                                           next_page_token=token, joined=joined,
+                                           follows=follows)
+
+    def _follows(self) -> FollowStore:
+        return FollowStore(self.rt.pool)
+
+    def _poke_followers(self) -> None:
+        if self.rt.followers is not None:
+            self.rt.followers.poke()
+
+    async def FollowPeer(
+        self, request: admin_pb2.FollowPeerRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.PeerFollow:
+        c = Checker()
+        c.pattern("name", request.name, PEER_NAME_RE, "a joined peer's name (1-64 of [a-z0-9-])")
+        if request.name == LOCAL_ORIGIN:
+            c.fail("name", f"{LOCAL_ORIGIN!r} names this node's own events in origin filters; "
+                           "rejoin the peer under another name (tessera peers join --as)")
+        if len(request.type_patterns) > MAX_FOLLOW_PATTERNS:
+            c.fail("type_patterns", f"at most {MAX_FOLLOW_PATTERNS} patterns")
+        for i, p in enumerate(request.type_patterns):
+            problem = pattern_problem(p)
+            if problem:
+                c.fail(f"type_patterns[{i}]", problem)
+        c.done()
+        try:
+            load_outbound(self.rt.paths.data_dir, request.name)  # PEER_UNKNOWN if not joined
+        except (OSError, ValueError, KeyError):
+            raise InvalidArgument([FieldViolation(
+                "name", "the joined peer's record is unreadable; join it again")]) from None
+        follow = await self._follows().follow(request.name,
+                                              sorted(set(request.type_patterns)))
+        self._poke_followers()
+        return follow_to_pb(follow)
+
+    async def UnfollowPeer(
+        self, request: admin_pb2.UnfollowPeerRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.PeerFollow:
+        _check_peer_name(request.name)
+        follow = await self._follows().unfollow(request.name)
+        self._poke_followers()
+        return follow_to_pb(follow)
+
+    async def ForgetPeer(
+        self, request: admin_pb2.ForgetPeerRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ForgetPeerResponse:
+        _check_peer_name(request.name)
+        deleted = await self._follows().forget(request.name)
+        return admin_pb2.ForgetPeerResponse(deleted=deleted)
 
     async def GetPeer(
         self, request: admin_pb2.GetPeerRequest, context: grpc.aio.ServicerContext

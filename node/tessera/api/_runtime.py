@@ -18,7 +18,7 @@ from tessera.config import Config
 from tessera.core.pagination import PageTokens
 from tessera.core.paths import CredentialFiles, NodePaths
 from tessera.events import EventService
-from tessera.federation import Federation
+from tessera.federation import Federation, Followers
 from tessera.grants import GrantStore
 from tessera.peering import PeerCertificateRenewal, Peering
 from tessera.pki import NodeCertificates, ReloadableServerCredentials, SpiffeId
@@ -88,6 +88,8 @@ class Runtime:
     store_health: StoreHealth | None = None
     #: Applies `AdminService.Reload` and SIGHUP (None only in tests without a node).
     reloader: Reloader | None = None
+    #: Following joined peers' events (None only in tests that build a Runtime by hand).
+    followers: Followers | None = None
 
     @property
     def listen_address(self) -> str:

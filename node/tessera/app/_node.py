@@ -46,7 +46,7 @@ from tessera.core.pagination import PageTokens
 from tessera.core.paths import CredentialFiles, NodePaths
 from tessera.embedded import EmbeddedPostgres, EmbeddedService, EmbeddedValkey
 from tessera.events import EventHub, EventService
-from tessera.federation import Federation
+from tessera.federation import Federation, Followers
 from tessera.grants import GrantStore
 from tessera.observability import Metrics, Tracing
 from tessera.peering import PeerCertificateRenewal, Peering, token_key
@@ -477,6 +477,10 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         endpoints = Endpoints()
         events = await _start_events(stack, cfg, pool, dsn, grants, certs, metrics,
                                      prune_here=lambda: jobs.held)
+        # One follower per followed peer across the node's processes (advisory locks).
+        followers = Followers(data_dir=paths.data_dir, dsn=dsn, store=store.FollowStore(pool),
+                              backoff_max_s=cfg.events.follow_backoff_max_s,
+                              poll_s=cfg.events.follow_poll_s, registry=metrics.registry)
         resources = store.ResourceStore(pool, origin=cfg.node.name)
         operations = store.OperationStore(pool, resources)
         commands = Registry.default()
@@ -519,6 +523,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
             events=events,
             operations=operations, commands=commands, runner=runner,
             budgets=budgets, store_health=store_health, reloader=reloader,
+            followers=followers,
         )
         drain = Drain()
         server = _grpc_server(rt, metrics, drain, tracing, reuse_port=workers > 1)
@@ -548,6 +553,8 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         for name in [*SERVICE_NAMES, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         await _watch_store(stack, store_health, health_servicer)
+        await followers.start()
+        stack.push_async_callback(followers.close)
         metrics_port = _start_metrics_endpoint(stack, cfg, metrics, private=workers > 1)
         node = Node(rt, server, health_servicer, port, metrics, stack.pop_all(), drain,
                     metrics_port)

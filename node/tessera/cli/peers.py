@@ -1,4 +1,4 @@
-"""`tessera peers invite|join|list|show|suspend|revoke`.
+"""`tessera peers invite|join|list|show|suspend|revoke|follow|unfollow|forget`.
 
 Every command but `join` calls the running node's AdminService with the local admin
 certificate (data_dir/node.json, data_dir/pki/admin.*). Output is JSON, for scripts.
@@ -153,3 +153,42 @@ LIST = Command("list the peers that call this node and those it has joined", _li
 SHOW = Command("show one peer", _show, flags=_name_flag)
 SUSPEND = Command("refuse a peer's calls", _suspend, flags=_name_reason_flags)
 REVOKE = Command("revoke a peer and its certificate", _revoke, flags=_name_reason_flags)
+
+
+# -- following a joined peer's events (issue 14) -------------------------------------------
+
+
+def _follow_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="a joined peer's name (data_dir/peers/NAME)")
+    p.add_argument("--types", default="",
+                   help="comma-separated type patterns, e.g. task.*,note.* (default: every "
+                        "type the peer's grant allows)")
+
+
+def _follow(env: Env) -> int:
+    a = env.args
+    types = [t.strip() for t in a.types.split(",") if t.strip()]
+    with env.node().client() as c:
+        env.out.data(c.admin.FollowPeer(admin_pb2.FollowPeerRequest(name=a.name,
+                                                                    type_patterns=types)))
+    return 0
+
+
+def _unfollow(env: Env) -> int:
+    with env.node().client() as c:
+        env.out.data(c.admin.UnfollowPeer(admin_pb2.UnfollowPeerRequest(name=env.args.name)))
+    return 0
+
+
+def _forget(env: Env) -> int:
+    with env.node().client() as c:
+        env.out.data(c.admin.ForgetPeer(admin_pb2.ForgetPeerRequest(name=env.args.name)))
+    return 0
+
+
+FOLLOW = Command("follow a joined peer's events (local subscribers see them with origin "
+                 "NAME; never shared with other peers)", _follow, flags=_follow_flags)
+UNFOLLOW = Command("stop following a peer (its events and cursor stay)", _unfollow,
+                   flags=_name_flag)
+FORGET = Command("delete every event received from a peer (unfollow it first)", _forget,
+                 flags=_name_flag)

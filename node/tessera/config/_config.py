@@ -388,6 +388,12 @@ class EventsConfig:
     stream_buffer: int = 256
     #: Seconds of idleness after which a stream sends a heartbeat.
     keepalive_s: float = 15.0
+    #: Longest wait between a follower's reconnection attempts to a followed peer (the
+    #: wait doubles from 0.5 s up to this, with jitter).
+    follow_backoff_max_s: float = 10.0
+    #: Seconds between checks of which peers to follow (follow changes made through this
+    #: process apply at once; through another replica, within this).
+    follow_poll_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -651,6 +657,10 @@ def _validate_events(cfg: Config) -> None:
         raise ConfigError("events.stream_buffer: must be between 1 and 10000")
     if not 0.05 <= e.keepalive_s <= 3600:
         raise ConfigError("events.keepalive_s: must be between 0.05 and 3600")
+    if not 0.5 <= e.follow_backoff_max_s <= 3600:
+        raise ConfigError("events.follow_backoff_max_s: must be between 0.5 and 3600")
+    if not 0.05 <= e.follow_poll_s <= 3600:
+        raise ConfigError("events.follow_poll_s: must be between 0.05 and 3600")
 
 
 def _validate_observability(cfg: Config) -> None:

@@ -4,6 +4,7 @@ from tessera.core.checks import Check, Level, worst
 from tessera.doctor._checks import (
     CERT_WARN,
     check_certificate,
+    check_follow,
     check_peer_certificate,
     check_postgres,
     check_renewal,
@@ -17,6 +18,7 @@ __all__ = [
     "Check",
     "Level",
     "check_certificate",
+    "check_follow",
     "check_peer_certificate",
     "check_postgres",
     "check_renewal",

@@ -13,7 +13,7 @@ from cryptography import x509
 from tessera.core.checks import Check, Level
 from tessera.peering import PeerCertStatus
 from tessera.pki import CertificateStatus, StepCAError, StepCAIssuer
-from tessera.store import redact_dsn
+from tessera.store import Follow, redact_dsn
 
 #: A certificate closer to expiry than this is yellow.
 CERT_WARN = dt.timedelta(days=7)
@@ -186,3 +186,34 @@ def check_peer_certificate(status: PeerCertStatus, *, now: dt.datetime | None = 
     renew = status.renew_at.isoformat(timespec="seconds")
     return Check(name, Level.GREEN, f"valid until {until}, renewed through the peer at {renew}",
                  details)
+
+
+#: A followed peer whose stream has been down this long is red, not yellow.
+FOLLOW_DOWN_RED = dt.timedelta(minutes=10)
+
+
+def check_follow(follow: Follow, *, now: dt.datetime | None = None) -> Check:
+    """One followed peer: connected (green), reconnecting (yellow; red after a while)."""
+    now = now or dt.datetime.now(dt.UTC)
+    name = f"follow:{follow.peer}"
+    details: dict[str, Any] = {
+        "peer": follow.peer, "state": follow.state, "received": follow.received,
+        "duplicates": follow.duplicates, "patterns": list(follow.type_patterns),
+        "cursor": follow.cursor,
+    }
+    if follow.last_received_at is not None:
+        details["last_received"] = follow.last_received_at.isoformat()
+    if follow.last_event_time is not None and follow.last_received_at is not None:
+        details["lag_seconds"] = max(
+            0.0, (follow.last_received_at - follow.last_event_time).total_seconds())
+    if follow.last_error:
+        details["last_error"] = follow.last_error
+    if follow.state in ("connected", "standby"):
+        return Check(name, Level.GREEN, f"following peer {follow.peer} ({follow.state}); "
+                     f"{follow.received} events stored", details)
+    since = now - follow.updated_at
+    level = Level.RED if follow.state == "backoff" and since > FOLLOW_DOWN_RED else Level.YELLOW
+    why = f" ({follow.last_error})" if follow.last_error else ""
+    return Check(name, level, f"following peer {follow.peer} is {follow.state}{why}; the "
+                 "follower reconnects by itself with backoff; check the peer is up and this "
+                 "node's grant there lists event types", details)

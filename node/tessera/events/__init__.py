@@ -14,9 +14,16 @@ from tessera.events._patterns import (
     pattern_problem,
     type_problem,
 )
-from tessera.events._service import Delivery, EventService, Start, SubscribeParams
+from tessera.events._service import (
+    LOCAL_ORIGIN,
+    Delivery,
+    EventService,
+    Start,
+    SubscribeParams,
+)
 
 __all__ = [
+    "LOCAL_ORIGIN",
     "RESERVED_PREFIXES",
     "Cursor",
     "CursorError",

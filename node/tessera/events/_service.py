@@ -65,6 +65,12 @@ class SubscribeParams:
     start: str
     cursor: str = ""
     name: str = ""
+    #: Only events of these origins: "local" or followed peers' names (empty: all).
+    origins: tuple[str, ...] = ()
+
+
+#: The origin name of this node's own events in an `origins` filter.
+LOCAL_ORIGIN = "local"
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,10 @@ class EventService:
                 raise InvalidArgument([FieldViolation(f"type_patterns[{i}]", problem)])
         grant_like: list[str] | None = None
         predicate = None
+        if caller.peer and scope is None:
+            # Fail closed: a peer is only ever served through its grant's scope.
+            raise PermissionDenied("a peer stream needs the peer's grant",
+                                   reason="GRANT_REQUIRED")
         if scope is not None:
             if not scope.event_types:
                 raise PermissionDenied("the grant lists no event types to follow",
@@ -231,7 +241,10 @@ class EventService:
                 timer = asyncio.get_running_loop().call_later(
                     delay, handle.end, _expired(why))
             yield Delivery(None, await self.cursor_of(position), opened=True)
-            async for item in self._run(handle, scope, position, like, grant_like, predicate):
+            origins = (sorted({"" if o == LOCAL_ORIGIN else o for o in params.origins})
+                       if params.origins else None)
+            async for item in self._run(handle, scope, position, like, grant_like, predicate,
+                                        origins):
                 yield item
         finally:
             if timer is not None:
@@ -243,8 +256,11 @@ class EventService:
 
     async def _run(self, handle: StreamHandle, scope: Scope | None, position: int,
                    like: list[str], grant_like: list[str] | None, predicate: Any,
-                   ) -> AsyncIterator[Delivery]:
+                   origins: list[str] | None = None) -> AsyncIterator[Delivery]:
         caller = handle.caller
+        # Whom the read serves decides the relation it reads: a peer only ever this node's
+        # own events (store.read selects from events_shareable), whatever its grant says.
+        for_peer = bool(caller.peer) or scope is not None
         deadline, deadline_reason = _deadline(caller)
         keepalive = self.cfg.keepalive_s
         last_sent = time.monotonic()
@@ -268,7 +284,7 @@ class EventService:
             await recheck_due()
             handle.wake.clear()  # before the read: a wake during it triggers another read
             page = await self._read(after=position, like=like, grant_like=grant_like,
-                                    predicate=predicate)
+                                    predicate=predicate, for_peer=for_peer, origins=origins)
             if position < page.state.pruned_through:
                 raise await self._out_of_range(position, page.state.pruned_through)
             self.hub.head = max(self.hub.head, page.state.head)
@@ -299,14 +315,15 @@ class EventService:
                 await asyncio.wait_for(handle.wake.wait(), wait)
 
     async def _read(self, *, after: int, like: list[str], grant_like: list[str] | None,
-                    predicate: Any) -> Page:
+                    predicate: Any, for_peer: bool, origins: list[str] | None) -> Page:
         """One page, riding out a short database outage; Unavailable after a longer one."""
         delay, waited = 0.1, 0.0
         while True:
             try:
                 return await self.store.read(
                     after=after, limit=self.cfg.stream_buffer, like_patterns=like,
-                    grant_like_patterns=grant_like, scope=predicate, window=SCAN_WINDOW)
+                    grant_like_patterns=grant_like, scope=predicate, window=SCAN_WINDOW,
+                    for_peer=for_peer, origins=origins)
             except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
                 if waited >= READ_RETRY_S:
                     raise Unavailable(f"the event log cannot be read ({type(exc).__name__}); "

@@ -7,6 +7,7 @@ from tessera.federation._fanout import (
     SourceAnswer,
     load_peers,
 )
+from tessera.federation._follow import Followers, backoff_s, received_of
 from tessera.federation._merge import merge_sorted
 
 __all__ = [
@@ -14,7 +15,10 @@ __all__ = [
     "BreakerState",
     "CircuitBreaker",
     "Federation",
+    "Followers",
     "SourceAnswer",
+    "backoff_s",
     "load_peers",
     "merge_sorted",
+    "received_of",
 ]

@@ -18,6 +18,13 @@ from tessera.store._events import (
     Subscription,
     append_events,
 )
+from tessera.store._follows import (
+    Follow,
+    FollowStopped,
+    FollowStore,
+    ReceivedEvent,
+    store_received,
+)
 from tessera.store._health import STORE_UNAVAILABLE, StoreHealth, unavailable
 from tessera.store._lease import LEASE_APP, Lease
 from tessera.store._operations import (
@@ -57,6 +64,9 @@ __all__ = [
     "AuditIntent",
     "Effect",
     "EventStore",
+    "Follow",
+    "FollowStopped",
+    "FollowStore",
     "Lease",
     "ListQuery",
     "LogState",
@@ -68,6 +78,7 @@ __all__ = [
     "Page",
     "Pool",
     "Predicate",
+    "ReceivedEvent",
     "ReloadChannel",
     "Resource",
     "ResourceKey",
@@ -94,6 +105,7 @@ __all__ = [
     "schema_version",
     "search",
     "search_statement",
+    "store_received",
     "unavailable",
     "vector_literal",
     "version_of_etag",

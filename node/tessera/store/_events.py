@@ -30,8 +30,12 @@ _PRUNE_LOCK = 0x7E55E7A2
 
 _EVENT_COLUMNS = sql.SQL(
     "sequence, id, type, workspace, kind, resource_id, team, owner, data, actor, origin,"
-    " created_at, idempotency_key, request_hash"
+    " created_at, idempotency_key, request_hash, peer, origin_id, origin_time"
 )
+#: The relation a peer's read uses: this node's own events only (migration 0012). A
+#: received event is never in it, so no grant can re-share it.
+_SHAREABLE = sql.Identifier("events_shareable")
+_ALL_EVENTS = sql.Identifier("events")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,16 @@ class StoredEvent:
     created_at: datetime
     idempotency_key: str = ""
     request_hash: str = ""
+    #: The followed peer (local name) this event was received from; "" for our own.
+    peer: str = ""
+    #: Its id and time on the node that produced it (received events only).
+    origin_id: uuid.UUID | None = None
+    origin_time: datetime | None = None
+
+    @property
+    def received(self) -> bool:
+        """Whether the event was received from a followed peer (never shared onward)."""
+        return bool(self.peer)
 
     @property
     def has_subject(self) -> bool:
@@ -115,6 +129,7 @@ def _row_to_event(row: dict[str, Any]) -> StoredEvent:
         team=row["team"], owner=row["owner"], data=row["data"] or {}, actor=row["actor"],
         origin=row["origin"], created_at=row["created_at"],
         idempotency_key=row["idempotency_key"], request_hash=row["request_hash"],
+        peer=row["peer"], origin_id=row["origin_id"], origin_time=row["origin_time"],
     )
 
 
@@ -246,13 +261,17 @@ class EventStore:
     async def read(
         self, *, after: int, limit: int, like_patterns: Sequence[str],
         grant_like_patterns: Sequence[str] | None = None, scope: Predicate | None = None,
-        window: int = 0,
+        window: int = 0, for_peer: bool = False, origins: Sequence[str] | None = None,
     ) -> Page:
         """Up to `limit` events after `after`, oldest first, matching the filters.
 
         `grant_like_patterns` and `scope` are a peer's: only events of a type its grant
         lists, with a subject, whose recorded workspace, kind, team and owner the scope
-        may read (the scope's own SQL, over the event's recorded columns).
+        may read (the scope's own SQL, over the event's recorded columns). A read for a
+        peer (`for_peer`, or either of those given) selects from `events_shareable`, which
+        holds only this node's own events: a received event is never served to a peer.
+
+        `origins` keeps events of those followed peers (local names; "" is this node).
 
         `window` > 0 bounds the sequences one read examines, so a selective filter over a
         long log costs many short reads instead of one that outlives the statement timeout.
@@ -270,15 +289,20 @@ class EventStore:
             where.append(sql.SQL("resource_id <> ''"))
             where.append(scope.condition)
             params.extend(scope.params)
+        if origins is not None:
+            where.append(sql.SQL("peer = ANY(%s::text[])"))
+            params.append(list(origins))
+        shared = for_peer or grant_like_patterns is not None or scope is not None
         params.append(limit)
         query = sql.SQL(
             "WITH s AS (SELECT l.log_id, l.last_sequence, r.pruned_through"
             "   FROM event_log l, event_retention r WHERE l.id = 1 AND r.id = 1),"
-            " e AS (SELECT {cols} FROM events WHERE {where} ORDER BY sequence LIMIT %s)"
+            " e AS (SELECT {cols} FROM {rel} WHERE {where} ORDER BY sequence LIMIT %s)"
             " SELECT s.log_id AS s_log_id, s.last_sequence AS s_head,"
             "   s.pruned_through AS s_pruned, e.* FROM s LEFT JOIN e ON true"
             " ORDER BY e.sequence"
-        ).format(cols=_EVENT_COLUMNS, where=sql.SQL(" AND ").join(where))
+        ).format(cols=_EVENT_COLUMNS, rel=_SHAREABLE if shared else _ALL_EVENTS,
+                 where=sql.SQL(" AND ").join(where))
         async with self.pool.connection() as conn:
             cur = await conn.execute(query, params)
             rows = await cur.fetchall()

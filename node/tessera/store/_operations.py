@@ -688,7 +688,7 @@ class OperationStore:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT sequence, type, data FROM events WHERE kind = %s AND resource_id = %s"
-                " AND workspace = '' AND sequence > %s ORDER BY sequence",
+                " AND workspace = '' AND peer = '' AND sequence > %s ORDER BY sequence",
                 (OPERATION_EVENT_KIND, name.removeprefix("operations/"), after),
             )
             rows = await cur.fetchall()
@@ -699,7 +699,7 @@ class OperationStore:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT coalesce(max(sequence), 0) AS s FROM events WHERE kind = %s"
-                " AND resource_id = %s AND workspace = ''",
+                " AND resource_id = %s AND workspace = '' AND peer = ''",
                 (OPERATION_EVENT_KIND, name.removeprefix("operations/")),
             )
             row = await cur.fetchone()

@@ -423,6 +423,7 @@ class ListPeersResponse(_message.Message):
     PEERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     JOINED_FIELD_NUMBER: _builtins.int
+    FOLLOWS_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page."""
     @_builtins.property
@@ -433,16 +434,21 @@ class ListPeersResponse(_message.Message):
     def joined(self) -> _containers.RepeatedCompositeFieldContainer[Global___JoinedPeer]:
         """Peers this node has joined, with the certificates it holds on them (first page only)."""
 
+    @_builtins.property
+    def follows(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerFollow]:
+        """Peers this node follows or followed, with the follower's state (first page only)."""
+
     def __init__(
         self,
         *,
         peers: _abc.Iterable[Global___Peer] | None = ...,
         next_page_token: _builtins.str = ...,
         joined: _abc.Iterable[Global___JoinedPeer] | None = ...,
+        follows: _abc.Iterable[Global___PeerFollow] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["joined", b"joined", "next_page_token", b"next_page_token", "peers", b"peers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follows", b"follows", "joined", b"joined", "next_page_token", b"next_page_token", "peers", b"peers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1597,3 +1603,173 @@ class RateLimitStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RateLimitStatus: _TypeAlias = RateLimitStatus  # noqa: Y015
+
+@_typing.final
+class PeerFollow(_message.Message):
+    """Following one joined peer's events, and the follower's state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    TYPE_PATTERNS_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_TIME_FIELD_NUMBER: _builtins.int
+    LAST_RECEIVED_TIME_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    """The joined peer's name (its directory under data_dir/peers)."""
+    enabled: _builtins.bool
+    """True while followed."""
+    cursor: _builtins.str
+    """The peer's cursor after the last event stored here ("" before the first)."""
+    state: _builtins.str
+    """"starting", "connected", "backoff" (reconnecting), "standby" (another serving process
+    of this node follows it) or "stopped".
+    """
+    last_error: _builtins.str
+    """Last error, secret-free; empty once the follower is connected again."""
+    received: _builtins.int
+    """Events stored from this peer."""
+    duplicates: _builtins.int
+    """Events received again and dropped (same origin and id)."""
+    lag_seconds: _builtins.float
+    """Seconds between the newest stored event's origin time and its storing here."""
+    @_builtins.property
+    def type_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Type patterns followed; empty means every type the peer's grant allows."""
+
+    @_builtins.property
+    def last_event_time(self) -> _timestamp_pb2.Timestamp:
+        """Origin time of the newest event stored."""
+
+    @_builtins.property
+    def last_received_time(self) -> _timestamp_pb2.Timestamp:
+        """When this node last stored an event from the peer."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the row last changed."""
+
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        enabled: _builtins.bool = ...,
+        type_patterns: _abc.Iterable[_builtins.str] | None = ...,
+        cursor: _builtins.str = ...,
+        state: _builtins.str = ...,
+        last_error: _builtins.str = ...,
+        received: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+        last_event_time: _timestamp_pb2.Timestamp | None = ...,
+        last_received_time: _timestamp_pb2.Timestamp | None = ...,
+        lag_seconds: _builtins.float = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_event_time", b"last_event_time", "last_received_time", b"last_received_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "duplicates", b"duplicates", "enabled", b"enabled", "lag_seconds", b"lag_seconds", "last_error", b"last_error", "last_event_time", b"last_event_time", "last_received_time", b"last_received_time", "peer", b"peer", "received", b"received", "state", b"state", "type_patterns", b"type_patterns", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerFollow: _TypeAlias = PeerFollow  # noqa: Y015
+
+@_typing.final
+class FollowPeerRequest(_message.Message):
+    """Request of FollowPeer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_PATTERNS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """A joined peer's name."""
+    @_builtins.property
+    def type_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Type patterns, e.g. "task.*"; empty means every type the peer allows."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type_patterns: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "type_patterns", b"type_patterns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowPeerRequest: _TypeAlias = FollowPeerRequest  # noqa: Y015
+
+@_typing.final
+class UnfollowPeerRequest(_message.Message):
+    """Request of UnfollowPeer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """A followed peer's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnfollowPeerRequest: _TypeAlias = UnfollowPeerRequest  # noqa: Y015
+
+@_typing.final
+class ForgetPeerRequest(_message.Message):
+    """Request of ForgetPeer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """A peer's name (not followed)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetPeerRequest: _TypeAlias = ForgetPeerRequest  # noqa: Y015
+
+@_typing.final
+class ForgetPeerResponse(_message.Message):
+    """Response of ForgetPeer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.int
+    """Events deleted from this node's log."""
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetPeerResponse: _TypeAlias = ForgetPeerResponse  # noqa: Y015

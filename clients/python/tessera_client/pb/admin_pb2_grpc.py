@@ -136,6 +136,21 @@ class AdminServiceStub:
                 request_serializer=tessera_dot_v1_dot_admin__pb2.PreviewGrantsRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_admin__pb2.PreviewGrantsResponse.FromString,
                 _registered_method=True)
+        self.FollowPeer = channel.unary_unary(
+                '/tessera.v1.AdminService/FollowPeer',
+                request_serializer=tessera_dot_v1_dot_admin__pb2.FollowPeerRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_admin__pb2.PeerFollow.FromString,
+                _registered_method=True)
+        self.UnfollowPeer = channel.unary_unary(
+                '/tessera.v1.AdminService/UnfollowPeer',
+                request_serializer=tessera_dot_v1_dot_admin__pb2.UnfollowPeerRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_admin__pb2.PeerFollow.FromString,
+                _registered_method=True)
+        self.ForgetPeer = channel.unary_unary(
+                '/tessera.v1.AdminService/ForgetPeer',
+                request_serializer=tessera_dot_v1_dot_admin__pb2.ForgetPeerRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_admin__pb2.ForgetPeerResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -287,6 +302,28 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FollowPeer(self, request, context):
+        """Follows a joined peer's events (on, with type patterns): they are stored in this node's
+        log tagged with that peer, for local subscribers only (never shared with another peer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnfollowPeer(self, request, context):
+        """Stops following a peer; its received events and cursor are kept (follow resumes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetPeer(self, request, context):
+        """Deletes every event received from a peer, and its follow state (not while followed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -389,6 +426,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.PreviewGrants,
                     request_deserializer=tessera_dot_v1_dot_admin__pb2.PreviewGrantsRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_admin__pb2.PreviewGrantsResponse.SerializeToString,
+            ),
+            'FollowPeer': grpc.unary_unary_rpc_method_handler(
+                    servicer.FollowPeer,
+                    request_deserializer=tessera_dot_v1_dot_admin__pb2.FollowPeerRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_admin__pb2.PeerFollow.SerializeToString,
+            ),
+            'UnfollowPeer': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnfollowPeer,
+                    request_deserializer=tessera_dot_v1_dot_admin__pb2.UnfollowPeerRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_admin__pb2.PeerFollow.SerializeToString,
+            ),
+            'ForgetPeer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetPeer,
+                    request_deserializer=tessera_dot_v1_dot_admin__pb2.ForgetPeerRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_admin__pb2.ForgetPeerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -932,6 +984,87 @@ class AdminService:
             '/tessera.v1.AdminService/PreviewGrants',
             tessera_dot_v1_dot_admin__pb2.PreviewGrantsRequest.SerializeToString,
             tessera_dot_v1_dot_admin__pb2.PreviewGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowPeer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.AdminService/FollowPeer',
+            tessera_dot_v1_dot_admin__pb2.FollowPeerRequest.SerializeToString,
+            tessera_dot_v1_dot_admin__pb2.PeerFollow.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnfollowPeer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.AdminService/UnfollowPeer',
+            tessera_dot_v1_dot_admin__pb2.UnfollowPeerRequest.SerializeToString,
+            tessera_dot_v1_dot_admin__pb2.PeerFollow.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetPeer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.AdminService/ForgetPeer',
+            tessera_dot_v1_dot_admin__pb2.ForgetPeerRequest.SerializeToString,
+            tessera_dot_v1_dot_admin__pb2.ForgetPeerResponse.FromString,
             options,
             channel_credentials,
             insecure,

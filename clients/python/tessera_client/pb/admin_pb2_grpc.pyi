@@ -83,6 +83,14 @@ class AdminServiceStub:
     """Shows what a peer can see under its grants: each grant and how many local rows are
     in its scope now.
     """
+    FollowPeer: _grpc.UnaryUnaryMultiCallable[_admin_pb2.FollowPeerRequest, _admin_pb2.PeerFollow]
+    """Follows a joined peer's events (on, with type patterns): they are stored in this node's
+    log tagged with that peer, for local subscribers only (never shared with another peer).
+    """
+    UnfollowPeer: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UnfollowPeerRequest, _admin_pb2.PeerFollow]
+    """Stops following a peer; its received events and cursor are kept (follow resumes)."""
+    ForgetPeer: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ForgetPeerRequest, _admin_pb2.ForgetPeerResponse]
+    """Deletes every event received from a peer, and its follow state (not while followed)."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -138,6 +146,14 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Shows what a peer can see under its grants: each grant and how many local rows are
     in its scope now.
     """
+    FollowPeer: _aio.UnaryUnaryMultiCallable[_admin_pb2.FollowPeerRequest, _admin_pb2.PeerFollow]  # type: ignore[assignment]
+    """Follows a joined peer's events (on, with type patterns): they are stored in this node's
+    log tagged with that peer, for local subscribers only (never shared with another peer).
+    """
+    UnfollowPeer: _aio.UnaryUnaryMultiCallable[_admin_pb2.UnfollowPeerRequest, _admin_pb2.PeerFollow]  # type: ignore[assignment]
+    """Stops following a peer; its received events and cursor are kept (follow resumes)."""
+    ForgetPeer: _aio.UnaryUnaryMultiCallable[_admin_pb2.ForgetPeerRequest, _admin_pb2.ForgetPeerResponse]  # type: ignore[assignment]
+    """Deletes every event received from a peer, and its follow state (not while followed)."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Peers, grants, audit, certificates and the node itself."""
@@ -310,5 +326,31 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Shows what a peer can see under its grants: each grant and how many local rows are
         in its scope now.
         """
+
+    @_abc_1.abstractmethod
+    def FollowPeer(
+        self,
+        request: _admin_pb2.FollowPeerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PeerFollow, _abc.Awaitable[_admin_pb2.PeerFollow]]:
+        """Follows a joined peer's events (on, with type patterns): they are stored in this node's
+        log tagged with that peer, for local subscribers only (never shared with another peer).
+        """
+
+    @_abc_1.abstractmethod
+    def UnfollowPeer(
+        self,
+        request: _admin_pb2.UnfollowPeerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PeerFollow, _abc.Awaitable[_admin_pb2.PeerFollow]]:
+        """Stops following a peer; its received events and cursor are kept (follow resumes)."""
+
+    @_abc_1.abstractmethod
+    def ForgetPeer(
+        self,
+        request: _admin_pb2.ForgetPeerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ForgetPeerResponse, _abc.Awaitable[_admin_pb2.ForgetPeerResponse]]:
+        """Deletes every event received from a peer, and its follow state (not while followed)."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

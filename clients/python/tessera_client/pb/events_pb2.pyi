@@ -74,7 +74,9 @@ class EventEnvelope(_message.Message):
     type: _builtins.str
     """Event type, e.g. "resource.put", "task.done"."""
     source: _builtins.str
-    """Node that produced it ("local" or a peer name)."""
+    """Node that produced it: this node's name, or the followed peer's name for an event
+    received from it.
+    """
     actor: _builtins.str
     """Identity URI that caused it."""
     id: _builtins.str
@@ -237,6 +239,7 @@ class SubscribeRequest(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    ORIGINS_FIELD_NUMBER: _builtins.int
     start: Global___StartPosition.ValueType
     """Where to start."""
     cursor: _builtins.str
@@ -247,6 +250,12 @@ class SubscribeRequest(_message.Message):
     def type_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Type patterns, e.g. "task.*"; empty means every type the caller may follow."""
 
+    @_builtins.property
+    def origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events of these origins: "local" (this node's own) or the names of followed
+        peers. Empty means every origin the caller may see (a peer only ever sees "local").
+        """
+
     def __init__(
         self,
         *,
@@ -254,10 +263,11 @@ class SubscribeRequest(_message.Message):
         start: Global___StartPosition.ValueType = ...,
         cursor: _builtins.str = ...,
         subscription: _builtins.str = ...,
+        origins: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "start", b"start", "subscription", b"subscription", "type_patterns", b"type_patterns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "origins", b"origins", "start", b"start", "subscription", b"subscription", "type_patterns", b"type_patterns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

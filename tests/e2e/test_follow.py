@@ -1,0 +1,226 @@
+"""Following a peer's events between real nodes over real mTLS: resume, no gap, no duplicate,
+and no re-sharing of a followed peer's events to another peer.
+
+Absence is always proven by order, never by waiting: a stream is in sequence order, so a
+sentinel (or a heartbeat whose cursor is the log head) arriving means every earlier event
+has been decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from tessera_client import AsyncClient
+from tessera_client.pb import admin_pb2, events_pb2
+from tests.fixtures.events import WAIT_S, event, opened, read_until, subscribe
+from tests.fixtures.nodes import NodeFactory, NodeProcess
+from tests.fixtures.peers import Peering, put_request, reason_of
+
+#: Quick reconnection and heartbeats, so the tests do not idle.
+FAST = {"TESSERA_EVENTS_FOLLOW_BACKOFF_MAX_S": "1", "TESSERA_EVENTS_KEEPALIVE_S": "1",
+        "TESSERA_EVENTS_FOLLOW_POLL_S": "0.5"}
+SUBJECT = ("acme", "task", "t1")
+
+Envelope = events_pb2.EventEnvelope
+
+
+async def _follows(node: NodeProcess) -> dict[str, admin_pb2.PeerFollow]:
+    async with node.client("admin") as admin:
+        resp = await admin.admin.ListPeers(admin_pb2.ListPeersRequest())
+    return {f.peer: f for f in resp.follows}
+
+
+async def _wait_follow(node: NodeProcess, peer: str, state: str) -> admin_pb2.PeerFollow:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    last = None
+    while loop.time() < deadline:
+        last = (await _follows(node)).get(peer)
+        if last is not None and last.state == state:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"follow of {peer} never became {state}; last: {last}")
+
+
+async def _publish(b: NodeProcess, n: int, tag: str) -> list[Envelope]:
+    async with b.client() as c:
+        resp = await c.events.PublishBatch(events_pb2.PublishBatchRequest(events=[
+            event("task.done", subject=SUBJECT, tag=tag, i=i) for i in range(n)]))
+    return list(resp.events)
+
+
+async def _log_of(node: NodeProcess, origin: str, until_id: str) -> list[Envelope]:
+    """Every event of `origin` in the node's log, from the beginning, up to `until_id`."""
+    async with node.client() as c:
+        call = c.events.Subscribe(events_pb2.SubscribeRequest(
+            start=events_pb2.START_POSITION_BEGINNING, origins=[origin]))
+        got = await read_until(call, lambda e: e.id == until_id)
+        call.cancel()
+    return got
+
+
+async def _linked(b: NodeProcess, a: NodeProcess, peering: Peering) -> None:
+    """A joins B (recorded under A's data dir as peer "b"), granted B's acme tasks' events."""
+    async with b.client() as c:
+        await c.command.Execute(put_request(*SUBJECT, team="core"))
+    token = await peering.invite(b, "a")
+    await peering.grant(b, "a", kinds=["task"], workspaces=["acme"], event_types=["task.*"])
+    await peering.join_dir(token, a.data_dir)
+
+
+async def _follow(a: NodeProcess, peer: str, *types: str) -> admin_pb2.PeerFollow:
+    async with a.client("admin") as admin:
+        f: admin_pb2.PeerFollow = await admin.admin.FollowPeer(
+            admin_pb2.FollowPeerRequest(name=peer, type_patterns=list(types)))
+    return f
+
+
+async def test_follower_resumes_after_either_side_restarts_without_gap_or_duplicate(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    b = node_factory(name="b", env=FAST)
+    a = node_factory(name="a", env=FAST)
+    await _linked(b, a, peering)
+    await _follow(a, "b", "task.*")
+    await _wait_follow(a, "b", "connected")
+
+    first = await _publish(b, 3, "first")
+    assert [e.id for e in await _log_of(a, "b", first[-1].id)] == [e.id for e in first]
+
+    # A is down while B writes: on restart A resumes from its stored cursor.
+    a.stop()
+    while_a_down = await _publish(b, 5, "a-down")
+    a.start()
+    got = await _log_of(a, "b", while_a_down[-1].id)
+    assert [e.id for e in got] == [e.id for e in first + while_a_down]
+    assert {e.source for e in got} == {"b"}
+
+    # B is down, then back on the same address: A reconnects by itself (backoff).
+    b.listen = b.address
+    b.stop()
+    down = await _wait_follow(a, "b", "backoff")
+    assert down.last_error
+    b.start()
+    await _wait_follow(a, "b", "connected")
+    after_b = await _publish(b, 4, "b-back")
+    got = await _log_of(a, "b", after_b[-1].id)
+    assert [e.id for e in got] == [e.id for e in first + while_a_down + after_b]
+    # Payloads, types, actors and origin times are B's.
+    assert got[-1].data["tag"] == "b-back" and got[-1].type == "task.done"
+    assert got[-1].time == after_b[-1].time and got[-1].actor == after_b[-1].actor
+
+    state = (await _follows(a))["b"]
+    assert state.received == 12 and state.cursor == after_b[-1].cursor
+    async with a.client("admin") as admin:
+        checks = (await admin.admin.Doctor(admin_pb2.DoctorRequest())).checks
+    follow_check = [c for c in checks if c.name == "follow:b"]
+    assert follow_check and follow_check[0].status == admin_pb2.DoctorCheck.STATUS_GREEN
+
+
+async def _head_heartbeat(call: grpc.aio.UnaryStreamCall, head_cursor: str) -> list[Envelope]:
+    """Events a stream delivers before a heartbeat at `head_cursor` (everything decided)."""
+    out: list[Envelope] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while True:
+        msg = await asyncio.wait_for(call.read(), max(0.1, deadline - loop.time()))
+        assert msg is not grpc.aio.EOF, f"stream ended: {await call.code()}"
+        assert isinstance(msg, Envelope)
+        if msg.heartbeat and msg.cursor == head_cursor:
+            return out
+        if not msg.heartbeat:
+            out.append(msg)
+
+
+async def test_a_followed_peers_events_never_reach_another_peer_whatever_its_grant(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    b = node_factory(name="b", env=FAST)
+    a = node_factory(name="a", env=FAST)
+    await _linked(b, a, peering)
+    await _follow(a, "b")
+    await _wait_follow(a, "b", "connected")
+    from_b = await _publish(b, 3, "secret")
+    await _log_of(a, "b", from_b[-1].id)  # A holds them now
+
+    # A grants C everything, C with the same subject's workspace and kind included.
+    c: AsyncClient = await peering.link(a, "c", kinds=["task", "note"], workspaces=["*"],
+                                        event_types=["*"], include_personal=True)
+    async with a.client() as local:
+        await local.command.Execute(put_request(*SUBJECT, team="core"))
+        sentinel = (await local.events.Publish(event("task.done", subject=SUBJECT,
+                                                     mine=1))).event
+    b_ids = {e.id for e in from_b}
+
+    ephemeral = subscribe(c, start=events_pb2.START_POSITION_BEGINNING)
+    got = await read_until(ephemeral, lambda e: e.id == sentinel.id)
+    ephemeral.cancel()
+    assert not b_ids & {e.id for e in got} and {e.source for e in got} == {"a"}
+
+    durable = subscribe(c, start=events_pb2.START_POSITION_BEGINNING, durable="c-sub")
+    got = await read_until(durable, lambda e: e.id == sentinel.id)
+    durable.cancel()
+    assert not b_ids & {e.id for e in got} and {e.source for e in got} == {"a"}
+
+    # Asking for B's origin by name gives C nothing: a heartbeat at the head proves it.
+    only_b = c.events.Subscribe(events_pb2.SubscribeRequest(
+        start=events_pb2.START_POSITION_BEGINNING, origins=["b"]))
+    assert await opened(only_b)
+    assert await _head_heartbeat(only_b, sentinel.cursor) == []
+    only_b.cancel()
+    both = c.events.Subscribe(events_pb2.SubscribeRequest(
+        start=events_pb2.START_POSITION_BEGINNING, origins=["b", "local"]))
+    got = await read_until(both, lambda e: e.id == sentinel.id)
+    both.cancel()
+    assert not b_ids & {e.id for e in got}
+
+    # A local identity of A does see them, and can pick them out by origin.
+    mine = await _log_of(a, "b", from_b[-1].id)
+    assert [e.id for e in mine] == [e.id for e in from_b]
+
+
+async def test_unfollow_then_forget_deletes_the_peers_events_and_is_audited(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    b = node_factory(name="b", env=FAST)
+    a = node_factory(name="a", env=FAST)
+    await _linked(b, a, peering)
+    await _follow(a, "b")
+    await _wait_follow(a, "b", "connected")
+    from_b = await _publish(b, 4, "forget-me")
+    await _log_of(a, "b", from_b[-1].id)
+
+    async with a.client("admin") as admin:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await admin.admin.ForgetPeer(admin_pb2.ForgetPeerRequest(name="b"))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert reason_of(refused.value) == "PEER_FOLLOWED"
+    done = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "peers", "unfollow", "b",
+         "--data-dir", str(a.data_dir)],
+        env=a.env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "peers", "forget", "b",
+         "--data-dir", str(a.data_dir)],
+        env=a.env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert '"deleted": "4"' in done.stdout
+
+    async with a.client() as local:
+        head = (await local.events.Publish(event("task.done", mine=1))).event
+        call = local.events.Subscribe(events_pb2.SubscribeRequest(
+            start=events_pb2.START_POSITION_BEGINNING, origins=["b"]))
+        assert await opened(call)
+        assert await _head_heartbeat(call, head.cursor) == []
+        call.cancel()
+    async with a.client("admin") as admin:
+        records = await admin.admin.ListAuditRecords(admin_pb2.ListAuditRecordsRequest(
+            page_size=100))
+    methods = [r.method for r in records.records]
+    assert "ForgetPeer" in methods and "UnfollowPeer" in methods and "FollowPeer" in methods
