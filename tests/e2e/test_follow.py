@@ -9,8 +9,10 @@ has been decided.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
+import urllib.request
 
 import grpc
 import pytest
@@ -20,6 +22,7 @@ from tessera_client.pb import admin_pb2, events_pb2
 from tests.fixtures.events import WAIT_S, event, opened, read_until, subscribe
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering, put_request, reason_of
+from tests.fixtures.valkey import free_port
 
 #: Quick reconnection and heartbeats, so the tests do not idle.
 FAST = {"TESSERA_EVENTS_FOLLOW_BACKOFF_MAX_S": "1", "TESSERA_EVENTS_KEEPALIVE_S": "1",
@@ -184,6 +187,12 @@ async def test_a_followed_peers_events_never_reach_another_peer_whatever_its_gra
     assert [e.id for e in mine] == [e.id for e in from_b]
 
 
+def _cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tessera.cli", *args, "--data-dir", str(node.data_dir)],
+        env=node.env, capture_output=True, text=True, timeout=60, check=False)
+
+
 async def test_unfollow_then_forget_deletes_the_peers_events_and_is_audited(
     node_factory: NodeFactory, peering: Peering,
 ) -> None:
@@ -200,15 +209,10 @@ async def test_unfollow_then_forget_deletes_the_peers_events_and_is_audited(
             await admin.admin.ForgetPeer(admin_pb2.ForgetPeerRequest(name="b"))
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert reason_of(refused.value) == "PEER_FOLLOWED"
-    done = subprocess.run(
-        [sys.executable, "-m", "tessera.cli", "peers", "unfollow", "b",
-         "--data-dir", str(a.data_dir)],
-        env=a.env, capture_output=True, text=True, timeout=60, check=False)
+    done = await asyncio.to_thread(_cli, a, "peers", "unfollow", "b")
     assert done.returncode == 0, done.stderr
-    done = subprocess.run(
-        [sys.executable, "-m", "tessera.cli", "peers", "forget", "b",
-         "--data-dir", str(a.data_dir)],
-        env=a.env, capture_output=True, text=True, timeout=60, check=False)
+    assert '"enabled"' not in done.stdout  # proto3 JSON omits false: followed no more
+    done = await asyncio.to_thread(_cli, a, "peers", "forget", "b")
     assert done.returncode == 0, done.stderr
     assert '"deleted": "4"' in done.stdout
 
@@ -224,3 +228,58 @@ async def test_unfollow_then_forget_deletes_the_peers_events_and_is_audited(
             page_size=100))
     methods = [r.method for r in records.records]
     assert "ForgetPeer" in methods and "UnfollowPeer" in methods and "FollowPeer" in methods
+
+
+def _gauges(mport: int) -> tuple[float, float]:
+    """(tessera_follow_connected, tessera_follow_standby) for peer b of one process."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = {"connected": 0.0, "standby": 0.0}
+    for line in text.splitlines():
+        for key in found:
+            if line.startswith(f'tessera_follow_{key}{{peer="b"}} '):
+                found[key] = float(line.rsplit(" ", 1)[1])
+    return found["connected"], found["standby"]
+
+
+async def _wait_gauges(ports: list[int], want: list[tuple[float, float]]) -> None:
+    """Until each process shows (connected, standby) as wanted, in any order of processes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    got: list[tuple[float, float]] = []
+    while loop.time() < deadline:
+        got = [await asyncio.to_thread(_gauges, p) for p in ports]
+        if sorted(got) == sorted(want):
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"(connected, standby) per process: {got}, wanted {want}")
+
+
+async def test_one_follower_per_peer_across_replicas_and_the_other_takes_over(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    b = node_factory(name="b", env=FAST)
+    ports = [free_port(), free_port()]
+    a = node_factory(name="a", env={**FAST, "TESSERA_METRICS_LISTEN_ADDRESS":
+                                    f"127.0.0.1:{ports[0]}"})
+    a2 = node_factory(name="a", env={**FAST, "TESSERA_STORE_DSN": a.env["TESSERA_STORE_DSN"],
+                                     "TESSERA_METRICS_LISTEN_ADDRESS": f"127.0.0.1:{ports[1]}"})
+    await _linked(b, a, peering)
+    shutil.copytree(a.data_dir / "peers", a2.data_dir / "peers", dirs_exist_ok=True)
+    await _follow(a, "b")
+    await _wait_follow(a, "b", "connected")
+    # Both processes want to follow b; the advisory lock lets exactly one, the other waits.
+    await _wait_gauges(ports, [(1.0, 0.0), (0.0, 1.0)])
+    first = await _publish(b, 10, "replicas")
+    assert [e.id for e in await _log_of(a2, "b", first[-1].id)] == [e.id for e in first]
+    counts = [await asyncio.to_thread(_gauges, p) for p in ports]
+    assert sorted(counts) == [(0.0, 1.0), (1.0, 0.0)]
+
+    # The holder goes away: the other process takes the lock and carries on from the cursor.
+    holder, other, other_port = ((a, a2, ports[1]) if counts[0] == (1.0, 0.0)
+                                 else (a2, a, ports[0]))
+    holder.stop()
+    await _wait_gauges([other_port], [(1.0, 0.0)])
+    more = await _publish(b, 5, "after-failover")
+    got = await _log_of(other, "b", more[-1].id)
+    assert [e.id for e in got] == [e.id for e in first + more]

@@ -141,6 +141,10 @@ class _Metrics:
         self.malformed = Counter(
             "tessera_follow_malformed_total",
             "Events from a followed peer dropped as malformed.", ["peer"], registry=registry)
+        self.standby = Gauge(
+            "tessera_follow_standby",
+            "1 while another serving process of this node holds the peer's follow lock.",
+            ["peer"], registry=registry)
         self.errors = Counter(
             "tessera_follow_errors_total",
             "Follow sessions that ended in an error (each followed by a backoff).", ["peer"],
@@ -237,17 +241,25 @@ class Followers:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await t.task
         self.metrics.connected.labels(name).set(0)
+        self.metrics.standby.labels(name).set(0)
 
     # -- one peer -------------------------------------------------------------------------
 
-    async def _set_state(self, name: str, state: str, error: str = "") -> None:
+    def _local_state(self, name: str, state: str, error: str = "") -> None:
         t = self.tasks.get(name)
         if t is not None:
             t.state = state
             if error:
                 t.last_error = error
+        self.metrics.standby.labels(name).set(1 if state == "standby" else 0)
+
+    async def _set_state(self, name: str, state: str, error: str = "", *,
+                         conn: psycopg.AsyncConnection[Any] | None = None) -> None:
+        """Record the state locally and in `peer_follows` (only the lock holder calls this,
+        so a standby process never overwrites the follower's state)."""
+        self._local_state(name, state, error)
         with contextlib.suppress(psycopg.Error, OSError, TesseraError):
-            await self.store.set_state(name, state, error)
+            await self.store.set_state(name, state, error, conn=conn)
 
     async def _follow(self, name: str, patterns: tuple[str, ...]) -> None:
         attempt = 0
@@ -259,7 +271,7 @@ class Followers:
             except asyncio.CancelledError:
                 raise
             except _Standby:
-                await self._set_state(name, "standby")
+                self._local_state(name, "standby")
                 await asyncio.sleep(self.poll_s)
                 continue
             except FollowStopped:
@@ -273,7 +285,7 @@ class Followers:
                 t.connected = False
             self.metrics.errors.labels(name).inc()
             log.warning("following peer %s: %s; reconnecting", name, error)
-            await self._set_state(name, "backoff", error)
+            self._local_state(name, "backoff", error)
             await asyncio.sleep(backoff_s(attempt, self.backoff_max_s))
             attempt += 1
 
@@ -290,15 +302,23 @@ class Followers:
             row = await cur.fetchone()
             if not row or not row["got"]:
                 raise _Standby
-            peer = load_outbound(self.data_dir, name)
-            follow = await self.store.get(name)
-            if follow is None or not follow.enabled:
-                raise FollowStopped(name)
-            client = AsyncClient(peer.address, peer.credentials())
             try:
-                await self._stream(conn, client, name, peer.identity, patterns, follow.cursor)
-            finally:
-                await client.close()
+                peer = load_outbound(self.data_dir, name)
+                follow = await self.store.get(name)
+                if follow is None or not follow.enabled:
+                    raise FollowStopped(name)
+                client = AsyncClient(peer.address, peer.credentials())
+                try:
+                    await self._stream(conn, client, name, peer.identity, patterns,
+                                       follow.cursor)
+                finally:
+                    await client.close()
+            except (asyncio.CancelledError, FollowStopped):
+                raise
+            except Exception as exc:
+                # Recorded while the lock is still held: no other follower runs meanwhile.
+                await self._set_state(name, "backoff", describe(exc), conn=conn)
+                raise
 
     async def _stream(self, conn: psycopg.AsyncConnection[Any], client: AsyncClient,
                       name: str, origin: str, patterns: tuple[str, ...], cursor: str) -> None:
@@ -332,7 +352,7 @@ class Followers:
                 if t is not None:
                     t.connected = True
                 self.metrics.connected.labels(name).set(1)
-                await self._set_state(name, "connected")
+                await self._set_state(name, "connected", conn=conn)
             while True:
                 item = await queue.get()
                 batch: list[events_pb2.EventEnvelope] = []

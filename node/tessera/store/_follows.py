@@ -205,11 +205,16 @@ class FollowStore:
             rows = await cur.fetchall()
         return [_row_to_follow(r) for r in rows]
 
-    async def set_state(self, peer: str, state: str, error: str = "") -> None:
-        """Record the follower's state and last error (secret-free text)."""
-        async with self.pool.connection() as conn:
-            await conn.execute(
-                "UPDATE peer_follows SET state = %s,"
-                " last_error = CASE WHEN %s <> '' THEN %s ELSE last_error END,"
-                " updated_at = now() WHERE peer = %s AND enabled",
-                (state, error, error[:500], peer))
+    async def set_state(self, peer: str, state: str, error: str = "", *,
+                        conn: psycopg.AsyncConnection[Any] | None = None) -> None:
+        """Record the follower's state and last error (secret-free text), on `conn` if
+        given (the follower's own, lock-holding connection)."""
+        query = ("UPDATE peer_follows SET state = %s,"
+                 " last_error = CASE WHEN %s <> '' THEN %s ELSE last_error END,"
+                 " updated_at = now() WHERE peer = %s AND enabled")
+        params = (state, error, error[:500], peer)
+        if conn is not None:
+            await conn.execute(query, params)
+            return
+        async with self.pool.connection() as pooled:
+            await pooled.execute(query, params)
