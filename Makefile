@@ -2,7 +2,7 @@
 
 PYTHON ?= python3
 
-.PHONY: bench bench-quick bench-search bench-data mutation fuzz
+.PHONY: bench bench-quick bench-search bench-events bench-data mutation fuzz
 
 # Benchmarks (docs/benchmarks.md). Pass flags with BENCH_ARGS, e.g. BENCH_ARGS="--concurrency 64".
 bench:
@@ -13,11 +13,17 @@ bench:
 bench-quick:
 	$(PYTHON) -m bench.run --quick $(BENCH_ARGS)
 	$(PYTHON) -m bench.search --quick $(SEARCH_ARGS)
+	$(PYTHON) -m bench.events --quick
 
 # SearchResources through the node vs the same SQL through psycopg, 100,000 generated
 # resources (about 3 minutes; not in CI). Flags via SEARCH_ARGS, e.g. SEARCH_ARGS="--repeat 3".
 bench-search:
 	$(PYTHON) -m bench.search $(SEARCH_ARGS)
+
+# Event service: publish->deliver latency, throughput and idle-subscription memory against
+# the same SQL through psycopg (docs/benchmarks.md).
+bench-events:
+	$(PYTHON) -m bench.events $(EVENTS_ARGS)
 
 # Seeded benchmark data as JSONL for `tessera load`: make bench-data DATA=out.jsonl COUNT=1000
 COUNT ?= 100000

@@ -59,6 +59,8 @@ class StreamHandle:
     task: asyncio.Task[Any] | None = None
     #: Set once the stream has ended and left the hub.
     closed: bool = False
+    #: The delivered-events counter of its caller kind (cached: one lookup per stream).
+    delivered_counter: Any = None
 
     def end(self, exc: TesseraError) -> None:
         """Make the stream end with `exc` at its next step.
@@ -196,8 +198,10 @@ class EventHub:
             self.metrics.streams.labels(_who(handle.caller)).dec()
 
     def delivered(self, handle: StreamHandle) -> None:
-        """Count one delivered event."""
-        self.metrics.delivered.labels(_who(handle.caller)).inc()
+        """Count one delivered event (the labelled child looked up once per stream)."""
+        if handle.delivered_counter is None:
+            handle.delivered_counter = self.metrics.delivered.labels(_who(handle.caller))
+        handle.delivered_counter.inc()
 
     def max_lag(self) -> float:
         """Events the furthest-behind open stream has yet to scan."""

@@ -288,10 +288,11 @@ class EventService:
             if position < page.state.pruned_through:
                 raise await self._out_of_range(position, page.state.pruned_through)
             self.hub.head = max(self.hub.head, page.state.head)
+            log_id = await self.log_id()
             for event in page.events:
                 self._check(handle, deadline, deadline_reason)
                 await recheck_due()
-                yield Delivery(event, await self.cursor_of(event.sequence))
+                yield Delivery(event, _cursor.encode(log_id, event.sequence))
                 self.hub.delivered(handle)
                 last_sent = time.monotonic()
             position = page.scanned_through
