@@ -290,6 +290,10 @@ class EventService:
             self.hub.head = max(self.hub.head, page.state.head)
             log_id = await self.log_id()
             for event in page.events:
+                if for_peer and event.received:
+                    # Unreachable: a peer's read selects from events_shareable. A second
+                    # line, should that relation ever be changed to include them.
+                    continue
                 self._check(handle, deadline, deadline_reason)
                 await recheck_due()
                 yield Delivery(event, _cursor.encode(log_id, event.sequence))

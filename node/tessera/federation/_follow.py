@@ -329,7 +329,16 @@ class Followers:
             request.start = events_pb2.START_POSITION_CURSOR
             request.cursor = cursor
         else:
+            # A fresh follow (never followed, or forgotten) starts at the peer's now, not at
+            # what an earlier follow left acked there: drop that subscription first.
             request.start = events_pb2.START_POSITION_NOW
+            try:
+                await client.events.DeleteSubscription(
+                    events_pb2.DeleteSubscriptionRequest(subscription=SUBSCRIPTION),
+                    timeout=_ACK_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
         call = client.events.Subscribe(request)
         queue: asyncio.Queue[events_pb2.EventEnvelope | BaseException] = asyncio.Queue(
             READ_AHEAD)
