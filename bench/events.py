@@ -110,11 +110,11 @@ def _stub(channel: Any) -> Any:
     return events_pb2_grpc.EventServiceStub(channel)
 
 
-async def _open_stream(stub: Any, pattern: str) -> Any:
+async def _open_stream(stub: Any, pattern: str, max_batch: int = 0) -> Any:
     from tessera_client.pb import events_pb2
 
     call = stub.Subscribe(events_pb2.SubscribeRequest(
-        type_patterns=[pattern], start=events_pb2.START_POSITION_NOW))
+        type_patterns=[pattern], start=events_pb2.START_POSITION_NOW, max_batch=max_batch))
     md = await call.initial_metadata()
     if not any(k == OPEN_HEADER for k, _ in (md or ())):
         raise RuntimeError(f"stream refused: {await call.code()} {await call.details()}")
@@ -138,20 +138,22 @@ async def _paced(rate: float, seconds: float, send: Any) -> int:
 
 
 async def node_latency(channels: list[Any], rate: float, seconds: float,
-                       subscribers: int) -> Latency:
+                       subscribers: int, max_batch: int = 0) -> Latency:
     from tessera_client.pb import events_pb2
 
-    out = Latency("node")
+    out = Latency(f"node/{max_batch}" if max_batch > 1 else "node")
     stubs = [_stub(channels[i % len(channels)]) for i in range(subscribers)]
-    calls = [await _open_stream(s, "bench.lat") for s in stubs]
+    calls = [await _open_stream(s, "bench.lat", max_batch) for s in stubs]
     counts = [0] * subscribers
 
     async def reader(i: int, call: Any) -> None:
         async for msg in call:
             if msg.heartbeat:
                 continue
-            out.samples.append((time.perf_counter_ns() - msg.data["t"]) / 1e6)
-            counts[i] += 1
+            now = time.perf_counter_ns()
+            for one in (msg.batch if len(msg.batch) else (msg,)):
+                out.samples.append((now - one.data["t"]) / 1e6)
+                counts[i] += 1
 
     readers = [asyncio.create_task(reader(i, c)) for i, c in enumerate(calls)]
     pub = _stub(channels[0])
@@ -182,17 +184,18 @@ async def _settle(done: Any, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def node_throughput(channels: list[Any], seconds: float, batch: int) -> Throughput:
+async def node_throughput(channels: list[Any], seconds: float, batch: int,
+                          max_batch: int = 0) -> Throughput:
     from tessera_client.pb import events_pb2
 
-    out = Throughput("node")
-    call = await _open_stream(_stub(channels[-1]), "bench.tput")
+    out = Throughput(f"node/{max_batch}" if max_batch > 1 else "node")
+    call = await _open_stream(_stub(channels[-1]), "bench.tput", max_batch)
     last = [0.0]
 
     async def reader() -> None:
         async for msg in call:
             if not msg.heartbeat:
-                out.delivered += 1
+                out.delivered += len(msg.batch) or 1
                 last[0] = time.perf_counter()
 
     reading = asyncio.create_task(reader())
@@ -356,6 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10.0, help="length of each timed phase")
     p.add_argument("--batch", type=int, default=500, help="events per PublishBatch")
     p.add_argument("--idle", type=int, default=1000, help="idle subscriptions held open")
+    p.add_argument("--stream-batch", type=int, default=256,
+                   help="max_batch of the batched-stream phases (events per message)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.quick:
@@ -423,10 +428,16 @@ async def run(args: argparse.Namespace, stack: Any) -> int:
     try:
         print("bench.events: latency (node)", file=sys.stderr, flush=True)
         lat_node = await node_latency(channels, args.rate, args.seconds, args.subscribers)
+        print("bench.events: latency (node, batched stream)", file=sys.stderr, flush=True)
+        lat_batched = await node_latency(channels, args.rate, args.seconds, args.subscribers,
+                                         args.stream_batch)
         print("bench.events: latency (psycopg)", file=sys.stderr, flush=True)
         lat_sql = await sql_latency(dsn, args.rate, args.seconds, args.subscribers)
         print("bench.events: throughput (node)", file=sys.stderr, flush=True)
         tp_node = await node_throughput(channels, args.seconds, args.batch)
+        print("bench.events: throughput (node, batched stream)", file=sys.stderr, flush=True)
+        tp_batched = await node_throughput(channels, args.seconds, args.batch,
+                                           args.stream_batch)
         print("bench.events: throughput (psycopg)", file=sys.stderr, flush=True)
         tp_sql = await sql_throughput(dsn, args.seconds, args.batch)
         print("bench.events: idle subscriptions", file=sys.stderr, flush=True)
@@ -435,8 +446,9 @@ async def run(args: argparse.Namespace, stack: Any) -> int:
         for ch in channels:
             with contextlib.suppress(Exception):
                 await ch.close()
-    results.update(latency=[lat_node.summary(), lat_sql.summary()],
-                   throughput=[tp_node.summary(), tp_sql.summary()], memory=rss,
+    results.update(latency=[lat_node.summary(), lat_batched.summary(), lat_sql.summary()],
+                   throughput=[tp_node.summary(), tp_batched.summary(), tp_sql.summary()],
+                   memory=rss,
                    load_before=load_before, load_after=_loadavg())
 
     def ratio(a: float, b: float) -> float:
@@ -444,31 +456,41 @@ async def run(args: argparse.Namespace, stack: Any) -> int:
 
     pub_ratio = ratio(tp_node.published_rate, tp_sql.published_rate)
     del_ratio = ratio(tp_node.delivered_rate, tp_sql.delivered_rate)
+    del_ratio_b = ratio(tp_batched.delivered_rate, tp_sql.delivered_rate)
     print(f"\nevents benchmark, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
           f"{facts.get('cpu_model', '?')}, {facts.get('cpus', '?')} CPUs, load "
           f"{load_before} -> {_loadavg()} (shared machine){' QUICK' if args.quick else ''}")
     print(f"latency at {args.rate:.0f} events/s, {args.subscribers} subscribers, "
           f"{args.seconds:.0f} s:")
-    for lat in (lat_node, lat_sql):
+    for lat in (lat_node, lat_batched, lat_sql):
         print(f"  {lat.label:8} p50 {lat.pct(0.5):7.2f} ms  p99 {lat.pct(0.99):7.2f} ms  "
               f"delivered {lat.delivered}/{lat.expected}")
     print(f"  node p99 < {LATENCY_P99_MAX_MS:.0f} ms: "
-          f"{_verdict(lat_node.pct(0.99) < LATENCY_P99_MAX_MS)}")
+          f"{_verdict(lat_node.pct(0.99) < LATENCY_P99_MAX_MS)} (one event per message), "
+          f"{_verdict(lat_batched.pct(0.99) < LATENCY_P99_MAX_MS)} (max_batch "
+          f"{args.stream_batch})")
     print(f"throughput, batches of {args.batch}, one subscriber:")
-    for tp in (tp_node, tp_sql):
+    for tp in (tp_node, tp_batched, tp_sql):
         print(f"  {tp.label:8} published {tp.published_rate:9.0f}/s  delivered "
               f"{tp.delivered_rate:9.0f}/s ({tp.delivered}/{tp.published})")
     print(f"  node/psycopg published {pub_ratio:.2f}, delivered {del_ratio:.2f}: "
           f"published >= {RATE_MIN:.0f}/s {_verdict(tp_node.published_rate >= RATE_MIN)}, "
           f"delivered >= {RATE_MIN:.0f}/s {_verdict(tp_node.delivered_rate >= RATE_MIN)}, "
           f"ratios >= {RATIO_MIN} {_verdict(min(pub_ratio, del_ratio) >= RATIO_MIN)}")
+    print(f"  batched stream (max_batch {args.stream_batch}): delivered "
+          f"{tp_batched.delivered_rate:.0f}/s, {del_ratio_b:.2f} of psycopg: "
+          f">= {RATE_MIN:.0f}/s {_verdict(tp_batched.delivered_rate >= RATE_MIN)}, "
+          f">= {RATIO_MIN} {_verdict(del_ratio_b >= RATIO_MIN)}")
     print(f"memory: node RSS idle {rss['idle_mb']:.1f} MB, with {rss['subscriptions']} idle "
           f"subscriptions {rss['with_subscriptions_mb']:.1f} MB (+{rss['delta_mb']:.1f} MB): "
           f"<= {IDLE_RSS_MAX_MB:.0f} MB above idle {_verdict(rss['delta_mb'] <= IDLE_RSS_MAX_MB)}")
     if args.json:
-        results.update(ratios={"published": pub_ratio, "delivered": del_ratio})
+        results.update(ratios={"published": pub_ratio, "delivered": del_ratio,
+                               "delivered_batched": del_ratio_b})
         args.json.write_text(json.dumps(results, indent=2, default=str))
-    if lat_node.delivered < lat_node.expected or tp_node.delivered < tp_node.published:
+    if (lat_node.delivered < lat_node.expected or tp_node.delivered < tp_node.published
+            or lat_batched.delivered < lat_batched.expected
+            or tp_batched.delivered < tp_batched.published):
         print("bench.events: the node did not deliver every event", file=sys.stderr)
         return 1
     return 0

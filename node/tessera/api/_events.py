@@ -38,6 +38,10 @@ RESPONSE_LIMIT = 4 << 20
 ENVELOPE_OVERHEAD = 128
 #: Durable subscription names: short, printable, no spaces.
 SUBSCRIPTION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: Most events one stream message may carry (SubscribeRequest.max_batch).
+MAX_STREAM_BATCH = 1000
+#: A batch of events is sent once it holds about this many bytes.
+STREAM_BATCH_BYTES = 1 << 20
 #: A followed peer's name in an `origins` filter (the peer-name form).
 ORIGIN_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
 _STARTS = {
@@ -181,6 +185,8 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             c.fail("type_patterns", f"at most {MAX_PATTERNS} patterns")
         if request.cursor and start != Start.CURSOR:
             c.fail("cursor", "is only read with start START_POSITION_CURSOR")
+        if not 0 <= request.max_batch <= MAX_STREAM_BATCH:
+            c.fail("max_batch", f"must be 0 to {MAX_STREAM_BATCH}")
         if len(request.origins) > MAX_PATTERNS:
             c.fail("origins", f"at most {MAX_PATTERNS} origins")
         for i, origin in enumerate(request.origins):
@@ -192,6 +198,9 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                                  request.cursor, request.subscription,
                                  tuple(request.origins))
         stream = self.service.subscribe(caller, scope, params)
+        batching = request.max_batch > 1
+        pending: list[events_pb2.EventEnvelope] = []
+        size = 0
         async with contextlib.aclosing(stream):
             async for delivery in stream:
                 if delivery.opened:
@@ -199,7 +208,17 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                     # refused stream never gets this header, only its error status.
                     await context.send_initial_metadata(((OPEN_HEADER, "1"),))
                     continue
-                yield envelope(delivery, self.node)
+                if not batching or delivery.event is None:
+                    yield envelope(delivery, self.node)
+                    continue
+                # What one read returned goes out together (never held past the page).
+                env = envelope(delivery, self.node)
+                pending.append(env)
+                size += env.ByteSize()
+                if (delivery.last_of_page or len(pending) >= request.max_batch
+                        or size >= STREAM_BATCH_BYTES):
+                    yield events_pb2.EventEnvelope(cursor=pending[-1].cursor, batch=pending)
+                    pending, size = [], 0
 
     async def Ack(
         self, request: events_pb2.AckRequest, context: grpc.aio.ServicerContext

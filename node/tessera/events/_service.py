@@ -84,6 +84,9 @@ class Delivery:
     event: StoredEvent | None
     cursor: str
     opened: bool = False
+    #: True on the last event of what one read returned: what was read together may be
+    #: sent together (the stream then waits or reads again).
+    last_of_page: bool = False
 
 
 class EventService:
@@ -289,14 +292,16 @@ class EventService:
                 raise await self._out_of_range(position, page.state.pruned_through)
             self.hub.head = max(self.hub.head, page.state.head)
             log_id = await self.log_id()
-            for event in page.events:
-                if for_peer and event.received:
-                    # Unreachable: a peer's read selects from events_shareable. A second
-                    # line, should that relation ever be changed to include them.
-                    continue
+            # A peer's read selects from events_shareable, so none is received; this is a
+            # second line, should that relation ever be changed to include them.
+            events = ([e for e in page.events if not e.received] if for_peer
+                      else page.events)
+            last = len(events) - 1
+            for i, event in enumerate(events):
                 self._check(handle, deadline, deadline_reason)
                 await recheck_due()
-                yield Delivery(event, _cursor.encode(log_id, event.sequence))
+                yield Delivery(event, _cursor.encode(log_id, event.sequence),
+                               last_of_page=i == last)
                 self.hub.delivered(handle)
                 last_sent = time.monotonic()
             position = page.scanned_through

@@ -323,7 +323,8 @@ class Followers:
     async def _stream(self, conn: psycopg.AsyncConnection[Any], client: AsyncClient,
                       name: str, origin: str, patterns: tuple[str, ...], cursor: str) -> None:
         request = events_pb2.SubscribeRequest(
-            type_patterns=list(patterns) or ["*"], subscription=SUBSCRIPTION)
+            type_patterns=list(patterns) or ["*"], subscription=SUBSCRIPTION,
+            max_batch=BATCH)
         if cursor:
             # Resume after what was stored here, whatever the peer last got acked.
             request.start = events_pb2.START_POSITION_CURSOR
@@ -346,7 +347,8 @@ class Followers:
         async def reader() -> None:
             try:
                 async for msg in call:
-                    await queue.put(msg)
+                    for one in (msg.batch if len(msg.batch) else (msg,)):
+                        await queue.put(one)
                 await queue.put(EOFError("the peer ended the stream"))
             except asyncio.CancelledError:
                 raise

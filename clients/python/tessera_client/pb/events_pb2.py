@@ -28,35 +28,35 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tessera_client.pb import resources_pb2 as tessera_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/events.proto\x12\ntessera.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1atessera/v1/resources.proto\"\xf8\x01\n\rEventEnvelope\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12(\n\x07subject\x18\x04 \x01(\x0b\x32\x17.tessera.v1.ResourceKey\x12%\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\x12\n\n\x02id\x18\t \x01(\t\x12\x11\n\theartbeat\x18\n \x01(\x08\"\x88\x01\n\x0ePublishRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12(\n\x07subject\x18\x02 \x01(\x0b\x32\x17.tessera.v1.ResourceKey\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\";\n\x0fPublishResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.tessera.v1.EventEnvelope\"A\n\x13PublishBatchRequest\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.tessera.v1.PublishRequest\"A\n\x14PublishBatchResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.tessera.v1.EventEnvelope\"\x8a\x01\n\x10SubscribeRequest\x12\x15\n\rtype_patterns\x18\x01 \x03(\t\x12(\n\x05start\x18\x02 \x01(\x0e\x32\x19.tessera.v1.StartPosition\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\x14\n\x0csubscription\x18\x04 \x01(\t\x12\x0f\n\x07origins\x18\x05 \x03(\t\"2\n\nAckRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"\x1d\n\x0b\x41\x63kResponse\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\"1\n\x19\x44\x65leteSubscriptionRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65leteSubscriptionResponse*\x80\x01\n\rStartPosition\x12\x1e\n\x1aSTART_POSITION_UNSPECIFIED\x10\x00\x12\x1c\n\x18START_POSITION_BEGINNING\x10\x01\x12\x16\n\x12START_POSITION_NOW\x10\x02\x12\x19\n\x15START_POSITION_CURSOR\x10\x03\x32\x8a\x03\n\x0c\x45ventService\x12\x42\n\x07Publish\x12\x1a.tessera.v1.PublishRequest\x1a\x1b.tessera.v1.PublishResponse\x12Q\n\x0cPublishBatch\x12\x1f.tessera.v1.PublishBatchRequest\x1a .tessera.v1.PublishBatchResponse\x12\x46\n\tSubscribe\x12\x1c.tessera.v1.SubscribeRequest\x1a\x19.tessera.v1.EventEnvelope0\x01\x12\x36\n\x03\x41\x63k\x12\x16.tessera.v1.AckRequest\x1a\x17.tessera.v1.AckResponse\x12\x63\n\x12\x44\x65leteSubscription\x12%.tessera.v1.DeleteSubscriptionRequest\x1a&.tessera.v1.DeleteSubscriptionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/events.proto\x12\ntessera.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1atessera/v1/resources.proto\"\xa2\x02\n\rEventEnvelope\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12(\n\x07subject\x18\x04 \x01(\x0b\x32\x17.tessera.v1.ResourceKey\x12%\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\x12\n\n\x02id\x18\t \x01(\t\x12\x11\n\theartbeat\x18\n \x01(\x08\x12(\n\x05\x62\x61tch\x18\x0b \x03(\x0b\x32\x19.tessera.v1.EventEnvelope\"\x88\x01\n\x0ePublishRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12(\n\x07subject\x18\x02 \x01(\x0b\x32\x17.tessera.v1.ResourceKey\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\";\n\x0fPublishResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.tessera.v1.EventEnvelope\"A\n\x13PublishBatchRequest\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.tessera.v1.PublishRequest\"A\n\x14PublishBatchResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.tessera.v1.EventEnvelope\"\x9d\x01\n\x10SubscribeRequest\x12\x15\n\rtype_patterns\x18\x01 \x03(\t\x12(\n\x05start\x18\x02 \x01(\x0e\x32\x19.tessera.v1.StartPosition\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\x14\n\x0csubscription\x18\x04 \x01(\t\x12\x0f\n\x07origins\x18\x05 \x03(\t\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\"2\n\nAckRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"\x1d\n\x0b\x41\x63kResponse\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\"1\n\x19\x44\x65leteSubscriptionRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65leteSubscriptionResponse*\x80\x01\n\rStartPosition\x12\x1e\n\x1aSTART_POSITION_UNSPECIFIED\x10\x00\x12\x1c\n\x18START_POSITION_BEGINNING\x10\x01\x12\x16\n\x12START_POSITION_NOW\x10\x02\x12\x19\n\x15START_POSITION_CURSOR\x10\x03\x32\x8a\x03\n\x0c\x45ventService\x12\x42\n\x07Publish\x12\x1a.tessera.v1.PublishRequest\x1a\x1b.tessera.v1.PublishResponse\x12Q\n\x0cPublishBatch\x12\x1f.tessera.v1.PublishBatchRequest\x1a .tessera.v1.PublishBatchResponse\x12\x46\n\tSubscribe\x12\x1c.tessera.v1.SubscribeRequest\x1a\x19.tessera.v1.EventEnvelope0\x01\x12\x36\n\x03\x41\x63k\x12\x16.tessera.v1.AckRequest\x1a\x17.tessera.v1.AckResponse\x12\x63\n\x12\x44\x65leteSubscription\x12%.tessera.v1.DeleteSubscriptionRequest\x1a&.tessera.v1.DeleteSubscriptionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera_client.pb.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STARTPOSITION']._serialized_start=1021
-  _globals['_STARTPOSITION']._serialized_end=1149
+  _globals['_STARTPOSITION']._serialized_start=1082
+  _globals['_STARTPOSITION']._serialized_end=1210
   _globals['_EVENTENVELOPE']._serialized_start=131
-  _globals['_EVENTENVELOPE']._serialized_end=379
-  _globals['_PUBLISHREQUEST']._serialized_start=382
-  _globals['_PUBLISHREQUEST']._serialized_end=518
-  _globals['_PUBLISHRESPONSE']._serialized_start=520
-  _globals['_PUBLISHRESPONSE']._serialized_end=579
-  _globals['_PUBLISHBATCHREQUEST']._serialized_start=581
-  _globals['_PUBLISHBATCHREQUEST']._serialized_end=646
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=648
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=713
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=716
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=854
-  _globals['_ACKREQUEST']._serialized_start=856
-  _globals['_ACKREQUEST']._serialized_end=906
-  _globals['_ACKRESPONSE']._serialized_start=908
-  _globals['_ACKRESPONSE']._serialized_end=937
-  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_start=939
-  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_end=988
-  _globals['_DELETESUBSCRIPTIONRESPONSE']._serialized_start=990
-  _globals['_DELETESUBSCRIPTIONRESPONSE']._serialized_end=1018
-  _globals['_EVENTSERVICE']._serialized_start=1152
-  _globals['_EVENTSERVICE']._serialized_end=1546
+  _globals['_EVENTENVELOPE']._serialized_end=421
+  _globals['_PUBLISHREQUEST']._serialized_start=424
+  _globals['_PUBLISHREQUEST']._serialized_end=560
+  _globals['_PUBLISHRESPONSE']._serialized_start=562
+  _globals['_PUBLISHRESPONSE']._serialized_end=621
+  _globals['_PUBLISHBATCHREQUEST']._serialized_start=623
+  _globals['_PUBLISHBATCHREQUEST']._serialized_end=688
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=690
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=755
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=758
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=915
+  _globals['_ACKREQUEST']._serialized_start=917
+  _globals['_ACKREQUEST']._serialized_end=967
+  _globals['_ACKRESPONSE']._serialized_start=969
+  _globals['_ACKRESPONSE']._serialized_end=998
+  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_start=1000
+  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_end=1049
+  _globals['_DELETESUBSCRIPTIONRESPONSE']._serialized_start=1051
+  _globals['_DELETESUBSCRIPTIONRESPONSE']._serialized_end=1079
+  _globals['_EVENTSERVICE']._serialized_start=1213
+  _globals['_EVENTSERVICE']._serialized_end=1607
 # @@protoc_insertion_point(module_scope)

@@ -67,6 +67,7 @@ class EventEnvelope(_message.Message):
     ACTOR_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Monotonic sequence within this node's log."""
     cursor: _builtins.str
@@ -97,6 +98,13 @@ class EventEnvelope(_message.Message):
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it was appended."""
 
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventEnvelope]:
+        """Only on streams opened with `max_batch` above 1: consecutive events sent in one
+        message, oldest first, each a complete envelope. The outer envelope carries only the
+        cursor of the last of them.
+        """
+
     def __init__(
         self,
         *,
@@ -110,10 +118,11 @@ class EventEnvelope(_message.Message):
         actor: _builtins.str = ...,
         id: _builtins.str = ...,
         heartbeat: _builtins.bool = ...,
+        batch: _abc.Iterable[Global___EventEnvelope] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "subject", b"subject", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "cursor", b"cursor", "data", b"data", "heartbeat", b"heartbeat", "id", b"id", "sequence", b"sequence", "source", b"source", "subject", b"subject", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "batch", b"batch", "cursor", b"cursor", "data", b"data", "heartbeat", b"heartbeat", "id", b"id", "sequence", b"sequence", "source", b"source", "subject", b"subject", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -240,12 +249,18 @@ class SubscribeRequest(_message.Message):
     CURSOR_FIELD_NUMBER: _builtins.int
     SUBSCRIPTION_FIELD_NUMBER: _builtins.int
     ORIGINS_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
     start: Global___StartPosition.ValueType
     """Where to start."""
     cursor: _builtins.str
     """Cursor, with start START_POSITION_CURSOR."""
     subscription: _builtins.str
     """Name of a durable subscription whose cursor the server keeps; empty for an ephemeral one."""
+    max_batch: _builtins.int
+    """Most events per stream message (0 or 1: one event per message, the default). Above 1,
+    events already read together are sent together in `batch` (up to this many, and at
+    most about 1 MiB per message), which costs far less per event. At most 1000.
+    """
     @_builtins.property
     def type_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Type patterns, e.g. "task.*"; empty means every type the caller may follow."""
@@ -264,10 +279,11 @@ class SubscribeRequest(_message.Message):
         cursor: _builtins.str = ...,
         subscription: _builtins.str = ...,
         origins: _abc.Iterable[_builtins.str] | None = ...,
+        max_batch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "origins", b"origins", "start", b"start", "subscription", b"subscription", "type_patterns", b"type_patterns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "max_batch", b"max_batch", "origins", b"origins", "start", b"start", "subscription", b"subscription", "type_patterns", b"type_patterns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
