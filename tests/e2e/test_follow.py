@@ -124,6 +124,9 @@ async def test_follower_resumes_after_either_side_restarts_without_gap_or_duplic
         checks = (await admin.admin.Doctor(admin_pb2.DoctorRequest())).checks
     follow_check = [c for c in checks if c.name == "follow:b"]
     assert follow_check and follow_check[0].status == admin_pb2.DoctorCheck.STATUS_GREEN
+    done = await asyncio.to_thread(_cli, a, "doctor", "--json")
+    shown = {c["name"]: c["status"] for c in json.loads(done.stdout)["checks"]}
+    assert shown.get("follow:b") == "green", done.stdout
 
 
 async def _head_heartbeat(call: grpc.aio.UnaryStreamCall, head_cursor: str) -> list[Envelope]:

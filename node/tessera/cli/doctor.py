@@ -132,7 +132,8 @@ def _limiter_checks(cfg: config.Config) -> list[doctor.Check]:
     return [doctor.Check(ch.name, _LEVELS.get(ch.status, doctor.Level.RED), ch.message,
                          {"backend": ch.details.fields["backend"].string_value}
                          if "backend" in ch.details.fields else {})
-            for ch in resp.checks if ch.name == "ratelimit"]
+            # ... and each followed peer's follower (issue 14), as only the node knows it.
+            for ch in resp.checks if ch.name == "ratelimit" or ch.name.startswith("follow:")]
 
 
 def _doctor(env: Env) -> int:
