@@ -287,3 +287,29 @@ async def test_one_follower_per_peer_across_replicas_and_the_other_takes_over(
     more = await _publish(b, 5, "after-failover")
     got = await _log_of(other, "b", more[-1].id)
     assert [e.id for e in got] == [e.id for e in first + more]
+
+
+async def test_a_refused_follow_records_why_backs_off_and_recovers_when_granted_again(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    b = node_factory(name="b", env=FAST)
+    a = node_factory(name="a", env=FAST)
+    await _linked(b, a, peering)
+    await _follow(a, "b")
+    await _wait_follow(a, "b", "connected")
+    before = await _publish(b, 2, "before")
+    await _log_of(a, "b", before[-1].id)
+
+    async with b.client("admin") as admin:
+        grants = (await admin.admin.ListGrants(admin_pb2.ListGrantsRequest(peer="a"))).grants
+        for g in grants:
+            await admin.admin.RevokeGrant(admin_pb2.RevokeGrantRequest(name=g.name))
+    refused = await _wait_follow(a, "b", "backoff")
+    assert "PERMISSION_DENIED" in refused.last_error or "UNAUTHENTICATED" in refused.last_error
+    while_refused = await _publish(b, 3, "while-refused")
+
+    await peering.grant(b, "a", kinds=["task"], workspaces=["acme"], event_types=["task.*"])
+    await _wait_follow(a, "b", "connected")
+    got = await _log_of(a, "b", while_refused[-1].id)
+    # Resumed from its cursor: what was published while it was refused arrives, once.
+    assert [e.id for e in got] == [e.id for e in before + while_refused]
