@@ -180,15 +180,28 @@ async def test_a_followed_peers_events_never_reach_another_peer_whatever_its_gra
     assert await opened(only_b)
     assert await _head_heartbeat(only_b, sentinel.cursor) == []
     only_b.cancel()
-    both = c.events.Subscribe(events_pb2.SubscribeRequest(
-        start=events_pb2.START_POSITION_BEGINNING, origins=["b", "local"]))
-    got = await read_until(both, lambda e: e.id == sentinel.id)
-    both.cancel()
-    assert not b_ids & {e.id for e in got}
+    for origins in (["b", "local"], ["*"]):
+        both = c.events.Subscribe(events_pb2.SubscribeRequest(
+            start=events_pb2.START_POSITION_BEGINNING, origins=origins))
+        got = await read_until(both, lambda e: e.id == sentinel.id)
+        both.cancel()
+        assert not b_ids & {e.id for e in got}, origins
 
-    # A local identity of A does see them, and can pick them out by origin.
+    # A local identity of A sees them when it asks for them (by name, or "*"); without an
+    # origins filter it gets A's own events only, as before following existed.
     mine = await _log_of(a, "b", from_b[-1].id)
     assert [e.id for e in mine] == [e.id for e in from_b]
+    async with a.client() as local:
+        call = local.events.Subscribe(events_pb2.SubscribeRequest(
+            start=events_pb2.START_POSITION_BEGINNING))
+        own = await read_until(call, lambda e: e.id == sentinel.id)
+        call.cancel()
+        call = local.events.Subscribe(events_pb2.SubscribeRequest(
+            start=events_pb2.START_POSITION_BEGINNING, origins=["*"]))
+        every = await read_until(call, lambda e: e.id == sentinel.id)
+        call.cancel()
+    assert not b_ids & {e.id for e in own}
+    assert b_ids <= {e.id for e in every}
 
 
 def _cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:

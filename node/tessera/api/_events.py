@@ -17,6 +17,7 @@ from tessera.api._validate import IDEMPOTENCY_RE, Checker
 from tessera.calls import current_caller, peer_scope
 from tessera.core.pagination import query_hash
 from tessera.events import (
+    ANY_ORIGIN,
     LOCAL_ORIGIN,
     Delivery,
     EventService,
@@ -190,8 +191,8 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         if len(request.origins) > MAX_PATTERNS:
             c.fail("origins", f"at most {MAX_PATTERNS} origins")
         for i, origin in enumerate(request.origins):
-            if origin != LOCAL_ORIGIN and not ORIGIN_RE.match(origin):
-                c.fail(f"origins[{i}]", "must be 'local' or a followed peer's name "
+            if origin not in (LOCAL_ORIGIN, ANY_ORIGIN) and not ORIGIN_RE.match(origin):
+                c.fail(f"origins[{i}]", "must be 'local', '*' or a followed peer's name "
                                         "(1-64 of [a-z0-9-])")
         c.done()
         params = SubscribeParams(tuple(request.type_patterns), start or Start.UNSPECIFIED,

@@ -15,6 +15,7 @@ from tessera.events._patterns import (
     type_problem,
 )
 from tessera.events._service import (
+    ANY_ORIGIN,
     LOCAL_ORIGIN,
     Delivery,
     EventService,
@@ -23,6 +24,7 @@ from tessera.events._service import (
 )
 
 __all__ = [
+    "ANY_ORIGIN",
     "LOCAL_ORIGIN",
     "RESERVED_PREFIXES",
     "Cursor",

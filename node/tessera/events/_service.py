@@ -65,12 +65,16 @@ class SubscribeParams:
     start: str
     cursor: str = ""
     name: str = ""
-    #: Only events of these origins: "local" or followed peers' names (empty: all).
+    #: Only events of these origins: "local", followed peers' names, or "*" for every
+    #: origin. Empty: "local" only, so a consumer sees a followed peer's events only when
+    #: it asks for them (they never pass for this node's own).
     origins: tuple[str, ...] = ()
 
 
 #: The origin name of this node's own events in an `origins` filter.
 LOCAL_ORIGIN = "local"
+#: Every origin, in an `origins` filter.
+ANY_ORIGIN = "*"
 
 
 @dataclass(frozen=True)
@@ -244,8 +248,10 @@ class EventService:
                 timer = asyncio.get_running_loop().call_later(
                     delay, handle.end, _expired(why))
             yield Delivery(None, await self.cursor_of(position), opened=True)
-            origins = (sorted({"" if o == LOCAL_ORIGIN else o for o in params.origins})
-                       if params.origins else None)
+            origins: list[str] | None = (
+                None if ANY_ORIGIN in params.origins
+                else sorted({"" if o == LOCAL_ORIGIN else o
+                             for o in params.origins or (LOCAL_ORIGIN,)}))
             async for item in self._run(handle, scope, position, like, grant_like, predicate,
                                         origins):
                 yield item

@@ -267,8 +267,9 @@ class SubscribeRequest(_message.Message):
 
     @_builtins.property
     def origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events of these origins: "local" (this node's own) or the names of followed
-        peers. Empty means every origin the caller may see (a peer only ever sees "local").
+        """Only events of these origins: "local" (this node's own), the names of followed peers,
+        or "*" (every origin the caller may see). Empty means "local": a followed peer's
+        events reach only subscribers that ask for them. A peer only ever sees "local" events.
         """
 
     def __init__(
