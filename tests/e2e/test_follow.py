@@ -124,6 +124,12 @@ async def test_follower_resumes_after_either_side_restarts_without_gap_or_duplic
         checks = (await admin.admin.Doctor(admin_pb2.DoctorRequest())).checks
     follow_check = [c for c in checks if c.name == "follow:b"]
     assert follow_check and follow_check[0].status == admin_pb2.DoctorCheck.STATUS_GREEN
+    done = await asyncio.to_thread(_cli, a, "events", "tail", "--origin", "b", "--from",
+                                   "beginning", "--limit", "12", "--json")
+    assert done.returncode == 0, done.stderr
+    tailed = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [e["id"] for e in tailed] == [e.id for e in first + while_a_down + after_b]
+    assert {e["source"] for e in tailed} == {"b"}
     done = await asyncio.to_thread(_cli, a, "doctor", "--json")
     shown = {c["name"]: c["status"] for c in json.loads(done.stdout)["checks"]}
     assert shown.get("follow:b") == "green", done.stdout

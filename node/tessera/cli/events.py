@@ -48,13 +48,17 @@ def _tail_flags(p: argparse.ArgumentParser) -> None:
                         "as events are printed")
     p.add_argument("--limit", type=int, default=0,
                    help="exit after this many events (default: run until interrupted)")
+    p.add_argument("--origin", action="append", default=[], metavar="local|PEER|*",
+                   help="only events of this origin: local (default), a followed peer's "
+                        "name, or * for all; repeatable")
 
 
 def _tail(env: Env) -> int:
     from tessera_client.pb import events_pb2
 
     args, out = env.args, env.out
-    req = events_pb2.SubscribeRequest(type_patterns=args.pattern, subscription=args.durable)
+    req = events_pb2.SubscribeRequest(type_patterns=args.pattern, subscription=args.durable,
+                                      origins=args.origin)
     if args.start in (None, ""):
         req.start = events_pb2.START_POSITION_UNSPECIFIED
     elif args.start == "beginning":
