@@ -24,6 +24,7 @@ from tests.fixtures.events import WAIT_S, event, opened, read_until, subscribe
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering, put_request, reason_of
 from tests.fixtures.valkey import free_port
+from tests.fixtures.waiting import wait_until
 
 #: Quick reconnection and heartbeats, so the tests do not idle.
 FAST = {"TESSERA_EVENTS_FOLLOW_BACKOFF_MAX_S": "1", "TESSERA_EVENTS_KEEPALIVE_S": "1",
@@ -40,15 +41,11 @@ async def _follows(node: NodeProcess) -> dict[str, admin_pb2.PeerFollow]:
 
 
 async def _wait_follow(node: NodeProcess, peer: str, state: str) -> admin_pb2.PeerFollow:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    last = None
-    while loop.time() < deadline:
-        last = (await _follows(node)).get(peer)
-        if last is not None and last.state == state:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"follow of {peer} never became {state}; last: {last}")
+    async def reached() -> admin_pb2.PeerFollow | None:
+        f = (await _follows(node)).get(peer)
+        return f if f is not None and f.state == state else None
+
+    return await wait_until(reached, f"the follow of {peer} to become {state}")
 
 
 async def _publish(b: NodeProcess, n: int, tag: str) -> list[Envelope]:
@@ -267,15 +264,11 @@ def _gauges(mport: int) -> tuple[float, float]:
 
 async def _wait_gauges(ports: list[int], want: list[tuple[float, float]]) -> None:
     """Until each process shows (connected, standby) as wanted, in any order of processes."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    got: list[tuple[float, float]] = []
-    while loop.time() < deadline:
+    async def reached() -> bool:
         got = [await asyncio.to_thread(_gauges, p) for p in ports]
-        if sorted(got) == sorted(want):
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"(connected, standby) per process: {got}, wanted {want}")
+        return sorted(got) == sorted(want)
+
+    await wait_until(reached, f"(connected, standby) per process to be {want}")
 
 
 async def test_one_follower_per_peer_across_replicas_and_the_other_takes_over(
