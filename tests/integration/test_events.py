@@ -390,7 +390,9 @@ async def test_metrics_show_open_streams_and_their_lag(node_factory: NodeFactory
         while True:
             text = await asyncio.to_thread(scrape)
             lag = _metric(text, "tessera_event_stream_max_lag_events") or 0.0
-            if lag > 0 or loop.time() > deadline:
+            # The head gauge follows the LISTEN connection's notifications: wait for both.
+            head = _metric(text, "tessera_event_log_head") or 0.0
+            if (lag > 0 and head >= 3000) or loop.time() > deadline:
                 break
             await asyncio.sleep(0.2)
         idle.cancel()
