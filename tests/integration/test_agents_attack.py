@@ -73,3 +73,23 @@ async def test_a_setuid_file_left_by_one_run_does_not_give_another_run_its_uid(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     assert agent_processes() == []
+
+
+# -- every end of a run is audited, also when the node stops -----------------------------------
+
+async def test_a_run_ended_by_a_graceful_stop_is_audited_as_ended(
+        agent_node: Callable[..., NodeProcess]) -> None:  # noqa: F811
+    """Attack on the audit trail: a run the node ended because it stopped (SIGTERM, a
+    lost lease) left a spawn record and no end: the end record was written only after a
+    handler that ran to its end, so an interrupted run vanished from the audit."""
+    node = agent_node()
+    async with node.client() as c:
+        op = await c.command.Execute(spawn("stop-1", "probe", name="a", seconds=300))
+    await recorded_group(node, op.name)
+    node.stop()
+    await until(lambda: _async(not agent_processes() or None), "the agent to be gone")
+    rows = sql(node, "SELECT method, reason, detail->>'operation', detail->>'killed_by'"
+                     " FROM audit_log WHERE service = 'tessera.agents' ORDER BY sequence")
+    assert [r[0] for r in rows] == ["spawn", "end"], rows
+    assert rows[1][1] == "AGENT_EXITED" and rows[1][2] == op.name, rows
+    assert rows[1][3] == "interrupted", rows

@@ -809,6 +809,7 @@ class Agents:
         spec, proc = live.spec, live.proc
         budget = [spec.output_limit_bytes]
         truncated = [0]
+        followed = False
         try:
             await self._audit("spawn", live, ctx.operation, "AGENT_SPAWNED",
                               {"pid": proc.pid, "uid": live.user.uid})
@@ -827,8 +828,19 @@ class Agents:
             _, pending = await asyncio.wait(readers, timeout=5.0)
             for task in pending:
                 task.cancel()
+            followed = True
         finally:
             self._end(ctx, live)
+            if not followed:
+                # Interrupted (node stopping, lease lost): the run ended here all the same,
+                # and the audit must say so, not show a spawn that never ended.
+                live.killed_by = live.killed_by or "interrupted"
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(self._audit(
+                        "end", live, ctx.operation, "AGENT_EXITED",
+                        {"agent": spec.name, "exit_code": -1,
+                         "output_bytes": spec.output_limit_bytes - budget[0],
+                         "truncated_bytes": truncated[0], "killed_by": live.killed_by}))
         code = proc.returncode if proc.returncode is not None else -1
         result: dict[str, Any] = {"agent": spec.name, "exit_code": code,
                                   "output_bytes": spec.output_limit_bytes - budget[0],
