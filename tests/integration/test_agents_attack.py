@@ -6,15 +6,27 @@ test_agents.py (the node runs as root, agents run as uids of the default range).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
+import pwd
 import secrets
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import psycopg
+import pytest
+
+from tessera.embedded import running_postgres_dsn
 from tessera_client.pb import command_pb2
-from tests.fixtures.nodes import NodeProcess
+from tests.fixtures.nodes import TEST_DIMENSION, NodeProcess
 from tests.integration.test_agents import (  # noqa: F401 - fixtures used by name
     AGENT_UIDS,
+    DEADLINE_S,
     _async,
     agent_node,
     agent_processes,
@@ -93,3 +105,118 @@ async def test_a_run_ended_by_a_graceful_stop_is_audited_as_ended(
     assert [r[0] for r in rows] == ["spawn", "end"], rows
     assert rows[1][1] == "AGENT_EXITED" and rows[1][2] == op.name, rows
     assert rows[1][3] == "interrupted", rows
+
+
+# -- embedded PostgreSQL's socket directory is no agent's to write -------------------------------
+
+#: Renames embedded PostgreSQL's socket away and listens in its place: a node (or CLI) that
+#: connects with the node's DSN then talks to the agent (trust authentication, no password).
+_HIJACK = r"""
+import os, socket, sys
+path = os.path.join(sys.argv[-1], ".s.PGSQL.5432")
+try:
+    os.rename(path, path + ".moved")
+except OSError as exc:
+    print("rename: denied", exc.strerror, flush=True)
+    sys.exit(0)
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+os.chmod(path, 0o777)
+server.listen(1)
+print("listening", flush=True)
+conn, _ = server.accept()
+startup = conn.recv(4096)
+print("got", startup[8:].split(b"\0")[:4], flush=True)
+msg = b"SFATAL\0C28000\0Mhijacked by an agent\0\0"
+conn.sendall(b"E" + (len(msg) + 4).to_bytes(4, "big") + msg)
+conn.close()
+"""
+
+
+@pytest.fixture
+def embedded_agent_node(agent_user: pwd.struct_passwd,  # noqa: F811
+                        valkey_url: str) -> Iterator[NodeProcess]:
+    """A root node of the embedded tier whose data directory is too deep for a socket
+    path, so embedded PostgreSQL's socket lives in a directory under /tmp."""
+    base = Path(tempfile.mkdtemp(prefix="tessera-agents-pg-", dir="/tmp"))
+    base.chmod(0o711)
+    data = base / ("deep-data-directory-" + "d" * 90)
+    config = base / "tessera.toml"
+    config.write_text(
+        "[agents]\nkill_grace_s = 2\n\n[agents.hijack]\nexecutable = \"/usr/bin/python3\"\n"
+        f"args = [\"-I\", \"-c\", {json.dumps(_HIJACK)}]\nparams = [\"dir\"]\n"
+        "schema = { type = \"object\", properties = { dir = { type = \"string\", pattern = "
+        "\"^/tmp/[a-z0-9./-]{1,200}$\" } } }\ncwd = \"/\"\ntime_limit_s = 60\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env.update({"TESSERA_NODE_NAME": "tessera", "TESSERA_CONFIG": str(config),
+                "TESSERA_STORE_EMBEDDING_DIMENSION": str(TEST_DIMENSION),
+                "TESSERA_VALKEY_URL": valkey_url})
+    node = NodeProcess(data, env, base / "node.log")
+    node.start()
+    try:
+        yield node
+    finally:
+        if node.proc is not None and node.proc.poll() is None:
+            node.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_an_agent_cannot_take_the_place_of_embedded_postgresqls_socket(
+        embedded_agent_node: NodeProcess) -> None:
+    """Attack: with a deep data directory embedded PostgreSQL's socket sits in
+    /tmp/tessera-pg-<uid>/<hash>, which was mode 0777 without the sticky bit. An agent
+    renamed the socket away and listened in its place: every new connection of the node
+    (trust authentication) reached the agent, which could read the queries and forge the
+    answers (grants, peers). The directory now belongs to PostgreSQL's account, 0700."""
+    node = embedded_agent_node
+    dsn = running_postgres_dsn(node.data_dir / "postgres")
+    assert dsn is not None
+    socket_dir = Path(dsn.split("host=", 1)[1].split("&", 1)[0])
+    assert socket_dir.parent.parent == Path("/tmp"), socket_dir  # not in the data dir
+    async with node.client() as c:
+        op = await c.command.Execute(spawn("hijack-1", "hijack", dir=str(socket_dir)))
+        said = await asyncio.wait_for(first_word(c, op.name, ("listening", "rename: denied")),
+                                      DEADLINE_S)
+        try:
+            if said == "listening":
+                with pytest.raises(psycopg.OperationalError) as err:
+                    psycopg.connect(dsn, connect_timeout=10).close()
+                pytest.fail(f"the node's DSN reached the agent: {err.value}")
+        finally:
+            _put_back(socket_dir)
+        final = await done_op_dsn(c, op.name)
+    assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    st = os.stat(socket_dir)
+    assert st.st_mode & 0o777 == 0o700 and st.st_uid != 0, oct(st.st_mode)
+
+
+def _put_back(socket_dir: Path) -> None:
+    """Undo what the agent did: PostgreSQL's own socket back in its place."""
+    moved = socket_dir / ".s.PGSQL.5432.moved"
+    if moved.exists():
+        (socket_dir / ".s.PGSQL.5432").unlink(missing_ok=True)
+        moved.rename(socket_dir / ".s.PGSQL.5432")
+
+
+async def first_word(c: Any, name: str, words: tuple[str, ...]) -> str:
+    """The first of `words` the run prints (read from WatchOperation, not the store: the
+    agent may sit on the store's socket)."""
+    seen = ""
+    async for op in c.command.WatchOperation(command_pb2.WatchOperationRequest(name=name)):
+        seen += op.output_chunk
+        for word in words:
+            if word in seen:
+                return word
+        if op.done:
+            break
+    pytest.fail(f"{name} ended without saying any of {words}: {seen!r}")
+
+
+async def done_op_dsn(c: Any, name: str) -> command_pb2.Operation:
+    async def probe() -> command_pb2.Operation | None:
+        op = await c.command.GetOperation(command_pb2.GetOperationRequest(name=name))
+        return op if op.done else None
+
+    return await until(probe, f"{name} to finish")
