@@ -13,6 +13,8 @@ import os
 import pwd
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -220,3 +222,61 @@ async def done_op_dsn(c: Any, name: str) -> command_pb2.Operation:
         return op if op.done else None
 
     return await until(probe, f"{name} to finish")
+
+
+# -- secrets outside the data directory: the config file with the DSN, key files ---------------
+
+def _serve(node: NodeProcess) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "serve", "--data-dir", str(node.data_dir),
+         "--listen", "127.0.0.1:0"], env=node.env, capture_output=True, text=True,
+        timeout=DEADLINE_S, check=False)
+
+
+def test_agents_do_not_start_while_the_config_file_with_the_dsn_is_readable_to_them(
+        agent_node: Callable[..., NodeProcess]) -> None:  # noqa: F811
+    """Attack: the node closes its data directory to agents, but the DSN written in its
+    config file (created 0644, as an editor or `cat >` does) was readable by every agent:
+    the probe agent read it. The node now refuses to start agents until the file (or a
+    directory above it) is closed to them, naming the file and the fix."""
+    dsn_line = '\n[store]\ndsn = "postgresql://tessera:hunter2@127.0.0.1:1/tessera"\n'
+    node = agent_node(extra=dsn_line, start=False)
+    config = Path(node.env["TESSERA_CONFIG"])
+    assert os.stat(config).st_mode & 0o004  # world-readable, as the fixture wrote it
+    done = _serve(node)
+    assert done.returncode != 0, done.stderr[-2000:]
+    said = [ln for ln in (done.stdout + done.stderr).splitlines() if str(config) in ln]
+    assert len(said) == 1 and "store.dsn" in said[0] and "agents" in said[0], said
+    assert "hunter2" not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (node.data_dir / "node.json").exists()
+    # Closed to others, the node starts; the agent cannot read the file.
+    os.chmod(config, 0o600)
+    node.env["TESSERA_CONFIG"] = str(config)
+    node.start()
+    node.stop()
+
+
+def test_agents_do_not_start_while_a_key_file_is_readable_to_them(
+        agent_node: Callable[..., NodeProcess]) -> None:  # noqa: F811
+    """Attack: with fixed TLS files (tls.key_file outside the data directory) a key left
+    0644 was readable by every agent. The node refuses to start agents then."""
+    node = agent_node()
+    node.stop()
+    tls = node.data_dir.parent / "tls-files"
+    tls.mkdir(mode=0o755)
+    for name in ("node.crt", "node.key", "ca.crt"):
+        shutil.copy(node.data_dir / "pki" / name, tls / name)
+        os.chmod(tls / name, 0o644)
+    node.env.update({"TESSERA_TLS_CERT_FILE": str(tls / "node.crt"),
+                     "TESSERA_TLS_KEY_FILE": str(tls / "node.key"),
+                     "TESSERA_TLS_CA_FILE": str(tls / "ca.crt")})
+    done = _serve(node)
+    assert done.returncode != 0, done.stderr[-2000:]
+    said = [ln for ln in (done.stdout + done.stderr).splitlines() if "tls.key_file" in ln]
+    assert len(said) == 1 and str(tls / "node.key") in said[0], said
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    # A directory above it that agents cannot enter closes it as well.
+    os.chmod(tls, 0o700)
+    node.start()
+    node.stop()

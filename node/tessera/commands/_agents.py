@@ -31,7 +31,7 @@ import secrets
 import signal
 import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,6 +343,47 @@ def check_data_dir_closed(data_dir: Path, who: UidRange | AgentUser) -> None:
         raise ConfigError(f"agents: the data directory {data_dir} is open to {name} "
                           f"(mode {stat.S_IMODE(st.st_mode):o}); make it 0700 and owned by "
                           "the node's account")
+
+
+def _open_to(st: os.stat_result, who: UidRange | AgentUser, bits: int) -> bool:
+    """Whether an agent uid gets `bits` (a mode triple, e.g. 0o4 read) on this inode."""
+    if isinstance(who, UidRange):
+        if st.st_uid in who:
+            return bool(st.st_mode & (bits << 6))
+        if st.st_gid in who:
+            return bool(st.st_mode & (bits << 3))
+    else:
+        if st.st_uid == who.uid:
+            return bool(st.st_mode & (bits << 6))
+        if st.st_gid == who.gid:
+            return bool(st.st_mode & (bits << 3))
+    return bool(st.st_mode & bits)
+
+
+def readable_by_agents(path: Path, who: UidRange | AgentUser) -> bool:
+    """Whether an agent could read `path`: every directory above it lets an agent in
+    and the file lets it read (agents have no supplementary groups)."""
+    try:
+        real = path.resolve(strict=True)
+        if not _open_to(real.stat(), who, 0o4):
+            return False
+        return all(_open_to(d.stat(), who, 0o1) for d in real.parents)
+    except OSError:
+        return False
+
+
+def check_secrets_closed(files: Iterable[tuple[str, str]], who: UidRange | AgentUser) -> None:
+    """ConfigError naming the first (setting, file) an agent could read.
+
+    The data directory is checked apart; these are the secrets the configuration keeps
+    elsewhere (fixed TLS key, provisioner key and password, the config file when it
+    holds the DSN or Valkey URL).
+    """
+    for setting, name in files:
+        if name and readable_by_agents(Path(name), who):
+            raise ConfigError(f"agents: {name} ({setting}) is readable by agents; make it "
+                              "0600 (or 0640 with a group of the node's) or close a "
+                              "directory above it, before agents are allowed")
 
 
 def ids_in_use() -> set[int]:
