@@ -280,3 +280,26 @@ def test_agents_do_not_start_while_a_key_file_is_readable_to_them(
     os.chmod(tls, 0o700)
     node.start()
     node.stop()
+
+
+async def test_a_run_of_a_killed_node_is_audited_as_ended_after_the_restart(
+        agent_node: Callable[..., NodeProcess]) -> None:  # noqa: F811
+    """Attack on the audit trail: SIGKILL the node while its agent runs (the kernel then
+    ends the agent). The restarted node cleaned up the run's record but wrote no end
+    record: the audit showed a spawn that never ended. The restart now audits it, with
+    the run's caller, grant and agent."""
+    node = agent_node()
+    async with node.client() as c:
+        op = await c.command.Execute(spawn("crash-1", "probe", name="a", seconds=300))
+    await recorded_group(node, op.name)
+    node.crash()
+    await until(lambda: _async(not agent_processes() or None), "the agent to be gone")
+    node.start()
+    assert (await done_op(node, op.name)).state == command_pb2.OPERATION_STATE_FAILED
+    rows = sql(node, "SELECT method, identity, grant_name, kind, reason,"
+                     " detail->>'operation', detail->>'killed_by' FROM audit_log"
+                     " WHERE service = 'tessera.agents' ORDER BY sequence")
+    assert [r[0] for r in rows] == ["spawn", "end"], rows
+    spawned, ended = rows
+    assert ended[1:4] == spawned[1:4] and ended[3] == "probe", rows
+    assert ended[4:] == ("AGENT_EXITED", op.name, "node died"), rows

@@ -491,6 +491,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
                                     auditor=auditor, grants=grants)
         if agents is not None:
             agents.kill_leftovers()
+            await agents.audit_leftovers()
             for handler in agents.handlers():
                 commands.register(handler, source="builtin")
         # Before serving, so an accepted operation can start at once; closed after the

@@ -573,6 +573,8 @@ class Agents:
         self.auditor = auditor
         self._live: dict[str, _Live] = {}
         self._start_lock = asyncio.Lock()
+        #: Records of runs an earlier process left (see kill_leftovers), to audit.
+        self._leftovers: list[dict[str, Any]] = []
 
     @classmethod
     def from_config(cls, cfg: AgentsConfig, data_dir: Path, *, operations: OperationStore,
@@ -814,6 +816,8 @@ class Agents:
             record.write_text(json.dumps({
                 "pgid": proc.pid, "start_ticks": started, "agent": spec.name,
                 "operation": ctx.operation, "uid": user.uid,
+                # Who ran it: a restart after a crash audits the run's end for them.
+                "caller": ctx.caller, "grant": grant,
                 # Which serving process ran it: a sibling's live runs are not leftovers.
                 "owner_pid": os.getpid(), "owner_start_ticks": start_ticks(os.getpid())}))
         except OSError:
@@ -1003,10 +1007,21 @@ class Agents:
 
     def kill_leftovers(self) -> int:
         """Kill groups recorded by an earlier process of this node that still match."""
-        killed = kill_leftovers(self.runs_dir)
+        killed = kill_leftovers(self.runs_dir, ended=self._leftovers)
         if self.claims is not None:
             self.claims.sweep()
         return killed
+
+    async def audit_leftovers(self) -> None:
+        """Audit the end of each run kill_leftovers found: its node died while it ran,
+        so nothing else writes that the run ended."""
+        ended, self._leftovers = self._leftovers, []
+        for rec in ended:
+            agent = str(rec.get("agent", ""))
+            await self._audit_entry(
+                "end", str(rec.get("caller", "")), str(rec.get("grant", "")), agent,
+                {"agent": agent, "operation": rec.get("operation", ""), "exit_code": -1,
+                 "killed_by": "node died", "uid": rec.get("uid")}, reason="AGENT_EXITED")
 
 
 def _alive(pid: Any, ticks: Any) -> bool:
@@ -1016,9 +1031,10 @@ def _alive(pid: Any, ticks: Any) -> bool:
         return False
 
 
-def kill_leftovers(runs_dir: Path) -> int:
+def kill_leftovers(runs_dir: Path, *, ended: list[dict[str, Any]] | None = None) -> int:
     """SIGKILL every recorded agent group still alive (pgid and start time match) whose
-    serving process is gone; a live sibling serving process's runs are left alone."""
+    serving process is gone; a live sibling serving process's runs are left alone.
+    Each removed record (a run whose serving process died) is appended to `ended`."""
     killed = 0
     if not runs_dir.is_dir():
         return 0
@@ -1037,5 +1053,11 @@ def kill_leftovers(runs_dir: Path) -> int:
             log.warning("killed %d leftover process(es) of agent %s (%s)", hit,
                         rec.get("agent"), rec.get("operation"))
             killed += hit
-        record.unlink(missing_ok=True)
+        try:
+            # Serving processes starting together: the one that removes it reports it.
+            record.unlink()
+        except FileNotFoundError:
+            continue
+        if ended is not None and isinstance(rec, dict):
+            ended.append(rec)
     return killed
