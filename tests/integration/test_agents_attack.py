@@ -303,3 +303,29 @@ async def test_a_run_of_a_killed_node_is_audited_as_ended_after_the_restart(
     spawned, ended = rows
     assert ended[1:4] == spawned[1:4] and ended[3] == "probe", rows
     assert ended[4:] == ("AGENT_EXITED", op.name, "node died"), rows
+
+
+def test_an_executable_agents_could_replace_stops_the_start_with_one_line_naming_it(
+        agent_node: Callable[..., NodeProcess]) -> None:  # noqa: F811
+    """Attack: an allow-listed executable in a directory every account may write (0777,
+    no sticky bit) was accepted. One run renames it away and puts its own program there;
+    every later run, whoever's, executes that program as its own uid (its values, output
+    and result in the attacker's hands). Such an entry now stops the start."""
+    node = agent_node(start=False)
+    open_dir = node.data_dir.parent / "open-bin"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    exe = open_dir / "probe.sh"
+    shutil.copy(Path(__file__).resolve().parents[2] / "examples" / "agents" / "probe.sh", exe)
+    exe.chmod(0o755)
+    config = Path(node.env["TESSERA_CONFIG"])
+    config.write_text(config.read_text() + f'\n[agents.swap]\nexecutable = "{exe}"\n'
+                                           'cwd = "/"\n')
+    done = _serve(node)
+    assert done.returncode != 0, done.stderr[-2000:]
+    said = [ln for ln in (done.stdout + done.stderr).splitlines() if "agents.swap" in ln]
+    assert len(said) == 1 and "writable" in said[0], said
+    # The same file in a directory only root writes is accepted.
+    open_dir.chmod(0o755)
+    node.start()
+    node.stop()

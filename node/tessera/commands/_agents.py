@@ -386,6 +386,35 @@ def check_secrets_closed(files: Iterable[tuple[str, str]], who: UidRange | Agent
                               "directory above it, before agents are allowed")
 
 
+def replaceable_by_agents(path: Path, who: UidRange | AgentUser) -> bool:
+    """Whether an agent could change or replace the file at `path`: write it, or rename
+    or unlink it (or a directory on its way) in a directory it may write (a sticky one
+    lets only an entry's owner do that)."""
+    real = path.resolve()
+    if _open_to(real.stat(), who, 0o2):
+        return True
+    for entry in (real, *real.parents[:-1]):
+        parent = entry.parent.stat()
+        if not _open_to(parent, who, 0o2):
+            continue
+        if not parent.st_mode & stat.S_ISVTX:
+            return True
+        owner = entry.lstat().st_uid
+        if (owner in who) if isinstance(who, UidRange) else owner == who.uid:
+            return True
+    return False
+
+
+def check_executables_fixed(specs: Mapping[str, AgentSpec], who: UidRange | AgentUser) -> None:
+    """ConfigError naming the first agent whose executable an agent could replace: one
+    run would then choose what every later run, whoever's, executes."""
+    for name, spec in sorted(specs.items()):
+        if replaceable_by_agents(Path(spec.executable), who):
+            raise _entry_error(name, f"executable {spec.executable} is writable by agents "
+                                     "(the file or a directory above it); keep it where "
+                                     "only root writes")
+
+
 def ids_in_use() -> set[int]:
     """Every uid and gid (real, effective, saved, filesystem) of a live process."""
     found: set[int] = set()
@@ -586,6 +615,7 @@ class Agents:
         specs = parse_agents(cfg, data_dir)
         ids = agent_identity(cfg)
         check_data_dir_closed(data_dir, ids)
+        check_executables_fixed(specs, ids)
         runs = data_dir / "agents"
         runs.mkdir(mode=0o700, exist_ok=True)
         return cls(cfg, specs, ids, runs_dir=runs, operations=operations, auditor=auditor,
