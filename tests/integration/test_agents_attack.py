@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psycopg
 import pytest
 
@@ -329,3 +330,26 @@ def test_an_executable_agents_could_replace_stops_the_start_with_one_line_naming
     open_dir.chmod(0o755)
     node.start()
     node.stop()
+
+
+async def test_a_pattern_class_means_what_json_schema_says_ascii_digits_and_words(
+        agent_node: Callable[..., NodeProcess]) -> None:  # noqa: F811
+    """Schema bypass: JSON Schema patterns are ECMA-262, where \\d is [0-9] and \\w is
+    [A-Za-z0-9_]. Python's re matched any Unicode digit or letter, so "١٢٣" passed
+    ^\\d+$ and "ｓｈ" passed ^\\w+$ and reached the agent's command line."""
+    node = agent_node(extra='\n[agents.digits]\nexecutable = "/bin/echo"\n'
+                            'params = ["n", "w"]\nschema = { type = "object", properties = {'
+                            ' n = { type = "string", pattern = "^\\\\d{1,5}$" },'
+                            ' w = { type = "string", pattern = "^\\\\w{1,9}$" } } }\n'
+                            'cwd = "/"\n')
+    async with node.client() as c:
+        for i, (n, w) in enumerate((("\u0661\u0662\u0663", "ok"), ("12", "\uff53\uff48"),
+                                    ("\uff11", "ok"))):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.command.Execute(spawn(f"digits-{i}", "digits", n=n, w=w))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (n, w)
+        op = await c.command.Execute(spawn("digits-ok", "digits", n="123", w="a_b9"))
+    final = await done_op(node, op.name)
+    assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
+    assert "-- 123 a_b9" in output_of(node, op.name)
+    assert sql(node, "SELECT count(*) FROM operations")[0][0] == 1

@@ -240,16 +240,20 @@ def parse_agents(cfg: AgentsConfig, data_dir: Path) -> dict[str, AgentSpec]:
 
 def _ecma_pattern(validator: Any, pattern: str, instance: Any,
                   schema: Mapping[str, Any]) -> Any:
-    """`pattern` as JSON Schema means it (ECMA-262): `$` matches only at the very end.
+    r"""`pattern` as JSON Schema means it (ECMA-262): `$` matches only at the very end.
 
     Python's `$` also matches before a final newline, so "name\n" passed `^[a-z]+$` and
     reached the agent's command line. A value ending in a newline is matched with a NUL
     appended (NUL is refused anyway), which no `$` can match before.
+
+    Likewise `\d` and `\w` are ASCII there ([0-9], [A-Za-z0-9_]); Python's matched any
+    Unicode digit or letter ("١٢٣" passed `^\d+$`). re.ASCII makes them (and `\s`, a
+    little stricter than ECMA's) ASCII.
     """
     if not validator.is_type(instance, "string"):
         return
     probe = instance + "\0" if instance.endswith("\n") else instance
-    if re.search(pattern, probe) is None:
+    if re.search(pattern, probe, re.ASCII) is None:
         yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
