@@ -109,17 +109,20 @@ def private_socket_dir(socket_dir: Path, user: str) -> None:
     without the sticky bit: anyone on the host (an agent run, say) could rename the
     socket away and listen in its place, and the node's next connection (trust
     authentication) reached that impostor. Root, the node, connects whatever the mode.
-    Its parent must be root's and closed to writes, or another account could swap it.
+    Its parent must be the node's (then closed to others' writes), or another account
+    could swap the directory.
     """
     import stat
 
     entry = pwd.getpwnam(user)
     parent = socket_dir.parent.lstat()
-    if not stat.S_ISDIR(parent.st_mode) or parent.st_uid != os.geteuid() \
-            or parent.st_mode & 0o022:
+    if not stat.S_ISDIR(parent.st_mode) or parent.st_uid != os.geteuid():
         raise ConfigError(f"{socket_dir.parent} (embedded PostgreSQL's socket directories) "
-                          "is not a directory of this node's account closed to other "
-                          "accounts' writes; remove it and start again")
+                          "is not a directory of this node's account; remove it and start "
+                          "again")
+    if parent.st_mode & 0o022:
+        # Created under a umask that let the group or others write: ours to close.
+        socket_dir.parent.chmod(stat.S_IMODE(parent.st_mode) & ~0o022)
     st = socket_dir.lstat()
     if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.geteuid(), entry.pw_uid):
         raise ConfigError(f"{socket_dir} (embedded PostgreSQL's socket directory) belongs "
