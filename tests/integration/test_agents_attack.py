@@ -300,10 +300,15 @@ async def test_a_run_of_a_killed_node_is_audited_as_ended_after_the_restart(
     rows = sql(node, "SELECT method, identity, grant_name, kind, reason,"
                      " detail->>'operation', detail->>'killed_by' FROM audit_log"
                      " WHERE service = 'tessera.agents' ORDER BY sequence")
-    assert [r[0] for r in rows] == ["spawn", "end"], rows
-    spawned, ended = rows
-    assert ended[1:4] == spawned[1:4] and ended[3] == "probe", rows
-    assert ended[4:] == ("AGENT_EXITED", op.name, "node died"), rows
+    # The supervisor may start a serving process between the SIGKILLs; whichever process
+    # audits the end, it is there (twice at most, if one died between audit and cleanup).
+    assert [r[0] for r in rows][:2] == ["spawn", "end"] and len(rows) <= 3, rows
+    spawned, *ended = rows
+    for end in ended:
+        assert end[0] == "end" and end[1:4] == spawned[1:4] and end[3] == "probe", rows
+        assert end[4:] == ("AGENT_EXITED", op.name, "node died"), rows
+    assert not list((node.data_dir / "agents").iterdir()) or \
+        [p.name for p in (node.data_dir / "agents").iterdir()] == ["uids"]
 
 
 def test_an_executable_agents_could_replace_stops_the_start_with_one_line_naming_it(

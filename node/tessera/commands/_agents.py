@@ -1023,9 +1023,10 @@ class Agents:
 
     async def _audit_entry(self, what: str, caller: str, grant: str, agent: str,
                            detail: Mapping[str, Any], *, reason: str,
-                           outcome: str = "ALLOWED", status: str = "OK") -> None:
+                           outcome: str = "ALLOWED", status: str = "OK") -> bool:
+        """Append one audit record; False when the audit log did not take it."""
         if self.auditor is None:
-            return
+            return True
         entry = AuditEntry(
             time=dt.datetime.now(dt.UTC), identity=caller, peer="",
             grant="" if grant == "(local)" else grant, service=_AUDIT_SERVICE,
@@ -1036,6 +1037,8 @@ class Agents:
             await self.auditor.record_entry(entry)
         except Exception as exc:
             log.warning("agent %s audit record not written: %s", what, type(exc).__name__)
+            return False
+        return True
 
     # -- after a crash ---------------------------------------------------------------
 
@@ -1052,10 +1055,14 @@ class Agents:
         ended, self._leftovers = self._leftovers, []
         for rec in ended:
             agent = str(rec.get("agent", ""))
-            await self._audit_entry(
-                "end", str(rec.get("caller", "")), str(rec.get("grant", "")), agent,
-                {"agent": agent, "operation": rec.get("operation", ""), "exit_code": -1,
-                 "killed_by": "node died", "uid": rec.get("uid")}, reason="AGENT_EXITED")
+            if await self._audit_entry(
+                    "end", str(rec.get("caller", "")), str(rec.get("grant", "")), agent,
+                    {"agent": agent, "operation": rec.get("operation", ""), "exit_code": -1,
+                     "killed_by": "node died", "uid": rec.get("uid")},
+                    reason="AGENT_EXITED"):
+                # Only once audited: a process killed before leaves it to the next start.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(str(rec["_path"]))
 
 
 def _alive(pid: Any, ticks: Any) -> bool:
@@ -1065,14 +1072,36 @@ def _alive(pid: Any, ticks: Any) -> bool:
         return False
 
 
+def _ending_name(record: Path) -> Path:
+    """Where this process moves a leftover record it will audit (one claimant wins)."""
+    stem = record.name.split(".json", 1)[0]
+    return record.with_name(f"{stem}.json.ending-{os.getpid()}-{start_ticks(os.getpid())}")
+
+
+def _claimant_alive(record: Path) -> bool:
+    """Whether the process that moved `record` aside to audit it still lives."""
+    _, _, who = record.name.partition(".json.ending-")
+    pid, _, ticks = who.partition("-")
+    return _alive(pid, ticks)
+
+
 def kill_leftovers(runs_dir: Path, *, ended: list[dict[str, Any]] | None = None) -> int:
     """SIGKILL every recorded agent group still alive (pgid and start time match) whose
     serving process is gone; a live sibling serving process's runs are left alone.
-    Each removed record (a run whose serving process died) is appended to `ended`."""
+
+    Without `ended` a handled record is removed. With it, the record is moved aside
+    (renamed: of serving processes starting together, one wins) and appended to `ended`
+    as (record, path); the caller audits the run's end, then removes the path. A record
+    moved aside by a process that died before its audit is taken over.
+    """
     killed = 0
     if not runs_dir.is_dir():
         return 0
-    for record in sorted(runs_dir.glob("*.json")):
+    records = sorted(runs_dir.glob("*.json"))
+    if ended is not None:
+        records += [r for r in sorted(runs_dir.glob("*.json.ending-*"))
+                    if not _claimant_alive(r)]
+    for record in records:
         try:
             rec = json.loads(record.read_text())
             pgid, started = int(rec["pgid"]), int(rec["start_ticks"])
@@ -1087,11 +1116,15 @@ def kill_leftovers(runs_dir: Path, *, ended: list[dict[str, Any]] | None = None)
             log.warning("killed %d leftover process(es) of agent %s (%s)", hit,
                         rec.get("agent"), rec.get("operation"))
             killed += hit
+        if ended is None:
+            record.unlink(missing_ok=True)
+            continue
+        aside = _ending_name(record)
         try:
-            # Serving processes starting together: the one that removes it reports it.
-            record.unlink()
+            # Serving processes starting together: the one whose rename works reports it.
+            record.rename(aside)
         except FileNotFoundError:
             continue
-        if ended is not None and isinstance(rec, dict):
-            ended.append(rec)
+        if isinstance(rec, dict):
+            ended.append({**rec, "_path": str(aside)})
     return killed
