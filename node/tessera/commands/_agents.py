@@ -31,6 +31,7 @@ import secrets
 import signal
 import stat
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1063,6 +1064,7 @@ class Agents:
                 # Only once audited: a process killed before leaves it to the next start.
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(str(rec["_path"]))
+            os.close(int(rec["_fd"]))
 
 
 def _alive(pid: Any, ticks: Any) -> bool:
@@ -1072,36 +1074,51 @@ def _alive(pid: Any, ticks: Any) -> bool:
         return False
 
 
-def _ending_name(record: Path) -> Path:
-    """Where this process moves a leftover record it will audit (one claimant wins)."""
-    stem = record.name.split(".json", 1)[0]
-    return record.with_name(f"{stem}.json.ending-{os.getpid()}-{start_ticks(os.getpid())}")
+#: How long a starting process waits for a sibling that is auditing a leftover run.
+_LEFTOVER_LOCK_S = 10.0
 
 
-def _claimant_alive(record: Path) -> bool:
-    """Whether the process that moved `record` aside to audit it still lives."""
-    _, _, who = record.name.partition(".json.ending-")
-    pid, _, ticks = who.partition("-")
-    return _alive(pid, ticks)
+def _lock_record(record: Path) -> int | None:
+    """An fd holding an flock on `record`, or None when the record is gone (a sibling
+    audited it). Waits while a sibling holds it: it audits the run, or dies and the
+    kernel drops its lock, and then this process does it."""
+    try:
+        fd = os.open(record, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    deadline = time.monotonic() + _LEFTOVER_LOCK_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+    try:
+        if os.stat(record).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def kill_leftovers(runs_dir: Path, *, ended: list[dict[str, Any]] | None = None) -> int:
     """SIGKILL every recorded agent group still alive (pgid and start time match) whose
     serving process is gone; a live sibling serving process's runs are left alone.
 
-    Without `ended` a handled record is removed. With it, the record is moved aside
-    (renamed: of serving processes starting together, one wins) and appended to `ended`
-    as (record, path); the caller audits the run's end, then removes the path. A record
-    moved aside by a process that died before its audit is taken over.
+    Without `ended` a handled record is removed. With it, the record stays, locked
+    (flock; of serving processes starting together one audits, the others then find it
+    gone) and is appended to `ended` with "_path" and "_fd": the caller audits the run's
+    end, then removes the record and closes the fd. A process that dies before its audit
+    leaves the record, unlocked, to the next.
     """
     killed = 0
     if not runs_dir.is_dir():
         return 0
-    records = sorted(runs_dir.glob("*.json"))
-    if ended is not None:
-        records += [r for r in sorted(runs_dir.glob("*.json.ending-*"))
-                    if not _claimant_alive(r)]
-    for record in records:
+    for record in sorted(runs_dir.glob("*.json")):
         try:
             rec = json.loads(record.read_text())
             pgid, started = int(rec["pgid"]), int(rec["start_ticks"])
@@ -1119,12 +1136,9 @@ def kill_leftovers(runs_dir: Path, *, ended: list[dict[str, Any]] | None = None)
         if ended is None:
             record.unlink(missing_ok=True)
             continue
-        aside = _ending_name(record)
-        try:
-            # Serving processes starting together: the one whose rename works reports it.
-            record.rename(aside)
-        except FileNotFoundError:
-            continue
-        if isinstance(rec, dict):
-            ended.append({**rec, "_path": str(aside)})
+        fd = _lock_record(record)
+        if fd is not None and isinstance(rec, dict):
+            ended.append({**rec, "_path": str(record), "_fd": fd})
+        elif fd is not None:
+            os.close(fd)
     return killed
