@@ -13,9 +13,11 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import grpc
 import psycopg
 import pytest
 
+from tessera.commands import kill_leftovers
 from tessera.embedded import running_postgres_dsn
 from tessera_client.pb import command_pb2
 from tests.fixtures.nodes import TEST_DIMENSION, NodeProcess
@@ -358,3 +361,32 @@ async def test_a_pattern_class_means_what_json_schema_says_ascii_digits_and_word
     assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
     assert "-- 123 a_b9" in output_of(node, op.name)
     assert sql(node, "SELECT count(*) FROM operations")[0][0] == 1
+
+
+def test_a_run_whose_serving_process_is_a_zombie_is_a_leftover(tmp_path: Path) -> None:
+    """Cleanup and audit gap: a SIGKILLed serving process whose supervisor died too stays
+    a zombie until init reaps it. Its /proc entry (pid and start time) still matched, so
+    a restarted node took its runs for a live sibling's: it neither killed a group that
+    outlived it nor audited the run's end. A zombie is not alive."""
+    from tessera.commands._agents import start_ticks
+
+    group = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    owner = subprocess.Popen(["true"])  # exits at once; not waited for: a zombie
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while Path(f"/proc/{owner.pid}/stat").read_text().split(") ")[1][0] != "Z":
+            assert time.monotonic() < deadline, "no zombie"
+            time.sleep(0.01)
+        runs = tmp_path / "agents"
+        runs.mkdir()
+        (runs / "run.json").write_text(json.dumps({
+            "pgid": group.pid, "start_ticks": start_ticks(group.pid),
+            "owner_pid": owner.pid, "owner_start_ticks": start_ticks(owner.pid)}))
+        assert kill_leftovers(runs) == 1
+        assert group.wait(DEADLINE_S) == -signal.SIGKILL
+        assert list(runs.iterdir()) == []
+    finally:
+        owner.wait()
+        if group.poll() is None:
+            group.kill()
+            group.wait()

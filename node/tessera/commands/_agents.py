@@ -1068,10 +1068,16 @@ class Agents:
 
 
 def _alive(pid: Any, ticks: Any) -> bool:
+    """Whether process `pid` started at `ticks` still runs. A zombie does not: a killed
+    serving process whose parent died stays one until init reaps it, and its runs are
+    leftovers all the same."""
     try:
-        return pid is not None and start_ticks(int(pid)) == int(ticks)
-    except (TypeError, ValueError):
+        if pid is None or start_ticks(int(pid)) != int(ticks):
+            return False
+        text = Path(f"/proc/{int(pid)}/stat").read_text(errors="replace")
+    except (TypeError, ValueError, OSError):
         return False
+    return text[text.rfind(")") + 2:].split()[0] not in ("Z", "X")
 
 
 #: How long a starting process waits for a sibling that is auditing a leftover run.
