@@ -470,6 +470,12 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
                               batch_delay_s=cfg.audit.batch_delay_ms / 1000,
                               connection_timeout_s=cfg.store.unavailable_after_s) \
             if cfg.audit.enabled else None
+        if auditor is not None:
+            # Started before the runner and closed after it: a run the runner starts or
+            # ends (an agent's spawn, kill and end, also at shutdown) is audited; the
+            # finished calls' rows are committed before the pool closes.
+            auditor.start()
+            stack.push_async_callback(auditor.close)
         tokens = PageTokens(_page_token_secret(paths))
         grants = GrantStore(pool)
         store_health = store.StoreHealth(pool, interval_s=cfg.store.health_interval_s,
@@ -489,6 +495,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
                                     auditor=auditor, grants=grants)
         if agents is not None:
             agents.kill_leftovers()
+            await agents.audit_leftovers()
             for handler in agents.handlers():
                 commands.register(handler, source="builtin")
         # Before serving, so an accepted operation can start at once; closed after the
@@ -541,10 +548,6 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
                 f"node.listen_address: cannot bind {cfg.node.listen_address} ({exc}); "
                 "choose a free port"
             ) from None
-        if auditor is not None:
-            auditor.start()
-            # The finished calls' rows are committed before the pool closes.
-            stack.push_async_callback(auditor.close)
         await server.start()
         # Stopped by Node.stop with the grace period; this is for a failed start.
         stack.push_async_callback(server.stop, 0)

@@ -19,10 +19,41 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="text (default) or json: one object per line (also TESSERA_LOG_FORMAT)")
 
 
+def _agent_secrets(env: Env) -> None:
+    """With agents allowed, refuse secrets kept outside the data directory that an agent
+    could read: key files and the config file when it holds the DSN or Valkey URL."""
+    import os
+    import tomllib
+    from pathlib import Path
+
+    from tessera.commands import agent_identity, check_secrets_closed
+
+    cfg = env.cfg
+    if not cfg.agents.allow:
+        return
+    files = [("tls.key_file", cfg.tls.key_file),
+             ("ca.provisioner_key_file", cfg.ca.provisioner_key_file),
+             ("ca.provisioner_password_file", cfg.ca.provisioner_password_file)]
+    source = env.args.config or os.environ.get("TESSERA_CONFIG")
+    if source:
+        try:
+            table = tomllib.loads(Path(source).read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            table = {}  # config.load read it; a file gone meanwhile holds nothing
+        for setting in ("store.dsn", "valkey.url"):
+            section, _, key = setting.partition(".")
+            value = table.get(section, {})
+            if isinstance(value, dict) and value.get(key):
+                files.append((f"the config file, which sets {setting}", str(source)))
+                break
+    check_secrets_closed(files, agent_identity(cfg.agents))
+
+
 def _serve(env: Env) -> int:
     from tessera.app import serve
 
     cfg = env.cfg
+    _agent_secrets(env)
     # [log] may come from the file or the environment, so logging is set up again here.
     configure_logging(cfg.log.format, env.args.log_level, access=cfg.log.access)
     return asyncio.run(serve(cfg, log_level=env.args.log_level, source=env.config_source()))

@@ -31,7 +31,8 @@ import secrets
 import signal
 import stat
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,16 +241,20 @@ def parse_agents(cfg: AgentsConfig, data_dir: Path) -> dict[str, AgentSpec]:
 
 def _ecma_pattern(validator: Any, pattern: str, instance: Any,
                   schema: Mapping[str, Any]) -> Any:
-    """`pattern` as JSON Schema means it (ECMA-262): `$` matches only at the very end.
+    r"""`pattern` as JSON Schema means it (ECMA-262): `$` matches only at the very end.
 
     Python's `$` also matches before a final newline, so "name\n" passed `^[a-z]+$` and
     reached the agent's command line. A value ending in a newline is matched with a NUL
     appended (NUL is refused anyway), which no `$` can match before.
+
+    Likewise `\d` and `\w` are ASCII there ([0-9], [A-Za-z0-9_]); Python's matched any
+    Unicode digit or letter ("١٢٣" passed `^\d+$`). re.ASCII makes them (and `\s`, a
+    little stricter than ECMA's) ASCII.
     """
     if not validator.is_type(instance, "string"):
         return
     probe = instance + "\0" if instance.endswith("\n") else instance
-    if re.search(pattern, probe) is None:
+    if re.search(pattern, probe, re.ASCII) is None:
         yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
@@ -343,6 +348,76 @@ def check_data_dir_closed(data_dir: Path, who: UidRange | AgentUser) -> None:
         raise ConfigError(f"agents: the data directory {data_dir} is open to {name} "
                           f"(mode {stat.S_IMODE(st.st_mode):o}); make it 0700 and owned by "
                           "the node's account")
+
+
+def _open_to(st: os.stat_result, who: UidRange | AgentUser, bits: int) -> bool:
+    """Whether an agent uid gets `bits` (a mode triple, e.g. 0o4 read) on this inode."""
+    if isinstance(who, UidRange):
+        if st.st_uid in who:
+            return bool(st.st_mode & (bits << 6))
+        if st.st_gid in who:
+            return bool(st.st_mode & (bits << 3))
+    else:
+        if st.st_uid == who.uid:
+            return bool(st.st_mode & (bits << 6))
+        if st.st_gid == who.gid:
+            return bool(st.st_mode & (bits << 3))
+    return bool(st.st_mode & bits)
+
+
+def readable_by_agents(path: Path, who: UidRange | AgentUser) -> bool:
+    """Whether an agent could read `path`: every directory above it lets an agent in
+    and the file lets it read (agents have no supplementary groups)."""
+    try:
+        real = path.resolve(strict=True)
+        if not _open_to(real.stat(), who, 0o4):
+            return False
+        return all(_open_to(d.stat(), who, 0o1) for d in real.parents)
+    except OSError:
+        return False
+
+
+def check_secrets_closed(files: Iterable[tuple[str, str]], who: UidRange | AgentUser) -> None:
+    """ConfigError naming the first (setting, file) an agent could read.
+
+    The data directory is checked apart; these are the secrets the configuration keeps
+    elsewhere (fixed TLS key, provisioner key and password, the config file when it
+    holds the DSN or Valkey URL).
+    """
+    for setting, name in files:
+        if name and readable_by_agents(Path(name), who):
+            raise ConfigError(f"agents: {name} ({setting}) is readable by agents; make it "
+                              "0600 (or 0640 with a group of the node's) or close a "
+                              "directory above it, before agents are allowed")
+
+
+def replaceable_by_agents(path: Path, who: UidRange | AgentUser) -> bool:
+    """Whether an agent could change or replace the file at `path`: write it, or rename
+    or unlink it (or a directory on its way) in a directory it may write (a sticky one
+    lets only an entry's owner do that)."""
+    real = path.resolve()
+    if _open_to(real.stat(), who, 0o2):
+        return True
+    for entry in (real, *real.parents[:-1]):
+        parent = entry.parent.stat()
+        if not _open_to(parent, who, 0o2):
+            continue
+        if not parent.st_mode & stat.S_ISVTX:
+            return True
+        owner = entry.lstat().st_uid
+        if (owner in who) if isinstance(who, UidRange) else owner == who.uid:
+            return True
+    return False
+
+
+def check_executables_fixed(specs: Mapping[str, AgentSpec], who: UidRange | AgentUser) -> None:
+    """ConfigError naming the first agent whose executable an agent could replace: one
+    run would then choose what every later run, whoever's, executes."""
+    for name, spec in sorted(specs.items()):
+        if replaceable_by_agents(Path(spec.executable), who):
+            raise _entry_error(name, f"executable {spec.executable} is writable by agents "
+                                     "(the file or a directory above it); keep it where "
+                                     "only root writes")
 
 
 def ids_in_use() -> set[int]:
@@ -532,6 +607,8 @@ class Agents:
         self.auditor = auditor
         self._live: dict[str, _Live] = {}
         self._start_lock = asyncio.Lock()
+        #: Records of runs an earlier process left (see kill_leftovers), to audit.
+        self._leftovers: list[dict[str, Any]] = []
 
     @classmethod
     def from_config(cls, cfg: AgentsConfig, data_dir: Path, *, operations: OperationStore,
@@ -543,6 +620,7 @@ class Agents:
         specs = parse_agents(cfg, data_dir)
         ids = agent_identity(cfg)
         check_data_dir_closed(data_dir, ids)
+        check_executables_fixed(specs, ids)
         runs = data_dir / "agents"
         runs.mkdir(mode=0o700, exist_ok=True)
         return cls(cfg, specs, ids, runs_dir=runs, operations=operations, auditor=auditor,
@@ -773,6 +851,8 @@ class Agents:
             record.write_text(json.dumps({
                 "pgid": proc.pid, "start_ticks": started, "agent": spec.name,
                 "operation": ctx.operation, "uid": user.uid,
+                # Who ran it: a restart after a crash audits the run's end for them.
+                "caller": ctx.caller, "grant": grant,
                 # Which serving process ran it: a sibling's live runs are not leftovers.
                 "owner_pid": os.getpid(), "owner_start_ticks": start_ticks(os.getpid())}))
         except OSError:
@@ -809,6 +889,7 @@ class Agents:
         spec, proc = live.spec, live.proc
         budget = [spec.output_limit_bytes]
         truncated = [0]
+        followed = False
         try:
             await self._audit("spawn", live, ctx.operation, "AGENT_SPAWNED",
                               {"pid": proc.pid, "uid": live.user.uid})
@@ -827,8 +908,19 @@ class Agents:
             _, pending = await asyncio.wait(readers, timeout=5.0)
             for task in pending:
                 task.cancel()
+            followed = True
         finally:
             self._end(ctx, live)
+            if not followed:
+                # Interrupted (node stopping, lease lost): the run ended here all the same,
+                # and the audit must say so, not show a spawn that never ended.
+                live.killed_by = live.killed_by or "interrupted"
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(self._audit(
+                        "end", live, ctx.operation, "AGENT_EXITED",
+                        {"agent": spec.name, "exit_code": -1,
+                         "output_bytes": spec.output_limit_bytes - budget[0],
+                         "truncated_bytes": truncated[0], "killed_by": live.killed_by}))
         code = proc.returncode if proc.returncode is not None else -1
         result: dict[str, Any] = {"agent": spec.name, "exit_code": code,
                                   "output_bytes": spec.output_limit_bytes - budget[0],
@@ -932,9 +1024,10 @@ class Agents:
 
     async def _audit_entry(self, what: str, caller: str, grant: str, agent: str,
                            detail: Mapping[str, Any], *, reason: str,
-                           outcome: str = "ALLOWED", status: str = "OK") -> None:
+                           outcome: str = "ALLOWED", status: str = "OK") -> bool:
+        """Append one audit record; False when the audit log did not take it."""
         if self.auditor is None:
-            return
+            return True
         entry = AuditEntry(
             time=dt.datetime.now(dt.UTC), identity=caller, peer="",
             grant="" if grant == "(local)" else grant, service=_AUDIT_SERVICE,
@@ -945,27 +1038,89 @@ class Agents:
             await self.auditor.record_entry(entry)
         except Exception as exc:
             log.warning("agent %s audit record not written: %s", what, type(exc).__name__)
+            return False
+        return True
 
     # -- after a crash ---------------------------------------------------------------
 
     def kill_leftovers(self) -> int:
         """Kill groups recorded by an earlier process of this node that still match."""
-        killed = kill_leftovers(self.runs_dir)
+        killed = kill_leftovers(self.runs_dir, ended=self._leftovers)
         if self.claims is not None:
             self.claims.sweep()
         return killed
 
+    async def audit_leftovers(self) -> None:
+        """Audit the end of each run kill_leftovers found: its node died while it ran,
+        so nothing else writes that the run ended."""
+        ended, self._leftovers = self._leftovers, []
+        for rec in ended:
+            agent = str(rec.get("agent", ""))
+            if await self._audit_entry(
+                    "end", str(rec.get("caller", "")), str(rec.get("grant", "")), agent,
+                    {"agent": agent, "operation": rec.get("operation", ""), "exit_code": -1,
+                     "killed_by": "node died", "uid": rec.get("uid")},
+                    reason="AGENT_EXITED"):
+                # Only once audited: a process killed before leaves it to the next start.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(str(rec["_path"]))
+            os.close(int(rec["_fd"]))
+
 
 def _alive(pid: Any, ticks: Any) -> bool:
+    """Whether process `pid` started at `ticks` still runs. A zombie does not: a killed
+    serving process whose parent died stays one until init reaps it, and its runs are
+    leftovers all the same."""
     try:
-        return pid is not None and start_ticks(int(pid)) == int(ticks)
-    except (TypeError, ValueError):
+        if pid is None or start_ticks(int(pid)) != int(ticks):
+            return False
+        text = Path(f"/proc/{int(pid)}/stat").read_text(errors="replace")
+    except (TypeError, ValueError, OSError):
         return False
+    return text[text.rfind(")") + 2:].split()[0] not in ("Z", "X")
 
 
-def kill_leftovers(runs_dir: Path) -> int:
+#: How long a starting process waits for a sibling that is auditing a leftover run.
+_LEFTOVER_LOCK_S = 10.0
+
+
+def _lock_record(record: Path) -> int | None:
+    """An fd holding an flock on `record`, or None when the record is gone (a sibling
+    audited it). Waits while a sibling holds it: it audits the run, or dies and the
+    kernel drops its lock, and then this process does it."""
+    try:
+        fd = os.open(record, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    deadline = time.monotonic() + _LEFTOVER_LOCK_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+    try:
+        if os.stat(record).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def kill_leftovers(runs_dir: Path, *, ended: list[dict[str, Any]] | None = None) -> int:
     """SIGKILL every recorded agent group still alive (pgid and start time match) whose
-    serving process is gone; a live sibling serving process's runs are left alone."""
+    serving process is gone; a live sibling serving process's runs are left alone.
+
+    Without `ended` a handled record is removed. With it, the record stays, locked
+    (flock; of serving processes starting together one audits, the others then find it
+    gone) and is appended to `ended` with "_path" and "_fd": the caller audits the run's
+    end, then removes the record and closes the fd. A process that dies before its audit
+    leaves the record, unlocked, to the next.
+    """
     killed = 0
     if not runs_dir.is_dir():
         return 0
@@ -984,5 +1139,12 @@ def kill_leftovers(runs_dir: Path) -> int:
             log.warning("killed %d leftover process(es) of agent %s (%s)", hit,
                         rec.get("agent"), rec.get("operation"))
             killed += hit
-        record.unlink(missing_ok=True)
+        if ended is None:
+            record.unlink(missing_ok=True)
+            continue
+        fd = _lock_record(record)
+        if fd is not None and isinstance(rec, dict):
+            ended.append({**rec, "_path": str(record), "_fd": fd})
+        elif fd is not None:
+            os.close(fd)
     return killed

@@ -10,7 +10,8 @@ settings are none of the agent's business).
    group, by setsid or a double fork, are reparented to it, not to init).
 2. It forks the agent. In the child, before execv of the absolute executable (no shell):
    resource limits (CPU seconds, address space, open files, processes, file size), then
-   setgroups([]), setgid, setuid to the agent user (refused for root).
+   setgroups([]), setgid, setuid to the agent user (refused for root), then
+   PR_SET_NO_NEW_PRIVS (setuid and file-capability bits do nothing for the agent).
 3. The wrapper keeps the node's account, so the agent cannot kill, stop or trace it. It
    waits for the agent, then SIGKILLs whatever is left in the group or reparented to it,
    and exits with the agent's status (128 + signal when it was killed). SIGUSR1 (the
@@ -32,6 +33,7 @@ import sys
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
 WRAPPER_FAILED = 126
 
 
@@ -122,6 +124,11 @@ def confine(spec: dict[str, object]) -> None:
     # setuid cleared the parent-death signal; the agent gets SIGKILL if the wrapper dies.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # No exec of the agent or its descendants gains privileges: a setuid file another run
+    # planted (e.g. in /tmp, setuid to its own uid) would otherwise hand over that run's
+    # uid, and with it the power to signal, trace and read whichever run draws it next.
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        _fail("prctl(PR_SET_NO_NEW_PRIVS) failed")
 
 
 def main() -> None:

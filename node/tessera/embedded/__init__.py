@@ -102,6 +102,35 @@ def open_path_to(path: Path, user: str) -> None:
             above.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
 
+def private_socket_dir(socket_dir: Path, user: str) -> None:
+    """Make the socket directory outside the data directory `user`'s alone (0700).
+
+    It sits under /tmp (the data directory was too deep for a socket path). It was 0777
+    without the sticky bit: anyone on the host (an agent run, say) could rename the
+    socket away and listen in its place, and the node's next connection (trust
+    authentication) reached that impostor. Root, the node, connects whatever the mode.
+    Its parent must be the node's (then closed to others' writes), or another account
+    could swap the directory.
+    """
+    import stat
+
+    entry = pwd.getpwnam(user)
+    parent = socket_dir.parent.lstat()
+    if not stat.S_ISDIR(parent.st_mode) or parent.st_uid != os.geteuid():
+        raise ConfigError(f"{socket_dir.parent} (embedded PostgreSQL's socket directories) "
+                          "is not a directory of this node's account; remove it and start "
+                          "again")
+    if parent.st_mode & 0o022:
+        # Created under a umask that let the group or others write: ours to close.
+        socket_dir.parent.chmod(stat.S_IMODE(parent.st_mode) & ~0o022)
+    st = socket_dir.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.geteuid(), entry.pw_uid):
+        raise ConfigError(f"{socket_dir} (embedded PostgreSQL's socket directory) belongs "
+                          "to another account; remove it and start again")
+    os.chown(socket_dir, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+    socket_dir.chmod(0o700)
+
+
 def running_postgres_dsn(pgdata: Path) -> str | None:
     """DSN of the embedded PostgreSQL under `pgdata` if it is running (from postmaster.pid)."""
     pidfile = pgdata / "postmaster.pid"
@@ -245,7 +274,7 @@ class EmbeddedPostgres(EmbeddedService):
         socket_dir: Path = pgutils.find_suitable_socket_dir(self.pgdata, runtime)
         if self._user is not None and socket_dir != self.pgdata:
             pgutils.ensure_prefix_permissions(socket_dir)
-            socket_dir.chmod(0o777)
+            private_socket_dir(socket_dir, self._user)
         self._socket_dir = socket_dir
 
     def _initdb(self, initdb: Path) -> None:
