@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from tessera import config
-from tessera.cli.ca import parse_duration
+from tessera.core.codec import parse_duration
 from tessera.core.errors import ConfigError
 from tessera.core.paths import CredentialFiles
 from tessera.observability import Metrics
@@ -426,7 +426,7 @@ async def test_a_crl_larger_than_the_cap_is_refused(tmp_path: Path) -> None:
 
 
 def test_crl_url_passwords_are_redacted() -> None:
-    from tessera.pki._denylist import redact_url
+    from tessera.core.redact import redact_url
 
     assert redact_url("https://u:pw@crl.example/x.crl") == "https://u:***@crl.example/x.crl"
     assert redact_url("http://crl.example/x.crl") == "http://crl.example/x.crl"

@@ -22,6 +22,7 @@ from prometheus_client.openmetrics.exposition import generate_latest
 
 from tessera import config
 from tessera.core.errors import ConfigError
+from tessera.core.redact import redact_secrets as redact
 from tessera.observability import (
     Metrics,
     Tracing,
@@ -32,7 +33,6 @@ from tessera.observability import (
     span,
     trace_metadata,
 )
-from tessera.observability._logs import redact
 
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 

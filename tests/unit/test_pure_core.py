@@ -146,7 +146,7 @@ def test_dsn_passwords_are_redacted(dsn: str, shown: str) -> None:
 
 
 def test_quoted_key_value_passwords_and_client_keys_are_never_shown() -> None:
-    from tessera.pki._denylist import redact_url
+    from tessera.core.redact import redact_url
     from tessera_client import Credentials
 
     shown = redact_dsn("host=h password='my secret' dbname=d")

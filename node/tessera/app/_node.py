@@ -34,7 +34,6 @@ from tessera.api import (
     QueryServicer,
     Reloader,
     Runtime,
-    dialable,
     start_enroll_listener,
 )
 from tessera.audit import AuditWriter
@@ -42,6 +41,7 @@ from tessera.calls import GrantAdmission
 from tessera.commands import Agents, Registry, Runner
 from tessera.config import Config, ConfigSource
 from tessera.core.errors import ConfigError, Unauthenticated
+from tessera.core.net import dialable, host_of, split_host_port
 from tessera.core.pagination import PageTokens
 from tessera.core.paths import CredentialFiles, NodePaths
 from tessera.embedded import EmbeddedPostgres, EmbeddedService, EmbeddedValkey
@@ -131,8 +131,7 @@ def provision_dev_certificates(cfg: Config, paths: NodePaths) -> DevCA:
     """Create the development CA and (re)issue the node, admin and client certificates."""
     ca = DevCA(paths.dev_ca, cfg.node.trust_domain)
     ttl = timedelta(hours=cfg.tls.dev_cert_ttl_h)
-    host = cfg.node.listen_address.rpartition(":")[0]
-    dns, ips = local_sans(host, cfg.node.name)
+    dns, ips = local_sans(host_of(cfg.node.listen_address), cfg.node.name)
     wanted = [
         (paths.server, SpiffeId(cfg.node.trust_domain, IdentityKind.NODE, cfg.node.name), dns, ips),
         (paths.admin, SpiffeId(cfg.node.trust_domain, IdentityKind.ADMIN, "admin"), (), ()),
@@ -169,7 +168,7 @@ class Node:
     @property
     def address(self) -> str:
         """host:port clients should dial."""
-        return dialable(f"{self.runtime.cfg.node.listen_address.rpartition(':')[0]}:{self.port}")
+        return dialable(f"{host_of(self.runtime.cfg.node.listen_address)}:{self.port}")
 
     def grpcurl_command(self) -> str:
         """A grpcurl command line that works when pasted."""
@@ -333,7 +332,7 @@ async def _start_enrolment(stack: contextlib.AsyncExitStack, rt: Runtime,
         options=rt.cfg.grpc.server_options(enrolment=True), limits=rt.cfg.enrolment,
         processes=processes)
     stack.push_async_callback(server.stop, cfg.shutdown_grace_s)
-    rt.endpoints.enroll_address = dialable(f"{address.rpartition(':')[0]}:{port}")
+    rt.endpoints.enroll_address = dialable(f"{host_of(address)}:{port}")
 
 
 async def _watch_store(stack: contextlib.AsyncExitStack, watch: store.StoreHealth,
@@ -356,10 +355,10 @@ def _start_metrics_endpoint(stack: contextlib.AsyncExitStack, cfg: Config,
     listens on loopback on a free port, for the supervisor to gather the node's metrics."""
     if not cfg.metrics.listen_address:
         return None
-    host, _, port = cfg.metrics.listen_address.rpartition(":")
+    host, port = split_host_port(cfg.metrics.listen_address)
     if private:
-        host, port = "127.0.0.1", "0"
-    http_server, _ = start_http_server(int(port), addr=host, registry=metrics.registry)
+        host, port = "127.0.0.1", 0
+    http_server, _ = start_http_server(port, addr=host, registry=metrics.registry)
 
     def close() -> None:
         http_server.shutdown()

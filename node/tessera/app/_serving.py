@@ -23,6 +23,7 @@ from tessera import config
 from tessera.api import saved_settings
 from tessera.app._node import ReloadSpec, start_node
 from tessera.core.errors import ConfigError, TesseraError
+from tessera.core.net import host_of, port_of
 from tessera.core.paths import NodePaths
 from tessera.observability import configure_logging
 
@@ -71,9 +72,9 @@ async def _run(cfg: config.Config, spec: dict[str, Any], ready_fd: int,
         task.add_done_callback(checks.discard)
 
     loop.add_signal_handler(signal.SIGUSR1, postgres_restarted)
-    host = (cfg.node.enroll_listen_address or cfg.node.listen_address).rpartition(":")[0]
+    host = host_of(cfg.node.enroll_listen_address or cfg.node.listen_address)
     bound = {"listen": node.runtime.listen_address,
-             "enroll": f"{host}:{node.runtime.endpoints.enroll_address.rpartition(':')[2]}",
+             "enroll": f"{host}:{port_of(node.runtime.endpoints.enroll_address)}",
              "metrics_port": node.metrics_port}
     # A supervisor that stopped while this process started has closed its end already.
     with contextlib.suppress(BrokenPipeError), os.fdopen(ready_fd, "wb") as ready:

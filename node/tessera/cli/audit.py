@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tessera.audit import parse_age, prune
+from tessera.audit import prune
 from tessera.cli._command import Command, Env
 from tessera.cli._output import Column, enum_name
+from tessera.core.codec import parse_duration
 from tessera.core.errors import ConfigError, TesseraError
 from tessera.core.paths import NodePaths
 
@@ -24,8 +25,8 @@ _OUTCOMES = ("allowed", "denied", "rate-limited", "failed")
 def _when(text: str, flag: str) -> dt.datetime:
     """An age ('7d') back from now, or an ISO 8601 time (UTC if it names no zone)."""
     try:
-        return dt.datetime.now(dt.UTC) - parse_age(text)
-    except ConfigError:
+        return dt.datetime.now(dt.UTC) - parse_duration(text)
+    except ValueError:
         pass
     try:
         t = dt.datetime.fromisoformat(text)
@@ -180,7 +181,10 @@ def _prune(env: Env) -> int:
 
     cfg = env.cfg
     now = dt.datetime.now(dt.UTC)
-    cutoff = now - parse_age(env.args.older_than)
+    try:
+        cutoff = now - parse_duration(env.args.older_than)
+    except ValueError as exc:
+        raise ConfigError(f"--older-than: {exc}") from None
     raw = env.args.export
     export = None if raw is None else export_path(Path(raw).expanduser(), raw, now)
     paths = NodePaths(cfg.node.data_dir)

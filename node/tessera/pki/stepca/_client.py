@@ -17,7 +17,6 @@ token, a key, a password or a CSR.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hmac
 import ipaddress
@@ -43,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from tessera.core.codec import b64url_decode, b64url_encode
 from tessera.core.errors import TesseraError, Unavailable
 from tessera.pki._identity import SpiffeId
 
@@ -263,7 +263,7 @@ def mint_ott(
     r, s = decode_dss_signature(der)
     # JWS ES256 wants the raw 64-byte r||s, not the DER that cryptography returns.
     signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
-    return signing_input + "." + _b64url(signature)
+    return signing_input + "." + b64url_encode(signature)
 
 
 def _provisioner_key(
@@ -297,15 +297,15 @@ def _jwk_thumbprint(key: ec.EllipticCurvePublicKey) -> str:
         {
             "crv": "P-256",
             "kty": "EC",
-            "x": _b64url(numbers.x.to_bytes(32, "big")),
-            "y": _b64url(numbers.y.to_bytes(32, "big")),
+            "x": b64url_encode(numbers.x.to_bytes(32, "big")),
+            "y": b64url_encode(numbers.y.to_bytes(32, "big")),
         },
         separators=(",", ":"),
         sort_keys=True,
     )
     digest = hashes.Hash(hashes.SHA256())
     digest.update(canonical.encode())
-    return _b64url(digest.finalize())
+    return b64url_encode(digest.finalize())
 
 
 # ------------------------------------------------------------------- issued chains
@@ -729,13 +729,9 @@ def _base_url(ca_url: str) -> str:
     return f"https://{parts.netloc}"
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _b64url_json(value: Mapping[str, Any]) -> str:
-    return _b64url(json.dumps(value, separators=(",", ":")).encode())
+    return b64url_encode(json.dumps(value, separators=(",", ":")).encode())
 
 
 def _b64url_int(text: str) -> int:
-    return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), "big")
+    return int.from_bytes(b64url_decode(text), "big")
