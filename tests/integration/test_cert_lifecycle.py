@@ -923,7 +923,7 @@ async def test_no_key_password_or_token_appears_in_logs_or_errors(
     assert "renewal failed" in text
     key_lines = [ln for ln in files.server.key.read_text().splitlines() if "-----" not in ln]
     secrets = {
-        "provisioner key": stepca.provisioner_jwk()["d"],
+        "provisioner key": stepca.provisioner_secret(),
         "CA password": stepca.files.password_file.read_text().strip(),
         "token": token,
         "token signature": token.rsplit(".", 1)[1],

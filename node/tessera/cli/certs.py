@@ -310,11 +310,11 @@ def _share_revocation(out: Printer, cfg: config.Config, serial: int, reason: str
     """
     import psycopg
 
-    from tessera.embedded import running_postgres_dsn
+    from tessera.app import running_dsn
     from tessera.pki import record_revocation_at
     from tessera.store import redact_dsn
 
-    dsn = cfg.store.dsn or running_postgres_dsn(NodePaths(cfg.node.data_dir).pgdata)
+    dsn = running_dsn(cfg)
     if not dsn:
         out.line("no database to announce it on (store.dsn unset, no embedded node running): "
               "a node started on this data directory refuses it from its start")

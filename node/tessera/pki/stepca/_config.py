@@ -90,13 +90,6 @@ class StepCAFiles:
         """Arguments for the `step-ca` binary: flags first, then the config path."""
         return ["--password-file", str(self.password_file), str(self.ca_json)]
 
-    def load_provisioner_jwk(self) -> dict[str, str]:
-        """Read the provisioner's private JWK."""
-        data = json.loads(self.provisioner_key.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError(f"{self.provisioner_key} does not hold a JWK object")
-        return {str(k): str(v) for k, v in data.items()}
-
 
 def init_stepca(
     directory: str | os.PathLike[str],

@@ -172,13 +172,11 @@ class StepCAIssuer:
                 "set ca.provisioner_key_file or a new ca.bootstrap_token_file",
                 reason="NO_ENROLMENT_CREDENTIAL",
             )
-        chain = await self.client.sign(csr_pem, token, ttl=ttl)
-        return IssuedCertificate.from_chain(chain.chain_pem)
+        return await self.client.sign(csr_pem, token, ttl=ttl)
 
     async def renew(self, chain_pem: bytes, key_pem: bytes) -> IssuedCertificate:
         """Renew over mTLS with the current certificate."""
-        chain = await self.client.renew(chain_pem, key_pem)
-        return IssuedCertificate.from_chain(chain.chain_pem)
+        return await self.client.renew(chain_pem, key_pem)
 
     async def revoke(self, serial: int, *, reason: str = "") -> None:
         """Revoke any serial with a revocation token from the provisioner key."""
