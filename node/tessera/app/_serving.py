@@ -22,7 +22,7 @@ from typing import Any
 from tessera import config
 from tessera.api import saved_settings
 from tessera.app._node import ReloadSpec, start_node
-from tessera.core.errors import ConfigError, TesseraError
+from tessera.core.errors import TesseraError, exit_with
 from tessera.core.net import host_of, port_of
 from tessera.core.paths import NodePaths
 from tessera.observability import configure_logging
@@ -110,12 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             level, str(spec.get("scope", "")))
         configure_logging(cfg.log.format, cfg.log.level or level, access=cfg.log.access)
         asyncio.run(_run(cfg, spec, args.ready_fd, reload))
-    except ConfigError as exc:
-        print(f"tessera: configuration error: {exc.message}", file=sys.stderr)
-        return 2
     except TesseraError as exc:
-        print(f"tessera: {exc.message}", file=sys.stderr)
-        return 1
+        return exit_with(exc)
     return 0
 
 

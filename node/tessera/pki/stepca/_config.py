@@ -105,7 +105,7 @@ def init_stepca(
     overwrite: bool = False,
 ) -> StepCAFiles:
     """Write root, intermediate, provisioner and `ca.json` for step-ca into `directory`."""
-    host, port = split_host_port(address, min_port=1)
+    host, _ = split_host_port(address, min_port=1)
     _check_durations(min_cert_ttl, default_cert_ttl, max_cert_ttl)
     if not provisioner_name.strip():
         raise ValueError("provisioner_name must not be empty")
@@ -192,22 +192,9 @@ def init_stepca(
     }
     # 0600 like step ca init does: it names the paths of the CA's key material.
     write_atomic(layout["ca_json"], (json.dumps(config, indent=2) + "\n").encode(), private=True)
-    return StepCAFiles(
-        directory=root,
-        ca_json=layout["ca_json"],
-        root_cert=layout["root_cert"],
-        intermediate_cert=layout["intermediate_cert"],
-        intermediate_key=layout["intermediate_key"],
-        root_key=layout["root_key"] if keep_root_key else None,
-        password_file=layout["password"],
-        provisioner_key=layout["provisioner_key"],
-        db_path=layout["db"],
-        provisioner_name=provisioner_name,
-        provisioner_kid=kid,
-        root_fingerprint=_fingerprint(root_cert),
-        address=address,
-        ca_url=_ca_url(host, port),
-    )
+    return _files(root, layout, keep_root_key=keep_root_key,
+                  provisioner_name=provisioner_name, provisioner_kid=kid,
+                  root_cert=root_cert, address=address)
 
 
 def load_stepca_files(directory: str | os.PathLike[str]) -> StepCAFiles:
@@ -226,6 +213,15 @@ def load_stepca_files(directory: str | os.PathLike[str]) -> StepCAFiles:
             f"{layout['ca_json']} is not a step-ca configuration written by init_stepca "
             f"({type(exc).__name__})"
         ) from None
+    return _files(root, layout, keep_root_key=layout["root_key"].exists(),
+                  provisioner_name=str(provisioner["name"]),
+                  provisioner_kid=str(provisioner["key"]["kid"]), root_cert=root_cert,
+                  address=address)
+
+
+def _files(root: Path, layout: dict[str, Path], *, keep_root_key: bool,
+           provisioner_name: str, provisioner_kid: str, root_cert: x509.Certificate,
+           address: str) -> StepCAFiles:
     host, port = split_host_port(address, min_port=1)
     return StepCAFiles(
         directory=root,
@@ -233,12 +229,12 @@ def load_stepca_files(directory: str | os.PathLike[str]) -> StepCAFiles:
         root_cert=layout["root_cert"],
         intermediate_cert=layout["intermediate_cert"],
         intermediate_key=layout["intermediate_key"],
-        root_key=layout["root_key"] if layout["root_key"].exists() else None,
+        root_key=layout["root_key"] if keep_root_key else None,
         password_file=layout["password"],
         provisioner_key=layout["provisioner_key"],
         db_path=layout["db"],
-        provisioner_name=str(provisioner["name"]),
-        provisioner_kid=str(provisioner["key"]["kid"]),
+        provisioner_name=provisioner_name,
+        provisioner_kid=provisioner_kid,
         root_fingerprint=_fingerprint(root_cert),
         address=address,
         ca_url=_ca_url(host, port),
