@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -169,12 +169,6 @@ class Node:
     def address(self) -> str:
         """host:port clients should dial."""
         return dialable(f"{host_of(self.runtime.cfg.node.listen_address)}:{self.port}")
-
-    def grpcurl_command(self) -> str:
-        """A grpcurl command line that works when pasted."""
-        f = self.runtime.paths.admin
-        return (f"grpcurl -cacert {f.ca} -cert {f.cert} -key {f.key} "
-                f"-servername localhost {self.address} list")
 
     def state(self) -> dict[str, object]:
         """What node.json says: where to call the node and with which local files."""
@@ -574,3 +568,10 @@ def _identity_of(material: TlsMaterial, cfg: Config) -> SpiffeId:
     if ident.kind is not IdentityKind.NODE:
         raise ConfigError(f"tls.cert_file: identity {ident.uri} is not a node identity")
     return ident
+
+
+def grpcurl_command(state: Mapping[str, object]) -> str:
+    """A grpcurl command line, calling the node that wrote `state` (node.json) as its
+    local admin, that works when pasted."""
+    return (f"grpcurl -cacert {state['ca']} -cert {state['admin_cert']} "
+            f"-key {state['admin_key']} -servername localhost {state['address']} list")

@@ -47,7 +47,7 @@ from typing import Any
 from tessera.api import RELOADED_FILE
 from tessera.app._lock import DataDirLock
 from tessera.app._metrics import start_node_metrics
-from tessera.app._node import prepare_data_dir
+from tessera.app._node import grpcurl_command, prepare_data_dir
 from tessera.config import Config, ConfigSource, flatten
 from tessera.core.errors import AddressInUse, ConfigError, TesseraError, Unavailable
 from tessera.core.paths import NodePaths
@@ -460,9 +460,7 @@ class Supervisor:
             # One write: the serving process logs to the same stream and must not land
             # between "try it:" and the command.
             _say(cfg, f"tessera: serving {s['identity']} on {s['address']} (mTLS)\n"
-                      "tessera: try it:\n"
-                      f"  grpcurl -cacert {s['ca']} -cert {s['admin_cert']} "
-                      f"-key {s['admin_key']} -servername localhost {s['address']} list")
+                      f"tessera: try it:\n  {grpcurl_command(s)}")
             # node.json last: whoever waits for it finds the lines above already printed.
             self._announced = True
             self._write_state()
