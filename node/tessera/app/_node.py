@@ -311,7 +311,7 @@ async def _start_enrolment(stack: contextlib.AsyncExitStack, rt: Runtime,
                            processes: int) -> None:
     """The enrolment listener (server-only TLS, EnrollPeer only)."""
     cfg = rt.cfg.node
-    address = cfg.enroll_listen_address or f"{cfg.listen_address.rpartition(':')[0]}:0"
+    address = cfg.enroll_listen_address or f"{host_of(cfg.listen_address)}:0"
     node = resources_pb2.Identity(
         uri=rt.identity.uri, trust_domain=rt.identity.trust_domain,
         kind=resources_pb2.Identity.KIND_NODE, name=rt.identity.name)
@@ -541,7 +541,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         await server.start()
         # Stopped by Node.stop with the grace period; this is for a failed start.
         stack.push_async_callback(server.stop, 0)
-        endpoints.listen_address = f"{cfg.node.listen_address.rpartition(':')[0]}:{port}"
+        endpoints.listen_address = f"{host_of(cfg.node.listen_address)}:{port}"
         await _start_enrolment(stack, rt, workers)
         for name in [*SERVICE_NAMES, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
