@@ -18,21 +18,20 @@ modules=(
     tessera/core/pagination.py      # page-token signing
 )
 tests=(
-    tests/unit/test_scope.py
-    tests/unit/peering/test_token_mac.py
-    tests/unit/test_audit_chain.py
-    tests/unit/test_gcra.py
-    tests/unit/test_pure_core.py
-    tests/unit/audit/test_chain_rows.py
-    tests/unit/audit/test_chain_verifier.py
+    tests/unit/grants/test_scope.py
     tests/unit/grants/test_scope_predicate.py
     tests/unit/grants/test_scope_write.py
     tests/unit/grants/test_scope_refusals.py
     tests/unit/grants/test_scope_pages.py
+    tests/unit/peering/test_token.py
+    tests/unit/peering/test_token_mac.py
     tests/unit/peering/test_token_parse.py
+    tests/unit/audit/test_chain.py
+    tests/unit/audit/test_chain_rows.py
+    tests/unit/audit/test_chain_verifier.py
     tests/unit/audit/test_chain_encoding.py
-    tests/unit/ratelimit/test_gcra_edges.py
-    tests/unit/core/test_pagination_tokens.py
+    tests/unit/ratelimit/test_gcra.py
+    tests/unit/core/test_pagination.py
 )
 
 "$venv/bin/python" -m pip install --quiet "mutmut==3.8.1"
@@ -40,7 +39,12 @@ rm -rf "$work"
 mkdir -p "$work/src" "$work/tests"
 cp -r "$repo/node/tessera" "$repo/clients/python/tessera_client" "$work/src/"
 cp "$repo/tests/__init__.py" "$work/tests/"
-for t in "${tests[@]}"; do mkdir -p "$(dirname "$work/$t")"; cp "$repo/$t" "$work/$t"; done
+for t in "${tests[@]}"; do
+    d="$(dirname "$t")"
+    mkdir -p "$work/$d"; cp "$repo/$t" "$work/$t"
+    # The test directories are packages (tests.unit.<package>).
+    while [ "$d" != tests ]; do cp "$repo/$d/__init__.py" "$work/$d/"; d="$(dirname "$d")"; done
+done
 {
     echo '[tool.mutmut]'
     printf 'paths_to_mutate = ['; printf '"src/%s", ' "${modules[@]}"; echo ']'

@@ -16,8 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 from tessera_client.pb import admin_pb2, command_pb2
+from tests.fixtures.calls import put
 from tests.fixtures.nodes import NodeFactory
-from tests.fixtures.peers import Peering, put_request
+from tests.fixtures.peers import Peering
 
 CALLS = 200
 
@@ -52,19 +53,19 @@ async def test_forwarded_execute_and_get_cost(node_factory: NodeFactory,
         names: dict[str, list[str]] = {"direct": [], "forwarded": [], "peer": []}
 
         async def as_peer(i: int) -> None:
-            op = await as_a.command.Execute(put_request("shared", "task", f"p{i}",
+            op = await as_a.command.Execute(put("shared", "task", f"p{i}",
                                                         key=f"p{i}"))
             assert op.state == command_pb2.OPERATION_STATE_SUCCEEDED
             names["peer"].append(op.name)
 
         async def direct(i: int) -> None:
-            op = await on_b.command.Execute(put_request("shared", "task", f"d{i}",
+            op = await on_b.command.Execute(put("shared", "task", f"d{i}",
                                                         key=f"d{i}"))
             assert op.state == command_pb2.OPERATION_STATE_SUCCEEDED
             names["direct"].append(op.name)
 
         async def forwarded(i: int) -> None:
-            req = put_request("shared", "task", f"f{i}", key=f"f{i}")
+            req = put("shared", "task", f"f{i}", key=f"f{i}")
             req.target = "b"
             op = await via_a.command.Execute(req)
             assert op.state == command_pb2.OPERATION_STATE_SUCCEEDED and op.target == "b"

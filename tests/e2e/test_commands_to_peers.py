@@ -15,7 +15,6 @@ import hashlib
 import json
 import pwd
 import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,8 +24,9 @@ import pytest
 from google.protobuf import struct_pb2
 
 from tessera_client.pb import admin_pb2, command_pb2, query_pb2
+from tests.fixtures.calls import bad_fields, key, put, reason_of, run_cli
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import Peering, bad_fields, put_request, reason_of, rkey
+from tests.fixtures.peers import Peering
 from tests.fixtures.waiting import wait_until
 from tests.integration.test_agents import (  # noqa: F401 - fixtures used by name
     AGENT_UIDS,
@@ -87,10 +87,10 @@ async def test_a_local_tool_executes_on_a_peer_through_its_node_and_only_it_sees
         node_factory: NodeFactory, peering: Peering) -> None:
     b = node_factory(name="b")
     a, grant = await _joined(node_factory, peering, b, command_types=["resource.put"])
-    put = put_request("shared", "task", "t1", key="k1", title="from a's tool")
-    put.target = "b"
+    put_req = put("shared", "task", "t1", key="k1", title="from a's tool")
+    put_req.target = "b"
     async with a.client() as tool, a.client("admin") as other, b.client() as on_b:
-        op = await tool.command.Execute(put)
+        op = await tool.command.Execute(put_req)
         assert op.done and op.state == command_pb2.OPERATION_STATE_SUCCEEDED, op
         assert op.target == "b" and op.idempotency_key == "k1"
         assert op.result.resource.title == "from a's tool"
@@ -98,10 +98,10 @@ async def test_a_local_tool_executes_on_a_peer_through_its_node_and_only_it_sees
         assert "/client/" in me
         # It ran on b, not on a.
         got = await on_b.query.GetResource(query_pb2.GetResourceRequest(
-            key=rkey("shared", "task", "t1")))
+            key=key("shared", "task", "t1")))
         assert got.resource.title == "from a's tool"
         err = await rpc_error(tool.query.GetResource(query_pb2.GetResourceRequest(
-            key=rkey("shared", "task", "t1"))))
+            key=key("shared", "task", "t1"))))
         assert err.code() == grpc.StatusCode.NOT_FOUND
         # On b it belongs to a's node identity, under the derived key; its name is b's.
         rows = sql(b, "SELECT 'operations/' || name, caller, idempotency_key FROM operations")
@@ -109,16 +109,16 @@ async def test_a_local_tool_executes_on_a_peer_through_its_node_and_only_it_sees
         assert rows[0][2] == remote_key(me, "k1")
 
         # A retry answers the same operation; the same key for another request does not.
-        again = await tool.command.Execute(put)
+        again = await tool.command.Execute(put_req)
         assert again.name == op.name and again.state == op.state
-        other_put = put_request("shared", "task", "t9", key="k1")
+        other_put = put("shared", "task", "t9", key="k1")
         other_put.target = "b"
         err = await rpc_error(tool.command.Execute(other_put))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert reason_of(err) == "IDEMPOTENCY_KEY_REUSED"
 
         # Another local identity with the same key gets its own remote operation.
-        theirs = await other.command.Execute(put)
+        theirs = await other.command.Execute(put_req)
         assert theirs.name != op.name and theirs.caller != me and "/admin/" in theirs.caller
         rows = sql(b, "SELECT 'operations/' || name, caller, idempotency_key FROM operations"
                       " ORDER BY created_at")
@@ -159,7 +159,7 @@ async def test_a_local_tool_executes_on_a_peer_through_its_node_and_only_it_sees
         # with the peer and the grant; a keeps nothing for the key.
         delete = command_pb2.ExecuteRequest(
             idempotency_key="k-del", target="b",
-            delete_resource=command_pb2.DeleteResourceCommand(key=rkey("shared", "task", "t1")))
+            delete_resource=command_pb2.DeleteResourceCommand(key=key("shared", "task", "t1")))
         err = await rpc_error(tool.command.Execute(delete))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         assert reason_of(err) == "COMMAND_NOT_GRANTED"
@@ -170,7 +170,7 @@ async def test_a_local_tool_executes_on_a_peer_through_its_node_and_only_it_sees
             == [(0,)]
 
         # Unknown target: refused naming the field, nothing stored or sent.
-        nowhere = put_request("shared", "task", "t2", key="k-nowhere")
+        nowhere = put("shared", "task", "t2", key="k-nowhere")
         nowhere.target = "nobody"
         err = await rpc_error(tool.command.Execute(nowhere))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -200,7 +200,7 @@ async def test_a_local_tool_executes_on_a_peer_through_its_node_and_only_it_sees
         err = await rpc_error(tool.command.GetOperation(
             command_pb2.GetOperationRequest(name=op.name)))
         assert err.code() == grpc.StatusCode.UNAVAILABLE and "peer b" in (err.details() or "")
-        late = put_request("shared", "task", "t3", key="k-late")
+        late = put("shared", "task", "t3", key="k-late")
         late.target = "b"
         err = await rpc_error(tool.command.Execute(late))
         assert err.code() == grpc.StatusCode.UNAVAILABLE and "peer b" in (err.details() or "")
@@ -215,15 +215,15 @@ async def test_forwarded_operations_are_pruned_done_or_never_confirmed(
     await peering.grant(b, "a", kinds=["task"], workspaces=["shared"],
                         command_types=["resource.put"])
     assert peering.join_cli(token, a).returncode == 0
-    put = put_request("shared", "task", "t1", key="k-old")
-    put.target = "b"
+    put_req = put("shared", "task", "t1", key="k-old")
+    put_req.target = "b"
 
     def rows(key: str) -> list[tuple[Any, ...]]:
         return sql(a, "SELECT state, forward_operation FROM operations"
                       " WHERE idempotency_key = %s", (key,))
 
     async with a.client() as tool:
-        op = await tool.command.Execute(put)
+        op = await tool.command.Execute(put_req)
         assert op.done and rows("k-old")[0][0] == "FORWARDED"
 
         async def pruned() -> bool:
@@ -236,7 +236,7 @@ async def test_forwarded_operations_are_pruned_done_or_never_confirmed(
         await wait_until(pruned, "the done forwarded operation to be pruned on a")
         assert rows("k-old") == []
         b.stop()
-        late = put_request("shared", "task", "t2", key="k-late")
+        late = put("shared", "task", "t2", key="k-late")
         late.target = "b"
         err = await rpc_error(tool.command.Execute(late))
         assert err.code() == grpc.StatusCode.UNAVAILABLE
@@ -260,9 +260,9 @@ async def test_a_peer_that_sets_target_is_refused_and_audited_and_nothing_runs(
     assert peering.join_cli(token, b).returncode == 0
     as_a = peering.outbound(a, "b").client()
     peering.clients.append(as_a)
-    put = put_request("shared", "task", "relayed", key="k-relay")
-    put.target = "c"
-    err = await rpc_error(as_a.command.Execute(put))
+    put_req = put("shared", "task", "relayed", key="k-relay")
+    put_req.target = "c"
+    err = await rpc_error(as_a.command.Execute(put_req))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert reason_of(err) == "FORWARD_NOT_ALLOWED"
     # Refused before anything else: even an invalid request gets this answer.
@@ -277,7 +277,7 @@ async def test_a_peer_that_sets_target_is_refused_and_audited_and_nothing_runs(
     assert sql(c, "SELECT count(*) FROM audit_log WHERE peer = 'b'") == [(0,)]
     async with c.client() as on_c:
         err = await rpc_error(on_c.query.GetResource(query_pb2.GetResourceRequest(
-            key=rkey("shared", "task", "relayed"))))
+            key=key("shared", "task", "relayed"))))
         assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -381,11 +381,7 @@ async def test_a_local_tool_spawns_watches_and_kills_an_agent_on_a_peer(
 
         # The same through the command line of a: spawn, status and kill of a run on b.
         async def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "tessera.cli", "agents", *args,
-                 "--data-dir", str(a.data_dir)],
-                env=a.env, text=True, capture_output=True, timeout=DEADLINE_S, check=False)
+            return await asyncio.to_thread(run_cli, a, "agents", *args, timeout=DEADLINE_S)
 
         watched = await cli("spawn", "probe", "--target", b_name, "--arg", "name=cli",
                             "--arg", "lines=1", "--watch")

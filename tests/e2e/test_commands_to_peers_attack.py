@@ -28,8 +28,9 @@ from tests.e2e.test_commands_to_peers import (
     rpc_error,
     sql,
 )
+from tests.fixtures.calls import bad_fields, put, reason_of
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import Peering, bad_fields, put_request, reason_of
+from tests.fixtures.peers import Peering
 from tests.fixtures.waiting import wait_until
 
 RUNNING = command_pb2.OPERATION_STATE_RUNNING
@@ -134,10 +135,10 @@ async def test_a_relayed_watch_ends_at_the_first_done_and_releases_the_peer_stre
     while the tool waited for an end that never came (`agents spawn --watch`, `agents
     kill` hang). A's Watch ends with the first done message, and its stream to B ends."""
     a, servicer = evil
-    put = put_request("shared", "task", "t1", key="k-watch")
-    put.target = "b"
+    put_req = put("shared", "task", "t1", key="k-watch")
+    put_req.target = "b"
     async with a.client() as tool:
-        op = await tool.command.Execute(put)
+        op = await tool.command.Execute(put_req)
         assert op.target == "b" and not op.done
         seen: list[command_pb2.Operation] = []
         async for msg in tool.command.WatchOperation(
@@ -157,10 +158,10 @@ async def test_a_peer_cannot_write_into_the_audit_log_or_terminal_of_the_caller_
     terminal escapes. A relays the code; its audit keeps a code-name reason only, and the
     message is bounded."""
     a, _servicer = evil
-    put = put_request("shared", "task", "evil-error", key="k-evil")
-    put.target = "b"
+    put_req = put("shared", "task", "evil-error", key="k-evil")
+    put_req.target = "b"
     async with a.client() as tool:
-        err = await rpc_error(tool.command.Execute(put))
+        err = await rpc_error(tool.command.Execute(put_req))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert reason_of(err) == "OK\nFORGED audit line"  # the peer's word, relayed as it is
     assert len(err.details() or "") < 1100
@@ -181,12 +182,12 @@ async def test_a_command_sent_to_a_peer_is_audited_on_the_sender_before_any_answ
     refusal on A named no target. A now records every attempt (caller, target, local
     operation, remote key) with the reservation, before the command leaves."""
     a, servicer = evil
-    put = put_request("shared", "task", "lost-answer", key="k-lost")
-    put.target = "b"
+    put_req = put("shared", "task", "lost-answer", key="k-lost")
+    put_req.target = "b"
     async with a.client() as tool:
-        err = await rpc_error(tool.command.Execute(put))
+        err = await rpc_error(tool.command.Execute(put_req))
         assert err.code() == grpc.StatusCode.UNAVAILABLE
-        refused = put_request("shared", "task", "evil-error", key="k-refused")
+        refused = put("shared", "task", "evil-error", key="k-refused")
         refused.target = "b"
         err = await rpc_error(tool.command.Execute(refused))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -215,9 +216,9 @@ async def test_a_peer_that_fails_fast_costs_no_reservation(
     async with a.client() as tool:
         reasons = []
         for i in range(6):
-            put = put_request("shared", "task", f"t{i}", key=f"k-down-{i}")
-            put.target = "b"
-            err = await rpc_error(tool.command.Execute(put))
+            put_req = put("shared", "task", f"t{i}", key=f"k-down-{i}")
+            put_req.target = "b"
+            err = await rpc_error(tool.command.Execute(put_req))
             assert err.code() == grpc.StatusCode.UNAVAILABLE, err
             assert "peer b" in (err.details() or "")
             reasons.append(reason_of(err))
@@ -235,11 +236,11 @@ async def test_one_local_caller_cannot_fill_the_channel_to_a_peer_with_watches(
     other tool's calls to B (and their timeouts open the circuit). A caps the relayed
     watches per local caller; another caller is not affected."""
     a, servicer = evil
-    put = put_request("shared", "task", "endless", key="k-endless")
-    put.target = "b"
+    put_req = put("shared", "task", "endless", key="k-endless")
+    put_req.target = "b"
     async with a.client() as tool, a.client("admin") as other:
-        op = await tool.command.Execute(put)
-        theirs = await other.command.Execute(put)
+        op = await tool.command.Execute(put_req)
+        theirs = await other.command.Execute(put_req)
         calls = []
         for _ in range(MAX_FORWARDED_WATCHES):
             call = tool.command.WatchOperation(command_pb2.WatchOperationRequest(name=op.name))
@@ -269,10 +270,10 @@ async def test_a_peer_going_away_mid_watch_is_unavailable_naming_it(
         evil: tuple[NodeProcess, EvilB]) -> None:
     """Held: B stops while A relays a watch: UNAVAILABLE naming the peer, not UNKNOWN."""
     a, servicer = evil
-    put = put_request("shared", "task", "endless", key="k-gone")
-    put.target = "b"
+    put_req = put("shared", "task", "endless", key="k-gone")
+    put_req.target = "b"
     async with a.client() as tool:
-        op = await tool.command.Execute(put)
+        op = await tool.command.Execute(put_req)
         call = tool.command.WatchOperation(command_pb2.WatchOperationRequest(name=op.name))
         assert (await call.read()).name == op.name
         assert servicer.server is not None
@@ -300,9 +301,9 @@ async def test_odd_targets_and_requests_get_field_errors_never_unknown(
                 ("peers/b", grpc.StatusCode.FAILED_PRECONDITION, "target"),
                 ("*", grpc.StatusCode.FAILED_PRECONDITION, "target"),
                 ("b" * 129, grpc.StatusCode.INVALID_ARGUMENT, "target")]:
-            put = put_request("shared", "task", "t", key="k-odd")
-            put.target = target
-            err = await rpc_error(tool.command.Execute(put))
+            put_req = put("shared", "task", "t", key="k-odd")
+            put_req.target = target
+            err = await rpc_error(tool.command.Execute(put_req))
             assert err.code() == code, (target, err)
             assert bad_fields(err) == [field], (target, err)
         for request, field in [
@@ -325,9 +326,9 @@ async def test_odd_targets_and_requests_get_field_errors_never_unknown(
     as_peer = await peering.link(a, "p", kinds=["task"], workspaces=["shared"],
                                  command_types=["resource.put"])
     for target in (" ", "\u200b", "b", "B", "\t", "a"):
-        put = put_request("shared", "task", "t", key="k-peer")
-        put.target = target
-        err = await rpc_error(as_peer.command.Execute(put))
+        put_req = put("shared", "task", "t", key="k-peer")
+        put_req.target = target
+        err = await rpc_error(as_peer.command.Execute(put_req))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (target, err)
         assert reason_of(err) == "FORWARD_NOT_ALLOWED", (target, err)
     assert sql(a, "SELECT count(*) FROM operations") == [(0,)]
@@ -359,10 +360,10 @@ async def test_a_cancel_sent_to_a_peer_is_audited_on_the_sender_before_any_answe
     `tessera.forward` CancelOperation record only after B's answer, so B's audit showed a
     cancel from A that no record on A tied to a local caller. Recorded before it leaves."""
     a, servicer = evil
-    put = put_request("shared", "task", "endless", key="k-cancel")
-    put.target = "b"
+    put_req = put("shared", "task", "endless", key="k-cancel")
+    put_req.target = "b"
     async with a.client() as tool:
-        op = await tool.command.Execute(put)
+        op = await tool.command.Execute(put_req)
         err = await rpc_error(tool.command.CancelOperation(
             command_pb2.CancelOperationRequest(name=op.name)))
         assert err.code() == grpc.StatusCode.UNAVAILABLE
@@ -383,16 +384,16 @@ async def test_a_suspended_or_revoked_sender_is_refused_by_the_peer_and_keeps_no
     b = node_factory(name="b")
     a, _grant = await _joined(node_factory, peering, b, command_types=["resource.put"])
     async with a.client() as tool, b.client("admin") as admin:
-        put = put_request("shared", "task", "t0", key="k-before")
-        put.target = "b"
-        before = await tool.command.Execute(put)
+        put_req = put("shared", "task", "t0", key="k-before")
+        put_req.target = "b"
+        before = await tool.command.Execute(put_req)
         for i, (change, request) in enumerate([
                 (admin.admin.SuspendPeer, admin_pb2.SuspendPeerRequest(name="a")),
                 (admin.admin.RevokePeer, admin_pb2.RevokePeerRequest(name="a"))]):
             await change(request)
-            put = put_request("shared", "task", f"t{i + 1}", key=f"k-after-{i}")
-            put.target = "b"
-            err = await rpc_error(tool.command.Execute(put))
+            put_req = put("shared", "task", f"t{i + 1}", key=f"k-after-{i}")
+            put_req.target = "b"
+            err = await rpc_error(tool.command.Execute(put_req))
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
             assert sql(a, "SELECT count(*) FROM operations WHERE idempotency_key = %s",
                        (f"k-after-{i}",)) == [(0,)]

@@ -8,9 +8,9 @@ import grpc
 import pytest
 
 from tessera_client.pb import events_pb2
+from tests.fixtures.calls import bad_fields
 from tests.fixtures.events import WAIT_S, event, opened, publish_many
 from tests.fixtures.nodes import NodeFactory
-from tests.fixtures.peers import bad_fields
 
 
 async def test_batched_stream_delivers_every_event_in_order_in_fewer_messages(

@@ -17,9 +17,10 @@ from google.protobuf import timestamp_pb2
 
 from tessera_client import AsyncClient
 from tessera_client.pb import admin_pb2, events_pb2
+from tests.fixtures.calls import put, reason_of
 from tests.fixtures.events import WAIT_S, event, opened, publish_many, read_until, subscribe
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import Peering, put_request, reason_of
+from tests.fixtures.peers import Peering
 from tests.fixtures.valkey import free_port
 
 #: B's data: (workspace, kind, id, team, owner).
@@ -40,7 +41,7 @@ async def b(node_factory: NodeFactory) -> NodeProcess:
     node = node_factory(name="b")
     async with node.client() as c:
         for ws, kind, rid, team, owner in SEED:
-            await c.command.Execute(put_request(ws, kind, rid, team=team, owner=owner))
+            await c.command.Execute(put(ws, kind, rid, team=team, owner=owner))
     return node
 
 
@@ -79,7 +80,7 @@ async def test_team_and_personal_scopes_deliver_only_their_rows_events(
                               subject_user="ann", include_personal=False, event_types=["*"])
     async with b.client() as local:
         # A later move of t2 into the team does not widen who saw its earlier events.
-        await local.command.Execute(put_request("acme", "task", "t2", team="core", key="move"))
+        await local.command.Execute(put("acme", "task", "t2", team="core", key="move"))
         sentinel = (await local.events.Publish(
             event("task.checked", subject=("acme", "task", "t3")))).event
     call = subscribe(peer, start=events_pb2.START_POSITION_BEGINNING)
@@ -224,7 +225,7 @@ async def test_a_parked_peer_stream_ends_when_its_grant_is_revoked(
         return 0.0
 
     async with node.client() as local:
-        await local.command.Execute(put_request("acme", "task", "t1"))
+        await local.command.Execute(put("acme", "task", "t1"))
     token = await peering.invite(node, "a")
     grant = await peering.grant(node, "a", kinds=["task"], workspaces=["acme"],
                                 event_types=["task.*"])
@@ -267,7 +268,7 @@ async def test_a_parked_peer_stream_ends_when_its_grant_expires(
         return 0.0
 
     async with node.client() as local:
-        await local.command.Execute(put_request("acme", "task", "t1"))
+        await local.command.Execute(put("acme", "task", "t1"))
     expire_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=20)
     expire = timestamp_pb2.Timestamp()
     expire.FromDatetime(expire_at)
@@ -301,7 +302,7 @@ async def test_a_busy_peer_stream_rechecks_its_grant_without_a_notification(
 
     node = node_factory(name="b", env={"TESSERA_EVENTS_KEEPALIVE_S": "1"})
     async with node.client() as local:
-        await local.command.Execute(put_request("acme", "task", "t1"))
+        await local.command.Execute(put("acme", "task", "t1"))
     token = await peering.invite(node, "a")
     grant = await peering.grant(node, "a", kinds=["task"], workspaces=["acme"],
                                 event_types=["task.*"])

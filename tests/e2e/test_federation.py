@@ -6,8 +6,9 @@ import grpc
 import pytest
 
 from tessera_client.pb import admin_pb2, query_pb2, resources_pb2
+from tests.fixtures.calls import put
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import Peering, put_request
+from tests.fixtures.peers import Peering
 from tests.fixtures.waiting import wait_until
 
 ALL = resources_pb2.Sources(scope=resources_pb2.Sources.SCOPE_ALL)
@@ -34,12 +35,12 @@ async def _hub_with_two_peers(node_factory: NodeFactory, peering: Peering,
         await peering.grant(peer, "a", kinds=["task", "note"], workspaces=["shared"])
         res = peering.join_cli(token, a)
         assert res.returncode == 0, res.stderr
-    await _put(a, put_request("shared", "task", "t1", title="a's task"))
-    await _put(b, put_request("shared", "task", "t2", title="b's task"),
-               put_request("shared", "task", "t1", title="b's own t1"),
-               put_request("private", "task", "secret", title="not granted"))
-    await _put(c, put_request("shared", "task", "t3", title="c's task"),
-               put_request("shared", "memory", "m1", title="kind not granted"))
+    await _put(a, put("shared", "task", "t1", title="a's task"))
+    await _put(b, put("shared", "task", "t2", title="b's task"),
+               put("shared", "task", "t1", title="b's own t1"),
+               put("private", "task", "secret", title="not granted"))
+    await _put(c, put("shared", "task", "t3", title="c's task"),
+               put("shared", "memory", "m1", title="kind not granted"))
     return a, b, c
 
 
@@ -146,7 +147,7 @@ async def test_federated_search_merges_by_score_and_is_never_cached(
     a, b, c = await _hub_with_two_peers(node_factory, peering)
     for node, vec, rid in ((a, [1.0, 0, 0, 0], "va"), (b, [0.9, 0.1, 0, 0], "vb"),
                            (c, [0, 1.0, 0, 0], "vc")):
-        req = put_request("shared", "note", rid)
+        req = put("shared", "note", rid)
         req.put_resource.resource.embedding.extend(vec)
         await _put(node, req)
     search = query_pb2.SearchResourcesRequest(embedding=[1.0, 0, 0, 0], k=2, sources=ALL)

@@ -20,9 +20,10 @@ import pytest
 
 from tessera_client import AsyncClient
 from tessera_client.pb import admin_pb2, events_pb2
+from tests.fixtures.calls import put, reason_of
 from tests.fixtures.events import WAIT_S, event, opened, read_until, subscribe
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import Peering, put_request, reason_of
+from tests.fixtures.peers import Peering
 from tests.fixtures.valkey import free_port
 from tests.fixtures.waiting import wait_until
 
@@ -68,7 +69,7 @@ async def _log_of(node: NodeProcess, origin: str, until_id: str) -> list[Envelop
 async def _linked(b: NodeProcess, a: NodeProcess, peering: Peering) -> None:
     """A joins B (recorded under A's data dir as peer "b"), granted B's acme tasks' events."""
     async with b.client() as c:
-        await c.command.Execute(put_request(*SUBJECT, team="core"))
+        await c.command.Execute(put(*SUBJECT, team="core"))
     token = await peering.invite(b, "a")
     await peering.grant(b, "a", kinds=["task"], workspaces=["acme"], event_types=["task.*"])
     await peering.join_dir(token, a.data_dir)
@@ -162,7 +163,7 @@ async def test_a_followed_peers_events_never_reach_another_peer_whatever_its_gra
     c: AsyncClient = await peering.link(a, "c", kinds=["task", "note"], workspaces=["*"],
                                         event_types=["*"], include_personal=True)
     async with a.client() as local:
-        await local.command.Execute(put_request(*SUBJECT, team="core"))
+        await local.command.Execute(put(*SUBJECT, team="core"))
         sentinel = (await local.events.Publish(event("task.done", subject=SUBJECT,
                                                      mine=1))).event
     b_ids = {e.id for e in from_b}

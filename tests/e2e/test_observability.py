@@ -19,9 +19,10 @@ from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionRequest
 from grpc_reflection.v1alpha.reflection_pb2_grpc import ServerReflectionStub
 
 from tessera_client.pb import query_pb2, resources_pb2
+from tests.fixtures.calls import put
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.otlp import OtlpReceiver, ReceivedSpan
-from tests.fixtures.peers import Peering, put_request
+from tests.fixtures.peers import Peering
 from tests.fixtures.pg import new_database
 from tests.fixtures.valkey import free_port
 
@@ -79,7 +80,7 @@ async def test_a_fanned_out_search_is_one_trace_across_three_nodes(
         res = peering.join_cli(token, a)
         assert res.returncode == 0, res.stderr
     for node, rid in ((a, "na"), (b, "nb"), (c, "nc")):
-        req = put_request("shared", "note", rid)
+        req = put("shared", "note", rid)
         req.put_resource.resource.embedding.extend([1.0, 0, 0, 0])
         async with node.client() as client:
             await client.command.Execute(req)
@@ -192,7 +193,7 @@ async def test_json_logs_parse_line_by_line_and_carry_no_secret(
                         options=["--log-level", "DEBUG"])
     header, trace_id, _ = traceparent()
     async with node.client() as client:
-        await client.command.Execute(put_request("ws", "note", "n1"),
+        await client.command.Execute(put("ws", "note", "n1"),
                                      metadata=(("traceparent", header),))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.query.GetResource(query_pb2.GetResourceRequest(

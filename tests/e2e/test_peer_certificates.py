@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +22,9 @@ from tessera.peering import OutboundPeer
 from tessera.pki import IdentityKind, SpiffeId, new_key_and_csr
 from tessera_client import AsyncClient, Credentials
 from tessera_client.pb import admin_pb2, query_pb2, resources_pb2
+from tests.fixtures.calls import bad_fields, put, reason_of, run_cli
 from tests.fixtures.nodes import NodeFactory
-from tests.fixtures.peers import Peering, bad_fields, put_request, reason_of
+from tests.fixtures.peers import Peering
 from tests.fixtures.stepca import RunningStepCA, free_loopback_port
 
 ALL = resources_pb2.Sources(scope=resources_pb2.Sources.SCOPE_ALL)
@@ -86,7 +85,7 @@ async def test_a_to_b_calls_never_fail_across_three_renewals_of_the_peer_certifi
     res = peering.join_cli(token, a)
     assert res.returncode == 0, res.stderr
     async with b.client() as c:
-        await c.command.Execute(put_request("shared", "task", "t1", title="b's task"))
+        await c.command.Execute(put("shared", "task", "t1", title="b's task"))
 
     cert_file = a.data_dir / "peers" / "b" / "client.crt"
     first = leaf_of(cert_file)
@@ -157,9 +156,7 @@ async def test_a_to_b_calls_never_fail_across_three_renewals_of_the_peer_certifi
     # Renewals go on meanwhile: what is shown is what the file held before or after.
     held_before = leaf_of(cert_file).serial_number
     out = (await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "tessera.cli", "peers", "list", "--json",
-                         "--data-dir", str(a.data_dir)], env=a.env, capture_output=True,
-        text=True, timeout=60, check=True)).stdout
+        run_cli, a, "peers", "list", "--json")).stdout
     joined = json.loads(out)["joined"]
     assert [j["name"] for j in joined] == ["b"]
     assert int(joined[0]["certificate_serial"], 16) in (

@@ -11,8 +11,6 @@ import base64
 import datetime as dt
 import itertools
 import json
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,16 +26,9 @@ from tessera.peering._token import parse as parse_token
 from tessera.pki import SpiffeId, new_key_and_csr
 from tessera_client import Client
 from tessera_client.pb import admin_pb2, admin_pb2_grpc, command_pb2, query_pb2, resources_pb2
+from tests.fixtures.calls import bad_fields, key, put, reason_of, run_cli
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import (
-    Peering,
-    bad_fields,
-    keys,
-    list_all,
-    put_request,
-    reason_of,
-    rkey,
-)
+from tests.fixtures.peers import Peering, keys, list_all
 from tests.fixtures.waiting import wait_until
 
 #: B's data: (workspace, kind, id, team, owner).
@@ -57,7 +48,7 @@ SEED = [
 async def seed(node: NodeProcess, rows: list[tuple[str, str, str, str, str]] = SEED) -> None:
     async with node.client() as c:
         for ws, kind, rid, team, owner in rows:
-            await c.command.Execute(put_request(ws, kind, rid, team=team, owner=owner))
+            await c.command.Execute(put(ws, kind, rid, team=team, owner=owner))
 
 
 @pytest.fixture
@@ -91,7 +82,7 @@ async def test_node_joins_with_cli_token_and_reads_only_its_scope(
     assert oct(outbound.key.stat().st_mode & 0o777) == "0o600"
     async with outbound.client() as peer:
         got = await peer.query.GetResource(query_pb2.GetResourceRequest(
-            key=rkey("acme", "task", "t1")))
+            key=key("acme", "task", "t1")))
         assert got.resource.id == "t1"
         # Every page is capped by the grant's row cap, and no page holds a row outside it.
         rows, sizes = await list_all(peer, page_size=100)
@@ -104,11 +95,11 @@ async def test_node_joins_with_cli_token_and_reads_only_its_scope(
         assert keys(rows) == {("acme", "task", "t1"), ("acme", "task", "t2"),
                               ("acme", "task", "t3")}
         # Explicitly named kinds and workspaces outside the grant are refused outright.
-        for k in (rkey("acme", "credential", "c1"), rkey("acme", "memory", "m1")):
+        for k in (key("acme", "credential", "c1"), key("acme", "memory", "m1")):
             await expect_error(peer.query.GetResource(query_pb2.GetResourceRequest(key=k)),
                                grpc.StatusCode.PERMISSION_DENIED, "KIND_NOT_GRANTED")
         await expect_error(peer.query.GetResource(query_pb2.GetResourceRequest(
-            key=rkey("beta", "task", "x1"))), grpc.StatusCode.PERMISSION_DENIED,
+            key=key("beta", "task", "x1"))), grpc.StatusCode.PERMISSION_DENIED,
             "WORKSPACE_NOT_GRANTED")
         for kind in ("credential", "memory"):
             await expect_error(peer.query.ListResources(query_pb2.ListResourcesRequest(
@@ -117,9 +108,9 @@ async def test_node_joins_with_cli_token_and_reads_only_its_scope(
             workspace="beta")), grpc.StatusCode.PERMISSION_DENIED, "WORKSPACE_NOT_GRANTED")
         # A personal row answers exactly like a missing one.
         hidden = await expect_error(peer.query.GetResource(query_pb2.GetResourceRequest(
-            key=rkey("acme", "task", "p1"))), grpc.StatusCode.NOT_FOUND)
+            key=key("acme", "task", "p1"))), grpc.StatusCode.NOT_FOUND)
         missing = await expect_error(peer.query.GetResource(query_pb2.GetResourceRequest(
-            key=rkey("acme", "task", "nope"))), grpc.StatusCode.NOT_FOUND)
+            key=key("acme", "task", "nope"))), grpc.StatusCode.NOT_FOUND)
         assert hidden.details().replace("p1", "X") == missing.details().replace("nope", "X")
         # Filters narrow the scope, never widen it.
         rows, _ = await list_all(peer, owner="ann")
@@ -135,7 +126,7 @@ async def test_node_joins_with_cli_token_and_reads_only_its_scope(
                            grpc.StatusCode.PERMISSION_DENIED, "ADMIN_REQUIRED")
         await expect_error(peer.command.ListOperations(command_pb2.ListOperationsRequest()),
                            grpc.StatusCode.PERMISSION_DENIED, "METHOD_NOT_GRANTED")
-        await expect_error(peer.command.Execute(put_request("acme", "task", "t9")),
+        await expect_error(peer.command.Execute(put("acme", "task", "t9")),
                            grpc.StatusCode.PERMISSION_DENIED, "COMMAND_NOT_GRANTED")
 
 
@@ -154,7 +145,7 @@ async def test_revoking_the_grant_denies_the_next_call_on_the_same_channel(
             page_size=1, page_token=first.next_page_token)),
             grpc.StatusCode.PERMISSION_DENIED, "NO_GRANT")
         await expect_error(peer.query.GetResource(query_pb2.GetResourceRequest(
-            key=rkey("acme", "task", "t1"))), grpc.StatusCode.PERMISSION_DENIED, "NO_GRANT")
+            key=key("acme", "task", "t1"))), grpc.StatusCode.PERMISSION_DENIED, "NO_GRANT")
         # A new grant does not revive page tokens minted under the old one.
         await admin.admin.CreateGrant(admin_pb2.CreateGrantRequest(grant=admin_pb2.Grant(
             peer="reader", kinds=["task", "note"], workspaces=["*"])))
@@ -171,7 +162,7 @@ async def test_revoking_or_suspending_the_peer_fails_its_next_call(
     grant: dict[str, Any] = {"kinds": ["task"], "workspaces": ["acme"]}
     revoked = await peering.link(b, "gone", **grant)
     suspended = await peering.link(b, "paused", **grant)
-    request = query_pb2.GetResourceRequest(key=rkey("acme", "task", "t1"))
+    request = query_pb2.GetResourceRequest(key=key("acme", "task", "t1"))
     assert (await revoked.query.GetResource(request)).resource.id == "t1"
     assert (await suspended.query.GetResource(request)).resource.id == "t1"
     async with b.client("admin") as admin:
@@ -289,26 +280,26 @@ async def test_peer_writes_only_inside_its_grant(b: NodeProcess, peering: Peerin
     peer = await peering.link(b, "writer", kinds=["task"], workspaces=["acme"],
                               teams=["core"], subject_user="ann",
                               command_types=["resource.put", "resource.delete"])
-    op = await peer.command.Execute(put_request("acme", "task", "w1", team="core"))
+    op = await peer.command.Execute(put("acme", "task", "w1", team="core"))
     assert op.result.resource.id == "w1"
     for request, reason in (
-        (put_request("acme", "task", "w2", team="ops"), "TEAM_NOT_GRANTED"),
-        (put_request("acme", "task", "w3", team="core", owner="ann"), "PERSONAL_DATA"),
-        (put_request("acme", "note", "w4", team="core"), "KIND_NOT_GRANTED"),
-        (put_request("beta", "task", "w5", team="core"), "WORKSPACE_NOT_GRANTED"),
+        (put("acme", "task", "w2", team="ops"), "TEAM_NOT_GRANTED"),
+        (put("acme", "task", "w3", team="core", owner="ann"), "PERSONAL_DATA"),
+        (put("acme", "note", "w4", team="core"), "KIND_NOT_GRANTED"),
+        (put("beta", "task", "w5", team="core"), "WORKSPACE_NOT_GRANTED"),
         # t2 exists in team ops: it cannot be taken over by writing it as team core.
-        (put_request("acme", "task", "t2", team="core"), "RESOURCE_OUT_OF_SCOPE"),
+        (put("acme", "task", "t2", team="core"), "RESOURCE_OUT_OF_SCOPE"),
     ):
         await expect_error(peer.command.Execute(request), grpc.StatusCode.PERMISSION_DENIED,
                            reason)
     # Deleting a row outside the scope answers as if it did not exist, and keeps it.
     delete = command_pb2.ExecuteRequest(
         idempotency_key="del-t2", delete_resource=command_pb2.DeleteResourceCommand(
-            key=rkey("acme", "task", "t2")))
+            key=key("acme", "task", "t2")))
     await expect_error(peer.command.Execute(delete), grpc.StatusCode.NOT_FOUND)
     async with b.client() as local:
         kept = await local.query.GetResource(query_pb2.GetResourceRequest(
-            key=rkey("acme", "task", "t2")))
+            key=key("acme", "task", "t2")))
         assert kept.resource.team == "ops"
     delete.idempotency_key, delete.delete_resource.key.id = "del-w1", "w1"
     deleted = await peer.command.Execute(delete)
@@ -418,7 +409,7 @@ def test_peer_list_answers_equal_the_reference_evaluator(
     with Client(prop_node.address, prop_node.credentials("admin")) as admin, \
             Client(prop_node.address, prop_node.credentials("client")) as local:
         for ws, kind, rid, team, owner in new_rows:
-            local.command.Execute(put_request(ws, kind, rid, team=team, owner=owner))
+            local.command.Execute(put(ws, kind, rid, team=team, owner=owner))
         mirror.extend(new_rows)
         token = admin.admin.InvitePeer(admin_pb2.InvitePeerRequest(name=grant.peer)).token
         # Naming a never-shareable kind is refused outright, even when also excluded.
@@ -461,46 +452,42 @@ def test_peer_list_answers_equal_the_reference_evaluator(
     event("answer compared" + (" (non-empty)" if expected else " (empty)"))
 
 
-def tessera_cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tessera.cli", *args, "--data-dir", str(node.data_dir)],
-        env=node.env, capture_output=True, text=True, timeout=60, check=False)
 
 
 async def test_cli_invites_grants_lists_and_revokes(
     node_factory: NodeFactory, b: NodeProcess, peering: Peering
 ) -> None:
     a = node_factory(name="a")
-    invited = tessera_cli(b, "peers", "invite", "a", "--ttl-s", "300")
+    invited = run_cli(b, "peers", "invite", "a", "--ttl-s", "300")
     assert invited.returncode == 0, invited.stderr
     token = json.loads(invited.stdout)["token"]
-    bad = tessera_cli(b, "grants", "create", "--peer", "a", "--kinds", "task,credential",
+    bad = run_cli(b, "grants", "create", "--peer", "a", "--kinds", "task,credential",
                       "--workspaces", "acme")
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
     assert "never shared" in bad.stderr
-    created = tessera_cli(b, "grants", "create", "--peer", "a", "--kinds", "task",
+    created = run_cli(b, "grants", "create", "--peer", "a", "--kinds", "task",
                           "--workspaces", "acme", "--row-cap", "2", "--expires-in-s", "3600")
     assert created.returncode == 0, created.stderr
     grant = json.loads(created.stdout)
     assert grant["row_cap"] == 2 and grant["workspaces"] == ["acme"]
-    joined = tessera_cli(a, "peers", "join", token)
+    joined = run_cli(a, "peers", "join", token)
     assert joined.returncode == 0, joined.stderr
     assert json.loads(joined.stdout)["name"] == "b"
-    listed = json.loads(tessera_cli(b, "peers", "list", "--json").stdout)
+    listed = json.loads(run_cli(b, "peers", "list", "--json").stdout)
     assert [(p["name"], p["state"]) for p in listed["peers"]] == [("a", "ACTIVE")]
-    shown = json.loads(tessera_cli(b, "grants", "show", grant["name"]).stdout)
+    shown = json.loads(run_cli(b, "grants", "show", grant["name"]).stdout)
     assert shown["peer"] == "a"
     async with peering.outbound(a, "b").client() as peer:
         rows, _ = await list_all(peer)
         assert keys(rows) == {(ws, k, i) for ws, k, i, _, _ in SEED
                               if ws == "acme" and k == "task"}
-        assert tessera_cli(b, "grants", "revoke", grant["name"]).returncode == 0
+        assert run_cli(b, "grants", "revoke", grant["name"]).returncode == 0
         await expect_error(list_all(peer), grpc.StatusCode.PERMISSION_DENIED, "NO_GRANT")
-        assert tessera_cli(b, "peers", "revoke", "a", "--reason", "done").returncode == 0
+        assert run_cli(b, "peers", "revoke", "a", "--reason", "done").returncode == 0
         with pytest.raises(grpc.aio.AioRpcError):
             await list_all(peer)
     # (--replace gets past the local check that b is recorded, to reach b's refusal.)
-    again = tessera_cli(a, "peers", "join", token, "--replace")
+    again = run_cli(a, "peers", "join", token, "--replace")
     assert again.returncode == 1 and "PERMISSION_DENIED" in again.stderr
 
 
@@ -575,7 +562,7 @@ async def test_an_expired_grant_is_refused_and_a_raced_token_enrols_once(
     expire.FromDatetime(expire_at)
     await peering.grant(b, "racer", kinds=["task"], workspaces=["acme"], expire_time=expire)
     async with won[0].client() as peer:
-        request = query_pb2.GetResourceRequest(key=rkey("acme", "task", "t1"))
+        request = query_pb2.GetResourceRequest(key=key("acme", "task", "t1"))
         assert (await peer.query.GetResource(request)).resource.id == "t1"
         await wait_until(lambda: dt.datetime.now(dt.UTC) > expire_at, "the grant has expired")
         await expect_error(peer.query.GetResource(request), grpc.StatusCode.PERMISSION_DENIED,

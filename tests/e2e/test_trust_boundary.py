@@ -11,7 +11,6 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -35,8 +34,9 @@ from tessera.pki import IdentityKind, SpiffeId
 from tessera.ratelimit import LocalBudgets, RowBudgets
 from tessera_client import KEEPALIVE_TIME_MS, AsyncClient
 from tessera_client.pb import admin_pb2, admin_pb2_grpc, query_pb2, resources_pb2
+from tests.fixtures.calls import bad_fields, put, reason_of, run_cli
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import Peering, bad_fields, put_request, reason_of
+from tests.fixtures.peers import Peering
 
 
 def csr_with_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
@@ -134,10 +134,7 @@ async def test_enrolment_answers_invalid_argument_for_csrs_the_parser_cannot_rea
 
 def join_cli(token: str, joiner: NodeProcess, *extra: str) -> subprocess.CompletedProcess[str]:
     """`tessera peers join <token> [extra...]` with the joining node's data directory."""
-    return subprocess.run(
-        [sys.executable, "-m", "tessera.cli", "peers", "join", token, *extra,
-         "--data-dir", str(joiner.data_dir)],
-        env=joiner.env, capture_output=True, text=True, timeout=60, check=False)
+    return run_cli(joiner, "peers", "join", token, *extra)
 
 
 def peer_files(directory: Path) -> dict[str, bytes]:
@@ -202,10 +199,8 @@ def revoke_cli(node: NodeProcess, serial: int) -> subprocess.CompletedProcess[st
     --decommission: the node would otherwise re-enrol its own revoked local identity at
     once (and clients made from its files follow), which is not what is tested here.
     """
-    return subprocess.run(
-        [sys.executable, "-m", "tessera.cli", "certs", "revoke", "--decommission", "--hex",
-         format(serial, "x"), "--reason", "test", "--data-dir", str(node.data_dir)],
-        env=node.env, capture_output=True, text=True, timeout=60, check=False)
+    return run_cli(node, "certs", "revoke", "--decommission", "--hex", format(serial, "x"),
+                   "--reason", "test")
 
 
 async def test_certs_revoke_is_refused_on_the_next_call_once_the_command_returns(
@@ -582,10 +577,6 @@ def replica_of(node: NodeProcess, tmp_path: Path) -> NodeProcess:
     return replica
 
 
-def tessera_cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tessera.cli", *args, "--data-dir", str(node.data_dir)],
-        env=node.env, capture_output=True, text=True, timeout=60, check=False)
 
 
 async def test_a_grants_row_budget_is_shared_by_replicas_and_refuses_with_retry_info(
@@ -594,7 +585,7 @@ async def test_a_grants_row_budget_is_shared_by_replicas_and_refuses_with_retry_
     b1 = node_factory(name="b")
     async with b1.client() as local:
         for i in range(30):
-            await local.command.Execute(put_request("acme", "task", f"t{i:02d}"))
+            await local.command.Execute(put("acme", "task", f"t{i:02d}"))
     b2 = replica_of(b1, tmp_path)
     try:
         token = await peering.invite(b1, "reader")
@@ -605,7 +596,7 @@ async def test_a_grants_row_budget_is_shared_by_replicas_and_refuses_with_retry_
                     row_budget_window=duration_pb2.Duration(seconds=0))))
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert set(bad_fields(bad.value)) == {"grant.row_budget", "grant.row_budget_window"}
-        created = tessera_cli(b1, "grants", "create", "--peer", "reader", "--kinds", "task",
+        created = run_cli(b1, "grants", "create", "--peer", "reader", "--kinds", "task",
                               "--workspaces", "acme", "--row-cap", "5", "--row-budget", "12",
                               "--row-budget-window-s", "3600")
         assert created.returncode == 0, created.stderr
@@ -647,9 +638,9 @@ async def test_a_refused_page_token_does_not_spend_the_row_budget(
     b = node_factory(name="b")
     async with b.client() as local:
         for i in range(10):
-            await local.command.Execute(put_request("acme", "task", f"t{i:02d}"))
+            await local.command.Execute(put("acme", "task", f"t{i:02d}"))
     token = await peering.invite(b, "reader")
-    created = tessera_cli(b, "grants", "create", "--peer", "reader", "--kinds", "task",
+    created = run_cli(b, "grants", "create", "--peer", "reader", "--kinds", "task",
                           "--workspaces", "acme", "--row-cap", "5", "--row-budget", "10",
                           "--row-budget-window-s", "3600")
     assert created.returncode == 0, created.stderr

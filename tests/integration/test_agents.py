@@ -32,9 +32,9 @@ from google.protobuf import struct_pb2
 from tessera.commands import kill_leftovers
 from tessera.commands.agent_wrapper import children_of, group_members
 from tessera_client.pb import admin_pb2, command_pb2, resources_pb2
+from tests.fixtures.calls import bad_fields, run_cli
 from tests.fixtures.nodes import TEST_DIMENSION, NodeProcess
 from tests.fixtures.pg import new_database
-from tests.integration.test_node_foundation import bad_request_fields
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -245,7 +245,7 @@ async def test_only_allow_listed_agents_and_schema_values_are_accepted_and_nothi
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await c.command.Execute(request)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
-            assert field in bad_request_fields(err.value), (request, err.value.details())
+            assert field in bad_fields(err.value), (request, err.value.details())
         # An extra top-level key (e.g. naming a program) is refused by the type's schema.
         s = struct_pb2.Struct()
         s.update({"agent": "probe", "executable": "/bin/sh"})
@@ -308,9 +308,7 @@ async def test_an_agent_runs_as_the_agent_user_without_the_nodes_keys_or_environ
 
     # The same through the command line, as docs/commands.md shows it.
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "tessera.cli", "agents", *args,
-                               "--data-dir", str(node.data_dir)], env=node.env, text=True,
-                              capture_output=True, timeout=DEADLINE_S, check=False)
+        return run_cli(node, "agents", *args, timeout=DEADLINE_S)
 
     listed = cli("list", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -516,7 +514,7 @@ async def test_a_value_too_long_for_the_command_line_is_refused_as_invalid_argum
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await c.command.Execute(spawn("long-1", "echo", text="a" * 200_000))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-        assert "plugin.args.args.text" in bad_request_fields(err.value)
+        assert "plugin.args.args.text" in bad_fields(err.value)
         # A long value that fits still runs.
         op = await c.command.Execute(spawn("long-2", "echo", text="b" * 20_000))
     final = await done_op(node, op.name)
@@ -618,7 +616,7 @@ async def test_nan_and_infinity_are_refused_for_a_number_param(
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await c.command.Execute(spawn(f"num-{i}", "num", x=bad))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-            assert any(f.startswith("plugin.args") for f in bad_request_fields(err.value))
+            assert any(f.startswith("plugin.args") for f in bad_fields(err.value))
         # A resource attribute likewise.
         attrs = struct_pb2.Struct()
         attrs.update({"n": float("nan")})
@@ -629,7 +627,7 @@ async def test_nan_and_infinity_are_refused_for_a_number_param(
                                                     title="t", attributes=attrs))))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert any(f.startswith("put_resource.resource.attributes")
-                   for f in bad_request_fields(err.value))
+                   for f in bad_fields(err.value))
         op = await c.command.Execute(spawn("num-ok", "num", x=2.5))
     final = await done_op(node, op.name)
     assert final.state == command_pb2.OPERATION_STATE_SUCCEEDED, final
@@ -645,7 +643,7 @@ async def test_a_trailing_newline_does_not_pass_an_anchored_pattern(
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await c.command.Execute(spawn(f"nl-{i}", "probe", name=bad))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, repr(bad)
-            assert "plugin.args.args.name" in bad_request_fields(err.value)
+            assert "plugin.args.args.name" in bad_fields(err.value)
     assert sql(node, "SELECT count(*) FROM operations")[0][0] == 0
     assert agent_processes() == []
 

@@ -5,24 +5,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tessera import store
 from tessera.audit import AuditEntry, AuditRow, payload, query_hash, verify, verify_log
 from tessera.config import StoreConfig
-from tessera_client import AsyncClient, Credentials
-from tessera_client.pb import admin_pb2, command_pb2, query_pb2, resources_pb2
+from tessera_client import AsyncClient
+from tessera_client.pb import admin_pb2, command_pb2, query_pb2
+from tests.fixtures.calls import dev_ca_credentials, key, put, run_cli
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering
 from tests.fixtures.waiting import wait_until
@@ -34,14 +29,8 @@ DENIED = admin_pb2.AUDIT_OUTCOME_DENIED_BY_POLICY
 FAILED = admin_pb2.AUDIT_OUTCOME_FAILED
 
 
-def key(ws: str, kind: str, rid: str) -> resources_pb2.ResourceKey:
-    return resources_pb2.ResourceKey(workspace=ws, kind=kind, id=rid)
 
 
-def put(ws: str, kind: str, rid: str, idem: str) -> command_pb2.ExecuteRequest:
-    return command_pb2.ExecuteRequest(
-        idempotency_key=idem, put_resource=command_pb2.PutResourceCommand(
-            resource=resources_pb2.Resource(workspace=ws, kind=kind, id=rid, title=rid)))
 
 
 async def records(node: NodeProcess, **filters: object) -> list[admin_pb2.AuditRecord]:
@@ -71,38 +60,8 @@ def sql(
         return cur.fetchall() if cur.description else []
 
 
-def tessera(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tessera.cli", *args, "--data-dir",
-                           str(node.data_dir)], capture_output=True, text=True, env=node.env,
-                          timeout=120)
 
 
-def foreign_credentials(node: NodeProcess) -> Credentials:
-    """A certificate from the node's CA whose identity is in another trust domain."""
-    ca_key = serialization.load_pem_private_key(
-        (node.pki / "dev-ca" / "root.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    ca_cert = x509.load_pem_x509_certificate((node.pki / "dev-ca" / "root.crt").read_bytes())
-    k = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stranger")]))
-        .issuer_name(ca_cert.subject).public_key(k.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.UniformResourceIdentifier("spiffe://elsewhere.example/client/x")]),
-            critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return Credentials(
-        ca_cert.public_bytes(serialization.Encoding.PEM),
-        cert.public_bytes(serialization.Encoding.PEM),
-        k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                        serialization.NoEncryption()),
-    )
 
 
 async def linked(node: NodeProcess) -> None:
@@ -113,9 +72,6 @@ async def linked(node: NodeProcess) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-def node(node_factory: NodeFactory) -> NodeProcess:
-    return node_factory()
 
 
 async def test_every_call_has_its_row_allowed_denied_and_failed_alike(node: NodeProcess) -> None:
@@ -132,7 +88,9 @@ async def test_every_call_has_its_row_allowed_denied_and_failed_alike(node: Node
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest())
         assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    async with AsyncClient(node.address, foreign_credentials(node)) as stranger:
+    foreign = dev_ca_credentials(node, ["spiffe://elsewhere.example/client/x"],
+                                 common_name="stranger", dns_names=())
+    async with AsyncClient(node.address, foreign) as stranger:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await stranger.query.Describe(query_pb2.DescribeRequest())
         assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -180,7 +138,7 @@ async def test_peer_calls_record_peer_and_grant_and_list_filters_by_them(
     denied = [r for r in await records(node, outcome=DENIED)
               if r.identity == "spiffe://tessera.local/node/stranger"]
     assert [(r.method, r.status_code) for r in denied] == [("GetResource", "PERMISSION_DENIED")]
-    res = tessera(node, "audit", "list", "--peer", "reader")
+    res = run_cli(node, "audit", "list", "--peer", "reader")
     assert res.returncode == 0 and res.stdout.count("GetResource") == 1, res.stderr
 
 
@@ -257,14 +215,14 @@ async def test_list_filters_by_outcome_and_time_and_pages_with_tokens(node: Node
                 outcome=DENIED, page_size=2, page_token=resp.next_page_token or "x.y"))
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    res = tessera(node, "audit", "list", "--outcome", "denied")
+    res = run_cli(node, "audit", "list", "--outcome", "denied")
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("GetNodeInfo") == 5 and "ADMIN_REQUIRED" in res.stdout
-    res = tessera(node, "audit", "list", "--since", "1h", "--limit", "3", "--json",
-                   "--oldest-first")
+    res = run_cli(node, "audit", "list", "--since", "1h", "--limit", "3", "--json",
+                  "--oldest-first")
     assert res.returncode == 0, res.stderr
     assert [json.loads(line)["sequence"] for line in res.stdout.splitlines()] == ["1", "2", "3"]
-    res = tessera(node, "audit", "list", "--until", "2000-01-01T00:00:00")
+    res = run_cli(node, "audit", "list", "--until", "2000-01-01T00:00:00")
     assert res.returncode == 0 and res.stdout == "", res.stderr
 
 
@@ -287,12 +245,12 @@ async def _some_calls(node: NodeProcess, n: int) -> None:
 async def test_an_edited_row_makes_verify_fail_naming_it(node: NodeProcess) -> None:
     await _some_calls(node, 5)
     assert (await verify_audit(node)).ok
-    assert tessera(node, "audit", "verify").returncode == 0
+    assert run_cli(node, "audit", "verify").returncode == 0
     sql(node, "UPDATE audit_log SET identity = 'spiffe://tessera.local/client/other'"
               " WHERE sequence = 3")
     result = await verify_audit(node)
     assert not result.ok and result.first_bad_sequence == 3 and result.checked == 2
-    res = tessera(node, "audit", "verify")
+    res = run_cli(node, "audit", "verify")
     assert res.returncode == 1 and "record 3" in res.stderr
 
 
@@ -334,7 +292,7 @@ async def test_prune_exports_old_rows_and_verification_stays_green(
     await _some_calls(node, 4)
     await aged(node)  # the rows above become older than the cut-off below
     export = tmp_path / "audit-2026-11.jsonl"
-    res = tessera(node, "audit", "prune", "--older-than", "1s", "--export", str(export))
+    res = run_cli(node, "audit", "prune", "--older-than", "1s", "--export", str(export))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "pruned 4 audit records" in res.stdout
     # A later call chains to the anchor pruning left. (Made after the prune: a loaded
@@ -363,7 +321,7 @@ async def test_prune_exports_old_rows_and_verification_stays_green(
     result = await verify_audit(node)
     assert not result.ok and result.first_bad_sequence == 5
 
-    again = tessera(node, "audit", "prune", "--older-than", "1s", "--export", str(export))
+    again = run_cli(node, "audit", "prune", "--older-than", "1s", "--export", str(export))
     assert again.returncode != 0 and "exists" in again.stderr, "an export is never overwritten"
 
 
@@ -374,7 +332,7 @@ async def test_prune_refuses_to_delete_rows_whose_chain_is_broken(
     sql(node, "UPDATE audit_log SET method = 'Forged' WHERE sequence = 2")
     await aged(node)
     export = tmp_path / "x.jsonl"
-    res = tessera(node, "audit", "prune", "--older-than", "1s", "--export", str(export))
+    res = run_cli(node, "audit", "prune", "--older-than", "1s", "--export", str(export))
     assert res.returncode != 0 and "record 2" in res.stderr
     assert sql(node, "SELECT count(*) FROM audit_log WHERE sequence <= 3") == [(3,)]
     assert not export.exists()
@@ -558,7 +516,7 @@ async def test_moving_the_prune_anchor_over_a_forged_row_is_detected(
     sql(node, "DELETE FROM audit_log WHERE sequence <= 4")
     result = await verify_audit(node)
     assert not result.ok and "named by no prune record" in result.message
-    assert tessera(node, "audit", "verify").returncode == 1
+    assert run_cli(node, "audit", "verify").returncode == 1
 
 
 async def test_a_real_prune_chains_its_anchor_and_moving_it_later_is_detected(
@@ -567,7 +525,7 @@ async def test_a_real_prune_chains_its_anchor_and_moving_it_later_is_detected(
     await _some_calls(node, 4)
     await aged(node)  # the rows above become older than the cut-off below
     await _some_calls(node, 3)
-    res = tessera(node, "audit", "prune", "--older-than", "1s")
+    res = run_cli(node, "audit", "prune", "--older-than", "1s")
     assert res.returncode == 0, res.stdout + res.stderr
     assert (await verify_audit(node)).ok
     (prune_row,) = [r for r in await records(node) if r.method == "Prune"]
@@ -584,5 +542,5 @@ async def test_a_real_prune_chains_its_anchor_and_moving_it_later_is_detected(
     assert not result.ok and "anchor was moved" in result.message
     # ... and a prune refuses to launder it into a fresh anchor.
     await aged(node)
-    again = tessera(node, "audit", "prune", "--older-than", "1s")
+    again = run_cli(node, "audit", "prune", "--older-than", "1s")
     assert again.returncode != 0 and "anchor" in again.stderr

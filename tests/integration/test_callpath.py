@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from grpc_status import rpc_status
 
 from tessera.embedded import EmbeddedPostgres
 from tessera_client.pb import admin_pb2, command_pb2, events_pb2, query_pb2, resources_pb2
+from tests.fixtures.calls import run_cli
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.pg import new_database
 
@@ -89,9 +88,6 @@ def audit_rows(node: NodeProcess, method: str) -> list[tuple[str, str]]:
             (method,)).fetchall()]
 
 
-@pytest.fixture
-def node(node_factory: NodeFactory) -> NodeProcess:
-    return node_factory()
 
 
 async def test_undecodable_bytes_answer_invalid_argument_on_every_method_and_are_audited(
@@ -264,9 +260,7 @@ async def test_postgres_stopped_under_load_gives_only_unavailable_and_recovers_b
             assert "PostgreSQL" in (exc.value.details() or "")
             # doctor says why: the database is unreachable, and the node says it is down.
             report = await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-m", "tessera.cli", "doctor", "--json",
-                                 "--data-dir", str(node.data_dir)],
-                capture_output=True, text=True, env=node.env, timeout=120)
+                run_cli, node, "doctor", "--json")
             assert report.returncode == 1, report.stderr
             checks = {c["name"]: c for c in json.loads(report.stdout)["checks"]}
             assert checks["postgresql"]["status"] == "red"

@@ -25,8 +25,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from tessera import cli, config
 from tessera.app import Node, start_node
@@ -42,6 +40,7 @@ from tessera.pki.stepca._config import StepCAFiles, init_stepca
 from tessera.pki.stepca._issuer import StepCAIssuer
 from tessera_client import AsyncClient, Client, Credentials
 from tessera_client.pb import admin_pb2, admin_pb2_grpc, query_pb2
+from tests.fixtures.calls import reason_of
 from tests.fixtures.stepca import (
     RunningStepCA,
     build_stepca,
@@ -155,16 +154,6 @@ def served_serial(port: int, client: ClientCert, tmp: Path) -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
-def error_reason(exc: grpc.aio.AioRpcError) -> str:
-    """The ErrorInfo reason of a failed call."""
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    if status is None:
-        return ""
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return str(info.reason)
-    return ""
 
 
 def intermediate_key(files: StepCAFiles) -> ec.EllipticCurvePrivateKey:
@@ -570,7 +559,7 @@ async def test_revoked_certificate_can_neither_renew_nor_call_even_on_an_open_ch
                 await node_info(channel)
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() is grpc.StatusCode.UNAUTHENTICATED
-                return error_reason(exc)
+                return reason_of(exc)
             return ""
 
         # The node notices the deny-list file within a second.
@@ -767,7 +756,7 @@ async def test_crl_listing_a_client_refuses_its_next_call(
                 await node_info(channel)
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() is grpc.StatusCode.UNAUTHENTICATED
-                return error_reason(exc)
+                return reason_of(exc)
             return ""
 
         assert await wait_for(refused, 5, "the CRL to be honoured") == "CERT_REVOKED"
@@ -923,7 +912,7 @@ async def test_no_key_password_or_token_appears_in_logs_or_errors(
     assert "renewal failed" in text
     key_lines = [ln for ln in files.server.key.read_text().splitlines() if "-----" not in ln]
     secrets = {
-        "provisioner key": stepca.provisioner_jwk()["d"],
+        "provisioner key": stepca.provisioner_secret(),
         "CA password": stepca.files.password_file.read_text().strip(),
         "token": token,
         "token signature": token.rsplit(".", 1)[1],
@@ -975,7 +964,7 @@ async def test_restart_keeps_crl_revocations_while_the_crl_url_is_down(
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await node_info(channel)
         assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        assert error_reason(info.value) == "CERT_REVOKED"
+        assert reason_of(info.value) == "CERT_REVOKED"
         async with other.channel(node.address) as channel:
             await node_info(channel)
 
@@ -1031,7 +1020,7 @@ async def test_a_serial_revoked_through_one_replica_is_refused_by_another(
                     try:
                         await node_info(channel)
                     except grpc.aio.AioRpcError as exc:
-                        return error_reason(exc)
+                        return reason_of(exc)
                 return ""
 
             for client in (peer, operator, bystander):

@@ -15,16 +15,9 @@ import time
 from pathlib import Path
 
 from tessera_client import Client
-from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import Peering, put_request
-
-
-def tessera(node: NodeProcess, *args: str, data_dir: Path | None = None
-            ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tessera.cli", *args, "--data-dir",
-         str(data_dir or node.data_dir)],
-        env=node.env, capture_output=True, text=True, timeout=90, check=False)
+from tests.fixtures.calls import put, run_cli
+from tests.fixtures.nodes import NodeFactory
+from tests.fixtures.peers import Peering
 
 
 def _ok(res: subprocess.CompletedProcess[str]) -> str:
@@ -35,19 +28,20 @@ def _ok(res: subprocess.CompletedProcess[str]) -> str:
 
 async def test_status_says_running_or_not(node_factory: NodeFactory, tmp_path: Path) -> None:
     node = node_factory()
-    human = _ok(tessera(node, "status"))
+    human = _ok(run_cli(node, "status"))
     assert f"running (pid {node.state['pid']})" in human
     assert node.address in human and "health" in human and "expires in" in human
-    data = json.loads(_ok(tessera(node, "status", "--json")))
+    data = json.loads(_ok(run_cli(node, "status", "--json")))
     assert data["running"] is True and data["pid"] == node.state["pid"]
     assert data["address"] == node.address and data["workers"] == len(node.serving_pids)
     assert data["health"] in ("GREEN", "YELLOW")
     assert data["certificate"]["state"] == "HEALTHY"  # enum names without their prefix
     assert data["start_time"].endswith("Z")  # RFC 3339
-    stopped = tessera(node, "status", data_dir=tmp_path / "nothing-here")
+    stopped = run_cli(None, "status", "--data-dir", str(tmp_path / "nothing-here"), env=node.env)
     assert stopped.returncode == 3
     assert "not running" in stopped.stdout and "tessera serve --data-dir" in stopped.stdout
-    gone = json.loads(tessera(node, "status", "--json", data_dir=tmp_path / "x").stdout)
+    gone = json.loads(run_cli(None, "status", "--json", "--data-dir", str(tmp_path / "x"),
+                              env=node.env).stdout)
     assert gone["running"] is False
 
 
@@ -59,33 +53,33 @@ async def test_peers_both_ways_and_grant_preview(
     async with b.client() as c:
         for ws, kind, rid in (("acme", "task", "t1"), ("acme", "task", "t2"),
                               ("acme", "note", "n1"), ("other", "task", "x1")):
-            await c.command.Execute(put_request(ws, kind, rid))
+            await c.command.Execute(put(ws, kind, rid))
     token = await peering.invite(b, "a")
-    _ok(tessera(b, "grants", "create", "--peer", "a", "--kinds", "task,note",
+    _ok(run_cli(b, "grants", "create", "--peer", "a", "--kinds", "task,note",
                 "--workspaces", "acme"))
     assert peering.join_cli(token, a).returncode == 0
 
     # a joined b: shown under the peers a calls; b shows a calling it.
-    on_a = _ok(tessera(a, "peers", "list"))
+    on_a = _ok(run_cli(a, "peers", "list"))
     joined_part = on_a.split("Peers this node has joined")[1]
     assert "b " in joined_part and "spiffe://tessera.local/node/a" in joined_part
-    on_b = _ok(tessera(b, "peers", "list"))
+    on_b = _ok(run_cli(b, "peers", "list"))
     inbound_part = on_b.split("Peers this node has joined")[0]
     assert "a " in inbound_part and "ACTIVE" in inbound_part and "in 29 days" in inbound_part
-    assert [j["name"] for j in json.loads(_ok(tessera(a, "peers", "list", "--json")))
+    assert [j["name"] for j in json.loads(_ok(run_cli(a, "peers", "list", "--json")))
             ["joined"]] == ["b"]
 
-    table = _ok(tessera(b, "grants", "list")).splitlines()
+    table = _ok(run_cli(b, "grants", "list")).splitlines()
     assert table[0].split()[:3] == ["NAME", "PEER", "KINDS"]
     assert "note,task" in table[1] and "active" in table[1]
 
-    preview = _ok(tessera(b, "grants", "preview", "a"))
+    preview = _ok(run_cli(b, "grants", "preview", "a"))
     assert "a can read 3 local rows now, under 1 grant" in preview
     assert "rows in scope  3 (note 1, task 2)" in preview
-    data = json.loads(_ok(tessera(b, "grants", "preview", "a", "--json")))
+    data = json.loads(_ok(run_cli(b, "grants", "preview", "a", "--json")))
     assert data["rows_in_scope"] == "3"  # int64 as proto JSON writes it
     assert data["grants"][0]["rows_by_kind"] == {"task": "2", "note": "1"}
-    unknown = tessera(b, "grants", "preview", "nobody")
+    unknown = run_cli(b, "grants", "preview", "nobody")
     assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
 
 
@@ -93,14 +87,14 @@ async def test_audit_list_newest_first_says_how_many_more(node_factory: NodeFact
     node = node_factory()
     async with node.client() as c:
         for i in range(6):
-            await c.command.Execute(put_request("w", "note", f"n{i}"))
-    res = tessera(node, "audit", "list", "--limit", "3", "--json")
+            await c.command.Execute(put("w", "note", f"n{i}"))
+    res = run_cli(node, "audit", "list", "--limit", "3", "--json")
     seqs = [int(json.loads(line)["sequence"]) for line in _ok(res).splitlines()]
     assert seqs == sorted(seqs, reverse=True) and len(seqs) == 3
     assert "more records match" in res.stderr
-    oldest = tessera(node, "audit", "list", "--limit", "3", "--json", "--oldest-first")
+    oldest = run_cli(node, "audit", "list", "--limit", "3", "--json", "--oldest-first")
     assert [int(json.loads(x)["sequence"]) for x in _ok(oldest).splitlines()] == [1, 2, 3]
-    table = _ok(tessera(node, "audit", "list", "--limit", "2")).splitlines()
+    table = _ok(run_cli(node, "audit", "list", "--limit", "2")).splitlines()
     assert table[0].split()[:3] == ["SEQ", "TIME", "OUTCOME"] and len(table) == 3
 
 
@@ -117,7 +111,7 @@ def test_audit_list_follow_prints_new_records(node_factory: NodeFactory) -> None
     reader.start()
     try:
         with Client(node.address, node.credentials()) as c:
-            c.command.Execute(put_request("w", "note", "before"))
+            c.command.Execute(put("w", "note", "before"))
             deadline = time.monotonic() + 60
             seen: list[dict[str, str]] = []
             put_after = False
@@ -127,7 +121,7 @@ def test_audit_list_follow_prints_new_records(node_factory: NodeFactory) -> None
                 except queue.Empty:
                     pass
                 if seen and not put_after:  # the follower is up: write something new
-                    c.command.Execute(put_request("w", "note", "after-follow"))
+                    c.command.Execute(put("w", "note", "after-follow"))
                     put_after = True
                 if put_after and any(
                         r.get("method") == "Execute" and int(r["sequence"])
@@ -145,6 +139,6 @@ def test_audit_list_follow_prints_new_records(node_factory: NodeFactory) -> None
 
 async def test_certs_status_shows_human_durations(node_factory: NodeFactory) -> None:
     node = node_factory()
-    out = _ok(tessera(node, "certs", "status"))
+    out = _ok(run_cli(node, "certs", "status"))
     assert "(in 29 days)" in out or "(in 30 days)" in out
     assert " s)" not in out

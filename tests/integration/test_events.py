@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -15,10 +13,10 @@ import psycopg
 import pytest
 
 from tessera_client import AsyncClient
-from tessera_client.pb import command_pb2, events_pb2, resources_pb2
+from tessera_client.pb import events_pb2
+from tests.fixtures.calls import bad_fields, put, reason_of, run_cli
 from tests.fixtures.events import event, opened, publish_many, read_n, read_until, subscribe
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import bad_fields, reason_of
 from tests.fixtures.valkey import free_port
 
 BEGINNING = events_pb2.START_POSITION_BEGINNING
@@ -26,15 +24,8 @@ NOW = events_pb2.START_POSITION_NOW
 CURSOR = events_pb2.START_POSITION_CURSOR
 
 
-@pytest.fixture
-def node(node_factory: NodeFactory) -> NodeProcess:
-    return node_factory()
 
 
-def put(ws: str, kind: str, rid: str, key: str) -> command_pb2.ExecuteRequest:
-    return command_pb2.ExecuteRequest(
-        idempotency_key=key, put_resource=command_pb2.PutResourceCommand(
-            resource=resources_pb2.Resource(workspace=ws, kind=kind, id=rid, title=rid)))
 
 
 async def test_writes_and_publishes_arrive_in_sequence_order_with_ids_and_cursors(
@@ -299,31 +290,27 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tessera.cli", *args, "--data-dir", str(node.data_dir)],
-        env=node.env, capture_output=True, text=True, timeout=60, check=False)
 
 
 async def test_cli_publishes_and_tails_durably(node: NodeProcess) -> None:
-    done = _cli(node, "events", "publish", "task.done", "--subject", "acme/task/t1",
+    done = run_cli(node, "events", "publish", "task.done", "--subject", "acme/task/t1",
                 "--data", '{"by": "cli"}', "--key", "cli-1")
     assert done.returncode == 0, done.stderr
     assert "published task.done as sequence 1" in done.stdout
-    again = _cli(node, "events", "publish", "task.done", "--subject", "acme/task/t1",
+    again = run_cli(node, "events", "publish", "task.done", "--subject", "acme/task/t1",
                  "--data", '{"by": "cli"}', "--key", "cli-1")
     assert "sequence 1 " in again.stdout  # the same event, not a second one
-    _cli(node, "events", "publish", "task.done", "--data", '{"n": 2}')
-    tail = _cli(node, "events", "tail", "task.*", "--from", "beginning", "--durable", "cli",
+    run_cli(node, "events", "publish", "task.done", "--data", '{"n": 2}')
+    tail = run_cli(node, "events", "tail", "task.*", "--from", "beginning", "--durable", "cli",
                 "--limit", "1", "--json")
     assert tail.returncode == 0, tail.stderr
     first = [json.loads(line) for line in tail.stdout.splitlines()]
     assert [(e["type"], e["data"]) for e in first] == [("task.done", {"by": "cli"})]
     # The durable subscription acknowledged what it printed: the next tail goes on from there.
-    tail = _cli(node, "events", "tail", "--durable", "cli", "--limit", "1")
+    tail = run_cli(node, "events", "tail", "--durable", "cli", "--limit", "1")
     assert tail.returncode == 0, tail.stderr
     assert tail.stdout.split()[0] == "2" and '{"n":2}' in tail.stdout
-    bad = _cli(node, "events", "publish", "resource.put")
+    bad = run_cli(node, "events", "publish", "resource.put")
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "reserved" in bad.stderr
 
 

@@ -5,73 +5,24 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from google.protobuf import timestamp_pb2
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tessera_client import AsyncClient, Credentials
+from tessera_client import AsyncClient
 from tessera_client.pb import (
     admin_pb2,
     command_pb2,
     query_pb2,
-    resources_pb2,
 )
+from tests.fixtures.calls import bad_fields, dev_ca_credentials, key, put, reason_of, run_cli
 from tests.fixtures.nodes import TEST_DIMENSION, NodeFactory, NodeProcess
 from tests.fixtures.waiting import wait_until
-
-
-def put(ws: str, kind: str, rid: str, key: str, **fields: object) -> command_pb2.ExecuteRequest:
-    """An Execute request that puts one resource."""
-    resource = resources_pb2.Resource(workspace=ws, kind=kind, id=rid, **fields)  # type: ignore[arg-type]
-    return command_pb2.ExecuteRequest(
-        idempotency_key=key, put_resource=command_pb2.PutResourceCommand(resource=resource)
-    )
-
-
-def key(ws: str, kind: str, rid: str) -> resources_pb2.ResourceKey:
-    return resources_pb2.ResourceKey(workspace=ws, kind=kind, id=rid)
-
-
-def bad_request_fields(err: grpc.aio.AioRpcError) -> list[str]:
-    """Field names in the BadRequest detail of an error."""
-    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert raw is not None, "no google.rpc.Status details"
-    status = status_pb2.Status.FromString(raw)
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            br = error_details_pb2.BadRequest()
-            detail.Unpack(br)
-            fields += [v.field for v in br.field_violations]
-    return fields
-
-
-def error_reason(err: grpc.aio.AioRpcError) -> str:
-    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert raw is not None
-    status = status_pb2.Status.FromString(raw)
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
-
-
-@pytest.fixture
-def node(node_factory: NodeFactory) -> NodeProcess:
-    return node_factory()
 
 
 async def test_put_get_list_delete_through_generated_stubs(node: NodeProcess) -> None:
@@ -116,7 +67,7 @@ async def test_idempotent_replay_returns_same_operation_and_applies_once(
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.command.Execute(put("acme", "note", "n1", "same-key", title="different"))
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert error_reason(exc.value) == "IDEMPOTENCY_KEY_REUSED"
+        assert reason_of(exc.value) == "IDEMPOTENCY_KEY_REUSED"
 
         fetched = await c.command.GetOperation(command_pb2.GetOperationRequest(name=first.name))
         assert fetched.name == first.name and fetched.done
@@ -134,7 +85,7 @@ async def test_etag_guards_concurrent_updates(node: NodeProcess) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.command.Execute(stale)
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert error_reason(exc.value) == "ETAG_MISMATCH"
+        assert reason_of(exc.value) == "ETAG_MISMATCH"
 
 
 async def test_every_write_appends_its_event_in_the_same_transaction(
@@ -192,7 +143,7 @@ async def test_page_token_cannot_be_replayed_with_other_filters_or_forged(
             with pytest.raises(grpc.aio.AioRpcError) as exc:
                 await c.query.ListResources(bad)
             assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert bad_request_fields(exc.value) == ["page_token"]
+            assert bad_fields(exc.value) == ["page_token"]
     # Another caller (the admin identity) cannot use the client's token either.
     async with node.client("admin") as admin:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
@@ -236,7 +187,7 @@ async def test_bad_input_answers_invalid_argument_naming_the_field(
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await getattr(stub, method)(request_msg)
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert bad_request_fields(exc.value) == fields
+        assert bad_fields(exc.value) == fields
         assert "Traceback" not in (exc.value.details() or "")
 
 
@@ -245,7 +196,7 @@ async def test_admin_rpcs_need_an_admin_identity(node: NodeProcess) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest())
         assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert error_reason(exc.value) == "ADMIN_REQUIRED"
+        assert reason_of(exc.value) == "ADMIN_REQUIRED"
     async with node.client("admin") as a:
         info = await a.admin.GetNodeInfo(admin_pb2.GetNodeInfoRequest())
         assert info.identity.uri == "spiffe://tessera.local/node/tessera"
@@ -258,37 +209,10 @@ async def test_an_unregistered_command_type_names_the_field(node: NodeProcess) -
             await c.command.Execute(command_pb2.ExecuteRequest(
                 idempotency_key="p1", plugin=command_pb2.PluginCommand(type="task.assign")))
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert bad_request_fields(exc.value) == ["plugin.type"]
+        assert bad_fields(exc.value) == ["plugin.type"]
         assert "task.assign" in (exc.value.details() or "")
 
 
-def _issue_from_dev_ca(node: NodeProcess, uris: list[str], tmp: Path,
-                       lifetime: dt.timedelta = dt.timedelta(hours=1)) -> Credentials:
-    """A client certificate from the node's own dev CA, with the given URI SANs."""
-    ca_key = serialization.load_pem_private_key(
-        (node.pki / "dev-ca" / "root.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    ca_cert = x509.load_pem_x509_certificate((node.pki / "dev-ca" / "root.crt").read_bytes())
-    key_ = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd")]))
-        .issuer_name(ca_cert.subject).public_key(key_.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + lifetime)
-    )
-    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
-    sans.append(x509.DNSName("odd.example"))
-    cert = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False).sign(
-        ca_key, hashes.SHA256())
-    return Credentials(
-        ca_cert.public_bytes(serialization.Encoding.PEM),
-        cert.public_bytes(serialization.Encoding.PEM),
-        key_.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                           serialization.NoEncryption()),
-    )
 
 
 @pytest.mark.parametrize("uris", [
@@ -301,7 +225,7 @@ def _issue_from_dev_ca(node: NodeProcess, uris: list[str], tmp: Path,
 async def test_certificate_without_exactly_one_valid_identity_is_unauthenticated(
     node: NodeProcess, uris: list[str], tmp_path: Path
 ) -> None:
-    creds = _issue_from_dev_ca(node, uris, tmp_path)
+    creds = dev_ca_credentials(node, uris)
     async with AsyncClient(node.address, creds) as c:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.query.Describe(query_pb2.DescribeRequest())
@@ -337,16 +261,13 @@ async def test_embedded_default_keeps_data_and_certificates_across_restarts(
     assert node.stop() == 0
 
 
-def _tessera(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tessera.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=120)
 
 
 def test_wrong_setting_stops_the_start_with_one_line_naming_it(tmp_path: Path) -> None:
     import os
 
     env = {**os.environ, "TESSERA_STORE_METRIC": "manhattan"}
-    res = _tessera("serve", "--data-dir", str(tmp_path / "d"), env=env)
+    res = run_cli(None, "serve", "--data-dir", str(tmp_path / "d"), env=env)
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "store.metric" in lines[0], res.stderr
@@ -355,7 +276,7 @@ def test_wrong_setting_stops_the_start_with_one_line_naming_it(tmp_path: Path) -
 async def test_doctor_reports_green_for_a_running_node_without_credentials(
     node: NodeProcess,
 ) -> None:
-    res = _tessera("doctor", "--json", "--data-dir", str(node.data_dir), env=node.env)
+    res = run_cli(None, "doctor", "--json", "--data-dir", str(node.data_dir), env=node.env)
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads(res.stdout)
     statuses = {c["name"]: c["status"] for c in report["checks"]}
@@ -370,7 +291,7 @@ def test_doctor_is_red_and_redacts_the_password_when_postgres_is_unreachable(
 
     env = {**os.environ, "TESSERA_STORE_DSN": "postgresql://tess:s3cr3t-pw@127.0.0.1:1/db",
            "TESSERA_VALKEY_URL": "redis://:vk-s3cr3t@127.0.0.1:1/0"}
-    res = _tessera("doctor", "--json", "--data-dir", str(tmp_path), env=env)
+    res = run_cli(None, "doctor", "--json", "--data-dir", str(tmp_path), env=env)
     assert res.returncode == 1
     report = json.loads(res.stdout)
     assert report["status"] == "red"
@@ -380,7 +301,7 @@ def test_doctor_is_red_and_redacts_the_password_when_postgres_is_unreachable(
 async def test_a_certificate_that_expires_on_an_open_connection_is_refused(
     node: NodeProcess, tmp_path: Path
 ) -> None:
-    creds = _issue_from_dev_ca(node, ["spiffe://tessera.local/client/brief"], tmp_path,
+    creds = dev_ca_credentials(node, ["spiffe://tessera.local/client/brief"],
                                lifetime=dt.timedelta(seconds=3))
     not_after = x509.load_pem_x509_certificate(creds.cert_pem).not_valid_after_utc
     async with AsyncClient(node.address, creds) as c:
@@ -390,7 +311,7 @@ async def test_a_certificate_that_expires_on_an_open_connection_is_refused(
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.query.Describe(query_pb2.DescribeRequest())
         assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert error_reason(exc.value) == "CERT_EXPIRED"
+        assert reason_of(exc.value) == "CERT_EXPIRED"
 
 
 async def test_reflection_refuses_a_foreign_trust_domain_too(
@@ -398,7 +319,7 @@ async def test_reflection_refuses_a_foreign_trust_domain_too(
 ) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    creds = _issue_from_dev_ca(node, ["spiffe://elsewhere.example/client/a"], tmp_path)
+    creds = dev_ca_credentials(node, ["spiffe://elsewhere.example/client/a"])
     async with AsyncClient(node.address, creds) as c:
         stub = reflection_pb2_grpc.ServerReflectionStub(c.channel)
         call = stub.ServerReflectionInfo(iter([
@@ -429,7 +350,7 @@ async def test_admin_rpcs_answer_out_of_range_times_with_invalid_argument(
             with pytest.raises(grpc.aio.AioRpcError) as exc:
                 await call(req)
             assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
-            assert bad_request_fields(exc.value) == [field]
+            assert bad_fields(exc.value) == [field]
 
 
 async def test_a_start_that_fails_half_way_leaves_nothing_bound(

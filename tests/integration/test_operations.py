@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,12 +19,11 @@ import grpc
 import psycopg
 import pytest
 from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2, status_pb2
 
 from tessera_client.pb import command_pb2, query_pb2, resources_pb2
+from tests.fixtures.calls import bad_fields, reason_of, run_cli
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.plugins import plugin_source
-from tests.integration.test_node_foundation import bad_request_fields, error_reason
 
 T = TypeVar("T")
 S = command_pb2
@@ -108,13 +105,6 @@ async def in_state(node: NodeProcess, name: str, state: int) -> command_pb2.Oper
         return await until(probe, f"{name} to reach {command_pb2.OperationState.Name(state)}")
 
 
-def reason_of(status: status_pb2.Status) -> str:
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
 
 
 async def collect_watch(node: NodeProcess, name: str,
@@ -151,7 +141,7 @@ async def test_twenty_concurrent_executes_with_one_key_start_the_handler_once(
             await c.command.Execute(plugin("same-key", "test.count", path=str(side),
                                            note="another payload"))
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert error_reason(exc.value) == "IDEMPOTENCY_KEY_REUSED"
+        assert reason_of(exc.value) == "IDEMPOTENCY_KEY_REUSED"
     assert len(starts(side)) == 1
 
 
@@ -391,7 +381,7 @@ async def test_cancel_through_the_other_process_reaches_the_running_handler(
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.command.CancelOperation(command_pb2.CancelOperationRequest(name=op.name))
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert error_reason(exc.value) == "OPERATION_DONE"
+        assert reason_of(exc.value) == "OPERATION_DONE"
     lines = side.read_text().splitlines()
     assert "hook" in lines and "cancelled" in lines, lines
 
@@ -463,7 +453,7 @@ async def test_plugin_arguments_are_checked_against_the_schema_before_anything_r
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.command.Execute(plugin("bad", "test.sleep", **args))
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert bad_request_fields(exc.value) == [field]
+        assert bad_fields(exc.value) == [field]
         listed = await c.command.ListOperations(command_pb2.ListOperationsRequest())
         assert list(listed.operations) == []
 
@@ -495,8 +485,7 @@ def test_tessera_commands_list_shows_plugins_and_why_one_did_not_load(
     plugin_env: dict[str, str],
 ) -> None:
     env = {**os.environ, **plugin_env}
-    out = subprocess.run([sys.executable, "-m", "tessera.cli", "commands", "list"],
-                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    out = run_cli(None, "commands", "list", env=env)
     assert out.returncode == 0, out.stderr
     assert "test.sleep" in out.stdout and plugin_source() in out.stdout
     assert "test.broken" in out.stdout  # reported as not loaded, with why

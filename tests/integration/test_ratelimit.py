@@ -10,8 +10,6 @@ import random
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -29,6 +27,7 @@ from tessera.ratelimit import Limit, gcra
 from tessera.ratelimit import _script as script
 from tessera_client import AsyncClient
 from tessera_client.pb import admin_pb2, query_pb2
+from tests.fixtures.calls import run_cli
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering
 from tests.fixtures.valkey import ValkeyProcess, free_port
@@ -497,10 +496,7 @@ async def test_admin_view_shows_effective_limits_and_recent_rejections(
     assert by_class["event"].source == "grant"
 
     res = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "tessera.cli", "ratelimit", "show", local_uri(node),
-         "--data-dir", str(node.data_dir), "--json"],
-        capture_output=True, text=True, env=node.env, timeout=60)
+        run_cli, node, "ratelimit", "show", local_uri(node), "--json")
     assert res.returncode == 0, res.stderr
     shown = json.loads(res.stdout)
     read = next(x for x in shown["limits"] if x["method_class"] == "read")
@@ -576,9 +572,7 @@ async def test_valkey_dying_mid_run_fails_no_call_and_the_node_returns_to_it(
         during = calls
         check = await ratelimit_check(node)
         assert check.status == admin_pb2.DoctorCheck.STATUS_YELLOW and "local" in check.message
-        res = await asyncio.to_thread(subprocess.run, [
-            sys.executable, "-m", "tessera.cli", "doctor", "--json", "--data-dir",
-            str(node.data_dir)], capture_output=True, text=True, env=node.env, timeout=60)
+        res = await asyncio.to_thread(run_cli, node, "doctor", "--json")
         cli = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
         assert cli["ratelimit"]["status"] == "yellow", res.stdout
         assert cli["valkey"]["status"] == "red"

@@ -32,8 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tessera.core.paths import CredentialFiles, NodePaths
 from tessera.pki import DevCA, SpiffeId
 from tessera_client.pb import admin_pb2, admin_pb2_grpc, query_pb2, query_pb2_grpc, resources_pb2
+from tests.fixtures.calls import reason_of
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import Peering, reason_of
+from tests.fixtures.peers import Peering
 from tests.fixtures.valkey import free_port
 from tests.fixtures.waiting import wait_until
 

@@ -13,6 +13,7 @@ from psycopg import sql
 from tessera.config import StoreConfig
 from tessera.store import SearchQuery, open_pool, search_statement
 from tessera_client.pb import command_pb2, query_pb2, resources_pb2
+from tests.fixtures.calls import bad_fields
 from tests.fixtures.nodes import TEST_DIMENSION, NodeFactory, NodeProcess
 
 
@@ -170,14 +171,13 @@ async def test_hybrid_ranking_puts_an_exact_text_match_first(seeded: tuple) -> N
 async def test_bad_search_input_is_invalid_argument_naming_the_field(
     node_factory: NodeFactory, req: query_pb2.SearchResourcesRequest, field: str
 ) -> None:
-    from tests.integration.test_node_foundation import bad_request_fields
 
     node = node_factory()
     async with node.client() as c:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.query.SearchResources(req)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in bad_request_fields(exc.value)
+    assert field in bad_fields(exc.value)
 
 
 async def test_hits_carry_embeddings_only_when_asked(seeded: tuple) -> None:

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
+from tessera.pki import IdentityKind, KeyAndCsr, SpiffeId, new_key_and_csr
 from tessera.pki.stepca._client import (
     StepCAClient,
     StepCAError,
@@ -22,7 +23,6 @@ from tessera.pki.stepca._client import (
     StepCAUnauthorized,
     StepCAUnavailable,
     fetch_root,
-    make_csr,
     mint_ott,
     verify_root_fingerprint,
 )
@@ -120,7 +120,7 @@ async def test_csr_whose_sans_differ_from_the_token_is_refused(
     stepca: RunningStepCA, client: StepCAClient
 ) -> None:
     req = make_csr(TRUST_DOMAIN, "node", "greedy", dns_names=["evil.example.org"])
-    ott = stepca.ott(req.subject, [req.identity, "greedy.example.org"])
+    ott = stepca.ott(req.subject, [req.identity.uri, "greedy.example.org"])
 
     with pytest.raises(StepCAForbidden) as caught:
         await client.sign(req.csr_pem, ott)
@@ -253,7 +253,7 @@ async def test_no_secret_appears_in_errors_or_logs(
     tokens = [
         ott,  # replayed
         ott + "x",  # mangled signature
-        stepca.ott(req.subject, [req.identity]),  # SANs differ from the CSR's
+        stepca.ott(req.subject, [req.identity.uri]),  # SANs differ from the CSR's
         "not-a-token",
     ]
     for token in tokens:
@@ -273,7 +273,7 @@ async def test_no_secret_appears_in_errors_or_logs(
         "token": ott,
         "token signature": ott.rsplit(".", 1)[1],
         "token claims": ott.split(".")[1],
-        "provisioner d": stepca.provisioner_jwk()["d"],
+        "provisioner d": stepca.provisioner_secret(),
         "CA key password": stepca.files.password_file.read_text().strip(),
         **_pem_body_lines("leaf key", req.key_pem),
         **_pem_body_lines("CSR", req.csr_pem),
@@ -303,3 +303,11 @@ async def test_requested_lifetime_within_the_claims_is_honoured(
 
     # step-ca backdates NotBefore by one minute.
     assert chain.not_after - chain.not_before == dt.timedelta(hours=2, minutes=1)
+
+
+def make_csr(trust_domain: str, kind: str, name: str, *,
+             dns_names: list[str] | None = None,
+             ip_addresses: list[str] | None = None) -> KeyAndCsr:
+    """A key and CSR for `spiffe://<trust_domain>/<kind>/<name>`."""
+    return new_key_and_csr(SpiffeId(trust_domain, IdentityKind(kind), name), dns_names or (),
+                           ip_addresses or ())

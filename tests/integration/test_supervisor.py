@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera_client.pb import command_pb2, query_pb2, resources_pb2
+from tests.fixtures.calls import run_cli
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 
 _DEADLINE_S = 60.0
@@ -132,10 +132,6 @@ async def test_sigterm_under_load_fails_no_call_sent_before_it(node_factory: Nod
 
 # -- helpers for embedded nodes -------------------------------------------------------
 
-def _tessera(*args: str, env: dict[str, str], cwd: Path | None = None,
-             ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tessera.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=120, check=False)
 
 
 def _children(node: NodeProcess) -> dict[str, dict[str, Any]]:
@@ -173,7 +169,7 @@ def _processes_of(data_dir: Path) -> list[str]:
 
 def _doctor(node: NodeProcess, cwd: Path | None = None,
             data_dir: str | None = None) -> tuple[int, dict[str, str]]:
-    res = _tessera("doctor", "--json", "--data-dir", data_dir or str(node.data_dir),
+    res = run_cli(None, "doctor", "--json", "--data-dir", data_dir or str(node.data_dir),
                    env=node.env, cwd=cwd)
     report = json.loads(res.stdout)
     return res.returncode, {c["name"]: c["status"] for c in report["checks"]}
@@ -187,7 +183,7 @@ async def test_a_second_start_on_a_live_data_directory_is_refused(
     node = node_factory(embedded=True)
     assert node.proc is not None
     before = (node.data_dir / "node.json").read_text()
-    res = _tessera("serve", "--data-dir", str(node.data_dir), "--listen", "127.0.0.1:0",
+    res = run_cli(None, "serve", "--data-dir", str(node.data_dir), "--listen", "127.0.0.1:0",
                    env=node.env)
     assert res.returncode == 1, res.stdout + res.stderr
     assert f"in use by node pid {node.proc.pid}" in res.stderr
@@ -263,7 +259,7 @@ async def test_killed_embedded_valkey_then_postgres_come_back_under_load(
     while (result := _doctor(node))[0] != 0:
         assert time.monotonic() < end, result
         await asyncio.sleep(0.2)
-    assert "restarted" in _tessera("doctor", "--data-dir", str(node.data_dir),
+    assert "restarted" in run_cli(None, "doctor", "--data-dir", str(node.data_dir),
                                    env=node.env).stdout
     assert node.stop() == 0
 
@@ -278,7 +274,7 @@ async def test_a_killed_supervisor_takes_its_children_and_a_restart_stops_cleanl
     assert node.kill() == -signal.SIGKILL
     await poll("every child of the killed supervisor gone", lambda: not any(map(_alive, pids)))
     # node.json stayed behind; the CLI names it stale instead of dialling a dead port.
-    res = _tessera("peers", "list", "--data-dir", str(node.data_dir), env=node.env)
+    res = run_cli(None, "peers", "list", "--data-dir", str(node.data_dir), env=node.env)
     assert res.returncode == 1 and "stale" in res.stderr, res.stderr
     code, statuses = _doctor(node)
     assert code == 1 and statuses["node"] == "red"

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.interop._support import GRPCURL_VERSION, describe, grpcurl_binary, run
 
 
@@ -21,7 +20,3 @@ def grpcurl() -> Path:
     return path
 
 
-@pytest.fixture
-def node(node_factory: NodeFactory) -> NodeProcess:
-    """A node (PostgreSQL + Valkey tier) serving on a free loopback port."""
-    return node_factory()

@@ -321,7 +321,17 @@ class AsyncFollowingChannel(_FollowingChannelBase[grpc.aio.Channel]):
         await self.current.close(grace)
 
 
-class AsyncClient:
+class _Stubs:
+    """The stubs of every Tessera service, on one channel."""
+
+    def _bind_stubs(self, channel: Any) -> None:
+        self.query = query_pb2_grpc.QueryServiceStub(channel)
+        self.command = command_pb2_grpc.CommandServiceStub(channel)
+        self.events = events_pb2_grpc.EventServiceStub(channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(channel)
+
+
+class AsyncClient(_Stubs):
     """Async stubs for every Tessera service over one mTLS channel.
 
     With `Credentials.from_files` the client follows renewal of those files: new calls
@@ -334,10 +344,7 @@ class AsyncClient:
         self.channel = AsyncFollowingChannel(address, creds, server_name=server_name,
                                              reload_interval_s=reload_interval_s,
                                              close_grace_s=close_grace_s)
-        self.query = query_pb2_grpc.QueryServiceStub(self.channel)
-        self.command = command_pb2_grpc.CommandServiceStub(self.channel)
-        self.events = events_pb2_grpc.EventServiceStub(self.channel)
-        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self._bind_stubs(self.channel)
 
     async def close(self) -> None:
         """Close the channel."""
@@ -350,7 +357,7 @@ class AsyncClient:
         await self.close()
 
 
-class Client:
+class Client(_Stubs):
     """Blocking stubs for every Tessera service over one mTLS channel.
 
     With `Credentials.from_files` the client follows renewal of those files, as
@@ -363,10 +370,7 @@ class Client:
         self.channel = FollowingChannel(address, creds, server_name=server_name,
                                         reload_interval_s=reload_interval_s,
                                         close_grace_s=close_grace_s)
-        self.query = query_pb2_grpc.QueryServiceStub(self.channel)
-        self.command = command_pb2_grpc.CommandServiceStub(self.channel)
-        self.events = events_pb2_grpc.EventServiceStub(self.channel)
-        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self._bind_stubs(self.channel)
 
     def close(self) -> None:
         """Close the channel."""

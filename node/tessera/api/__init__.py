@@ -10,7 +10,7 @@ from tessera.api._events import EventServicer
 from tessera.api._forward import MAX_FORWARDED_WATCHES, remote_key
 from tessera.api._query import QueryServicer
 from tessera.api._reload import RELOADED_FILE, Reloader, ReloadResult, saved_settings
-from tessera.api._runtime import Endpoints, Runtime, dialable
+from tessera.api._runtime import Endpoints, Runtime
 
 __all__ = [
     "MAX_FORWARDED_WATCHES",
@@ -27,7 +27,6 @@ __all__ = [
     "ReloadResult",
     "Reloader",
     "Runtime",
-    "dialable",
     "remote_key",
     "run_checks",
     "saved_settings",

@@ -28,19 +28,15 @@ _LEVELS = {
 
 async def run_checks(rt: Runtime) -> list[doctor.Check]:
     """The doctor checks of a running node, against its live connections."""
-    checks = await doctor.check_postgres(rt.dsn)
-    checks.append(await doctor.check_valkey(rt.valkey_url))
     files = rt.server_files
-    checks.append(doctor.check_certificate("certificate", files.cert, files.key))
-    checks.append(rt.limiter.doctor_check())
-    statuses = rt.certificates.statuses()
-    for name, status in statuses.items():  # node, admin, client
-        checks.append(doctor.check_renewal(doctor.renewal_check_name(name), status))
     issuer = rt.certificates.issuer
-    if isinstance(issuer, StepCAIssuer):
-        soonest = min((st.not_after for st in statuses.values()), default=None)
-        checks.append(await doctor.check_stepca(issuer, timeout_s=rt.cfg.ca.timeout_s,
-                                                soonest_expiry=soonest))
+    checks = await doctor.check_dependencies(doctor.Dependencies(
+        dsn=rt.dsn, valkey_url=rt.valkey_url,
+        certificates=[("certificate", files.cert, files.key)],
+        renewals=rt.certificates.statuses(),  # node, admin, client
+        stepca=issuer if isinstance(issuer, StepCAIssuer) else None,
+        stepca_timeout_s=rt.cfg.ca.timeout_s))
+    checks.append(rt.limiter.doctor_check())
     checks += [doctor.check_peer_certificate(st)
                for _, st in sorted(rt.peer_renewal.refresh().items())]
     try:

@@ -32,6 +32,7 @@ from tessera.core.errors import (
     ResourceExhausted,
     TesseraError,
 )
+from tessera.core.net import split_host_port
 from tessera.peering import Enrolled, FloodGuard, Peering, Rate, source_of
 from tessera.pki import ReloadableServerCredentials, TlsMaterial, expired_placeholder
 from tessera.store import AuditIntent
@@ -66,8 +67,9 @@ async def enroll_pb(
     if not request.csr_pem:
         violations.append(FieldViolation("csr_pem", "is required"))
     if request.address:
-        host, sep, port = request.address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        try:
+            split_host_port(request.address, min_port=1)
+        except ValueError:
             violations.append(FieldViolation("address", "must be host:port"))
     if violations:
         raise InvalidArgument(violations)

@@ -224,9 +224,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
     async def Ack(
         self, request: events_pb2.AckRequest, context: grpc.aio.ServicerContext
     ) -> events_pb2.AckResponse:
-        c = Checker()
-        c.pattern("subscription", request.subscription, SUBSCRIPTION_RE,
-                  "1-128 characters of [A-Za-z0-9._:-]")
+        c = _subscription_checker(request.subscription)
         if not request.cursor:
             c.fail("cursor", "is required")
         c.done()
@@ -236,9 +234,14 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
     async def DeleteSubscription(
         self, request: events_pb2.DeleteSubscriptionRequest, context: grpc.aio.ServicerContext
     ) -> events_pb2.DeleteSubscriptionResponse:
-        c = Checker()
-        c.pattern("subscription", request.subscription, SUBSCRIPTION_RE,
-                  "1-128 characters of [A-Za-z0-9._:-]")
-        c.done()
+        _subscription_checker(request.subscription).done()
         await self.service.delete(current_caller(), request.subscription)
         return events_pb2.DeleteSubscriptionResponse()
+
+
+def _subscription_checker(subscription: str) -> Checker:
+    """A Checker that has checked the `subscription` field of a request."""
+    c = Checker()
+    c.pattern("subscription", subscription, SUBSCRIPTION_RE,
+              "1-128 characters of [A-Za-z0-9._:-]")
+    return c

@@ -14,11 +14,8 @@ from tessera.api._enrolment import enroll_pb
 from tessera.api._runtime import Runtime
 from tessera.api._validate import MAX_NAME, WORKSPACE_RE, Checker
 from tessera.calls import current_caller
-from tessera.core.errors import (
-    FieldViolation,
-    InvalidArgument,
-    PermissionDenied,
-)
+from tessera.core.errors import FieldViolation, InvalidArgument, PermissionDenied
+from tessera.core.net import split_host_port
 from tessera.core.pagination import PageTokenError, query_hash
 from tessera.events import LOCAL_ORIGIN, pattern_problem
 from tessera.grants import ALL_WORKSPACES, Grant, Peer, PeerState, Scope
@@ -211,8 +208,9 @@ class PeerGrantAdmin:
                 c.fail("token_ttl", "must be more than 0 and at most 15 minutes")
             ttl = asked or ttl
         if request.advertised_address:
-            host, sep, port = request.advertised_address.rpartition(":")
-            if not sep or not host or not port.isdigit():
+            try:
+                split_host_port(request.advertised_address, min_port=1)
+            except ValueError:
                 c.fail("advertised_address", "must be host:port")
         c.done()
         invited = await self.rt.peering.invite(request.name, ttl=ttl,

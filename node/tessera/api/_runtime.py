@@ -25,14 +25,6 @@ from tessera.pki import NodeCertificates, ReloadableServerCredentials, SpiffeId
 from tessera.ratelimit import RateLimiter, RowBudgets
 from tessera.store import OperationStore, Pool, ResourceStore, StoreHealth
 
-_UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "[::]", "")  # noqa: S104 - matching, not binding
-
-
-def dialable(address: str) -> str:
-    """host:port others can dial for a bound address (wildcard hosts become loopback)."""
-    host, _, port = address.rpartition(":")
-    return f"{'127.0.0.1' if host in _UNSPECIFIED_HOSTS else host}:{port}"
-
 
 @dataclass
 class Endpoints:

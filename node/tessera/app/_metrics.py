@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from tessera.core.errors import ConfigError
+from tessera.core.net import split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,9 @@ def start_node_metrics(address: str, ports: Callable[[], list[int]]) -> WSGIServ
     """Serve the merged metrics on `address` (host:port); the caller shuts it down."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServingMetrics(ports))
-    host, _, port = address.rpartition(":")
+    host, port = split_host_port(address)
     try:
-        server, _ = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+        server, _ = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise ConfigError(f"metrics.listen_address: cannot bind {address} ({exc.strerror}); "
                           "choose a free port") from None

@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -34,7 +34,6 @@ from tessera.api import (
     QueryServicer,
     Reloader,
     Runtime,
-    dialable,
     start_enroll_listener,
 )
 from tessera.audit import AuditWriter
@@ -42,6 +41,7 @@ from tessera.calls import GrantAdmission
 from tessera.commands import Agents, Registry, Runner
 from tessera.config import Config, ConfigSource
 from tessera.core.errors import ConfigError, Unauthenticated
+from tessera.core.net import dialable, host_of, split_host_port
 from tessera.core.pagination import PageTokens
 from tessera.core.paths import CredentialFiles, NodePaths
 from tessera.embedded import EmbeddedPostgres, EmbeddedService, EmbeddedValkey
@@ -131,8 +131,7 @@ def provision_dev_certificates(cfg: Config, paths: NodePaths) -> DevCA:
     """Create the development CA and (re)issue the node, admin and client certificates."""
     ca = DevCA(paths.dev_ca, cfg.node.trust_domain)
     ttl = timedelta(hours=cfg.tls.dev_cert_ttl_h)
-    host = cfg.node.listen_address.rpartition(":")[0]
-    dns, ips = local_sans(host, cfg.node.name)
+    dns, ips = local_sans(host_of(cfg.node.listen_address), cfg.node.name)
     wanted = [
         (paths.server, SpiffeId(cfg.node.trust_domain, IdentityKind.NODE, cfg.node.name), dns, ips),
         (paths.admin, SpiffeId(cfg.node.trust_domain, IdentityKind.ADMIN, "admin"), (), ()),
@@ -169,13 +168,7 @@ class Node:
     @property
     def address(self) -> str:
         """host:port clients should dial."""
-        return dialable(f"{self.runtime.cfg.node.listen_address.rpartition(':')[0]}:{self.port}")
-
-    def grpcurl_command(self) -> str:
-        """A grpcurl command line that works when pasted."""
-        f = self.runtime.paths.admin
-        return (f"grpcurl -cacert {f.ca} -cert {f.cert} -key {f.key} "
-                f"-servername localhost {self.address} list")
+        return dialable(f"{host_of(self.runtime.cfg.node.listen_address)}:{self.port}")
 
     def state(self) -> dict[str, object]:
         """What node.json says: where to call the node and with which local files."""
@@ -318,7 +311,7 @@ async def _start_enrolment(stack: contextlib.AsyncExitStack, rt: Runtime,
                            processes: int) -> None:
     """The enrolment listener (server-only TLS, EnrollPeer only)."""
     cfg = rt.cfg.node
-    address = cfg.enroll_listen_address or f"{cfg.listen_address.rpartition(':')[0]}:0"
+    address = cfg.enroll_listen_address or f"{host_of(cfg.listen_address)}:0"
     node = resources_pb2.Identity(
         uri=rt.identity.uri, trust_domain=rt.identity.trust_domain,
         kind=resources_pb2.Identity.KIND_NODE, name=rt.identity.name)
@@ -333,7 +326,7 @@ async def _start_enrolment(stack: contextlib.AsyncExitStack, rt: Runtime,
         options=rt.cfg.grpc.server_options(enrolment=True), limits=rt.cfg.enrolment,
         processes=processes)
     stack.push_async_callback(server.stop, cfg.shutdown_grace_s)
-    rt.endpoints.enroll_address = dialable(f"{address.rpartition(':')[0]}:{port}")
+    rt.endpoints.enroll_address = dialable(f"{host_of(address)}:{port}")
 
 
 async def _watch_store(stack: contextlib.AsyncExitStack, watch: store.StoreHealth,
@@ -356,10 +349,10 @@ def _start_metrics_endpoint(stack: contextlib.AsyncExitStack, cfg: Config,
     listens on loopback on a free port, for the supervisor to gather the node's metrics."""
     if not cfg.metrics.listen_address:
         return None
-    host, _, port = cfg.metrics.listen_address.rpartition(":")
+    host, port = split_host_port(cfg.metrics.listen_address)
     if private:
-        host, port = "127.0.0.1", "0"
-    http_server, _ = start_http_server(int(port), addr=host, registry=metrics.registry)
+        host, port = "127.0.0.1", 0
+    http_server, _ = start_http_server(port, addr=host, registry=metrics.registry)
 
     def close() -> None:
         http_server.shutdown()
@@ -551,7 +544,7 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         await server.start()
         # Stopped by Node.stop with the grace period; this is for a failed start.
         stack.push_async_callback(server.stop, 0)
-        endpoints.listen_address = f"{cfg.node.listen_address.rpartition(':')[0]}:{port}"
+        endpoints.listen_address = f"{host_of(cfg.node.listen_address)}:{port}"
         await _start_enrolment(stack, rt, workers)
         for name in [*SERVICE_NAMES, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -578,3 +571,10 @@ def _identity_of(material: TlsMaterial, cfg: Config) -> SpiffeId:
     if ident.kind is not IdentityKind.NODE:
         raise ConfigError(f"tls.cert_file: identity {ident.uri} is not a node identity")
     return ident
+
+
+def grpcurl_command(state: Mapping[str, object]) -> str:
+    """A grpcurl command line, calling the node that wrote `state` (node.json) as its
+    local admin, that works when pasted."""
+    return (f"grpcurl -cacert {state['ca']} -cert {state['admin_cert']} "
+            f"-key {state['admin_key']} -servername localhost {state['address']} list")

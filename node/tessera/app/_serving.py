@@ -22,7 +22,8 @@ from typing import Any
 from tessera import config
 from tessera.api import saved_settings
 from tessera.app._node import ReloadSpec, start_node
-from tessera.core.errors import ConfigError, TesseraError
+from tessera.core.errors import TesseraError, exit_with
+from tessera.core.net import host_of, port_of
 from tessera.core.paths import NodePaths
 from tessera.observability import configure_logging
 
@@ -71,9 +72,9 @@ async def _run(cfg: config.Config, spec: dict[str, Any], ready_fd: int,
         task.add_done_callback(checks.discard)
 
     loop.add_signal_handler(signal.SIGUSR1, postgres_restarted)
-    host = (cfg.node.enroll_listen_address or cfg.node.listen_address).rpartition(":")[0]
+    host = host_of(cfg.node.enroll_listen_address or cfg.node.listen_address)
     bound = {"listen": node.runtime.listen_address,
-             "enroll": f"{host}:{node.runtime.endpoints.enroll_address.rpartition(':')[2]}",
+             "enroll": f"{host}:{port_of(node.runtime.endpoints.enroll_address)}",
              "metrics_port": node.metrics_port}
     # A supervisor that stopped while this process started has closed its end already.
     with contextlib.suppress(BrokenPipeError), os.fdopen(ready_fd, "wb") as ready:
@@ -109,12 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             level, str(spec.get("scope", "")))
         configure_logging(cfg.log.format, cfg.log.level or level, access=cfg.log.access)
         asyncio.run(_run(cfg, spec, args.ready_fd, reload))
-    except ConfigError as exc:
-        print(f"tessera: configuration error: {exc.message}", file=sys.stderr)
-        return 2
     except TesseraError as exc:
-        print(f"tessera: {exc.message}", file=sys.stderr)
-        return 1
+        return exit_with(exc)
     return 0
 
 

@@ -47,9 +47,10 @@ from typing import Any
 from tessera.api import RELOADED_FILE
 from tessera.app._lock import DataDirLock
 from tessera.app._metrics import start_node_metrics
-from tessera.app._node import prepare_data_dir
+from tessera.app._node import grpcurl_command, prepare_data_dir
 from tessera.config import Config, ConfigSource, flatten
 from tessera.core.errors import AddressInUse, ConfigError, TesseraError, Unavailable
+from tessera.core.net import host_of, split_host_port
 from tessera.core.paths import NodePaths
 from tessera.embedded import (
     EmbeddedPostgres,
@@ -206,10 +207,9 @@ def reserve_port(setting: str, address: str) -> socket.socket:
     so no other node can take the port between the check and the serving processes'
     binds, or while one of them restarts.
     """
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_host_port(address)
     try:
-        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM,
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError(f"{setting}: cannot resolve {address} ({exc.strerror})") from None
@@ -245,7 +245,7 @@ def reserve_port(setting: str, address: str) -> socket.socket:
 
 
 def _with_port(address: str, sock: socket.socket) -> str:
-    return f"{address.rpartition(':')[0]}:{sock.getsockname()[1]}"
+    return f"{host_of(address)}:{sock.getsockname()[1]}"
 
 
 class Supervisor:
@@ -410,7 +410,7 @@ class Supervisor:
         listen = reserve_port("node.listen_address", n.listen_address)
         self._reserved.append(listen)
         self._config["node.listen_address"] = _with_port(n.listen_address, listen)
-        enroll_at = n.enroll_listen_address or f"{n.listen_address.rpartition(':')[0]}:0"
+        enroll_at = n.enroll_listen_address or f"{host_of(n.listen_address)}:0"
         enroll = reserve_port("node.enroll_listen_address", enroll_at)
         self._reserved.append(enroll)
         self._config["node.enroll_listen_address"] = _with_port(enroll_at, enroll)
@@ -460,9 +460,7 @@ class Supervisor:
             # One write: the serving process logs to the same stream and must not land
             # between "try it:" and the command.
             _say(cfg, f"tessera: serving {s['identity']} on {s['address']} (mTLS)\n"
-                      "tessera: try it:\n"
-                      f"  grpcurl -cacert {s['ca']} -cert {s['admin_cert']} "
-                      f"-key {s['admin_key']} -servername localhost {s['address']} list")
+                      f"tessera: try it:\n  {grpcurl_command(s)}")
             # node.json last: whoever waits for it finds the lines above already printed.
             self._announced = True
             self._write_state()
@@ -495,16 +493,18 @@ def check_ports_free(cfg: Config) -> None:
             ("node.listen_address", "--listen or ", cfg.node.listen_address),
             ("node.enroll_listen_address", "", cfg.node.enroll_listen_address),
             ("metrics.listen_address", "", cfg.metrics.listen_address)):
-        host, _, port_text = (address or "").rpartition(":")
-        host = host.strip("[]")
-        if not port_text.isdigit() or int(port_text) == 0:
+        try:
+            host, port = split_host_port(address or "")
+        except ValueError:
+            continue
+        if port == 0:
             continue
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             # As gRPC binds: a port in TIME_WAIT after a stop is free to use.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((host or "0.0.0.0", int(port_text)))  # noqa: S104 - a probe
+                probe.bind((host or "0.0.0.0", port))  # noqa: S104 - a probe
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise AddressInUse(

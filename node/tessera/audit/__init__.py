@@ -21,7 +21,7 @@ from tessera.audit._chain import (
     query_hash,
     verify,
 )
-from tessera.audit._prune import PruneResult, parse_age, prune
+from tessera.audit._prune import PruneResult, prune
 from tessera.audit._store import AuditFilter, count_rows, list_rows, verify_log
 from tessera.audit._writer import AuditWriter, entry_of
 
@@ -43,7 +43,6 @@ __all__ = [
     "kind_of",
     "list_rows",
     "outcome_of",
-    "parse_age",
     "payload",
     "prune",
     "prune_entry",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -23,16 +22,6 @@ from tessera.core.errors import ConfigError, FailedPrecondition
 
 # Serialises prunes (two at once would both move the anchor).
 _PRUNE_LOCK = 0x7E55E7A3
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-_AGE_RE = re.compile(r"^(\d+)([smhdw])$")
-
-
-def parse_age(text: str) -> dt.timedelta:
-    """'30d', '12h', '90m', '3600s', '2w' -> timedelta."""
-    m = _AGE_RE.match(text.strip())
-    if not m:
-        raise ConfigError(f"--older-than: {text!r} is not an age; use e.g. 30d, 12h or 90m")
-    return dt.timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
 
 
 @dataclass(frozen=True)

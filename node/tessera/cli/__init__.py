@@ -39,7 +39,7 @@ Adding a command, e.g. `tessera peers follow NAME`:
    `NOUNS`, its help text). `--data-dir`, `--json` and `--address` (dest `node_address`)
    come from the Command's switches, not from the handler.
 
-Errors: raise a TesseraError (ConfigError exits 2, others 1); a failed gRPC call is not
+Errors: raise a TesseraError (`exit_with`: ConfigError exits 2, others 1); a failed gRPC call is not
 caught by the handler: `main` prints `tessera: CODE: details` and exits 1.
 """
 
@@ -83,7 +83,7 @@ from tessera.cli._output import (
     rfc3339,
     to_json,
 )
-from tessera.core.errors import ConfigError, TesseraError
+from tessera.core.errors import TesseraError, exit_with
 from tessera.observability import configure_logging
 
 #: Help of each noun that has verbs.
@@ -191,12 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     command: Command = args.command
     try:
         return command.run(Env(args))
-    except ConfigError as exc:
-        print(f"tessera: configuration error: {exc.message}", file=sys.stderr)
-        return 2
     except TesseraError as exc:
-        print(f"tessera: {exc.message}", file=sys.stderr)
-        return 1
+        return exit_with(exc)
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)

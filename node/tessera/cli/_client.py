@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tessera.core.errors import Unavailable
+from tessera.core.net import split_host_port
 from tessera.core.paths import NodePaths
 from tessera.embedded import pid_alive
 from tessera_client import AsyncClient, AsyncFollowingChannel, Client, Credentials
@@ -27,9 +28,9 @@ class NoNode(Unavailable):
 
 def _answers(address: str, timeout_s: float = 2.0) -> str | None:
     """None if something accepts TCP connections at host:port, else why not."""
-    host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+        host, port = split_host_port(address)
+        with socket.create_connection((host, port), timeout=timeout_s):
             return None
     except ValueError:
         return f"{address!r} is not host:port"

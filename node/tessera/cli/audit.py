@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tessera.audit import parse_age, prune
+from tessera.audit import prune
 from tessera.cli._command import Command, Env
 from tessera.cli._output import Column, enum_name
+from tessera.core.codec import parse_duration
 from tessera.core.errors import ConfigError, TesseraError
-from tessera.core.paths import NodePaths
 
 _OUTCOMES = ("allowed", "denied", "rate-limited", "failed")
 
@@ -24,8 +24,8 @@ _OUTCOMES = ("allowed", "denied", "rate-limited", "failed")
 def _when(text: str, flag: str) -> dt.datetime:
     """An age ('7d') back from now, or an ISO 8601 time (UTC if it names no zone)."""
     try:
-        return dt.datetime.now(dt.UTC) - parse_age(text)
-    except ConfigError:
+        return dt.datetime.now(dt.UTC) - parse_duration(text)
+    except ValueError:
         pass
     try:
         t = dt.datetime.fromisoformat(text)
@@ -176,26 +176,17 @@ def export_path(export: Path, raw: str, now: dt.datetime) -> Path:
 
 
 def _prune(env: Env) -> int:
-    from tessera.embedded import running_postgres_dsn
+    from tessera.app import database
 
-    cfg = env.cfg
     now = dt.datetime.now(dt.UTC)
-    cutoff = now - parse_age(env.args.older_than)
+    try:
+        cutoff = now - parse_duration(env.args.older_than)
+    except ValueError as exc:
+        raise ConfigError(f"--older-than: {exc}") from None
     raw = env.args.export
     export = None if raw is None else export_path(Path(raw).expanduser(), raw, now)
-    paths = NodePaths(cfg.node.data_dir)
-    dsn = cfg.store.dsn or running_postgres_dsn(paths.pgdata)
-    pg = None
-    if not dsn:
-        from tessera.embedded import EmbeddedPostgres
-
-        pg = EmbeddedPostgres(paths.pgdata)
-        dsn = pg.start()
-    try:
+    with database(env.cfg) as dsn:
         result = prune(dsn, cutoff, export)
-    finally:
-        if pg is not None:
-            pg.stop()
     where = f", exported to {result.exported_to}" if result.exported_to else ""
     env.out.line(f"pruned {result.pruned} audit records older than {cutoff.isoformat()}{where}; "
                  f"verification now starts after record {result.anchor_sequence}")

@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import re
 from pathlib import Path
 
 from tessera.cli._command import Command, Env
+from tessera.core.codec import parse_duration
 from tessera.core.errors import ConfigError
-
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    """'24h', '5m', '90s', '1h30m' -> timedelta; ValueError otherwise."""
-    pos, total = 0, 0.0
-    for m in _DURATION_RE.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m[1]) * {"h": 3600, "m": 60, "s": 1}[m[2]]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"{text!r} is not a duration like 24h, 5m, 90s or 1h30m")
-    return dt.timedelta(seconds=total)
 
 
 def _init_flags(p: argparse.ArgumentParser) -> None:

@@ -106,18 +106,27 @@ def _describe_file(name: str, cert: Path) -> dict[str, Any]:
     }
 
 
-async def _live_status(env: Env) -> dict[str, Any] | None:
-    """GetCertificateStatus from the running node, with the local admin certificate."""
+async def _ask_node(env: Env, rpc: str, request: Any, deadline_s: float) -> Any | None:
+    """AdminService.<rpc> on the running node as its local admin; None if no node runs.
+    (A channel that follows the admin certificate's renewal, like every client's.)"""
     try:
         channel = env.node().channel()
     except Unavailable:
         return None
     async with channel:
-        try:
-            st = await admin_pb2_grpc.AdminServiceStub(channel).GetCertificateStatus(
-                admin_pb2.GetCertificateStatusRequest(), timeout=3)
-        except grpc.aio.AioRpcError as exc:
-            return {"error": f"{exc.code().name}: {exc.details()}"}
+        return await getattr(admin_pb2_grpc.AdminServiceStub(channel), rpc)(
+            request, timeout=deadline_s)
+
+
+async def _live_status(env: Env) -> dict[str, Any] | None:
+    """GetCertificateStatus from the running node, with the local admin certificate."""
+    try:
+        st = await _ask_node(env, "GetCertificateStatus",
+                             admin_pb2.GetCertificateStatusRequest(), 3)
+    except grpc.aio.AioRpcError as exc:
+        return {"error": f"{exc.code().name}: {exc.details()}"}
+    if st is None:
+        return None
     return {
         "serial": st.serial, "sans": list(st.sans),
         "not_after": rfc3339(st.not_after.ToDatetime(dt.UTC)),
@@ -181,19 +190,14 @@ def _renew(env: Env) -> int:
 
     async def via_node() -> str | None:
         try:
-            channel = env.node().channel()
-        except Unavailable:
-            return None
-        async with channel:
-            try:
-                st = await admin_pb2_grpc.AdminServiceStub(channel).RotateCertificate(
-                    admin_pb2.RotateCertificateRequest(), timeout=30)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() is grpc.StatusCode.UNAVAILABLE and "rotation" not in (
-                        exc.details() or ""):
-                    return None  # node not running
-                raise TesseraError(f"the node refused: {exc.details()}") from None
-        return str(st.serial)
+            st = await _ask_node(env, "RotateCertificate", admin_pb2.RotateCertificateRequest(),
+                                 30)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE and "rotation" not in (
+                    exc.details() or ""):
+                return None  # node not running
+            raise TesseraError(f"the node refused: {exc.details()}") from None
+        return None if st is None else str(st.serial)
 
     async def offline() -> str:
         issuer = await _issuer(cfg)
@@ -310,11 +314,11 @@ def _share_revocation(out: Printer, cfg: config.Config, serial: int, reason: str
     """
     import psycopg
 
-    from tessera.embedded import running_postgres_dsn
+    from tessera.app import running_dsn
     from tessera.pki import record_revocation_at
     from tessera.store import redact_dsn
 
-    dsn = cfg.store.dsn or running_postgres_dsn(NodePaths(cfg.node.data_dir).pgdata)
+    dsn = running_dsn(cfg)
     if not dsn:
         out.line("no database to announce it on (store.dsn unset, no embedded node running): "
               "a node started on this data directory refuses it from its start")

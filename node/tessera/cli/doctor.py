@@ -14,7 +14,6 @@ from tessera.cli._client import NoNode, local_node, node_state
 from tessera.cli._command import Command, Env
 from tessera.core.errors import ConfigError, Unavailable
 from tessera.core.paths import NodePaths
-from tessera.embedded import running_postgres_dsn
 
 _COLOURS = {doctor.Level.GREEN: "\033[32m", doctor.Level.YELLOW: "\033[33m",
             doctor.Level.RED: "\033[31m"}
@@ -22,48 +21,33 @@ _LEVELS = {1: doctor.Level.GREEN, 2: doctor.Level.YELLOW, 3: doctor.Level.RED}
 
 
 async def _dependency_checks(cfg: config.Config) -> list[doctor.Check]:
-    paths = NodePaths(cfg.node.data_dir)
-    checks: list[doctor.Check] = []
-    dsn = cfg.store.dsn or running_postgres_dsn(paths.pgdata)
-    if dsn:
-        checks += await doctor.check_postgres(dsn)
-    else:
-        checks += [
-            doctor.Check("postgresql", doctor.Level.RED,
-                         f"the embedded PostgreSQL under {paths.pgdata} is not running; "
-                         "start the node with `tessera serve` or set store.dsn"),
-            doctor.Check("pgvector", doctor.Level.RED, "not checked: PostgreSQL is not running"),
-        ]
-    url = cfg.valkey.url
-    if not url:
-        sock = paths.valkey / "valkey.sock"
-        url = f"unix://{sock}" if sock.exists() else ""
-    if url:
-        checks.append(await doctor.check_valkey(url))
-    else:
-        checks.append(doctor.Check("valkey", doctor.Level.RED,
-                                   f"the embedded Valkey under {paths.valkey} is not running; "
-                                   "start the node with `tessera serve` or set valkey.url"))
-    if cfg.tls.cert_file:
-        checks.append(doctor.check_certificate("certificate", Path(cfg.tls.cert_file),
-                                               Path(cfg.tls.key_file)))
-    else:
-        checks.append(doctor.check_certificate("certificate", paths.server.cert,
-                                               paths.server.key))
-        checks.append(doctor.check_certificate("admin-certificate", paths.admin.cert,
-                                               paths.admin.key))
-        # A running node writes its renewal state next to the certificate.
-        from tessera.pki import read_status
+    from tessera.app import running_dsn
+    from tessera.pki import read_status
 
-        soonest: dt.datetime | None = None
-        for name, files in (("node", paths.server), ("admin", paths.admin),
-                            ("client", paths.client)):
-            renewal = read_status(files)
-            if renewal is not None:
-                checks.append(doctor.check_renewal(doctor.renewal_check_name(name), renewal))
-                soonest = min(soonest or renewal.not_after, renewal.not_after)
-        if cfg.ca.url:
-            checks.append(await _stepca_check(cfg, soonest))
+    paths = NodePaths(cfg.node.data_dir)
+    url = cfg.valkey.url
+    if not url and (paths.valkey / "valkey.sock").exists():
+        url = f"unix://{paths.valkey / 'valkey.sock'}"
+    if cfg.tls.cert_file:
+        certificates = [("certificate", Path(cfg.tls.cert_file), Path(cfg.tls.key_file))]
+        renewals = {}
+    else:
+        certificates = [("certificate", paths.server.cert, paths.server.key),
+                        ("admin-certificate", paths.admin.cert, paths.admin.key)]
+        # A running node writes its renewal state next to the certificate.
+        renewals = {name: status for name, files in (("node", paths.server),
+                                                     ("admin", paths.admin),
+                                                     ("client", paths.client))
+                    if (status := read_status(files)) is not None}
+    checks = await doctor.check_dependencies(doctor.Dependencies(
+        dsn=running_dsn(cfg), valkey_url=url, certificates=certificates, renewals=renewals,
+        missing_dsn=f"the embedded PostgreSQL under {paths.pgdata} is not running; "
+                    "start the node with `tessera serve` or set store.dsn",
+        missing_valkey=f"the embedded Valkey under {paths.valkey} is not running; "
+                       "start the node with `tessera serve` or set valkey.url"))
+    if cfg.ca.url and not cfg.tls.cert_file:
+        soonest = min((st.not_after for st in renewals.values()), default=None)
+        checks.append(await _stepca_check(cfg, soonest))
     return checks + _node_checks(paths)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
@@ -130,18 +131,17 @@ def _show(env: Env) -> int:
 
 
 def _suspend(env: Env) -> int:
-    a = env.args
-    with env.node().client() as c:
-        env.out.data(c.admin.SuspendPeer(admin_pb2.SuspendPeerRequest(name=a.name,
-                                                                      reason=a.reason)))
-    return 0
+    return _with_reason(env, "SuspendPeer", admin_pb2.SuspendPeerRequest)
 
 
 def _revoke(env: Env) -> int:
-    a = env.args
+    return _with_reason(env, "RevokePeer", admin_pb2.RevokePeerRequest)
+
+
+def _with_reason(env: Env, rpc: str, request: Any) -> int:
+    """Suspend or revoke: AdminService.<rpc>(name, reason); prints the peer."""
     with env.node().client() as c:
-        env.out.data(c.admin.RevokePeer(admin_pb2.RevokePeerRequest(name=a.name,
-                                                                    reason=a.reason)))
+        env.out.data(getattr(c.admin, rpc)(request(name=env.args.name, reason=env.args.reason)))
     return 0
 
 

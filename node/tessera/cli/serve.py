@@ -6,7 +6,6 @@ import argparse
 import asyncio
 
 from tessera.cli._command import Command, Env
-from tessera.core.paths import NodePaths
 from tessera.observability import configure_logging
 
 
@@ -61,40 +60,19 @@ def _serve(env: Env) -> int:
 
 def _migrate(env: Env) -> int:
     from tessera import store
-    from tessera.app import DataDirLock, prepare_data_dir
-    from tessera.embedded import EmbeddedPostgres
+    from tessera.app import database
 
     cfg = env.cfg
 
-    async def run() -> int:
-        paths = NodePaths(cfg.node.data_dir)
-        pg = None
-        lock: DataDirLock | None = None
-        dsn = cfg.store.dsn
-        if not dsn:
-            # The embedded PostgreSQL belongs to whoever holds the data directory.
-            prepare_data_dir(paths)
-            lock = DataDirLock(paths.lock_file)
-            lock.acquire()
-            pg = EmbeddedPostgres(paths.pgdata)
-            try:
-                dsn = pg.start()
-            except BaseException:
-                lock.release()
-                raise
+    async def run(dsn: str) -> int:
+        pool = await store.open_pool(cfg.store, dsn)
         try:
-            pool = await store.open_pool(cfg.store, dsn)
-            try:
-                return await store.migrate(pool, cfg.store)
-            finally:
-                await pool.close()
+            return await store.migrate(pool, cfg.store)
         finally:
-            if pg is not None:
-                await asyncio.to_thread(pg.stop)
-            if lock is not None:
-                lock.release()
+            await pool.close()
 
-    version = asyncio.run(run())
+    with database(cfg) as dsn:
+        version = asyncio.run(run(dsn))
     env.out.line(f"schema at version {version}")
     return 0
 

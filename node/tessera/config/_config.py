@@ -21,6 +21,7 @@ from typing import Any
 
 from tessera.config._limits import parse_limits
 from tessera.core.errors import ConfigError
+from tessera.core.net import split_host_port
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "tessera"
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
@@ -554,9 +555,11 @@ def load(
 
 
 def _check_hostport(setting: str, value: str) -> None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{setting}: {value!r} is not host:port; use e.g. 127.0.0.1:50051")
+    try:
+        split_host_port(value)
+    except ValueError:
+        raise ConfigError(
+            f"{setting}: {value!r} is not host:port; use e.g. 127.0.0.1:50051") from None
 
 
 def validate(cfg: Config) -> None:

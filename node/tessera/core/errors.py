@@ -124,3 +124,15 @@ class ConfigError(TesseraError):
     """The configuration is wrong; the message names the setting and the fix."""
 
     reason = "CONFIG_ERROR"
+
+
+def exit_with(exc: TesseraError) -> int:
+    """For a command line: say what went wrong on stderr, give the exit status (a
+    configuration error 2, anything else 1)."""
+    import sys
+
+    if isinstance(exc, ConfigError):
+        print(f"tessera: configuration error: {exc.message}", file=sys.stderr)
+        return 2
+    print(f"tessera: {exc.message}", file=sys.stderr)
+    return 1

@@ -8,7 +8,6 @@ Pure functions: no I/O.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -16,6 +15,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from tessera.core.codec import b64url_decode, b64url_encode
 
 _VERSION = 1
 #: How long a page token stays valid.
@@ -30,14 +31,6 @@ def query_hash(query: Mapping[str, Any]) -> str:
     """SHA-256 hex of a canonical JSON rendering of the query (sorted keys, no spaces)."""
     canon = json.dumps(query, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canon.encode()).hexdigest()
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 @dataclass(frozen=True)
@@ -58,13 +51,13 @@ class PageTokens:
             {"v": _VERSION, "q": query[:32], "c": _caller_tag(caller), "p": position, "t": issued},
             separators=(",", ":"),
         ).encode()
-        return f"{_b64(body)}.{_b64(self._mac(body))}"
+        return f"{b64url_encode(body)}.{b64url_encode(self._mac(body))}"
 
     def decode(self, token: str, *, query: str, caller: str, now: float | None = None) -> list[Any]:
         """The position a token resumes after; raises PageTokenError if it does not fit."""
         try:
             body_b64, mac_b64 = token.split(".")
-            body, mac = _unb64(body_b64), _unb64(mac_b64)
+            body, mac = b64url_decode(body_b64), b64url_decode(mac_b64)
         except ValueError:
             raise PageTokenError("page token is malformed") from None
         if not hmac.compare_digest(mac, self._mac(body)):

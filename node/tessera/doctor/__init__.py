@@ -3,7 +3,9 @@
 from tessera.core.checks import Check, Level, worst
 from tessera.doctor._checks import (
     CERT_WARN,
+    Dependencies,
     check_certificate,
+    check_dependencies,
     check_follow,
     check_peer_certificate,
     check_postgres,
@@ -16,8 +18,10 @@ from tessera.doctor._checks import (
 __all__ = [
     "CERT_WARN",
     "Check",
+    "Dependencies",
     "Level",
     "check_certificate",
+    "check_dependencies",
     "check_follow",
     "check_peer_certificate",
     "check_postgres",

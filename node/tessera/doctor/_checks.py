@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +219,40 @@ def check_follow(follow: Follow, *, now: dt.datetime | None = None) -> Check:
     return Check(name, level, f"following peer {follow.peer} is {follow.state}{why}; the "
                  "follower reconnects by itself with backoff; check the peer is up and this "
                  "node's grant there lists event types", details)
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    """What the node depends on, as a running node or the CLI beside it finds it."""
+
+    #: The database; None with the message saying why there is none.
+    dsn: str | None
+    valkey_url: str | None
+    #: (check name, certificate, key) of each certificate to look at.
+    certificates: Sequence[tuple[str, Path, Path]]
+    #: Renewal state of the node's own identities (node, admin, client).
+    renewals: Mapping[str, CertificateStatus] = field(default_factory=dict)
+    #: The step-ca issuer to probe, if the node uses one.
+    stepca: StepCAIssuer | None = None
+    stepca_timeout_s: float = 5.0
+    missing_dsn: str = "store.dsn is not set"
+    missing_valkey: str = "valkey.url is not set"
+
+
+async def check_dependencies(deps: Dependencies) -> list[Check]:
+    """PostgreSQL, pgvector, Valkey, certificates, their renewal and step-ca, in that order."""
+    if deps.dsn:
+        checks = await check_postgres(deps.dsn)
+    else:
+        checks = [Check("postgresql", Level.RED, deps.missing_dsn),
+                  Check("pgvector", Level.RED, "not checked: PostgreSQL is not running")]
+    checks.append(await check_valkey(deps.valkey_url) if deps.valkey_url
+                  else Check("valkey", Level.RED, deps.missing_valkey))
+    checks += [check_certificate(name, cert, key) for name, cert, key in deps.certificates]
+    checks += [check_renewal(renewal_check_name(name), status)
+               for name, status in deps.renewals.items()]
+    if deps.stepca is not None:
+        soonest = min((st.not_after for st in deps.renewals.values()), default=None)
+        checks.append(await check_stepca(deps.stepca, timeout_s=deps.stepca_timeout_s,
+                                         soonest_expiry=soonest))
+    return checks

@@ -7,10 +7,11 @@ another node's log is refused rather than silently read against the wrong sequen
 
 from __future__ import annotations
 
-import base64
 import struct
 import uuid
 from dataclasses import dataclass
+
+from tessera.core.codec import b64url_decode, b64url_encode
 
 _PREFIX = "c1_"
 _LAYOUT = ">16sQ"
@@ -30,7 +31,7 @@ class Cursor:
     def encode(self) -> str:
         """The opaque text form."""
         raw = struct.pack(_LAYOUT, self.log_id.bytes, self.sequence)
-        return _PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        return _PREFIX + b64url_encode(raw)
 
 
 def encode(log_id: uuid.UUID, sequence: int) -> str:
@@ -44,7 +45,7 @@ def decode(text: str, log_id: uuid.UUID) -> int:
         raise CursorError("is not a cursor (use the cursor field of a delivered event)")
     body = text[len(_PREFIX):]
     try:
-        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        raw = b64url_decode(body)
         log, sequence = struct.unpack(_LAYOUT, raw)
     except (ValueError, struct.error):
         raise CursorError("is not a cursor (use the cursor field of a delivered event)") \

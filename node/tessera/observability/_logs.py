@@ -12,30 +12,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import re
 import sys
 from typing import Any, TextIO
 
 from opentelemetry.trace import get_current_span
 
+from tessera.core.redact import redact_secrets as redact
+
 FORMATS = ("text", "json")
 _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-#: scheme://user:password@host -> scheme://user:***@host
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@/\s]+(?=@)", re.I)
-#: password=secret, token=secret, sslpassword=... (libpq key=value DSNs, query strings).
-_KEY_VALUE = re.compile(
-    r"(?P<head>\b(?:[a-z_]*password|passwd|secret|token|api[_-]?key)\s*[=:]\s*)"
-    r"(?P<quote>['\"]?)[^\s&'\",;]+(?P=quote)", re.I)
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
-
-
-def redact(text: str) -> str:
-    """`text` with URL passwords and key=value secrets masked."""
-    if "=" not in text and ":" not in text:  # neither a URL nor key=value: nothing to mask
-        return text
-    if "://" in text:
-        text = _URL_PASSWORD.sub(r"\g<head>***", text)
-    return _KEY_VALUE.sub(r"\g<head>\g<quote>***\g<quote>", text)
 
 
 def log_fields(**fields: str | int | float | bool | None) -> dict[str, Any]:

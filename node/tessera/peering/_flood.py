@@ -14,6 +14,8 @@ import math
 import urllib.parse
 from dataclasses import dataclass
 
+from tessera.core.net import host_of
+
 #: Most source buckets kept; beyond it, full (idle) buckets are dropped first.
 MAX_SOURCES = 65_536
 
@@ -28,7 +30,7 @@ def source_of(peer: str) -> str:
     kind, _, rest = peer.partition(":")
     host = ""
     if kind in ("ipv4", "ipv6"):
-        host = urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")
+        host = host_of(urllib.parse.unquote(rest)).strip("[]")
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

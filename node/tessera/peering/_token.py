@@ -10,7 +10,6 @@ node key so an edited token is refused before the database is asked.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+
+from tessera.core.codec import b64url_decode, b64url_encode
 
 PREFIX = "tessera-enrol-1"
 _MAC_CONTEXT = b"tessera enrolment token\0"
@@ -31,14 +32,6 @@ class TokenError(ValueError):
 
 class TokenForged(TokenError):
     """The token is well formed but its MAC is not this node's: edited or made up."""
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def secret_hash(secret: bytes) -> bytes:
@@ -96,11 +89,11 @@ def new_invitation(
 def encode(inv: Invitation, key: bytes) -> str:
     """The token text, MACed with the inviting node's key."""
     body = json.dumps({
-        "i": inv.token_id.hex, "s": _b64(inv.secret), "n": inv.peer, "d": inv.trust_domain,
-        "a": inv.address, "e": inv.enroll_address, "r": _b64(inv.root_der),
+        "i": inv.token_id.hex, "s": b64url_encode(inv.secret), "n": inv.peer, "d": inv.trust_domain,
+        "a": inv.address, "e": inv.enroll_address, "r": b64url_encode(inv.root_der),
         "f": inv.root_fingerprint, "x": inv.expire_unix, "b": inv.node_name,
     }, separators=(",", ":")).encode()
-    return f"{PREFIX}.{_b64(body)}.{_b64(_mac(key, body))}"
+    return f"{PREFIX}.{b64url_encode(body)}.{b64url_encode(_mac(key, body))}"
 
 
 def _mac(key: bytes, body: bytes) -> bytes:
@@ -112,7 +105,7 @@ def _split(token: str) -> tuple[bytes, bytes]:
     if len(parts) != 3 or parts[0] != PREFIX:
         raise TokenError(f"not an enrolment token (expected {PREFIX}.<body>.<mac>)")
     try:
-        return _unb64(parts[1]), _unb64(parts[2])
+        return b64url_decode(parts[1]), b64url_decode(parts[2])
     except ValueError:
         raise TokenError("the enrolment token is not valid base64url") from None
 
@@ -127,8 +120,8 @@ def parse(token: str) -> Invitation:
     try:
         d = json.loads(body)
         inv = Invitation(
-            uuid.UUID(hex=d["i"]), _unb64(d["s"]), str(d["n"]), str(d["d"]), str(d["a"]),
-            str(d["e"]), _unb64(d["r"]), str(d["f"]), int(d["x"]), str(d.get("b", "")),
+            uuid.UUID(hex=d["i"]), b64url_decode(d["s"]), str(d["n"]), str(d["d"]), str(d["a"]),
+            str(d["e"]), b64url_decode(d["r"]), str(d["f"]), int(d["x"]), str(d.get("b", "")),
         )
     except (ValueError, KeyError, TypeError):
         raise TokenError("the enrolment token's content is malformed") from None

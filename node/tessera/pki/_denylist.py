@@ -26,13 +26,13 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tessera.core.redact import redact_url
 from tessera.pki._files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -48,20 +48,6 @@ MAX_CRL_BYTES = 10 * 1024 * 1024
 _Stamp = tuple[int, int, int, int]
 
 
-def redact_url(url: str) -> str:
-    """The URL without a password in its userinfo, for logs and messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}:***@{host}" if user else f"***@{host}"
-    # A signed URL carries its credential in the query: show the names, never the values.
-    query = "&".join(f"{k.partition('=')[0]}=***" for k in parts.query.split("&") if k)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 @contextlib.contextmanager

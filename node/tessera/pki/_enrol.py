@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from tessera.core.paths import CredentialFiles
+from tessera.pki._csr import new_key_and_csr
 from tessera.pki._files import write_atomic
 from tessera.pki._identity import SpiffeId
 from tessera.pki._issuer import IssuedCertificate, Issuer
-from tessera.pki.stepca._client import make_csr
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ async def enrol(
             )
         dns, ips = split_sans(s for s in sans if s != enrolment.identity.uri)
     ident = enrolment.identity
-    request = make_csr(ident.trust_domain, ident.kind.value, ident.name,
-                       dns_names=dns, ip_addresses=ips)
+    request = new_key_and_csr(ident, dns, ips)
     issued = await issuer.sign(request.csr_pem, ttl=ttl)
     # Key first, chain second: after a crash in between the pair does not match, and
     # `credentials_valid` sends the node to enrol again instead of serving a mismatch.

@@ -25,6 +25,20 @@ class IssuedCertificate:
         return cls(chain_pem, leaf.serial_number, leaf.not_valid_before_utc,
                    leaf.not_valid_after_utc)
 
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The parsed leaf."""
+        return x509.load_pem_x509_certificates(self.chain_pem)[0]
+
+    @property
+    def uris(self) -> list[str]:
+        """URI SANs of the leaf (the SPIFFE ID among them)."""
+        try:
+            san = self.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        except x509.ExtensionNotFound:
+            return []
+        return list(san.value.get_values_for_type(x509.UniformResourceIdentifier))
+
 
 class Issuer(Protocol):
     """Signs, renews and revokes certificates. The rest of the node knows only this."""

@@ -19,9 +19,11 @@ from psycopg_pool import AsyncConnectionPool
 
 from tessera.config import Config
 from tessera.core.errors import ConfigError
+from tessera.core.net import host_of
 from tessera.core.paths import CredentialFiles, NodePaths
+from tessera.core.redact import redact_url
 from tessera.observability import Metrics
-from tessera.pki._denylist import DenyList, crl_refresher, redact_url, refresh_crl
+from tessera.pki._denylist import DenyList, crl_refresher, refresh_crl
 from tessera.pki._devca import local_sans
 from tessera.pki._enrol import Enrolment, credentials_valid, enrol
 from tessera.pki._identity import IdentityKind, SpiffeId
@@ -45,11 +47,9 @@ OWN_REVOCATION_CHECK_S = 0.5
 def node_enrolment(cfg: Config) -> Enrolment:
     """The node's own identity with the DNS and IP SANs of its listen address."""
     cfg = resolve_node_name(cfg)  # `certs enroll` may run before the first `serve`
-    host = cfg.node.listen_address.rpartition(":")[0]
-    dns, ips = local_sans(host, cfg.node.name)
+    dns, ips = local_sans(host_of(cfg.node.listen_address), cfg.node.name)
     if cfg.node.advertised_address:
-        adv_dns, adv_ips = local_sans(cfg.node.advertised_address.rpartition(":")[0],
-                                      cfg.node.name)
+        adv_dns, adv_ips = local_sans(host_of(cfg.node.advertised_address), cfg.node.name)
         dns, ips = tuple(sorted({*dns, *adv_dns})), tuple(sorted({*ips, *adv_ips}))
     return Enrolment(SpiffeId(cfg.node.trust_domain, IdentityKind.NODE, cfg.node.name), dns, ips)
 

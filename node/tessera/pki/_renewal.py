@@ -42,12 +42,13 @@ from cryptography.hazmat.primitives import serialization
 from tessera.core.errors import FailedPrecondition, TesseraError
 from tessera.core.paths import CredentialFiles
 from tessera.observability import Metrics
+from tessera.pki._csr import new_key_and_csr
 from tessera.pki._enrol import split_sans
 from tessera.pki._files import write_atomic, write_atomic_pair
 from tessera.pki._identity import SpiffeId
 from tessera.pki._issuer import IssuedCertificate, Issuer
 from tessera.pki._tls import TlsMaterial
-from tessera.pki.stepca._client import StepCAUnauthorized, make_csr, redact
+from tessera.pki.stepca._client import StepCAUnauthorized, redact
 
 log = logging.getLogger(__name__)
 
@@ -402,8 +403,7 @@ class ManagedCertificate:
         uris = [s for s in sans if s.startswith("spiffe://")]
         ident = SpiffeId.parse(uris[0])
         dns, ips = split_sans(s for s in sans if s != ident.uri)
-        request = make_csr(ident.trust_domain, ident.kind.value, ident.name,
-                           dns_names=dns, ip_addresses=ips)
+        request = new_key_and_csr(ident, dns, ips)
         return request.key_pem, await self.issuer.sign(request.csr_pem)
 
     def _failed(self, exc: BaseException) -> None:

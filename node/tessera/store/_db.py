@@ -7,7 +7,6 @@ import math
 import re
 from importlib import resources as pkg_resources
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from pgvector.psycopg.vector import register_vector_info
@@ -18,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tessera.config import StoreConfig
 from tessera.core.errors import ConfigError, Unavailable
+from tessera.core.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,7 @@ _MIGRATION_LOCK = 0x7E55E7A0
 def redact_dsn(dsn: str) -> str:
     """The DSN with any password removed, for messages and `doctor`."""
     if "://" in dsn:
-        parts = urlsplit(dsn)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
-            user, _, password = userinfo.partition(":")
-            netloc = f"{user}:***@{host}" if password else f"{user}@{host}"
-        query = re.sub(r"(password=)[^&]*", r"\1***", parts.query)
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        return redact_url(dsn, secret_query=lambda name: name == "password")
     # key=value form: parse it as libpq does, so quoted passwords with spaces are caught.
     try:
         params = conninfo_to_dict(dsn)

@@ -132,6 +132,31 @@ def _scoped(
     return where + sql.SQL(" AND ") + scope.condition, (*params, *scope.params)
 
 
+def resource_filters(scope: Predicate | None, *, workspace: str = "", kind: str = "",
+                     team: str = "", owner: str = "", attributes: dict[str, Any] | None = None,
+                     updated_since: datetime | None = None,
+                     ) -> tuple[list[sql.Composable], list[Any]]:
+    """The conditions (to AND together) and their parameters that select resources inside
+    `scope` by the filters List and Search share; an empty filter selects everything."""
+    where: list[sql.Composable] = []
+    params: list[Any] = []
+    for column, value in (("workspace", workspace), ("kind", kind), ("team", team),
+                          ("owner", owner)):
+        if value:
+            where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+            params.append(value)
+    if attributes:
+        where.append(sql.SQL("attributes @> %s::jsonb"))
+        params.append(json.dumps(attributes))
+    if updated_since is not None:
+        where.append(sql.SQL("updated_at >= %s"))
+        params.append(updated_since)
+    if scope is not None:  # last: search's cached statements put its parameters last
+        where.append(scope.condition)
+        params.extend(scope.params)
+    return where, params
+
+
 def _existing_row_inside(scope: Predicate | None) -> sql.Composable:
     """The scope, evaluated on the existing row of an ON CONFLICT DO UPDATE.
 
@@ -230,22 +255,9 @@ class ResourceStore:
     @traced("store list", SpanKind.CLIENT, **_DB)
     async def list(self, q: ListQuery, scope: Predicate | None = None) -> list[Resource]:
         """Up to q.limit resources after q.after, in the query's order, inside `scope`."""
-        where: list[sql.Composable] = []
-        params: list[Any] = []
-        if scope is not None:
-            where.append(scope.condition)
-            params.extend(scope.params)
-        for column, value in (("workspace", q.workspace), ("kind", q.kind), ("team", q.team),
-                              ("owner", q.owner)):
-            if value:
-                where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
-                params.append(value)
-        if q.attributes:
-            where.append(sql.SQL("attributes @> %s::jsonb"))
-            params.append(json.dumps(q.attributes))
-        if q.updated_since is not None:
-            where.append(sql.SQL("updated_at >= %s"))
-            params.append(q.updated_since)
+        where, params = resource_filters(
+            scope, workspace=q.workspace, kind=q.kind, team=q.team, owner=q.owner,
+            attributes=q.attributes, updated_since=q.updated_since)
         if q.order == "key":
             order = sql.SQL("workspace, kind, id")
             if q.after is not None:

@@ -20,6 +20,7 @@ from tessera.store._resources import (
     Pool,
     Resource,
     _row_to_resource,
+    resource_filters,
     to_vector,
 )
 
@@ -68,21 +69,9 @@ def ef_search_for(k: int) -> int:
 
 
 def _filters(q: SearchQuery, scope: Predicate | None) -> tuple[sql.Composable, list[Any]]:
-    parts: list[sql.Composable] = []
-    params: list[Any] = []
-    for column, value in (("workspace", q.workspace), ("kind", q.kind)):
-        if value:
-            parts.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
-            params.append(value)
-    if q.attributes:
-        parts.append(sql.SQL("attributes @> %s::jsonb"))
-        params.append(json.dumps(q.attributes))
-    if q.updated_since is not None:
-        parts.append(sql.SQL("updated_at >= %s"))
-        params.append(q.updated_since)
-    if scope is not None:
-        parts.append(scope.condition)
-        params.extend(scope.params)
+    # The order of the conditions (scope last) is the order _statement_params follows.
+    parts, params = resource_filters(scope, workspace=q.workspace, kind=q.kind,
+                                     attributes=q.attributes, updated_since=q.updated_since)
     if not parts:
         return sql.SQL("TRUE"), params
     return sql.SQL(" AND ").join(parts), params

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 
 import pytest
@@ -12,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from tessera.core.codec import b64url_decode, b64url_encode
 from tessera.peering import TokenForged, _token
 
 KEY = b"k" * 32
@@ -28,12 +28,8 @@ def _root_pem() -> bytes:
     return cert.public_bytes(Encoding.PEM)
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,7 @@ def token() -> str:
 
 def _parts(token: str) -> tuple[str, bytes, bytes]:
     prefix, body, mac = token.split(".")
-    return prefix, _unb64(body), _unb64(mac)
+    return prefix, b64url_decode(body), b64url_decode(mac)
 
 
 def test_the_untouched_token_verifies(token: str) -> None:
@@ -59,7 +55,7 @@ def test_flipping_any_byte_of_the_mac_is_refused(token: str) -> None:
         for flip in (0x01, 0x80, 0xFF):
             edited = bytearray(mac)
             edited[i] ^= flip
-            forged = f"{prefix}.{_b64(body)}.{_b64(bytes(edited))}"
+            forged = f"{prefix}.{b64url_encode(body)}.{b64url_encode(bytes(edited))}"
             with pytest.raises(TokenForged):
                 _token.verify(forged, KEY)
 
@@ -69,7 +65,7 @@ def test_flipping_any_byte_of_the_body_is_refused(token: str) -> None:
     for i in range(len(body)):
         edited = bytearray(body)
         edited[i] ^= 0x01
-        forged = f"{prefix}.{_b64(bytes(edited))}.{_b64(mac)}"
+        forged = f"{prefix}.{b64url_encode(bytes(edited))}.{b64url_encode(mac)}"
         with pytest.raises(TokenForged):
             _token.verify(forged, KEY)
 
@@ -78,4 +74,4 @@ def test_a_shortened_or_lengthened_mac_is_refused(token: str) -> None:
     prefix, body, mac = _parts(token)
     for edited in (mac[:4], mac[:-1], mac + b"\0", b""):
         with pytest.raises(TokenForged):
-            _token.verify(f"{prefix}.{_b64(body)}.{_b64(edited)}", KEY)
+            _token.verify(f"{prefix}.{b64url_encode(body)}.{b64url_encode(edited)}", KEY)

@@ -6,7 +6,6 @@ from tessera.pki.stepca._client import (
     StepCARefused,
     StepCAUnauthorized,
     StepCAUnavailable,
-    make_csr,
     mint_ott,
     redact,
 )
@@ -23,7 +22,6 @@ __all__ = [
     "StepCAUnavailable",
     "init_stepca",
     "load_stepca_files",
-    "make_csr",
     "mint_ott",
     "redact",
 ]

@@ -7,7 +7,6 @@ The node talks to step-ca in four ways:
 * `mint_ott` makes the one-time token (an ES256 JWT signed by the JWK provisioner key)
   that authorises one `/1.0/sign`.
 * `StepCAClient.sign` / `renew` / `revoke` call the CA's HTTP API.
-* `make_csr` makes a P-256 key and a CSR carrying the node's SPIFFE ID.
 
 Errors are split so that callers can act on them: `StepCAUnavailable` is transient (the
 CA could not be reached or failed inside), `StepCARefused` and its subclasses are
@@ -17,10 +16,8 @@ token, a key, a password or a CSR.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -29,8 +26,7 @@ import secrets
 import ssl
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -41,14 +37,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.x509.oid import NameOID
 
+from tessera.core.codec import b64url_decode, b64url_encode
 from tessera.core.errors import TesseraError, Unavailable
-from tessera.pki._identity import SpiffeId
+from tessera.pki._issuer import IssuedCertificate
 
 __all__ = [
-    "CertificateRequest",
-    "IssuedChain",
     "StepCABadRequest",
     "StepCAClient",
     "StepCAError",
@@ -60,11 +54,9 @@ __all__ = [
     "StepCAUnauthorized",
     "StepCAUnavailable",
     "fetch_root",
-    "make_csr",
     "mint_ott",
     "normalize_fingerprint",
     "redact",
-    "spiffe_id",
     "verify_root_fingerprint",
 ]
 
@@ -75,7 +67,6 @@ _SIGN_PATH: Final = "/1.0/sign"
 _RENEW_PATH: Final = "/1.0/renew"
 _REVOKE_PATH: Final = "/1.0/revoke"
 # RFC 5280 ub-common-name; longer SPIFFE IDs go in the URI SAN only.
-_MAX_CN_LEN: Final = 64
 _HEX64_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -153,70 +144,6 @@ class StepCAProtocolError(StepCAError):
 # ------------------------------------------------------------------ identities, CSRs
 
 
-def spiffe_id(trust_domain: str, kind: str, name: str) -> str:
-    """`spiffe://<trust-domain>/<kind>/<name>`, validated like every peer identity."""
-    return SpiffeId.parse(f"spiffe://{trust_domain}/{kind}/{name}").uri
-
-
-@dataclass(frozen=True)
-class CertificateRequest:
-    """A fresh key and CSR, with the token `sub` and `sans` that match the CSR exactly."""
-
-    key_pem: bytes = field(repr=False)
-    """Unencrypted PKCS#8 PEM private key; store it 0600."""
-    csr_pem: bytes = field(repr=False)
-    """PEM certificate signing request."""
-    identity: str
-    """The SPIFFE ID carried as the URI SAN."""
-    subject: str
-    """The token's `sub`: the identity's name, which is also the CSR's common name."""
-    sans: tuple[str, ...]
-    """SPIFFE URI, DNS names and IPs; use them as the token's `sans`."""
-
-
-def make_csr(
-    trust_domain: str,
-    kind: str,
-    name: str,
-    *,
-    dns_names: Iterable[str] = (),
-    ip_addresses: Iterable[str] = (),
-) -> CertificateRequest:
-    """Make a P-256 key and a CSR with the SPIFFE URI SAN plus DNS and IP SANs."""
-    identity = spiffe_id(trust_domain, kind, name)
-    dns = [d.strip().lower() for d in dns_names]
-    ips = [ipaddress.ip_address(i) for i in ip_addresses]
-    key = ec.generate_private_key(ec.SECP256R1())
-    general_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity)]
-    general_names += [x509.DNSName(d) for d in dns]
-    general_names += [x509.IPAddress(ip) for ip in ips]
-    # step-ca requires a CSR's CN, when present, to equal the token's `sub`. The CN is
-    # the bare name (as the development CA issues it); a name longer than RFC 5280
-    # allows in a CN is left to the URI SAN alone, which step-ca accepts.
-    subject = (
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        if len(name) <= _MAX_CN_LEN
-        else x509.Name([])
-    )
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(subject)
-        .add_extension(x509.SubjectAlternativeName(general_names), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return CertificateRequest(
-        key_pem=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        csr_pem=csr.public_bytes(serialization.Encoding.PEM),
-        identity=identity,
-        subject=name,
-        sans=(identity, *dns, *(str(ip) for ip in ips)),
-    )
-
-
 # ----------------------------------------------------------------- one-time tokens
 
 
@@ -263,7 +190,7 @@ def mint_ott(
     r, s = decode_dss_signature(der)
     # JWS ES256 wants the raw 64-byte r||s, not the DER that cryptography returns.
     signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
-    return signing_input + "." + _b64url(signature)
+    return signing_input + "." + b64url_encode(signature)
 
 
 def _provisioner_key(
@@ -297,62 +224,21 @@ def _jwk_thumbprint(key: ec.EllipticCurvePublicKey) -> str:
         {
             "crv": "P-256",
             "kty": "EC",
-            "x": _b64url(numbers.x.to_bytes(32, "big")),
-            "y": _b64url(numbers.y.to_bytes(32, "big")),
+            "x": b64url_encode(numbers.x.to_bytes(32, "big")),
+            "y": b64url_encode(numbers.y.to_bytes(32, "big")),
         },
         separators=(",", ":"),
         sort_keys=True,
     )
     digest = hashes.Hash(hashes.SHA256())
     digest.update(canonical.encode())
-    return _b64url(digest.finalize())
+    return b64url_encode(digest.finalize())
 
 
 # ------------------------------------------------------------------- issued chains
 
 
-@dataclass(frozen=True)
-class IssuedChain:
-    """A certificate step-ca issued, with its chain up to (not including) the root."""
-
-    leaf_pem: bytes
-    """The issued certificate, PEM."""
-    chain_pem: bytes
-    """Leaf followed by the intermediates, PEM; what a TLS endpoint presents."""
-    ca_pem: bytes
-    """The issuing intermediate, PEM (empty if the CA sent none)."""
-
-    @property
-    def certificate(self) -> x509.Certificate:
-        """The parsed leaf."""
-        return x509.load_pem_x509_certificate(self.leaf_pem)
-
-    @property
-    def serial(self) -> int:
-        """The leaf's serial number."""
-        return self.certificate.serial_number
-
-    @property
-    def not_after(self) -> dt.datetime:
-        """When the leaf expires (UTC)."""
-        return self.certificate.not_valid_after_utc
-
-    @property
-    def not_before(self) -> dt.datetime:
-        """When the leaf becomes valid (UTC)."""
-        return self.certificate.not_valid_before_utc
-
-    @property
-    def uris(self) -> list[str]:
-        """URI SANs of the leaf (the SPIFFE ID among them)."""
-        try:
-            san = self.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        except x509.ExtensionNotFound:
-            return []
-        return list(san.value.get_values_for_type(x509.UniformResourceIdentifier))
-
-
-def _issued_chain(operation: str, body: Mapping[str, Any]) -> IssuedChain:
+def _issued_chain(operation: str, body: Mapping[str, Any]) -> IssuedCertificate:
     try:
         chain = body.get("certChain") or [body["crt"], body["ca"]]
         pems = [str(c).strip() for c in chain if c]
@@ -366,12 +252,8 @@ def _issued_chain(operation: str, body: Mapping[str, Any]) -> IssuedChain:
         raise StepCAProtocolError(
             f"step-ca {operation}: the answer holds no certificate", operation=operation
         )
-    encoded = [c.public_bytes(serialization.Encoding.PEM) for c in certs]
-    return IssuedChain(
-        leaf_pem=encoded[0],
-        chain_pem=b"".join(encoded),
-        ca_pem=encoded[1] if len(encoded) > 1 else b"",
-    )
+    return IssuedCertificate.from_chain(
+        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
 
 
 # --------------------------------------------------------------------- root pinning
@@ -499,7 +381,7 @@ class StepCAClient:
 
     async def sign(
         self, csr_pem: bytes | str, ott: str, *, ttl: dt.timedelta | None = None
-    ) -> IssuedChain:
+    ) -> IssuedCertificate:
         """Exchange a CSR and a one-time token for a certificate (`/1.0/sign`).
 
         `ttl` asks for a lifetime other than the provisioner's default; it must lie
@@ -517,7 +399,7 @@ class StepCAClient:
         _log.info("step-ca issued serial %s", chain.serial)
         return chain
 
-    async def renew(self, cert_chain_pem: bytes, key_pem: bytes) -> IssuedChain:
+    async def renew(self, cert_chain_pem: bytes, key_pem: bytes) -> IssuedCertificate:
         """Renew a still-valid certificate over mTLS with itself (`/1.0/renew`)."""
         async with self._mtls_client(cert_chain_pem, key_pem) as client:
             response = await _request(client, "renew", "POST", _RENEW_PATH)
@@ -729,13 +611,9 @@ def _base_url(ca_url: str) -> str:
     return f"https://{parts.netloc}"
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _b64url_json(value: Mapping[str, Any]) -> str:
-    return _b64url(json.dumps(value, separators=(",", ":")).encode())
+    return b64url_encode(json.dumps(value, separators=(",", ":")).encode())
 
 
 def _b64url_int(text: str) -> int:
-    return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), "big")
+    return int.from_bytes(b64url_decode(text), "big")

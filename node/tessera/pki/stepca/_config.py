@@ -16,7 +16,6 @@ the intermediate, the JWK provisioner and `ca.json` itself. The layout mirrors w
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import ipaddress
@@ -33,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tessera.core.codec import b64url_encode
+from tessera.core.net import is_wildcard_host, split_host_port
 from tessera.pki._files import write_atomic
 
 __all__ = [
@@ -89,13 +90,6 @@ class StepCAFiles:
         """Arguments for the `step-ca` binary: flags first, then the config path."""
         return ["--password-file", str(self.password_file), str(self.ca_json)]
 
-    def load_provisioner_jwk(self) -> dict[str, str]:
-        """Read the provisioner's private JWK."""
-        data = json.loads(self.provisioner_key.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError(f"{self.provisioner_key} does not hold a JWK object")
-        return {str(k): str(v) for k, v in data.items()}
-
 
 def init_stepca(
     directory: str | os.PathLike[str],
@@ -111,7 +105,7 @@ def init_stepca(
     overwrite: bool = False,
 ) -> StepCAFiles:
     """Write root, intermediate, provisioner and `ca.json` for step-ca into `directory`."""
-    host, port = _split_address(address)
+    host, _ = split_host_port(address, min_port=1)
     _check_durations(min_cert_ttl, default_cert_ttl, max_cert_ttl)
     if not provisioner_name.strip():
         raise ValueError("provisioner_name must not be empty")
@@ -198,22 +192,9 @@ def init_stepca(
     }
     # 0600 like step ca init does: it names the paths of the CA's key material.
     write_atomic(layout["ca_json"], (json.dumps(config, indent=2) + "\n").encode(), private=True)
-    return StepCAFiles(
-        directory=root,
-        ca_json=layout["ca_json"],
-        root_cert=layout["root_cert"],
-        intermediate_cert=layout["intermediate_cert"],
-        intermediate_key=layout["intermediate_key"],
-        root_key=layout["root_key"] if keep_root_key else None,
-        password_file=layout["password"],
-        provisioner_key=layout["provisioner_key"],
-        db_path=layout["db"],
-        provisioner_name=provisioner_name,
-        provisioner_kid=kid,
-        root_fingerprint=_fingerprint(root_cert),
-        address=address,
-        ca_url=_ca_url(host, port),
-    )
+    return _files(root, layout, keep_root_key=keep_root_key,
+                  provisioner_name=provisioner_name, provisioner_kid=kid,
+                  root_cert=root_cert, address=address)
 
 
 def load_stepca_files(directory: str | os.PathLike[str]) -> StepCAFiles:
@@ -232,19 +213,28 @@ def load_stepca_files(directory: str | os.PathLike[str]) -> StepCAFiles:
             f"{layout['ca_json']} is not a step-ca configuration written by init_stepca "
             f"({type(exc).__name__})"
         ) from None
-    host, port = _split_address(address)
+    return _files(root, layout, keep_root_key=layout["root_key"].exists(),
+                  provisioner_name=str(provisioner["name"]),
+                  provisioner_kid=str(provisioner["key"]["kid"]), root_cert=root_cert,
+                  address=address)
+
+
+def _files(root: Path, layout: dict[str, Path], *, keep_root_key: bool,
+           provisioner_name: str, provisioner_kid: str, root_cert: x509.Certificate,
+           address: str) -> StepCAFiles:
+    host, port = split_host_port(address, min_port=1)
     return StepCAFiles(
         directory=root,
         ca_json=layout["ca_json"],
         root_cert=layout["root_cert"],
         intermediate_cert=layout["intermediate_cert"],
         intermediate_key=layout["intermediate_key"],
-        root_key=layout["root_key"] if layout["root_key"].exists() else None,
+        root_key=layout["root_key"] if keep_root_key else None,
         password_file=layout["password"],
         provisioner_key=layout["provisioner_key"],
         db_path=layout["db"],
-        provisioner_name=str(provisioner["name"]),
-        provisioner_kid=str(provisioner["key"]["kid"]),
+        provisioner_name=provisioner_name,
+        provisioner_kid=provisioner_kid,
         root_fingerprint=_fingerprint(root_cert),
         address=address,
         ca_url=_ca_url(host, port),
@@ -259,8 +249,8 @@ def public_jwk_from_key(key: ec.EllipticCurvePublicKey) -> dict[str, str]:
     jwk = {
         "kty": "EC",
         "crv": "P-256",
-        "x": _b64url(numbers.x.to_bytes(32, "big")),
-        "y": _b64url(numbers.y.to_bytes(32, "big")),
+        "x": b64url_encode(numbers.x.to_bytes(32, "big")),
+        "y": b64url_encode(numbers.y.to_bytes(32, "big")),
     }
     return {"use": "sig", "alg": "ES256", "kid": jwk_thumbprint(jwk), **jwk}
 
@@ -268,7 +258,7 @@ def public_jwk_from_key(key: ec.EllipticCurvePublicKey) -> dict[str, str]:
 def private_jwk_from_key(key: ec.EllipticCurvePrivateKey) -> dict[str, str]:
     """The private JWK (public members plus `d`) of a P-256 key."""
     jwk = public_jwk_from_key(key.public_key())
-    jwk["d"] = _b64url(key.private_numbers().private_value.to_bytes(32, "big"))
+    jwk["d"] = b64url_encode(key.private_numbers().private_value.to_bytes(32, "big"))
     return jwk
 
 
@@ -278,7 +268,7 @@ def jwk_thumbprint(jwk: Mapping[str, str]) -> str:
     canonical = json.dumps(
         {k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True
     )
-    return _b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
+    return b64url_encode(hashlib.sha256(canonical.encode("utf-8")).digest())
 
 
 def _layout(root: Path) -> dict[str, Path]:
@@ -355,24 +345,17 @@ def _fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"address {address!r} must be host:port with a port in 1..65535")
-    return host.strip("[]"), int(port_text)
-
-
 def _default_dns_names(host: str) -> list[str]:
     # step-ca puts these in its own TLS certificate and accepts tokens whose audience
     # names any of them, so list every name clients may use for a local CA.
     names = ["localhost", "127.0.0.1", "::1"]
-    if host not in ("", "0.0.0.0", "::") and host not in names:  # noqa: S104 - a comparison
+    if not is_wildcard_host(host) and host not in names:
         names.insert(0, host)
     return names
 
 
 def _ca_url(host: str, port: int) -> str:
-    if host in ("", "0.0.0.0", "::"):  # noqa: S104 - a comparison, not a bind
+    if is_wildcard_host(host):
         host = "127.0.0.1"
     try:
         if ipaddress.ip_address(host).version == 6:
@@ -400,5 +383,3 @@ def _go_duration(value: dt.timedelta) -> str:
     return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")

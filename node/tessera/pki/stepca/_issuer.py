@@ -7,7 +7,6 @@ token. The node does not know whether it has this or the development CA.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tessera.core.codec import b64url_decode
 from tessera.core.errors import ConfigError, FailedPrecondition
 from tessera.pki._issuer import IssuedCertificate
 from tessera.pki.stepca._client import (
@@ -60,7 +60,7 @@ def token_claims(token: str) -> TokenClaims:
     """Read `sub` and `sans` from a JWT without verifying it (step-ca verifies it)."""
     try:
         payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        claims = json.loads(b64url_decode(payload))
         return TokenClaims(str(claims["sub"]), tuple(str(s) for s in claims.get("sans", ())))
     except (IndexError, KeyError, TypeError, ValueError):
         # Never echo the token itself.
@@ -172,13 +172,11 @@ class StepCAIssuer:
                 "set ca.provisioner_key_file or a new ca.bootstrap_token_file",
                 reason="NO_ENROLMENT_CREDENTIAL",
             )
-        chain = await self.client.sign(csr_pem, token, ttl=ttl)
-        return IssuedCertificate.from_chain(chain.chain_pem)
+        return await self.client.sign(csr_pem, token, ttl=ttl)
 
     async def renew(self, chain_pem: bytes, key_pem: bytes) -> IssuedCertificate:
         """Renew over mTLS with the current certificate."""
-        chain = await self.client.renew(chain_pem, key_pem)
-        return IssuedCertificate.from_chain(chain.chain_pem)
+        return await self.client.renew(chain_pem, key_pem)
 
     async def revoke(self, serial: int, *, reason: str = "") -> None:
         """Revoke any serial with a revocation token from the provisioner key."""

@@ -5,7 +5,6 @@ No error message says anything about the key's or the password's content.
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
+from tessera.core.codec import b64url_decode
 from tessera.core.errors import ConfigError
 from tessera.pki.stepca._client import _provisioner_key
 
@@ -68,21 +68,21 @@ def _jwk_from_text(data: bytes, password: bytes | None) -> dict[str, Any]:
 def _decrypt_jwe(protected: str, enc_key: str, iv: str, ciphertext: str, tag: str,
                  password: bytes) -> dict[str, Any]:
     """Decrypt a PBES2 + AES-GCM JWE, the format `step crypto jwk create` writes."""
-    header = json.loads(_b64d(protected))
+    header = json.loads(b64url_decode(protected))
     alg = str(header["alg"])
     if alg not in _PBES2 or not str(header.get("enc", "")).endswith("GCM"):
         raise ValueError("unsupported JWE algorithm")
     digest, kek_len = _PBES2[alg]
     # RFC 7518 §4.8.1.1: the salt is the algorithm name, a zero byte, then p2s.
-    salt = alg.encode() + b"\0" + _b64d(str(header["p2s"]))
+    salt = alg.encode() + b"\0" + b64url_decode(str(header["p2s"]))
     kek = PBKDF2HMAC(digest, kek_len, salt, int(header["p2c"])).derive(password)
-    cek = aes_key_unwrap(kek, _b64d(enc_key))
-    plain = AESGCM(cek).decrypt(_b64d(iv), _b64d(ciphertext) + _b64d(tag), protected.encode())
+    cek = aes_key_unwrap(kek, b64url_decode(enc_key))
+    plain = AESGCM(cek).decrypt(b64url_decode(iv),
+                                b64url_decode(ciphertext) + b64url_decode(tag),
+                                protected.encode())
     obj = json.loads(plain)
     if not isinstance(obj, dict):
         raise ValueError("not a JWK")
     return obj
 
 
-def _b64d(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
