@@ -479,7 +479,8 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         # One follower per followed peer across the node's processes (advisory locks).
         followers = Followers(data_dir=paths.data_dir, dsn=dsn, store=store.FollowStore(pool),
                               backoff_max_s=cfg.events.follow_backoff_max_s,
-                              poll_s=cfg.events.follow_poll_s, registry=metrics.registry)
+                              poll_s=cfg.events.follow_poll_s, registry=metrics.registry,
+                              max_payload_bytes=cfg.events.max_payload_bytes)
         resources = store.ResourceStore(pool, origin=cfg.node.name)
         operations = store.OperationStore(pool, resources)
         commands = Registry.default()

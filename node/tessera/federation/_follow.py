@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
+import math
 import random
 import re
 import time
@@ -70,6 +72,11 @@ BATCH = 500
 #: Events read ahead of the store (a bounded queue: the peer's stream is held back by gRPC
 #: flow control when the store is slower).
 READ_AHEAD = 2000
+#: Payload bytes read ahead of the store at most (with READ_AHEAD: a followed peer cannot
+#: make the follower hold more than this many bytes of its events in memory).
+READ_AHEAD_BYTES = 16 << 20
+#: This node's own publish limit when none is given (events.max_payload_bytes' default).
+DEFAULT_MAX_PAYLOAD = 64 * 1024
 _BACKOFF_START_S = 0.5
 _ACK_TIMEOUT_S = 10.0
 #: What a received event must look like (the peer is another party: checked, not trusted).
@@ -95,19 +102,46 @@ class _Standby(Exception):
     """Another serving process holds the peer's follow lock."""
 
 
-def received_of(msg: events_pb2.EventEnvelope) -> ReceivedEvent | None:
-    """A delivered envelope as an event to store, or None if it is malformed."""
+def _json_problem(value: Any) -> bool:
+    """Whether a payload cannot be stored as jsonb (NUL characters, NaN, infinities): a
+    batch holding one would fail on every retry and stall the follow for good."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_json_problem(k) or _json_problem(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_json_problem(v) for v in value)
+    return False
+
+
+def received_of(msg: events_pb2.EventEnvelope,
+                max_payload: int = DEFAULT_MAX_PAYLOAD) -> ReceivedEvent | None:
+    """A delivered envelope as an event to store, or None if it is malformed or bigger than
+    this node's own publish limit (`max_payload` bytes of JSON data): a followed peer is
+    held to what this node's own API accepts, so it cannot fill this node's disk."""
     if not _TYPE_RE.match(msg.type) or len(msg.type) > _MAX_TYPE:
+        return None
+    # The wire size bounds the JSON size from below closely enough to refuse early.
+    if msg.data.ByteSize() > 2 * max_payload:
         return None
     try:
         origin_id = uuid.UUID(msg.id)
     except ValueError:
         return None
     subject = msg.subject
-    if any(len(v) > _MAX_FIELD for v in (subject.workspace, subject.kind, subject.id,
-                                         msg.actor)):
+    if any(len(v) > _MAX_FIELD or "\x00" in v
+           for v in (subject.workspace, subject.kind, subject.id, msg.actor)):
         return None
-    data = json_format.MessageToDict(msg.data) if msg.HasField("data") else {}
+    try:
+        data = json_format.MessageToDict(msg.data) if msg.HasField("data") else {}
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or _json_problem(data):
+        return None
+    if len(json.dumps(data, separators=(",", ":"))) > max_payload:
+        return None
     when = msg.time.ToDatetime(tzinfo=UTC) if msg.HasField("time") else None
     return ReceivedEvent(origin_id=origin_id, type=msg.type, workspace=subject.workspace,
                          kind=subject.kind, resource_id=subject.id, data=data,
@@ -174,8 +208,10 @@ class Followers:
 
     def __init__(self, *, data_dir: Path, dsn: str, store: FollowStore,
                  backoff_max_s: float = 10.0, poll_s: float = 2.0,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.data_dir = data_dir
+        self.max_payload_bytes = max_payload_bytes
         self.dsn = dsn
         self.store = store
         self.backoff_max_s = backoff_max_s
@@ -343,11 +379,24 @@ class Followers:
         call = client.events.Subscribe(request)
         queue: asyncio.Queue[events_pb2.EventEnvelope | BaseException] = asyncio.Queue(
             READ_AHEAD)
+        buffered = [0]  # payload bytes in the queue
+        drained = asyncio.Event()
+        limit = 2 * self.max_payload_bytes
 
         async def reader() -> None:
             try:
                 async for msg in call:
                     for one in (msg.batch if len(msg.batch) else (msg,)):
+                        size = one.data.ByteSize()
+                        if size > limit:
+                            # Refused anyway (received_of): only its cursor is kept.
+                            one = events_pb2.EventEnvelope(
+                                cursor=one.cursor, id=one.id)  # no type: malformed
+                            size = 0
+                        while buffered[0] and buffered[0] + size > READ_AHEAD_BYTES:
+                            drained.clear()
+                            await drained.wait()
+                        buffered[0] += size
                         await queue.put(one)
                 await queue.put(EOFError("the peer ended the stream"))
             except asyncio.CancelledError:
@@ -372,6 +421,8 @@ class Followers:
                     if isinstance(item, BaseException):
                         failure = item
                         break
+                    buffered[0] -= item.data.ByteSize()
+                    drained.set()
                     batch.append(item)
                     if len(batch) >= BATCH or queue.empty():
                         break
@@ -393,7 +444,7 @@ class Followers:
         for msg in batch:
             if msg.heartbeat:
                 continue
-            e = received_of(msg)
+            e = received_of(msg, self.max_payload_bytes)
             if e is None:
                 self.metrics.malformed.labels(name).inc()
                 log.warning("dropping a malformed event from peer %s", name)

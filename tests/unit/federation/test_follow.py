@@ -38,3 +38,24 @@ def test_malformed_envelopes_are_refused() -> None:
     for bad in ({"type": "Task Done"}, {"type": "x" * 200 + ".y"}, {"type": "nodot"},
                 {"id": "not-a-uuid"}, {"actor": "a" * 300}):
         assert received_of(events_pb2.EventEnvelope(**{**good, **bad})) is None, bad
+
+
+def test_payloads_jsonb_cannot_hold_or_beyond_the_limit_are_malformed() -> None:
+    """A followed peer's event that could never be stored (NUL, NaN) would fail its batch on
+    every retry and stall the follow for good; one above this node's own payload limit
+    would let the peer fill this node's disk. Both are dropped as malformed."""
+    def env(**data: object) -> events_pb2.EventEnvelope:
+        msg = events_pb2.EventEnvelope(type="task.done", id=str(uuid.uuid4()))
+        msg.data.update(data)
+        return msg
+
+    assert received_of(env(ok="fine")) is not None
+    assert received_of(env(bad="a\x00b")) is None
+    assert received_of(env(**{"k\x00": 1})) is None
+    assert received_of(env(nested={"deep": [float("nan")]})) is None
+    assert received_of(env(inf=float("inf"))) is None
+    assert received_of(env(blob="x" * 2000), max_payload=1024) is None
+    assert received_of(env(blob="x" * 900), max_payload=1024) is not None
+    nul_subject = env(ok=1)
+    nul_subject.subject.workspace = "ac\x00me"
+    assert received_of(nul_subject) is None
