@@ -7,8 +7,11 @@ Absence is proven by order: a sentinel published after the hostile rows arrives 
 
 from __future__ import annotations
 
+import grpc
 import psycopg
+import pytest
 
+from tessera_client.pb import admin_pb2
 from tests.e2e.test_follow import (
     FAST,
     _follow,
@@ -65,3 +68,75 @@ async def test_a_compromised_peer_cannot_store_events_beyond_the_followers_paylo
     assert tags == ["before", "fits", "after"]
     state = (await _follows(a))["b"]
     assert state.state == "connected" and state.received == 3
+
+
+async def test_a_peer_named_like_this_node_cannot_be_followed_as_if_its_events_were_ours(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    """Attack: a peer calls itself by the follower's own node name. Joined without --as,
+    A records it under that name, and once followed its events reached A's local tools
+    with `source` = A's own name (and an origins filter naming A matched them): B's events
+    passed for A's own. Following under this node's own name is refused."""
+    b = node_factory(name="a", env=FAST)  # B claims A's name
+    a = node_factory(name="a", env=FAST)
+    token = await peering.invite(b, "joiner")
+    await peering.grant(b, "joiner", kinds=["task"], workspaces=["*"], event_types=["*"])
+    joined = await peering.join_dir(token, a.data_dir)
+    assert joined.name == "a"  # recorded under the name B gave
+    async with a.client("admin") as admin:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await admin.admin.FollowPeer(admin_pb2.FollowPeerRequest(name="a"))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "name" in (refused.value.details() or "")
+    assert "a" not in await _follows(a)
+
+
+async def test_follow_rpcs_are_admin_only_and_refuse_bad_input_precisely(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    """Peers and local non-admin identities cannot follow, unfollow or forget; malformed
+    names and patterns are INVALID_ARGUMENT, unknown peers a precise refusal, never
+    UNKNOWN/INTERNAL."""
+    b = node_factory(name="b", env=FAST)
+    a = node_factory(name="a", env=FAST)
+    await _linked(b, a, peering)
+    c = await peering.link(a, "c", kinds=["task"], workspaces=["*"], event_types=["*"])
+    calls = (
+        ("FollowPeer", admin_pb2.FollowPeerRequest(name="b")),
+        ("UnfollowPeer", admin_pb2.UnfollowPeerRequest(name="b")),
+        ("ForgetPeer", admin_pb2.ForgetPeerRequest(name="b")),
+    )
+    async with a.client() as local:
+        for who in (c, local):
+            for method, req in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as denied:
+                    await getattr(who.admin, method)(req)
+                assert denied.value.code() in (grpc.StatusCode.PERMISSION_DENIED,
+                                               grpc.StatusCode.UNAUTHENTICATED), method
+    assert await _follows(a) == {}
+
+    bad_names = ["", "b\x00", "bé", "B", "../b", "b" * 65, "-b", "*", "local"]
+    async with a.client("admin") as admin:
+        for name in bad_names:
+            for method, cls in (("FollowPeer", admin_pb2.FollowPeerRequest),
+                                ("UnfollowPeer", admin_pb2.UnfollowPeerRequest),
+                                ("ForgetPeer", admin_pb2.ForgetPeerRequest)):
+                if name == "local" and method != "FollowPeer":
+                    continue
+                with pytest.raises(grpc.aio.AioRpcError) as bad:
+                    await getattr(admin.admin, method)(cls(name=name))
+                assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, name)
+        for patterns in (["task.\x00"], ["é.*"], [""], ["x" * 200], ["*"] * 33, ["task .x"]):
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await admin.admin.FollowPeer(admin_pb2.FollowPeerRequest(
+                    name="b", type_patterns=patterns))
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, patterns
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await admin.admin.FollowPeer(admin_pb2.FollowPeerRequest(name="nobody"))
+        assert unknown.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await admin.admin.UnfollowPeer(admin_pb2.UnfollowPeerRequest(name="nobody"))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        gone = await admin.admin.ForgetPeer(admin_pb2.ForgetPeerRequest(name="nobody"))
+        assert gone.deleted == 0
+    assert await _follows(a) == {}

@@ -283,6 +283,12 @@ class PeerGrantAdmin:
         if request.name == LOCAL_ORIGIN:
             c.fail("name", f"{LOCAL_ORIGIN!r} names this node's own events in origin filters; "
                            "rejoin the peer under another name (tessera peers join --as)")
+        elif request.name == self.rt.cfg.node.name:
+            # A peer's events are shown with its local name as their source: under this
+            # node's own name they would pass for this node's own events (a peer names
+            # itself, and a join without --as records it under that name).
+            c.fail("name", f"{request.name!r} is this node's own name; rejoin the peer "
+                           "under another name (tessera peers join --as)")
         if len(request.type_patterns) > MAX_FOLLOW_PATTERNS:
             c.fail("type_patterns", f"at most {MAX_FOLLOW_PATTERNS} patterns")
         for i, p in enumerate(request.type_patterns):
