@@ -7,7 +7,7 @@ from tessera.federation._fanout import (
     SourceAnswer,
     load_peers,
 )
-from tessera.federation._follow import Followers, backoff_s, received_of
+from tessera.federation._follow import Followers, backoff_s, describe, received_of
 from tessera.federation._merge import merge_sorted
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Followers",
     "SourceAnswer",
     "backoff_s",
+    "describe",
     "load_peers",
     "merge_sorted",
     "received_of",

@@ -48,7 +48,7 @@ from google.protobuf import json_format
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from psycopg.rows import dict_row
 
-from tessera.core.errors import TesseraError
+from tessera.core.errors import FailedPrecondition, TesseraError
 from tessera.peering import load_outbound
 from tessera.store import (
     Follow,
@@ -83,6 +83,8 @@ _ACK_TIMEOUT_S = 10.0
 _TYPE_RE = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)+$")
 _MAX_TYPE = 128
 _MAX_FIELD = 256
+#: Longest cursor accepted from a peer (a Tessera cursor is well under 100 characters).
+_MAX_CURSOR = 512
 
 
 def lock_key(peer: str) -> int:
@@ -142,16 +144,26 @@ def received_of(msg: events_pb2.EventEnvelope,
         return None
     if len(json.dumps(data, separators=(",", ":"))) > max_payload:
         return None
-    when = msg.time.ToDatetime(tzinfo=UTC) if msg.HasField("time") else None
+    try:
+        when = msg.time.ToDatetime(tzinfo=UTC) if msg.HasField("time") else None
+    except (ValueError, OverflowError):  # out of datetime's range: would fail every retry
+        return None
     return ReceivedEvent(origin_id=origin_id, type=msg.type, workspace=subject.workspace,
                          kind=subject.kind, resource_id=subject.id, data=data,
                          actor=msg.actor, origin_time=when)
 
 
+def _plain(text: str) -> str:
+    """The peer's text without control or format characters (it lands in logs, `peers
+    list` and doctor): each shown escaped."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
+
+
 def describe(exc: BaseException) -> str:
     """A secret-free, short description of why following failed."""
     if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {(exc.details() or '')[:300]}"
+        return f"{exc.code().name}: {_plain((exc.details() or '')[:300])}"
     if isinstance(exc, TesseraError):
         return f"{exc.reason}: {str(exc)[:300]}"
     if isinstance(exc, psycopg.Error):
@@ -453,6 +465,10 @@ class Followers:
         cursor = batch[-1].cursor
         if not cursor:
             return
+        if len(cursor) > _MAX_CURSOR or not cursor.isprintable():
+            # Stored and shown here, and sent back to the peer: not whatever it likes.
+            raise FailedPrecondition("the peer sent a malformed cursor",
+                                     reason="PEER_MALFORMED_CURSOR")
         stored, dups = await store_received(conn, peer=name, origin=origin, events=events,
                                             cursor=cursor)
         now = time.time()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 import uuid
 
-from tessera.federation import backoff_s, received_of
+import grpc
+
+from tessera.federation import backoff_s, describe, received_of
 from tessera_client.pb import events_pb2, resources_pb2
 
 
@@ -59,3 +61,18 @@ def test_payloads_jsonb_cannot_hold_or_beyond_the_limit_are_malformed() -> None:
     nul_subject = env(ok=1)
     nul_subject.subject.workspace = "ac\x00me"
     assert received_of(nul_subject) is None
+
+
+def test_a_time_out_of_range_is_malformed_not_a_stall() -> None:
+    msg = events_pb2.EventEnvelope(type="task.done", id=str(uuid.uuid4()))
+    msg.time.seconds = 10**12  # past year 9999: datetime cannot hold it
+    assert received_of(msg) is None
+
+
+def test_a_peers_error_text_reaches_logs_and_peers_list_without_control_characters() -> None:
+    exc = grpc.aio.AioRpcError(grpc.StatusCode.PERMISSION_DENIED, grpc.aio.Metadata(),
+                               grpc.aio.Metadata(),
+                               details="denied\n2026-01-01 CRITICAL forged\x1b[2J\x07")
+    text = describe(exc)
+    assert text.isprintable() and "\n" not in text and "\x1b" not in text
+    assert text.startswith("PERMISSION_DENIED: denied")
