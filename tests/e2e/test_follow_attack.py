@@ -7,22 +7,28 @@ Absence is proven by order: a sentinel published after the hostile rows arrives 
 
 from __future__ import annotations
 
+import hashlib
+
 import grpc
 import psycopg
 import pytest
 
-from tessera_client.pb import admin_pb2
+from tessera_client.pb import admin_pb2, events_pb2
 from tests.e2e.test_follow import (
     FAST,
+    SUBJECT,
     _follow,
     _follows,
+    _head_heartbeat,
     _linked,
     _log_of,
     _publish,
     _wait_follow,
 )
+from tests.fixtures.events import event, read_until, subscribe
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import Peering
+from tests.fixtures.peers import Peering, put_request
+from tests.fixtures.waiting import wait_until
 
 
 def _inject(b: NodeProcess, *, data_json: str, tag: str) -> None:
@@ -140,3 +146,88 @@ async def test_follow_rpcs_are_admin_only_and_refuse_bad_input_precisely(
         gone = await admin.admin.ForgetPeer(admin_pb2.ForgetPeerRequest(name="nobody"))
         assert gone.deleted == 0
     assert await _follows(a) == {}
+
+
+def _follow_lock_holders(node: NodeProcess, peer: str) -> list[int]:
+    """Backend pids holding `peer`'s follow lock in the node's database (the key is the
+    documented one: the first 8 bytes of sha256("tessera-follow\\0" + peer), signed)."""
+    key = int.from_bytes(hashlib.sha256(f"tessera-follow\0{peer}".encode()).digest()[:8],
+                         "big", signed=True)
+    with psycopg.connect(node.env["TESSERA_STORE_DSN"], autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND classid = ((%s::bigint >> 32) & 4294967295)::bigint::oid"
+            " AND objid = (%s::bigint & 4294967295)::bigint::oid AND objsubid = 1",
+            (key, key)).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+async def test_with_two_workers_exactly_one_follows_and_nothing_is_stored_twice(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    """--workers 2: both serving processes run the follower; the advisory lock lets one
+    hold the stream, so B's events are stored once, in order."""
+    b = node_factory(name="b", env=FAST)
+    a = node_factory(name="a", env={**FAST, "TESSERA_NODE_WORKERS": "2"})
+    await _linked(b, a, peering)
+    await _follow(a, "b", "task.*")
+    await _wait_follow(a, "b", "connected")
+    await wait_until(lambda: len(_follow_lock_holders(a, "b")) == 1 or None,
+                     "one process to hold b's follow lock")
+    sent = await _publish(b, 30, "workers")
+    got = await _log_of(a, "b", sent[-1].id)
+    assert [e.id for e in got] == [e.id for e in sent]
+    state = (await _follows(a))["b"]
+    assert state.received == 30 and state.duplicates == 0
+    assert len(_follow_lock_holders(a, "b")) == 1
+
+
+async def test_another_peer_reaches_no_followed_event_by_cursor_seek_ack_or_early_durable(
+    node_factory: NodeFactory, peering: Peering,
+) -> None:
+    """C, granted everything by A, tries the paths the plain-stream test does not: a durable
+    subscription made before A followed B (positioned before B's events arrived), a seek to
+    the exact cursor A's local tool shows for a received event (and one before it), and an
+    ack to such a cursor; every pattern and origin filter. None yields an event of B."""
+    b = node_factory(name="b", env=FAST)
+    a = node_factory(name="a", env=FAST)
+    await _linked(b, a, peering)
+    c = await peering.link(a, "c", kinds=["task", "note"], workspaces=["*"],
+                           event_types=["*"], include_personal=True)
+    async with a.client() as local:
+        await local.command.Execute(put_request(*SUBJECT, team="core"))
+        before = (await local.events.Publish(event("task.done", subject=SUBJECT))).event
+    early = subscribe(c, start=events_pb2.START_POSITION_BEGINNING, durable="early")
+    await read_until(early, lambda e: e.id == before.id)
+    early.cancel()
+
+    await _follow(a, "b")
+    await _wait_follow(a, "b", "connected")
+    from_b = await _publish(b, 3, "secret")
+    received = await _log_of(a, "b", from_b[-1].id)  # A's own cursors for B's events
+    b_ids = {e.id for e in from_b}
+    async with a.client() as local:
+        sentinel = (await local.events.Publish(event("task.done", subject=SUBJECT))).event
+
+    resumed = subscribe(c, durable="early")
+    got = await read_until(resumed, lambda e: e.id == sentinel.id)
+    assert not b_ids & {e.id for e in got}
+    # An ack to a received event's cursor is only a position (never backwards).
+    await c.events.Ack(events_pb2.AckRequest(subscription="early",
+                                             cursor=received[0].cursor))
+    resumed.cancel()
+    for cursor in (received[0].cursor, before.cursor):
+        only_b = c.events.Subscribe(events_pb2.SubscribeRequest(
+            start=events_pb2.START_POSITION_CURSOR, cursor=cursor, origins=["b"]))
+        assert await _head_heartbeat(only_b, sentinel.cursor) == []
+        only_b.cancel()
+        for patterns, origins in (([], []), (["*"], ["*"]), (["task.*"], ["b", "local"]),
+                                  (["task.done"], ["*", "b"])):
+            call = c.events.Subscribe(events_pb2.SubscribeRequest(
+                start=events_pb2.START_POSITION_CURSOR, cursor=cursor,
+                type_patterns=patterns, origins=origins))
+            got = await read_until(call, lambda e: e.id == sentinel.id)
+            call.cancel()
+            assert not b_ids & {e.id for e in got}, (patterns, origins)
+            assert {e.source for e in got} == {"a"}
