@@ -145,6 +145,14 @@ async def test_follow_rpcs_are_admin_only_and_refuse_bad_input_precisely(
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         gone = await admin.admin.ForgetPeer(admin_pb2.ForgetPeerRequest(name="nobody"))
         assert gone.deleted == 0
+    # The origins filter a local tool uses to see followed peers' events.
+    async with a.client() as local:
+        for origins in (["b\x00"], ["bé"], ["B"], [""], ["../b"], ["b"] * 33, ["-"]):
+            call = local.events.Subscribe(events_pb2.SubscribeRequest(origins=origins))
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await call.read()
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, origins
+            assert "origins" in (bad.value.details() or ""), origins
     assert await _follows(a) == {}
 
 
