@@ -21,65 +21,22 @@ import pytest
 from tessera_client import AsyncClient
 from tessera_client.pb import admin_pb2, events_pb2
 from tests.fixtures.calls import put, reason_of
-from tests.fixtures.events import WAIT_S, event, opened, read_until, subscribe
+from tests.fixtures.events import event, opened, read_until, subscribe
+from tests.fixtures.follow import (
+    FAST,
+    SUBJECT,
+    follow,
+    follows,
+    head_heartbeat,
+    linked,
+    log_of,
+    publish,
+    wait_follow,
+)
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering
 from tests.fixtures.valkey import free_port
 from tests.fixtures.waiting import wait_until
-
-#: Quick reconnection and heartbeats, so the tests do not idle.
-FAST = {"TESSERA_EVENTS_FOLLOW_BACKOFF_MAX_S": "1", "TESSERA_EVENTS_KEEPALIVE_S": "1",
-        "TESSERA_EVENTS_FOLLOW_POLL_S": "0.5"}
-SUBJECT = ("acme", "task", "t1")
-
-Envelope = events_pb2.EventEnvelope
-
-
-async def _follows(node: NodeProcess) -> dict[str, admin_pb2.PeerFollow]:
-    async with node.client("admin") as admin:
-        resp = await admin.admin.ListPeers(admin_pb2.ListPeersRequest())
-    return {f.peer: f for f in resp.follows}
-
-
-async def _wait_follow(node: NodeProcess, peer: str, state: str) -> admin_pb2.PeerFollow:
-    async def reached() -> admin_pb2.PeerFollow | None:
-        f = (await _follows(node)).get(peer)
-        return f if f is not None and f.state == state else None
-
-    return await wait_until(reached, f"the follow of {peer} to become {state}")
-
-
-async def _publish(b: NodeProcess, n: int, tag: str) -> list[Envelope]:
-    async with b.client() as c:
-        resp = await c.events.PublishBatch(events_pb2.PublishBatchRequest(events=[
-            event("task.done", subject=SUBJECT, tag=tag, i=i) for i in range(n)]))
-    return list(resp.events)
-
-
-async def _log_of(node: NodeProcess, origin: str, until_id: str) -> list[Envelope]:
-    """Every event of `origin` in the node's log, from the beginning, up to `until_id`."""
-    async with node.client() as c:
-        call = c.events.Subscribe(events_pb2.SubscribeRequest(
-            start=events_pb2.START_POSITION_BEGINNING, origins=[origin]))
-        got = await read_until(call, lambda e: e.id == until_id)
-        call.cancel()
-    return got
-
-
-async def _linked(b: NodeProcess, a: NodeProcess, peering: Peering) -> None:
-    """A joins B (recorded under A's data dir as peer "b"), granted B's acme tasks' events."""
-    async with b.client() as c:
-        await c.command.Execute(put(*SUBJECT, team="core"))
-    token = await peering.invite(b, "a")
-    await peering.grant(b, "a", kinds=["task"], workspaces=["acme"], event_types=["task.*"])
-    await peering.join_dir(token, a.data_dir)
-
-
-async def _follow(a: NodeProcess, peer: str, *types: str) -> admin_pb2.PeerFollow:
-    async with a.client("admin") as admin:
-        f: admin_pb2.PeerFollow = await admin.admin.FollowPeer(
-            admin_pb2.FollowPeerRequest(name=peer, type_patterns=list(types)))
-    return f
 
 
 async def test_follower_resumes_after_either_side_restarts_without_gap_or_duplicate(
@@ -87,36 +44,36 @@ async def test_follower_resumes_after_either_side_restarts_without_gap_or_duplic
 ) -> None:
     b = node_factory(name="b", env=FAST)
     a = node_factory(name="a", env=FAST)
-    await _linked(b, a, peering)
-    await _follow(a, "b", "task.*")
-    await _wait_follow(a, "b", "connected")
+    await linked(b, a, peering)
+    await follow(a, "b", "task.*")
+    await wait_follow(a, "b", "connected")
 
-    first = await _publish(b, 3, "first")
-    assert [e.id for e in await _log_of(a, "b", first[-1].id)] == [e.id for e in first]
+    first = await publish(b, 3, "first")
+    assert [e.id for e in await log_of(a, "b", first[-1].id)] == [e.id for e in first]
 
     # A is down while B writes: on restart A resumes from its stored cursor.
     a.stop()
-    while_a_down = await _publish(b, 5, "a-down")
+    while_a_down = await publish(b, 5, "a-down")
     a.start()
-    got = await _log_of(a, "b", while_a_down[-1].id)
+    got = await log_of(a, "b", while_a_down[-1].id)
     assert [e.id for e in got] == [e.id for e in first + while_a_down]
     assert {e.source for e in got} == {"b"}
 
     # B is down, then back on the same address: A reconnects by itself (backoff).
     b.listen = b.address
     b.stop()
-    down = await _wait_follow(a, "b", "backoff")
+    down = await wait_follow(a, "b", "backoff")
     assert down.last_error
     b.start()
-    await _wait_follow(a, "b", "connected")
-    after_b = await _publish(b, 4, "b-back")
-    got = await _log_of(a, "b", after_b[-1].id)
+    await wait_follow(a, "b", "connected")
+    after_b = await publish(b, 4, "b-back")
+    got = await log_of(a, "b", after_b[-1].id)
     assert [e.id for e in got] == [e.id for e in first + while_a_down + after_b]
     # Payloads, types, actors and origin times are B's.
     assert got[-1].data["tag"] == "b-back" and got[-1].type == "task.done"
     assert got[-1].time == after_b[-1].time and got[-1].actor == after_b[-1].actor
 
-    state = (await _follows(a))["b"]
+    state = (await follows(a))["b"]
     assert state.received == 12 and state.cursor == after_b[-1].cursor
     async with a.client("admin") as admin:
         checks = (await admin.admin.Doctor(admin_pb2.DoctorRequest())).checks
@@ -133,31 +90,16 @@ async def test_follower_resumes_after_either_side_restarts_without_gap_or_duplic
     assert shown.get("follow:b") == "green", done.stdout
 
 
-async def _head_heartbeat(call: grpc.aio.UnaryStreamCall, head_cursor: str) -> list[Envelope]:
-    """Events a stream delivers before a heartbeat at `head_cursor` (everything decided)."""
-    out: list[Envelope] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    while True:
-        msg = await asyncio.wait_for(call.read(), max(0.1, deadline - loop.time()))
-        assert msg is not grpc.aio.EOF, f"stream ended: {await call.code()}"
-        assert isinstance(msg, Envelope)
-        if msg.heartbeat and msg.cursor == head_cursor:
-            return out
-        if not msg.heartbeat:
-            out.append(msg)
-
-
 async def test_a_followed_peers_events_never_reach_another_peer_whatever_its_grant(
     node_factory: NodeFactory, peering: Peering,
 ) -> None:
     b = node_factory(name="b", env=FAST)
     a = node_factory(name="a", env=FAST)
-    await _linked(b, a, peering)
-    await _follow(a, "b")
-    await _wait_follow(a, "b", "connected")
-    from_b = await _publish(b, 3, "secret")
-    await _log_of(a, "b", from_b[-1].id)  # A holds them now
+    await linked(b, a, peering)
+    await follow(a, "b")
+    await wait_follow(a, "b", "connected")
+    from_b = await publish(b, 3, "secret")
+    await log_of(a, "b", from_b[-1].id)  # A holds them now
 
     # A grants C everything, C with the same subject's workspace and kind included.
     c: AsyncClient = await peering.link(a, "c", kinds=["task", "note"], workspaces=["*"],
@@ -182,7 +124,7 @@ async def test_a_followed_peers_events_never_reach_another_peer_whatever_its_gra
     only_b = c.events.Subscribe(events_pb2.SubscribeRequest(
         start=events_pb2.START_POSITION_BEGINNING, origins=["b"]))
     assert await opened(only_b)
-    assert await _head_heartbeat(only_b, sentinel.cursor) == []
+    assert await head_heartbeat(only_b, sentinel.cursor) == []
     only_b.cancel()
     for origins in (["b", "local"], ["*"]):
         both = c.events.Subscribe(events_pb2.SubscribeRequest(
@@ -193,7 +135,7 @@ async def test_a_followed_peers_events_never_reach_another_peer_whatever_its_gra
 
     # A local identity of A sees them when it asks for them (by name, or "*"); without an
     # origins filter it gets A's own events only, as before following existed.
-    mine = await _log_of(a, "b", from_b[-1].id)
+    mine = await log_of(a, "b", from_b[-1].id)
     assert [e.id for e in mine] == [e.id for e in from_b]
     async with a.client() as local:
         call = local.events.Subscribe(events_pb2.SubscribeRequest(
@@ -219,11 +161,11 @@ async def test_unfollow_then_forget_deletes_the_peers_events_and_is_audited(
 ) -> None:
     b = node_factory(name="b", env=FAST)
     a = node_factory(name="a", env=FAST)
-    await _linked(b, a, peering)
-    await _follow(a, "b")
-    await _wait_follow(a, "b", "connected")
-    from_b = await _publish(b, 4, "forget-me")
-    await _log_of(a, "b", from_b[-1].id)
+    await linked(b, a, peering)
+    await follow(a, "b")
+    await wait_follow(a, "b", "connected")
+    from_b = await publish(b, 4, "forget-me")
+    await log_of(a, "b", from_b[-1].id)
 
     async with a.client("admin") as admin:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -242,7 +184,7 @@ async def test_unfollow_then_forget_deletes_the_peers_events_and_is_audited(
         call = local.events.Subscribe(events_pb2.SubscribeRequest(
             start=events_pb2.START_POSITION_BEGINNING, origins=["b"]))
         assert await opened(call)
-        assert await _head_heartbeat(call, head.cursor) == []
+        assert await head_heartbeat(call, head.cursor) == []
         call.cancel()
     async with a.client("admin") as admin:
         records = await admin.admin.ListAuditRecords(admin_pb2.ListAuditRecordsRequest(
@@ -281,14 +223,14 @@ async def test_one_follower_per_peer_across_replicas_and_the_other_takes_over(
                                     f"127.0.0.1:{ports[0]}"})
     a2 = node_factory(name="a", env={**FAST, "TESSERA_STORE_DSN": a.env["TESSERA_STORE_DSN"],
                                      "TESSERA_METRICS_LISTEN_ADDRESS": f"127.0.0.1:{ports[1]}"})
-    await _linked(b, a, peering)
+    await linked(b, a, peering)
     shutil.copytree(a.data_dir / "peers", a2.data_dir / "peers", dirs_exist_ok=True)
-    await _follow(a, "b")
-    await _wait_follow(a, "b", "connected")
+    await follow(a, "b")
+    await wait_follow(a, "b", "connected")
     # Both processes want to follow b; the advisory lock lets exactly one, the other waits.
     await _wait_gauges(ports, [(1.0, 0.0), (0.0, 1.0)])
-    first = await _publish(b, 10, "replicas")
-    assert [e.id for e in await _log_of(a2, "b", first[-1].id)] == [e.id for e in first]
+    first = await publish(b, 10, "replicas")
+    assert [e.id for e in await log_of(a2, "b", first[-1].id)] == [e.id for e in first]
     counts = [await asyncio.to_thread(_gauges, p) for p in ports]
     assert sorted(counts) == [(0.0, 1.0), (1.0, 0.0)]
 
@@ -297,8 +239,8 @@ async def test_one_follower_per_peer_across_replicas_and_the_other_takes_over(
                                  else (a2, a, ports[0]))
     holder.stop()
     await _wait_gauges([other_port], [(1.0, 0.0)])
-    more = await _publish(b, 5, "after-failover")
-    got = await _log_of(other, "b", more[-1].id)
+    more = await publish(b, 5, "after-failover")
+    got = await log_of(other, "b", more[-1].id)
     assert [e.id for e in got] == [e.id for e in first + more]
 
 
@@ -307,22 +249,22 @@ async def test_a_refused_follow_records_why_backs_off_and_recovers_when_granted_
 ) -> None:
     b = node_factory(name="b", env=FAST)
     a = node_factory(name="a", env=FAST)
-    await _linked(b, a, peering)
-    await _follow(a, "b")
-    await _wait_follow(a, "b", "connected")
-    before = await _publish(b, 2, "before")
-    await _log_of(a, "b", before[-1].id)
+    await linked(b, a, peering)
+    await follow(a, "b")
+    await wait_follow(a, "b", "connected")
+    before = await publish(b, 2, "before")
+    await log_of(a, "b", before[-1].id)
 
     async with b.client("admin") as admin:
         grants = (await admin.admin.ListGrants(admin_pb2.ListGrantsRequest(peer="a"))).grants
         for g in grants:
             await admin.admin.RevokeGrant(admin_pb2.RevokeGrantRequest(name=g.name))
-    refused = await _wait_follow(a, "b", "backoff")
+    refused = await wait_follow(a, "b", "backoff")
     assert "PERMISSION_DENIED" in refused.last_error or "UNAUTHENTICATED" in refused.last_error
-    while_refused = await _publish(b, 3, "while-refused")
+    while_refused = await publish(b, 3, "while-refused")
 
     await peering.grant(b, "a", kinds=["task"], workspaces=["acme"], event_types=["task.*"])
-    await _wait_follow(a, "b", "connected")
-    got = await _log_of(a, "b", while_refused[-1].id)
+    await wait_follow(a, "b", "connected")
+    got = await log_of(a, "b", while_refused[-1].id)
     # Resumed from its cursor: what was published while it was refused arrives, once.
     assert [e.id for e in got] == [e.id for e in before + while_refused]

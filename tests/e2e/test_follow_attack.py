@@ -14,20 +14,21 @@ import psycopg
 import pytest
 
 from tessera_client.pb import admin_pb2, events_pb2
-from tests.e2e.test_follow import (
+from tests.fixtures.calls import put
+from tests.fixtures.events import event, read_until, subscribe
+from tests.fixtures.follow import (
     FAST,
     SUBJECT,
-    _follow,
-    _follows,
-    _head_heartbeat,
-    _linked,
-    _log_of,
-    _publish,
-    _wait_follow,
+    follow,
+    follows,
+    head_heartbeat,
+    linked,
+    log_of,
+    publish,
+    wait_follow,
 )
-from tests.fixtures.events import event, read_until, subscribe
 from tests.fixtures.nodes import NodeFactory, NodeProcess
-from tests.fixtures.peers import Peering, put_request
+from tests.fixtures.peers import Peering
 from tests.fixtures.waiting import wait_until
 
 
@@ -57,22 +58,22 @@ async def test_a_compromised_peer_cannot_store_events_beyond_the_followers_paylo
     of 2000 envelopes its memory) with payloads A's own API refuses."""
     b = node_factory(name="b", env=FAST)
     a = node_factory(name="a", env=FAST)
-    await _linked(b, a, peering)
-    await _follow(a, "b", "task.*")
-    await _wait_follow(a, "b", "connected")
-    before = await _publish(b, 1, "before")
-    await _log_of(a, "b", before[-1].id)
+    await linked(b, a, peering)
+    await follow(a, "b", "task.*")
+    await wait_follow(a, "b", "connected")
+    before = await publish(b, 1, "before")
+    await log_of(a, "b", before[-1].id)
 
     big = '{"blob": "' + "x" * (512 * 1024) + '"}'
     _inject(b, data_json=big, tag="huge")
     _inject(b, data_json='{"small": 1}', tag="fits")
-    after = await _publish(b, 1, "after")
-    got = await _log_of(a, "b", after[-1].id)
+    after = await publish(b, 1, "after")
+    got = await log_of(a, "b", after[-1].id)
     tags = [e.data["tag"] for e in got]
     assert "huge" not in tags
     # What fits is still stored, in order, and the follow goes on.
     assert tags == ["before", "fits", "after"]
-    state = (await _follows(a))["b"]
+    state = (await follows(a))["b"]
     assert state.state == "connected" and state.received == 3
 
 
@@ -94,7 +95,7 @@ async def test_a_peer_named_like_this_node_cannot_be_followed_as_if_its_events_w
             await admin.admin.FollowPeer(admin_pb2.FollowPeerRequest(name="a"))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "name" in (refused.value.details() or "")
-    assert "a" not in await _follows(a)
+    assert "a" not in await follows(a)
 
 
 async def test_follow_rpcs_are_admin_only_and_refuse_bad_input_precisely(
@@ -105,7 +106,7 @@ async def test_follow_rpcs_are_admin_only_and_refuse_bad_input_precisely(
     UNKNOWN/INTERNAL."""
     b = node_factory(name="b", env=FAST)
     a = node_factory(name="a", env=FAST)
-    await _linked(b, a, peering)
+    await linked(b, a, peering)
     c = await peering.link(a, "c", kinds=["task"], workspaces=["*"], event_types=["*"])
     calls = (
         ("FollowPeer", admin_pb2.FollowPeerRequest(name="b")),
@@ -119,7 +120,7 @@ async def test_follow_rpcs_are_admin_only_and_refuse_bad_input_precisely(
                     await getattr(who.admin, method)(req)
                 assert denied.value.code() in (grpc.StatusCode.PERMISSION_DENIED,
                                                grpc.StatusCode.UNAUTHENTICATED), method
-    assert await _follows(a) == {}
+    assert await follows(a) == {}
 
     bad_names = ["", "b\x00", "bé", "B", "../b", "b" * 65, "-b", "*", "local"]
     async with a.client("admin") as admin:
@@ -153,7 +154,7 @@ async def test_follow_rpcs_are_admin_only_and_refuse_bad_input_precisely(
                 await call.read()
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, origins
             assert "origins" in (bad.value.details() or ""), origins
-    assert await _follows(a) == {}
+    assert await follows(a) == {}
 
 
 def _follow_lock_holders(node: NodeProcess, peer: str) -> list[int]:
@@ -178,15 +179,15 @@ async def test_with_two_workers_exactly_one_follows_and_nothing_is_stored_twice(
     hold the stream, so B's events are stored once, in order."""
     b = node_factory(name="b", env=FAST)
     a = node_factory(name="a", env={**FAST, "TESSERA_NODE_WORKERS": "2"})
-    await _linked(b, a, peering)
-    await _follow(a, "b", "task.*")
-    await _wait_follow(a, "b", "connected")
+    await linked(b, a, peering)
+    await follow(a, "b", "task.*")
+    await wait_follow(a, "b", "connected")
     await wait_until(lambda: len(_follow_lock_holders(a, "b")) == 1 or None,
                      "one process to hold b's follow lock")
-    sent = await _publish(b, 30, "workers")
-    got = await _log_of(a, "b", sent[-1].id)
+    sent = await publish(b, 30, "workers")
+    got = await log_of(a, "b", sent[-1].id)
     assert [e.id for e in got] == [e.id for e in sent]
-    state = (await _follows(a))["b"]
+    state = (await follows(a))["b"]
     assert state.received == 30 and state.duplicates == 0
     assert len(_follow_lock_holders(a, "b")) == 1
 
@@ -200,20 +201,20 @@ async def test_another_peer_reaches_no_followed_event_by_cursor_seek_ack_or_earl
     ack to such a cursor; every pattern and origin filter. None yields an event of B."""
     b = node_factory(name="b", env=FAST)
     a = node_factory(name="a", env=FAST)
-    await _linked(b, a, peering)
+    await linked(b, a, peering)
     c = await peering.link(a, "c", kinds=["task", "note"], workspaces=["*"],
                            event_types=["*"], include_personal=True)
     async with a.client() as local:
-        await local.command.Execute(put_request(*SUBJECT, team="core"))
+        await local.command.Execute(put(*SUBJECT, team="core"))
         before = (await local.events.Publish(event("task.done", subject=SUBJECT))).event
     early = subscribe(c, start=events_pb2.START_POSITION_BEGINNING, durable="early")
     await read_until(early, lambda e: e.id == before.id)
     early.cancel()
 
-    await _follow(a, "b")
-    await _wait_follow(a, "b", "connected")
-    from_b = await _publish(b, 3, "secret")
-    received = await _log_of(a, "b", from_b[-1].id)  # A's own cursors for B's events
+    await follow(a, "b")
+    await wait_follow(a, "b", "connected")
+    from_b = await publish(b, 3, "secret")
+    received = await log_of(a, "b", from_b[-1].id)  # A's own cursors for B's events
     b_ids = {e.id for e in from_b}
     async with a.client() as local:
         sentinel = (await local.events.Publish(event("task.done", subject=SUBJECT))).event
@@ -228,7 +229,7 @@ async def test_another_peer_reaches_no_followed_event_by_cursor_seek_ack_or_earl
     for cursor in (received[0].cursor, before.cursor):
         only_b = c.events.Subscribe(events_pb2.SubscribeRequest(
             start=events_pb2.START_POSITION_CURSOR, cursor=cursor, origins=["b"]))
-        assert await _head_heartbeat(only_b, sentinel.cursor) == []
+        assert await head_heartbeat(only_b, sentinel.cursor) == []
         only_b.cancel()
         for patterns, origins in (([], []), (["*"], ["*"]), (["task.*"], ["b", "local"]),
                                   (["task.done"], ["*", "b"])):
