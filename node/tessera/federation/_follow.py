@@ -72,7 +72,7 @@ BATCH = 500
 #: Events read ahead of the store (a bounded queue: the peer's stream is held back by gRPC
 #: flow control when the store is slower).
 READ_AHEAD = 2000
-#: Payload bytes read ahead of the store at most (with READ_AHEAD: a followed peer cannot
+#: Envelope bytes read ahead of the store at most (with READ_AHEAD: a followed peer cannot
 #: make the follower hold more than this many bytes of its events in memory).
 READ_AHEAD_BYTES = 16 << 20
 #: This node's own publish limit when none is given (events.max_payload_bytes' default).
@@ -85,6 +85,8 @@ _MAX_TYPE = 128
 _MAX_FIELD = 256
 #: Longest cursor accepted from a peer (a Tessera cursor is well under 100 characters).
 _MAX_CURSOR = 512
+#: Envelope bytes besides those fields (tags, lengths, id, sequence, time, source).
+_ENVELOPE_SLACK = 1024
 
 
 def lock_key(peer: str) -> int:
@@ -391,20 +393,22 @@ class Followers:
         call = client.events.Subscribe(request)
         queue: asyncio.Queue[events_pb2.EventEnvelope | BaseException] = asyncio.Queue(
             READ_AHEAD)
-        buffered = [0]  # payload bytes in the queue
+        buffered = [0]  # envelope bytes in the queue
         drained = asyncio.Event()
-        limit = 2 * self.max_payload_bytes
+        # The largest envelope received_of could accept (payload, fields, type, cursor).
+        limit = (2 * self.max_payload_bytes + 4 * _MAX_FIELD + _MAX_TYPE + _MAX_CURSOR
+                 + _ENVELOPE_SLACK)
 
         async def reader() -> None:
             try:
                 async for msg in call:
                     for one in (msg.batch if len(msg.batch) else (msg,)):
-                        size = one.data.ByteSize()
-                        if size > limit:
-                            # Refused anyway (received_of): only its cursor is kept.
-                            one = events_pb2.EventEnvelope(
-                                cursor=one.cursor, id=one.id)  # no type: malformed
-                            size = 0
+                        if one.ByteSize() > limit:
+                            # Refused anyway (received_of): only its cursor is kept, or
+                            # one that ends the session if that is oversized too.
+                            keep = one.cursor if len(one.cursor) <= _MAX_CURSOR else "\n"
+                            one = events_pb2.EventEnvelope(cursor=keep)  # no type: malformed
+                        size = one.ByteSize()
                         while buffered[0] and buffered[0] + size > READ_AHEAD_BYTES:
                             drained.clear()
                             await drained.wait()
@@ -433,7 +437,7 @@ class Followers:
                     if isinstance(item, BaseException):
                         failure = item
                         break
-                    buffered[0] -= item.data.ByteSize()
+                    buffered[0] -= item.ByteSize()
                     drained.set()
                     batch.append(item)
                     if len(batch) >= BATCH or queue.empty():
