@@ -85,6 +85,8 @@ _MAX_TYPE = 128
 _MAX_FIELD = 256
 #: Longest cursor accepted from a peer (a Tessera cursor is well under 100 characters).
 _MAX_CURSOR = 512
+#: A Struct's wire bytes per byte of its JSON, at most (see received_of).
+_WIRE_PER_JSON = 6
 #: Envelope bytes besides those fields (tags, lengths, id, sequence, time, source).
 _ENVELOPE_SLACK = 1024
 
@@ -127,8 +129,10 @@ def received_of(msg: events_pb2.EventEnvelope,
     held to what this node's own API accepts, so it cannot fill this node's disk."""
     if not _TYPE_RE.match(msg.type) or len(msg.type) > _MAX_TYPE:
         return None
-    # The wire size bounds the JSON size from below closely enough to refuse early.
-    if msg.data.ByteSize() > 2 * max_payload:
+    # Refused early, before converting, when even the densest encoding could not fit: a
+    # Struct takes at most _WIRE_PER_JSON times the bytes of its JSON (a list of one-digit
+    # numbers: 2 JSON bytes, 11 on the wire); the exact JSON size is checked below.
+    if msg.data.ByteSize() > _WIRE_PER_JSON * max_payload:
         return None
     try:
         origin_id = uuid.UUID(msg.id)
@@ -396,7 +400,7 @@ class Followers:
         buffered = [0]  # envelope bytes in the queue
         drained = asyncio.Event()
         # The largest envelope received_of could accept (payload, fields, type, cursor).
-        limit = (2 * self.max_payload_bytes + 4 * _MAX_FIELD + _MAX_TYPE + _MAX_CURSOR
+        limit = (_WIRE_PER_JSON * self.max_payload_bytes + 4 * _MAX_FIELD + _MAX_TYPE + _MAX_CURSOR
                  + _ENVELOPE_SLACK)
 
         async def reader() -> None:

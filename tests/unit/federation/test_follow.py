@@ -76,3 +76,15 @@ def test_a_peers_error_text_reaches_logs_and_peers_list_without_control_characte
     text = describe(exc)
     assert text.isprintable() and "\n" not in text and "\x1b" not in text
     assert text.startswith("PERMISSION_DENIED: denied")
+
+
+def test_a_payload_within_the_limit_is_kept_whatever_its_wire_size() -> None:
+    """The early refusal goes by wire size; a Struct of small numbers is several times
+    larger on the wire than as JSON, and must still be kept while its JSON fits."""
+    for dense in ([1] * 15000, [True] * 12000, {f"k{i}": 1 for i in range(4000)},
+                  [None] * 12000):
+        msg = events_pb2.EventEnvelope(type="task.done", id=str(uuid.uuid4()))
+        msg.data.update({"v": dense})
+        if dense == [1] * 15000:
+            assert msg.data.ByteSize() > 2 * 64 * 1024  # 30 KB as JSON, 165 KB on the wire
+        assert received_of(msg, max_payload=64 * 1024) is not None, type(dense)
