@@ -13,8 +13,6 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import grpc
 
@@ -29,35 +27,25 @@ from tessera_client.pb import (
 from tests.fixtures.external import ExternalServices, external_database
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.waiting import wait_until
-from tests.integration.test_workers import (
-    _credentials,
-    _get,
-    _handled,
-    _put,
-    _scrape,
-    _serving,
-    _workers_env,
+from tests.fixtures.workers import (
+    credentials,
+    fresh_channel,
+    get_note,
+    handled,
+    put_note,
+    scrape,
+    serving,
+    workers_env,
 )
-
-
-@asynccontextmanager
-async def _fresh(address: str, creds: grpc.ChannelCredentials) -> AsyncIterator[
-        grpc.aio.Channel]:
-    channel = grpc.aio.secure_channel(address, creds, options=[
-        ("grpc.use_local_subchannel_pool", 1), ("grpc.ssl_target_name_override", "localhost")])
-    try:
-        yield channel
-    finally:
-        await channel.close()
 
 
 def _two_replicas(node_factory: NodeFactory, ext: ExternalServices,
                   **extra: str) -> tuple[NodeProcess, NodeProcess]:
     env = {"TESSERA_STORE_DSN": external_database(ext), "TESSERA_VALKEY_URL": ext.valkey_url,
            **extra}
-    first = node_factory(env=_workers_env(2, **env))
+    first = node_factory(env=workers_env(2, **env))
     pki = first.pki
-    second = node_factory(env=_workers_env(
+    second = node_factory(env=workers_env(
         2, **env, TESSERA_TLS_CERT_FILE=str(pki / "node.crt"),
         TESSERA_TLS_KEY_FILE=str(pki / "node.key"), TESSERA_TLS_CA_FILE=str(pki / "ca.crt")))
     return first, second
@@ -65,8 +53,8 @@ def _two_replicas(node_factory: NodeFactory, ext: ExternalServices,
 
 def _processes_that_answered(nodes: tuple[NodeProcess, ...], method: str,
                              code: str = "OK") -> list[float]:
-    return [_handled(_scrape(c["metrics_port"]), method, code)
-            for node in nodes for c in _serving(node)]
+    return [handled(scrape(c["metrics_port"]), method, code)
+            for node in nodes for c in serving(node)]
 
 
 async def test_two_nodes_of_two_workers_on_external_servers_stay_correct(
@@ -78,18 +66,18 @@ async def test_two_nodes_of_two_workers_on_external_servers_stay_correct(
         assert children == {"serving-0", "serving-1"}, children
         assert not NodePaths(node.data_dir).pgdata.exists()
         assert not NodePaths(node.data_dir).valkey.exists()
-    creds = _credentials(a)
+    creds = credentials(a)
     addresses = [a.address, b.address]
 
     # Writes through every process, each read back through the other node.
     for i in range(24):
-        async with _fresh(addresses[i % 2], creds) as ch:
-            op = await command_pb2_grpc.CommandServiceStub(ch).Execute(_put(f"r{i}"),
+        async with fresh_channel(addresses[i % 2], creds) as ch:
+            op = await command_pb2_grpc.CommandServiceStub(ch).Execute(put_note(f"r{i}"),
                                                                        timeout=30)
             assert op.done and op.result.resource.id == f"r{i}"
     for i in range(24):
-        async with _fresh(addresses[(i + 1) % 2], creds) as ch:
-            got = await query_pb2_grpc.QueryServiceStub(ch).GetResource(_get(f"r{i}"),
+        async with fresh_channel(addresses[(i + 1) % 2], creds) as ch:
+            got = await query_pb2_grpc.QueryServiceStub(ch).GetResource(get_note(f"r{i}"),
                                                                         timeout=30)
             assert got.resource.title == f"r{i}"
     wrote = _processes_that_answered((a, b), "Execute")
@@ -99,25 +87,25 @@ async def test_two_nodes_of_two_workers_on_external_servers_stay_correct(
 
     # Idempotency: one key sent to all four processes at once is one operation.
     async def send(i: int) -> command_pb2.Operation:
-        async with _fresh(addresses[i % 2], creds) as ch:
+        async with fresh_channel(addresses[i % 2], creds) as ch:
             result: command_pb2.Operation = await command_pb2_grpc.CommandServiceStub(
-                ch).Execute(_put("once"), timeout=30)
+                ch).Execute(put_note("once"), timeout=30)
             return result
 
     ops = await asyncio.gather(*(send(i) for i in range(16)))
     assert len({op.name for op in ops}) == 1
     assert len({op.result.resource.etag for op in ops}) == 1
     async with a.client() as c:
-        stored = await c.query.GetResource(_get("once"))
+        stored = await c.query.GetResource(get_note("once"))
     assert stored.resource.etag == ops[0].result.resource.etag  # written once, not 16 times
 
     # The audit chain, written by four processes, verifies from either node and takes
     # in every call (effects' rows are linked into it within seconds).
-    admin = _credentials(a, "admin")
+    admin = credentials(a, "admin")
     for address in addresses:
 
         async def linked(address: str = address) -> bool:
-            async with _fresh(address, admin) as ch:
+            async with fresh_channel(address, admin) as ch:
                 verdict = await admin_pb2_grpc.AdminServiceStub(ch).VerifyAudit(
                     admin_pb2.VerifyAuditRequest(), timeout=60)
             assert verdict.ok, verdict.message
@@ -138,13 +126,13 @@ async def test_a_rate_limit_holds_across_two_nodes_of_two_workers(
                          TESSERA_RATELIMIT_LOCAL_LIMITS="read=0.001/10",
                          TESSERA_RATELIMIT_DECISION_TIMEOUT_MS="5000")
     async with a.client() as c:
-        await c.command.Execute(_put("limited"))
-    creds = _credentials(a)
+        await c.command.Execute(put_note("limited"))
+    creds = credentials(a)
     outcomes: list[grpc.StatusCode] = []
     for i in range(40):
-        async with _fresh((a.address, b.address)[i % 2], creds) as ch:
+        async with fresh_channel((a.address, b.address)[i % 2], creds) as ch:
             try:
-                await query_pb2_grpc.QueryServiceStub(ch).GetResource(_get("limited"),
+                await query_pb2_grpc.QueryServiceStub(ch).GetResource(get_note("limited"),
                                                                       timeout=30)
                 outcomes.append(grpc.StatusCode.OK)
             except grpc.aio.AioRpcError as exc:
@@ -162,7 +150,7 @@ async def test_no_password_of_the_external_servers_in_logs_or_doctor(
 ) -> None:
     a, b = _two_replicas(node_factory, external_services)
     secret = external_services.password
-    async with _fresh(a.address, _credentials(a, "admin")) as ch:
+    async with fresh_channel(a.address, credentials(a, "admin")) as ch:
         checks = await admin_pb2_grpc.AdminServiceStub(ch).Doctor(admin_pb2.DoctorRequest(),
                                                                   timeout=60)
     rendered = str(checks)

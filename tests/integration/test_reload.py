@@ -13,21 +13,16 @@ import json
 import os
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import sys
-import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 from cryptography import x509
-from prometheus_client.parser import text_string_to_metric_families
 
 from tessera.core.paths import CredentialFiles, NodePaths
 from tessera.pki import DevCA, SpiffeId
@@ -37,9 +32,15 @@ from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering
 from tests.fixtures.valkey import free_port
 from tests.fixtures.waiting import wait_until
+from tests.fixtures.workers import (
+    CONNECTIONS,
+    credentials,
+    fresh_channel,
+    per_worker,
+    served_serial,
+    serving,
+)
 
-#: Fresh connections per check: with two processes, all landing on one has p = 2**-31.
-_CONNECTIONS = 32
 _CLIENT = "spiffe://tessera.local/client/local"
 _OLD = 'read=1000/2000'
 _NEW = 'read=0.001/3'
@@ -58,45 +59,17 @@ def _node(node_factory: NodeFactory, tmp_path: Path, workers: int = 2) -> tuple[
     return node_factory(env=env), cfg
 
 
-def _serving(node: NodeProcess) -> list[dict[str, Any]]:
-    children = json.loads((node.data_dir / "run" / "supervisor.json").read_text())["children"]
-    return [c for name, c in sorted(children.items()) if name.startswith("serving-")]
-
-
-def _handled(port: int, method: str, code: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == method
-               and s.labels.get("grpc_code") == code)
-
-
-def _per_worker(node: NodeProcess, method: str, code: str = "OK") -> list[float]:
-    return [_handled(c["metrics_port"], method, code) for c in _serving(node)]
-
-
-def _credentials(node: NodeProcess, who: str) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials((node.pki / "ca.crt").read_bytes(),
-                                        (node.pki / f"{who}.key").read_bytes(),
-                                        (node.pki / f"{who}.crt").read_bytes())
-
-
 @asynccontextmanager
 async def _fresh(node: NodeProcess, who: str = "admin") -> AsyncIterator[grpc.aio.Channel]:
-    """A channel with a connection of its own (not shared with other channels)."""
-    channel = grpc.aio.secure_channel(node.address, _credentials(node, who), options=[
-        ("grpc.use_local_subchannel_pool", 1), ("grpc.ssl_target_name_override", "localhost")])
-    try:
+    async with fresh_channel(node.address, credentials(node, who)) as channel:
         yield channel
-    finally:
-        await channel.close()
 
 
 async def _read_limits(node: NodeProcess) -> set[tuple[float, int]]:
-    """The client identity's read limit as each of `_CONNECTIONS` fresh connections'
+    """The client identity's read limit as each of `CONNECTIONS` fresh connections'
     serving process has it."""
     seen = set()
-    for _ in range(_CONNECTIONS):
+    for _ in range(CONNECTIONS):
         async with _fresh(node) as ch:
             st = await admin_pb2_grpc.AdminServiceStub(ch).GetRateLimitStatus(
                 admin_pb2.GetRateLimitStatusRequest(subject=_CLIENT), timeout=30)
@@ -107,9 +80,9 @@ async def _read_limits(node: NodeProcess) -> set[tuple[float, int]]:
 
 async def _every_worker_reads(node: NodeProcess, expected: tuple[float, int]) -> None:
     """Every serving process answers with `expected` as the read limit (and both answered)."""
-    before = _per_worker(node, "GetRateLimitStatus")
+    before = per_worker(node, "GetRateLimitStatus")
     assert await _read_limits(node) == {expected}
-    after = _per_worker(node, "GetRateLimitStatus")
+    after = per_worker(node, "GetRateLimitStatus")
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
 
 
@@ -136,9 +109,9 @@ async def test_reload_applies_a_new_rate_limit_on_every_worker_and_refuses_a_bro
 
     # The new limit is enforced by both processes: 3 reads for the node, then refusals
     # from each (Valkey's state is shared, so the burst is the node's).
-    before = _per_worker(node, "GetResource", "ResourceExhausted")
+    before = per_worker(node, "GetResource", "ResourceExhausted")
     admitted = 0
-    for _ in range(_CONNECTIONS):
+    for _ in range(CONNECTIONS):
         async with _fresh(node, "client") as ch:
             try:
                 await query_pb2_grpc.QueryServiceStub(ch).GetResource(
@@ -150,7 +123,7 @@ async def test_reload_applies_a_new_rate_limit_on_every_worker_and_refuses_a_bro
                 else:
                     assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, exc
     assert admitted == 3
-    after = _per_worker(node, "GetResource", "ResourceExhausted")
+    after = per_worker(node, "GetResource", "ResourceExhausted")
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
 
     # A file that does not load is refused as a whole, naming the setting; nothing changes.
@@ -226,7 +199,7 @@ async def test_sighup_reloads_every_worker_and_a_restarted_worker_keeps_the_relo
     os.kill(victim, signal.SIGKILL)
 
     def back() -> bool:
-        c = _serving(node)[1]
+        c = serving(node)[1]
         return bool(c.get("running") and c.get("pid") != victim and c.get("metrics_port"))
 
     await wait_until(back, "the killed serving process restarted", timeout_s=60)
@@ -241,19 +214,6 @@ async def test_sighup_reloads_every_worker_and_a_restarted_worker_keeps_the_relo
     await wait_until(both_up, "both serving processes answer with the reloaded limit",
                      timeout_s=60)
     assert node.stop() == 0
-
-
-def _served_serial(node: NodeProcess) -> int:
-    """The serial of the certificate a new TLS connection is shown."""
-    ctx = ssl.create_default_context(cafile=str(node.pki / "ca.crt"))
-    ctx.load_cert_chain(node.pki / "admin.crt", node.pki / "admin.key")
-    ctx.check_hostname = False
-    host, _, port = node.address.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
 
 
 async def test_reload_serves_replaced_certificate_files_on_every_worker(
@@ -271,7 +231,7 @@ async def test_reload_serves_replaced_certificate_files_on_every_worker(
                     TESSERA_TLS_KEY_FILE=str(tls / "node.key"),
                     TESSERA_TLS_CA_FILE=str(tls / "ca.crt"))
     node.start()
-    old = _served_serial(node)
+    old = served_serial(node)
     ca = DevCA(NodePaths(node.data_dir).dev_ca, "tessera.local")
     files = CredentialFiles(tls / "node.crt", tls / "node.key", tls / "ca.crt")
 
@@ -282,7 +242,7 @@ async def test_reload_serves_replaced_certificate_files_on_every_worker(
     resp = await _reload(node)
     assert [s.partition(":")[0] for s in resp.not_reloaded] == ["certificate_files"]
     assert "identity" in resp.not_reloaded[0]
-    assert {_served_serial(node) for _ in range(_CONNECTIONS)} == {old}
+    assert {served_serial(node) for _ in range(CONNECTIONS)} == {old}
 
     issued = await asyncio.to_thread(ca.issue_files, files, SpiffeId.parse(
         "spiffe://tessera.local/node/tessera"), ttl=timedelta(hours=1),
@@ -291,14 +251,14 @@ async def test_reload_serves_replaced_certificate_files_on_every_worker(
     resp = await _reload(node)
     assert "certificate_files" in resp.reloaded and list(resp.not_reloaded) == []
     assert resp.processes_applied == 2
-    before = _per_worker(node, "GetNodeInfo")
+    before = per_worker(node, "GetNodeInfo")
     serials = set()
-    for _ in range(_CONNECTIONS):
-        serials.add(await asyncio.to_thread(_served_serial, node))
+    for _ in range(CONNECTIONS):
+        serials.add(await asyncio.to_thread(served_serial, node))
         async with _fresh(node) as ch:
             await admin_pb2_grpc.AdminServiceStub(ch).GetNodeInfo(admin_pb2.GetNodeInfoRequest(),
                                                                   timeout=30)
     assert serials == {new}
-    after = _per_worker(node, "GetNodeInfo")
+    after = per_worker(node, "GetNodeInfo")
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
     assert node.stop() == 0

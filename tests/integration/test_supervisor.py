@@ -21,9 +21,9 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tessera_client.pb import command_pb2, query_pb2, resources_pb2
 from tests.fixtures.calls import run_cli
 from tests.fixtures.nodes import NodeFactory, NodeProcess
+from tests.fixtures.workers import get_note, put_note
 
 _DEADLINE_S = 60.0
 
@@ -38,18 +38,6 @@ async def poll(what: str, ready: Callable[[], object], deadline_s: float = _DEAD
     pytest.fail(f"gave up waiting: {what}")
 
 
-def _put(rid: str) -> command_pb2.ExecuteRequest:
-    return command_pb2.ExecuteRequest(
-        idempotency_key=f"k-{rid}",
-        put_resource=command_pb2.PutResourceCommand(resource=resources_pb2.Resource(
-            workspace="w", kind="note", id=rid, title=rid)))
-
-
-def _get(rid: str) -> query_pb2.GetResourceRequest:
-    return query_pb2.GetResourceRequest(
-        key=resources_pb2.ResourceKey(workspace="w", kind="note", id=rid))
-
-
 async def test_sigterm_lets_32_calls_in_flight_finish(node_factory: NodeFactory) -> None:
     # Generous grace and statement timeout: the calls are held on a lock until released.
     node = node_factory(env={"TESSERA_STORE_POOL_MAX": "40",
@@ -57,12 +45,12 @@ async def test_sigterm_lets_32_calls_in_flight_finish(node_factory: NodeFactory)
                              "TESSERA_STORE_STATEMENT_TIMEOUT_S": "120"})
     dsn = node.env["TESSERA_STORE_DSN"]
     async with node.client() as c:
-        await c.command.Execute(_put("held"))
+        await c.command.Execute(put_note("held"))
     with psycopg.connect(dsn, autocommit=True) as watcher, \
             psycopg.connect(dsn) as locker:
         locker.execute("LOCK TABLE resources IN ACCESS EXCLUSIVE MODE")
         async with node.client() as c:
-            calls = [asyncio.ensure_future(c.query.GetResource(_get("held"), timeout=300))
+            calls = [asyncio.ensure_future(c.query.GetResource(get_note("held"), timeout=300))
                      for _ in range(32)]
 
             def waiting() -> int:
@@ -96,11 +84,10 @@ async def test_sigterm_lets_32_calls_in_flight_finish(node_factory: NodeFactory)
     assert node.proc.wait(_DEADLINE_S) == 0
 
 
-
 async def test_sigterm_under_load_fails_no_call_sent_before_it(node_factory: NodeFactory) -> None:
     node = node_factory()
     async with node.client() as c:
-        await c.command.Execute(_put("busy"))
+        await c.command.Execute(put_note("busy"))
         signalled: list[float] = []
         outcomes: list[tuple[float, str]] = []
 
@@ -108,7 +95,7 @@ async def test_sigterm_under_load_fails_no_call_sent_before_it(node_factory: Nod
             while True:
                 sent = time.monotonic()
                 try:
-                    await c.query.GetResource(_get("busy"), timeout=60)
+                    await c.query.GetResource(get_note("busy"), timeout=60)
                     outcomes.append((sent, "OK"))
                 except grpc.aio.AioRpcError as exc:
                     outcomes.append((sent, exc.code().name))
@@ -131,7 +118,6 @@ async def test_sigterm_under_load_fails_no_call_sent_before_it(node_factory: Nod
 
 
 # -- helpers for embedded nodes -------------------------------------------------------
-
 
 
 def _children(node: NodeProcess) -> dict[str, dict[str, Any]]:
@@ -190,8 +176,8 @@ async def test_a_second_start_on_a_live_data_directory_is_refused(
     # The first node is untouched: same node.json, its calls work, doctor is green.
     assert (node.data_dir / "node.json").read_text() == before
     async with node.client() as c:
-        await c.command.Execute(_put("still-serving"))
-        got = await c.query.GetResource(_get("still-serving"))
+        await c.command.Execute(put_note("still-serving"))
+        got = await c.query.GetResource(get_note("still-serving"))
         assert got.resource.title == "still-serving"
     code, statuses = _doctor(node)
     assert code == 0, statuses
@@ -215,7 +201,7 @@ async def test_killed_embedded_valkey_then_postgres_come_back_under_load(
 ) -> None:
     node = node_factory(embedded=True)
     async with node.client() as c:
-        await c.command.Execute(_put("load"))
+        await c.command.Execute(put_note("load"))
         codes: list[grpc.StatusCode] = []
         done = asyncio.Event()
 
@@ -225,9 +211,9 @@ async def test_killed_embedded_valkey_then_postgres_come_back_under_load(
                 n += 1
                 try:
                     if n % 4 == 0:
-                        await c.command.Execute(_put(f"w{worker}-{n}"), timeout=30)
+                        await c.command.Execute(put_note(f"w{worker}-{n}"), timeout=30)
                     else:
-                        await c.query.GetResource(_get("load"), timeout=30)
+                        await c.query.GetResource(get_note("load"), timeout=30)
                     codes.append(grpc.StatusCode.OK)
                 except grpc.aio.AioRpcError as exc:
                     codes.append(exc.code())
@@ -280,12 +266,11 @@ async def test_a_killed_supervisor_takes_its_children_and_a_restart_stops_cleanl
     assert code == 1 and statuses["node"] == "red"
     node.start()
     async with node.client() as c:
-        await c.command.Execute(_put("after-kill"))
+        await c.command.Execute(put_note("after-kill"))
     assert node.stop() == 0
     await poll("no process of the data directory left",
                lambda: not _processes_of(node.data_dir))
     assert not (node.data_dir / "node.json").exists()
-
 
 
 async def test_a_killed_serving_process_is_restarted_on_the_same_address(
@@ -304,7 +289,7 @@ async def test_a_killed_serving_process_is_restarted_on_the_same_address(
     await poll("the serving process restarted", back)
     assert json.loads((node.data_dir / "node.json").read_text())["address"] == node.address
     async with node.client() as c:
-        await c.command.Execute(_put("after-restart"))
+        await c.command.Execute(put_note("after-restart"))
     assert node.stop() == 0
 
 
@@ -333,7 +318,7 @@ async def test_a_postgres_left_running_on_the_data_directory_is_replaced_not_ado
     assert not _alive(stray)
     assert "a previous node left running" in node.log()
     async with node.client() as c:
-        await c.command.Execute(_put("own-server"))
+        await c.command.Execute(put_note("own-server"))
     assert node.stop() == 0
     await poll("no process of the data directory left",
                lambda: not _processes_of(node.data_dir))

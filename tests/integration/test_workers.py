@@ -13,127 +13,64 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import ssl
 import subprocess
 import sys
-import urllib.request
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import grpc
 import psycopg
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from tessera_client.pb import (
     admin_pb2,
     admin_pb2_grpc,
-    command_pb2,
-    query_pb2,
     query_pb2_grpc,
-    resources_pb2,
 )
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.valkey import free_port
 from tests.fixtures.waiting import wait_until
-
-#: Fresh connections per check: with two processes, all landing on one has p = 2**-31.
-_CONNECTIONS = 32
-
-
-def _workers_env(n: int = 2, **extra: str) -> dict[str, str]:
-    return {"TESSERA_NODE_WORKERS": str(n),
-            "TESSERA_METRICS_LISTEN_ADDRESS": f"127.0.0.1:{free_port()}", **extra}
-
-
-def _children(node: NodeProcess) -> dict[str, Any]:
-    data = json.loads((node.data_dir / "run" / "supervisor.json").read_text())
-    children: dict[str, Any] = data["children"]
-    return children
-
-
-def _serving(node: NodeProcess) -> list[dict[str, Any]]:
-    return [c for name, c in sorted(_children(node).items()) if name.startswith("serving-")]
-
-
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def _handled(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], method: str,
-             code: str = "OK") -> float:
-    return sum(v for (name, labels), v in samples.items()
-               if name == "grpc_server_handled_total" and ("grpc_method", method) in labels
-               and ("grpc_code", code) in labels)
-
-
-def _per_worker(node: NodeProcess, method: str, code: str = "OK") -> list[float]:
-    return [_handled(_scrape(c["metrics_port"]), method, code) for c in _serving(node)]
+from tests.fixtures.workers import (
+    CONNECTIONS,
+    children,
+    credentials,
+    fresh_channel,
+    get_note,
+    handled,
+    per_worker,
+    put_note,
+    scrape,
+    served_serial,
+    serving,
+    workers_env,
+)
 
 
 def _node_metrics_port(node: NodeProcess) -> int:
     return int(node.env["TESSERA_METRICS_LISTEN_ADDRESS"].rpartition(":")[2])
 
 
-def _credentials(node: NodeProcess, who: str = "client",
-                 pem: tuple[bytes, bytes] | None = None) -> grpc.ChannelCredentials:
-    cert, key = pem or ((node.pki / f"{who}.crt").read_bytes(),
-                        (node.pki / f"{who}.key").read_bytes())
-    return grpc.ssl_channel_credentials((node.pki / "ca.crt").read_bytes(), key, cert)
-
-
-@asynccontextmanager
-async def _fresh(node: NodeProcess, creds: grpc.ChannelCredentials) -> AsyncIterator[
-        grpc.aio.Channel]:
-    """A channel with a connection of its own (not shared with other channels)."""
-    channel = grpc.aio.secure_channel(node.address, creds, options=[
-        ("grpc.use_local_subchannel_pool", 1), ("grpc.ssl_target_name_override", "localhost")])
-    try:
-        yield channel
-    finally:
-        await channel.close()
-
-
-async def _info_on_fresh_connections(node: NodeProcess, n: int = _CONNECTIONS) -> None:
-    creds = _credentials(node, "admin")
+async def _info_on_fresh_connections(node: NodeProcess, n: int = CONNECTIONS) -> None:
+    creds = credentials(node, "admin")
     for _ in range(n):
-        async with _fresh(node, creds) as ch:
+        async with fresh_channel(node.address, creds) as ch:
             await admin_pb2_grpc.AdminServiceStub(ch).GetNodeInfo(
                 admin_pb2.GetNodeInfoRequest(), timeout=30)
-
-
-def _put(rid: str) -> command_pb2.ExecuteRequest:
-    return command_pb2.ExecuteRequest(
-        idempotency_key=f"k-{rid}",
-        put_resource=command_pb2.PutResourceCommand(resource=resources_pb2.Resource(
-            workspace="w", kind="note", id=rid, title=rid)))
-
-
-def _get(rid: str) -> query_pb2.GetResourceRequest:
-    return query_pb2.GetResourceRequest(
-        key=resources_pb2.ResourceKey(workspace="w", kind="note", id=rid))
 
 
 async def test_two_workers_share_one_port_and_one_scrape_shows_the_whole_node(
     node_factory: NodeFactory,
 ) -> None:
-    node = node_factory(env=_workers_env(2))
+    node = node_factory(env=workers_env(2))
     pids = node.serving_pids
     assert len(set(pids)) == 2
     await _info_on_fresh_connections(node)
-    per_worker = _per_worker(node, "GetNodeInfo")
-    assert all(n > 0 for n in per_worker), per_worker  # the kernel spread the connections
-    assert sum(per_worker) == _CONNECTIONS
-    whole = _scrape(_node_metrics_port(node))
-    assert _handled(whole, "GetNodeInfo") == _CONNECTIONS
+    counts = per_worker(node, "GetNodeInfo")
+    assert all(n > 0 for n in counts), counts  # the kernel spread the connections
+    assert sum(counts) == CONNECTIONS
+    whole = scrape(_node_metrics_port(node))
+    assert handled(whole, "GetNodeInfo") == CONNECTIONS
     assert whole[("tessera_serving_processes", (("state", "up"),))] == 2
     assert node.stop() == 0
 
@@ -153,13 +90,13 @@ def _start_expecting_failure(node: NodeProcess, listen: str, workers: int) -> st
 async def test_a_second_node_on_a_workers_port_is_refused_with_or_without_workers(
     node_factory: NodeFactory,
 ) -> None:
-    node = node_factory(env=_workers_env(2))
+    node = node_factory(env=workers_env(2))
     for workers in (2, 1):
         out = _start_expecting_failure(node, node.address, workers)
         assert "node.listen_address" in out and "cannot listen on" in out, out
     # The first node still serves every connection itself.
     await _info_on_fresh_connections(node, 8)
-    assert sum(_per_worker(node, "GetNodeInfo")) == 8
+    assert sum(per_worker(node, "GetNodeInfo")) == 8
 
 
 async def test_a_workers_node_is_refused_a_port_a_single_process_node_holds(
@@ -173,22 +110,22 @@ async def test_a_workers_node_is_refused_a_port_a_single_process_node_holds(
 async def test_a_killed_worker_is_restarted_and_sigterm_stops_every_worker(
     node_factory: NodeFactory,
 ) -> None:
-    node = node_factory(env=_workers_env(2))
+    node = node_factory(env=workers_env(2))
     victim = node.serving_pids[1]
     os.kill(victim, signal.SIGKILL)
 
     def back() -> bool:
-        child = _children(node).get("serving-1", {})
+        child = children(node).get("serving-1", {})
         state = json.loads((node.data_dir / "node.json").read_text())
         return bool(child.get("running") and child.get("pid") != victim
                     and child.get("restarts") == 1 and child["pid"] in state["serving_pids"])
 
     await wait_until(back, "the killed serving process restarted", timeout_s=60)
-    pids = [c["pid"] for c in _serving(node)]
+    pids = [c["pid"] for c in serving(node)]
     async with node.client() as c:
-        await c.command.Execute(_put("after-restart"))
+        await c.command.Execute(put_note("after-restart"))
     await _info_on_fresh_connections(node)
-    assert all(n > 0 for n in _per_worker(node, "GetNodeInfo"))
+    assert all(n > 0 for n in per_worker(node, "GetNodeInfo"))
     assert node.stop() == 0
     for pid in pids:
         with pytest.raises(ProcessLookupError):
@@ -201,23 +138,23 @@ async def test_local_rate_limit_fallback_gives_each_worker_its_share(
     # Valkey never answers (nothing listens there), so every decision is local: a burst
     # of 10 reads for the node, a refill too slow to matter (one per 1000 s).
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    node = node_factory(env=_workers_env(2, TESSERA_VALKEY_URL=dead,
+    node = node_factory(env=workers_env(2, TESSERA_VALKEY_URL=dead,
                                          TESSERA_RATELIMIT_LOCAL_LIMITS="read=0.001/10"))
     async with node.client() as c:
-        await c.command.Execute(_put("limited"))
-    creds = _credentials(node)
+        await c.command.Execute(put_note("limited"))
+    creds = credentials(node)
     admitted = refused = 0
     for _ in range(40):
-        async with _fresh(node, creds) as ch:
+        async with fresh_channel(node.address, creds) as ch:
             try:
-                await query_pb2_grpc.QueryServiceStub(ch).GetResource(_get("limited"),
+                await query_pb2_grpc.QueryServiceStub(ch).GetResource(get_note("limited"),
                                                                       timeout=30)
                 admitted += 1
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, exc
                 refused += 1
-    tried = [ok + no for ok, no in zip(_per_worker(node, "GetResource"),
-                                       _per_worker(node, "GetResource", "ResourceExhausted"),
+    tried = [ok + no for ok, no in zip(per_worker(node, "GetResource"),
+                                       per_worker(node, "GetResource", "ResourceExhausted"),
                                        strict=True)]
     # Each process saw more calls than its share, so each spent its whole share.
     assert all(n > 5 for n in tried), tried
@@ -227,12 +164,12 @@ async def test_local_rate_limit_fallback_gives_each_worker_its_share(
 async def test_a_revoked_client_is_refused_by_every_worker(
     node_factory: NodeFactory,
 ) -> None:
-    node = node_factory(env=_workers_env(2))
+    node = node_factory(env=workers_env(2))
     pem = ((node.pki / "client.crt").read_bytes(), (node.pki / "client.key").read_bytes())
-    creds = _credentials(node, pem=pem)
-    async with _fresh(node, creds) as ch:  # accepted before the revocation
+    creds = credentials(node, pem=pem)
+    async with fresh_channel(node.address, creds) as ch:  # accepted before the revocation
         with pytest.raises(grpc.aio.AioRpcError) as first:
-            await query_pb2_grpc.QueryServiceStub(ch).GetResource(_get("none"), timeout=30)
+            await query_pb2_grpc.QueryServiceStub(ch).GetResource(get_note("none"), timeout=30)
         assert first.value.code() is grpc.StatusCode.NOT_FOUND
     done = await asyncio.to_thread(
         subprocess.run,
@@ -241,35 +178,22 @@ async def test_a_revoked_client_is_refused_by_every_worker(
         env=node.env, capture_output=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
     codes = set()
-    for _ in range(_CONNECTIONS):
-        async with _fresh(node, creds) as ch:
+    for _ in range(CONNECTIONS):
+        async with fresh_channel(node.address, creds) as ch:
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await query_pb2_grpc.QueryServiceStub(ch).GetResource(_get("none"),
+                await query_pb2_grpc.QueryServiceStub(ch).GetResource(get_note("none"),
                                                                       timeout=30)
             codes.add(info.value.code())
     assert codes == {grpc.StatusCode.UNAUTHENTICATED}
-    refused = _per_worker(node, "GetResource", "Unauthenticated")
-    assert all(n > 0 for n in refused) and sum(refused) == _CONNECTIONS, refused
-
-
-def _served_serial(node: NodeProcess) -> int:
-    """The serial of the certificate a new TLS connection is shown."""
-    ctx = ssl.create_default_context(cafile=str(node.pki / "ca.crt"))
-    ctx.load_cert_chain(node.pki / "admin.crt", node.pki / "admin.key")
-    ctx.check_hostname = False
-    host, _, port = node.address.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
+    refused = per_worker(node, "GetResource", "Unauthenticated")
+    assert all(n > 0 for n in refused) and sum(refused) == CONNECTIONS, refused
 
 
 async def test_rotate_certificate_through_one_worker_is_served_by_every_worker(
     node_factory: NodeFactory,
 ) -> None:
-    node = node_factory(env=_workers_env(2))
-    before = _served_serial(node)
+    node = node_factory(env=workers_env(2))
+    before = served_serial(node)
     async with node.client("admin") as c:
         status = await c.admin.RotateCertificate(admin_pb2.RotateCertificateRequest(),
                                                  timeout=60)
@@ -279,17 +203,17 @@ async def test_rotate_certificate_through_one_worker_is_served_by_every_worker(
         (node.pki / "node.crt").read_bytes())[0].not_valid_after_utc.timestamp()
 
     def every_worker_has_it() -> bool:
-        return all(_scrape(c["metrics_port"]).get(
+        return all(scrape(c["metrics_port"]).get(
             ("tessera_certificate_expiry_timestamp_seconds", ())) == expiry
-            for c in _serving(node))
+            for c in serving(node))
 
     await wait_until(every_worker_has_it, "every serving process took the rotated certificate",
                      timeout_s=60)
-    assert {_served_serial(node) for _ in range(_CONNECTIONS)} == {new}
+    assert {served_serial(node) for _ in range(CONNECTIONS)} == {new}
     # Renewed once for the node: one process renewed, the other adopted the files.
-    renewals = [_scrape(c["metrics_port"]).get(
+    renewals = [scrape(c["metrics_port"]).get(
         ("tessera_certificate_renewals_total", (("identity", "node"), ("result", "ok"))), 0.0)
-        for c in _serving(node)]
+        for c in serving(node)]
     assert sorted(renewals) == [0.0, 1.0], renewals
 
 
@@ -306,7 +230,7 @@ def _lease_holders(dsn: str) -> list[int]:
 async def test_pruning_runs_in_one_worker_and_moves_when_it_dies(
     node_factory: NodeFactory,
 ) -> None:
-    node = node_factory(env=_workers_env(2))
+    node = node_factory(env=workers_env(2))
     dsn = node.env["TESSERA_STORE_DSN"]
     await wait_until(lambda: len(_lease_holders(dsn)) == 1,
                      "one serving process holds the jobs lease", timeout_s=60)
@@ -316,12 +240,12 @@ async def test_pruning_runs_in_one_worker_and_moves_when_it_dies(
 
     def moved() -> bool:
         holders = _lease_holders(dsn)
-        alive = [c["pid"] for c in _serving(node) if c["running"]]
+        alive = [c["pid"] for c in serving(node) if c["running"]]
         return len(holders) == 1 and holders[0] != holder and holders[0] in alive
 
     await wait_until(moved, "another serving process took the jobs lease", timeout_s=60)
     # Still exactly one, with both processes running again.
-    await wait_until(lambda: all(c["running"] for c in _serving(node)),
+    await wait_until(lambda: all(c["running"] for c in serving(node)),
                      "the killed process is back", timeout_s=60)
     assert len(_lease_holders(dsn)) == 1
 
@@ -336,10 +260,10 @@ def test_workers_setting_is_checked_at_start(tmp_path: Path) -> None:
 
 
 async def test_auto_workers_is_one_per_core(node_factory: NodeFactory) -> None:
-    node = node_factory(env=_workers_env(1, TESSERA_NODE_WORKERS="auto"))
+    node = node_factory(env=workers_env(1, TESSERA_NODE_WORKERS="auto"))
     assert len(node.serving_pids) == len(os.sched_getaffinity(0))
     async with node.client() as c:
-        await c.command.Execute(_put("auto"))
+        await c.command.Execute(put_note("auto"))
 
 
 async def test_sigterm_lets_calls_in_flight_on_every_worker_finish(
@@ -347,13 +271,13 @@ async def test_sigterm_lets_calls_in_flight_on_every_worker_finish(
 ) -> None:
     # 16 connections: all on one of the two processes has p = 2**-15. Calls are held on a
     # table lock until both processes are draining, then released: every one answers.
-    node = node_factory(env=_workers_env(2, TESSERA_STORE_POOL_MAX="20",
+    node = node_factory(env=workers_env(2, TESSERA_STORE_POOL_MAX="20",
                                          TESSERA_NODE_SHUTDOWN_GRACE_S="120",
                                          TESSERA_STORE_STATEMENT_TIMEOUT_S="120"))
     dsn = node.env["TESSERA_STORE_DSN"]
     async with node.client() as c:
-        await c.command.Execute(_put("held"))
-    creds = _credentials(node)
+        await c.command.Execute(put_note("held"))
+    creds = credentials(node)
     channels = [grpc.aio.secure_channel(node.address, creds, options=[
         ("grpc.use_local_subchannel_pool", 1), ("grpc.ssl_target_name_override", "localhost")])
         for _ in range(16)]
@@ -361,7 +285,7 @@ async def test_sigterm_lets_calls_in_flight_on_every_worker_finish(
         with psycopg.connect(dsn, autocommit=True) as watcher, psycopg.connect(dsn) as locker:
             locker.execute("LOCK TABLE resources IN ACCESS EXCLUSIVE MODE")
             calls = [asyncio.ensure_future(query_pb2_grpc.QueryServiceStub(ch).GetResource(
-                _get("held"), timeout=300)) for ch in channels]
+                get_note("held"), timeout=300)) for ch in channels]
 
             def waiting() -> int:
                 row = watcher.execute(
