@@ -18,7 +18,7 @@ from tessera_client.pb import admin_pb2, command_pb2, resources_pb2
 from tests.fixtures.external import ExternalServices, external_database
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering
-from tests.integration.test_workers import _get, _put
+from tests.fixtures.workers import get_note, put_note
 
 #: Tables whose every row must arrive (the others are checked by count as well).
 _WANTED = ("resources", "events", "operations", "peers", "grants", "audit_log")
@@ -59,7 +59,7 @@ async def test_migrate_tier_copies_an_embedded_node_intact_and_idempotently(
     node = node_factory(embedded=True)
     async with node.client() as c:
         for i in range(20):
-            await c.command.Execute(_put(f"m{i}"))
+            await c.command.Execute(put_note(f"m{i}"))
         await c.command.Execute(command_pb2.ExecuteRequest(
             idempotency_key="del-m0", delete_resource=command_pb2.DeleteResourceCommand(
                 key=resources_pb2.ResourceKey(workspace="w", kind="note", id="m0"))))
@@ -103,9 +103,9 @@ async def test_migrate_tier_copies_an_embedded_node_intact_and_idempotently(
     node.env["TESSERA_VALKEY_URL"] = external_services.valkey_url
     node.start()
     async with node.client() as c:
-        got = await c.query.GetResource(_get("m7"))
+        got = await c.query.GetResource(get_note("m7"))
         assert got.resource.title == "m7"
-        await c.command.Execute(_put("after-move"))
+        await c.command.Execute(put_note("after-move"))
     async with node.client("admin") as a:
         verdict = await a.admin.VerifyAudit(admin_pb2.VerifyAuditRequest())
     assert verdict.ok, verdict.message
@@ -120,11 +120,11 @@ async def test_migrate_tier_refuses_a_database_holding_another_nodes_data(
     other = node_factory(name="other", env={"TESSERA_STORE_DSN": target,
                                             "TESSERA_VALKEY_URL": external_services.valkey_url})
     async with other.client() as c:
-        await c.command.Execute(_put("theirs"))
+        await c.command.Execute(put_note("theirs"))
     other.stop()
     node = node_factory(embedded=True)
     async with node.client() as c:
-        await c.command.Execute(_put("ours"))
+        await c.command.Execute(put_note("ours"))
     node.stop()
     before = _counts(target)
     code, out = await _migrate_tier(node, target)
