@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -25,9 +26,19 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
 
 async def serve(args: argparse.Namespace) -> None:
     """Serve until SIGTERM or SIGINT; write the bound address to --ready-file once up."""
+    await serve_method(args, _echo)
+
+
+async def serve_method(
+    args: argparse.Namespace,
+    behaviour: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]],
+) -> None:
+    """Serve `behaviour` (raw bytes in and out) at ECHO_METHOD over mTLS (--cert, --key,
+    --ca) on --listen until SIGTERM or SIGINT; write the bound address to --ready-file once
+    up. Shared by the baselines, so they differ only in what the method does."""
     service, method = ECHO_METHOD.strip("/").split("/")
     handler = grpc.method_handlers_generic_handler(
-        service, {method: grpc.unary_unary_rpc_method_handler(_echo)}
+        service, {method: grpc.unary_unary_rpc_method_handler(behaviour)}
     )
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((handler,))

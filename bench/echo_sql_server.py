@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from bench.targets import ECHO_METHOD, SEED_ID, SEED_KIND, SEED_WORKSPACE
+from bench.echo_server import serve_method
+from bench.targets import SEED_ID, SEED_KIND, SEED_WORKSPACE
 
 #: The node's GetResource statement for a local caller (no scope) before issue 24, when
 #: the node read the embedding through vector_send() in text-format results.
@@ -98,30 +96,10 @@ async def serve(args: argparse.Namespace) -> None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "resource vanished")
         return answer
 
-    service, method = ECHO_METHOD.strip("/").split("/")
-    handler = grpc.method_handlers_generic_handler(
-        service, {method: grpc.unary_unary_rpc_method_handler(read)}
-    )
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((handler,))
-    creds = grpc.ssl_server_credentials(
-        [(args.key.read_bytes(), args.cert.read_bytes())],
-        root_certificates=args.ca.read_bytes(),
-        require_client_auth=True,
-    )
-    port = server.add_secure_port(args.listen, creds)
-    await server.start()
-    host = args.listen.rpartition(":")[0]
-    tmp = args.ready_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"address": f"{host}:{port}", "pid": os.getpid()}))
-    tmp.replace(args.ready_file)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(1)
-    await pool.close()
+    try:
+        await serve_method(args, read)
+    finally:
+        await pool.close()
 
 
 def main(argv: list[str] | None = None) -> int:
