@@ -25,6 +25,7 @@ from tests.fixtures.otlp import OtlpReceiver, ReceivedSpan
 from tests.fixtures.peers import Peering
 from tests.fixtures.pg import new_database
 from tests.fixtures.valkey import free_port
+from tests.fixtures.waiting import wait_until
 
 ALL = resources_pb2.Sources(scope=resources_pb2.Sources.SCOPE_ALL)
 SEARCH = "tessera.v1.QueryService/SearchResources"
@@ -202,9 +203,11 @@ async def test_json_logs_parse_line_by_line_and_carry_no_secret(
     line = await access_line(node, "tessera.v1.CommandService/Execute", trace_id)
     assert line["level"] == "INFO" and line["logger"] == "tessera.access"
     assert str(line["request_id"]) and line["code"] == "OK"
-    denied = [r for r in json_lines(node)
-              if r.get("method") == "/tessera.v1.QueryService/GetResource"]
-    assert denied and denied[0]["code"] == "NOT_FOUND"
+    # Access lines are written in batches (within ACCESS_FLUSH_S): poll for this one too.
+    denied = await wait_until(lambda: [
+        r for r in json_lines(node) if r.get("method") == "/tessera.v1.QueryService/GetResource"],
+        "the access line of the refused GetResource")
+    assert denied[0]["code"] == "NOT_FOUND"
     node.stop()
     records = json_lines(node)  # the shutdown lines too
     assert any(r["message"] == "tessera: stopped" for r in records)

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Container
@@ -98,14 +98,29 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         #: While PostgreSQL is known to be down, store-backed calls answer UNAVAILABLE at once.
         self.store_health = store_health
         self.tracing = tracing or Tracing.disabled()
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        # The wrapped handler of a served method depends on its path alone (the servers'
+        # handlers are fixed once they start): built once, not per call. Paths nobody
+        # serves are not kept, so callers cannot grow this.
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(details)
-        service, method = _split(details.method)
+        wrapped = self._wrap(handler, details.method)
+        if handler is not None and wrapped is not None and len(self._wrapped) < 4096:
+            self._wrapped[details.method] = wrapped
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler | None,
+              full_method: str) -> grpc.RpcMethodHandler | None:
+        """`handler` inside the call path (None: a path this server does not serve)."""
+        service, method = _split(full_method)
         if handler is None and not self.identified:
             # The enrolment listener's callers have no certificate: a method it does not
             # serve costs them no audit row (grpcio answers UNIMPLEMENTED), so unknown
@@ -115,7 +130,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             # grpcio would answer UNIMPLEMENTED itself, unaudited: answer it here instead.
             # A streaming handler serves any call shape; it reads no request.
             return grpc.stream_stream_rpc_method_handler(self._stream_response(
-                _unimplemented(details.method), Access.ANY_AUTHENTICATED, service, method,
+                _unimplemented(full_method), Access.ANY_AUTHENTICATED, service, method,
                 None, request_stream=True, opens=False))
         access = required_access(service, method)
         # Requests reach the wrapper as bytes (no deserializer): it decodes them itself.
@@ -151,9 +166,11 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if not self.identified:
             return None
         peer = authenticate(context.auth_context(), self.trust_domain, self.denied_serials)
-        # 16 random hex digits, as uuid4().hex[:16] gave, for a quarter of its cost.
+        # 16 random hex digits, as uuid4().hex[:16] gave: a correlation id, not a secret,
+        # so from the process's PRNG rather than a getrandom() system call per call.
         caller = Caller(peer.identity, peer.serial, peer.fingerprint_sha256,
-                        os.urandom(8).hex(), service, method, not_after=peer.not_after)
+                        f"{random.getrandbits(64):016x}", service, method,
+                        not_after=peer.not_after)
         bind_caller(caller)
         if access is not Access.ANY_AUTHENTICATED:
             if self.store_health is not None:
@@ -397,12 +414,16 @@ def _report(service: str, method: str, code: grpc.StatusCode, elapsed: float, tr
     # Health probes and reflection come every few seconds from load balancers: DEBUG.
     level = logging.DEBUG if service in OPEN_SERVICES else logging.INFO
     if access_log.isEnabledFor(level):  # the fields are built only for a line written
-        access_log.log(level, "%s/%s %s %.1f ms", service, method, code.name, elapsed * 1000,
-                       extra=log_fields(
-                           trace_id=trace_id, request_id=caller.request_id if caller else "",
-                           identity=caller.uri if caller else "", peer=peer,
-                           method=f"/{service}/{method}", code=code.name,
-                           duration_ms=round(elapsed * 1000, 3), audit_sequence=sequence))
+        # makeRecord + handle is what log() does, less its walk up the stack for the
+        # caller's file and line, which no format of these lines prints.
+        access_log.handle(access_log.makeRecord(
+            access_log.name, level, __file__, 0, "%s/%s %s %.1f ms",
+            (service, method, code.name, elapsed * 1000), None,
+            extra=log_fields(
+                trace_id=trace_id, request_id=caller.request_id if caller else "",
+                identity=caller.uri if caller else "", peer=peer,
+                method=f"/{service}/{method}", code=code.name,
+                duration_ms=round(elapsed * 1000, 3), audit_sequence=sequence)))
     span = trace.get_current_span()
     if not span.is_recording():
         return False

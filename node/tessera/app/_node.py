@@ -19,7 +19,7 @@ import grpc
 import redis.asyncio as redis
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
 from tessera import store
@@ -298,13 +298,34 @@ def _grpc_server(rt: Runtime, metrics: Metrics, drain: Drain,
                  ("grpc.max_connection_age_ms", 3_600_000),
                  ("grpc.max_connection_age_grace_ms", 300_000)],
     )
-    query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(rt), server)
-    command_pb2_grpc.add_CommandServiceServicer_to_server(CommandServicer(rt), server)
+    handlers = _GenericOnly(server)
+    query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(rt), handlers)
+    command_pb2_grpc.add_CommandServiceServicer_to_server(CommandServicer(rt), handlers)
     events_pb2_grpc.add_EventServiceServicer_to_server(
         EventServicer(rt.events, kinds=rt.kinds, max_payload_bytes=cfg.events.max_payload_bytes,
-                      max_batch=cfg.events.max_batch), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(rt), server)
+                      max_batch=cfg.events.max_batch), handlers)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(rt), handlers)
     return server
+
+
+class _GenericOnly:
+    """The server as the generated `add_*_to_server` functions see it: handlers are added
+    as generic handlers only, never as "registered methods".
+
+    grpc.aio keeps one pending request per registered method and waits on all of them
+    (`asyncio.wait`, adding and removing a callback on each) for every call it accepts:
+    with this node's ~50 methods that cost more per call than finding the handler among
+    six generic ones. The handlers and the interceptor are the same either way.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: object) -> None:
+        """Ignored: the same handlers were added as a generic handler just before."""
 
 
 async def _start_enrolment(stack: contextlib.AsyncExitStack, rt: Runtime,
@@ -529,12 +550,12 @@ async def start_node(cfg: Config, *, metrics: Metrics | None = None, dsn: str = 
         drain = Drain()
         server = _grpc_server(rt, metrics, drain, tracing, reuse_port=workers > 1)
         health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
-            server,
-        )
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, _GenericOnly(server))
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME]),
+            _GenericOnly(server))
         try:
             port = server.add_secure_port(cfg.node.listen_address, credentials.server_credentials())
         except RuntimeError as exc:

@@ -73,6 +73,7 @@ class Metrics:
             ["grpc_service", "grpc_method"], registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
+        self._rpc_children: dict[tuple[str, str, grpc.StatusCode], tuple[Counter, Histogram]] = {}
         self.cert_expiry = Gauge(
             "tessera_certificate_expiry_timestamp_seconds",
             "Unix time at which the node's serving certificate expires.",
@@ -147,8 +148,15 @@ class Metrics:
                  trace_id: str = "") -> None:
         """Record one finished RPC; a sampled call's trace id becomes the exemplar."""
         exemplar = {"trace_id": trace_id} if trace_id else None
-        self.handled.labels(service, method, _CODE_LABELS[code]).inc(exemplar=exemplar)
-        self.handling.labels(service, method).observe(seconds, exemplar=exemplar)
+        key = (service, method, code)
+        children = self._rpc_children.get(key)
+        if children is None:  # labels() takes a lock and builds its key on every call
+            children = (self.handled.labels(service, method, _CODE_LABELS[code]),
+                        self.handling.labels(service, method))
+            if len(self._rpc_children) < 4096:
+                self._rpc_children[key] = children
+        children[0].inc(exemplar=exemplar)
+        children[1].observe(seconds, exemplar=exemplar)
 
     def watch_breakers(self, states: Callable[[], Mapping[str, str]]) -> None:
         """Export `tessera_federation_breaker_state{peer,state}`, read at scrape time."""

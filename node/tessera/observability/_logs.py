@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import sys
+import threading
 from typing import Any, TextIO
 
 from opentelemetry.trace import get_current_span
@@ -20,6 +21,12 @@ from opentelemetry.trace import get_current_span
 from tessera.core.redact import redact_secrets as redact
 
 FORMATS = ("text", "json")
+#: The logger of the one line per finished call.
+ACCESS_LOGGER = "tessera.access"
+#: Access lines wait at most this long before they are written, with all gathered since.
+ACCESS_FLUSH_S = 0.1
+#: ...or until this many are gathered.
+_ACCESS_BATCH = 256
 _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 
@@ -71,6 +78,67 @@ class _Text(logging.Formatter):
         return redact(super().formatException(ei))
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """One write per line, except for access lines below WARNING: those are gathered and
+    written together every ACCESS_FLUSH_S (or once _ACCESS_BATCH are gathered, and always
+    before any other line, so lines keep their order).
+
+    A busy node then pays one write() for a batch of calls instead of one per call (about
+    a tenth of a call's CPU when measured). A SIGKILL loses at most the last
+    ACCESS_FLUSH_S of access lines; the audit log, not this, is the durable record of
+    calls. Stopping normally writes them all (logging's shutdown flushes and closes).
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._stopping = threading.Event()
+        self._flusher: threading.Thread | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        if record.name != ACCESS_LOGGER or record.levelno >= logging.WARNING:
+            self._write_pending()
+            super().emit(record)
+            return
+        try:
+            self._pending.append(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+            return
+        if len(self._pending) >= _ACCESS_BATCH:
+            self._write_pending()
+        elif self._flusher is None and not self._stopping.is_set():
+            self._flusher = threading.Thread(target=self._flush_every, daemon=True,
+                                             name="tessera-log-flush")
+            self._flusher.start()
+
+    def _flush_every(self) -> None:
+        while not self._stopping.wait(ACCESS_FLUSH_S):
+            with self.lock:  # type: ignore[union-attr]
+                self._write_pending()
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # stderr closed or gone: nowhere left to say so
+            pass
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_pending()
+        super().flush()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self.flush()
+        super().close()
+
+
 def configure_logging(fmt: str = "text", level: str | int = "INFO",
                       stream: TextIO | None = None, *, access: bool = True) -> None:
     """Send the root logger's records to `stream` (stderr) in `fmt` ('text' or 'json').
@@ -79,7 +147,7 @@ def configure_logging(fmt: str = "text", level: str | int = "INFO",
     """
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r} must be one of {', '.join(FORMATS)}")
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _Handler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else _Text(_TEXT))
     handler.addFilter(_Redact())
     root = logging.getLogger()
@@ -90,4 +158,4 @@ def configure_logging(fmt: str = "text", level: str | int = "INFO",
     root.setLevel(level.upper() if isinstance(level, str) else level)
     # Python's warnings go to stderr as text of their own: route them through the handler.
     logging.captureWarnings(fmt == "json")
-    logging.getLogger("tessera.access").setLevel(logging.NOTSET if access else logging.WARNING)
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access else logging.WARNING)

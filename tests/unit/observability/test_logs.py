@@ -14,6 +14,8 @@ from tessera.observability import (
     configure_logging,
     log_fields,
 )
+from tessera.observability._logs import ACCESS_FLUSH_S
+from tests.fixtures.waiting import wait_until_sync
 
 
 @contextlib.contextmanager
@@ -28,6 +30,7 @@ def _capture(fmt: str, *, access: bool = True) -> Iterator[io.StringIO]:
     finally:
         for h in list(root.handlers):
             root.removeHandler(h)
+            h.close()
         for h in saved[0]:
             root.addHandler(h)
         root.setLevel(saved[1])
@@ -51,7 +54,28 @@ def test_access_lines_can_be_turned_off_and_text_is_masked_too() -> None:
         buffer.getvalue()
     with _capture("text") as buffer:
         logging.getLogger("tessera.access").info("call done")
-    assert "call done" in buffer.getvalue()
+        logging.getLogger().handlers[0].flush()
+        assert "call done" in buffer.getvalue()
+
+
+def test_access_lines_are_written_in_batches_in_order_and_soon() -> None:
+    access, other = logging.getLogger("tessera.access"), logging.getLogger("tessera.test")
+    with _capture("text") as buffer:
+        access.info("call one")
+        access.info("call two")
+        assert buffer.getvalue() == ""  # gathered, not yet written
+        other.info("something else")  # any other line writes the gathered ones first
+        lines = buffer.getvalue().splitlines()
+        assert [line.rsplit(": ", 1)[1] for line in lines] == \
+            ["call one", "call two", "something else"]
+        access.warning("slow call")  # a warning is never held back
+        assert buffer.getvalue().endswith("slow call\n")
+        access.info("call three")  # written by the flusher within ACCESS_FLUSH_S
+        wait_until_sync(lambda: "call three" in buffer.getvalue(), timeout_s=5 * ACCESS_FLUSH_S,
+                   what="the gathered access line to be written")
+        access.info("call four")
+    # closing the handler (a reload replacing it, or the end of the process) writes the rest
+    assert buffer.getvalue().endswith("call four\n")
 
 
 def test_json_lines_carry_fields_and_never_a_secret(captured_json: io.StringIO) -> None:
