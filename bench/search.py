@@ -9,7 +9,7 @@ same seeded query vectors for both):
   client (request bytes built once, response left undecoded, as the other node targets);
 - `sql.search`: the node's own SQL for that request (`tessera.store.search_statement`,
   the same parameter encoding, binary results), run as the node runs it (one statement
-  when the pool's hnsw.ef_search default suffices, as it does for k <= 25), through a
+  when the pool's hnsw.ef_search default suffices, as it does for k <= 37), through a
   psycopg AsyncConnectionPool sized and configured like the node's, against the node's
   database.
 

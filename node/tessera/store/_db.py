@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 from tessera.config import StoreConfig
 from tessera.core.errors import ConfigError, Unavailable
 from tessera.core.redact import redact_url
+from tessera.store._search import DEFAULT_EF_SEARCH
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ async def open_pool(
             # Search defaults (pgvector GUCs, accepted as placeholders until the
             # extension loads): relaxed-order iterative scans keep filtered searches
             # returning k rows, and most searches then need no per-query SET.
-            "options": f"-c statement_timeout={timeout_ms} -c hnsw.ef_search=100"
+            "options": f"-c statement_timeout={timeout_ms} -c hnsw.ef_search={DEFAULT_EF_SEARCH}"
                        " -c hnsw.iterative_scan=relaxed_order",
             "autocommit": True,
             # A host that does not answer at all fails a connection attempt this fast.
