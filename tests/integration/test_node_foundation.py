@@ -380,3 +380,26 @@ async def test_a_start_that_fails_half_way_leaves_nothing_bound(
             await start_node(cfg)
     with socket.socket() as again:
         again.bind(("127.0.0.1", listen))  # the service port was released
+
+
+async def test_serving_processes_run_the_configured_event_loop(
+        node_factory: NodeFactory) -> None:
+    """uvloop by default; the standard library's loop when `node.event_loop = "asyncio"`.
+    Both serve the same calls (the whole suite runs on the default)."""
+    for choice, uvloop_loaded in (("", True), ("asyncio", False)):
+        env = {"TESSERA_NODE_EVENT_LOOP": choice} if choice else {}
+        node = node_factory(name=f"loop-{choice or 'default'}", env=env)
+        async with node.client() as c:
+            op = await c.command.Execute(put("acme", "task", "loop", f"k-{choice}"))
+            assert op.state == command_pb2.OPERATION_STATE_SUCCEEDED
+            got = await c.query.GetResource(query_pb2.GetResourceRequest(
+                key=key("acme", "task", "loop")))
+            assert got.resource.id == "loop"
+        for pid in node.serving_pids:
+            assert ("uvloop" in _mapped_files(pid)) is uvloop_loaded, (choice, pid)
+        node.stop()
+
+
+def _mapped_files(pid: int) -> str:
+    """The files a process has mapped (its loaded extension modules among them)."""
+    return Path(f"/proc/{pid}/maps").read_text()

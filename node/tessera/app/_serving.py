@@ -109,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                         overrides={**spec.get("loaded", spec["config"]), **reloaded}),
             level, str(spec.get("scope", "")))
         configure_logging(cfg.log.format, cfg.log.level or level, access=cfg.log.access)
-        asyncio.run(_run(cfg, spec, args.ready_fd, reload))
+        if cfg.node.event_loop == "uvloop":
+            import uvloop  # imported only where it runs: the CLI never needs it
+
+            uvloop.run(_run(cfg, spec, args.ready_fd, reload))
+        else:
+            asyncio.run(_run(cfg, spec, args.ready_fd, reload))
     except TesseraError as exc:
         return exit_with(exc)
     return 0

@@ -28,6 +28,8 @@ _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
 _DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 METRICS = ("cosine", "l2", "inner_product")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Event loops a serving process can run (`node.event_loop`).
+EVENT_LOOPS = ("uvloop", "asyncio")
 #: Sections applied by a reload (`AdminService.Reload`, SIGHUP) without a restart.
 RELOADABLE_SECTIONS = ("ratelimit", "log")
 
@@ -57,6 +59,9 @@ class NodeConfig:
     #: Serving processes (`tessera serve --workers`): a positive number, or "auto" for the
     #: host's cores. More than one share the listen ports with SO_REUSEPORT.
     workers: str = "1"
+    #: The serving processes' asyncio event loop: "uvloop" (libuv; about 10 % more calls
+    #: per second on the benchmark) or "asyncio" (the standard library's).
+    event_loop: str = "uvloop"
 
     @property
     def worker_count(self) -> int:
@@ -580,6 +585,9 @@ def validate(cfg: Config) -> None:
     if w != "auto" and not (w.isdigit() and 1 <= int(w) <= 256):
         raise ConfigError(f"node.workers: {n.workers!r} must be a number from 1 to 256 or "
                           "'auto' (one per core)")
+    if n.event_loop not in EVENT_LOOPS:
+        raise ConfigError(f"node.event_loop: {n.event_loop!r} must be one of "
+                          f"{', '.join(EVENT_LOOPS)}")
     if not 1 <= s.embedding_dimension <= 16000:
         raise ConfigError("store.embedding_dimension: must be between 1 and 16000")
     if s.metric not in METRICS:

@@ -94,6 +94,15 @@ def test_config_validates_tracing_and_log_settings() -> None:
             config.load(environ=dict([env]))
 
 
+def test_event_loop_is_uvloop_by_default_asyncio_on_request_and_names_itself_when_wrong(
+) -> None:
+    assert config.load(None, environ={}).node.event_loop == "uvloop"
+    assert config.load(None, environ={"TESSERA_NODE_EVENT_LOOP": "asyncio"}
+                       ).node.event_loop == "asyncio"
+    with pytest.raises(ConfigError, match=r"node\.event_loop: 'trio' must be one of"):
+        config.load(None, environ={}, overrides={"node.event_loop": "trio"})
+
+
 def test_workers_accepts_a_number_or_auto_and_names_itself_when_wrong() -> None:
     assert config.load(None, environ={}, overrides={"node.workers": "3"}).node.worker_count == 3
     auto = config.load(None, environ={}, overrides={"node.workers": "auto"})
