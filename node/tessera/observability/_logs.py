@@ -9,6 +9,7 @@ not leak its credential.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -131,7 +132,8 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             self._write_pending()
-        super().flush()
+        with contextlib.suppress(OSError, ValueError):  # a stream closed under us
+            super().flush()
 
     def close(self) -> None:
         self._stopping.set()

@@ -96,3 +96,11 @@ def test_json_lines_carry_fields_and_never_a_secret(captured_json: io.StringIO) 
     assert lines[1]["message"] == "store at postgresql://u:***@db/x unreachable"
     assert "RuntimeError" in lines[2]["exception"]
     assert "hunter22" not in captured_json.getvalue()
+
+
+def test_replacing_the_handler_of_a_stream_closed_meanwhile_raises_nothing() -> None:
+    """In-process CLI runs (tests) configure logging again after the old stream closed."""
+    with _capture("text") as buffer:
+        logging.getLogger("tessera.access").info("held back")
+        buffer.close()
+        configure_logging("text", "INFO", stream=io.StringIO())
