@@ -29,6 +29,7 @@ seconds="${3:-0}"
 echo "hello $name"
 echo "uid=$(id -u) gid=$(id -g) groups=$(id -G)"
 echo "env: $(env | cut -d= -f1 | sort | tr '\n' ' ')"
+echo "fds: $(ls /proc/self/fd | sort -n | tr '\n' ' ')"
 for f in $tries; do
   if cat "$f" >/dev/null 2>&1; then echo "read $f: allowed"; else echo "read $f: denied"; fi
 done

@@ -298,6 +298,10 @@ async def test_an_agent_runs_as_the_agent_user_without_the_nodes_keys_or_environ
     names = set(env_line.removeprefix("env: ").split())
     assert names <= ALLOWED_ENV, names - ALLOWED_ENV
     assert "s3cr3t" not in out and node.env["TESSERA_STORE_DSN"] not in out
+    # Nothing the node had open reaches the agent (uvloop ignores close_fds): what `ls`
+    # started by it inherits is stdin, stdout, stderr, and 3 is the directory ls reads.
+    fds = next(ln for ln in out.splitlines() if ln.startswith("fds: "))
+    assert fds.removeprefix("fds: ").split() == ["0", "1", "2", "3"], fds
     assert final.output["exit_code"] == 0 and final.output["truncated_bytes"] == 0
     rows = sql(node, "SELECT method, identity, grant_name, kind, reason FROM audit_log"
                      " WHERE service = 'tessera.agents' ORDER BY sequence")

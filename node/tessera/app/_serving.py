@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--data-dir", default="", help="shown by ps; the spec decides")
     args = parser.parse_args(argv)
+    # The supervisor passed these two with pass_fds (inheritable): no child of this process
+    # (an agent run among them) may hold them, or the supervisor would wait for its EOF.
+    for fd in (args.spec_fd, args.ready_fd):
+        with contextlib.suppress(OSError):
+            os.set_inheritable(fd, False)
     # The supervisor's "PostgreSQL restarted" must never kill a process still starting.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload reaches it once it serves

@@ -1,9 +1,10 @@
 """The agent wrapper: confines itself, then runs one allow-listed agent and reaps its group.
 
-Started by the node as `python -I -S <this file> <spec json>` with close_fds,
-start_new_session (so it leads a new process group), a minimal environment and the agent's
-working directory. Standard library only: it never imports tessera (the node's code and
-settings are none of the agent's business).
+Started by the node as `python -I -S <this file> <spec json>` with close_fds (and it
+closes every descriptor above stderr itself first, as not every event loop honours
+close_fds), start_new_session (so it leads a new process group), a minimal environment
+and the agent's working directory. Standard library only: it never imports tessera (the
+node's code and settings are none of the agent's business).
 
 1. The wrapper arms PR_SET_PDEATHSIG (when the node dies the kernel signals it, and it
    kills everything of the run) and PR_SET_CHILD_SUBREAPER (descendants that leave the
@@ -137,6 +138,10 @@ def main() -> None:
     The wrapper itself keeps the node's account (root): the agent cannot signal, stop
     or trace it, so the cleanup below always runs.
     """
+    # Nothing the node had open reaches the agent, whatever started this process: uvloop's
+    # subprocess support does not honour close_fds, and a descriptor inherited here (a
+    # pipe to the supervisor, a socket) would be the agent's too.
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     try:
         spec = json.loads(sys.argv[1])
         argv = [str(a) for a in spec["argv"]]

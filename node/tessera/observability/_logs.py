@@ -153,10 +153,13 @@ def configure_logging(fmt: str = "text", level: str | int = "INFO",
     handler.setFormatter(JsonFormatter() if fmt == "json" else _Text(_TEXT))
     handler.addFilter(_Redact())
     root = logging.getLogger()
-    for old in list(root.handlers):
+    # The new handler first: with none at all for a moment, another thread's warning
+    # would go to logging's last-resort handler, which does not redact.
+    olds = list(root.handlers)
+    root.addHandler(handler)
+    for old in olds:
         root.removeHandler(old)
         old.close()
-    root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
     # Python's warnings go to stderr as text of their own: route them through the handler.
     logging.captureWarnings(fmt == "json")
