@@ -24,6 +24,8 @@ from tessera_client.pb import admin_pb2, command_pb2, events_pb2, query_pb2, res
 from tests.fixtures.calls import run_cli
 from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.pg import new_database
+from tests.fixtures.valkey import free_port
+from tests.fixtures.workers import scrape
 
 CLIENT = "spiffe://tessera.local/client/local"
 ADMIN = "spiffe://tessera.local/admin/admin"
@@ -114,6 +116,22 @@ async def test_an_unknown_method_answers_unimplemented_and_is_audited(node: Node
         assert await raw_call(node, "client", path, b"") == grpc.StatusCode.UNIMPLEMENTED
     assert audit_rows(node, "NoSuchMethod") == [(CLIENT, "UNIMPLEMENTED")]
     assert audit_rows(node, "Call") == [(CLIENT, "UNIMPLEMENTED")]
+
+
+async def test_invented_method_paths_add_no_metric_series(node_factory: NodeFactory) -> None:
+    port = free_port()
+    node = node_factory(name="paths", env={"TESSERA_METRICS_LISTEN_ADDRESS": f"127.0.0.1:{port}"})
+    for n in range(20):
+        assert await raw_call(node, "client", f"/invented.S{n}/M{n}", b"") == \
+            grpc.StatusCode.UNIMPLEMENTED
+    async with node.client() as c:
+        await c.query.ListResources(query_pb2.ListResourcesRequest(workspace="w"))
+    samples = await asyncio.to_thread(scrape, port)
+    handled = {dict(labels)["grpc_service"]: value for (name, labels), value in samples.items()
+               if name == "grpc_server_handled_total"}
+    assert handled.get("unknown") == 20 and not any("invented" in s for s in handled), handled
+    assert handled.get("tessera.v1.QueryService") == 1  # served methods keep their names
+    assert len(audit_rows(node, "M7")) == 1  # the audit row keeps the caller's path
 
 
 def _put(**fields: object) -> command_pb2.ExecuteRequest:

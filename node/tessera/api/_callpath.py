@@ -131,7 +131,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             # A streaming handler serves any call shape; it reads no request.
             return grpc.stream_stream_rpc_method_handler(self._stream_response(
                 _unimplemented(full_method), Access.ANY_AUTHENTICATED, service, method,
-                None, request_stream=True, opens=False))
+                None, request_stream=True, opens=False, served=False))
         access = required_access(service, method)
         # Requests reach the wrapper as bytes (no deserializer): it decodes them itself.
         decode = handler.request_deserializer
@@ -203,7 +203,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, context: grpc.aio.ServicerContext, service: str, method: str, request: Any,
         started: float, exc: BaseException | None, response: Any = None,
         response_bytes: int = 0, messages_out: int | None = None, cancelled: bool = False,
-        intent: AuditIntent | None = None,
+        intent: AuditIntent | None = None, served: bool = True,
     ) -> None:
         """Audit and count the outcome, then abort with the mapped status on error."""
         status: grpc.Status | None = None
@@ -247,7 +247,10 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 status, code = grpc_status(audit_exc), status_code_of(audit_exc)
         sampled = _report(service, method, code, elapsed, trace_id, sequence)
         if self.on_done is not None:
-            self.on_done(service, method, code, elapsed, trace_id if sampled else "")
+            # A path nobody serves is the caller's invention: counted under fixed labels,
+            # so callers cannot add series to the metrics (the audit row keeps the path).
+            self.on_done(*((service, method) if served else _UNSERVED), code, elapsed,
+                         trace_id if sampled else "")
         if status is not None and not cancelled:
             await context.abort_with_status(status)
 
@@ -294,7 +297,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _stream_response(self, behavior: Any, access: Access, service: str, method: str,
                          decode: Decoder | None, *, request_stream: bool = False,
-                         opens: bool = True) -> Any:
+                         opens: bool = True, served: bool = True) -> Any:
         """Wrap a handler that streams its answer (server-streaming, or bidi such as
         reflection, which too must see only authenticated, unrevoked callers)."""
         async def wrapped(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -331,7 +334,7 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         # A stream usually ends by its client leaving: audit that too.
                         await self._finish(context, service, method, request, started, None,
                                            response_bytes=sent, messages_out=count,
-                                           cancelled=True)
+                                           cancelled=True, served=served)
                         raise
                     # The stopping node ended the stream: say so, rather than CANCELLED.
                     task = asyncio.current_task()
@@ -339,14 +342,15 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         task.uncancel()
                     await self._finish(context, service, method, request, started,
                                        self.drain.ended_stream(), response_bytes=sent,
-                                       messages_out=count)
+                                       messages_out=count, served=served)
                     raise  # unreachable: _finish aborted the call
                 except Exception as exc:
                     await self._finish(context, service, method, request, started, exc,
-                                       response_bytes=sent, messages_out=count)
+                                       response_bytes=sent, messages_out=count, served=served)
                     raise  # unreachable: _finish aborted the call
                 await self._finish(context, service, method, request, started, None,
-                                   response_bytes=sent, messages_out=count, intent=intent)
+                                   response_bytes=sent, messages_out=count, intent=intent,
+                                   served=served)
 
         return self.tracing.server_stream(f"{service}/{method}", wrapped)
 
@@ -356,6 +360,8 @@ class CallPath(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 Decoder = Callable[[bytes], Any]
+#: The metric labels (service, method) of every call to a path this server does not serve.
+_UNSERVED = ("unknown", "unknown")
 
 
 def _split(full_method: str) -> tuple[str, str]:
