@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.fixtures.calls import run_cli
 from tests.fixtures.nodes import NodeFactory, NodeProcess
+from tests.fixtures.pg import lock_waiters
 from tests.fixtures.workers import get_note, put_note
 
 _DEADLINE_S = 60.0
@@ -53,14 +54,8 @@ async def test_sigterm_lets_32_calls_in_flight_finish(node_factory: NodeFactory)
             calls = [asyncio.ensure_future(c.query.GetResource(get_note("held"), timeout=300))
                      for _ in range(32)]
 
-            def waiting() -> int:
-                row = watcher.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND backend_type = 'client backend' AND datname = current_database()"
-                ).fetchone()
-                return int(row[0]) if row else 0
-
-            await poll("32 calls waiting on the lock in the node", lambda: waiting() == 32)
+            await poll("32 calls waiting on the lock in the node",
+                       lambda: lock_waiters(watcher) == 32)
             assert node.proc is not None
             node.proc.send_signal(signal.SIGTERM)
             health = health_pb2_grpc.HealthStub(c.channel)

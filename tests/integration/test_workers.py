@@ -29,6 +29,7 @@ from tessera_client.pb import (
     query_pb2_grpc,
 )
 from tests.fixtures.nodes import NodeFactory, NodeProcess
+from tests.fixtures.pg import lock_waiters
 from tests.fixtures.valkey import free_port
 from tests.fixtures.waiting import wait_until
 from tests.fixtures.workers import (
@@ -287,14 +288,8 @@ async def test_sigterm_lets_calls_in_flight_on_every_worker_finish(
             calls = [asyncio.ensure_future(query_pb2_grpc.QueryServiceStub(ch).GetResource(
                 get_note("held"), timeout=300)) for ch in channels]
 
-            def waiting() -> int:
-                row = watcher.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND backend_type = 'client backend' AND datname = current_database()"
-                ).fetchone()
-                return int(row[0]) if row else 0
-
-            await wait_until(lambda: waiting() == 16, "16 calls waiting on the lock", timeout_s=60)
+            await wait_until(lambda: lock_waiters(watcher) == 16, "16 calls waiting on the lock",
+                             timeout_s=60)
             pids = node.serving_pids
             assert node.proc is not None
             node.proc.send_signal(signal.SIGTERM)

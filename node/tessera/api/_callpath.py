@@ -49,12 +49,12 @@ from tessera.calls import (
 )
 from tessera.core import errors
 from tessera.core.status import grpc_status, internal_status, status_code_of
-from tessera.observability import Tracing, active_trace_id, log_fields
+from tessera.observability import ACCESS_LOGGER, Tracing, active_trace_id, log_fields
 from tessera.store import STORE_UNAVAILABLE, AuditIntent, StoreHealth, unavailable
 
 log = logging.getLogger(__name__)
 #: One line per finished call (trace id, request id, identity, method, code, duration).
-access_log = logging.getLogger("tessera.access")
+access_log = logging.getLogger(ACCESS_LOGGER)
 #: Codes that mean the server failed the call (OpenTelemetry's rule for server spans).
 _SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
                             grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL,

@@ -18,7 +18,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tessera.observability._logs import JsonFormatter, configure_logging, log_fields
+from tessera.observability._logs import (
+    ACCESS_LOGGER,
+    JsonFormatter,
+    configure_logging,
+    log_fields,
+)
 from tessera.observability._tracing import (
     Tracing,
     active_trace_id,
@@ -29,6 +34,7 @@ from tessera.observability._tracing import (
 )
 
 __all__ = [
+    "ACCESS_LOGGER",
     "BREAKER_STATES",
     "JsonFormatter",
     "Metrics",

@@ -11,32 +11,10 @@ from hypothesis import strategies as st
 from tessera.core.errors import PermissionDenied
 from tessera.grants import Grant, Scope
 from tessera.store import NOTHING
+from tests.fixtures.grants import KINDS, NEVER, TEAMS, USERS, WORKSPACES, grant_strategy
 
-WORKSPACES = ("w1", "w2", "w3")
-
-
-KINDS = ("task", "note", "memory", "credential")
-
-
-TEAMS = ("", "t1", "t2")
-
-
-USERS = ("", "ann", "bob")
-
-
-NEVER = frozenset({"credential"})
-
-
-grants = st.builds(
-    Grant,
-    name=st.just("grants/00000000-0000-0000-0000-000000000001"),
-    peer=st.just("p"),
-    kinds=st.frozensets(st.sampled_from(KINDS)),
-    excluded_kinds=st.frozensets(st.sampled_from(KINDS)),
-    workspaces=st.frozensets(st.sampled_from((*WORKSPACES, "*"))),
-    teams=st.frozensets(st.sampled_from(TEAMS[1:])),
-    subject_user=st.sampled_from(USERS),
-    include_personal=st.booleans(),
+grants = grant_strategy(
+    "grants/00000000-0000-0000-0000-000000000001",
     row_cap=st.integers(0, 50),
     command_types=st.frozensets(st.sampled_from(("resource.put", "resource.delete"))),
 )

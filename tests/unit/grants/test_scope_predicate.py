@@ -14,28 +14,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hypothesis import given
-from hypothesis import strategies as st
 
 from tessera.grants import Grant, Scope
 from tessera.store import NOTHING, Predicate
+from tests.fixtures.grants import KINDS, NEVER, TEAMS, USERS, WORKSPACES, grant_strategy
 
-WORKSPACES = ("w1", "w2", "w3")
-KINDS = ("task", "note", "memory", "credential")
-TEAMS = ("", "t1", "t2")
-USERS = ("", "ann", "bob")
-NEVER = frozenset({"credential"})
-
-grants = st.builds(
-    Grant,
-    name=st.just("grants/g"),
-    peer=st.just("p"),
-    kinds=st.frozensets(st.sampled_from(KINDS)),
-    excluded_kinds=st.frozensets(st.sampled_from(KINDS)),
-    workspaces=st.frozensets(st.sampled_from((*WORKSPACES, "*"))),
-    teams=st.frozensets(st.sampled_from(TEAMS[1:])),
-    subject_user=st.sampled_from(USERS),
-    include_personal=st.booleans(),
-)
+grants = grant_strategy()
 Row = dict[str, str]
 ROWS = [{"workspace": w, "kind": k, "team": t, "owner": o}
         for w in WORKSPACES for k in KINDS for t in TEAMS for o in USERS]
