@@ -49,7 +49,7 @@ from tessera.calls import (
 )
 from tessera.core import errors
 from tessera.core.status import grpc_status, internal_status, status_code_of
-from tessera.observability import ACCESS_LOGGER, Tracing, active_trace_id, log_fields
+from tessera.observability import ACCESS_LOGGER, Tracing, access_line, active_trace_id
 from tessera.store import STORE_UNAVAILABLE, AuditIntent, StoreHealth, unavailable
 
 log = logging.getLogger(__name__)
@@ -420,16 +420,11 @@ def _report(service: str, method: str, code: grpc.StatusCode, elapsed: float, tr
     # Health probes and reflection come every few seconds from load balancers: DEBUG.
     level = logging.DEBUG if service in OPEN_SERVICES else logging.INFO
     if access_log.isEnabledFor(level):  # the fields are built only for a line written
-        # makeRecord + handle is what log() does, less its walk up the stack for the
-        # caller's file and line, which no format of these lines prints.
-        access_log.handle(access_log.makeRecord(
-            access_log.name, level, __file__, 0, "%s/%s %s %.1f ms",
-            (service, method, code.name, elapsed * 1000), None,
-            extra=log_fields(
-                trace_id=trace_id, request_id=caller.request_id if caller else "",
-                identity=caller.uri if caller else "", peer=peer,
-                method=f"/{service}/{method}", code=code.name,
-                duration_ms=round(elapsed * 1000, 3), audit_sequence=sequence)))
+        access_line(level, f"{service}/{method} {code.name} {elapsed * 1000:.1f} ms", {
+            "trace_id": trace_id, "request_id": caller.request_id if caller else "",
+            "identity": caller.uri if caller else "", "peer": peer,
+            "method": f"/{service}/{method}", "code": code.name,
+            "duration_ms": round(elapsed * 1000, 3), "audit_sequence": sequence})
     span = trace.get_current_span()
     if not span.is_recording():
         return False

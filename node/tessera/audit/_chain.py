@@ -123,6 +123,10 @@ def micros(t: dt.datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+#: json.dumps(..., separators=(",", ":"), sort_keys=True), without a new encoder per call.
+_encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
 def payload(e: AuditEntry) -> bytes:
     """A record's fields as compact ASCII JSON, in a fixed order (the sequence aside)."""
     fields: list[Any] = [micros(e.time), e.identity, e.peer, e.grant, e.service, e.method,
@@ -135,7 +139,7 @@ def payload(e: AuditEntry) -> bytes:
         fields.append(detail)
     elif detail:
         fields.append(dict(detail))
-    return json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
+    return _encode(fields).encode()
 
 
 def canonical(sequence: int, e: AuditEntry) -> bytes:

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from tessera.observability._logs import (
     ACCESS_LOGGER,
     JsonFormatter,
+    access_line,
     configure_logging,
     log_fields,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "JsonFormatter",
     "Metrics",
     "Tracing",
+    "access_line",
     "active_trace_id",
     "configure_logging",
     "grpc_code_label",

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tessera.observability import (
+    access_line,
     configure_logging,
     log_fields,
 )
@@ -104,3 +105,63 @@ def test_replacing_the_handler_of_a_stream_closed_meanwhile_raises_nothing() -> 
         logging.getLogger("tessera.access").info("held back")
         buffer.close()
         configure_logging("text", "INFO", stream=io.StringIO())
+
+
+_CREATED = 1_764_000_000.0456  # a time whose milliseconds (045) need their leading zero
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_an_access_line_written_directly_is_the_line_its_record_gives(
+        fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    access = logging.getLogger("tessera.access")
+    message = "tessera.v1.QueryService/GetResource OK 1.2 ms token=hunter22"
+    fields = {"request_id": "00ff", "identity": "spiffe://t.test/local/a", "peer": "",
+              "code": "OK", "duration_ms": 1.234, "audit_sequence": None}
+    with _capture(fmt) as buffer:
+        # The direct path: no record is made (makeRecord would fail the test).
+        monkeypatch.setattr("time.time", lambda: _CREATED)
+        with monkeypatch.context() as m:
+            m.setattr(access, "makeRecord", _no_record)
+            access_line(logging.INFO, message, fields)
+        record = access.makeRecord(access.name, logging.INFO, __file__, 0, "%s", (message,),
+                                   None, extra=log_fields(**fields))
+        record.created, record.msecs = _CREATED, 45.0
+        access.handle(record)
+        logging.getLogger().handlers[0].flush()
+    direct, through_logging = buffer.getvalue().splitlines()
+    assert direct == through_logging
+    assert "hunter22" not in direct and "token=***" in direct
+    if fmt == "text":
+        assert ",045 INFO tessera.access: tessera.v1.QueryService/GetResource OK" in direct
+    else:
+        line = json.loads(direct)
+        assert line["time"].endswith(".045Z") and line["request_id"] == "00ff"
+        assert "peer" not in line and "audit_sequence" not in line  # empty fields left out
+
+
+def test_access_lines_go_through_logging_when_another_handler_listens() -> None:
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    with _capture("text") as buffer:
+        keep = Keep()
+        logging.getLogger().addHandler(keep)
+        try:
+            access_line(logging.INFO, "svc/M OK 1.0 ms", {"code": "OK"})
+        finally:
+            logging.getLogger().removeHandler(keep)
+        logging.getLogger().handlers[0].flush()
+    assert [r.getMessage() for r in seen] == ["svc/M OK 1.0 ms"]
+    assert seen[0].fields == {"code": "OK"}  # type: ignore[attr-defined]
+    assert "tessera.access: svc/M OK 1.0 ms" in buffer.getvalue()
+    with _capture("text", access=False) as buffer:
+        access_line(logging.INFO, "svc/M OK 1.0 ms", {})
+        logging.getLogger().handlers[0].flush()
+    assert buffer.getvalue() == ""
+
+
+def _no_record(*args: object, **kwargs: object) -> logging.LogRecord:
+    raise AssertionError("the access line was expected without a LogRecord")
