@@ -4,8 +4,8 @@ grpc's own `server.stop(grace)` kills calls that reached the server but were not
 handed to a handler (their callers saw CANCELLED), so the node first drains here. Calls a
 client sent just before the signal are still queued in grpc while the event loop is busy,
 so the node first takes calls in until a quiet moment (`settle`); then new calls answer
-UNAVAILABLE (health and reflection still answer), calls in flight finish, and only then
-is the server stopped.
+UNAVAILABLE (health and reflection still answer), calls in flight finish, calls sent
+meanwhile are refused until a quiet moment again, and only then is the server stopped.
 """
 
 from __future__ import annotations

@@ -184,8 +184,8 @@ class Node:
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop serving: health NOT_SERVING, calls already sent taken in (until a quiet
         0.1 s, at most 2 s), then new calls refused; calls in flight finish within the
-        grace period (streams still open near its end are ended with UNAVAILABLE), then
-        close everything."""
+        grace period (streams still open near its end are ended with UNAVAILABLE), late
+        calls refused until a quiet 0.1 s, then close everything."""
         grace = self.runtime.cfg.node.shutdown_grace_s if grace_s is None else grace_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
@@ -202,6 +202,12 @@ class Node:
             log.warning("shutdown: grace period over with %d call(s) in flight; ended %d "
                         "stream(s)", self.drain.in_flight, ended)
             await self.drain.wait_idle(deadline - loop.time())
+        # The callers of the last calls to finish send their next ones as soon as they
+        # have the answer: grpc holds such a call until the loop takes it, and stopping
+        # the server then answers it CANCELLED, not retryable (grpc/grpc#41785). So late
+        # calls are refused (UNAVAILABLE) until none has arrived for 0.1 s.
+        await self.drain.settle(quiet_s=0.1, max_s=min(1.0, deadline - loop.time()))
+        await self.drain.wait_idle(deadline - loop.time())
         await self.server.stop(max(0.0, deadline - loop.time()))
         await self.stack.aclose()
 
