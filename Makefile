@@ -8,12 +8,14 @@ PYTHON ?= python3
 bench:
 	$(PYTHON) -m bench.run $(BENCH_ARGS)
 
-# CI smoke run: 1 s per target, then the search bench on 2,000 generated rows; exits 0 on a
-# missed target, non-zero only if a run breaks.
+# CI smoke run: 1 s per target, then the search bench on 2,000 generated rows, the events
+# bench and the call path's micro-benchmark; exits 0 on a missed target, non-zero only if a
+# run breaks.
 bench-quick:
 	$(PYTHON) -m bench.run --quick $(BENCH_ARGS)
 	$(PYTHON) -m bench.search --quick $(SEARCH_ARGS)
 	$(PYTHON) -m bench.events --quick
+	$(PYTHON) -m bench.callpath --calls 2000 --rounds 1
 
 # SearchResources through the node vs the same SQL through psycopg, 100,000 generated
 # resources (about 3 minutes; not in CI). Flags via SEARCH_ARGS, e.g. SEARCH_ARGS="--repeat 3".
