@@ -33,7 +33,9 @@ class Drain:
         self._idle = asyncio.Event()
         self._idle.set()
         self._streams: set[asyncio.Task[object]] = set()
-        self._last_arrival = 0.0
+        #: When a call last arrived or finished (the answer to a finished call is what
+        #: its caller sends its next call on).
+        self._last_activity = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -51,7 +53,7 @@ class Drain:
     def track(self, *, stream: bool) -> Iterator[None]:
         """Count the current call (and remember a stream's task, to end it at the deadline)."""
         task = asyncio.current_task() if stream else None
-        self._last_arrival = time.monotonic()
+        self._last_activity = time.monotonic()
         self._calls += 1
         self._idle.clear()
         if task is not None:
@@ -62,15 +64,17 @@ class Drain:
             if task is not None:
                 self._streams.discard(task)
             self._calls -= 1
+            self._last_activity = time.monotonic()
             if self._calls == 0:
                 self._idle.set()
 
     async def settle(self, quiet_s: float, max_s: float) -> None:
-        """Keep taking calls in until none has arrived for `quiet_s` (at most `max_s`):
-        calls sent before the signal are then all in flight, none refused."""
+        """Wait until no call has arrived or finished for `quiet_s` (at most `max_s`):
+        before refusing, calls sent before the signal are then all in flight; after the
+        calls in flight, the calls their callers sent on the answers have been taken in."""
         deadline = time.monotonic() + max_s
         while (now := time.monotonic()) < deadline:
-            wait = self._last_arrival + quiet_s - now
+            wait = self._last_activity + quiet_s - now
             if wait <= 0:
                 return
             await asyncio.sleep(min(wait, deadline - now))

@@ -197,7 +197,8 @@ class Node:
         await self.runtime.events.hub.close()
         # The last moment of the grace period is for ending streams with a clear status.
         margin = min(1.0, grace / 10)
-        if not await self.drain.wait_idle(grace - margin):
+        # Counted from the deadline: the settling above used part of the grace period.
+        if not await self.drain.wait_idle(deadline - margin - loop.time()):
             ended = self.drain.end_streams()
             log.warning("shutdown: grace period over with %d call(s) in flight; ended %d "
                         "stream(s)", self.drain.in_flight, ended)
@@ -205,7 +206,7 @@ class Node:
         # The callers of the last calls to finish send their next ones as soon as they
         # have the answer: grpc holds such a call until the loop takes it, and stopping
         # the server then answers it CANCELLED, not retryable (grpc/grpc#41785). So late
-        # calls are refused (UNAVAILABLE) until none has arrived for 0.1 s.
+        # calls are refused (UNAVAILABLE) until no call has arrived or finished for 0.1 s.
         await self.drain.settle(quiet_s=0.1, max_s=min(1.0, deadline - loop.time()))
         await self.drain.wait_idle(deadline - loop.time())
         await self.server.stop(max(0.0, deadline - loop.time()))

@@ -47,13 +47,25 @@ def access_line(level: int, message: str, fields: Mapping[str, Any]) -> None:
     if not logger.isEnabledFor(level):
         return
     handler = _installed
-    root = logging.root
-    if handler is not None and logger.propagate and not logger.handlers \
-            and not logger.filters and not root.filters and root.handlers == [handler] \
+    if handler is not None and _only_listener(handler) \
+            and logging.getLogRecordFactory() is logging.LogRecord \
             and handler.access(level, message, fields):
         return
     logger.handle(logger.makeRecord(logger.name, level, __file__, 0, "%s", (message,), None,
                                     extra={"fields": fields}))
+
+
+def _only_listener(handler: logging.Handler) -> bool:
+    """Whether a record of the access logger would reach `handler` alone, unfiltered on
+    the way: no handler or filter on the access logger or any logger above it but the
+    root, all of them propagating, and `handler` the root's only handler."""
+    current: logging.Logger | None = _ACCESS
+    while current is not None and current is not logging.root:
+        if current.handlers or current.filters or not current.propagate:
+            return False
+        current = current.parent
+    root = logging.root
+    return current is root and not root.filters and root.handlers == [handler]
 
 
 class _Redact(logging.Filter):
@@ -153,11 +165,14 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         message = redact(message)
         if type(formatter) is _Text and formatter.datefmt is None and \
                 formatter._fmt == _TEXT and formatter.default_time_format == _TIME_FORMAT \
-                and formatter.default_msec_format == "%s,%03d":
+                and formatter.default_msec_format == "%s,%03d" \
+                and formatter.converter is time.localtime:
             second = int(now)
-            if self._second[0] != second:
-                self._second = (second, time.strftime(_TIME_FORMAT, time.localtime(second)))
-            line = (f"{self._second[1]},{int((now - second) * 1000):03d} "
+            cached = self._second
+            if cached[0] != second:
+                cached = self._second = (second, time.strftime(_TIME_FORMAT,
+                                                               time.localtime(second)))
+            line = (f"{cached[1]},{int((now - second) * 1000):03d} "
                     f"{logging.getLevelName(level)} {ACCESS_LOGGER}: {message}")
         elif type(formatter) is JsonFormatter:
             line = formatter.line(now, logging.getLevelName(level), ACCESS_LOGGER, message,

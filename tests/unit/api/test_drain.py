@@ -54,3 +54,15 @@ async def test_end_streams_cancels_only_open_streams() -> None:
     assert drain.end_streams() == 1
     assert await task == "ended"
     assert drain.in_flight == 0
+
+
+async def test_settle_waits_for_quiet_after_the_last_call_finishes() -> None:
+    # A call that outlasts the quiet period: its caller sends the next one on the answer,
+    # so quiet counts from when it finished, not from when it arrived.
+    drain = Drain()
+    with drain.track(stream=False):
+        await asyncio.sleep(0.2)
+    settled = asyncio.ensure_future(drain.settle(quiet_s=0.05, max_s=30))
+    await asyncio.sleep(0)
+    assert not settled.done()
+    await settled

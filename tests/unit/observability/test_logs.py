@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -161,6 +162,63 @@ def test_access_lines_go_through_logging_when_another_handler_listens() -> None:
         access_line(logging.INFO, "svc/M OK 1.0 ms", {})
         logging.getLogger().handlers[0].flush()
     assert buffer.getvalue() == ""
+
+
+def test_access_lines_go_through_logging_whenever_anything_else_is_set_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What logging would do decides: a handler or propagate=False on a logger above the
+    access logger, a formatter converter set to UTC, a record factory adding fields."""
+    parent, seen = logging.getLogger("tessera"), []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    with _capture("text") as buffer:
+        keep = Keep()
+        parent.addHandler(keep)
+        try:
+            access_line(logging.INFO, "seen above", {})
+        finally:
+            parent.removeHandler(keep)
+        with monkeypatch.context() as m:
+            m.setattr(parent, "propagate", False)
+            access_line(logging.INFO, "stopped above", {})
+        logging.getLogger().handlers[0].flush()
+    assert seen == ["seen above"]
+    assert "seen above" in buffer.getvalue() and "stopped above" not in buffer.getvalue()
+
+    # A local zone far from UTC, so a line in local time cannot pass for one in UTC.
+    monkeypatch.setenv("TZ", "EST+5")
+    time.tzset()
+    try:
+        monkeypatch.setattr(logging.Formatter, "converter", time.gmtime)
+        with _capture("text") as buffer:
+            monkeypatch.setattr("time.time", lambda: _CREATED)
+            access_line(logging.INFO, "in utc", {})
+            logging.getLogger().handlers[0].flush()
+        utc = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(_CREATED))
+        assert buffer.getvalue().startswith(f"{utc},045 INFO tessera.access: in utc")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+    factory = logging.getLogRecordFactory()
+
+    def tagged(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        record.replica = "r1"
+        return record
+
+    logging.setLogRecordFactory(tagged)
+    try:
+        with _capture("json") as buffer:
+            access_line(logging.INFO, "tagged", {"code": "OK"})
+            logging.getLogger().handlers[0].flush()
+    finally:
+        logging.setLogRecordFactory(factory)
+    line = json.loads(buffer.getvalue())
+    assert line["replica"] == "r1" and line["code"] == "OK"
 
 
 def _no_record(*args: object, **kwargs: object) -> logging.LogRecord:
