@@ -59,10 +59,12 @@ async def test_end_streams_cancels_only_open_streams() -> None:
 async def test_settle_waits_for_quiet_after_the_last_call_finishes() -> None:
     # A call that outlasts the quiet period: its caller sends the next one on the answer,
     # so quiet counts from when it finished, not from when it arrived.
+    # (A call of 1 s against a quiet period of 0.5 s: the check below holds unless the
+    # loop stalls for 0.5 s between the two, and fails whenever quiet counts from arrival.)
     drain = Drain()
     with drain.track(stream=False):
-        await asyncio.sleep(0.2)
-    settled = asyncio.ensure_future(drain.settle(quiet_s=0.05, max_s=30))
+        await asyncio.sleep(1.0)
+    settled = asyncio.ensure_future(drain.settle(quiet_s=0.5, max_s=30))
     await asyncio.sleep(0)
     assert not settled.done()
     await settled
