@@ -140,23 +140,28 @@ def test_an_access_line_written_directly_is_the_line_its_record_gives(
         assert "peer" not in line and "audit_sequence" not in line  # empty fields left out
 
 
+class _Keep(logging.Handler):
+    """Keeps the records it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_access_lines_go_through_logging_when_another_handler_listens() -> None:
-    seen: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record)
-
     with _capture("text") as buffer:
-        keep = Keep()
+        keep = _Keep()
         logging.getLogger().addHandler(keep)
         try:
             access_line(logging.INFO, "svc/M OK 1.0 ms", {"code": "OK"})
         finally:
             logging.getLogger().removeHandler(keep)
         logging.getLogger().handlers[0].flush()
-    assert [r.getMessage() for r in seen] == ["svc/M OK 1.0 ms"]
-    assert seen[0].fields == {"code": "OK"}  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in keep.records] == ["svc/M OK 1.0 ms"]
+    assert keep.records[0].fields == {"code": "OK"}  # type: ignore[attr-defined]
     assert "tessera.access: svc/M OK 1.0 ms" in buffer.getvalue()
     with _capture("text", access=False) as buffer:
         access_line(logging.INFO, "svc/M OK 1.0 ms", {})
@@ -168,14 +173,9 @@ def test_access_lines_go_through_logging_whenever_anything_else_is_set_up(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """What logging would do decides: a handler or propagate=False on a logger above the
     access logger, a formatter converter set to UTC, a record factory adding fields."""
-    parent, seen = logging.getLogger("tessera"), []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
-
+    parent = logging.getLogger("tessera")
     with _capture("text") as buffer:
-        keep = Keep()
+        keep = _Keep()
         parent.addHandler(keep)
         try:
             access_line(logging.INFO, "seen above", {})
@@ -185,7 +185,7 @@ def test_access_lines_go_through_logging_whenever_anything_else_is_set_up(
             m.setattr(parent, "propagate", False)
             access_line(logging.INFO, "stopped above", {})
         logging.getLogger().handlers[0].flush()
-    assert seen == ["seen above"]
+    assert [r.getMessage() for r in keep.records] == ["seen above"]
     assert "seen above" in buffer.getvalue() and "stopped above" not in buffer.getvalue()
 
     # A local zone far from UTC, so a line in local time cannot pass for one in UTC.
