@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 from pathlib import Path
 
 import grpc
@@ -14,6 +15,7 @@ from cryptography import x509
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tessera.embedded import SOCKET_PATH_MAX, valkey_socket
 from tessera_client import AsyncClient
 from tessera_client.pb import (
     admin_pb2,
@@ -261,6 +263,33 @@ async def test_embedded_default_keeps_data_and_certificates_across_restarts(
     assert node.stop() == 0
 
 
+
+
+async def test_a_data_directory_too_deep_for_a_socket_path_runs_embedded_valkey(
+    node_factory: NodeFactory, tmp_path: Path,
+) -> None:
+    """Valkey cannot bind `<data>/valkey/valkey.sock` past 107 bytes (it exited 1 and the
+    node did not start); its socket then lives in a private directory under /tmp."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    assert len(os.fsencode(deep / "valkey" / "valkey.sock")) > SOCKET_PATH_MAX
+    node = node_factory(embedded=True, data_dir=deep)
+    sock = valkey_socket(deep / "valkey")
+    assert sock.exists() and not sock.is_relative_to(deep), sock
+    for d in (sock.parent, sock.parent.parent):
+        st = d.lstat()
+        assert st.st_uid == os.geteuid() and st.st_mode & 0o777 == 0o700, d
+    async with node.client() as c:
+        await c.command.Execute(put("home", "note", "deep", "deep-1", title="deep"))
+    res = run_cli(None, "doctor", "--json", "--data-dir", str(deep), env=node.env)
+    statuses = {c["name"]: c["status"] for c in json.loads(res.stdout)["checks"]}
+    assert statuses["valkey"] == "green", res.stdout
+    node.restart()  # the same socket path again, found by the hash of the directory
+    assert valkey_socket(deep / "valkey") == sock and sock.exists()
+    async with node.client() as c:
+        got = await c.query.GetResource(query_pb2.GetResourceRequest(
+            key=key("home", "note", "deep")))
+        assert got.resource.title == "deep"
+    assert node.stop() == 0
 
 
 def test_wrong_setting_stops_the_start_with_one_line_naming_it(tmp_path: Path) -> None:

