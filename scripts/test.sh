@@ -3,9 +3,18 @@
 # Valkey, step-ca and node processes. Extra arguments go to pytest.
 #
 #   bash scripts/test.sh [-k expr] [tests/path]
+#
+# Two pytest-xdist workers (TESSERA_TEST_WORKERS=N for another number, 0 for none): most
+# tests wait on processes, so two halve the time on two cores. Each worker starts its own
+# PostgreSQL, Valkey and step-ca; tests that start agents (host-wide uids and processes)
+# share one worker (the xdist_group "agents").
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VENV:-$repo/.venv}"
 bash "$repo/scripts/bootstrap.sh"
 cd "$repo"
-exec "$venv/bin/python" -m pytest -ra "$@"
+workers="${TESSERA_TEST_WORKERS:-2}"
+if [ "$workers" = 0 ]; then
+    exec "$venv/bin/python" -m pytest -ra "$@"
+fi
+exec "$venv/bin/python" -m pytest -ra -n "$workers" --dist loadgroup "$@"

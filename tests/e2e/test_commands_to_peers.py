@@ -36,6 +36,10 @@ from tests.integration.test_agents import (  # noqa: F401 - fixtures used by nam
     recorded_group,
 )
 
+#: Agent runs are host-wide (uids, processes): these tests run one at a time on one
+#: pytest-xdist worker, never beside another test that starts agents.
+pytestmark = pytest.mark.xdist_group("agents")
+
 DEADLINE_S = 60.0
 FAST = {"TESSERA_FEDERATION_PEER_TIMEOUT_MS": "1500",
         "TESSERA_FEDERATION_BREAKER_FAILURES": "2",

@@ -23,6 +23,10 @@ from pathlib import Path
 
 import pytest
 
+#: Agent runs are host-wide (uids, processes): these tests run one at a time on one
+#: pytest-xdist worker, never beside another test that starts agents.
+pytestmark = pytest.mark.xdist_group("agents")
+
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "commands.md"
 MARKER = "<!-- doc-test -->"

