@@ -27,8 +27,9 @@ async def _dependency_checks(cfg: config.Config) -> list[doctor.Check]:
 
     paths = NodePaths(cfg.node.data_dir)
     url = cfg.valkey.url
-    if not url and valkey_socket(paths.valkey).exists():
-        url = f"unix://{valkey_socket(paths.valkey)}"
+    socket = valkey_socket(paths.valkey)
+    if not url and socket is not None and socket.exists():
+        url = f"unix://{socket}"
     if cfg.tls.cert_file:
         certificates = [("certificate", Path(cfg.tls.cert_file), Path(cfg.tls.key_file))]
         renewals = {}

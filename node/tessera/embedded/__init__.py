@@ -12,7 +12,6 @@ left running by an older node is stopped before ours starts, never adopted.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pwd
@@ -59,6 +58,7 @@ __all__ = [
     "describe_exit",
     "open_path_to",
     "pid_alive",
+    "private_socket_dir",
     "running_postgres_dsn",
     "spawn",
     "stop_pid",
@@ -276,9 +276,12 @@ class EmbeddedPostgres(EmbeddedService):
         # directory named by a hash of the path, which stays the same across restarts.
         runtime = Path(tempfile.gettempdir()) / f"tessera-pg-{os.getuid()}"
         socket_dir: Path = pgutils.find_suitable_socket_dir(self.pgdata, runtime)
-        if self._user is not None and socket_dir != self.pgdata:
-            pgutils.ensure_prefix_permissions(socket_dir)
-            private_socket_dir(socket_dir, self._user)
+        if socket_dir != self.pgdata:
+            if self._user is not None:
+                pgutils.ensure_prefix_permissions(socket_dir)
+            # Also when not root (PostgreSQL then runs as this account): the wheel makes the
+            # directories with no checks, and one another account made first was theirs.
+            private_socket_dir(socket_dir, self._user or pwd.getpwuid(os.geteuid()).pw_name)
         self._socket_dir = socket_dir
 
     def _initdb(self, initdb: Path) -> None:
@@ -345,39 +348,83 @@ class EmbeddedPostgres(EmbeddedService):
 SOCKET_PATH_MAX = 107
 
 
-def valkey_socket(directory: Path) -> Path:
-    """Where the embedded Valkey kept in `directory` listens.
+#: In the embedded Valkey's directory: the socket directory chosen under the temporary
+#: directory when the data directory is too deep for a socket path.
+_SOCKET_RECORD = "socket-dir"
+
+
+def valkey_socket(directory: Path) -> Path | None:
+    """Where the embedded Valkey kept in `directory` listens (or last listened).
 
     `directory/valkey.sock` when that path fits in a Unix socket address; for a deeper data
-    directory (Valkey would not start), `valkey.sock` in a directory of the node's own under
-    the temporary directory, named by a hash of `directory`'s path, so it is the same for
-    every start of that node and `doctor` finds it.
+    directory, `valkey.sock` in the private directory its last start recorded (None when
+    none did).
     """
     directory = directory.expanduser().resolve()
     own = directory / "valkey.sock"
     if len(os.fsencode(own)) <= SOCKET_PATH_MAX:
         return own
-    digest = hashlib.sha256(os.fsencode(directory)).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"tessera-valkey-{os.geteuid()}" / digest / "valkey.sock"
+    try:
+        return Path((directory / _SOCKET_RECORD).read_text().strip()) / "valkey.sock"
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
-def _own_private_dir(path: Path) -> None:
-    """Create `path` 0700, or take it as it is when it is already this account's directory.
+def _safe_shared_dir(path: Path) -> None:
+    """`path` (the temporary directory) must not let another account rename our entries.
 
-    It sits in the shared temporary directory: one that another account made first (or a
-    symlink) is refused, or that account could swap the socket and receive the node's
-    connections. Mode bits beyond 0700 on our own directory are removed.
+    That holds when root or this account owns it and nobody else may write to it, or it is
+    sticky (/tmp): else another account could swap the socket directory for its own.
     """
     try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise ConfigError(f"{path} (embedded Valkey's socket directory) is not a directory of "
-                          "this node's account; remove it and start again")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        path.chmod(0o700)
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"{path} (the temporary directory, TMPDIR) is not usable for "
+                          f"embedded Valkey's socket: {exc.strerror}; set TMPDIR or "
+                          "valkey.url") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or (
+            st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+        raise ConfigError(f"{path} (the temporary directory, TMPDIR) lets other accounts "
+                          "rename what it holds (writable by them and not sticky, or owned "
+                          "by another account); set TMPDIR to a safe directory or valkey.url")
+
+
+def _own_private_dir(path: Path) -> bool:
+    """Whether `path` is a directory (not a symlink) of this account that only it may use."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and \
+        not stat.S_IMODE(st.st_mode) & 0o077
+
+
+def _short_socket(directory: Path) -> Path:
+    """A socket path in a private directory under the temporary directory.
+
+    The directory is made by mkdtemp (a fresh, unguessable name, 0700: nobody can plant it
+    first) and recorded in `directory`, so every restart of Valkey, and `doctor`, use the
+    same socket. A recorded one that is gone or is not ours any more (after a reboot another
+    account may have taken its name) is replaced by a new one.
+    """
+    tmp = Path(tempfile.gettempdir()).resolve()
+    _safe_shared_dir(tmp)
+    previous = valkey_socket(directory)
+    if previous is not None and previous.parent.parent == tmp and \
+            previous.parent.name.startswith("tessera-valkey-") and \
+            _own_private_dir(previous.parent):
+        sock = previous
+    else:
+        sock = Path(tempfile.mkdtemp(prefix="tessera-valkey-", dir=tmp)) / "valkey.sock"
+        record = directory / _SOCKET_RECORD
+        partial = record.with_name(record.name + ".new")
+        partial.write_text(f"{sock.parent}\n")
+        partial.replace(record)
+    if len(os.fsencode(sock)) > SOCKET_PATH_MAX:
+        raise ConfigError(f"{sock} (embedded Valkey's socket) is too long for a Unix socket "
+                          f"(at most {SOCKET_PATH_MAX} bytes): set TMPDIR to a shorter "
+                          "directory, use a shorter data directory, or set valkey.url")
+    return sock
 
 
 class EmbeddedValkey(EmbeddedService):
@@ -390,7 +437,8 @@ class EmbeddedValkey(EmbeddedService):
     def __init__(self, directory: Path) -> None:
         super().__init__()
         self.directory = directory.expanduser().resolve()
-        self.socket = valkey_socket(self.directory)
+        #: Set by prepare(): in the directory, or under the temporary directory if too deep.
+        self.socket = self.directory / "valkey.sock"
 
     @property
     def url(self) -> str:
@@ -418,14 +466,9 @@ class EmbeddedValkey(EmbeddedService):
             ) from exc
         self._bin: Path = get_binary_path()
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self.socket.parent != self.directory:  # a deep data directory: see valkey_socket
-            if len(os.fsencode(self.socket)) > SOCKET_PATH_MAX:
-                raise ConfigError(
-                    f"{self.socket} (embedded Valkey's socket) is too long for a Unix socket "
-                    f"(at most {SOCKET_PATH_MAX} bytes): set TMPDIR to a shorter directory, "
-                    "use a shorter data directory, or set valkey.url")
-            _own_private_dir(self.socket.parent.parent)
-            _own_private_dir(self.socket.parent)
+        if len(os.fsencode(self.socket)) > SOCKET_PATH_MAX:
+            # Valkey cannot bind so long a path (it exits 1): a deep data directory.
+            self.socket = _short_socket(self.directory)
         pidfile = self.directory / "valkey.pid"
         _stop_pidfile(pidfile)
         self._conf = self.directory / "valkey.conf"

@@ -1,4 +1,5 @@
-"""Unit tests of tessera.embedded: where the embedded Valkey's socket goes."""
+"""Unit tests of tessera.embedded: where the embedded services' sockets go when the data
+directory is too deep for a Unix socket path."""
 
 from __future__ import annotations
 
@@ -12,74 +13,112 @@ from pathlib import Path
 import pytest
 
 from tessera.core.errors import ConfigError
-from tessera.embedded import SOCKET_PATH_MAX, EmbeddedValkey, valkey_socket
+from tessera.embedded import SOCKET_PATH_MAX, EmbeddedValkey, private_socket_dir, valkey_socket
 
 
 def _deep(base: Path) -> Path:
     return base / ("a" * 60) / ("b" * 60) / "valkey"
 
 
-def test_a_short_directory_keeps_its_socket_inside(tmp_path: Path) -> None:
-    assert valkey_socket(tmp_path / "valkey") == tmp_path / "valkey" / "valkey.sock"
-
-
 @pytest.fixture
 def short_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A short temporary directory (pytest's own is too deep for a socket path)."""
     path = Path(tempfile.mkdtemp(prefix="tv-", dir="/tmp"))
+    path.chmod(0o1777)  # like /tmp
     monkeypatch.setattr(tempfile, "tempdir", str(path))
     yield path
     shutil.rmtree(path)
 
 
-def test_a_deep_directory_gets_a_short_stable_socket_path_of_its_own(
+def _prepared(directory: Path) -> Path:
+    valkey = EmbeddedValkey(directory)
+    valkey.prepare()
+    assert f"unixsocket {valkey.socket}\n" in (valkey.directory / "valkey.conf").read_text()
+    return valkey.socket
+
+
+def test_a_short_directory_keeps_its_socket_inside(tmp_path: Path) -> None:
+    assert valkey_socket(tmp_path / "valkey") == tmp_path / "valkey" / "valkey.sock"
+    assert _prepared(tmp_path / "valkey") == tmp_path / "valkey" / "valkey.sock"
+
+
+def test_a_deep_directory_gets_a_private_short_socket_directory_kept_across_starts(
     tmp_path: Path, short_tmp: Path,
 ) -> None:
     one, two = _deep(tmp_path / "x"), _deep(tmp_path / "y")
-    sock = valkey_socket(one)
     assert len(os.fsencode(one / "valkey.sock")) > SOCKET_PATH_MAX
+    assert valkey_socket(one) is None  # never started: nothing to find
+    sock = _prepared(one)
     assert len(os.fsencode(sock)) <= SOCKET_PATH_MAX
-    assert sock.parent.parent == short_tmp / f"tessera-valkey-{os.geteuid()}"
-    assert valkey_socket(one) == sock  # every start of the node finds the same one
-    assert valkey_socket(two) != sock  # another node's is another
+    assert sock.parent.parent == short_tmp and sock.parent.name.startswith("tessera-valkey-")
+    st = sock.parent.lstat()
+    assert st.st_uid == os.geteuid() and st.st_mode & 0o777 == 0o700
+    assert valkey_socket(one) == sock  # what doctor reads
+    assert _prepared(one) == sock  # a restart (of Valkey, or of the node) binds it again
+    assert _prepared(two) != sock  # another node's is another
 
 
-def test_prepare_makes_the_socket_directories_private(tmp_path: Path, short_tmp: Path) -> None:
-    own = short_tmp / f"tessera-valkey-{os.geteuid()}"
-    own.mkdir(mode=0o755)
-    own.chmod(0o755)  # as a umask of 022 would leave it
-    valkey = EmbeddedValkey(_deep(tmp_path / "data"))
-    valkey.prepare()
-    for d in (valkey.socket.parent, own):
-        assert d.stat().st_mode & 0o777 == 0o700, d
-    assert f"unixsocket {valkey.socket}\n" in (valkey.directory / "valkey.conf").read_text()
+@pytest.mark.parametrize("taken", ["another account's directory", "a symlink", "gone"])
+def test_a_recorded_directory_that_is_not_ours_any_more_is_replaced(
+    tmp_path: Path, short_tmp: Path, taken: str,
+) -> None:
+    """After a reboot empties /tmp, another account may make a directory of the recorded
+    name first: the node makes a new one of its own instead (it does not refuse to start)."""
+    if os.geteuid() != 0 and taken != "gone":
+        pytest.fail("this test needs root to plant a directory of another account")
+    deep = _deep(tmp_path / "data")
+    sock = _prepared(deep)
+    shutil.rmtree(sock.parent)
+    if taken == "a symlink":
+        (short_tmp / "elsewhere").mkdir(mode=0o700)
+        sock.parent.symlink_to(short_tmp / "elsewhere")
+    elif taken == "another account's directory":
+        sock.parent.mkdir(mode=0o700)
+        nobody = pwd.getpwnam("nobody")
+        os.chown(sock.parent, nobody.pw_uid, nobody.pw_gid)
+    fresh = _prepared(deep)
+    assert fresh != sock and fresh.parent.parent == short_tmp
+    assert not fresh.parent.is_symlink() and fresh.parent.stat().st_uid == os.geteuid()
+    assert valkey_socket(deep) == fresh
+
+
+def test_a_temporary_directory_others_may_rename_in_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    unsafe = Path(tempfile.mkdtemp(prefix="tv-", dir="/tmp"))
+    try:
+        unsafe.chmod(0o777)  # writable by all, not sticky: anyone may rename our directory
+        monkeypatch.setattr(tempfile, "tempdir", str(unsafe))
+        with pytest.raises(ConfigError) as err:
+            _prepared(_deep(tmp_path / "data"))
+        assert str(unsafe) in str(err.value) and "TMPDIR" in str(err.value)
+    finally:
+        shutil.rmtree(unsafe)
 
 
 def test_a_socket_path_still_too_long_is_a_clear_error(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / ("t" * 90)))
+    long_tmp = tmp_path / ("t" * 90)
+    long_tmp.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
     with pytest.raises(ConfigError) as err:
-        EmbeddedValkey(_deep(tmp_path / "data")).prepare()
+        _prepared(_deep(tmp_path / "data"))
     assert "too long for a Unix socket" in str(err.value) and "valkey.url" in str(err.value)
 
 
-@pytest.mark.parametrize("planted", ["another account's directory", "a symlink"])
-def test_a_socket_directory_planted_by_someone_else_is_refused(
-    tmp_path: Path, short_tmp: Path, planted: str,
-) -> None:
+def test_postgres_socket_directory_of_another_account_is_refused(tmp_path: Path) -> None:
+    """The socket directory outside a deep data directory (/tmp/tessera-pg-<uid>/<hash>):
+    its parent made first by another account could swap it for its own."""
     if os.geteuid() != 0:
         pytest.fail("this test needs root to plant a directory of another account")
-    shared = short_tmp / f"tessera-valkey-{os.geteuid()}"
-    if planted == "a symlink":
-        target = short_tmp / "elsewhere"
-        target.mkdir(mode=0o700)
-        shared.symlink_to(target)
-    else:
-        shared.mkdir(mode=0o700)
-        nobody = pwd.getpwnam("nobody")
-        os.chown(shared, nobody.pw_uid, nobody.pw_gid)
-    valkey = EmbeddedValkey(_deep(tmp_path / "data"))
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    parent = tmp_path / "tessera-pg-x"
+    parent.mkdir()
+    (parent / "hash").mkdir(mode=0o755)
+    private_socket_dir(parent / "hash", me)  # ours: tightened, not refused
+    assert (parent / "hash").stat().st_mode & 0o777 == 0o700
+    nobody = pwd.getpwnam("nobody")
+    os.chown(parent, nobody.pw_uid, nobody.pw_gid)
     with pytest.raises(ConfigError) as err:
-        valkey.prepare()
-    assert str(shared) in str(err.value) and "not a directory of this node's account" in \
-        str(err.value)
+        private_socket_dir(parent / "hash", me)
+    assert str(parent) in str(err.value)
