@@ -106,7 +106,7 @@ def open_path_to(path: Path, user: str) -> None:
             above.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
 
-def private_socket_dir(socket_dir: Path, user: str) -> None:
+def private_socket_dir(socket_dir: Path, user: str | None) -> None:
     """Make the socket directory outside the data directory `user`'s alone (0700).
 
     It sits under /tmp (the data directory was too deep for a socket path). It was 0777
@@ -116,9 +116,6 @@ def private_socket_dir(socket_dir: Path, user: str) -> None:
     Its parent must be the node's (then closed to others' writes), or another account
     could swap the directory.
     """
-    import stat
-
-    entry = pwd.getpwnam(user)
     parent = socket_dir.parent.lstat()
     if not stat.S_ISDIR(parent.st_mode) or parent.st_uid != os.geteuid():
         raise ConfigError(f"{socket_dir.parent} (embedded PostgreSQL's socket directories) "
@@ -128,10 +125,15 @@ def private_socket_dir(socket_dir: Path, user: str) -> None:
         # Created under a umask that let the group or others write: ours to close.
         socket_dir.parent.chmod(stat.S_IMODE(parent.st_mode) & ~0o022)
     st = socket_dir.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.geteuid(), entry.pw_uid):
+    # `user` None: PostgreSQL runs as this account (not root), which may have no passwd
+    # entry (a container's --user): the directory must be ours, nothing to hand over.
+    entry = pwd.getpwnam(user) if user is not None else None
+    owners = (os.geteuid(),) if entry is None else (os.geteuid(), entry.pw_uid)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in owners:
         raise ConfigError(f"{socket_dir} (embedded PostgreSQL's socket directory) belongs "
                           "to another account; remove it and start again")
-    os.chown(socket_dir, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+    if entry is not None:
+        os.chown(socket_dir, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
     socket_dir.chmod(0o700)
 
 
@@ -281,7 +283,7 @@ class EmbeddedPostgres(EmbeddedService):
                 pgutils.ensure_prefix_permissions(socket_dir)
             # Also when not root (PostgreSQL then runs as this account): the wheel makes the
             # directories with no checks, and one another account made first was theirs.
-            private_socket_dir(socket_dir, self._user or pwd.getpwuid(os.geteuid()).pw_name)
+            private_socket_dir(socket_dir, self._user)
         self._socket_dir = socket_dir
 
     def _initdb(self, initdb: Path) -> None:
@@ -351,23 +353,53 @@ SOCKET_PATH_MAX = 107
 #: In the embedded Valkey's directory: the socket directory chosen under the temporary
 #: directory when the data directory is too deep for a socket path.
 _SOCKET_RECORD = "socket-dir"
+#: In that socket directory: which Valkey directory it belongs to (path and inode), so a
+#: copy of the data directory does not take the original's socket.
+_SOCKET_OWNER = "owner"
+_SOCKET_PREFIX = "tessera-valkey-"
+
+
+def _owner_mark(directory: Path) -> str:
+    return f"{directory}\n{directory.stat().st_ino}\n"
+
+
+def _private_dir_of(path: Path, uid: int) -> bool:
+    """Whether `path` is a directory (not a symlink) of `uid` that no one else may use."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid and \
+        not stat.S_IMODE(st.st_mode) & 0o077
+
+
+def _recorded_dir(directory: Path) -> Path | None:
+    """The socket directory recorded for the Valkey directory `directory`, if it is still
+    that directory's own: named as ours, private to `directory`'s owner, marked with it."""
+    try:
+        found = Path((directory / _SOCKET_RECORD).read_text().strip())
+        owner = directory.stat().st_uid
+        if found.name.startswith(_SOCKET_PREFIX) and _private_dir_of(found, owner) and \
+                (found / _SOCKET_OWNER).read_text() == _owner_mark(directory):
+            return found
+    except (OSError, UnicodeDecodeError):
+        pass
+    return None
 
 
 def valkey_socket(directory: Path) -> Path | None:
     """Where the embedded Valkey kept in `directory` listens (or last listened).
 
     `directory/valkey.sock` when that path fits in a Unix socket address; for a deeper data
-    directory, `valkey.sock` in the private directory its last start recorded (None when
-    none did).
+    directory, `valkey.sock` in the private directory its last start recorded, if that is
+    still this directory's own (None when it is not, or none was recorded).
     """
     directory = directory.expanduser().resolve()
     own = directory / "valkey.sock"
     if len(os.fsencode(own)) <= SOCKET_PATH_MAX:
         return own
-    try:
-        return Path((directory / _SOCKET_RECORD).read_text().strip()) / "valkey.sock"
-    except (OSError, UnicodeDecodeError):
-        return None
+    found = _recorded_dir(directory)
+    return None if found is None else found / "valkey.sock"
 
 
 def _safe_shared_dir(path: Path) -> None:
@@ -389,37 +421,41 @@ def _safe_shared_dir(path: Path) -> None:
                           "by another account); set TMPDIR to a safe directory or valkey.url")
 
 
-def _own_private_dir(path: Path) -> bool:
-    """Whether `path` is a directory (not a symlink) of this account that only it may use."""
-    try:
-        st = path.lstat()
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and \
-        not stat.S_IMODE(st.st_mode) & 0o077
-
-
-def _short_socket(directory: Path) -> Path:
+def _short_socket(directory: Path, current: Path | None) -> Path:
     """A socket path in a private directory under the temporary directory.
 
-    The directory is made by mkdtemp (a fresh, unguessable name, 0700: nobody can plant it
-    first) and recorded in `directory`, so every restart of Valkey, and `doctor`, use the
-    same socket. A recorded one that is gone or is not ours any more (after a reboot another
-    account may have taken its name) is replaced by a new one.
+    At a node's start (`current` None) the recorded directory is reused when it is still
+    ours; else mkdtemp makes a new one (a fresh, unguessable name, 0700: nobody can plant it
+    first; after a reboot another account may have taken the recorded name) and it is
+    recorded, so restarts and `doctor` find it. A restart of Valkey within the node's life
+    keeps `current` (the serving processes know that path): made again if it is gone,
+    refused if it is not ours any more.
     """
+    if current is not None:
+        found = current.parent
+        _safe_shared_dir(found.parent)
+        try:
+            found.mkdir(mode=0o700)  # removed meanwhile (a tmp cleaner): the same name again
+            (found / _SOCKET_OWNER).write_text(_owner_mark(directory))
+        except FileExistsError:
+            pass
+        if _recorded_dir(directory) != found:
+            raise ConfigError(f"{found} (embedded Valkey's socket directory) is no longer "
+                              "this node's own; restart the node to make a new one")
+        return current
     tmp = Path(tempfile.gettempdir()).resolve()
     _safe_shared_dir(tmp)
-    previous = valkey_socket(directory)
-    if previous is not None and previous.parent.parent == tmp and \
-            previous.parent.name.startswith("tessera-valkey-") and \
-            _own_private_dir(previous.parent):
-        sock = previous
+    found_or_none = _recorded_dir(directory)
+    if found_or_none is not None and found_or_none.parent == tmp:
+        found = found_or_none
     else:
-        sock = Path(tempfile.mkdtemp(prefix="tessera-valkey-", dir=tmp)) / "valkey.sock"
+        found = Path(tempfile.mkdtemp(prefix=_SOCKET_PREFIX, dir=tmp))
+        (found / _SOCKET_OWNER).write_text(_owner_mark(directory))
         record = directory / _SOCKET_RECORD
         partial = record.with_name(record.name + ".new")
-        partial.write_text(f"{sock.parent}\n")
+        partial.write_text(f"{found}\n")
         partial.replace(record)
+    sock = found / "valkey.sock"
     if len(os.fsencode(sock)) > SOCKET_PATH_MAX:
         raise ConfigError(f"{sock} (embedded Valkey's socket) is too long for a Unix socket "
                           f"(at most {SOCKET_PATH_MAX} bytes): set TMPDIR to a shorter "
@@ -466,9 +502,12 @@ class EmbeddedValkey(EmbeddedService):
             ) from exc
         self._bin: Path = get_binary_path()
         self.directory.mkdir(parents=True, exist_ok=True)
-        if len(os.fsencode(self.socket)) > SOCKET_PATH_MAX:
-            # Valkey cannot bind so long a path (it exits 1): a deep data directory.
-            self.socket = _short_socket(self.directory)
+        if self.socket.parent != self.directory or \
+                len(os.fsencode(self.socket)) > SOCKET_PATH_MAX:
+            # Valkey cannot bind so long a path (it exits 1): a deep data directory. Checked
+            # again at every restart of Valkey.
+            self.socket = _short_socket(
+                self.directory, None if self.socket.parent == self.directory else self.socket)
         pidfile = self.directory / "valkey.pid"
         _stop_pidfile(pidfile)
         self._conf = self.directory / "valkey.conf"

@@ -82,6 +82,83 @@ def test_a_recorded_directory_that_is_not_ours_any_more_is_replaced(
     assert valkey_socket(deep) == fresh
 
 
+def test_a_restart_of_valkey_keeps_its_socket_path_or_refuses(
+    tmp_path: Path, short_tmp: Path,
+) -> None:
+    """The serving processes know the socket path: a restart of Valkey (the same object,
+    prepare() again) keeps it, makes the directory again if it was removed, and refuses
+    one another account made in its place."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root to plant a directory of another account")
+    valkey = EmbeddedValkey(_deep(tmp_path / "data"))
+    valkey.prepare()
+    sock = valkey.socket
+    shutil.rmtree(sock.parent)  # a tmp cleaner
+    valkey.prepare()
+    assert valkey.socket == sock and valkey_socket(valkey.directory) == sock
+    assert sock.parent.stat().st_mode & 0o777 == 0o700
+    shutil.rmtree(sock.parent)
+    sock.parent.mkdir(mode=0o777)  # another account takes the name first
+    sock.parent.chmod(0o777)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(sock.parent, nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(ConfigError) as err:
+        valkey.prepare()
+    assert str(sock.parent) in str(err.value) and "no longer this node's own" in str(err.value)
+
+
+def test_a_copy_of_the_data_directory_does_not_take_the_original_socket(
+    tmp_path: Path, short_tmp: Path,
+) -> None:
+    original = _deep(tmp_path / "one")
+    sock = _prepared(original)
+    copy = _deep(tmp_path / "two")
+    shutil.copytree(original.parent, copy.parent)  # its record names the original's
+    assert _prepared(copy) != sock
+    assert valkey_socket(original) == sock
+
+
+@pytest.mark.parametrize("change", ["group-readable", "another name", "another account's"])
+def test_a_recorded_directory_is_reused_only_as_the_node_left_it(
+    tmp_path: Path, short_tmp: Path, change: str,
+) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root to plant a directory of another account")
+    deep = _deep(tmp_path / "data")
+    sock = _prepared(deep)
+    found = sock.parent
+    if change == "group-readable":
+        found.chmod(0o750)
+    elif change == "another name":  # the record edited to name a directory not ours
+        other = short_tmp / "not-valkey"
+        shutil.copytree(found, other)
+        (deep / "socket-dir").write_text(f"{other}\n")
+    else:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(found, nobody.pw_uid, nobody.pw_gid)
+    assert valkey_socket(deep) is None  # doctor does not trust it either
+    fresh = _prepared(deep)
+    assert fresh.parent not in (found, short_tmp / "not-valkey")
+
+
+def test_a_temporary_directory_of_another_account_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root to plant a directory of another account")
+    theirs = Path(tempfile.mkdtemp(prefix="tv-", dir="/tmp"))
+    try:
+        theirs.chmod(0o1777)  # sticky, but its owner may rename anything in it
+        nobody = pwd.getpwnam("nobody")
+        os.chown(theirs, nobody.pw_uid, nobody.pw_gid)
+        monkeypatch.setattr(tempfile, "tempdir", str(theirs))
+        with pytest.raises(ConfigError) as err:
+            _prepared(_deep(tmp_path / "data"))
+        assert str(theirs) in str(err.value)
+    finally:
+        shutil.rmtree(theirs)
+
+
 def test_a_temporary_directory_others_may_rename_in_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -111,14 +188,21 @@ def test_postgres_socket_directory_of_another_account_is_refused(tmp_path: Path)
     its parent made first by another account could swap it for its own."""
     if os.geteuid() != 0:
         pytest.fail("this test needs root to plant a directory of another account")
-    me = pwd.getpwuid(os.geteuid()).pw_name
     parent = tmp_path / "tessera-pg-x"
-    parent.mkdir()
+    parent.mkdir(mode=0o777)
+    parent.chmod(0o777)
     (parent / "hash").mkdir(mode=0o755)
-    private_socket_dir(parent / "hash", me)  # ours: tightened, not refused
+    # A node not run as root (user None: PostgreSQL runs as the node's own account, which
+    # may have no passwd entry): ours, so tightened, not refused, and nothing handed over.
+    private_socket_dir(parent / "hash", None)
     assert (parent / "hash").stat().st_mode & 0o777 == 0o700
+    assert parent.stat().st_mode & 0o022 == 0
     nobody = pwd.getpwnam("nobody")
+    os.chown(parent / "hash", nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(ConfigError) as err:
+        private_socket_dir(parent / "hash", None)
+    assert str(parent / "hash") in str(err.value)
     os.chown(parent, nobody.pw_uid, nobody.pw_gid)
     with pytest.raises(ConfigError) as err:
-        private_socket_dir(parent / "hash", me)
+        private_socket_dir(parent / "hash", None)
     assert str(parent) in str(err.value)
