@@ -7,7 +7,7 @@
 # Two pytest-xdist workers (TESSERA_TEST_WORKERS=N for another number, 0 for none): most
 # tests wait on processes, so two halve the time on two cores. Each worker starts its own
 # PostgreSQL, Valkey and step-ca; tests that start agents (host-wide uids and processes)
-# share one worker (the xdist_group "agents").
+# run one at a time (the `agents` mark, tests/conftest.py).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VENV:-$repo/.venv}"
@@ -17,4 +17,4 @@ workers="${TESSERA_TEST_WORKERS:-2}"
 if [ "$workers" = 0 ]; then
     exec "$venv/bin/python" -m pytest -ra "$@"
 fi
-exec "$venv/bin/python" -m pytest -ra -n "$workers" --dist loadgroup "$@"
+exec "$venv/bin/python" -m pytest -ra -n "$workers" "$@"

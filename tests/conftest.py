@@ -7,7 +7,11 @@ look past one).
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +41,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
         print(f"\nFAILED: {len(_skipped)} test(s) skipped; skips are not allowed here "
               f"(set TESSERA_ALLOW_SKIPS=1 to allow): {_skipped[:5]}")
+
+
+@pytest.fixture(autouse=True)
+def _agent_tests_one_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests marked `agents` hold a host-wide lock from before their node starts until after
+    it stops: agent runs take uids and processes of the whole host, and these tests check
+    that none is left, which another worker's agents would break. (pytest-xdist's
+    xdist_group cannot do it here: with pytest 9.2 it no longer renames the tests it
+    groups, so grouped tests were spread over the workers anyway.)"""
+    if request.node.get_closest_marker("agents") is None:
+        yield
+        return
+    lock = Path(tempfile.gettempdir()) / f"tessera-tests-agents-{os.getuid()}.lock"
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield

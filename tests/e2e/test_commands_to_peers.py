@@ -36,9 +36,9 @@ from tests.integration.test_agents import (  # noqa: F401 - fixtures used by nam
     recorded_group,
 )
 
-#: Agent runs are host-wide (uids, processes): these tests run one at a time on one
-#: pytest-xdist worker, never beside another test that starts agents.
-pytestmark = pytest.mark.xdist_group("agents")
+#: Agent runs are host-wide (uids, processes): one such test at a time across pytest-xdist
+#: workers (tests/conftest.py), so "no agent process is left" sees only this test's.
+pytestmark = pytest.mark.agents
 
 DEADLINE_S = 60.0
 FAST = {"TESSERA_FEDERATION_PEER_TIMEOUT_MS": "1500",

@@ -33,9 +33,9 @@ from tests.fixtures.nodes import NodeFactory, NodeProcess
 from tests.fixtures.peers import Peering
 from tests.fixtures.waiting import wait_until
 
-#: Agent runs are host-wide (uids, processes): these tests run one at a time on one
-#: pytest-xdist worker, never beside another test that starts agents.
-pytestmark = pytest.mark.xdist_group("agents")
+#: Agent runs are host-wide (uids, processes): one such test at a time across pytest-xdist
+#: workers (tests/conftest.py), so "no agent process is left" sees only this test's.
+pytestmark = pytest.mark.agents
 
 RUNNING = command_pb2.OPERATION_STATE_RUNNING
 SUCCEEDED = command_pb2.OPERATION_STATE_SUCCEEDED

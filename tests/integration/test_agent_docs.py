@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-#: Agent runs are host-wide (uids, processes): these tests run one at a time on one
-#: pytest-xdist worker, never beside another test that starts agents.
-pytestmark = pytest.mark.xdist_group("agents")
+#: Agent runs are host-wide (uids, processes): one such test at a time across pytest-xdist
+#: workers (tests/conftest.py), so "no agent process is left" sees only this test's.
+pytestmark = pytest.mark.agents
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "commands.md"

@@ -36,9 +36,9 @@ from tests.fixtures.calls import bad_fields, run_cli
 from tests.fixtures.nodes import TEST_DIMENSION, NodeProcess
 from tests.fixtures.pg import new_database
 
-#: Agent runs are host-wide (uids, processes): these tests run one at a time on one
-#: pytest-xdist worker, never beside another test that starts agents.
-pytestmark = pytest.mark.xdist_group("agents")
+#: Agent runs are host-wide (uids, processes): one such test at a time across pytest-xdist
+#: workers (tests/conftest.py), so "no agent process is left" sees only this test's.
+pytestmark = pytest.mark.agents
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]

@@ -45,9 +45,9 @@ from tests.integration.test_agents import (  # noqa: F401 - fixtures used by nam
     until,
 )
 
-#: Agent runs are host-wide (uids, processes): these tests run one at a time on one
-#: pytest-xdist worker, never beside another test that starts agents.
-pytestmark = pytest.mark.xdist_group("agents")
+#: Agent runs are host-wide (uids, processes): one such test at a time across pytest-xdist
+#: workers (tests/conftest.py), so "no agent process is left" sees only this test's.
+pytestmark = pytest.mark.agents
 
 # -- a setuid file planted by one run must not give another run its uid -----------------------
 

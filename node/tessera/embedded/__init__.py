@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
@@ -288,8 +289,18 @@ class EmbeddedPostgres(EmbeddedService):
 
     def _initdb(self, initdb: Path) -> None:
         """Create the cluster. Retried: a parent directory made private meanwhile (a tmp
-        cleaner, another pytest session) fails it, and initdb cleans up after a failure."""
+        cleaner, another pytest session) fails it. initdb then could not clean up either,
+        and every retry failed on the files it left ("either remove or empty the
+        directory"): a directory that was empty before is emptied again between attempts."""
+        fresh = not any(self.pgdata.iterdir())
         for attempt in range(3):
+            if attempt and fresh:
+                for leftover in self.pgdata.iterdir():
+                    if leftover.is_dir() and not leftover.is_symlink():
+                        shutil.rmtree(leftover)
+                    else:
+                        leftover.unlink()
+                time.sleep(0.2 * attempt)
             if self._user is not None:
                 open_path_to(self.pgdata, self._user)
             done = subprocess.run(  # noqa: S603 - the wheel's initdb, arguments built here
