@@ -177,24 +177,36 @@ def replayed(times: list[float]) -> int:
     return admitted
 
 
-def assert_exact(t: Tally, valkey_times: list[float], decided_at: list[float]) -> None:
+def first_clock(seen: list[tuple[float, list[str]]], node_name: str) -> float:
+    """The Valkey clock (s) the first admitted decision read: its `SET` stores that reading
+    plus one interval (the key is new, so no earlier TAT is larger)."""
+    first = next(cmd for _, cmd in seen if cmd[0].upper() == "SET" and _on_key(cmd, node_name))
+    return (int(first[2]) - Limit(RATE, BURST).interval_us) / 1_000_000
+
+
+def assert_exact(t: Tally, valkey_times: list[float], decided_at: list[float],
+                 start: float) -> None:
     """Admitted calls are burst + rate × the window they were admitted in, on Valkey's clock.
 
     Valkey decided every admission (the decision timeout is long enough that none was
-    decided locally) and stamped each: the first and last stamps bound the window exactly,
-    with no client-side guess. GCRA can never admit more than burst + rate × window (the
-    0.05 allows 1 ms of difference between when MONITOR stamps the first and the last
-    script's SET and when each script read the clock: one admission too many fails).
-    Fewer is not a fault when the callers left gaps (a loaded machine stalls the load
-    longer than the burst's worth of time): the count must match GCRA replayed over the
-    moments Valkey actually decided (±1 for a decision within microseconds of its
-    allowed moment, which MONITOR's stamps cannot place on the right side).
+    decided locally) and stamped each. The window starts at the clock the first admission
+    read (`start`, from the TAT it stored) and ends at MONITOR's stamp of the last
+    admission's `SET`. (Starting it at the first `SET`'s stamp instead made it shorter than
+    the real one by however long that first script ran after reading the clock: on a
+    loaded machine over a millisecond, and 235 admissions, exactly GCRA's, failed a bound
+    of 234.95.) GCRA can never admit more than burst + rate × window (the 0.05 allows 1 ms
+    between when the last script read the clock and when MONITOR stamped its `SET`: one
+    admission too many fails). Fewer is not a fault when the callers left gaps (a loaded
+    machine stalls the load longer than the burst's worth of time): the count must match
+    GCRA replayed over the moments Valkey actually decided (±1 for a decision within
+    microseconds of its allowed moment, which MONITOR's stamps cannot place on the right
+    side).
     """
     assert t.refused > 0, "the clients never hit the limit; the test proves nothing"
     assert len(valkey_times) == t.admitted, (
         f"{t.admitted} calls admitted, {len(valkey_times)} of them by Valkey")
     assert len(decided_at) == t.admitted + t.refused
-    elapsed = valkey_times[-1] - valkey_times[0]
+    elapsed = valkey_times[-1] - start
     expected = BURST + RATE * elapsed
     replay = replayed(decided_at)
     detail = (f"admitted {t.admitted} ({t.refused} refused), GCRA replayed on Valkey's "
@@ -210,7 +222,7 @@ async def hammer_counted(nodes: list[NodeProcess], valkey_url: str, name: str) -
         tally = await hammer(nodes, WINDOW_S)
     finally:
         seen = await asyncio.to_thread(monitor.stop)
-    assert_exact(tally, admissions(seen, name), decisions(seen, name))
+    assert_exact(tally, admissions(seen, name), decisions(seen, name), first_clock(seen, name))
 
 
 # -- the script itself -------------------------------------------------------------------
