@@ -14,7 +14,6 @@ venv="${VENV:-$repo/.venv}"
 bash "$repo/scripts/bootstrap.sh"
 cd "$repo"
 workers="${TESSERA_TEST_WORKERS:-2}"
-if [ "$workers" = 0 ]; then
-    exec "$venv/bin/python" -m pytest -ra "$@"
-fi
-exec "$venv/bin/python" -m pytest -ra -n "$workers" "$@"
+parallel=()
+[ "$workers" = 0 ] || parallel=(-n "$workers")
+exec "$venv/bin/python" -m pytest -ra "${parallel[@]}" "$@"
