@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import random
+from array import array
 
 import grpc
 import psycopg
 import pytest
+from pgvector import Vector
 from psycopg import sql
 
 from tessera.config import StoreConfig
 from tessera.store import SearchQuery, open_pool, search_statement
+from tessera.store._resources import to_vector
 from tessera_client.pb import command_pb2, query_pb2, resources_pb2
 from tests.fixtures.calls import bad_fields
 from tests.fixtures.nodes import TEST_DIMENSION, NodeFactory, NodeProcess
@@ -192,3 +195,34 @@ async def test_hits_carry_embeddings_only_when_asked(seeded: tuple) -> None:
     assert all(len(h.resource.embedding) == 0 for h in plain.hits)
     assert full.hits[0].resource.id == "r000"
     assert list(full.hits[0].resource.embedding) == pytest.approx(q, rel=1e-6)
+
+
+async def test_a_float32_array_query_vector_is_sent_as_the_same_vector(seeded: tuple) -> None:
+    """The servicer hands the store the request's floats as `array('f')` (`PackedVector`
+    parameters); on the node's own pool they find exactly what the same floats as a list
+    (pgvector's `Vector`) find, in text-format parameters too."""
+    node, _ = seeded
+    pool = await open_pool(StoreConfig(), node.env["TESSERA_STORE_DSN"])
+    try:
+        rng = random.Random(5)
+        for _ in range(5):
+            floats = list(array("f", _unit(rng)))  # the request's float32 values
+            answers = []
+            for embedding in (floats, array("f", floats)):
+                query, params = search_statement(SearchQuery(k=10, embedding=embedding),
+                                                 metric="cosine")
+                async with pool.connection() as conn:
+                    for binary in (True, False):
+                        cur = await conn.execute(query, params, binary=binary)
+                        answers.append([(r["id"], r["score"]) for r in await cur.fetchall()])
+            assert len(answers[0]) == 10
+            assert all(a == answers[0] for a in answers)
+            async with pool.connection() as conn:  # and the value PostgreSQL received
+                cur = await conn.execute("SELECT %s::text AS a, %b::text AS b", (
+                    to_vector(array("f", floats)), to_vector(array("f", floats))))
+                row = await cur.fetchone()
+            assert row is not None
+            assert row["a"] == row["b"]
+            assert array("f", Vector.from_text(row["a"]).to_list()) == array("f", floats)
+    finally:
+        await pool.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from datetime import UTC, datetime
 from typing import Any
 
@@ -67,8 +69,18 @@ def fill_resource(msg: resources_pb2.Resource, r: Resource, *, source: str = "lo
     msg.title = r.title
     msg.body = r.body
     msg.attributes.ParseFromString(struct_bytes(r.attributes))
-    if r.embedding:
-        msg.embedding.extend(r.embedding)
+    embedding = r.embedding
+    if embedding:
+        if isinstance(embedding, array) and embedding.typecode == "f":
+            # As read from PostgreSQL: parsed as packed wire bytes by the C runtime, not
+            # one float at a time.
+            if sys.byteorder == "big":
+                embedding = array("f", embedding)
+                embedding.byteswap()
+            data = embedding.tobytes()
+            msg.MergeFromString(_EMBEDDING_TAG + _len(len(data)) + data)
+        else:
+            msg.embedding.extend(embedding)
     msg.owner = r.owner
     msg.team = r.team
     msg.version = r.version
@@ -103,28 +115,47 @@ def _varint(n: int) -> bytes:
 
 
 _BYTE = [bytes([i]) for i in range(0x80)]
-_DOUBLE = struct.Struct("<d")
+#: The key of Resource.embedding as a packed (length-delimited) field.
+_EMBEDDING_TAG = bytes([resources_pb2.Resource.EMBEDDING_FIELD_NUMBER << 3 | 2])
+_DOUBLE_PACK = struct.Struct("<d").pack
+
+
+def _len(n: int) -> bytes:
+    """The varint of a length (one byte below 128, as nearly every length here is)."""
+    return _BYTE[n] if n < 0x80 else _varint(n)
 
 
 def _value_bytes(v: Any) -> bytes:
-    """google.protobuf.Value wire bytes of a JSON value (as `Struct.update` would set it)."""
+    """google.protobuf.Value wire bytes of a JSON value (as `Struct.update` would set it).
+
+    Exact types first (what json.loads gives), so the common values take one comparison.
+    """
+    t = type(v)
+    if t is str:
+        data: bytes = v.encode()
+        return b"\x1a" + _len(len(data)) + data  # string_value
+    if t is int or t is float:
+        return b"\x11" + _DOUBLE_PACK(v)  # number_value
     if v is None:
         return b"\x08\x00"  # null_value = NULL_VALUE
     if v is True:
         return b"\x20\x01"  # bool_value
     if v is False:
         return b"\x20\x00"
-    if isinstance(v, int | float) and not isinstance(v, bool):
-        return b"\x11" + _DOUBLE.pack(float(v))  # number_value
-    if isinstance(v, str):
-        data = v.encode()
-        return b"\x1a" + _varint(len(data)) + data  # string_value
     if isinstance(v, dict):
         data = struct_bytes(v)
-        return b"\x2a" + _varint(len(data)) + data  # struct_value
+        return b"\x2a" + _len(len(data)) + data  # struct_value
     if isinstance(v, list | tuple):
-        data = b"".join(b"\x0a" + _varint(len(e)) + e for e in map(_value_bytes, v))
-        return b"\x32" + _varint(len(data)) + data  # list_value
+        parts = []
+        for e in v:
+            item = _value_bytes(e)
+            parts.append(b"\x0a" + _len(len(item)) + item)
+        data = b"".join(parts)
+        return b"\x32" + _len(len(data)) + data  # list_value
+    if isinstance(v, int | float):  # subclasses (bool was handled above)
+        return b"\x11" + _DOUBLE_PACK(float(v))
+    if isinstance(v, str):
+        return _value_bytes(str(v))
     raise ValueError(f"unexpected type {type(v).__name__} in attributes")
 
 
@@ -135,8 +166,8 @@ def struct_bytes(value: dict[str, Any]) -> bytes:
     for k, v in value.items():
         key = k.encode()
         val = _value_bytes(v)
-        entry = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(val)) + val
-        out.append(b"\x0a" + _varint(len(entry)) + entry)
+        entry = b"\x0a" + _len(len(key)) + key + b"\x12" + _len(len(val)) + val
+        out.append(b"\x0a" + _len(len(entry)) + entry)
     return b"".join(out)
 
 

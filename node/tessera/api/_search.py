@@ -8,7 +8,7 @@ from typing import Any, cast
 
 from tessera.api._convert import fill_resource, value_to_python
 from tessera.api._runtime import Runtime
-from tessera.api._validate import WORKSPACE_RE, Checker
+from tessera.api._validate import WORKSPACE_RE, Checker, float32s
 from tessera.store import Metric, Predicate, SearchQuery, search
 from tessera_client.pb import query_pb2
 
@@ -21,7 +21,8 @@ def validate_search(rt: Runtime, request: query_pb2.SearchResourcesRequest) -> S
     c = Checker()
     if not 1 <= request.k <= MAX_K:
         c.fail("k", f"must be between 1 and {MAX_K}, got {request.k}")
-    c.embedding("embedding", request.embedding, rt.cfg.store.embedding_dimension)
+    embedding = float32s(request, "embedding")  # no Python float per value
+    c.embedding("embedding", embedding, rt.cfg.store.embedding_dimension)
     c.max_len("text", request.text, MAX_TEXT)
     if not request.embedding and not request.text.strip():
         c.fail("embedding", "an embedding or a text query is required")
@@ -43,7 +44,7 @@ def validate_search(rt: Runtime, request: query_pb2.SearchResourcesRequest) -> S
     c.done()
     return SearchQuery(
         k=request.k,
-        embedding=list(request.embedding) or None,
+        embedding=embedding or None,
         text=request.text.strip(),
         workspace=request.workspace,
         kind=request.kind,

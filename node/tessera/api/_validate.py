@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+from array import array
 from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -120,6 +122,32 @@ def all_finite(values: Iterable[float]) -> bool:
     return math.isfinite(sum(values)) or all(math.isfinite(v) for v in values)
 
 
+def float32s(message: Message, name: str) -> array[float]:
+    """A `repeated float` field's values as `array('f')`, copied by the C runtime.
+
+    Iterating the field makes one Python float per value (≈ 6 µs for 384, and `list()` of
+    it ≈ 7 µs); copying it into a message of its own and serialising that costs ≈ 1 µs, and
+    the packed values are then the last 4 bytes per value of those bytes. A finite sum of
+    float32 values proves each one finite (no sum of fewer than 10^270 of them overflows a
+    double), so `math.isfinite(sum(...))` is then an exact check.
+    """
+    values = getattr(message, name)
+    fd = message.DESCRIPTOR.fields_by_name[name]
+    out = array("f")
+    if not values:
+        return out
+    if fd.type != FieldDescriptor.TYPE_FLOAT or not fd.is_packed:
+        out.extend(values)
+        return out
+    scratch = type(message)()
+    getattr(scratch, name).MergeFrom(values)
+    data = scratch.SerializeToString()
+    out.frombytes(memoryview(data)[len(data) - 4 * len(values):])
+    if sys.byteorder == "big":
+        out.byteswap()
+    return out
+
+
 def check_message(message: Message, wire: bytes | None = None) -> None:
     """The checks every request gets, whatever its method: raise InvalidArgument naming
     each field that holds a string PostgreSQL cannot store (a NUL character) or too long,
@@ -213,7 +241,8 @@ def _walk(message: Message, prefix: str, out: list[FieldViolation]) -> None:
         elif fd.is_repeated:
             if fd.type in _FLOAT_TYPES:
                 # One violation for a vector, not one per element.
-                if not all_finite(value):
+                if not (math.isfinite(sum(float32s(message, fd.name)))
+                        if fd.type == FieldDescriptor.TYPE_FLOAT else all_finite(value)):
                     _number(field, math.nan, out)
                 continue
             for i, item in enumerate(value):

@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import math
 import re
+from array import array
 from importlib import resources as pkg_resources
 from typing import Any
 
 import psycopg
 from pgvector.psycopg.vector import register_vector_info
+from psycopg.abc import Buffer
+from psycopg.adapt import Dumper, Loader
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import Format
 from psycopg.rows import dict_row
 from psycopg.types import TypeInfo
 from psycopg_pool import AsyncConnectionPool
@@ -18,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from tessera.config import StoreConfig
 from tessera.core.errors import ConfigError, Unavailable
 from tessera.core.redact import redact_url
+from tessera.store._resources import PackedVector, vector_from_binary
 from tessera.store._search import DEFAULT_EF_SEARCH
 
 log = logging.getLogger(__name__)
@@ -114,6 +119,38 @@ class _VectorType:
                 return
             self.info = info
         register_vector_info(conn, info)
+        register_packed_vector(conn, info.oid)
+
+
+class _PackedTextDumper(Dumper):
+    format = Format.TEXT
+
+    def dump(self, obj: PackedVector) -> Buffer:
+        return obj.to_text().encode()
+
+
+class _PackedBinaryDumper(Dumper):
+    format = Format.BINARY
+
+    def dump(self, obj: PackedVector) -> Buffer:
+        return obj.to_binary()
+
+
+class _PackedBinaryLoader(Loader):
+    format = Format.BINARY
+
+    def load(self, data: Buffer) -> array[float]:
+        return vector_from_binary(data if isinstance(data, bytes) else memoryview(data))
+
+
+def register_packed_vector(conn: psycopg.AsyncConnection[Any], oid: int) -> None:
+    """Let `conn` send `PackedVector` parameters as the `vector` type (oid `oid`), and read
+    binary `vector` results as `array('f')` (pgvector's loader makes a `Vector`, whose
+    `to_list()` then costs a Python float per value)."""
+    adapters = conn.adapters
+    adapters.register_loader(oid, _PackedBinaryLoader)
+    adapters.register_dumper(PackedVector, type("", (_PackedTextDumper,), {"oid": oid}))
+    adapters.register_dumper(PackedVector, type("", (_PackedBinaryDumper,), {"oid": oid}))
 
 
 async def migrate(

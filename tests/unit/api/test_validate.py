@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import pytest
 from google.protobuf import struct_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tessera.api._validate import MAX_STRING, Checker, check_message
+from tessera.api._validate import MAX_STRING, Checker, check_message, float32s
 from tessera.core import errors
 from tessera.core.errors import InvalidArgument
 from tessera_client.pb import command_pb2, query_pb2, resources_pb2
@@ -91,3 +94,26 @@ def test_checker_collects_every_violation() -> None:
     with pytest.raises(errors.InvalidArgument) as exc:
         c.done()
     assert [v.field for v in exc.value.violations] == ["e", "f", "k"]
+
+
+@settings(max_examples=200)
+@given(st.lists(st.floats(width=32), max_size=600), st.integers(0, 200), st.text(max_size=5))
+def test_float32s_copies_a_repeated_float_field_exactly(values: list[float], k: int,
+                                                        text: str) -> None:
+    # Other fields set around it are not part of the copy; NaN and infinities survive.
+    req = query_pb2.SearchResourcesRequest(k=k, text=text, embedding=values)
+    got = float32s(req, "embedding")
+    assert got.typecode == "f"
+    assert [struct.pack("<f", v) for v in got] == [struct.pack("<f", v) for v in values]
+    # The walker's check on those values: a finite sum of float32s proves each finite.
+    assert math.isfinite(sum(got)) == all(math.isfinite(v) for v in values)
+
+
+def test_float32s_of_the_largest_float32s_is_finite_and_caught_when_not() -> None:
+    big = struct.unpack("<f", struct.pack("<I", 0x7F7FFFFF))[0]  # the largest finite float32
+    req = query_pb2.SearchResourcesRequest(embedding=[big] * 5000)
+    check_message(req, req.SerializeToString())  # 5000 x 3.4e38 does not overflow a double
+    req.embedding.append(math.inf)
+    with pytest.raises(InvalidArgument) as exc:
+        check_message(req, req.SerializeToString())
+    assert fields_named(exc) == ["embedding"]
