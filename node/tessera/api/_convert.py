@@ -134,8 +134,10 @@ def _value_bytes(v: Any) -> bytes:
     if t is str:
         data: bytes = v.encode()
         return b"\x1a" + _len(len(data)) + data  # string_value
-    if t is int or t is float:
+    if t is float:
         return b"\x11" + _DOUBLE_PACK(v)  # number_value
+    if t is int:
+        return b"\x11" + _DOUBLE_PACK(float(v))  # OverflowError past a double's range
     if v is None:
         return b"\x08\x00"  # null_value = NULL_VALUE
     if v is True:
@@ -154,8 +156,9 @@ def _value_bytes(v: Any) -> bytes:
         return b"\x32" + _len(len(data)) + data  # list_value
     if isinstance(v, int | float):  # subclasses (bool was handled above)
         return b"\x11" + _DOUBLE_PACK(float(v))
-    if isinstance(v, str):
-        return _value_bytes(str(v))
+    if isinstance(v, str):  # a subclass: its characters, whatever its __str__ says
+        data = str.encode(v)
+        return b"\x1a" + _len(len(data)) + data
     raise ValueError(f"unexpected type {type(v).__name__} in attributes")
 
 

@@ -136,7 +136,10 @@ def float32s(message: Message, name: str) -> array[float]:
     out = array("f")
     if not values:
         return out
-    if fd.type != FieldDescriptor.TYPE_FLOAT or not fd.is_packed:
+    if fd.type != FieldDescriptor.TYPE_FLOAT:
+        # array('f') would round doubles to float32 silently (1e300 to inf).
+        raise TypeError(f"{message.DESCRIPTOR.full_name}.{name} is not a float field")
+    if not fd.is_packed:
         out.extend(values)
         return out
     scratch = type(message)()

@@ -44,7 +44,9 @@ class Resource:
     title: str = ""
     body: str = ""
     attributes: dict[str, Any] = field(default_factory=dict)
-    #: A list, or `array('f')` as read from PostgreSQL (float32 values, no float objects).
+    #: A list, or `array('f')` as read from PostgreSQL (float32 values, no float objects):
+    #: an array is not equal to a list of the same values, nor JSON-encodable; a resource
+    #: read from the store goes out through `fill_resource` only.
     embedding: Sequence[float] | None = None
     owner: str = ""
     team: str = ""

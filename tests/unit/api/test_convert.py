@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import math
 from typing import Any
 
+import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 from hypothesis import given
 from hypothesis import strategies as st
@@ -103,3 +105,20 @@ def test_all_finite_with_an_overflowing_sum_of_finite_values() -> None:
 
     assert all_finite([1.7e308, 1.7e308])
     assert not all_finite([1.7e308, 1.7e308, math.nan])
+
+
+def test_struct_bytes_of_subclasses_and_huge_numbers() -> None:
+    class Text(str):
+        def __str__(self) -> str:
+            return self  # str(v) would recurse; the characters are what is encoded
+
+    class Level(str, enum.Enum):  # noqa: UP042 - str() of it is "Level.HIGH", not "high"
+        HIGH = "high"
+
+    for value in ({"t": Text("a")}, {"l": Level.HIGH}, {"i": enum.IntEnum("N", "ONE").ONE},
+                  {"b": True, "n": 2**60}):
+        parsed = struct_pb2.Struct()
+        parsed.ParseFromString(struct_bytes(value))
+        assert parsed == dict_to_struct({k: v for k, v in value.items()})
+    with pytest.raises(OverflowError):
+        struct_bytes({"x": 10**400})

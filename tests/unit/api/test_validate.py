@@ -117,3 +117,9 @@ def test_float32s_of_the_largest_float32s_is_finite_and_caught_when_not() -> Non
     with pytest.raises(InvalidArgument) as exc:
         check_message(req, req.SerializeToString())
     assert fields_named(exc) == ["embedding"]
+
+
+def test_float32s_refuses_a_field_that_is_not_float32() -> None:
+    # Doubles would be rounded to float32 (1e300 to inf) without a word.
+    with pytest.raises(TypeError, match="min_score"):
+        float32s(query_pb2.SearchResourcesRequest(min_score=1e300), "min_score")
