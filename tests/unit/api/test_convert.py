@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import math
+from array import array
 from typing import Any
 
 import pytest
@@ -122,3 +123,12 @@ def test_struct_bytes_of_subclasses_and_huge_numbers() -> None:
         assert parsed == dict_to_struct({k: v for k, v in value.items()})
     with pytest.raises(OverflowError):
         struct_bytes({"x": 10**400})
+
+
+@given(st.lists(st.floats(width=32), max_size=300))
+def test_a_float32_array_embedding_encodes_as_the_same_list_would(values: list[float]) -> None:
+    # array('f') is how the store reads a vector; it goes in as packed wire bytes.
+    as_list = resource_to_pb(Resource(workspace="w", kind="k", id="i", embedding=values))
+    as_array = resource_to_pb(Resource(workspace="w", kind="k", id="i",
+                                       embedding=array("f", values)))
+    assert as_array.SerializeToString() == as_list.SerializeToString()
