@@ -244,14 +244,21 @@ def _walk(message: Message, prefix: str, out: list[FieldViolation]) -> None:
         elif fd.is_repeated:
             if fd.type in _FLOAT_TYPES:
                 # One violation for a vector, not one per element.
-                if not (math.isfinite(sum(float32s(message, fd.name)))
-                        if fd.type == FieldDescriptor.TYPE_FLOAT else all_finite(value)):
+                if not _finite_numbers(message, fd, value):
                     _number(field, math.nan, out)
                 continue
             for i, item in enumerate(value):
                 _one(fd, item, f"{field}[{i}]", out)
         else:
             _one(fd, value, field, out)
+
+
+def _finite_numbers(message: Message, fd: FieldDescriptor, values: Iterable[float]) -> bool:
+    """Whether a repeated float or double field holds finite numbers only (a float field
+    read as `array('f')`: no Python float per value, see `float32s`)."""
+    if fd.type == FieldDescriptor.TYPE_FLOAT:
+        return math.isfinite(sum(float32s(message, fd.name)))
+    return all_finite(values)
 
 
 def _one(fd: FieldDescriptor, value: object, field: str, out: list[FieldViolation]) -> None:
