@@ -76,8 +76,11 @@ def node_ef_search(k: int) -> int:
     return ef_search_for(k)
 
 
-#: hnsw.ef_search the node's pooled connections start with (tessera.store.open_pool).
-POOL_EF_SEARCH = 100
+def pool_ef_search() -> int:
+    """hnsw.ef_search the node's pooled connections start with (tessera.store.open_pool)."""
+    from tessera.store._search import DEFAULT_EF_SEARCH
+
+    return DEFAULT_EF_SEARCH
 SET_EF = "SELECT set_config('hnsw.ef_search', %s, true)"
 
 
@@ -96,7 +99,7 @@ async def direct_pool(dsn: str, pool_min: int, pool_max: int) -> Any:
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         dsn, min_size=pool_min, max_size=pool_max, configure=configure,
         kwargs={"row_factory": dict_row, "autocommit": True,
-                "options": f"-c statement_timeout=10000 -c hnsw.ef_search={POOL_EF_SEARCH}"
+                "options": f"-c statement_timeout=10000 -c hnsw.ef_search={pool_ef_search()}"
                            " -c hnsw.iterative_scan=relaxed_order"},
         open=False, timeout=10.0, name="bench-direct")
     await pool.open(wait=True, timeout=15.0)
@@ -106,7 +109,7 @@ async def direct_pool(dsn: str, pool_min: int, pool_max: int) -> Any:
 async def _direct_search(conn: Any, text: str, params: list[Any], ef: int) -> list[Any]:
     """What `tessera.store.search` does on its connection: one statement when the pool's
     ef_search suffices, else set_config and the statement in one transaction."""
-    if ef == POOL_EF_SEARCH:
+    if ef == pool_ef_search():
         cur = await conn.execute(text, params, binary=True)
         return list(await cur.fetchall())
     async with conn.transaction():
@@ -359,6 +362,11 @@ async def run(args: argparse.Namespace, stack: Any) -> int:
                f"COPY {load['copy_s']:.1f} s, HNSW build {load['index_s']:.1f} s")
     out.append(f"search: k={args.k}, vector only, {args.queries:,} query vectors in turn; "
                f"node pool_max = direct pool size = {args.pool_max}")
+    ef = node_ef_search(args.k)
+    out.append(f"hnsw.ef_search {ef}, " + (
+        "the pools' default: one statement per search for both" if ef == pool_ef_search()
+        else f"set per search (the pools' default is {pool_ef_search()}): "
+             "set_config and the statement in one transaction for both"))
     out.append(f"run: {args.duration:g} s per target after {args.warmup:g} s warm-up, "
                f"in flight {', '.join(map(str, levels))}, {args.repeat} round(s); "
                "one client process, the same driver for both targets")
