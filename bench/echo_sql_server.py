@@ -36,7 +36,14 @@ READ_SQL_TEXT = (
 
 def read_statement() -> tuple[Any, bool]:
     """The statement `ResourceStore.get` sends for an unscoped caller, and whether it asks
-    for binary results: the node's own composed SQL where it has one."""
+    for binary results: the node's own SQL where it has one, as the text the node sends
+    (a composed statement is rendered again on every execute)."""
+    try:
+        from tessera.store._resources import _GET_TEXT
+    except ImportError:
+        pass
+    else:
+        return _GET_TEXT, True
     try:
         from tessera.store._resources import _GET_SQL
     except ImportError:
@@ -49,19 +56,24 @@ async def open_pool(dsn: str, pool_max: int) -> Any:
     from psycopg.rows import dict_row
     from psycopg_pool import AsyncConnectionPool
 
+    register: Any
     try:  # decode the embedding as the node does (binary, numpy), if the adapter is there
-        from pgvector.psycopg import register_vector_async
+        from pgvector.psycopg import register_vector_async as register
     except ImportError:  # pragma: no cover - older node without the adapter
-        register_vector_async = None
+        register = None
 
     async def configure(conn: Any) -> None:
-        if register_vector_async is not None:
-            await register_vector_async(conn)
+        if register is not None:
+            await register(conn)
 
+    try:  # the node's session default, where it has one
+        from tessera.store._search import DEFAULT_EF_SEARCH as ef_search
+    except ImportError:
+        ef_search = 100
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         dsn, min_size=2, max_size=pool_max, open=False, configure=configure,
         kwargs={"row_factory": dict_row, "autocommit": True,
-                "options": "-c statement_timeout=10000 -c hnsw.ef_search=100"
+                "options": f"-c statement_timeout=10000 -c hnsw.ef_search={ef_search}"
                            " -c hnsw.iterative_scan=relaxed_order"},
     )
     await pool.open(wait=True, timeout=30)
