@@ -192,8 +192,9 @@ def copy_into(dsn: str, gen: Generator, count: int, *, metric: str = "cosine",
               maintenance_work_mem: str = "1GB", out: TextIO = sys.stderr) -> dict[str, float]:
     """Bulk-load `count` resources into `resources` at `dsn`; seconds per step.
 
-    Drops the HNSW index, COPYs in binary, recreates the index exactly as the node's
-    migration defines it, then VACUUM (ANALYZE). Rows already present with the same key fail
+    Drops the HNSW index, COPYs in binary, recreates the index exactly as it was defined
+    (its definition read from the database first, so the node's migrations decide it,
+    options included), then VACUUM (ANALYZE). Rows already present with the same key fail
     the COPY.
 
     The VACUUM matters to measurements: without it, autovacuum visits the freshly inserted
@@ -207,6 +208,10 @@ def copy_into(dsn: str, gen: Generator, count: int, *, metric: str = "cosine",
         conn.execute(f"SET maintenance_work_mem = '{maintenance_work_mem}'")
         conn.execute("SET statement_timeout = 0")
         t0 = time.monotonic()
+        row = conn.execute("SELECT pg_get_indexdef(to_regclass(%s))", (INDEX_NAME,)).fetchone()
+        definition = row[0] if row and row[0] else (
+            f"CREATE INDEX {INDEX_NAME} ON resources USING hnsw"
+            f" (embedding {INDEX_OPCLASS[metric]})")
         conn.execute(f"DROP INDEX IF EXISTS {INDEX_NAME}")
         bar = Progress("generate + COPY", count, out)
         with conn.cursor() as cur, cur.copy(
@@ -231,8 +236,7 @@ def copy_into(dsn: str, gen: Generator, count: int, *, metric: str = "cosine",
         watcher = threading.Thread(target=_index_watch, args=(dsn, stop, ibar), daemon=True)
         watcher.start()
         try:
-            conn.execute(f"CREATE INDEX {INDEX_NAME} ON resources USING hnsw "
-                         f"(embedding {INDEX_OPCLASS[metric]})")
+            conn.execute(definition.encode())
         finally:
             stop.set()
             watcher.join(2.0)
@@ -241,6 +245,7 @@ def copy_into(dsn: str, gen: Generator, count: int, *, metric: str = "cosine",
         t0 = time.monotonic()
         conn.execute("VACUUM (ANALYZE) resources")
         timings["vacuum_s"] = time.monotonic() - t0
+    print(f"index: {definition}", file=out, flush=True)
     print(f"loaded {count:,} rows: COPY {timings['copy_s']:.1f} s (with generation), "
           f"HNSW index {timings['index_s']:.1f} s, VACUUM (ANALYZE) {timings['vacuum_s']:.1f} s",
           file=out, flush=True)

@@ -226,7 +226,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ef-probe", default="",
                    help="comma-separated hnsw.ef_search values at which to also report the "
                         "direct SQL's recall (information; the node's own value is "
-                        "max(40, 2k))")
+                        "tessera.store's ef_search_for(k))")
     p.add_argument("--pool-max", type=int, default=10,
                    help="the node's store.pool_max and the direct pool's size (default 10)")
     p.add_argument("--quick", action="store_true",
