@@ -214,20 +214,26 @@ def copy_into(dsn: str, gen: Generator, count: int, *, metric: str = "cosine",
             f" (embedding {INDEX_OPCLASS[metric]})")
         conn.execute(f"DROP INDEX IF EXISTS {INDEX_NAME}")
         bar = Progress("generate + COPY", count, out)
-        with conn.cursor() as cur, cur.copy(
-            f"COPY resources ({', '.join(COPY_COLUMNS)}) FROM STDIN WITH (FORMAT BINARY)"
-        ) as copy:
-            copy.write(_COPY_HEADER)
-            chunk: list[bytes] = []
-            for i, r in enumerate(gen.resources(count), 1):
-                chunk.append(copy_row(r))
-                if len(chunk) >= 1000:
+        try:
+            with conn.cursor() as cur, cur.copy(
+                f"COPY resources ({', '.join(COPY_COLUMNS)}) FROM STDIN WITH (FORMAT BINARY)"
+            ) as copy:
+                copy.write(_COPY_HEADER)
+                chunk: list[bytes] = []
+                for i, r in enumerate(gen.resources(count), 1):
+                    chunk.append(copy_row(r))
+                    if len(chunk) >= 1000:
+                        copy.write(b"".join(chunk))
+                        chunk.clear()
+                        bar.update(i)
+                if chunk:
                     copy.write(b"".join(chunk))
-                    chunk.clear()
-                    bar.update(i)
-            if chunk:
-                copy.write(b"".join(chunk))
-            copy.write(_COPY_TRAILER)
+                copy.write(_COPY_TRAILER)
+        except BaseException:
+            # Put the index back as it was (its options included): a database left
+            # without it would get pgvector's defaults from the fallback next time.
+            conn.execute(definition.encode())
+            raise
         bar.update(count, final=True)
         timings["copy_s"] = time.monotonic() - t0
         t0 = time.monotonic()

@@ -231,9 +231,9 @@ async def test_a_float32_array_query_vector_is_sent_as_the_same_vector(seeded: t
 async def test_the_embedding_index_builds_its_graph_with_ef_construction_128(
     node_factory: NodeFactory,
 ) -> None:
-    """Migration 0013: rows inserted into the HNSW index are linked with a candidate list of
-    128 (pgvector's default of 64 gave recall@10 under 0.98 on a third of the benchmark's
-    index builds), and the index is still the one the node's searches use."""
+    """Migration 0013: rows inserted into the HNSW embedding index are linked with a
+    candidate list of 128 (pgvector's default of 64 gave recall@10 under 0.98 on a third of
+    the benchmark's index builds)."""
     node = node_factory()
     with psycopg.connect(node.env["TESSERA_STORE_DSN"]) as conn:
         row = conn.execute(
@@ -243,3 +243,38 @@ async def test_the_embedding_index_builds_its_graph_with_ef_construction_128(
     options, method = row
     assert method == "hnsw"
     assert "ef_construction=128" in (options or [])
+
+
+async def test_a_migration_that_cannot_take_its_lock_fails_clearly_and_applies_nothing(
+    node_factory: NodeFactory,
+) -> None:
+    """0013 waits at most its lock_timeout for the index (another session's uncommitted
+    ALTER holds it here): the run rolls back and says so, and the next run applies it."""
+    from tessera.core.errors import Unavailable
+    from tessera.store import migrate
+
+    node = node_factory()
+    dsn = node.env["TESSERA_STORE_DSN"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM schema_migrations WHERE version = 13")
+        conn.execute("ALTER INDEX resources_embedding_idx RESET (ef_construction)")
+    cfg = StoreConfig(embedding_dimension=TEST_DIMENSION)
+    pool = await open_pool(cfg, dsn)
+    try:
+        with psycopg.connect(dsn) as holder:  # a transaction left open on the index
+            holder.execute("ALTER INDEX resources_embedding_idx SET (ef_construction = 100)")
+            with pytest.raises(Unavailable) as caught:
+                await migrate(pool, cfg)
+            holder.rollback()
+        assert "0013_hnsw_ef_construction.sql" in str(caught.value)
+        assert "nothing was applied" in str(caught.value)
+        assert "55P03" in str(caught.value)  # lock_timeout's error, not statement_timeout's
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (12,)
+        assert await migrate(pool, cfg) == 13
+    finally:
+        await pool.close()
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT reloptions FROM pg_class"
+                           " WHERE relname = 'resources_embedding_idx'").fetchone()
+    assert row is not None and "ef_construction=128" in (row[0] or [])

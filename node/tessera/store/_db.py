@@ -184,7 +184,16 @@ async def _migrate(
             if version <= current:
                 continue
             log.info("applying migration %s", name)
-            await conn.execute(text.format(**params).encode())
+            try:
+                await conn.execute(text.format(**params).encode())
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+                # Another session holds what the migration changes (a long transaction on
+                # the same tables): the whole run rolls back, and the next start retries.
+                raise Unavailable(
+                    f"migration {name} could not take its locks in time ({exc.sqlstate}: "
+                    "another session holds the tables it changes); nothing was applied, "
+                    "start again once that session has finished"
+                ) from None
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
             )

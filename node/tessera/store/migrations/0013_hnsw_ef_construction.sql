@@ -9,4 +9,12 @@
 -- their part of the graph until it is rebuilt; this migration does not rebuild it (an
 -- upgrade must not block on minutes of index build). To rebuild it on a live node:
 --   REINDEX INDEX CONCURRENTLY resources_embedding_idx;
+--
+-- The ALTER takes a ShareUpdateExclusiveLock on the index, or an AccessExclusiveLock when
+-- pgvector's library is already loaded in this session (pgvector declares the option so):
+-- queued behind a long reader, that lock would hold up every new query on resources. So
+-- the wait is bounded: after 2 s the migration fails (the node does not start and says
+-- why) and the next start tries again.
+SET LOCAL lock_timeout = '2s';
 ALTER INDEX resources_embedding_idx SET (ef_construction = 128);
+SET LOCAL lock_timeout = DEFAULT;
