@@ -81,6 +81,8 @@ def pool_ef_search() -> int:
     from tessera.store._search import DEFAULT_EF_SEARCH
 
     return DEFAULT_EF_SEARCH
+
+
 SET_EF = "SELECT set_config('hnsw.ef_search', %s, true)"
 
 

@@ -228,6 +228,16 @@ async def test_a_float32_array_query_vector_is_sent_as_the_same_vector(seeded: t
         await pool.close()
 
 
+def _embedding_index(dsn: str) -> tuple[str, list[str]]:
+    """The access method and the options of the embedding index."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT am.amname, c.reloptions FROM pg_class c JOIN pg_am am ON am.oid = c.relam"
+            " WHERE c.relname = 'resources_embedding_idx'").fetchone()
+    assert row is not None, "resources_embedding_idx is missing"
+    return row[0], list(row[1] or [])
+
+
 async def test_the_embedding_index_builds_its_graph_with_ef_construction_128(
     node_factory: NodeFactory,
 ) -> None:
@@ -235,14 +245,9 @@ async def test_the_embedding_index_builds_its_graph_with_ef_construction_128(
     candidate list of 128 (pgvector's default of 64 gave recall@10 under 0.98 on a third of
     the benchmark's index builds)."""
     node = node_factory()
-    with psycopg.connect(node.env["TESSERA_STORE_DSN"]) as conn:
-        row = conn.execute(
-            "SELECT c.reloptions, am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam"
-            " WHERE c.relname = 'resources_embedding_idx'").fetchone()
-    assert row is not None
-    options, method = row
+    method, options = _embedding_index(node.env["TESSERA_STORE_DSN"])
     assert method == "hnsw"
-    assert "ef_construction=128" in (options or [])
+    assert "ef_construction=128" in options
 
 
 async def test_a_migration_that_cannot_take_its_lock_fails_clearly_and_applies_nothing(
@@ -274,7 +279,4 @@ async def test_a_migration_that_cannot_take_its_lock_fails_clearly_and_applies_n
         assert await migrate(pool, cfg) == 13
     finally:
         await pool.close()
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT reloptions FROM pg_class"
-                           " WHERE relname = 'resources_embedding_idx'").fetchone()
-    assert row is not None and "ef_construction=128" in (row[0] or [])
+    assert "ef_construction=128" in _embedding_index(dsn)[1]

@@ -187,12 +187,12 @@ async def _migrate(
             try:
                 await conn.execute(text.format(**params).encode())
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
-                # Another session holds what the migration changes (a long transaction on
-                # the same tables): the whole run rolls back, and the next start retries.
+                # lock_timeout (another session holds what the migration changes) or
+                # statement_timeout: the whole run rolls back, and the next start retries.
                 raise Unavailable(
-                    f"migration {name} could not take its locks in time ({exc.sqlstate}: "
-                    "another session holds the tables it changes); nothing was applied, "
-                    "start again once that session has finished"
+                    f"migration {name} timed out ({exc.sqlstate}: waiting for a lock another "
+                    "session holds, or running past store.statement_timeout_s); nothing was "
+                    "applied, start again once that session has finished"
                 ) from None
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
