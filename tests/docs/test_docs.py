@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.nodes import NodeProcess
+from tests.fixtures.nodes import NodeProcess, remove_short_socket_dir
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = "<!-- doc-test -->"
@@ -271,6 +271,9 @@ def test_document_runs_as_pasted(doc: Path, tmp_path: Path) -> None:
     finally:
         if node is not None:
             node.stop()
+        # A node the document started in HOME's default data directory, too deep for a
+        # socket path here: its socket directory under /tmp goes with tmp_path.
+        remove_short_socket_dir(home / ".local" / "share" / "tessera" / "valkey")
     output = log.read_text(errors="replace")
     node_log = node.log() if node is not None else ""
     assert code == 0, (
